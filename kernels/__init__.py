@@ -1,0 +1,44 @@
+"""Triton kernels (importable as ``mcl_runtime.kernels``): SGMV LoRA shrink/expand and paged attention,
+with plain torch references of each in ``reference``.
+
+Without Triton the package still imports; ``HAS_TRITON`` is then False and calling a Triton kernel
+raises a RuntimeError (the torch references keep working).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref,
+                        paged_prefill_attention_ref, store_kv_ref)
+
+__all__ = [
+    "HAS_TRITON",
+    "lora_shrink", "lora_expand", "lora_apply",
+    "paged_decode_attention", "paged_prefill_attention", "store_kv",
+    "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",
+    "paged_decode_attention_ref", "paged_prefill_attention_ref", "store_kv_ref",
+]
+
+try:
+    from .attention import paged_decode_attention, paged_prefill_attention, store_kv
+    from .lora import lora_apply, lora_expand, lora_shrink
+    HAS_TRITON = True
+except ImportError as _exc:
+    if not (_exc.name or "").startswith("triton"):
+        raise
+    HAS_TRITON = False
+    _IMPORT_ERROR = str(_exc)
+
+    def _missing(fn_name: str) -> Callable[..., Any]:
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"mcl_runtime.kernels.{fn_name} needs Triton, which could not be imported "
+                               f"({_IMPORT_ERROR}); install triton or use the torch backend")
+        fn.__name__ = fn_name
+        return fn
+
+    lora_shrink = _missing("lora_shrink")
+    lora_expand = _missing("lora_expand")
+    lora_apply = _missing("lora_apply")
+    paged_decode_attention = _missing("paged_decode_attention")
+    paged_prefill_attention = _missing("paged_prefill_attention")
+    store_kv = _missing("store_kv")

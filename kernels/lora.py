@@ -1,0 +1,316 @@
+"""SGMV LoRA kernels (punica-style shrink/expand over contiguous adapter segments).
+
+Layouts (docs/internals.md, "Model layers and kernels"):
+  lora_a [S, n_slices * R, H_in]   slice j uses rows j*R:(j+1)*R
+  lora_b [S, N_total, R]           slice j writes output columns off_j:off_j+N_j
+  ranks [S, n_slices] int32        rank r of slot w for slice j (0: slice not targeted)
+  scaling [S] float32
+  seg_starts [nseg + 1] int32, seg_slots [nseg] int32 (-1: no adapter)
+
+Padding (rows of A / columns of B beyond a slot's rank) and segments without adapter cost no
+memory traffic: tiles past the rank exit early or are masked, and loop bounds come from ranks.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (FLOAT_DTYPES, check_dim, check_dtype, check_same_device, dot_precision,
+                      interpreting, mma, cast, num_sms)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
+    H, R, n_slices, m_tiles, split_k, k_per_split,
+    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_oc,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r_tiles = tl.cdiv(R, BLOCK_R)
+    seg = pid // (m_tiles * r_tiles)
+    m_tile = (pid // r_tiles) % m_tiles
+    r_tile = pid % r_tiles
+    slice_id = tl.program_id(1) // split_k
+    split = tl.program_id(1) % split_k
+
+    slot = tl.load(seg_slots_ptr + seg)
+    start = tl.load(seg_starts_ptr + seg)
+    end = tl.load(seg_starts_ptr + seg + 1)
+    row0 = start + m_tile * BLOCK_M
+    if (slot >= 0) & (row0 < end):
+        rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_mask = offs_m < end
+        out_ptrs = (out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot
+                    + (slice_id * R + offs_r)[None, :] * stride_oc)
+        out_mask = m_mask[:, None] & (offs_r < R)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if r_tile * BLOCK_R < rank:
+            r_mask = offs_r < rank
+            k_lo = split * k_per_split
+            k_hi = tl.minimum(H, k_lo + k_per_split)
+            x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xt
+            a_cols = (a_ptr + slot.to(tl.int64) * stride_as
+                      + (slice_id * R + offs_r)[None, :] * stride_ar)
+            for k in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xt = tl.load(x_rows + offs_k[None, :] * stride_xh,
+                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_cols + offs_k[:, None] * stride_ah,
+                             mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                acc = mma(xt, at, acc, PRECISION, INTERPRET)
+            if ATOMIC:
+                tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+            else:
+                tl.store(out_ptrs, acc, mask=out_mask)
+        elif ATOMIC:
+            # Columns past the rank are zero by contract; with split-K the buffer was zero-filled.
+            tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    u_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scaling_ptr,
+    R, n_slices, m_tiles, n_tiles,
+    stride_ut, stride_uc, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    SLICE_OFFSETS: tl.constexpr, N_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    seg = pid // (m_tiles * n_tiles)
+    m_tile = (pid // n_tiles) % m_tiles
+    n_tile = pid % n_tiles
+    slice_id = tl.program_id(1)
+
+    n_lo = 0
+    n_hi = 0
+    for j in tl.static_range(N_SLICES):
+        n_lo = tl.where(slice_id == j, SLICE_OFFSETS[j], n_lo)
+        n_hi = tl.where(slice_id == j, SLICE_OFFSETS[j + 1], n_hi)
+    col0 = n_lo + n_tile * BLOCK_N
+
+    slot = tl.load(seg_slots_ptr + seg)
+    start = tl.load(seg_starts_ptr + seg)
+    end = tl.load(seg_starts_ptr + seg + 1)
+    row0 = start + m_tile * BLOCK_M
+    if (slot >= 0) & (row0 < end) & (col0 < n_hi):
+        rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
+        if rank > 0:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            offs_n = col0 + tl.arange(0, BLOCK_N)
+            m_mask = offs_m < end
+            n_mask = offs_n < n_hi
+            u_rows = u_ptr + offs_m.to(tl.int64)[:, None] * stride_ut + slice_id * R * stride_uc
+            b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                ut = tl.load(u_rows + offs_r[None, :] * stride_uc,
+                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_cols + offs_r[:, None] * stride_br,
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = mma(cast(ut, b_ptr.dtype.element_ty, INTERPRET), bt, acc, PRECISION, INTERPRET)
+            scale = tl.load(scaling_ptr + slot)
+            y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yt + offs_n[None, :] * stride_yn
+            y_mask = m_mask[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, cast(y + scale * acc, y_ptr.dtype.element_ty, INTERPRET), mask=y_mask)
+
+
+def _block_m(max_seg_len: int) -> int:
+    if max_seg_len <= 16:
+        return 16
+    if max_seg_len <= 32 or interpreting():
+        return 32
+    return 64
+
+
+def _check_segments(name: str, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+                    ranks: torch.Tensor, num_slots: int, n_slices: int, max_seg_len: int) -> int:
+    check_dtype(name, "seg_starts", seg_starts, (torch.int32,))
+    check_dtype(name, "seg_slots", seg_slots, (torch.int32,))
+    check_dtype(name, "ranks", ranks, (torch.int32,))
+    check_dim(name, "seg_slots", seg_slots, 1)
+    check_dim(name, "seg_starts", seg_starts, 1)
+    nseg = seg_slots.shape[0]
+    if seg_starts.shape[0] != nseg + 1:
+        raise ValueError(f"{name}: seg_starts must have len(seg_slots) + 1 = {nseg + 1} entries, "
+                         f"got {seg_starts.shape[0]}")
+    if tuple(ranks.shape) != (num_slots, n_slices):
+        raise ValueError(f"{name}: ranks must have shape (S, n_slices) = {(num_slots, n_slices)}, "
+                         f"got {tuple(ranks.shape)}")
+    if not seg_starts.is_contiguous() or not seg_slots.is_contiguous() or not ranks.is_contiguous():
+        raise ValueError(f"{name}: seg_starts, seg_slots and ranks must be contiguous")
+    if not isinstance(max_seg_len, int) or max_seg_len < 0:
+        raise ValueError(f"{name}: max_seg_len must be a non-negative Python int, got {max_seg_len!r}")
+    return nseg
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
+                seg_slots: torch.Tensor, ranks: torch.Tensor, max_seg_len: int,
+                out: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+    """SGMV shrink: ``u = x @ A.T`` per segment and slice, in float32.
+
+    For each segment i with ``w = seg_slots[i] >= 0`` and each slice j, with ``r = ranks[w, j]``::
+
+        u[s[i]:s[i+1], j*R : j*R+r]     = x[s[i]:s[i+1]] @ A[w, j*R : j*R+r].T
+        u[s[i]:s[i+1], j*R+r : (j+1)*R] = 0
+
+    Shapes: x [T, H] (fp32/fp16/bf16), lora_a [S, n_slices*R, H] (x's dtype),
+    seg_starts [nseg+1] int32, seg_slots [nseg] int32, ranks [S, n_slices] int32.
+    Returns u [T, n_slices*R] float32 (fp32 accumulation, no rounding to x's dtype).
+    ``max_seg_len`` (host int) must be >= the longest segment; it sizes the grid.
+    ``out``: optional float32 buffer [T, n_slices*R] to write into. Rows outside segments with an
+    adapter are not written: they are zero when ``out`` is None, else keep their content, except
+    with split-K (``split_k`` > 1, or chosen by the heuristic when ``split_k`` is None) where the
+    whole buffer is zero-filled first and partial sums are added atomically.
+    """
+    name = "lora_shrink"
+    check_dim(name, "x", x, 2)
+    check_dim(name, "lora_a", lora_a, 3)
+    check_dtype(name, "x", x, FLOAT_DTYPES)
+    if lora_a.dtype != x.dtype:
+        raise TypeError(f"{name}: lora_a dtype {lora_a.dtype} must match x dtype {x.dtype}")
+    T, H = x.shape
+    S, rows, h_a = lora_a.shape
+    if ranks.dim() != 2 or ranks.shape[1] < 1:
+        raise ValueError(f"{name}: ranks must be [S, n_slices], got shape {tuple(ranks.shape)}")
+    n_slices = ranks.shape[1]
+    if h_a != H or rows % n_slices:
+        raise ValueError(f"{name}: lora_a must be [S, n_slices*R, H] with H={H}, n_slices={n_slices}; "
+                         f"got {tuple(lora_a.shape)}")
+    R = rows // n_slices
+    nseg = _check_segments(name, seg_starts, seg_slots, ranks, S, n_slices, max_seg_len)
+    device = check_same_device(name, x, lora_a, seg_starts, seg_slots, ranks)
+    if out is None:
+        out = torch.zeros((T, n_slices * R), dtype=torch.float32, device=device)
+    else:
+        if out.dtype != torch.float32 or tuple(out.shape) != (T, n_slices * R):
+            raise ValueError(f"{name}: out must be float32 of shape {(T, n_slices * R)}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        check_same_device(name, x, out)
+    max_seg_len = min(max_seg_len, T)
+    if nseg == 0 or max_seg_len == 0 or R == 0 or H == 0:
+        return out
+
+    block_m = _block_m(max_seg_len)
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    block_k = 64 if block_m == 64 or interpreting() else 128
+    m_tiles = triton.cdiv(max_seg_len, block_m)
+    r_tiles = triton.cdiv(R, block_r)
+    programs = nseg * m_tiles * r_tiles
+    if split_k is None:
+        # Few tiles (decode) and a long H: split H so that the GPU has about two waves of programs.
+        target = 2 * num_sms(device)
+        split_k = 1
+        if not interpreting() and programs * n_slices < target:
+            split_k = max(1, min(triton.cdiv(target, programs * n_slices), H // (4 * block_k)))
+    elif not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"{name}: split_k must be a positive int, got {split_k!r}")
+    k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
+    split_k = triton.cdiv(H, k_per_split)
+    if split_k > 1:
+        out.zero_()
+    grid = (programs, n_slices * split_k)
+    _sgmv_shrink_kernel[grid](
+        x, lora_a, out, seg_starts, seg_slots, ranks,
+        H, R, n_slices, m_tiles, split_k, k_per_split,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=split_k > 1,
+        PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
+        num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor,
+                seg_slots: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor,
+                slice_offsets: Sequence[int], max_seg_len: int) -> None:
+    """SGMV expand, added in place into ``y`` (the add into the base layer's output is fused).
+
+    For each segment i with ``w = seg_slots[i] >= 0`` and each slice j, with ``r = ranks[w, j]``
+    and ``off_j = slice_offsets[j]``, ``off_{j+1} = slice_offsets[j+1]``::
+
+        y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * u[s[i]:s[i+1], j*R : j*R+r] @ B[w, off_j:off_{j+1}, :r].T
+
+    Shapes: u [T, n_slices*R] (any float dtype, usually lora_shrink's float32 output; cast to
+    B's dtype before the product, accumulation in fp32), lora_b [S, N_total, R],
+    y [T, N_total] (lora_b's dtype; may be a strided view), scaling [S] float32,
+    ranks [S, n_slices] int32, slice_offsets: n_slices+1 non-decreasing host ints in
+    [0, N_total]. Rows of segments with slot -1 and slices of rank 0 are not touched.
+    ``max_seg_len`` (host int) must be >= the longest segment.
+    """
+    name = "lora_expand"
+    check_dim(name, "u", u, 2)
+    check_dim(name, "lora_b", lora_b, 3)
+    check_dim(name, "y", y, 2)
+    check_dtype(name, "u", u, FLOAT_DTYPES)
+    check_dtype(name, "lora_b", lora_b, FLOAT_DTYPES)
+    check_dtype(name, "scaling", scaling, (torch.float32,))
+    if y.dtype != lora_b.dtype:
+        raise TypeError(f"{name}: y dtype {y.dtype} must match lora_b dtype {lora_b.dtype}")
+    S, N_total, R = lora_b.shape
+    if ranks.dim() != 2 or ranks.shape[1] < 1:
+        raise ValueError(f"{name}: ranks must be [S, n_slices], got shape {tuple(ranks.shape)}")
+    n_slices = ranks.shape[1]
+    T = y.shape[0]
+    if tuple(y.shape) != (T, N_total) or tuple(u.shape) != (T, n_slices * R):
+        raise ValueError(f"{name}: expected y [T, N_total] = {(T, N_total)} and u [T, n_slices*R] = "
+                         f"{(T, n_slices * R)}, got y {tuple(y.shape)}, u {tuple(u.shape)}")
+    if tuple(scaling.shape) != (S,) or not scaling.is_contiguous():
+        raise ValueError(f"{name}: scaling must be a contiguous [S] = [{S}] tensor, got {tuple(scaling.shape)}")
+    offsets = tuple(slice_offsets)
+    if (len(offsets) != n_slices + 1 or not all(isinstance(o, int) for o in offsets)
+            or offsets[0] < 0 or offsets[-1] > N_total
+            or any(a > b for a, b in zip(offsets, offsets[1:]))):
+        raise ValueError(f"{name}: slice_offsets must be {n_slices + 1} non-decreasing ints in "
+                         f"[0, {N_total}], got {slice_offsets!r}")
+    nseg = _check_segments(name, seg_starts, seg_slots, ranks, S, n_slices, max_seg_len)
+    check_same_device(name, u, lora_b, y, seg_starts, seg_slots, ranks, scaling)
+    max_seg_len = min(max_seg_len, T)
+    max_n = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if nseg == 0 or max_seg_len == 0 or R == 0 or max_n == 0:
+        return
+
+    block_m = _block_m(max_seg_len)
+    block_n = 32 if interpreting() else (64 if max_n <= 64 else 128)
+    m_tiles = triton.cdiv(max_seg_len, block_m)
+    n_tiles = triton.cdiv(max_n, block_n)
+    grid = (nseg * m_tiles * n_tiles, n_slices)
+    _sgmv_expand_kernel[grid](
+        u, lora_b, y, seg_starts, seg_slots, ranks, scaling,
+        R, n_slices, m_tiles, n_tiles,
+        u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        y.stride(0), y.stride(1),
+        SLICE_OFFSETS=offsets, N_SLICES=n_slices,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
+        PRECISION=dot_precision(lora_b.dtype), INTERPRET=interpreting(),
+        num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=2,
+    )
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
+               scaling: torch.Tensor, slice_offsets: Sequence[int], max_seg_len: int,
+               buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """``lora_shrink`` then ``lora_expand``: for each segment i with ``w = seg_slots[i] >= 0``
+    and slice j (``r = ranks[w, j]``)::
+
+        y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * (x[s[i]:s[i+1]] @ A[w, jR:jR+r].T) @ B[w, off_j:off_{j+1}, :r].T
+
+    x [T, H], y [T, N_total] updated in place and returned; ``buffer``: optional float32
+    [T, n_slices*R] scratch for the intermediate (see ``lora_shrink``'s ``out``).
+    """
+    u = lora_shrink(x, lora_a, seg_starts, seg_slots, ranks, max_seg_len, out=buffer)
+    lora_expand(u, lora_b, y, seg_starts, seg_slots, ranks, scaling, slice_offsets, max_seg_len)
+    return y

@@ -1,0 +1,154 @@
+"""Judging programs in the sandbox, in the two styles the benchmarks use.
+
+- ``FunctionTest``: the program defines functions; the test is Python source run after it
+  (``assert f(1) == 2``, or a ``check`` function with ``entry_point`` naming what to pass to it).
+- ``IOTest``: the program reads stdin and writes stdout, compared with the expected output
+  token by token (any run of whitespace, including line ends, counts as one separator).
+
+Each test runs in its own sandboxed process and gets one of the ``Verdict`` values.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import signal
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Union
+
+from mcl_runtime.agents.sandbox import Limits, RunResult, Sandbox
+
+DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py").read_text()
+MAX_FIELD = 4000
+
+
+class Verdict(str, Enum):
+    PASSED = "passed"
+    WRONG_ANSWER = "wrong answer"
+    RUNTIME_ERROR = "runtime error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory limit"
+    OUTPUT_LIMIT = "output limit"
+
+
+@dataclass(frozen=True)
+class FunctionTest:
+    source: str
+    entry_point: str | None = None   # when set, ``check(entry_point)`` runs after ``source``
+
+
+@dataclass(frozen=True)
+class IOTest:
+    input: str
+    expected: str
+
+
+Test = Union[FunctionTest, IOTest]
+
+
+@dataclass
+class TestOutcome:
+    verdict: Verdict
+    input: str          # the test's source (function style) or its stdin
+    expected: str
+    actual: str         # the value computed (function style) or the stdout
+    error: str          # traceback or stderr tail; empty when none
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is Verdict.PASSED
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        return d
+
+
+def outputs_match(actual: str, expected: str) -> bool:
+    return actual.split() == expected.split()
+
+
+def _clip(text: str, limit: int = MAX_FIELD) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+def _parse_report(run: RunResult) -> dict | None:
+    try:
+        report = json.loads(run.report.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "status" in report else None
+
+
+def classify(run: RunResult, report: dict | None, limits: Limits) -> Verdict | None:
+    """The verdict of a run that did not finish normally, or None when it did."""
+    killed_for_cpu = run.signal == signal.SIGKILL and run.cpu_seconds >= limits.cpu_seconds
+    if run.timed_out or run.signal == signal.SIGXCPU or killed_for_cpu:
+        return Verdict.TIMEOUT
+    efbig = bool(report) and report.get("errno") == errno.EFBIG
+    if run.output_exceeded or run.signal == signal.SIGXFSZ or efbig:
+        return Verdict.OUTPUT_LIMIT
+    if (report or {}).get("error_type") == "MemoryError" or "MemoryError" in run.stderr[-2000:]:
+        return Verdict.MEMORY_LIMIT
+    if run.signal is not None or run.exit_code != 0 or (report or {}).get("status") == "error":
+        return Verdict.RUNTIME_ERROR
+    return None
+
+
+class Judge:
+    """Runs tests against a program source in a ``Sandbox``."""
+
+    def __init__(self, sandbox: Sandbox | None = None) -> None:
+        self.sandbox = sandbox or Sandbox()
+
+    def run_test(self, program: str, test: Test, limits: Limits | None = None) -> TestOutcome:
+        limits = limits or self.sandbox.limits
+        if isinstance(test, FunctionTest):
+            job = {"mode": "function", "test": test.source, "entry_point": test.entry_point}
+            stdin = ""
+        elif isinstance(test, IOTest):
+            job, stdin = {"mode": "script"}, test.input
+        else:
+            raise TypeError(f"expected a FunctionTest or IOTest, got {type(test).__name__}")
+        files = {"solution.py": program, "driver.py": DRIVER_SOURCE, "job.json": json.dumps(job)}
+        run = self.sandbox.run(files, ["driver.py", "{report_fd}", "job.json"], stdin, limits)
+        return _outcome(test, run, _parse_report(run), limits)
+
+    def run_tests(self, program: str, tests: list[Test], stop_on_failure: bool = False,
+                  limits: Limits | None = None) -> list[TestOutcome]:
+        outcomes = []
+        for test in tests:
+            outcomes.append(self.run_test(program, test, limits))
+            if stop_on_failure and not outcomes[-1].passed:
+                break
+        return outcomes
+
+    async def arun_tests(self, program: str, tests: list[Test], stop_on_failure: bool = False,
+                         limits: Limits | None = None) -> list[TestOutcome]:
+        return await asyncio.to_thread(self.run_tests, program, tests, stop_on_failure, limits)
+
+
+def _outcome(test: Test, run: RunResult, report: dict | None, limits: Limits) -> TestOutcome:
+    verdict = classify(run, report, limits)
+    error = (report or {}).get("error") or run.stderr[-MAX_FIELD:]
+    if isinstance(test, IOTest):
+        if verdict is None:
+            verdict = Verdict.PASSED if outputs_match(run.stdout, test.expected) else Verdict.WRONG_ANSWER
+        return TestOutcome(verdict, _clip(test.input), _clip(test.expected), _clip(run.stdout),
+                           _clip(error), run.seconds)
+    if verdict is None:
+        verdict = _function_verdict(report)
+        if verdict is Verdict.RUNTIME_ERROR and not error:
+            error = "the program ended before the test ran (no result was reported)"
+    return TestOutcome(verdict, _clip(test.source), (report or {}).get("expected", ""),
+                       (report or {}).get("actual", ""), _clip(error), run.seconds)
+
+
+def _function_verdict(report: dict | None) -> Verdict:
+    status = (report or {}).get("status")
+    if status == "ok":
+        return Verdict.PASSED
+    return Verdict.WRONG_ANSWER if status == "fail" else Verdict.RUNTIME_ERROR

@@ -1,0 +1,185 @@
+"""Child-side setup of the sandbox: run as ``python -I -S -B sandbox_launcher.py CONFIG_JSON``.
+
+This file is executed by path in a fresh interpreter (never imported by the package), so it has no
+threads and may fork, change namespaces, mounts and credentials before exec'ing the program. The
+parent (``sandbox.py``) has already put it in a new session with an empty environment, its working
+directory set, and stdin/stdout/stderr redirected to files.
+
+CONFIG_JSON keys:
+  argv            the program to exec (argv[0] is the interpreter path)
+  workdir         the only writable directory left to the program
+  rlimits         {"RLIMIT_CPU": [soft, hard], ...}
+  uid             unprivileged uid/gid to run as (null: keep the current credentials)
+  namespaces      true: new pid, mount, network, ipc and uts namespaces (root only)
+  readonly_root   true: every mount read-only except workdir (needs namespaces)
+  expose          directories the program needs (the interpreter) whose ancestors may be closed to
+                  other users; made reachable inside the private mount namespace
+  stage           an empty directory used while exposing
+  cgroup_procs    a cgroup's ``cgroup.procs`` to join before anything else (null: none)
+  report_fd       fd on which to write the host pid of the program's process, then close
+
+A setup failure is written to stderr prefixed with SETUP_ERROR and exits with status 126.
+When the program is killed by a signal the launcher dies of the same signal, so the parent can
+tell a signal from an exit status.
+"""
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+
+SETUP_ERROR = "mcl-sandbox-setup-error:"
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x1000, 0x2000, 0x4000, 0x40000
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (syscalls >= 424 are unified)
+MOUNT_ATTR_RDONLY = 0x1
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = (lambda s: None if s is None else s.encode())
+    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+          f"mount {target}")
+
+
+def set_readonly(path: str, readonly: bool, recursive: bool) -> None:
+    attr = MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(attr),
+                       ctypes.sizeof(attr)), f"mount_setattr {path}")
+
+
+def closed_ancestor(path: str) -> str | None:
+    """The top-most ancestor of ``path`` that other users cannot traverse, if any."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    for i in range(1, len(parts) + 1):
+        d = os.sep + os.sep.join(parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+def expose(path: str, stage: str) -> None:
+    """Cover the closed ancestor of ``path`` with an empty tmpfs and put ``path`` back inside it."""
+    top = closed_ancestor(path)
+    if top is None:
+        return
+    mount(path, stage, None, MS_BIND | MS_REC)
+    mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    os.makedirs(path, exist_ok=True)
+    mount(stage, path, None, MS_MOVE)
+
+
+def setup_mounts(cfg: dict) -> None:
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for path in cfg.get("expose", []):
+        expose(path, cfg["stage"])
+    if cfg.get("readonly_root"):
+        mount(cfg["workdir"], cfg["workdir"], None, MS_BIND)
+        set_readonly("/", True, recursive=True)
+        set_readonly(cfg["workdir"], False, recursive=False)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def exec_program(cfg: dict) -> None:
+    """Apply the per-process limits and credentials, then exec the program (never returns)."""
+    os.chdir(cfg["workdir"])
+    for name, (soft, hard) in cfg["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    if cfg.get("uid") is not None:
+        drop_privileges(cfg["uid"])
+    # after the credential change, which clears it
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    os.execve(cfg["argv"][0], cfg["argv"], {})
+
+
+def namespace_init(cfg: dict) -> None:
+    """As pid 1 of the new namespace: set up the mounts, start the program as pid 2 (so it gets
+    ordinary signal semantics), reap orphans, and leave as the program does. When pid 1 exits the
+    kernel kills everything left in the namespace; pid 1 dies with the launcher (pdeathsig)."""
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
+    setup_mounts(cfg)
+    program = os.fork()
+    if program == 0:
+        run_guarded(exec_program, cfg)
+    while True:
+        pid, status = os.wait()
+        if pid == program:
+            mirror(status)
+
+
+def run_guarded(step, cfg: dict) -> None:
+    """Run a setup step in a child that must not return; report failures as setup errors."""
+    try:
+        step(cfg)
+    except BaseException as exc:  # nothing of the program has run yet
+        os.write(2, f"{SETUP_ERROR} {type(exc).__name__}: {exc}\n".encode())
+    os._exit(126)
+
+
+def mirror(status: int) -> None:
+    """Leave the way a waited-for child left: the same exit status or the same signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        sig = signal.SIGKILL
+        os.kill(os.getpid(), sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    try:
+        if cfg.get("cgroup_procs"):
+            with open(cfg["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if cfg.get("namespaces"):
+            flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+            check(libc.unshare(flags), "unshare")
+        pid = os.fork()
+    except BaseException as exc:
+        os.write(2, f"{SETUP_ERROR} {type(exc).__name__}: {exc}\n".encode())
+        os._exit(126)
+    if pid == 0:
+        if cfg.get("report_fd") is not None:
+            os.close(cfg["report_fd"])
+        run_guarded(namespace_init if cfg.get("namespaces") else exec_program, cfg)
+    if cfg.get("report_fd") is not None:
+        os.write(cfg["report_fd"], f"{pid}\n".encode())
+        os.close(cfg["report_fd"])
+    _, status = os.waitpid(pid, 0)
+    mirror(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""asyncio front of the engine: one background thread owns the ``Engine`` and runs its steps;
+coroutines submit work to it and receive each request's outputs as they are produced."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from mcl_runtime.engine.llm_engine import Engine
+from mcl_runtime.engine.params import RequestOutput, SamplingParams
+
+
+class AsyncEngine:
+    """Streams tokens per request. All engine calls run on the engine thread, between steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mcl-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, **engine_kwargs: Any) -> "AsyncEngine":
+        return cls(Engine(**engine_kwargs))
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:  # block only while idle
+                busy = self.engine.has_unfinished_requests()
+                command = self._commands.get_nowait() if busy else self._commands.get()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                command()
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # an engine bug: fail the running requests, keep serving
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+                self._deliver(rid, exc)
+            return
+        finally:
+            self._stats = self.engine.stats()
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, Exception) or item.finished:
+            del self._streams[request_id]
+        loop, q = stream
+        loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def command() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._commands.put(command)
+        return future
+
+    # ---- coroutine API -------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       adapter: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request; the first iteration raises if the request is invalid.
+        Closing or cancelling the iterator aborts the request and frees its KV blocks."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine is shut down")
+        rid = request_id or uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def add() -> None:
+            self.engine.add_request(rid, prompt, params, adapter)
+            self._streams[rid] = (loop, q)
+
+        await asyncio.wrap_future(self._call(add))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        def abort() -> None:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+        self._call(abort)
+
+    async def load_adapter(self, name: str, path: str | Path) -> None:
+        await asyncio.wrap_future(self._call(lambda: self.engine.load_adapter(name, path)))
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.wrap_future(self._call(lambda: self.engine.unload_adapter(name)))
+
+    def stats(self) -> dict:
+        """Counters as of the last step (no waiting on the engine thread)."""
+        return dict(self._stats)
+
+    async def fresh_stats(self) -> dict:
+        return await asyncio.wrap_future(self._call(self.engine.stats))
+
+    def shutdown(self) -> None:
+        """Abort everything in flight and stop the engine thread."""
+        if self._stopped.is_set():
+            return
+
+        def stop() -> None:
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+                self._deliver(rid, RuntimeError("the engine shut down"))
+            self._stopped.set()
+
+        self._call(stop).result(timeout=60)
+        self._thread.join(timeout=60)

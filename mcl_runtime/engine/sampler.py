@@ -1,0 +1,69 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, each row with its own seed.
+
+Randomness is counter-based: the Gumbel noise for row ``i`` and vocabulary entry ``v`` is a hash
+of (seed_i, step_i, v), so a seeded request samples the same tokens whatever shares its batch,
+and after a preemption, with no per-request generator objects and no loop over rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for h in [0, 2^32), in int64 without overflow (c split in 16-bit halves)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3 finalizer on values in [0, 2^32) held in int64."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[N, V]`` float32 Gumbel(0, 1) noise determined by (seed, step, token id)."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    row = _fmix32(lo ^ _fmix32((hi + _mul32(steps & _M32, 0x9E3779B1)) & _M32))
+    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    h = _fmix32(row[:, None] ^ _fmix32((_mul32(vocab, 0x27D4EB2F) + 0x165667B1) & _M32))
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of a step, built once on the host."""
+    temperatures: torch.Tensor   # [N] float32
+    top_ks: torch.Tensor         # [N] int64, vocab size when off
+    top_ps: torch.Tensor         # [N] float32
+    seeds: torch.Tensor          # [N] int64
+    steps: torch.Tensor          # [N] int64: output tokens so far (the sample's index)
+    all_greedy: bool
+    any_top_k_or_p: bool
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Next token per row of ``logits [N, V]`` (float32)."""
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+    temps = batch.temperatures.clamp(min=1e-5)[:, None]
+    scaled = logits / temps
+    noise = gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])
+    if batch.any_top_k_or_p:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        drop = (ranks >= batch.top_ks[:, None]) | ((probs.cumsum(dim=-1) - probs) > batch.top_ps[:, None])
+        scores = sorted_logits.masked_fill(drop, float("-inf")) + noise.gather(1, order)
+        sampled = order.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)
+    else:
+        sampled = (scaled + noise).argmax(dim=-1)
+    return torch.where(batch.temperatures == 0, greedy_tokens, sampled)

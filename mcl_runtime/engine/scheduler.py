@@ -1,0 +1,136 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step: (1) running sequences that decode get one token each, preempting the most recently
+admitted running sequences when the KV cache is full; (2) running sequences still in prefill get
+their next chunk; (3) waiting sequences are admitted first-come first-served while the token
+budget, the sequence limit, KV blocks and adapter slots allow. A preempted sequence frees its
+blocks and goes back to the front of the queue; it is recomputed later (the prefix cache usually
+makes that cheap), never lost.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mcl_runtime.engine.adapter_manager import AdapterManager
+from mcl_runtime.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new.append(n)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+class Scheduler:
+    def __init__(self, block_manager, adapters: AdapterManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.bm = block_manager
+        self.adapters = adapters
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq.num_pending == 1 and seq.status == Status.RUNNING:
+                if self._reserve(seq, 1, scheduled):
+                    batch.add(seq, 1)
+                    scheduled.add(seq.seq_id)
+                    budget -= 1
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status != Status.RUNNING or seq.seq_id in scheduled:
+                continue
+            n = min(seq.num_pending, budget)
+            if self._reserve(seq, n, scheduled):
+                batch.add(seq, n)
+                scheduled.add(seq.seq_id)
+                budget -= n
+        no_slot: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            n = self._admit(self.waiting[0], budget)
+            if n is None:  # every adapter slot is pinned: requests for resident adapters go first
+                no_slot.append(self.waiting.popleft())
+                continue
+            if n == 0:
+                break
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        self.waiting.extendleft(reversed(no_slot))
+        return batch
+
+    def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently
+        admitted sequences not yet scheduled this step. False if ``seq`` itself was preempted."""
+        tokens = seq.token_ids[seq.num_computed:seq.num_computed + n]
+        while not self.bm.append_tokens(seq.seq_id, tokens):
+            victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+            if victim is None:
+                return False
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Admit a waiting sequence with its first chunk; returns the chunk size, 0 if the KV cache
+        is full, None if no adapter slot is free."""
+        slot = self.adapters.acquire(seq.request.adapter)
+        if slot is None:
+            return None
+        cached = self.bm.add_sequence(seq.seq_id, seq.token_ids, seq.request.adapter_uid)
+        n = min(seq.num_tokens - cached, budget)
+        if not self.bm.append_tokens(seq.seq_id, seq.token_ids[cached:cached + n]):
+            self.bm.free(seq.seq_id)
+            self.adapters.release(slot)
+            return 0
+        seq.slot, seq.num_computed, seq.status = slot, cached, Status.RUNNING
+        self.num_cached_tokens += cached
+        return n
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a running or waiting sequence (finished or aborted) and free its resources."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        if self.bm.has_sequence(seq.seq_id):
+            self.bm.free(seq.seq_id)
+        self.adapters.release(seq.slot)
+        seq.slot = -1
+        seq.num_computed = 0

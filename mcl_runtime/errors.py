@@ -1,0 +1,21 @@
+"""Exceptions of the runtime. Each carries a message meant for the user."""
+
+
+class MCLError(Exception):
+    """Base class of the runtime's errors."""
+
+
+class ModelLoadError(MCLError, ValueError):
+    """A model folder is missing, malformed or not supported."""
+
+
+class InvalidRequestError(MCLError, ValueError):
+    """A request cannot be served as given (bad parameters, prompt too long, ...)."""
+
+
+class AdapterNotFoundError(InvalidRequestError):
+    """A request or call names an adapter that is not loaded."""
+
+
+class AdapterLoadError(MCLError, ValueError):
+    """A PEFT adapter folder is missing, malformed, or does not fit the base model."""

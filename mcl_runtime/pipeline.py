@@ -1,0 +1,140 @@
+"""``python -m mcl_runtime.pipeline``: run the MapCoder-Lite agents over a benchmark.
+
+Backends: ``--endpoint URL`` (any OpenAI-compatible server; each agent's ``model`` is its adapter
+name unless ``--agent-model AGENT=NAME`` says otherwise), ``--model DIR --lora NAME=DIR ...``
+(the in-process engine), or neither (the in-process engine with the embedded demo model).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+from mcl_runtime.agents.datasets import BUILTIN, load_problems
+from mcl_runtime.agents.evaluate import evaluate, summary_path
+from mcl_runtime.agents.judge import Judge
+from mcl_runtime.agents.llm import EngineChatClient, OpenAIChatClient
+from mcl_runtime.agents.mapcoder import MapCoder, MapCoderConfig
+from mcl_runtime.agents.prompts import AGENTS
+from mcl_runtime.agents.sandbox import Limits, Sandbox
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
+        pairs[name] = target
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mcl_runtime.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help=f"{'|'.join(BUILTIN)} or a JSONL file of those schemas")
+    backend = p.add_mutually_exclusive_group()
+    backend.add_argument("--endpoint", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    backend.add_argument("--model", help="base model folder for the in-process engine")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter for --model")
+    p.add_argument("--agent-model", action="append", default=[], metavar="AGENT=NAME",
+                   help="served model or adapter for an agent (default: the agent's name)")
+    p.add_argument("--k", type=int, default=3, help="recalled problems, hence plans")
+    p.add_argument("--t", type=int, default=5, help="debugging rounds per plan")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--workers", type=int, default=1, help="problems solved concurrently")
+    p.add_argument("--max-tokens", type=int, default=2048, help="per model call")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-calls", type=int, help="call budget per problem (default 1 + 2k + k(1 + t))")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run (at least the "
+                   "problem's own time limit)")
+    p.add_argument("--out", required=True, type=Path, help="results JSONL; the summary goes to OUT.summary.json")
+    p.add_argument("--trajectories", type=Path, help="also write every agent call per problem (JSONL)")
+    p.add_argument("--device", help="in-process engine device (cpu, cuda)")
+    p.add_argument("--dtype", help="in-process engine dtype")
+    p.add_argument("--api-key", default="EMPTY", help="for --endpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_agent_names(names: dict[str, str]) -> None:
+    unknown = set(names) - set(AGENTS)
+    if unknown:
+        raise SystemExit(f"--agent-model: unknown agent(s) {sorted(unknown)}; agents are {list(AGENTS)}")
+
+
+async def _endpoint_client(args: argparse.Namespace, names: dict[str, str]) -> OpenAIChatClient:
+    client = OpenAIChatClient(args.endpoint, names, api_key=args.api_key)
+    served = await client.served_models()
+    missing = sorted({client.model_for(a) for a in AGENTS} - set(served))
+    if missing:
+        warnings.warn(f"{args.endpoint} does not list {missing} (served: {served}); those calls may fail")
+    return client
+
+
+def _engine_client(args: argparse.Namespace, names: dict[str, str]):
+    from mcl_runtime import AsyncEngine, Engine
+
+    if args.model:
+        model, adapters = args.model, _pairs(args.lora, "--lora")
+    else:
+        from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
+
+        model, adapters = str(demo_model_dir()), {k: str(v) for k, v in demo_adapter_dirs().items()}
+        adapters.update(_pairs(args.lora, "--lora"))
+    engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype)
+    missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
+    if missing and (names or adapters):
+        warnings.warn(f"no adapter named {missing}; those agents use the base model")
+    aengine = AsyncEngine(engine)
+    return EngineChatClient(aengine, {a: names.get(a, a) if names.get(a, a) in engine.adapters else None
+                                      for a in AGENTS}), aengine
+
+
+async def _run(args: argparse.Namespace) -> dict:
+    names = _pairs(args.agent_model, "--agent-model")
+    _check_agent_names(names)
+    problems = load_problems(args.dataset, args.limit)
+    config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
+                            max_calls=args.max_calls)
+    judge = Judge(Sandbox(Limits(timeout_s=args.timeout)))
+    aengine = None
+    if args.endpoint:
+        client = await _endpoint_client(args, names)
+    else:
+        client, aengine = _engine_client(args, names)
+    run_config = {"dataset": args.dataset, "backend": args.endpoint or args.model or "demo (in-process)",
+                  "k": args.k, "t": args.t, "workers": args.workers, "max_tokens": args.max_tokens,
+                  "temperature": args.temperature, "call_budget": config.call_budget,
+                  "isolation": judge.sandbox.isolation.describe()}
+    try:
+        with ExitStack() as stack:
+            traj = stack.enter_context(open(args.trajectories, "w")) if args.trajectories else None
+            return await evaluate(problems, MapCoder(client, judge, config), args.out, args.workers,
+                                  run_config, progress=not args.no_progress, trajectories=traj)
+    finally:
+        await client.close()
+        if aengine is not None:
+            aengine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.lora and args.endpoint:
+        raise SystemExit("--lora goes with --model (or the demo model), not with --endpoint")
+    for flag in ("k", "workers", "max_tokens", "timeout"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
+    summary = asyncio.run(_run(args))
+    print(json.dumps(summary, indent=2))
+    print(f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "
+          f"results: {args.out}; summary: {summary_path(args.out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

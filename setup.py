@@ -1,0 +1,78 @@
+"""Build: the Python package plus the optional C++ block manager ``mcl_runtime._C`` (CMake + pybind11).
+
+Without CMake or a C++ compiler, or with ``MCL_NO_EXT=1``, the extension is skipped with a warning
+and ``mcl_runtime`` uses its pure-Python reference block manager.
+"""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path) -> None:
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+class CMakeBuild(build_ext):
+    def run(self) -> None:
+        if os.environ.get("MCL_NO_EXT") == "1":
+            warnings.warn("MCL_NO_EXT=1: skipping the C++ extension; the Python block manager will be used")
+            return
+        try:
+            super().run()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            warnings.warn(f"could not build the C++ extension ({exc}); the Python block manager will be used")
+
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cfg = "Debug" if self.debug else "Release"
+        subprocess.check_call([
+            "cmake", ext.source_dir, f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        ], cwd=build_dir)
+        subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j2"], cwd=build_dir)
+
+
+packages = find_packages(include=["mcl_runtime", "mcl_runtime.*"]) + ["mcl_runtime.kernels"]
+
+setup(
+    name="mcl_runtime",
+    version="0.1.0",
+    description="Multi-LoRA serving and training runtime for MapCoder-Lite agents on one base model",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"mcl_runtime.kernels": "kernels"},
+    package_data={"mcl_runtime.agents": ["data/*.jsonl", "data/*.md"]},
+    ext_modules=[CMakeExtension("mcl_runtime._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy", "safetensors", "tokenizers",
+        "transformers>=4.45", "peft>=0.13", "jinja2", "fastapi", "uvicorn", "prometheus_client",
+        "openai>=1.0", "httpx", "tqdm", "matplotlib",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": [
+        "mcl-serve=mcl_runtime.serve.__main__:main",
+        "mcl-pipeline=mcl_runtime.pipeline:main",
+        "mcl-train=mcl_runtime.train.__main__:main",
+    ]},
+)

@@ -1,0 +1,156 @@
+"""Engine API behaviour on the demo model: sampling, n, stop conditions, streaming, errors."""
+import asyncio
+import json
+
+import pytest
+
+from mcl_runtime import (AdapterLoadError, AdapterNotFoundError, AsyncEngine, Engine, InvalidRequestError,
+                         ModelLoadError, SamplingParams)
+from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(device="cpu", kv_cache_blocks=512)
+
+
+PROMPT = "def fibonacci(n):\n"
+
+
+def test_demo_defaults(engine):
+    assert engine.model_name == "mcl-demo-tiny"
+    assert sorted(engine.adapters) == ["coding", "debugging", "planning", "retrieval"]
+    outs = engine.generate([PROMPT] * 5, SamplingParams(max_tokens=8),
+                           adapter=["retrieval", "planning", "coding", "debugging", None])
+    assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = engine.generate([PROMPT], p, adapter=["coding"])[0]
+    crowd = engine.generate(["x = 1\n", PROMPT, "import os\n"], [SamplingParams(max_tokens=5, temperature=0.7), p,
+                                                                SamplingParams(max_tokens=20)],
+                            adapter=[None, "coding", "planning"])[1]
+    assert alone.token_ids == crowd.token_ids
+    other_seed = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True),
+                                 adapter=["coding"])[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=10), adapter=["debugging"])[0]
+    k1 = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3),
+                         adapter=["debugging"])[0]
+    assert greedy.token_ids == k1.token_ids
+
+
+def test_n_completions_share_the_prompt(engine):
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=10, n=3, temperature=1.0, seed=7, ignore_eos=True),
+                          adapter=["coding"])[0]
+    assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=10, n=2, ignore_eos=True), adapter=["coding"])[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_stop_strings_tokens_and_length(engine):
+    base = engine.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True), adapter=["coding"])[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 24
+    assert base.text == engine.tokenizer.decode(base.token_ids)
+    stop = base.text[5:8]
+    cut = engine.generate([PROMPT], SamplingParams(max_tokens=24, stop=[stop], ignore_eos=True), adapter=["coding"])[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.find(stop)]
+    tok = base.token_ids[3]
+    by_id = engine.generate([PROMPT], SamplingParams(max_tokens=24, stop_token_ids=[tok], ignore_eos=True),
+                            adapter=["coding"])[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[:base.token_ids.index(tok) + 1]
+
+
+def test_streamed_text_is_monotone_and_equals_final(engine):
+    async def collect():
+        aeng = AsyncEngine(engine)
+        try:
+            texts = []
+            async for out in aeng.generate(PROMPT, SamplingParams(max_tokens=20, stop=["\n\n"]), adapter="planning"):
+                texts.append(out.text)
+            return texts
+        finally:
+            aeng.shutdown()
+
+    texts = asyncio.run(collect())
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    final = engine.generate([PROMPT], SamplingParams(max_tokens=20, stop=["\n\n"]), adapter=["planning"])[0]
+    assert texts[-1] == final.text
+
+
+def test_async_abort_frees_blocks(engine):
+    async def run():
+        aeng = AsyncEngine(engine)
+        try:
+            gen = aeng.generate(PROMPT * 20, SamplingParams(max_tokens=200, ignore_eos=True), adapter="coding")
+            async for _ in gen:
+                break
+            await gen.aclose()
+            with pytest.raises(AdapterNotFoundError):
+                async for _ in aeng.generate(PROMPT, SamplingParams(), adapter="nope"):
+                    pass
+            return await aeng.fresh_stats()
+        finally:
+            aeng.shutdown()
+
+    stats = asyncio.run(run())
+    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-1), "max_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"), (dict(n=0), "n must"), (dict(stop=[""]), "stop"), (dict(top_k=-5), "top_k"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests(engine):
+    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
+        engine.add_request(None, PROMPT, SamplingParams(), "nope")
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.add_request(None, [1] * (engine.max_model_len + 1), SamplingParams())
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request(None, "", SamplingParams())
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request(None, [10**9], SamplingParams())
+    assert not engine.has_unfinished_requests()
+
+
+def test_bad_model_and_adapter_folders(tmp_path, engine, qwen_family):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Engine(str(tmp_path / "missing"), device="cpu")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        Engine(str(bad), device="cpu")
+    cfg = json.loads((demo_model_dir() / "base" / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        Engine(str(bad), device="cpu")
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        engine.load_adapter("x", str(tmp_path / "none"))
+    _, adapters = qwen_family  # trained for another base: shapes do not fit
+    with pytest.raises(AdapterLoadError, match="another base model"):
+        engine.load_adapter("foreign", str(adapters["a8"]))
+    with pytest.raises(AdapterLoadError, match="max_lora_rank"):
+        Engine(device="cpu", kv_cache_blocks=64, max_lora_rank=8)
+    with pytest.raises(AdapterLoadError, match="already loaded"):
+        engine.load_adapter("coding", str(demo_adapter_dirs()["coding"]))
+    assert "x" not in engine.adapters and "foreign" not in engine.adapters
+
+
+def test_sequence_longer_than_the_cache_ends_with_length():
+    small = Engine(device="cpu", kv_cache_blocks=4, block_size=4, adapters={})
+    out = small.generate([[5] * 10], SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) >= 1
+    assert small.stats()["kv_blocks_used"] == 0

@@ -1,0 +1,133 @@
+"""Golden equality with transformers + peft: fp32 greedy tokens, mixed adapters in one batch, and
+invariance under block size, chunked prefill, preemption, prefix caching and slot eviction."""
+import functools
+
+import pytest
+import torch
+
+from mcl_runtime import Engine, SamplingParams
+from tiny_models import hf_generate
+
+MAX_NEW = 32
+LENGTHS = [5, 17, 33, 3, 40, 9, 16, 25, 12, 12, 12]
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in LENGTHS]
+    prompts[9] = prompts[10] = prompts[8]  # the same prompt under several adapters
+    return prompts
+
+
+PROMPTS = _prompts()
+NAMES = {"qwen2": ["a4", None, "a8", "a16", "a4", None, "a8", "a16", "a4", "a8", None],
+         "llama": ["l8", None, "l16", "l8", None, "l16", "l8", None, "l8", "l16", None]}
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(family: str, base, adapters_items) -> tuple[tuple[int, ...], ...]:
+    outs = hf_generate(base, dict(adapters_items), PROMPTS, NAMES[family], MAX_NEW)
+    return tuple(map(tuple, outs))
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def family(request, qwen_family, llama_family):
+    base, adapters = qwen_family if request.param == "qwen2" else llama_family
+    ref = _reference(request.param, base, tuple(sorted(adapters.items())))
+    return request.param, base, adapters, [list(r) for r in ref]
+
+
+def _run(base, adapters, names, **engine_kwargs):
+    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", dtype="float32",
+                    **engine_kwargs)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), adapter=names)
+    return [o.token_ids for o in outs], engine
+
+
+def test_golden_mixed_batch(family):
+    name, base, adapters, ref = family
+    tokens, _ = _run(base, adapters, NAMES[name], kv_cache_blocks=512)
+    assert tokens == ref
+    # The same prompt under different adapters gives each adapter's own tokens.
+    assert len({tuple(tokens[i]) for i in (8, 9, 10)}) == 3
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(block_size=1, kv_cache_blocks=4096),
+    dict(block_size=16, kv_cache_blocks=64),
+    dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256),      # chunked prefill
+    dict(block_size=4, max_num_seqs=2, kv_cache_blocks=256),                # small batches
+    dict(block_size=4, kv_cache_blocks=40),                                 # preemption
+    dict(block_size=8, max_loras=1, kv_cache_blocks=256),                   # slot eviction
+    dict(block_size=4, enable_prefix_caching=False, kv_cache_blocks=256),
+], ids=["bs1", "bs16", "chunked", "max2seqs", "preempt", "1slot", "nocache"])
+def test_tokens_do_not_depend_on_batching(family, knobs):
+    name, base, adapters, ref = family
+    tokens, engine = _run(base, adapters, NAMES[name], **knobs)
+    assert tokens == ref
+    if knobs.get("kv_cache_blocks") == 40:
+        assert engine.stats()["num_preemptions"] > 0
+    if knobs.get("max_loras") == 1:
+        assert engine.stats()["adapter_slot_loads"] >= len(adapters)
+
+
+def test_single_request_equals_batched(qwen_family):
+    base, adapters = qwen_family
+    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", kv_cache_blocks=256)
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    batched = engine.generate(PROMPTS, params, adapter=NAMES["qwen2"])
+    for i in (0, 3, 8):
+        alone = engine.generate([PROMPTS[i]], params, adapter=[NAMES["qwen2"][i]])[0]
+        assert alone.token_ids == batched[i].token_ids
+
+
+def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family):
+    base, adapters = qwen_family
+    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
+                    kv_cache_blocks=256, block_size=4)
+    prefix = PROMPTS[4]  # 40 tokens
+    prompts = [prefix + [7, 8, 9], prefix + [10]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first = engine.generate(prompts, params, adapter=["a8", "a8"])
+    hits = engine.stats()["prefix_cache_hit_tokens"]
+    assert hits >= 36  # the second prompt reused the first one's full blocks (same step)
+    again = engine.generate(prompts, params, adapter=["a8", "a8"])
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+    assert engine.stats()["prefix_cache_hit_tokens"] > hits
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    other = engine.generate([prompts[0]], params, adapter=["a4"])[0]
+    assert engine.stats()["prefix_cache_hit_tokens"] == before  # never shared across adapters
+    ref = hf_generate(base, {"a4": adapters["a4"], "a8": adapters["a8"]}, [prompts[0], prompts[0]],
+                      ["a4", "a8"], 12)
+    assert other.token_ids == ref[0] and first[0].token_ids == ref[1]
+
+
+def test_load_and_unload_while_requests_run(qwen_family):
+    base, adapters = qwen_family
+    engine = Engine(str(base), adapters={"a8": str(adapters["a8"])}, device="cpu", kv_cache_blocks=256, max_loras=2)
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    engine.add_request("r0", PROMPTS[2], params, "a8")
+    engine.add_request("r1", PROMPTS[1], params, None)
+    results = {}
+
+    def drain(steps):
+        for _ in range(steps):
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out.token_ids
+
+    drain(3)
+    engine.load_adapter("a16", str(adapters["a16"]))
+    engine.add_request("r2", PROMPTS[3], params, "a16")
+    drain(2)
+    engine.unload_adapter("a8")            # r0 still running: finishes with a8's weights
+    assert "a8" not in engine.adapters
+    with pytest.raises(ValueError, match="unknown adapter"):
+        engine.add_request("r3", PROMPTS[0], params, "a8")
+    engine.load_adapter("a4", str(adapters["a4"]))
+    engine.add_request("r4", PROMPTS[0], params, "a4")
+    while engine.has_unfinished_requests():
+        drain(1)
+    ref = hf_generate(base, adapters, [PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[0]], ["a8", None, "a16", "a4"], MAX_NEW)
+    assert [results[r] for r in ("r0", "r1", "r2", "r4")] == ref
+    assert engine.stats()["kv_blocks_used"] == 0
