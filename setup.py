@@ -28,7 +28,7 @@ class CMakeBuild(build_ext):
             return
         try:
             super().run()
-        except (OSError, subprocess.CalledProcessError) as exc:
+        except (ImportError, OSError, subprocess.CalledProcessError) as exc:
             warnings.warn(f"could not build the C++ extension ({exc}); the Python block manager will be used")
 
     def build_extension(self, ext: CMakeExtension) -> None:

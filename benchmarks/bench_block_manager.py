@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -40,7 +41,8 @@ def make_trace(num_ops: int, block_size: int, num_blocks: int, seed: int) -> lis
         r = rng.random()
         if not live or (r < 0.08 and len(live) < 64):
             prefix = rng.choice(prefixes)
-            prompt = prefix[:rng.randrange(len(prefix) + 1)] + [rng.randrange(VOCAB) for _ in range(rng.randrange(16, 128))]
+            suffix = [rng.randrange(VOCAB) for _ in range(rng.randrange(16, 128))]
+            prompt = prefix[:rng.randrange(len(prefix) + 1)] + suffix
             op = ("add", next_id, prompt, rng.randrange(4))
             live.append(next_id)
             next_id += 1
@@ -136,8 +138,8 @@ def machine() -> dict:
     except ImportError:
         torch_version = None
     import numpy
-    return {"cpu": cpu or platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch_version, "numpy": numpy.__version__}
+    return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch_version, "numpy": numpy.__version__}
 
 
 def git_commit() -> str | None:
@@ -168,7 +170,7 @@ def main() -> None:
         print("C++ extension not built (or MCL_NO_EXT=1): timing the Python reference only")
 
     info = machine()
-    print(f"device: cpu ({info['cpu']}), python {info['python']}, torch {info['torch']}, numpy {info['numpy']}")
+    print(f"device: cpu ({info['cpu']}, {info['cpu_count']} cores), python {info['python']}, torch {info['torch']}, numpy {info['numpy']}")
     ops = make_trace(cfg["num_ops"], cfg["block_size"], cfg["num_blocks"], seed=0)
     results: dict = {"trace": {}, "metadata": {}}
     outputs = {}
@@ -199,8 +201,9 @@ def main() -> None:
         }
         summary["meets_speedup_target_10x"] = summary["trace_speedup"] >= 10
         summary["meets_metadata_target_100us"] = summary["metadata_us_cpp"] <= 100
-        print(f"C++/Python speed-up: trace {summary['trace_speedup']:.1f}x, metadata {summary['metadata_speedup']:.1f}x; "
-              f"C++ metadata {summary['metadata_us_cpp']:.1f} us per build (targets: >= 10x, <= 100 us)")
+        print(f"C++/Python speed-up: trace {summary['trace_speedup']:.1f}x, "
+              f"metadata {summary['metadata_speedup']:.1f}x; C++ metadata {summary['metadata_us_cpp']:.1f} us "
+              "per build (targets: >= 10x, <= 100 us)")
 
     if out_path:
         report = {"benchmark": "block_manager", "device": f"cpu: {info['cpu']}", "machine": info,

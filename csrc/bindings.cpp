@@ -10,24 +10,33 @@ namespace py = pybind11;
 
 namespace {
 
-// Hands the vector's buffer to numpy without copying; the capsule frees it with the array.
-template <typename T>
-py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
-    auto* owner = new std::vector<T>(std::move(v));
-    py::capsule base(owner, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-    return py::array_t<T>(std::move(shape), owner->data(), base);
+// A list or tuple of ints (the common case) is read directly: pybind11's generic vector caster
+// costs several times more per item. Anything else goes through that caster.
+std::vector<int64_t> to_int64s(const py::sequence& seq) {
+    PyObject* obj = seq.ptr();
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) return seq.cast<std::vector<int64_t>>();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    std::vector<int64_t> out(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const long long v = PyLong_AsLongLong(items[i]);
+        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+        out[static_cast<size_t>(i)] = v;
+    }
+    return out;
 }
 
-py::tuple build_metadata(const mcl::BlockManager& bm, const std::vector<int64_t>& seq_ids,
-                         const std::vector<int64_t>& num_new_tokens) {
-    mcl::Metadata m = bm.build_metadata(seq_ids, num_new_tokens);
-    const auto B = static_cast<py::ssize_t>(m.num_seqs);
-    const auto T = static_cast<py::ssize_t>(m.positions.size());
-    return py::make_tuple(to_numpy(std::move(m.positions), {T}),
-                          to_numpy(std::move(m.slot_mapping), {T}),
-                          to_numpy(std::move(m.block_tables), {B, static_cast<py::ssize_t>(m.max_blocks)}),
-                          to_numpy(std::move(m.context_lens), {B}),
-                          to_numpy(std::move(m.cu_seqlens_q), {B + 1}));
+py::tuple build_metadata(const mcl::BlockManager& bm, const py::sequence& seq_ids,
+                         const py::sequence& num_new_tokens) {
+    const mcl::MetadataPlan plan = bm.plan_metadata(to_int64s(seq_ids), to_int64s(num_new_tokens));
+    const auto B = static_cast<py::ssize_t>(plan.seqs.size());
+    const auto T = static_cast<py::ssize_t>(plan.num_tokens);
+    py::array_t<int64_t> positions(T), slot_mapping(T);
+    py::array_t<int32_t> block_tables({B, static_cast<py::ssize_t>(plan.max_blocks)});
+    py::array_t<int32_t> context_lens(B), cu_seqlens_q(B + 1);
+    bm.write_metadata(plan, positions.mutable_data(), slot_mapping.mutable_data(), block_tables.mutable_data(),
+                      context_lens.mutable_data(), cu_seqlens_q.mutable_data());
+    return py::make_tuple(positions, slot_mapping, block_tables, context_lens, cu_seqlens_q);
 }
 
 }  // namespace
@@ -43,8 +52,9 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    m.def("block_hash", [](uint64_t parent_hash, const std::vector<int64_t>& token_ids, int64_t adapter_id) {
-        return mcl::block_hash(parent_hash, token_ids.data(), token_ids.size(), adapter_id);
+    m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
+        const std::vector<int64_t> tokens = to_int64s(token_ids);
+        return mcl::block_hash(parent_hash, tokens.data(), tokens.size(), adapter_id);
     }, py::arg("parent_hash"), py::arg("token_ids"), py::arg("adapter_id"));
 
     using BM = mcl::BlockManager;
@@ -62,8 +72,12 @@ PYBIND11_MODULE(_C, m) {
         .def("ref_counts", &BM::ref_counts)
         .def("blocks_needed", &BM::blocks_needed, py::arg("seq_id"), py::arg("num_new_tokens"))
         .def("can_append", &BM::can_append, py::arg("seq_id"), py::arg("num_new_tokens"))
-        .def("add_sequence", &BM::add_sequence, py::arg("seq_id"), py::arg("token_ids"), py::arg("adapter_id"))
-        .def("append_tokens", &BM::append_tokens, py::arg("seq_id"), py::arg("token_ids"))
+        .def("add_sequence", [](BM& bm, int64_t seq_id, const py::sequence& token_ids, int64_t adapter_id) {
+            return bm.add_sequence(seq_id, to_int64s(token_ids), adapter_id);
+        }, py::arg("seq_id"), py::arg("token_ids"), py::arg("adapter_id"))
+        .def("append_tokens", [](BM& bm, int64_t seq_id, const py::sequence& token_ids) {
+            return bm.append_tokens(seq_id, to_int64s(token_ids));
+        }, py::arg("seq_id"), py::arg("token_ids"))
         .def("fork", &BM::fork, py::arg("parent_id"), py::arg("child_id"))
         .def("free", &BM::free, py::arg("seq_id"))
         .def("pop_block_copies", &BM::pop_block_copies)

@@ -43,14 +43,14 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_p
     lru_next_.assign(n, -1);
 }
 
-const BlockManager::Seq& BlockManager::seq(int64_t seq_id) const {
+const Sequence& BlockManager::seq(int64_t seq_id) const {
     auto it = seqs_.find(seq_id);
     if (it == seqs_.end()) throw UnknownSequence(seq_id);
     return it->second;
 }
 
 int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_new_tokens) const {
-    const Seq& s = seq(seq_id);
+    const Sequence& s = seq(seq_id);
     if (num_new_tokens < 0)
         throw std::invalid_argument("num_new_tokens must be >= 0, got " + std::to_string(num_new_tokens));
     const int64_t total = s.num_tokens + num_new_tokens;
@@ -61,7 +61,7 @@ int64_t BlockManager::blocks_needed(int64_t seq_id, int64_t num_new_tokens) cons
 
 int64_t BlockManager::add_sequence(int64_t seq_id, const std::vector<int64_t>& token_ids, int64_t adapter_id) {
     if (seqs_.count(seq_id)) throw std::invalid_argument("sequence " + std::to_string(seq_id) + " already exists");
-    Seq& s = seqs_[seq_id];
+    Sequence& s = seqs_[seq_id];
     s.adapter_id = adapter_id;
     if (!prefix_caching_ || token_ids.empty()) return 0;
     const size_t bs = static_cast<size_t>(block_size_);
@@ -84,7 +84,7 @@ int64_t BlockManager::add_sequence(int64_t seq_id, const std::vector<int64_t>& t
 }
 
 bool BlockManager::append_tokens(int64_t seq_id, const std::vector<int64_t>& token_ids) {
-    Seq& s = seq(seq_id);
+    Sequence& s = seq(seq_id);
     if (token_ids.empty()) return true;
     if (blocks_needed(seq_id, static_cast<int64_t>(token_ids.size())) > num_free_blocks()) return false;
     const int64_t bs = block_size_;
@@ -105,7 +105,7 @@ bool BlockManager::append_tokens(int64_t seq_id, const std::vector<int64_t>& tok
 
 void BlockManager::fork(int64_t parent_id, int64_t child_id) {
     if (seqs_.count(child_id)) throw std::invalid_argument("sequence " + std::to_string(child_id) + " already exists");
-    Seq child = seq(parent_id);
+    Sequence child = seq(parent_id);
     for (int32_t b : child.blocks) ++ref_[b];
     seqs_.emplace(child_id, std::move(child));
 }
@@ -124,51 +124,46 @@ std::vector<std::pair<int32_t, int32_t>> BlockManager::pop_block_copies() {
     return out;
 }
 
-Metadata BlockManager::build_metadata(const std::vector<int64_t>& seq_ids,
-                                      const std::vector<int64_t>& num_new_tokens) const {
+MetadataPlan BlockManager::plan_metadata(const std::vector<int64_t>& seq_ids,
+                                         std::vector<int64_t> num_new_tokens) const {
     if (seq_ids.size() != num_new_tokens.size())
         throw std::invalid_argument("seq_ids and num_new_tokens differ in length");
-    const size_t B = seq_ids.size();
-    std::vector<const Seq*> seqs(B);
-    size_t width = 0;
-    for (size_t i = 0; i < B; ++i) {
-        seqs[i] = &seq(seq_ids[i]);
-        width = std::max(width, seqs[i]->blocks.size());
+    MetadataPlan plan;
+    plan.seqs.reserve(seq_ids.size());
+    for (int64_t id : seq_ids) {
+        plan.seqs.push_back(&seq(id));
+        plan.max_blocks = std::max(plan.max_blocks, plan.seqs.back()->blocks.size());
     }
-    int64_t total = 0;
-    for (size_t i = 0; i < B; ++i) {
-        const int64_t n = num_new_tokens[i];
-        if (n < 0 || n > seqs[i]->num_tokens)
-            throw std::invalid_argument("sequence " + std::to_string(seq_ids[i]) + " has " +
-                                        std::to_string(seqs[i]->num_tokens) + " tokens, asked for " +
-                                        std::to_string(n) + " new");
-        total += n;
+    for (size_t i = 0; i < seq_ids.size(); ++i) {
+        const int64_t n = num_new_tokens[i], have = plan.seqs[i]->num_tokens;
+        if (n < 0 || n > have)
+            throw std::invalid_argument("sequence " + std::to_string(seq_ids[i]) + " has " + std::to_string(have) +
+                                        " tokens, asked for " + std::to_string(n) + " new");
+        plan.num_tokens += n;
     }
+    plan.num_new_tokens = std::move(num_new_tokens);
+    return plan;
+}
 
-    Metadata m;
-    m.num_seqs = B;
-    m.max_blocks = width;
-    m.positions.resize(static_cast<size_t>(total));
-    m.slot_mapping.resize(static_cast<size_t>(total));
-    m.block_tables.assign(B * width, 0);
-    m.context_lens.resize(B);
-    m.cu_seqlens_q.resize(B + 1);
-    m.cu_seqlens_q[0] = 0;
+void BlockManager::write_metadata(const MetadataPlan& plan, int64_t* positions, int64_t* slot_mapping,
+                                  int32_t* block_tables, int32_t* context_lens, int32_t* cu_seqlens_q) const {
     const int64_t bs = block_size_;
-    int64_t* pos = m.positions.data();
-    int64_t* slot = m.slot_mapping.data();
-    for (size_t i = 0; i < B; ++i) {
-        const Seq& s = *seqs[i];
+    const size_t width = plan.max_blocks;
+    int64_t t = 0;
+    cu_seqlens_q[0] = 0;
+    for (size_t i = 0; i < plan.seqs.size(); ++i) {
+        const Sequence& s = *plan.seqs[i];
         const int32_t* blocks = s.blocks.data();
-        if (!s.blocks.empty()) std::memcpy(&m.block_tables[i * width], blocks, s.blocks.size() * sizeof(int32_t));
-        m.context_lens[i] = static_cast<int32_t>(s.num_tokens);
-        for (int64_t p = s.num_tokens - num_new_tokens[i]; p < s.num_tokens; ++p) {
-            *pos++ = p;
-            *slot++ = static_cast<int64_t>(blocks[p / bs]) * bs + p % bs;
+        int32_t* row = block_tables + i * width;
+        std::copy(blocks, blocks + s.blocks.size(), row);
+        std::fill(row + s.blocks.size(), row + width, 0);
+        context_lens[i] = static_cast<int32_t>(s.num_tokens);
+        for (int64_t p = s.num_tokens - plan.num_new_tokens[i]; p < s.num_tokens; ++p, ++t) {
+            positions[t] = p;
+            slot_mapping[t] = static_cast<int64_t>(blocks[p / bs]) * bs + p % bs;
         }
-        m.cu_seqlens_q[i + 1] = static_cast<int32_t>(pos - m.positions.data());
+        cu_seqlens_q[i + 1] = static_cast<int32_t>(t);
     }
-    return m;
 }
 
 int32_t BlockManager::lookup(uint64_t h, uint64_t parent, int64_t adapter_id, const int64_t* tokens) const {
@@ -182,13 +177,13 @@ int32_t BlockManager::lookup(uint64_t h, uint64_t parent, int64_t adapter_id, co
     return b;
 }
 
-bool BlockManager::parent_registered(const Seq& s, uint64_t parent) const {
+bool BlockManager::parent_registered(const Sequence& s, uint64_t parent) const {
     if (s.blocks.size() == 1) return true;
     auto it = cached_.find(parent);
     return it != cached_.end() && it->second == s.blocks[s.blocks.size() - 2];
 }
 
-void BlockManager::on_block_full(Seq& s) {
+void BlockManager::on_block_full(Sequence& s) {
     const uint64_t parent = s.last_hash;
     const uint64_t h = block_hash(parent, s.last_tokens.data(), s.last_tokens.size(), s.adapter_id);
     s.last_hash = h;

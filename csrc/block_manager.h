@@ -21,14 +21,20 @@ struct UnknownSequence : std::out_of_range {
 // Chained splitmix64 hash of one full block; parent_hash is 0 for the first block.
 uint64_t block_hash(uint64_t parent_hash, const int64_t* tokens, size_t n, int64_t adapter_id);
 
-struct Metadata {
-    std::vector<int64_t> positions;     // [T]
-    std::vector<int64_t> slot_mapping;  // [T]
-    std::vector<int32_t> block_tables;  // [B, M] row-major, padded with 0
-    std::vector<int32_t> context_lens;  // [B]
-    std::vector<int32_t> cu_seqlens_q;  // [B + 1]
-    size_t num_seqs = 0;                // B
-    size_t max_blocks = 0;              // M
+struct Sequence {
+    std::vector<int32_t> blocks;
+    int64_t num_tokens = 0;
+    std::vector<int64_t> last_tokens;  // tokens of the partially filled last block
+    uint64_t last_hash = 0;            // hash of the last full block (0: none yet)
+    int64_t adapter_id = 0;
+};
+
+// A validated build_metadata batch; valid until the manager changes.
+struct MetadataPlan {
+    std::vector<const Sequence*> seqs;    // B
+    std::vector<int64_t> num_new_tokens;  // B
+    int64_t num_tokens = 0;               // T
+    size_t max_blocks = 0;                // M
 };
 
 class BlockManager {
@@ -55,22 +61,20 @@ public:
     void fork(int64_t parent_id, int64_t child_id);
     void free(int64_t seq_id);
     std::vector<std::pair<int32_t, int32_t>> pop_block_copies();
-    Metadata build_metadata(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& num_new_tokens) const;
+
+    // build_metadata in two steps, so that the caller allocates the arrays (numpy, without a copy):
+    // plan_metadata validates the batch and sizes the arrays, write_metadata fills
+    // positions [T], slot_mapping [T], block_tables [B, M] (row-major), context_lens [B], cu_seqlens_q [B + 1].
+    MetadataPlan plan_metadata(const std::vector<int64_t>& seq_ids, std::vector<int64_t> num_new_tokens) const;
+    void write_metadata(const MetadataPlan& plan, int64_t* positions, int64_t* slot_mapping, int32_t* block_tables,
+                        int32_t* context_lens, int32_t* cu_seqlens_q) const;
 
 private:
-    struct Seq {
-        std::vector<int32_t> blocks;
-        int64_t num_tokens = 0;
-        std::vector<int64_t> last_tokens;  // tokens of the partially filled last block
-        uint64_t last_hash = 0;            // hash of the last full block (0: none yet)
-        int64_t adapter_id = 0;
-    };
-
-    const Seq& seq(int64_t seq_id) const;
-    Seq& seq(int64_t seq_id) { return const_cast<Seq&>(static_cast<const BlockManager*>(this)->seq(seq_id)); }
+    const Sequence& seq(int64_t seq_id) const;
+    Sequence& seq(int64_t seq_id) { return const_cast<Sequence&>(std::as_const(*this).seq(seq_id)); }
     int32_t lookup(uint64_t h, uint64_t parent, int64_t adapter_id, const int64_t* tokens) const;
-    bool parent_registered(const Seq& s, uint64_t parent) const;  // the first block, or its parent is the cached one
-    void on_block_full(Seq& s);
+    bool parent_registered(const Sequence& s, uint64_t parent) const;  // first block, or parent is the cached one
+    void on_block_full(Sequence& s);
     int32_t allocate();
     void release(int32_t block);
     void lru_push_back(int32_t block);
@@ -92,7 +96,7 @@ private:
     int32_t lru_head_ = -1, lru_tail_ = -1;
     int64_t num_evictable_ = 0;
 
-    std::unordered_map<int64_t, Seq> seqs_;
+    std::unordered_map<int64_t, Sequence> seqs_;
     std::vector<std::pair<int32_t, int32_t>> copies_;
 };
 

@@ -80,3 +80,30 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+def compile_for_gpu(kernel, pointer_dtypes: dict[str, str], constexprs: dict, *, arch: int = 90,
+                    num_warps: int = 4, num_stages: int = 2):
+    """Compiles a ``@triton.jit`` kernel to a cubin for NVIDIA ``sm_<arch>`` without a GPU (a check
+    for CPU-only CI, where the kernels otherwise only run in the interpreter; needs a process
+    without ``TRITON_INTERPRET=1``). Argument types follow the kernel's parameter names: names in
+    ``pointer_dtypes`` get that type (e.g. ``"*bf16"``), other ``*_ptr`` are ``*i32``, names
+    containing ``scale`` are fp32 scalars, the rest i32 scalars. Returns the compiled kernel."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_dtypes:
+            signature[name] = pointer_dtypes[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if "scale" in name else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})

@@ -70,7 +70,7 @@ def _sgmv_shrink_kernel(
                 tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
             else:
                 tl.store(out_ptrs, acc, mask=out_mask)
-        elif ATOMIC:
+        elif not ATOMIC:
             # Columns past the rank are zero by contract; with split-K the buffer was zero-filled.
             tl.store(out_ptrs, acc, mask=out_mask)
 

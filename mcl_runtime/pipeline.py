@@ -84,7 +84,7 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
     else:
         from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
 
-        model, adapters = str(demo_model_dir()), {k: str(v) for k, v in demo_adapter_dirs().items()}
+        model, adapters = str(demo_model_dir() / "base"), {k: str(v) for k, v in demo_adapter_dirs().items()}
         adapters.update(_pairs(args.lora, "--lora"))
     engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype)
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
@@ -95,9 +95,7 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
                                       for a in AGENTS}), aengine
 
 
-async def _run(args: argparse.Namespace) -> dict:
-    names = _pairs(args.agent_model, "--agent-model")
-    _check_agent_names(names)
+async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     problems = load_problems(args.dataset, args.limit)
     config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
                             max_calls=args.max_calls)
@@ -113,7 +111,10 @@ async def _run(args: argparse.Namespace) -> dict:
                   "isolation": judge.sandbox.isolation.describe()}
     try:
         with ExitStack() as stack:
-            traj = stack.enter_context(open(args.trajectories, "w")) if args.trajectories else None
+            traj = None
+            if args.trajectories:
+                args.trajectories.parent.mkdir(parents=True, exist_ok=True)
+                traj = stack.enter_context(open(args.trajectories, "w"))
             return await evaluate(problems, MapCoder(client, judge, config), args.out, args.workers,
                                   run_config, progress=not args.no_progress, trajectories=traj)
     finally:
@@ -129,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("k", "workers", "max_tokens", "timeout"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
-    summary = asyncio.run(_run(args))
+    if args.t < 0 or (args.limit is not None and args.limit < 0):
+        raise SystemExit("--t and --limit must not be negative")
+    names = _pairs(args.agent_model, "--agent-model")
+    _check_agent_names(names)
+    _pairs(args.lora, "--lora")
+    summary = asyncio.run(_run(args, names))
     print(json.dumps(summary, indent=2))
     print(f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "
           f"results: {args.out}; summary: {summary_path(args.out)}", file=sys.stderr)

@@ -122,6 +122,13 @@ def test_infinite_loop_times_out(judge):
     assert out.verdict is Verdict.TIMEOUT and out.seconds < LIMITS.timeout_s + 2
 
 
+def test_cpu_limit_below_the_wall_clock_is_a_timeout():
+    cpu_bound = Judge(Sandbox(Limits(timeout_s=10, cpu_s=1, memory_bytes=1 << 30, max_file_bytes=1 << 20)))
+    ignores_xcpu = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n"
+    out = cpu_bound.run_test(ignores_xcpu, IOTest("", ""))
+    assert out.verdict is Verdict.TIMEOUT and out.seconds < 8
+
+
 def test_sleeping_program_times_out(judge):
     assert run_script(judge, "import time\ntime.sleep(60)\n").verdict is Verdict.TIMEOUT
 
@@ -307,6 +314,6 @@ def test_strict_isolation_is_refused_or_given():
 
 
 def test_signal_verdicts(judge):
-    out = run_script(judge, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
-    assert out.verdict is Verdict.RUNTIME_ERROR
-    assert signal.SIGXCPU  # the CPU rlimit's signal exists on this platform
+    for prog in ("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
+                 "import ctypes\nctypes.string_at(0)\n"):
+        assert run_script(judge, prog).verdict is Verdict.RUNTIME_ERROR, prog

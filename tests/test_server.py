@@ -7,7 +7,7 @@ test stops it with SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import queue
 import shutil
 import signal
@@ -40,9 +40,10 @@ class ServerProcess:
     """``python -m mcl_runtime.serve`` in a subprocess; ``url`` waits for its startup line."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mcl_runtime.serve", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [sys.executable, "-m", "mcl_runtime.serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        self._base: str | None = None
         self._url: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -54,7 +55,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        if not hasattr(self, "_base"):
+        if self._base is None:
             try:
                 self._base = self._url.get(timeout=120)
             except queue.Empty:
@@ -227,33 +228,37 @@ def test_32_concurrent_requests_over_4_adapters_are_batched(server: ServerProces
     assert after["mcl_time_to_first_token_seconds_count{model=coding}"] >= 8
 
 
-HOSTILE = {
-    "invalid_json": lambda u: httpx.post(u + "/v1/completions", content=b'{"model": "coding", "prompt": ',
-                                         headers={"content-type": "application/json"}),
-    "wrong_types": lambda u: httpx.post(u + "/v1/completions", json={"model": "coding", "prompt": 5, "max_tokens": "x"}),
-    "messages_not_a_list": lambda u: httpx.post(u + "/v1/chat/completions", json={"model": "coding", "messages": "hi"}),
-    "missing_model": lambda u: httpx.post(u + "/v1/completions", json={"prompt": "hi"}),
-    "unknown_adapter": lambda u: httpx.post(u + "/v1/completions", json={"model": "nope", "prompt": "hi"}),
-    "unknown_adapter_chat": lambda u: httpx.post(u + "/v1/chat/completions",
-                                                 json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
-    "one_megabyte_prompt": lambda u: httpx.post(u + "/v1/completions", timeout=60,
-                                                json={"model": "coding", "prompt": "hello world " * 87382}),
-    "negative_max_tokens": lambda u: httpx.post(u + "/v1/completions",
-                                                json={"model": "coding", "prompt": "hi", "max_tokens": -1}),
-    "huge_max_tokens": lambda u: httpx.post(u + "/v1/chat/completions", json={
-        "model": "coding", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}),
-    "logprobs": lambda u: httpx.post(u + "/v1/completions", json={"model": "coding", "prompt": "hi", "logprobs": 2}),
-    "bad_temperature": lambda u: httpx.post(u + "/v1/completions",
-                                            json={"model": "coding", "prompt": "hi", "temperature": -1}),
-    "bad_token_ids": lambda u: httpx.post(u + "/v1/completions", json={"model": "coding", "prompt": [1, 10**9]}),
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER_X = [{"role": "user", "content": "x"}]
+HOSTILE: dict[str, tuple[str, bytes | dict, int]] = {  # case: (path, body, expected status)
+    "invalid_json": (COMPLETIONS, b'{"model": "coding", "prompt": ', 400),
+    "not_an_object": (COMPLETIONS, b"[1, 2]", 400),
+    "wrong_types": (COMPLETIONS, {"model": "coding", "prompt": 5, "max_tokens": "x"}, 400),
+    "messages_not_a_list": (CHAT, {"model": "coding", "messages": "hi"}, 400),
+    "missing_model": (COMPLETIONS, {"prompt": "hi"}, 400),
+    "unknown_adapter": (COMPLETIONS, {"model": "nope", "prompt": "hi"}, 404),
+    "unknown_adapter_chat": (CHAT, {"model": "nope", "messages": USER_X}, 404),
+    "one_megabyte_prompt": (COMPLETIONS, {"model": "coding", "prompt": "hello world " * 87382}, 400),
+    "negative_max_tokens": (COMPLETIONS, {"model": "coding", "prompt": "hi", "max_tokens": -1}, 400),
+    "huge_max_tokens": (CHAT, {"model": "coding", "messages": USER_X, "max_tokens": 10**12}, 400),
+    "logprobs": (COMPLETIONS, {"model": "coding", "prompt": "hi", "logprobs": 2}, 400),
+    "bad_temperature": (COMPLETIONS, {"model": "coding", "prompt": "hi", "temperature": -1}, 400),
+    "bad_token_ids": (COMPLETIONS, {"model": "coding", "prompt": [1, 10**9]}, 400),
+    "empty_prompt_list": (COMPLETIONS, {"model": "coding", "prompt": []}, 400),
+    "unknown_route": ("/v1/nothing", {}, 404),
 }
-STATUS = {"unknown_adapter": 404, "unknown_adapter_chat": 404}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_input_gets_error_and_server_lives(server: ServerProcess, client: openai.OpenAI, case: str) -> None:
-    response = HOSTILE[case](server.url)
-    assert response.status_code == STATUS.get(case, 400), response.text
+    path, body, status = HOSTILE[case]
+    if isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"},
+                              timeout=60)
+    else:
+        response = httpx.post(server.url + path, json=body, timeout=60)
+    assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"] and "code" in error
     well_formed_request_works(client)
@@ -334,7 +339,7 @@ def test_metrics_exposition(server: ServerProcess) -> None:
 
 
 def test_sigterm_finishes_in_flight_and_exits_0(server: ServerProcess) -> None:
-    """Runs last: stops the module's server."""
+    """Stops the module's server: keep it after every test that uses it."""
     body = {"model": "retrieval", "prompt": "for i in range(10):", "max_tokens": 150, "ignore_eos": True,
             "temperature": 0, "stream": True}
     lines: list[str] = []
@@ -349,3 +354,14 @@ def test_sigterm_finishes_in_flight_and_exits_0(server: ServerProcess) -> None:
     data = [line for line in lines if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and '"finish_reason": "length"' in data[-2]
     assert server.proc.wait(timeout=60) == 0, "".join(server.lines)
+
+
+def test_bench_serve_smoke(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_serve.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / f"serve_cpu_{DEMO_MODEL_NAME}.json").read_text())
+    assert [row["concurrency"] for row in report["levels"]] == [1, 8, 32]
+    assert all(row["errors"] == 0 and row["ttft"]["p50_ms"] > 0 for row in report["levels"])
+    assert report["machine"]["cpu"] and (tmp_path / f"serve_cpu_{DEMO_MODEL_NAME}.png").stat().st_size > 0

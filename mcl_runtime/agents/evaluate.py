@@ -39,8 +39,7 @@ class ProblemResult:
     trajectory: Trajectory | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "trajectory"}
-        return d
+        return {k: v for k, v in self.__dict__.items() if k != "trajectory"}
 
 
 def verdict_of(outcomes: list[TestOutcome]) -> str:
@@ -83,6 +82,7 @@ def summarize(results: list[ProblemResult], wall_seconds: float, config: dict) -
     n = len(results)
     passed = sum(r.passed for r in results)
     summary = {
+        **config,
         "problems": n, "passed": passed, "pass@1": passed / n if n else 0.0,
         "format_failures": {a: sum(r.format_failures[a] for r in results) for a in AGENTS},
         "calls": {a: sum(r.calls[a] for r in results) for a in AGENTS},
@@ -92,7 +92,6 @@ def summarize(results: list[ProblemResult], wall_seconds: float, config: dict) -
         "errors": sum(r.error is not None for r in results),
         "wall_seconds": wall_seconds,
         "problems_per_hour": 3600.0 * n / wall_seconds if wall_seconds > 0 else 0.0,
-        **config,
     }
     summary["calls_total"] = sum(summary["calls"].values())
     if any(r.judged_on_samples_only for r in results):

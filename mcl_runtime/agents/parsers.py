@@ -91,8 +91,7 @@ def _strip_fence(text: str) -> str:
 
 
 def parse_retrieval(text: str, k: int | None = None) -> RetrievalParse:
-    body = text
-    chunks = re.split(r"<problem\b[^>]*>", body, flags=re.IGNORECASE)[1:]
+    chunks = re.split(r"<problem\b[^>]*>", text, flags=re.IGNORECASE)[1:]
     exemplars = []
     for chunk in chunks:
         chunk = re.split(r"</problem\s*>|<algorithm\b", chunk, flags=re.IGNORECASE)[0]
@@ -101,7 +100,7 @@ def parse_retrieval(text: str, k: int | None = None) -> RetrievalParse:
         if ex.description or ex.planning:
             exemplars.append(ex)
     exemplars = exemplars[:k] if k else exemplars
-    algorithm = extract_tag(body, "algorithm") or ""
+    algorithm = extract_tag(text, "algorithm") or ""
     missing = [what for what, present in (("recalled problems", exemplars), ("algorithm", algorithm)) if not present]
     return RetrievalParse(not missing, f"missing {' and '.join(missing)}" if missing else "", exemplars, algorithm)
 

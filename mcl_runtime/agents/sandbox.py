@@ -248,7 +248,8 @@ def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str], args: l
     with slots, tempfile.TemporaryDirectory(prefix="mcl_sbx_") as tmp:
         uid = UID_BASE + int.from_bytes(os.urandom(4), "little") % UID_SPAN if iso.uid_drop else None
         paths = _prepare(Path(tmp), files, stdin, uid)
-        cgroup = _PidsCgroup(iso.pids_cgroup, limits.max_processes) if iso.pids_cgroup else None
+        # headroom for the launcher and the namespace's init, which are not the program's
+        cgroup = _PidsCgroup(iso.pids_cgroup, limits.max_processes + 4) if iso.pids_cgroup else None
         try:
             return _execute(iso, limits, paths, args, uid, cgroup)
         finally:

@@ -16,11 +16,13 @@ CONFIG_JSON keys:
                   other users; made reachable inside the private mount namespace
   stage           an empty directory used while exposing
   cgroup_procs    a cgroup's ``cgroup.procs`` to join before anything else (null: none)
-  report_fd       fd on which to write the host pid of the program's process, then close
+  report_fd       fd on which to write the host pid of the launcher's child (the program, or the
+                  namespace's pid 1, whose death ends the whole namespace), then close
 
-A setup failure is written to stderr prefixed with SETUP_ERROR and exits with status 126.
-When the program is killed by a signal the launcher dies of the same signal, so the parent can
-tell a signal from an exit status.
+Process tree: launcher (root, host namespaces) -> [namespace pid 1 (root, mini init) ->]
+program (unprivileged uid). A setup failure is written to stderr prefixed with SETUP_ERROR and
+exits with status 126. When the program is killed by a signal the launcher dies of the same
+signal, so the parent can tell a signal from an exit status.
 """
 import ctypes
 import json
@@ -120,10 +122,11 @@ def exec_program(cfg: dict) -> None:
     os.execve(cfg["argv"][0], cfg["argv"], {})
 
 
-def namespace_init(cfg: dict) -> None:
+def namespace_init(cfg: dict, status_fd: int) -> None:
     """As pid 1 of the new namespace: set up the mounts, start the program as pid 2 (so it gets
-    ordinary signal semantics), reap orphans, and leave as the program does. When pid 1 exits the
-    kernel kills everything left in the namespace; pid 1 dies with the launcher (pdeathsig)."""
+    ordinary signal semantics), reap orphans, and pass the program's wait status to the launcher
+    (pid 1 cannot die of its own signals). When pid 1 exits the kernel kills everything left in
+    the namespace; pid 1 dies with the launcher (pdeathsig)."""
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
     setup_mounts(cfg)
     program = os.fork()
@@ -132,7 +135,8 @@ def namespace_init(cfg: dict) -> None:
     while True:
         pid, status = os.wait()
         if pid == program:
-            mirror(status)
+            os.write(status_fd, str(status).encode())
+            os._exit(0)
 
 
 def run_guarded(step, cfg: dict) -> None:
@@ -151,9 +155,27 @@ def mirror(status: int) -> None:
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-        sig = signal.SIGKILL
-        os.kill(os.getpid(), sig)
     os._exit(os.waitstatus_to_exitcode(status))
+
+
+def start_child(cfg: dict) -> tuple[int, int | None]:
+    """Fork the program (or, with namespaces, the namespace's pid 1); return its pid and the read
+    end of the pipe on which pid 1 reports the program's wait status."""
+    status_r = status_w = None
+    if cfg.get("namespaces"):
+        check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        status_r, status_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (cfg.get("report_fd"), status_r):
+            if fd is not None:
+                os.close(fd)
+        if status_w is None:
+            run_guarded(exec_program, cfg)
+        run_guarded(lambda c: namespace_init(c, status_w), cfg)
+    if status_w is not None:
+        os.close(status_w)
+    return pid, status_r
 
 
 def main() -> None:
@@ -163,22 +185,16 @@ def main() -> None:
             with open(cfg["cgroup_procs"], "w") as f:
                 f.write(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if cfg.get("namespaces"):
-            flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-            check(libc.unshare(flags), "unshare")
-        pid = os.fork()
+        pid, status_r = start_child(cfg)
     except BaseException as exc:
         os.write(2, f"{SETUP_ERROR} {type(exc).__name__}: {exc}\n".encode())
         os._exit(126)
-    if pid == 0:
-        if cfg.get("report_fd") is not None:
-            os.close(cfg["report_fd"])
-        run_guarded(namespace_init if cfg.get("namespaces") else exec_program, cfg)
     if cfg.get("report_fd") is not None:
         os.write(cfg["report_fd"], f"{pid}\n".encode())
         os.close(cfg["report_fd"])
     _, status = os.waitpid(pid, 0)
-    mirror(status)
+    reported = os.read(status_r, 64) if status_r is not None else b""
+    mirror(int(reported) if reported.strip() else status)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ import warnings
 
 from mcl_runtime.engine.block_manager_ref import PyBlockManager
 
+HAVE_EXT: bool
 try:
     if os.environ.get("MCL_NO_EXT") == "1":
         raise ImportError("MCL_NO_EXT=1")
     from mcl_runtime._C import BlockManager
     HAVE_EXT = True
 except ImportError as exc:
-    warnings.warn(f"mcl_runtime C++ extension is not built or is disabled ({exc}); using the Python reference block manager",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"mcl_runtime C++ extension is not built or is disabled ({exc}); "
+                  "using the Python reference block manager", RuntimeWarning, stacklevel=2)
     BlockManager = PyBlockManager
     HAVE_EXT = False
 

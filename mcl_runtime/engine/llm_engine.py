@@ -47,7 +47,7 @@ class Engine:
                  max_loras: int = 8, max_lora_rank: int = 64, kv_cache_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 served_model_name: str | None = None) -> None:
+                 served_model_name: str | None = None, load_format: str = "auto") -> None:
         model_dir, adapters, default_name = _resolve_model(model, adapters)
         self.model_name = served_model_name or default_name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -59,7 +59,7 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{knob} must be a positive integer, got {value!r}")
         self.dtype = _DTYPES[dtype]
-        self.model = load_model(model_dir, max_loras, max_lora_rank, self.dtype, self.device)
+        self.model = load_model(model_dir, max_loras, max_lora_rank, self.dtype, self.device, load_format)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

@@ -53,6 +53,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         for seq in list(self.running):
+            if budget <= 0:
+                break
             if seq.num_pending == 1 and seq.status == Status.RUNNING:
                 if self._reserve(seq, 1, scheduled):
                     batch.add(seq, 1)

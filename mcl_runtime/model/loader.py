@@ -80,13 +80,32 @@ def _expected_keys(cfg: ModelConfig) -> set[str]:
     return keys
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def fill_dummy_weights(model: DecoderLM, seed: int = 0, bound: float = 1e-3) -> None:
+    """Fill every weight and bias in place with uniform values in [-bound, bound] (norm weights stay
+    ones); no checkpoint is read and nothing is materialised twice. For benchmarks in real shapes."""
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not name.endswith("layernorm.weight") and name != "norm.weight":
+            param.data.uniform_(-bound, bound, generator=gen)
+
+
 def load_model(model_dir: str | Path, num_slots: int, max_rank: int, dtype: torch.dtype,
-               device: torch.device) -> DecoderLM:
+               device: torch.device, load_format: str = "auto") -> DecoderLM:
+    """``load_format="auto"`` reads the safetensors; ``"dummy"`` needs only config.json and fills
+    the weights with random values (like vLLM's ``--load-format dummy``)."""
     model_dir = Path(model_dir)
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist")
     cfg = load_config(model_dir)
     model = DecoderLM(cfg, num_slots, max_rank, dtype, device)
+    if load_format == "dummy":
+        fill_dummy_weights(model)
+        return model.eval()
     seen: set[str] = set()
     for path in safetensors_files(model_dir):
         try:

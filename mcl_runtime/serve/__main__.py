@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine = build_engine(args)
-    except (MCLError, OSError) as exc:
+    except (MCLError, ValueError, OSError) as exc:
         print(f"mcl_runtime.serve: error: {exc}", file=sys.stderr)
         return 1
     aeng = AsyncEngine(engine)

@@ -184,24 +184,16 @@ def _usage(outs: Iterable[RequestOutput]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _stable_end(text: str, hold: int) -> int:
-    """How much of a running output's text is final: not a partial UTF-8 character, not a possible stop prefix."""
-    end = len(text) - hold
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    return max(end, 0)
-
-
 class _Choice:
-    """Turns one choice's cumulative text into the increments a stream sends."""
+    """Turns one choice's cumulative text into the increments a stream sends. The engine's text of
+    a running request only grows: it holds back split UTF-8 characters and stop-string prefixes."""
 
-    def __init__(self, hold: int) -> None:
-        self.hold, self.sent, self.done = hold, 0, False
+    def __init__(self) -> None:
+        self.sent, self.done = 0, False
 
     def delta(self, text: str, finished: bool) -> str:
-        end = len(text) if finished else _stable_end(text, self.hold)
-        piece = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
+        piece = text[self.sent:]
+        self.sent = max(self.sent, len(text))
         self.done = finished
         return piece
 
@@ -211,10 +203,9 @@ class _ChunkWriter:
 
     object_name = ""
 
-    def __init__(self, request_id: str, model: str, n: int, stop: list[str] | None) -> None:
+    def __init__(self, request_id: str, model: str, n: int) -> None:
         self.request_id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
-        self.hold = max((len(s) for s in stop or []), default=1) - 1
         self.choices: dict[int, _Choice] = {}
         self.latest: dict[int, RequestOutput] = {}
 
@@ -233,7 +224,7 @@ class _ChunkWriter:
         chunks = []
         for o in out.outputs:
             index = prompt_index * self.n + o.index
-            choice = self.choices.setdefault(index, _Choice(self.hold))
+            choice = self.choices.setdefault(index, _Choice())
             if choice.done:
                 continue
             piece = choice.delta(o.text, o.finish_reason is not None)
@@ -248,8 +239,8 @@ class _ChunkWriter:
 class _CompletionChunks(_ChunkWriter):
     object_name = "text_completion"
 
-    def __init__(self, request_id: str, model: str, n: int, stop: list[str] | None, echoes: list[str]) -> None:
-        super().__init__(request_id, model, n, stop)
+    def __init__(self, request_id: str, model: str, n: int, echoes: list[str]) -> None:
+        super().__init__(request_id, model, n)
         self.echoes = echoes
 
     def _choice(self, index: int, piece: str, finish_reason: str | None) -> dict[str, Any]:
@@ -469,8 +460,9 @@ class OpenAIServer:
         first = await _until_disconnect(request, anext(outs, None))
         return _SSEResponse(self._events(first, outs, writer, include_usage), headers=_SSE_HEADERS)
 
-    async def _events(self, first: tuple[int, RequestOutput] | None, outs: AsyncIterator[tuple[int, RequestOutput]],
-                      writer: _ChunkWriter, include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, first: tuple[int, RequestOutput] | None,
+                      outs: AsyncIterator[tuple[int, RequestOutput]], writer: _ChunkWriter,
+                      include_usage: bool) -> AsyncIterator[str]:
         try:
             for chunk in writer.opening():
                 yield _sse(chunk)
@@ -491,7 +483,8 @@ class OpenAIServer:
             await outs.aclose()  # type: ignore[attr-defined]
         yield _sse("[DONE]")
 
-    async def _collect(self, request: Request, outs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+    async def _collect(self, request: Request,
+                       outs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
         try:
             return await _until_disconnect(request, _last_outputs(outs))
         except Exception as exc:
@@ -506,10 +499,11 @@ class OpenAIServer:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outs = self._run(jobs, adapter, req.model, request_id, arrival)
         if req.stream:
-            writer = _CompletionChunks(request_id, req.model, req.n, _stop_list(req.stop), [j.echo for j in jobs])
+            writer = _CompletionChunks(request_id, req.model, req.n, [j.echo for j in jobs])
             return await self._stream(request, outs, writer, _include_usage(req))
         finals = await self._collect(request, outs)
-        choices = [CompletionChoice(index=p * req.n + o.index, text=jobs[p].echo + o.text, finish_reason=o.finish_reason)
+        choices = [CompletionChoice(index=p * req.n + o.index, text=jobs[p].echo + o.text,
+                                    finish_reason=o.finish_reason)
                    for p, out in sorted(finals.items()) for o in out.outputs]
         body = CompletionResponse(id=request_id, model=req.model, choices=choices, usage=_usage(finals.values()))
         return JSONResponse(body.model_dump())
@@ -521,7 +515,7 @@ class OpenAIServer:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outs = self._run([job], adapter, req.model, request_id, arrival)
         if req.stream:
-            writer = _ChatChunks(request_id, req.model, req.n, _stop_list(req.stop))
+            writer = _ChatChunks(request_id, req.model, req.n)
             return await self._stream(request, outs, writer, _include_usage(req))
         out = (await self._collect(request, outs))[0]
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)

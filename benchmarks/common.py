@@ -1,0 +1,371 @@
+"""Shared pieces of the engine benchmarks: real model configs, random-weight model and PEFT folders,
+workloads, a step-by-step request runner, the machine's description and result files.
+
+Imported as a sibling module (``python benchmarks/x.py`` puts ``benchmarks/`` on ``sys.path``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+GIB = 1 << 30
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AGENTS = ("retrieval", "planning", "coding", "debugging")
+
+# config.json of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-32B-Instruct, as published.
+QWEN25_7B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+    "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+QWEN25_32B_INSTRUCT = {
+    **QWEN25_7B_INSTRUCT, "hidden_size": 5120, "intermediate_size": 27648, "max_window_layers": 70,
+    "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8,
+}
+SMOKE_VOCAB = 1024   # above the demo tokenizer's 512 ids
+
+
+def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vocab: int = SMOKE_VOCAB) -> dict:
+    """The same architecture scaled down (width, depth and vocab) for ``--smoke`` runs on a CPU."""
+    hidden = max(32, round(cfg["hidden_size"] / width_div / 16) * 16)
+    heads = hidden // 16
+    kv = max(1, round(heads * cfg["num_key_value_heads"] / cfg["num_attention_heads"]))
+    while heads % kv:
+        kv -= 1
+    layers = max(1, round(cfg["num_hidden_layers"] / depth_div))
+    return {**cfg, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
+            "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab}
+
+
+def param_count(cfg: dict) -> int:
+    """Parameters of a Qwen2 decoder given its config.json (embeddings and lm_head included)."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    layer = h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    heads = 1 if cfg.get("tie_word_embeddings") else 2
+    return L * layer + heads * cfg["vocab_size"] * h + h
+
+
+# ---- model and adapter folders ---------------------------------------------------------------
+def write_model_folder(folder: Path, cfg: dict) -> Path:
+    """config.json plus the demo model's tokenizer files: all ``Engine(load_format="dummy")`` needs."""
+    from mcl_runtime.demo import demo_model_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    demo = demo_model_dir() / "base"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, folder / name)
+    return folder
+
+
+def lora_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each LoRA-targetable projection of a Qwen2/Llama config."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    d = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64, seed: int = 0,
+                       targets: tuple[str, ...] = ALL_LINEAR, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A PEFT LoRA folder with random A and B (small values) on ``targets`` of every layer."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = lora_shapes(cfg)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for proj in targets:
+            fan_in, fan_out = shapes[proj]
+            parent = "self_attn" if proj in ALL_LINEAR[:4] else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            tensors[f"{key}.lora_A.weight"] = (torch.rand(rank, fan_in, generator=gen) - 0.5).mul_(0.02).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.rand(fan_out, rank, generator=gen) - 0.5).mul_(0.02).to(dtype)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": None}, indent=2))
+    return folder
+
+
+def lora_bytes(cfg: dict, rank: int, itemsize: int = 2, targets: tuple[str, ...] = ALL_LINEAR) -> int:
+    """Bytes of one adapter's A and B matrices (what a decode step reads for it)."""
+    shapes = lora_shapes(cfg)
+    return cfg["num_hidden_layers"] * sum(rank * (shapes[p][0] + shapes[p][1]) for p in targets) * itemsize
+
+
+# ---- workloads --------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    adapters: list[str | None]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks that hold every request at its full length at once."""
+        return sum(math.ceil((len(p) + m) / block_size) for p, m in zip(self.prompts, self.max_tokens))
+
+
+def make_workload(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], adapters: list[str | None],
+                  seed: int, id_range: tuple[int, int] = (0, 509)) -> Workload:
+    """``n`` random token-id prompts (lengths uniform in the closed ranges), adapters in the given order."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(*id_range, size=int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist()
+               for _ in range(n)]
+    gens = [int(rng.integers(gen_len[0], gen_len[1] + 1)) for _ in range(n)]
+    return Workload(prompts, gens, [adapters[i % len(adapters)] for i in range(n)])
+
+
+# ---- running requests -------------------------------------------------------------------------
+@dataclass
+class StepRecord:
+    seconds: float
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    output_tokens: int
+    prompt_tokens: int
+    ttft_s: list[float]
+    tpot_s: list[float]
+    steps: list[StepRecord] = field(default_factory=list)
+    peak_kv_blocks: int = 0
+    slot_loads: int = 0
+
+    def summary(self) -> dict:
+        decode = [s for s in self.steps if s.prefill_tokens == 0]
+        prefill = [s for s in self.steps if s.prefill_tokens > 0]
+        dec_time = sum(s.seconds for s in decode)
+        pre_time = sum(s.seconds for s in prefill)
+        return {
+            "wall_s": self.wall_s, "output_tokens": self.output_tokens, "prompt_tokens": self.prompt_tokens,
+            "output_tok_s": self.output_tokens / self.wall_s,
+            "ttft_mean_s": statistics.fmean(self.ttft_s), "ttft_p50_s": statistics.median(self.ttft_s),
+            "tpot_mean_s": statistics.fmean(self.tpot_s) if self.tpot_s else None,
+            "decode_step_median_s": statistics.median(s.seconds for s in decode) if decode else None,
+            "decode_tok_s": sum(s.decode_tokens for s in decode) / dec_time if dec_time else None,
+            "prefill_tok_s": sum(s.prefill_tokens for s in prefill) / pre_time if pre_time else None,
+            "num_steps": len(self.steps), "num_decode_steps": len(decode),
+            "peak_kv_blocks": self.peak_kv_blocks, "adapter_slot_loads": self.slot_loads,
+        }
+
+
+class StepComposition:
+    """Wraps an engine's ``scheduler.schedule`` (instance attribute, removed by ``close``) to count
+    the prefill and decode tokens of each step."""
+
+    def __init__(self, engine) -> None:
+        self.scheduler = engine.scheduler
+        self._schedule = self.scheduler.schedule
+        self.scheduler.schedule = self._wrapped
+        self.last = (0, 0)
+
+    def _wrapped(self):
+        batch = self._schedule()
+        decode = sum(1 for s, n in zip(batch.seqs, batch.num_new) if n == 1 and s.num_output_tokens > 0)
+        self.last = (batch.num_tokens - decode, decode)
+        return batch
+
+    def close(self) -> None:
+        del self.scheduler.schedule
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_workload(engine, wl: Workload) -> RunResult:
+    """Submit every request at once, step until all finish; greedy, ``ignore_eos`` so that each
+    request generates exactly its ``max_tokens``."""
+    from mcl_runtime import SamplingParams
+
+    comp = StepComposition(engine)
+    loads0 = engine.stats()["adapter_slot_loads"]
+    synchronize(engine.device)
+    t0 = time.perf_counter()
+    ids = {engine.add_request(None, p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), a): m
+           for p, m, a in zip(wl.prompts, wl.max_tokens, wl.adapters)}
+    first: dict[str, float] = {}
+    ttft, tpot, steps, peak = [], [], [], 0
+    try:
+        while engine.has_unfinished_requests():
+            ts = time.perf_counter()
+            outs = engine.step()
+            te = time.perf_counter()
+            steps.append(StepRecord(te - ts, *comp.last))
+            peak = max(peak, engine.stats()["kv_blocks_used"])
+            for out in outs:
+                if out.request_id not in first and out.token_ids:
+                    first[out.request_id] = te
+                    ttft.append(te - t0)
+                if out.finished and len(out.token_ids) > 1:
+                    tpot.append((te - first[out.request_id]) / (len(out.token_ids) - 1))
+    finally:
+        comp.close()
+    wall = time.perf_counter() - t0
+    return RunResult(wall, sum(ids.values()), wl.num_prompt_tokens, ttft, tpot, steps, peak,
+                     engine.stats()["adapter_slot_loads"] - loads0)
+
+
+def kv_block_bytes(engine) -> int:
+    kv = engine.kv_cache
+    return kv[:, :, 0].numel() * kv.element_size()
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def engine_memory(engine) -> dict:
+    """Bytes of the base weights, the LoRA slot buffers and the allocated KV cache (from the tensors)."""
+    model = engine.model
+    lora = [b for n, b in model.named_buffers() if ".lora_" in n]
+    return {"weights_bytes": tensor_bytes(model.parameters()), "lora_slots_bytes": tensor_bytes(lora),
+            "kv_allocated_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size()}
+
+
+def free_engine(engine) -> None:
+    """Drop an engine and give its device memory back (the caller must hold no other reference)."""
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cuda_peak(device: torch.device | str) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+
+
+def reset_cuda_peak(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---- the machine and result files -------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD") or "unknown"
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str) -> dict:
+    """What the numbers were measured on: device, versions, commit."""
+    return {"device": device_name(device), "device_type": torch.device(device).type, "cpu": cpu_model(),
+            "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
+            "peft": _version("peft"), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "commit": _commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def baseline_availability() -> dict[str, str]:
+    """Serving systems a user might pick instead, and whether they can run here."""
+    out = {}
+    for name in ("vllm", "sglang"):
+        if importlib.util.find_spec(name) is None:
+            out[name] = "not installed on the benchmark machine (no network there): not measured"
+        else:
+            out[name] = f"installed ({_version(name)}) but not driven by this script: not measured"
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
+def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool) -> Path | None:
+    """Write ``<out_dir>/<name>.json``. A smoke run writes only where ``--out-dir`` says, marked smoke."""
+    if smoke and out_dir is None:
+        return None
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"smoke": smoke, **payload}, indent=2, default=float) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """Options every engine benchmark takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (CI); numbers are not results")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--backend", default=None, choices=["torch", "triton"],
+                   help="default: triton on cuda, torch on cpu")
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
+    return p
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+
+
+def gb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / GIB
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, spec)

@@ -1,0 +1,132 @@
+"""The training-data format and how an example becomes tokens.
+
+One example a JSONL line: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+...}``. The last message is the assistant's answer and the only part the loss is taken on; extra
+keys carry provenance and are ignored by training.
+
+Tokens are what the engine sees at inference: the prompt is ``messages[:-1]`` rendered with the
+tokenizer's chat template and a generation prompt, encoded on its own; the answer is the rest of the
+full conversation's rendering (the content and the end-of-turn token), cut after the first
+end-of-sequence token. ``input_ids = prompt + answer``, ``labels = [-100] * len(prompt) + answer``.
+
+This module also holds the JSONL helpers the collectors share: append-only record files that
+survive a kill mid-write (a torn last line is dropped on reading) and atomic rewrites.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from mcl_runtime.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]           # IGNORE_INDEX on prompt tokens
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def check_example(example: Any) -> dict:
+    """``example`` itself when it is a valid training example, else ``ValueError`` saying why."""
+    if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
+        raise ValueError("an example must be a JSON object with a 'messages' list")
+    messages = example["messages"]
+    if len(messages) < 2:
+        raise ValueError("an example needs at least one prompt message and the assistant's answer")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.200}")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the last message is the target and must be the assistant's, "
+                         f"got role {messages[-1]['role']!r}")
+    return example
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    """Every example of a JSONL file, validated; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(check_example(json.loads(line)))
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}: line {number}: {exc}") from exc
+    return examples
+
+
+def encode_example(tokenizer: Tokenizer, messages: list[dict]) -> EncodedExample:
+    """Prompt and answer tokens of one conversation, the prompt masked out of the labels."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if full.startswith(prompt):
+        answer = full[len(prompt):]
+    else:  # a template whose rendering is not prefix-stable: the answer plus the end-of-turn token
+        eos = tokenizer.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else ""
+        answer = messages[-1]["content"] + (eos or "")
+    prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+    ends = [i for i, t in enumerate(answer_ids) if t in tokenizer.eos_token_ids]
+    if ends:
+        answer_ids = answer_ids[:ends[0] + 1]
+    if not answer_ids:
+        raise ValueError("the assistant's answer renders to no tokens")
+    return EncodedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+
+
+# ---------------------------------------------------------------- record files
+
+def read_records(path: Path) -> list[dict]:
+    """The records of an append-only JSONL file. A torn last line (no newline yet: a kill
+    mid-write) is cut off the file; a bad complete line is corruption and raises ``ValueError``."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    records = []
+    for number, line in enumerate(data[:cut].splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {number} is not JSON ({exc}); the file is corrupt") from exc
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line and make it durable before returning."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Replace ``path`` atomically with ``records``, one JSON line each."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
