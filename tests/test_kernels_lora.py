@@ -298,12 +298,11 @@ for block_m, block_k, atomic in [(16, 128, True), (32, 128, False), (64, 64, Fal
         num_stages=3)
 _common.compile_for_gpu(lora._sgmv_shrink_kernel, {"x_ptr": "*fp32", "a_ptr": "*fp32", "out_ptr": "*fp32"}, dict(
     BLOCK_M=16, BLOCK_R=32, BLOCK_K=128, ATOMIC=True, PRECISION="ieee", INTERPRET=False), num_stages=3)
-for dt, prec in [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")]:
-    for block_m, block_n in [(16, 128), (64, 128)]:
-        _common.compile_for_gpu(lora._sgmv_expand_kernel, {"u_ptr": "*fp32", "b_ptr": "*" + dt, "y_ptr": "*" + dt,
-                                                            "scaling_ptr": "*fp32"}, dict(
-            SLICE_OFFSETS=(0, 3584, 4096, 4608), N_SLICES=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
-            PRECISION=prec, INTERPRET=False), num_warps=4 if block_m * block_n <= 4096 else 8)
+for dt, prec, block_m, block_n in [("bf16", "tf32", 16, 128), ("bf16", "tf32", 64, 128), ("fp32", "ieee", 16, 64)]:
+    ptrs = {"u_ptr": "*fp32", "b_ptr": "*" + dt, "y_ptr": "*" + dt, "scaling_ptr": "*fp32"}
+    _common.compile_for_gpu(lora._sgmv_expand_kernel, ptrs, dict(
+        SLICE_OFFSETS=(0, 3584, 4096, 4608), N_SLICES=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
+        PRECISION=prec, INTERPRET=False), num_warps=4 if block_m * block_n <= 4096 else 8)
 print("OK")
 '''
 

@@ -5,7 +5,6 @@ well under a minute on a busy two-core machine. The fork bomb is bounded (10,000
 one process) and each test checks afterwards that nothing it started is still alive.
 """
 import os
-import signal
 import socket
 import sys
 import uuid
@@ -13,10 +12,10 @@ import uuid
 import pytest
 
 from mcl_runtime.agents.judge import FunctionTest, IOTest, Judge, Verdict, outputs_match
-from mcl_runtime.agents.sandbox import Limits, Sandbox, SandboxError, isolation
+from mcl_runtime.agents.sandbox import Limits, Sandbox, SandboxError, current_isolation
 
 LIMITS = Limits(timeout_s=3.0, memory_bytes=1 << 30, max_processes=32, max_file_bytes=1 << 20)
-ISO = isolation()
+ISO = current_isolation()
 needs_namespaces = pytest.mark.skipif(not ISO.namespaces, reason="needs pid/net namespaces (root on Linux)")
 needs_readonly_root = pytest.mark.skipif(not ISO.readonly_root, reason="needs a read-only root (root on Linux)")
 

@@ -9,7 +9,7 @@ Every run gets, whatever the platform:
   - a launcher process between the parent and the program, so the program's parent is never the
     caller (``os.kill(os.getppid(), ...)`` cannot reach it).
 
-When running as root on Linux, and as far as the kernel allows (probed once, see ``isolation()``):
+When running as root on Linux, and as far as the kernel allows (probed once, see ``current_isolation()``):
   - the program runs as a fresh unprivileged uid (no capabilities, no access to root's files or
     processes; RLIMIT_NPROC is enforced for it);
   - new pid, mount, network, ipc and uts namespaces: no network at all (not even loopback),
@@ -163,6 +163,17 @@ def _find_pids_cgroup_base() -> str | None:
     return None
 
 
+def _remove_stale_cgroups(base: Path) -> None:
+    """Empty cgroups left by processes that died before cleaning up (named after their pid)."""
+    for path in base.glob("mcl-sandbox-*-*"):
+        owner = path.name.split("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
 def _enable_v2_pids(root: Path) -> bool:
     try:
         if "pids" not in (root / "cgroup.controllers").read_text().split():
@@ -227,7 +238,7 @@ class Sandbox:
             raise ValueError(f"isolation must be 'auto', 'strict' or 'basic', got {isolation!r}")
         self.limits = limits or Limits()
         self._slots = threading.BoundedSemaphore(max_concurrent or os.cpu_count() or 1)
-        self.isolation = detect_isolation() if isolation != "basic" else Isolation()
+        self.isolation = current_isolation() if isolation != "basic" else Isolation()
         if isolation == "strict" and not (self.isolation.namespaces and self.isolation.readonly_root
                                           and self.isolation.uid_drop):
             raise SandboxError(f"strict isolation unavailable here; in effect: {self.isolation.describe()}")
@@ -314,7 +325,10 @@ def _wait(proc: subprocess.Popen, deadline: float, pid_r: int) -> tuple[int, res
     """Reap the launcher (killing everything at the deadline); then kill what is left of its group."""
     delay, timed_out = 0.002, False
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError as exc:
+            raise SandboxError("the sandbox launcher was reaped by another part of this process") from exc
         if pid:
             break
         if time.monotonic() >= deadline:
@@ -361,19 +375,12 @@ _DETECTED: Isolation | None = None
 _DETECT_LOCK = threading.Lock()
 
 
-def detect_isolation() -> Isolation:
-    """Probe (once per process) the strongest isolation that works here."""
-    global _DETECTED
-    with _DETECT_LOCK:
-        if _DETECTED is None:
-            _DETECTED = _probe()
-        return _DETECTED
-
-
 def _probe() -> Isolation:
     if sys.platform != "linux" or os.geteuid() != 0:
         return Isolation()
     cgroup = _find_pids_cgroup_base()
+    if cgroup:
+        _remove_stale_cgroups(Path(cgroup))
     candidates = [Isolation(True, True, True, cgroup), Isolation(True, True, False, cgroup),
                   Isolation(True, False, False, cgroup), Isolation(False, False, False, cgroup)]
     for iso in candidates:
@@ -392,8 +399,13 @@ def _probe_one(iso: Isolation) -> bool:
     return res.exit_code == 0 and res.stdout.strip() == "42"
 
 
-def isolation() -> Isolation:
-    """The isolation ``Sandbox(isolation="auto")`` uses on this machine."""
-    return detect_isolation()
+def current_isolation() -> Isolation:
+    """The isolation ``Sandbox(isolation="auto")`` uses here: the strongest that works, probed
+    once per process by running a trivial program under each candidate in turn."""
+    global _DETECTED
+    with _DETECT_LOCK:
+        if _DETECTED is None:
+            _DETECTED = _probe()
+        return _DETECTED
 
 

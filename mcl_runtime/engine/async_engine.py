@@ -13,6 +13,7 @@ from typing import Any
 
 from mcl_runtime.engine.llm_engine import Engine
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
+from mcl_runtime.errors import InvalidRequestError
 
 
 class AsyncEngine:
@@ -23,6 +24,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = engine.stats()
+        self._adapters = tuple(engine.adapters)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcl-engine", daemon=True)
         self._thread.start()
@@ -58,6 +60,7 @@ class AsyncEngine:
             return
         finally:
             self._stats = self.engine.stats()
+            self._adapters = tuple(self.engine.adapters)
         for out in outputs:
             self._deliver(out.request_id, out)
 
@@ -99,9 +102,9 @@ class AsyncEngine:
             self.engine.add_request(rid, prompt, params, adapter)
             self._streams[rid] = (loop, q)
 
-        await asyncio.wrap_future(self._call(add))
         finished = False
         try:
+            await asyncio.wrap_future(self._call(add))
             while True:
                 item = await q.get()
                 if isinstance(item, Exception):
@@ -110,6 +113,9 @@ class AsyncEngine:
                 yield item
                 if finished:
                     return
+        except InvalidRequestError:
+            finished = True  # never admitted: nothing to abort
+            raise
         finally:
             if not finished:
                 self.abort(rid)
@@ -120,11 +126,22 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
         self._call(abort)
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Adapter names as of the last step or load/unload (safe to read from any thread)."""
+        return self._adapters
+
     async def load_adapter(self, name: str, path: str | Path) -> None:
-        await asyncio.wrap_future(self._call(lambda: self.engine.load_adapter(name, path)))
+        await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.load_adapter, name, path)))
 
     async def unload_adapter(self, name: str) -> None:
-        await asyncio.wrap_future(self._call(lambda: self.engine.unload_adapter(name)))
+        await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.unload_adapter, name)))
+
+    def _adapter_call(self, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            self._adapters = tuple(self.engine.adapters)
 
     def stats(self) -> dict:
         """Counters as of the last step (no waiting on the engine thread)."""

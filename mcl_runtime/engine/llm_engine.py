@@ -77,7 +77,8 @@ class Engine:
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._stats = {"steps": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0,
-                       "max_batch_size_seen": 0, "requests_total": 0, "batched_tokens_total": 0}
+                       "max_batch_size_seen": 0, "requests_total": 0, "batched_tokens_total": 0,
+                       "batched_seqs_total": 0}
         self.requests_per_adapter: dict[str, int] = {}
         for name, path in adapters.items():
             self.load_adapter(name, path)
@@ -170,6 +171,7 @@ class Engine:
             return self._unstick()
         self._stats["steps"] += 1
         self._stats["batched_tokens_total"] += batch.num_tokens
+        self._stats["batched_seqs_total"] += len(batch.seqs)
         self._stats["max_batch_size_seen"] = max(self._stats["max_batch_size_seen"], len(batch.seqs))
         sampled = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new):

@@ -345,14 +345,14 @@ class OpenAIServer:
         """The adapter a ``model`` field names (``None`` for the base model)."""
         if model == self.base_name:
             return None
-        if model in self.aeng.engine.adapters:
+        if model in self.aeng.adapters:
             return model
         raise APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
     def models(self) -> ModelList:
         base = ModelCard(id=self.base_name, root=self.base_name, max_model_len=self.max_model_len)
         adapters = [ModelCard(id=name, root=name, parent=self.base_name, max_model_len=self.max_model_len)
-                    for name in self.aeng.engine.adapters]
+                    for name in self.aeng.adapters]
         return ModelList(data=[base, *adapters])
 
     async def _offload(self, fn: Callable[[], T], size: int) -> T:

@@ -5,8 +5,7 @@ the engine's ``stats()`` dict handed to ``render``; request counts per model and
 recorded by the server as requests arrive and produce their first token.
 
 Batching is shown by ``mcl_batch_size_max`` (most sequences in one engine step so far) and
-``mcl_batch_size_mean`` (sequences per engine step on average; generated tokens per step when the
-engine does not count batched sequences).
+``mcl_batch_size_mean`` (sequences per engine step on average).
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def _derived(stats: dict[str, Any]) -> Iterator[Metric]:
                                 value=(total - free) / total if total else 0.0)
     steps = stats.get("steps")
     # Sequences per step when the engine counts them, else generated tokens per step (one per decode).
-    batched = stats.get("batched_seqs_total", stats.get("generation_tokens_total"))
+    batched = stats.get("batched_seqs_total")
     if isinstance(steps, int) and isinstance(batched, int):
         yield GaugeMetricFamily("mcl_batch_size_mean", "Mean number of sequences per engine step so far.",
                                 value=batched / steps if steps else 0.0)
