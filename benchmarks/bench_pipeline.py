@@ -26,6 +26,7 @@ Writes ``benchmarks/results/pipeline_<setup>_<device>.json`` (``--smoke``: only 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import tempfile
 import time
@@ -34,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from common import (QWEN25_7B_INSTRUCT, base_parser, environment, free_engine, save_result, shrink_config,
-                    write_model_folder, write_peft_adapter)
+from common import (QWEN25_7B_INSTRUCT, base_parser, environment, save_result, shrink_config, write_model_folder,
+                    write_peft_adapter)
 from hf_baseline import generate_grouped, load_hf_peft
 
 from mcl_runtime.agents import prompts
@@ -98,17 +99,26 @@ async def _run_ours(aengine, workload: list[list[Call]], workers: int) -> float:
     return time.perf_counter() - start
 
 
-def run_ours(engine, workload: list[list[Call]], workers: int) -> dict:
-    from mcl_runtime import AsyncEngine
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-    aengine = AsyncEngine(engine)
+
+def run_ours(engine_kwargs: dict, workload: list[list[Call]], workers: int) -> dict:
+    """Build the engine, run the workload with ``workers`` problems in flight, free the engine."""
+    from mcl_runtime import AsyncEngine, Engine
+
+    aengine = AsyncEngine(Engine(**engine_kwargs))
     try:
         asyncio.run(_run_ours(aengine, workload[:1], 1))  # warm-up
-        before = engine.stats()
+        before = aengine.engine.stats()
         seconds = asyncio.run(_run_ours(aengine, workload, workers))
-        after = engine.stats()
+        after = aengine.engine.stats()
     finally:
         aengine.shutdown()
+        del aengine
+        release_memory()
     steps = after["steps"] - before["steps"]
     return {"problems": len(workload), "workers": workers, "seconds": seconds,
             "problems_per_hour": 3600 * len(workload) / seconds, "engine_steps": steps,
@@ -164,7 +174,6 @@ def parse_args():
 def main() -> None:
     from common import resolve_device
 
-    from mcl_runtime import Engine
     from mcl_runtime.tokenizer import Tokenizer
 
     args = parse_args()
@@ -176,11 +185,11 @@ def main() -> None:
         load_format = "dummy" if random_weights else "auto"
         tokenizer = Tokenizer.from_pretrained(folder)
         workload = make_workload(max(args.problems, args.baseline_problems), tokenizer, budget)
-        engine = Engine(model=folder, adapters=adapters, device=str(device), dtype=dtype, backend=args.backend,
-                        load_format=load_format, kv_cache_blocks=kv_blocks_needed(workload, args.workers))
-        ours = run_ours(engine, workload[:args.problems], args.workers)
+        engine_kwargs = {"model": folder, "adapters": adapters, "device": str(device), "dtype": dtype,
+                         "backend": args.backend, "load_format": load_format,
+                         "kv_cache_blocks": kv_blocks_needed(workload, args.workers)}
+        ours = run_ours(engine_kwargs, workload[:args.problems], args.workers)
         pad_id = tokenizer.pad_token_id or 0
-        free_engine(engine)
         hf = load_hf_peft(folder, adapters, device, getattr(torch, dtype), random_weights=random_weights)
         base = run_baseline(hf, workload[:args.baseline_problems], pad_id)
     ratio = ours["problems_per_hour"] / base["problems_per_hour"]

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vo
     layers = max(1, round(cfg["num_hidden_layers"] / depth_div))
     return {**cfg, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
             "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
-            "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab}
+            "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab,
+            "bos_token_id": 509, "eos_token_id": 511}   # the demo tokenizer's ids
 
 
 def param_count(cfg: dict) -> int:
@@ -183,14 +185,26 @@ class RunResult:
         }
 
 
+def patch(obj, name: str, value) -> Callable[[], None]:
+    """Set an instance attribute (shadowing a method); returns the function that undoes it."""
+    had, old = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def undo() -> None:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+    return undo
+
+
 class StepComposition:
-    """Wraps an engine's ``scheduler.schedule`` (instance attribute, removed by ``close``) to count
-    the prefill and decode tokens of each step."""
+    """Wraps an engine's ``scheduler.schedule`` (until ``close``) to count the prefill and decode
+    tokens of each step."""
 
     def __init__(self, engine) -> None:
-        self.scheduler = engine.scheduler
-        self._schedule = self.scheduler.schedule
-        self.scheduler.schedule = self._wrapped
+        self._schedule = engine.scheduler.schedule
+        self.close = patch(engine.scheduler, "schedule", self._wrapped)
         self.last = (0, 0)
 
     def _wrapped(self):
@@ -198,9 +212,6 @@ class StepComposition:
         decode = sum(1 for s, n in zip(batch.seqs, batch.num_new) if n == 1 and s.num_output_tokens > 0)
         self.last = (batch.num_tokens - decode, decode)
         return batch
-
-    def close(self) -> None:
-        del self.scheduler.schedule
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -323,14 +334,18 @@ def baseline_availability() -> dict[str, str]:
     out = {}
     for name in ("vllm", "sglang"):
         if importlib.util.find_spec(name) is None:
-            out[name] = "not installed on the benchmark machine (no network there): not measured"
+            out[name] = "not installed where this benchmark ran: not measured"
         else:
             out[name] = f"installed ({_version(name)}) but not driven by this script: not measured"
     return out
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+def device_slug(device: torch.device | str) -> str:
+    """Short name of the device for result file names: ``cpu`` or the GPU model (``nvidia-h200``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")[:40]
 
 
 def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool) -> Path | None:
@@ -369,3 +384,18 @@ def gb(nbytes: float | None) -> float | None:
 
 def fmt(x: float | None, spec: str = ".3g") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 10) -> float:
+    """Bytes moved per second by ``dst.copy_(src)`` (read + write counted: 2 * nbytes per copy), median."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)

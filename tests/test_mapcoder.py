@@ -208,6 +208,25 @@ def test_no_sample_tests_accepts_the_first_code(judge):
     assert len(traj.calls) == 4 and traj.samples_passed and traj.final_code == "print(7)"
 
 
+def test_prompts_stay_bounded_and_follow_the_style():
+    from mcl_runtime.agents import prompts
+    from mcl_runtime.agents.judge import TestOutcome, Verdict
+    from mcl_runtime.agents.parsers import Exemplar
+
+    huge = "x" * 1_000_000
+    outcomes = [TestOutcome(Verdict.WRONG_ANSWER, huge, huge, huge, huge, 0.1)] * 50
+    report = prompts.test_report(outcomes, "stdio")
+    assert len(report) < prompts.MAX_REPORT + 100 and report.startswith("Test 1: failed (wrong answer)\nInput:")
+    for messages in (prompts.debugging_messages(DOUBLE, huge, huge, report, huge),
+                     prompts.planning_messages(DOUBLE, Exemplar(huge, huge, huge), huge),
+                     prompts.coding_messages(DOUBLE, huge, huge), prompts.verification_messages(DOUBLE, huge)):
+        assert [m["role"] for m in messages] == ["system", "user"] and len(messages[1]["content"]) < 30_000
+    assert "standard input" in prompts.coding_messages(DOUBLE, "p", "a")[1]["content"]
+    assert "do not print" in prompts.coding_messages(ADD, "p", "a")[1]["content"]
+    assert "assert add(1, 2) == 3" in prompts.planning_messages(ADD, None, "")[1]["content"]
+    assert "Input:\n3\nExpected output:\n6" in prompts.coding_messages(DOUBLE, "p", "a")[1]["content"]
+
+
 def test_config_validation():
     for bad in ({"k": 0}, {"t": -1}, {"max_tokens": 0}, {"max_calls": 0}, {"temperature": -1}):
         with pytest.raises(ValueError):

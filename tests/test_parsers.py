@@ -1,4 +1,6 @@
 """The agents' answer parsers: well-formed, sloppy, truncated and garbage answers."""
+import time
+
 import pytest
 
 from mcl_runtime.agents.parsers import (extract_tag, parse_code, parse_debugging, parse_plan, parse_retrieval,
@@ -142,3 +144,12 @@ def test_extract_tag_is_case_insensitive_and_none_when_absent():
 def test_no_parser_crashes_on_garbage(garbage):
     for parse in (parse_retrieval, parse_plan, parse_verification, parse_code, parse_debugging):
         assert isinstance(parse(garbage).ok, bool)
+
+
+@pytest.mark.parametrize("hostile", ["<algorithm" * 20_000, "<code>" + "```" * 20_000, "```x" * 20_000,
+                                     "<problem><description>" * 5_000, "<confidence>" * 20_000])
+def test_parsers_stay_linear_on_pathological_answers(hostile):
+    start = time.monotonic()
+    for parse in (parse_retrieval, parse_verification, parse_code):
+        parse(hostile)
+    assert time.monotonic() - start < 2.0

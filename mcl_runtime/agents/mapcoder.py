@@ -170,7 +170,7 @@ class MapCoder:
                 plan = (await self._call(traj, "planning", "planning", messages, parse_plan)).plan
                 rating = await self._call(traj, "planning", "verification",
                                           prompts.verification_messages(problem, plan), parse_verification)
-                plans.append(RankedPlan(plan, rating.confidence, index if exemplar else None))
+                plans.append(RankedPlan(plan, rating.confidence, None if exemplar is None else index))
         finally:
             plans.sort(key=lambda p: -p.confidence)
             traj.plans = plans

@@ -19,8 +19,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 SECTION_TAGS = ("root", "problem", "description", "code", "planning", "algorithm", "explanation", "confidence")
-_NEXT_TAG = re.compile(r"</?(?:%s)\b[^>]*>" % "|".join(SECTION_TAGS), re.IGNORECASE)
-_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_NEXT_TAG = re.compile(r"</?(?:%s)\b[^<>]*>" % "|".join(SECTION_TAGS), re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n`]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("", "python", "python3", "py", "py3")
 
 
@@ -72,13 +72,13 @@ def _clean(text: str) -> str:
 
 def extract_tag(text: str, name: str) -> str | None:
     """Content of the first <name> element; without a closing tag, up to the next section tag."""
-    m = re.search(rf"<{name}\b[^>]*>(.*?)</{name}\s*>", text, re.DOTALL | re.IGNORECASE)
-    if m:
-        return _clean(m.group(1))
-    m = re.search(rf"<{name}\b[^>]*>", text, re.IGNORECASE)
+    m = re.search(rf"<{name}\b[^<>]*>", text, re.IGNORECASE)
     if not m:
         return None
     rest = text[m.end():]
+    close = re.search(rf"</{name}\s*>", rest, re.IGNORECASE)
+    if close:
+        return _clean(rest[:close.start()])
     nxt = _NEXT_TAG.search(rest)
     return _clean(rest[:nxt.start()] if nxt else rest)
 
@@ -91,7 +91,7 @@ def _strip_fence(text: str) -> str:
 
 
 def parse_retrieval(text: str, k: int | None = None) -> RetrievalParse:
-    chunks = re.split(r"<problem\b[^>]*>", text, flags=re.IGNORECASE)[1:]
+    chunks = re.split(r"<problem\b[^<>]*>", text, flags=re.IGNORECASE)[1:]
     exemplars = []
     for chunk in chunks:
         chunk = re.split(r"</problem\s*>|<algorithm\b", chunk, flags=re.IGNORECASE)[0]

@@ -5,8 +5,8 @@
 - ``RoutedClient``: one endpoint per agent (a teacher, optionally per agent), one HTTP client per URL.
 - ``TolerantClient``: turns a reply the client cannot read (no choices, not JSON, a 4xx refusal)
   into ``ChatError``, which the pipeline records as a failed call, so a malformed answer never
-  stops a run. Transport failures (connection, timeout, 5xx, rate limits) still propagate: the
-  problem is left unfinished and a resumed run retries it.
+  stops a run. Transport and set-up failures (connection, timeout, 5xx, rate limits, bad key,
+  unknown model) still propagate: the problem is left unfinished and a resumed run retries it.
 - ``ReplayClient``: replays a recorded trajectory's answers up to one call, answers that call with
   a replacement, and asks the live client from then on; the protocol is deterministic given the
   answers, so the pipeline walks the recorded prefix again and continues from the replaced step.
@@ -60,7 +60,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     import openai
 
     return (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError,
-            openai.AuthenticationError, openai.PermissionDeniedError)
+            openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
 class TolerantClient:

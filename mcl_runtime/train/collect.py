@@ -66,6 +66,9 @@ async def collect(problems: list[Problem], client: ChatClient, out_dir: str | Pa
     ``collect.json`` (the CLI records the problem source and the teacher endpoints there)."""
     options = options or CollectOptions()
     out_dir = Path(out_dir)
+    ids = [p.task_id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the problem set repeats task ids: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir / SETTINGS, {**(settings or {}), "mapcoder": asdict(options.mapcoder),
                                         "teacher": dict(teacher), "rounds": options.rounds},

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -99,7 +100,7 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random
 def batch_stream(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[tuple[int, list[int]]]:
     """(epoch, batch) forever, reshuffled each epoch."""
     rng = random.Random(seed)
-    for epoch in range(1_000_000_000):
+    for epoch in itertools.count():
         for batch in bucketed_batches(lengths, batch_size, rng):
             yield epoch, batch
 
@@ -138,10 +139,18 @@ def lora_model(base: Path, config: SFTConfig, device: torch.device, dtype: torch
         raise ValueError(f"{base} has none of the projections {list(config.target_modules)}")
     model.config.use_cache = False
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora).to(device)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def answer_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -162,6 +171,8 @@ def train_adapter(base: str | Path, data: Sequence[str | Path], out: str | Path,
     """Train one LoRA adapter on the JSONL files ``data``; write it, its log and loss curve to ``out``."""
     config = config or SFTConfig()
     base, out = Path(base), Path(out)
+    if isinstance(data, (str, Path)):
+        raise TypeError("data must be a list of JSONL paths, not one path")
     tokenizer = Tokenizer.from_pretrained(base)
     examples = [e for path in data for e in read_examples(path)]
     encoded, skipped = encode_all(tokenizer, examples, config.max_length)

@@ -1,0 +1,343 @@
+"""Turn the result JSONs in benchmarks/results/ into benchmarks/README.md: tables and plots.
+
+    python benchmarks/make_report.py [--results-dir DIR] [--out PATH] [--smoke]
+
+Every number in the README comes from one JSON in the results folder, and each section links to its
+JSON (and PNGs), which name the device, versions and commit. Smoke JSONs are left out (``--smoke``
+takes them in, for CI, with a banner saying they are not results). The engine benchmarks that are
+meant for a GPU (vs_32b, multi_lora, bandwidth) are shown only from CUDA runs. Plots made here:
+``<json>_memory.png`` and ``<json>_latency.png`` (vs_32b), ``<json>_adapters.png`` (multi_lora).
+Other benchmarks' JSONs get a generic table and their own PNGs embedded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
+GIB = 1 << 30
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def num(x, spec: str = ".3g", scale: float = 1.0) -> str:
+    return "n/a" if x is None else format(x * scale, spec)
+
+
+def times(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def device_of(d: dict) -> str:
+    env = d.get("env") or {}
+    return env.get("device") or d.get("device") or "unknown device"
+
+
+def link(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def image(png: Path, base: Path, alt: str) -> str:
+    return f"![{alt}]({link(png, base)})"
+
+
+def provenance(d: dict, path: Path, base: Path) -> str:
+    env = d.get("env") or {}
+    bits = [f"device: **{device_of(d)}**", f"data: [{path.name}]({link(path, base)})"]
+    for key in ("torch", "triton", "commit", "date"):
+        value = env.get(key) or d.get(key)
+        if value:
+            bits.append(f"{key} {value}")
+    if d.get("complete") is False:
+        bits.append("**incomplete run** (time cap); skipped: " + "; ".join(d.get("skipped", [])))
+    return " · ".join(bits)
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def save_fig(fig, png: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt().close(fig)
+    return png
+
+
+# ---- engine_cpu --------------------------------------------------------------------------------
+def render_engine_cpu(d: dict, path: Path, base: Path) -> str:
+    c = d["config"]
+    rows = [[i, num(r["ours_tok_s"], ".1f"), num(r["hf_tok_s"], ".1f"), times(r["ratio"]),
+             f"{r['identical_outputs']}/{c['requests']}"] for i, r in enumerate(d["rounds"])]
+    m = d["median"]
+    rows.append(["**median**", f"**{m['ours_tok_s']:.1f}**", f"**{m['hf_tok_s']:.1f}**", f"**{m['ratio']:.2f}x**", ""])
+    return "\n\n".join([
+        f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts {c['prompt_len'][0]}-{c['prompt_len'][1]} "
+        f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads. "
+        f"Baseline: {c['baseline']}. Target ratio >= {d['target_ratio']}x: "
+        f"**{'met' if m['ratio'] >= d['target_ratio'] else 'not met'}**.",
+        table(["round", "ours tok/s", "transformers+peft tok/s", "ratio", "identical outputs"], rows)])
+
+
+# ---- vs_32b ------------------------------------------------------------------------------------
+def plot_vs_32b(d: dict, stem: Path) -> list[Path]:
+    pyplot = plt()
+    runs = d["runs"]
+    fig, ax = pyplot.subplots(figsize=(7, 4))
+    labels = [f"{r['model']}\nbatch {r['batch']}" for r in runs]
+    bottom = [0.0] * len(runs)
+    for key, name in (("weights_bytes", "weights"), ("lora_slots_bytes", "LoRA slots"), ("kv_used_bytes", "KV cache")):
+        vals = [r[key] / GIB for r in runs]
+        ax.bar(labels, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    act = [max(0.0, (r["peak_allocated_bytes"] or 0) / GIB - b) for r, b in zip(runs, bottom)]
+    ax.bar(labels, act, bottom=bottom, label="activations/other (peak)")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"Memory at peak, {device_of(d)}", fontsize=9)
+    ax.legend(fontsize=8)
+    mem = save_fig(fig, stem.with_name(stem.name + "_memory.png"))
+    fig, axes = pyplot.subplots(1, 2, figsize=(8, 3.5))
+    for model in dict.fromkeys(r["model"] for r in runs):
+        rs = [r for r in runs if r["model"] == model]
+        axes[0].plot([r["batch"] for r in rs], [1e3 * (r["tpot_mean_s"] or 0) for r in rs], "o-", label=model)
+        axes[1].plot([r["batch"] for r in rs], [r["ttft_mean_s"] for r in rs], "o-", label=model)
+    for ax, title in zip(axes, ("per-token decode time (ms)", "time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Latency vs batch, {device_of(d)}", fontsize=9)
+    return [mem, save_fig(fig, stem.with_name(stem.name + "_latency.png"))]
+
+
+def render_vs_32b(d: dict, path: Path, base: Path) -> str:
+    rows = [[r["model"], r["batch"], num(r["weights_bytes"] / GIB, ".2f"), num(r["lora_slots_bytes"] / GIB, ".2f"),
+             num(r["kv_used_bytes"] / GIB, ".2f"), num(r["peak_allocated_bytes"], ".2f", 1 / GIB),
+             num(r["ttft_mean_s"], ".3f"), num(r["tpot_mean_s"], ".2f", 1e3), num(r["output_tok_s"], ".1f")]
+            for r in d["runs"]]
+    ratio_rows = [[q["batch"], times(q["peak_allocated_bytes"]), times(q["resident_bytes"]), times(q["weights_bytes"]),
+                   times(q["kv_used_bytes"]), times(q["ttft_mean_s"]), times(q["tpot_mean_s"]), times(q["output_tok_s"])]
+                  for q in d["ratios_32b_over_7b"]]
+    c = d["config"]
+    pngs = plot_vs_32b(d, path.with_suffix("")) if d["runs"] else []
+    return "\n\n".join([
+        f"{c['models']['qwen2.5-7b+4lora']} vs {c['models']['qwen2.5-32b']}; {c['weights']}, {c['dtype']}; prompts "
+        f"{c['prompt_len'][0]}-{c['prompt_len'][1]} tokens, {c['gen_len'][0]}-{c['gen_len'][1]} generated; "
+        f"{c['sampling']}. Goal: {d['goal']}.",
+        table(["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms", "tok/s"], rows),
+        "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B):",
+        table(["batch", "peak memory", "weights+LoRA+KV", "weights", "KV", "TTFT", "TPOT", "tokens/s"], ratio_rows),
+        baselines_line(d), *[image(p, base, p.stem) for p in pngs]])
+
+
+def baselines_line(d: dict) -> str:
+    return "Other serving systems: " + "; ".join(f"{k}: {v}" for k, v in d.get("baselines", {}).items()) + "."
+
+
+# ---- multi_lora --------------------------------------------------------------------------------
+def _adapter_curve(d: dict, kind: str, key: str) -> list[tuple[int, float]]:
+    """(N, value) for a popularity; N = 1 is the 'identical' run."""
+    pts = [(1, r[key]) for r in d["runs"] if r["label"] == "identical" and r.get(key)]
+    return pts + [(r["num_adapters"], r[key]) for r in d["runs"] if r["popularity"] == kind and r.get(key)]
+
+
+def plot_multi_lora(d: dict, stem: Path) -> Path:
+    pyplot = plt()
+    fig, (left, right) = pyplot.subplots(1, 2, figsize=(9, 3.8))
+    none = next((r for r in d["runs"] if r["label"] == "none"), None)
+    for ax, key, title in ((left, "decode_tok_s", "decode tokens/s"), (right, "output_tok_s", "end-to-end tokens/s")):
+        for kind in ("uniform", "zipf"):
+            pts = _adapter_curve(d, kind, key)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"ours, {kind}")
+        if none and none.get(key):
+            ax.axhline(none[key], ls="--", color="gray", label="ours, no LoRA")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("distinct adapters (N)")
+        ax.set_title(title, fontsize=9)
+    if d.get("hf"):
+        right.plot([h["num_adapters"] for h in d["hf"]], [h["output_tok_s"] for h in d["hf"]], "s:",
+                   label="transformers+peft, uniform")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Throughput vs adapters, batch {d['config']['batch']}, {device_of(d)}", fontsize=9)
+    return save_fig(fig, stem.with_name(stem.name + "_adapters.png"))
+
+
+def render_multi_lora(d: dict, path: Path, base: Path) -> str:
+    rows = [[r["label"], r["distinct_in_batch"], num(r["prefill_tok_s"], ".0f"), num(r["prefill_tok_s_overhead_pct"], ".0f"),
+             num(r["decode_tok_s"], ".0f"), num(r["decode_tok_s_overhead_pct"], ".0f"), num(r["output_tok_s"], ".0f"),
+             r["adapter_slot_loads"]] for r in d["runs"]]
+    hf_rows = hf_comparison(d)
+    c = d["config"]
+    parts = [
+        f"{c['model']}, {c['weights']}, {c['dtype']}; batch {c['batch']}, prompts {c['prompt_len'][0]}-"
+        f"{c['prompt_len'][1]} tokens, {c['gen_tokens']} generated; rank {c['rank']}, {c['slots']} slots; "
+        "overhead = extra time per token vs the same batch without LoRA.",
+        table(["run", "adapters in batch", "prefill tok/s", "prefill overhead %", "decode tok/s",
+               "decode overhead %", "end-to-end tok/s", "slot loads"], rows)]
+    if hf_rows:
+        parts += [f"Against {c['hf_baseline']} (end to end, same batch):",
+                  table(["run", "transformers+peft tok/s", "ours tok/s", "ours / theirs"], hf_rows)]
+    parts += [breakdown_table(d["breakdown"]), baselines_line(d)]
+    if d["runs"]:
+        parts.append(image(plot_multi_lora(d, path.with_suffix("")), base, "throughput vs adapters"))
+    return "\n\n".join(p for p in parts if p)
+
+
+def hf_comparison(d: dict) -> list[list[str]]:
+    """transformers+peft against our run with the same adapters (uniform-1 is our 'identical')."""
+    ours = {r["label"]: r["output_tok_s"] for r in d["runs"]}
+    rows = []
+    for h in d.get("hf", []):
+        mine = ours.get("identical") if h["num_adapters"] == 1 else ours.get(h["label"])
+        rows.append([h["label"], num(h["output_tok_s"], ".0f"), num(mine, ".0f"),
+                     times(mine / h["output_tok_s"] if mine else None)])
+    return rows
+
+
+def breakdown_table(breakdown: dict) -> str:
+    from_cats = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling", "engine_other")
+    rows = []
+    for label, parts in breakdown.items():
+        for phase in ("decode", "prefill"):
+            s = parts.get(phase)
+            if s:
+                rows.append([label, phase, num(s["total"], ".2f", 1e3)] + [num(s[k], ".2f", 1e3) for k in from_cats])
+    if not rows:
+        return ""
+    return ("Mean time per step (ms) under the step profiler (CUDA events around each part; the profiled "
+            "step is a little slower than a plain one):\n\n"
+            + table(["run", "phase", "step"] + list(from_cats), rows))
+
+
+# ---- bandwidth ---------------------------------------------------------------------------------
+def render_bandwidth(d: dict, path: Path, base: Path) -> str:
+    rows = [[r["variant"], num(r["bytes_per_step"]["total"] / 1e9, ".3f"), num(r["decode_step_median_s"], ".2f", 1e3),
+             num(r["achieved_bytes_per_s"] / 1e9, ".0f"), num(100 * r["fraction_of_copy_bandwidth"], ".0f") + "%"]
+            for r in d["runs"]]
+    c = d["config"]
+    return "\n\n".join([
+        f"Batch-1 decode, {c['model']}, {c['dtype']}, {c['backend']} backend, prompt {c['prompt_len']} tokens, "
+        f"{c['gen_tokens']} generated. Copy bandwidth measured in the same run: "
+        f"**{d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s** ({c['copy_bandwidth_counts']}). "
+        f"Target: >= {100 * d['target_fraction']:.0f}%.",
+        table(["variant", "GB read per step", "step ms", "achieved GB/s", "of copy bandwidth"], rows)])
+
+
+# ---- anything else -----------------------------------------------------------------------------
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[prefix + k] = v
+    return out
+
+
+def fmt_cell(v) -> str:
+    return num(v, ".4g") if isinstance(v, float) else str(v)
+
+
+def render_generic(d: dict, path: Path, base: Path) -> str:
+    parts = []
+    for key, value in d.items():
+        if key in ("env", "config", "machine") or not isinstance(value, (dict, list)):
+            continue
+        if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
+            parts.append(f"`{key}`:\n\n" + table(["key", "value"], [[k, fmt_cell(v)] for k, v in value.items()]))
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            rows = [flat(x) for x in value[:40]]
+            cols = list(dict.fromkeys(k for r in rows for k in r))[:12]
+            more = f" (first 40 of {len(value)}; all in the JSON)" if len(value) > 40 else ""
+            parts.append(f"`{key}`{more}:\n\n" + table(cols, [[fmt_cell(r.get(c, "")) for c in cols] for r in rows]))
+    pngs = sorted(path.parent.glob(path.stem + "*.png"))
+    return "\n\n".join(parts + [image(p, base, p.stem) for p in pngs])
+
+
+RENDERERS: dict[str, Callable[[dict, Path, Path], str]] = {
+    "engine_cpu": render_engine_cpu, "vs_32b": render_vs_32b, "multi_lora": render_multi_lora,
+    "bandwidth": render_bandwidth}
+TITLES = {"engine_cpu": "Engine vs transformers+peft on the CPU (issue #3)",
+          "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
+          "multi_lora": "Throughput vs number of adapters (issue #8.2)",
+          "bandwidth": "Batch-1 decode bandwidth (issue #8.3)"}
+ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
+
+HEADER = """# Benchmarks
+
+Generated by `python benchmarks/make_report.py` from the JSON files in [results/](results/); do not edit by
+hand. Every number below is read from the JSON linked in its section, which names the device, the
+versions and the commit. Performance claims about mcl_runtime link here and to those files only.
+
+Rules: each comparison is measured side by side in one run on the machine named; absolute times are
+shown from GPU runs (the CPU benchmark of issue #3 is the one CPU result, as that issue asks); the
+`--smoke` runs that CI does on a CPU are never shown as results.
+
+How to run: `benchmarks/run_gpu.sh` (one H100/H200, about 10 minutes, every GPU benchmark with a time
+cap), or each script alone (`python benchmarks/<script>.py --help`; `--smoke` for a tiny CPU run).
+"""
+
+
+def load_results(results_dir: Path, smoke: bool) -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and (smoke or not d.get("smoke")):
+            out.append((path, d))
+    return out
+
+
+def section(path: Path, d: dict, base: Path, smoke: bool) -> str:
+    kind = d.get("benchmark") or path.stem
+    if kind in GPU_ONLY and not smoke and (d.get("env") or {}).get("device_type") != "cuda":
+        return ""
+    title = TITLES.get(kind, f"{kind} ({path.stem})")
+    body = RENDERERS.get(kind, render_generic)(d, path, base)
+    return f"## {title}\n\n{provenance(d, path, base)}\n\n{body}\n"
+
+
+def build_report(results_dir: Path, out: Path, smoke: bool) -> str:
+    results = load_results(results_dir, smoke)
+    rank = {k: i for i, k in enumerate(ORDER)}
+    results.sort(key=lambda pd: (rank.get(pd[1].get("benchmark"), len(ORDER)), pd[0].name))
+    sections = [s for path, d in results if (s := section(path, d, out.parent, smoke))]
+    missing = [TITLES[k] for k in ORDER[:3] if not any(d.get("benchmark") == k for _, d in results
+                                                         if (d.get("env") or {}).get("device_type") == "cuda")]
+    text = HEADER
+    if smoke:
+        text += "\n> **SMOKE REPORT**: tiny configs on a CPU to check the scripts run. Not results.\n"
+    if missing and not smoke:
+        text += ("\nNo GPU run yet for: " + "; ".join(missing) + ". They need `benchmarks/run_gpu.sh` on a GPU; "
+                 "until then this page makes no claim about them.\n")
+    return text + "\n" + "\n".join(sections)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/README.md (--smoke: <results-dir>/README.md)")
+    p.add_argument("--smoke", action="store_true", help="include smoke JSONs (CI check of this script)")
+    args = p.parse_args()
+    out = args.out or (args.results_dir / "README.md" if args.smoke else ROOT / "benchmarks" / "README.md")
+    out.write_text(build_report(args.results_dir, out, args.smoke))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
