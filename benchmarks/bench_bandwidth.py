@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, free_engine,
+from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, release_memory,
                     lora_bytes, make_workload, resolve_device, run_workload, save_result, shrink_config,
                     write_model_folder, write_peft_adapter)
 
@@ -75,7 +75,8 @@ def main() -> None:
                         block_size=BLOCK_SIZE, max_num_seqs=1, load_format="dummy")
         backend = engine.backend.name
         rows = [measure(engine, cfg, a, args) for a in (None, "agent")]
-        free_engine(engine)
+        del engine
+        release_memory()
     copy_bw = copy_bandwidth(device, args.copy_bytes)
     for r in rows:
         r["fraction_of_copy_bandwidth"] = r["achieved_bytes_per_s"] / copy_bw

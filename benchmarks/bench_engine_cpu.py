@@ -7,6 +7,8 @@ exactly ``--gen`` tokens each (EOS ignored). Ours: every request submitted at on
 batch mixing all adapters). Baseline: transformers + peft the way a user batches it, one
 ``generate`` per adapter group (``set_adapter``, left padding). Both float32, same threads, same
 prompts; the rounds alternate the two and use fresh prompts each round (no prefix-cache reuse).
+Engine: 4 adapter slots of rank 32 (the demo adapters' largest); a last, untimed run of ours under
+the step profiler records where the step time goes.
 Target (issue #3): ours >= 3x the baseline's output tokens/s.
 Writes benchmarks/results/engine_cpu.json (--smoke: only with --out-dir).
 """
@@ -19,6 +21,7 @@ import torch
 
 from common import AGENTS, base_parser, environment, make_workload, run_workload, save_result
 from hf_baseline import generate_grouped, load_hf_peft
+from step_profile import StepProfiler, format_breakdown
 
 
 def parse_args():
@@ -29,6 +32,8 @@ def parse_args():
     p.add_argument("--gen", type=int, default=64, help="tokens generated per request")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-loras", type=int, default=4, help="adapter slots (the four agents)")
+    p.add_argument("--max-lora-rank", type=int, default=32, help="the largest demo adapter rank")
     args = p.parse_args()
     if args.smoke:
         args.requests, args.prompt_len, args.gen, args.rounds = 8, (16, 32), 4, 1
@@ -45,6 +50,21 @@ def engine_round(engine, wl) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
+def profile_engine(engine, args) -> dict:
+    """Where our step time goes: one more (untimed) run of the workload under the step profiler."""
+    wl = make_workload(args.requests, tuple(args.prompt_len), (args.gen, args.gen), list(AGENTS), seed=args.rounds)
+    prof = StepProfiler(engine)
+    try:
+        run_workload(engine, wl)
+    finally:
+        prof.close()
+    out = {"decode": prof.summary("decode"), "prefill": prof.summary("prefill")}
+    for phase, summary in out.items():
+        if summary:
+            print(f"ours, {phase} steps: {format_breakdown(summary)}")
+    return out
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -53,7 +73,8 @@ def main() -> None:
     from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
 
     base, adapter_dirs = demo_model_dir() / "base", demo_adapter_dirs()
-    engine = Engine(model=base, adapters=adapter_dirs, device="cpu", dtype="float32", backend=args.backend)
+    engine = Engine(model=base, adapters=adapter_dirs, device="cpu", dtype="float32", backend=args.backend,
+                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     hf = load_hf_peft(base, adapter_dirs, torch.device("cpu"), torch.float32)
     pad = engine.tokenizer.pad_token_id or 0
     warm = make_workload(4, (8, 16), (2, 2), list(AGENTS), seed=999)
@@ -72,15 +93,17 @@ def main() -> None:
         print(f"round {r}: ours {n_out / ours_s:8.1f} tok/s   transformers+peft {n_out / hf_s:8.1f} tok/s   "
               f"ratio {hf_s / ours_s:5.2f}x   identical outputs {same}/{args.requests}")
     summary = {k: statistics.median(x[k] for x in rounds) for k in ("ours_tok_s", "hf_tok_s", "ratio")}
+    breakdown = profile_engine(engine, args)
     print(f"median: ours {summary['ours_tok_s']:.1f} tok/s, transformers+peft {summary['hf_tok_s']:.1f} tok/s, "
           f"ratio {summary['ratio']:.2f}x (target >= 3x)")
     save_result("engine_cpu", {
         "benchmark": "engine_cpu", "env": environment("cpu"), "torch_threads": torch.get_num_threads(),
         "config": {"model": "mcl-demo-tiny", "adapters": list(AGENTS), "requests": args.requests,
                    "prompt_len": list(args.prompt_len), "gen_tokens": args.gen, "dtype": "float32",
-                   "backend": engine.backend.name, "baseline": "transformers+peft, one generate per adapter "
+                   "backend": engine.backend.name, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+                   "baseline": "transformers+peft, one generate per adapter "
                    "group (set_adapter), left padding, greedy, min_new_tokens=max_new_tokens"},
-        "rounds": rounds, "median": summary, "target_ratio": 3.0,
+        "rounds": rounds, "median": summary, "target_ratio": 3.0, "breakdown": {"ours": breakdown},
     }, args.out_dir, args.smoke)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common import (QWEN25_7B_INSTRUCT, Workload, base_parser, baseline_availability, device_slug, environment,
-                    free_engine, make_workload, resolve_device, run_workload, save_result, shrink_config,
+                    release_memory, make_workload, resolve_device, run_workload, save_result, shrink_config,
                     write_model_folder, write_peft_adapter)
 from step_profile import StepProfiler, format_breakdown
 
@@ -171,7 +171,8 @@ def main() -> None:
         for _ in engine_runs(engine, base, args, deadline, out):
             add_overheads(out["runs"])
             save(args, device, out, complete=False)
-        free_engine(engine)
+        del engine
+        release_memory()
         for _ in hf_runs(model_dir, files, base, args, device, deadline, out):
             save(args, device, out, complete=False)
     save(args, device, out, complete=True)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from common import (AGENTS, QWEN25_32B_INSTRUCT, QWEN25_7B_INSTRUCT, base_parser, baseline_availability, cuda_peak,
-                    engine_memory, environment, free_engine, kv_block_bytes, make_workload, reset_cuda_peak,
+                    engine_memory, environment, release_memory, kv_block_bytes, make_workload, reset_cuda_peak,
                     resolve_device, run_workload, save_result, shrink_config, device_slug, write_model_folder,
                     write_peft_adapter)
 
@@ -74,7 +74,8 @@ def measure(name: str, model_dir: Path, adapters: dict[str, Path], batch: int, a
     row = {"model": name, "batch": batch, "build_s": build_s, "backend": engine.backend.name,
            **engine_memory(engine), "kv_used_bytes": res.peak_kv_blocks * kv_block_bytes(engine),
            "peak_allocated_bytes": cuda_peak(device), **res.summary()}
-    free_engine(engine)
+    del engine
+    release_memory()
     return row
 
 

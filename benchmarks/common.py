@@ -269,9 +269,8 @@ def engine_memory(engine) -> dict:
             "kv_allocated_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size()}
 
 
-def free_engine(engine) -> None:
-    """Drop an engine and give its device memory back (the caller must hold no other reference)."""
-    del engine
+def release_memory() -> None:
+    """Collect garbage and return cached device memory; call after ``del engine`` (or model)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -301,7 +300,8 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} torch threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_model()} ({n} torch thread{'s' if n != 1 else ''})"
 
 
 def _version(pkg: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
+CPU_RESULTS = {"engine_cpu", "block_manager"}   # benchmarks whose issue asks for CPU numbers
 GIB = 1 << 30
 
 
@@ -36,9 +37,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
+def env_of(d: dict) -> dict:
+    return d.get("env") or d.get("environment") or {}
+
+
 def device_of(d: dict) -> str:
-    env = d.get("env") or {}
-    return env.get("device") or d.get("device") or "unknown device"
+    return env_of(d).get("device") or d.get("device") or "unknown device"
+
+
+def on_gpu(d: dict) -> bool:
+    text = f"{env_of(d).get('device_type', '')} {device_of(d)}".lower()
+    return any(word in text for word in ("cuda", "nvidia", "h100", "h200", "a100"))
 
 
 def link(path: Path, base: Path) -> str:
@@ -50,7 +59,7 @@ def image(png: Path, base: Path, alt: str) -> str:
 
 
 def provenance(d: dict, path: Path, base: Path) -> str:
-    env = d.get("env") or {}
+    env = env_of(d)
     bits = [f"device: **{device_of(d)}**", f"data: [{path.name}]({link(path, base)})"]
     for key in ("torch", "triton", "commit", "date"):
         value = env.get(key) or d.get(key)
@@ -84,10 +93,12 @@ def render_engine_cpu(d: dict, path: Path, base: Path) -> str:
     rows.append(["**median**", f"**{m['ours_tok_s']:.1f}**", f"**{m['hf_tok_s']:.1f}**", f"**{m['ratio']:.2f}x**", ""])
     return "\n\n".join([
         f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts {c['prompt_len'][0]}-{c['prompt_len'][1]} "
-        f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads. "
+        f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads, "
+        f"{c['backend']} backend, {c.get('max_loras', 8)} adapter slots of rank {c.get('max_lora_rank', 64)}. "
         f"Baseline: {c['baseline']}. Target ratio >= {d['target_ratio']}x: "
         f"**{'met' if m['ratio'] >= d['target_ratio'] else 'not met'}**.",
-        table(["round", "ours tok/s", "transformers+peft tok/s", "ratio", "identical outputs"], rows)])
+        table(["round", "ours tok/s", "transformers+peft tok/s", "ratio", "identical outputs"], rows),
+        breakdown_table(d.get("breakdown", {}))])
 
 
 # ---- vs_32b ------------------------------------------------------------------------------------
@@ -217,8 +228,8 @@ def breakdown_table(breakdown: dict) -> str:
                 rows.append([label, phase, num(s["total"], ".2f", 1e3)] + [num(s[k], ".2f", 1e3) for k in from_cats])
     if not rows:
         return ""
-    return ("Mean time per step (ms) under the step profiler (CUDA events around each part; the profiled "
-            "step is a little slower than a plain one):\n\n"
+    return ("Mean time per step (ms) under the step profiler (CUDA events, or the host clock on a CPU, around "
+            "each part; a profiled step is a little slower than a plain one):\n\n"
             + table(["run", "phase", "step"] + list(from_cats), rows))
 
 
@@ -303,10 +314,13 @@ def load_results(results_dir: Path, smoke: bool) -> list[tuple[Path, dict]]:
     return out
 
 
+def shown(d: dict, path: Path, smoke: bool) -> bool:
+    """Absolute numbers are shown from GPU runs, and from the CPU benchmarks meant for the CPU."""
+    return smoke or on_gpu(d) or (d.get("benchmark") or path.stem) in CPU_RESULTS
+
+
 def section(path: Path, d: dict, base: Path, smoke: bool) -> str:
     kind = d.get("benchmark") or path.stem
-    if kind in GPU_ONLY and not smoke and (d.get("env") or {}).get("device_type") != "cuda":
-        return ""
     title = TITLES.get(kind, f"{kind} ({path.stem})")
     body = RENDERERS.get(kind, render_generic)(d, path, base)
     return f"## {title}\n\n{provenance(d, path, base)}\n\n{body}\n"
@@ -316,15 +330,18 @@ def build_report(results_dir: Path, out: Path, smoke: bool) -> str:
     results = load_results(results_dir, smoke)
     rank = {k: i for i, k in enumerate(ORDER)}
     results.sort(key=lambda pd: (rank.get(pd[1].get("benchmark"), len(ORDER)), pd[0].name))
-    sections = [s for path, d in results if (s := section(path, d, out.parent, smoke))]
-    missing = [TITLES[k] for k in ORDER[:3] if not any(d.get("benchmark") == k for _, d in results
-                                                         if (d.get("env") or {}).get("device_type") == "cuda")]
+    sections = [section(path, d, out.parent, smoke) for path, d in results if shown(d, path, smoke)]
+    hidden = [f"[{path.name}]({link(path, out.parent)})" for path, d in results if not shown(d, path, smoke)]
+    missing = [TITLES[k] for k in ORDER[:3] if not any(d.get("benchmark") == k and on_gpu(d) for _, d in results)]
     text = HEADER
     if smoke:
         text += "\n> **SMOKE REPORT**: tiny configs on a CPU to check the scripts run. Not results.\n"
     if missing and not smoke:
         text += ("\nNo GPU run yet for: " + "; ".join(missing) + ". They need `benchmarks/run_gpu.sh` on a GPU; "
                  "until then this page makes no claim about them.\n")
+    if hidden:
+        text += ("\nCPU runs not shown here (absolute CPU times are not presented as results): "
+                 + ", ".join(hidden) + ".\n")
     return text + "\n" + "\n".join(sections)
 
 
