@@ -14,17 +14,22 @@ Writes benchmarks/results/bandwidth_<device>.json.
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, release_memory,
-                    lora_bytes, make_workload, resolve_device, run_workload, save_result, shrink_config,
+from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, lora_bytes,
+                    make_workload, release_memory, resolve_device, run_workload, save_result, shrink_config,
                     write_model_folder, write_peft_adapter)
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
 
 BLOCK_SIZE = 16
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--gen", type=int, default=128)
@@ -36,7 +41,7 @@ def parse_args():
     return args
 
 
-def bytes_per_step(engine, cfg: dict, adapter_rank: int, context: float) -> dict:
+def bytes_per_step(engine: Engine, cfg: dict, adapter_rank: int, context: float) -> dict:
     """What one batch-1 decode step has to read from memory."""
     model = engine.model
     item = engine.kv_cache.element_size()
@@ -47,10 +52,11 @@ def bytes_per_step(engine, cfg: dict, adapter_rank: int, context: float) -> dict
     weights = params + embed.shape[1] * embed.element_size()
     kv_per_token = 2 * cfg["num_hidden_layers"] * engine.kv_cache.shape[-2] * engine.kv_cache.shape[-1] * item
     lora = lora_bytes(cfg, adapter_rank, item) if adapter_rank else 0
-    return {"weights": weights, "lora": lora, "kv": kv_per_token * context, "total": weights + lora + kv_per_token * context}
+    kv = kv_per_token * context
+    return {"weights": weights, "lora": lora, "kv": kv, "total": weights + lora + kv}
 
 
-def measure(engine, cfg: dict, adapter: str | None, args) -> dict:
+def measure(engine: Engine, cfg: dict, adapter: str | None, args: argparse.Namespace) -> dict:
     wl = make_workload(1, (args.prompt_len, args.prompt_len), (args.gen, args.gen), [adapter], seed=1)
     run_workload(engine, make_workload(1, (16, 16), (4, 4), [adapter], seed=2))   # warm-up
     s = run_workload(engine, wl).summary()

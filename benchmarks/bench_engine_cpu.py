@@ -14,17 +14,22 @@ Writes benchmarks/results/engine_cpu.json (--smoke: only with --out-dir).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from common import AGENTS, base_parser, environment, make_workload, run_workload, save_result
+from common import AGENTS, Workload, base_parser, environment, make_workload, run_workload, save_result
 from hf_baseline import generate_grouped, load_hf_peft
 from step_profile import StepProfiler, format_breakdown
 
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
 
-def parse_args():
+
+def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
     p.set_defaults(dtype="float32")
     p.add_argument("--requests", type=int, default=64)
@@ -40,7 +45,7 @@ def parse_args():
     return args
 
 
-def engine_round(engine, wl) -> tuple[float, list[list[int]]]:
+def engine_round(engine: Engine, wl: Workload) -> tuple[float, list[list[int]]]:
     """Seconds and tokens of one workload on the engine (all requests in one continuous batch)."""
     from mcl_runtime import SamplingParams
 
@@ -50,7 +55,7 @@ def engine_round(engine, wl) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
-def profile_engine(engine, args) -> dict:
+def profile_engine(engine: Engine, args: argparse.Namespace) -> dict:
     """Where our step time goes: one more (untimed) run of the workload under the step profiler."""
     wl = make_workload(args.requests, tuple(args.prompt_len), (args.gen, args.gen), list(AGENTS), seed=args.rounds)
     prof = StepProfiler(engine)

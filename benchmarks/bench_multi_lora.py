@@ -22,22 +22,28 @@ Writes benchmarks/results/multi_lora_<device>.json after every run.
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from common import (QWEN25_7B_INSTRUCT, Workload, base_parser, baseline_availability, device_slug, environment,
-                    release_memory, make_workload, resolve_device, run_workload, save_result, shrink_config,
+                    make_workload, release_memory, resolve_device, run_workload, save_result, shrink_config,
                     write_model_folder, write_peft_adapter)
 from step_profile import StepProfiler, format_breakdown
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
 
 BLOCK_SIZE = 16
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=(256, 512), metavar=("MIN", "MAX"))
@@ -74,13 +80,14 @@ def assignments(kind: str, n: int, batch: int, seed: int = 0) -> list[str | None
     return [names[k] for k in picks]
 
 
-def run_plan(args) -> list[tuple[str, int]]:
+def run_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     """none, identical (this is N = 1 for every popularity), then uniform and zipf for each N > 1."""
     plan = [("none", 0), ("identical", 1)]
     return plan + [(kind, n) for kind in ("uniform", "zipf") for n in args.adapters if n > 1]
 
 
-def build_engine(model_dir: Path, adapters: dict[str, Path], wl: Workload, args, device):
+def build_engine(model_dir: Path, adapters: dict[str, Path], wl: Workload, args: argparse.Namespace,
+                 device: torch.device) -> Engine:
     from mcl_runtime import Engine
 
     return Engine(model=model_dir, adapters=adapters, device=str(device), dtype=args.dtype, backend=args.backend,
@@ -89,7 +96,8 @@ def build_engine(model_dir: Path, adapters: dict[str, Path], wl: Workload, args,
                   enable_prefix_caching=False, load_format="dummy")
 
 
-def engine_runs(engine, base: Workload, args, deadline: float, out: dict) -> None:
+def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadline: float,
+                out: dict) -> Iterator[None]:
     """Every run of the plan on the engine, then the profiled repeats."""
     for kind, n in run_plan(args):
         label = kind if n == 0 or kind == "identical" else f"{kind}-{n}"
@@ -128,7 +136,8 @@ def add_overheads(runs: list[dict]) -> None:
             r[f"{key}_overhead_pct"] = 100 * (ref[key] / r[key] - 1) if ok else None
 
 
-def hf_runs(model_dir: Path, files: list[Path], base: Workload, args, device, deadline: float, out: dict) -> None:
+def hf_runs(model_dir: Path, files: list[Path], base: Workload, args: argparse.Namespace, device: torch.device,
+            deadline: float, out: dict) -> Iterator[None]:
     """transformers + peft, whole batch per generate with per-row adapters."""
     from hf_baseline import generate_mixed, load_hf_peft
 
@@ -178,7 +187,7 @@ def main() -> None:
     save(args, device, out, complete=True)
 
 
-def save(args, device, out: dict, complete: bool) -> None:
+def save(args: argparse.Namespace, device: torch.device, out: dict, complete: bool) -> None:
     save_result(f"multi_lora_{device_slug(device)}", {
         "benchmark": "multi_lora", "env": environment(device), "complete": complete,
         "config": {"model": "Qwen2.5-7B-Instruct config" + (" (shrunk for smoke)" if args.smoke else ""),

@@ -16,13 +16,16 @@ Writes benchmarks/results/vs_32b_<device>.json after every run (so a timeout kee
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from common import (AGENTS, QWEN25_32B_INSTRUCT, QWEN25_7B_INSTRUCT, base_parser, baseline_availability, cuda_peak,
-                    engine_memory, environment, release_memory, kv_block_bytes, make_workload, reset_cuda_peak,
-                    resolve_device, run_workload, save_result, shrink_config, device_slug, write_model_folder,
+                    device_slug, engine_memory, environment, kv_block_bytes, make_workload, release_memory,
+                    reset_cuda_peak, resolve_device, run_workload, save_result, shrink_config, write_model_folder,
                     write_peft_adapter)
 
 BLOCK_SIZE = 16
@@ -30,7 +33,7 @@ METRICS = ("weights_bytes", "lora_slots_bytes", "kv_used_bytes", "peak_allocated
            "tpot_mean_s", "decode_step_median_s")
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, nargs=2, default=(1024, 2048), metavar=("MIN", "MAX"))
@@ -43,7 +46,7 @@ def parse_args():
     return args
 
 
-def model_specs(args, workdir: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
+def model_specs(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
     """Model folder and adapter folders of the two contenders."""
     small, large = QWEN25_7B_INSTRUCT, QWEN25_32B_INSTRUCT
     if args.smoke:
@@ -54,13 +57,15 @@ def model_specs(args, workdir: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
             "qwen2.5-32b": (write_model_folder(workdir / "32b", large), {})}
 
 
-def measure(name: str, model_dir: Path, adapters: dict[str, Path], batch: int, args, device) -> dict:
+def measure(name: str, model_dir: Path, adapters: dict[str, Path], batch: int, args: argparse.Namespace,
+            device: torch.device) -> dict:
     """One model at one batch size: memory and latency of the workload."""
     from mcl_runtime import Engine
 
     wl = make_workload(batch, tuple(args.prompt_len), tuple(args.gen_len), list(adapters) or [None], seed=batch)
     lo = args.prompt_len[0]
-    warm = make_workload(min(batch, 4), (min(64, lo), min(128, lo)), (4, 4), list(adapters) or [None], seed=10_000 + batch)
+    warm = make_workload(min(batch, 4), (min(64, lo), min(128, lo)), (4, 4), list(adapters) or [None],
+                         seed=10_000 + batch)
     reset_cuda_peak(device)
     t0 = time.perf_counter()
     engine = Engine(model=model_dir, adapters=adapters, device=str(device), dtype=args.dtype, backend=args.backend,
@@ -123,7 +128,8 @@ def main() -> None:
               f"TPOT {r['tpot_mean_s'] or 0:.2f}x, tokens/s {r['output_tok_s']:.2f}x")
 
 
-def save(args, env: dict, device, rows: list[dict], skipped: list[str], complete: bool) -> None:
+def save(args: argparse.Namespace, env: dict, device: torch.device, rows: list[dict], skipped: list[str],
+         complete: bool) -> None:
     save_result(f"vs_32b_{device_slug(device)}", {
         "benchmark": "vs_32b", "env": env, "complete": complete, "skipped": skipped,
         "config": {"models": {"qwen2.5-7b+4lora": "Qwen2.5-7B-Instruct config, 4 LoRAs rank "

@@ -20,10 +20,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
+    from mcl_runtime.engine.scheduler import ScheduledBatch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -59,16 +63,6 @@ def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vo
             "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
             "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab,
             "bos_token_id": 509, "eos_token_id": 511}   # the demo tokenizer's ids
-
-
-def param_count(cfg: dict) -> int:
-    """Parameters of a Qwen2 decoder given its config.json (embeddings and lm_head included)."""
-    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    d = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    layer = h * (q + 2 * kv) + (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-    heads = 1 if cfg.get("tie_word_embeddings") else 2
-    return L * layer + heads * cfg["vocab_size"] * h + h
 
 
 # ---- model and adapter folders ---------------------------------------------------------------
@@ -185,7 +179,7 @@ class RunResult:
         }
 
 
-def patch(obj, name: str, value) -> Callable[[], None]:
+def patch(obj: object, name: str, value: Any) -> Callable[[], None]:
     """Set an instance attribute (shadowing a method); returns the function that undoes it."""
     had, old = name in vars(obj), vars(obj).get(name)
     setattr(obj, name, value)
@@ -202,12 +196,12 @@ class StepComposition:
     """Wraps an engine's ``scheduler.schedule`` (until ``close``) to count the prefill and decode
     tokens of each step."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._schedule = engine.scheduler.schedule
         self.close = patch(engine.scheduler, "schedule", self._wrapped)
         self.last = (0, 0)
 
-    def _wrapped(self):
+    def _wrapped(self) -> ScheduledBatch:
         batch = self._schedule()
         decode = sum(1 for s, n in zip(batch.seqs, batch.num_new) if n == 1 and s.num_output_tokens > 0)
         self.last = (batch.num_tokens - decode, decode)
@@ -219,7 +213,7 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_workload(engine, wl: Workload) -> RunResult:
+def run_workload(engine: Engine, wl: Workload) -> RunResult:
     """Submit every request at once, step until all finish; greedy, ``ignore_eos`` so that each
     request generates exactly its ``max_tokens``."""
     from mcl_runtime import SamplingParams
@@ -252,16 +246,16 @@ def run_workload(engine, wl: Workload) -> RunResult:
                      engine.stats()["adapter_slot_loads"] - loads0)
 
 
-def kv_block_bytes(engine) -> int:
+def kv_block_bytes(engine: Engine) -> int:
     kv = engine.kv_cache
     return kv[:, :, 0].numel() * kv.element_size()
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def engine_memory(engine) -> dict:
+def engine_memory(engine: Engine) -> dict:
     """Bytes of the base weights, the LoRA slot buffers and the allocated KV cache (from the tensors)."""
     model = engine.model
     lora = [b for n, b in model.named_buffers() if ".lora_" in n]
@@ -376,14 +370,6 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     if args.device:
         return torch.device(args.device)
     return torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-
-
-def gb(nbytes: float | None) -> float | None:
-    return None if nbytes is None else nbytes / GIB
-
-
-def fmt(x: float | None, spec: str = ".3g") -> str:
-    return "n/a" if x is None else format(x, spec)
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 10) -> float:

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 BASE = "__base__"   # peft's name for "no adapter" in adapter_names
 
 
 def load_hf_peft(model_dir: Path, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype,
-                 random_weights: bool = False):
+                 random_weights: bool = False) -> nn.Module:
     """The base model (its safetensors, or random weights from its config.json) with the adapters."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -45,7 +46,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 @torch.inference_mode()
-def _generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, **kwargs) -> list[list[int]]:
+def _generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+              **kwargs: object) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -53,13 +55,13 @@ def _generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
     return out[:, ids.shape[1]:].tolist()
 
 
-def _sync(model) -> None:
+def _sync(model: nn.Module) -> None:
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def generate_grouped(model, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
+def generate_grouped(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
                      pad_id: int) -> tuple[float, list[list[int]]]:
     """One batched generate per adapter group, in order of first appearance; (seconds, tokens)."""
     outputs: list[list[int] | None] = [None] * len(prompts)
@@ -79,7 +81,7 @@ def generate_grouped(model, prompts: list[list[int]], adapters: list[str | None]
     return time.perf_counter() - t0, outputs
 
 
-def generate_mixed(model, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
+def generate_mixed(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
                    pad_id: int) -> tuple[float, list[list[int]]]:
     """The whole batch in one generate with per-row adapters (peft mixed-adapter batches)."""
     names = [BASE if a is None else a for a in adapters]

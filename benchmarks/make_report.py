@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
@@ -24,11 +24,11 @@ GIB = 1 << 30
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def num(x, spec: str = ".3g", scale: float = 1.0) -> str:
+def num(x: float | None, spec: str = ".3g", scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x * scale, spec)
 
 
-def times(x) -> str:
+def times(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
@@ -70,14 +70,14 @@ def provenance(d: dict, path: Path, base: Path) -> str:
     return " · ".join(bits)
 
 
-def plt():
+def plt() -> Any:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
     return pyplot
 
 
-def save_fig(fig, png: Path) -> Path:
+def save_fig(fig: Any, png: Path) -> Path:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt().close(fig)
@@ -92,7 +92,8 @@ def render_engine_cpu(d: dict, path: Path, base: Path) -> str:
     m = d["median"]
     rows.append(["**median**", f"**{m['ours_tok_s']:.1f}**", f"**{m['hf_tok_s']:.1f}**", f"**{m['ratio']:.2f}x**", ""])
     return "\n\n".join([
-        f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts {c['prompt_len'][0]}-{c['prompt_len'][1]} "
+        f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts "
+        f"{c['prompt_len'][0]}-{c['prompt_len'][1]} "
         f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads, "
         f"{c['backend']} backend, {c.get('max_loras', 8)} adapter slots of rank {c.get('max_lora_rank', 64)}. "
         f"Baseline: {c['baseline']}. Target ratio >= {d['target_ratio']}x: "
@@ -138,7 +139,8 @@ def render_vs_32b(d: dict, path: Path, base: Path) -> str:
              num(r["ttft_mean_s"], ".3f"), num(r["tpot_mean_s"], ".2f", 1e3), num(r["output_tok_s"], ".1f")]
             for r in d["runs"]]
     ratio_rows = [[q["batch"], times(q["peak_allocated_bytes"]), times(q["resident_bytes"]), times(q["weights_bytes"]),
-                   times(q["kv_used_bytes"]), times(q["ttft_mean_s"]), times(q["tpot_mean_s"]), times(q["output_tok_s"])]
+                   times(q["kv_used_bytes"]), times(q["ttft_mean_s"]), times(q["tpot_mean_s"]),
+                   times(q["output_tok_s"])]
                   for q in d["ratios_32b_over_7b"]]
     c = d["config"]
     pngs = plot_vs_32b(d, path.with_suffix("")) if d["runs"] else []
@@ -146,7 +148,8 @@ def render_vs_32b(d: dict, path: Path, base: Path) -> str:
         f"{c['models']['qwen2.5-7b+4lora']} vs {c['models']['qwen2.5-32b']}; {c['weights']}, {c['dtype']}; prompts "
         f"{c['prompt_len'][0]}-{c['prompt_len'][1]} tokens, {c['gen_len'][0]}-{c['gen_len'][1]} generated; "
         f"{c['sampling']}. Goal: {d['goal']}.",
-        table(["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms", "tok/s"], rows),
+        table(["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms",
+               "tok/s"], rows),
         "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B):",
         table(["batch", "peak memory", "weights+LoRA+KV", "weights", "KV", "TTFT", "TPOT", "tokens/s"], ratio_rows),
         baselines_line(d), *[image(p, base, p.stem) for p in pngs]])
@@ -187,7 +190,8 @@ def plot_multi_lora(d: dict, stem: Path) -> Path:
 
 
 def render_multi_lora(d: dict, path: Path, base: Path) -> str:
-    rows = [[r["label"], r["distinct_in_batch"], num(r["prefill_tok_s"], ".0f"), num(r["prefill_tok_s_overhead_pct"], ".0f"),
+    rows = [[r["label"], r["distinct_in_batch"], num(r["prefill_tok_s"], ".0f"),
+             num(r["prefill_tok_s_overhead_pct"], ".0f"),
              num(r["decode_tok_s"], ".0f"), num(r["decode_tok_s_overhead_pct"], ".0f"), num(r["output_tok_s"], ".0f"),
              r["adapter_slot_loads"]] for r in d["runs"]]
     hf_rows = hf_comparison(d)
@@ -219,7 +223,8 @@ def hf_comparison(d: dict) -> list[list[str]]:
 
 
 def breakdown_table(breakdown: dict) -> str:
-    from_cats = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling", "engine_other")
+    from_cats = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling",
+                 "engine_other")
     rows = []
     for label, parts in breakdown.items():
         for phase in ("decode", "prefill"):
@@ -258,7 +263,7 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def fmt_cell(v) -> str:
+def fmt_cell(v: object) -> str:
     return num(v, ".4g") if isinstance(v, float) else str(v)
 
 
@@ -348,7 +353,8 @@ def build_report(results_dir: Path, out: Path, smoke: bool) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/README.md (--smoke: <results-dir>/README.md)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/README.md (--smoke: <results-dir>/README.md)")
     p.add_argument("--smoke", action="store_true", help="include smoke JSONs (CI check of this script)")
     args = p.parse_args()
     out = args.out or (args.results_dir / "README.md" if args.smoke else ROOT / "benchmarks" / "README.md")

@@ -13,11 +13,18 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common import StepComposition, patch
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
+    from mcl_runtime.engine.scheduler import ScheduledBatch
+    from mcl_runtime.model.backends import AttentionMeta, LoRAMeta, TorchBackend
 
 CATEGORIES = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling",
               "engine_other")
@@ -29,27 +36,27 @@ class Clock:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def mark(self):
+    def mark(self) -> float | torch.cuda.Event:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
-    def seconds(self, start, end) -> float:
+    def seconds(self, start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
         return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
 
 class ProfilingBackend:
     """Delegates to the engine's backend and times its calls: KV store + attention, and LoRA."""
 
-    def __init__(self, inner, profiler: "StepProfiler") -> None:
+    def __init__(self, inner: TorchBackend, profiler: StepProfiler) -> None:
         self.inner, self.prof, self.name = inner, profiler, inner.name
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def prepare(self, attn, lora, num_slots: int) -> None:
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None, num_slots: int) -> None:
         self.inner.prepare(attn, lora, num_slots)
 
     def store_kv(self, *args) -> None:
@@ -68,7 +75,7 @@ class ProfilingBackend:
 class StepProfiler:
     """Collects one breakdown (seconds per category) per engine step until ``close()``."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         from mcl_runtime.model.layers import LinearWithLoRA
 
         self.clock = Clock(engine.device)
@@ -98,23 +105,23 @@ class StepProfiler:
         self._spans.append((name, self._open_marks.pop(name), self.clock.mark()))
 
     @contextmanager
-    def span(self, name: str):
+    def span(self, name: str) -> Iterator[None]:
         start = self.clock.mark()
         yield
         self._spans.append((name, start, self.clock.mark()))
 
     # wrappers
-    def _timed_schedule(self):
+    def _timed_schedule(self) -> ScheduledBatch:
         t0 = time.perf_counter()
         batch = self._schedule()
         self._host["scheduling"] += time.perf_counter() - t0
         return batch
 
-    def _timed_run(self, batch):
+    def _timed_run(self, batch: ScheduledBatch) -> list:
         with self.span("run"):
             return self._run(batch)
 
-    def _timed_step(self):
+    def _timed_step(self) -> list:
         t0 = time.perf_counter()
         outs = self._step()
         total = time.perf_counter() - t0

@@ -49,7 +49,8 @@ def smoke_runs(tmp_path_factory) -> tuple[Path, dict[str, Future]]:
 
 
 def _check(proc: subprocess.CompletedProcess, name: str) -> None:
-    assert proc.returncode == 0, f"{name} --smoke failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{name} --smoke failed ({proc.returncode}):\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
