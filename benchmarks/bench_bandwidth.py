@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, lora_bytes,
-                    make_workload, release_memory, resolve_device, run_workload, save_result, shrink_config,
-                    write_model_folder, write_peft_adapter)
+                    make_workload, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
+                    shrink_config, write_model_folder, write_peft_adapter)
 
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
@@ -35,10 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--copy-bytes", type=int, default=2 * GIB)
-    args = p.parse_args()
-    if args.smoke:
-        args.prompt_len, args.gen, args.copy_bytes = 32, 8, 64 << 20
-    return args
+    return parse_with_smoke(p, dict(prompt_len=32, gen=8, copy_bytes=64 << 20))
 
 
 def bytes_per_step(engine: Engine, cfg: dict, adapter_rank: int, context: float) -> dict:

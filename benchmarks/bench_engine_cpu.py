@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common import AGENTS, Workload, base_parser, environment, make_workload, run_workload, save_result
+from common import (AGENTS, Workload, base_parser, environment, make_workload, parse_with_smoke, run_workload,
+                    save_result)
 from hf_baseline import generate_grouped, load_hf_peft
 from step_profile import StepProfiler, format_breakdown
 
@@ -39,10 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--max-loras", type=int, default=4, help="adapter slots (the four agents)")
     p.add_argument("--max-lora-rank", type=int, default=32, help="the largest demo adapter rank")
-    args = p.parse_args()
-    if args.smoke:
-        args.requests, args.prompt_len, args.gen, args.rounds = 8, (16, 32), 4, 1
-    return args
+    return parse_with_smoke(p, dict(requests=8, prompt_len=(16, 32), gen=4, rounds=1))
 
 
 def engine_round(engine: Engine, wl: Workload) -> tuple[float, list[list[int]]]:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from common import (QWEN25_7B_INSTRUCT, Workload, base_parser, baseline_availability, device_slug, environment,
-                    make_workload, release_memory, resolve_device, run_workload, save_result, shrink_config,
-                    write_model_folder, write_peft_adapter)
+                    make_workload, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
+                    shrink_config, write_model_folder, write_peft_adapter)
 from step_profile import StepProfiler, format_breakdown
 
 if TYPE_CHECKING:
@@ -58,12 +58,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-adapters", type=int, nargs="*", default=[1, 4, 16],
                    help="uniform N for the transformers+peft baseline (empty: skip it)")
     p.add_argument("--max-seconds", type=float, default=140.0, help="skip what would start after this")
-    args = p.parse_args()
-    if args.smoke:
-        args.batch, args.prompt_len, args.gen, args.adapters = 8, (8, 16), 3, [1, 2, 4, 8]
-        args.slots, args.adapter_files, args.max_num_batched_tokens = 4, 2, 256
-        args.profile, args.hf_adapters = ["none", "uniform-8"], [1, 4]
-    return args
+    return parse_with_smoke(p, dict(batch=8, prompt_len=(8, 16), gen=3, adapters=[1, 2, 4, 8], slots=4,
+                                     adapter_files=2, max_num_batched_tokens=256, profile=["none", "uniform-8"],
+                                     hf_adapters=[1, 4]))
 
 
 def assignments(kind: str, n: int, batch: int, seed: int = 0) -> list[str | None]:
@@ -78,6 +75,12 @@ def assignments(kind: str, n: int, batch: int, seed: int = 0) -> list[str | None
     p = 1.0 / np.arange(1, n + 1)
     picks = np.random.default_rng(seed).choice(n, size=batch, p=p / p.sum())
     return [names[k] for k in picks]
+
+
+def num_names(args: argparse.Namespace) -> int:
+    """Adapter names to load: enough for every run, profiled run and baseline run."""
+    profiled = [int(label.partition("-")[2] or 1) for label in args.profile]
+    return max(args.adapters + profiled + list(args.hf_adapters))
 
 
 def run_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -171,12 +174,13 @@ def main() -> None:
         model_dir = write_model_folder(Path(tmp) / "model", cfg)
         files = [write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i)
                  for i in range(args.adapter_files)]
-        names = {f"lora{i:02d}": files[i % len(files)] for i in range(max(args.adapters))}
+        names = {f"lora{i:02d}": files[i % len(files)] for i in range(num_names(args))}
         base = make_workload(args.batch, tuple(args.prompt_len), (args.gen, args.gen), [None], seed=0)
         t0 = time.perf_counter()
         engine = build_engine(model_dir, names, base, args, device)
         out["engine_build_s"] = time.perf_counter() - t0
-        run_workload(engine, Workload(base.prompts[:4], [2] * 4, assignments("uniform", 4, 4)))   # warm-up
+        warm = min(4, args.batch, num_names(args))
+        run_workload(engine, Workload(base.prompts[:warm], [2] * warm, assignments("uniform", warm, warm)))
         for _ in engine_runs(engine, base, args, deadline, out):
             add_overheads(out["runs"])
             save(args, device, out, complete=False)

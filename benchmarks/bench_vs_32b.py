@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from common import (AGENTS, QWEN25_32B_INSTRUCT, QWEN25_7B_INSTRUCT, base_parser, baseline_availability, cuda_peak,
-                    device_slug, engine_memory, environment, kv_block_bytes, make_workload, release_memory,
-                    reset_cuda_peak, resolve_device, run_workload, save_result, shrink_config, write_model_folder,
-                    write_peft_adapter)
+                    device_slug, engine_memory, environment, kv_block_bytes, make_workload, parse_with_smoke,
+                    release_memory, reset_cuda_peak, resolve_device, run_workload, save_result, shrink_config,
+                    write_model_folder, write_peft_adapter)
 
 BLOCK_SIZE = 16
 METRICS = ("weights_bytes", "lora_slots_bytes", "kv_used_bytes", "peak_allocated_bytes", "ttft_mean_s",
@@ -40,10 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, nargs=2, default=(256, 512), metavar=("MIN", "MAX"))
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=170.0, help="skip the runs that would start after this")
-    args = p.parse_args()
-    if args.smoke:
-        args.prompt_len, args.gen_len = (24, 48), (4, 8)
-    return args
+    return parse_with_smoke(p, dict(prompt_len=(24, 48), gen_len=(4, 8)))
 
 
 def model_specs(args: argparse.Namespace, workdir: Path) -> dict[str, tuple[Path, dict[str, Path]]]:

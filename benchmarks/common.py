@@ -366,6 +366,14 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_smoke(p: argparse.ArgumentParser, smoke_defaults: dict) -> argparse.Namespace:
+    """Parse the command line; with ``--smoke`` the defaults become ``smoke_defaults`` (explicit options win)."""
+    known, _ = p.parse_known_args()
+    if known.smoke:
+        p.set_defaults(**smoke_defaults)
+    return p.parse_args()
+
+
 def resolve_device(args: argparse.Namespace) -> torch.device:
     if args.device:
         return torch.device(args.device)
