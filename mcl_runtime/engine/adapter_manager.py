@@ -10,6 +10,8 @@ import itertools
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
+
 from mcl_runtime.errors import AdapterLoadError, AdapterNotFoundError
 from mcl_runtime.model.decoder import DecoderLM
 from mcl_runtime.model.lora import LoRAAdapter, load_peft_adapter
@@ -26,6 +28,7 @@ class AdapterManager:
         self._slot_of: dict[str, int] = {}
         self._lru: OrderedDict[int, str] = OrderedDict()   # resident slots, least recent first
         self._pins = [0] * num_slots
+        self.slot_ranks = np.zeros(num_slots, dtype=np.int64)  # largest rank of each slot's adapter
         self._unloading: set[str] = set()
         self.num_slot_loads = 0
 
@@ -104,6 +107,7 @@ class AdapterManager:
                     module.set_slot(slot, slices, scaling)
                 else:
                     module.clear_slot(slot)
+        self.slot_ranks[slot] = adapter.rank
         self.num_slot_loads += 1
 
     def _drop(self, name: str) -> None:

@@ -71,7 +71,8 @@ class Engine:
         self.adapter_manager = AdapterManager(self.model, max_loras, max_lora_rank)
         self.scheduler = Scheduler(self.block_manager, self.adapter_manager, max_num_seqs, max_num_batched_tokens)
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
-        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager, max_loras)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager,
+                                  self.adapter_manager.slot_ranks)
         self._eos = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)

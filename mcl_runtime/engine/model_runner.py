@@ -18,12 +18,13 @@ from mcl_runtime.model.decoder import DecoderLM
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, num_slots: int) -> None:
+    def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, slot_ranks: np.ndarray) -> None:
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
         self.bm = block_manager
-        self.num_slots = num_slots
+        self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
+        self.num_slots = len(slot_ranks)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
 
@@ -43,7 +44,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, list[int]]]:
         """Run the step; returns (sequence, sampled tokens) for each sequence that samples
         (more than one token only for the first sample of an ``n > 1`` request)."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: (batch.num_new[i] != 1, batch.seqs[i].slot))
+        # decodes | prefills without cached context | prefills with cached context; by slot within each
+        kinds = [0 if n == 1 else 1 if s.num_computed == 0 else 2 for s, n in zip(batch.seqs, batch.num_new)]
+        order = sorted(range(len(batch.seqs)), key=lambda i: (kinds[i], batch.seqs[i].slot))
         seqs = [batch.seqs[i] for i in order]
         num_new = [batch.num_new[i] for i in order]
         self._copy_blocks()
@@ -54,8 +57,10 @@ class ModelRunner:
             slot_mapping=self._to_device(slot_mapping), block_tables=self._to_device(tables),
             context_lens=self._to_device(ctx_lens), cu_seqlens_q=self._to_device(cu),
             num_decodes=sum(1 for n in num_new if n == 1), max_q_len=max(num_new),
-            max_context_len=int(ctx_lens.max()))
+            max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
+            context_lens_host=ctx_lens, cu_seqlens_q_host=cu)
         lora = self._lora_meta(np.array([s.slot for s in seqs], dtype=np.int64), np.array(num_new, dtype=np.int64))
+        attn.extra["group_bounds"] = list(np.searchsorted(sorted(kinds), [0, 1, 2, 3]))
         self.backend.prepare(attn, lora, self.num_slots)
         ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
         hidden = self.model(self._to_device(input_ids), self._to_device(positions), ctx)
@@ -80,7 +85,8 @@ class ModelRunner:
         token_slots = np.repeat(slots, num_new)
         rows = None if (slots >= 0).all() else self._to_device(np.flatnonzero(token_slots >= 0))
         return LoRAMeta(self._to_device(seg_starts), self._to_device(seg_slots), max_len,
-                        self._to_device(token_slots), rows)
+                        self._to_device(token_slots), rows, int(self.slot_ranks[slots[slots >= 0]].max()),
+                        seg_starts, seg_slots)
 
     def _sampling_batch(self, samplers, seeds_per_seq) -> SamplingBatch:
         params = [s.request.params for _, s in samplers]

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
-        o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn)
+        o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v)
         return self.o_proj(o.reshape(T, -1), ctx)
 
 
