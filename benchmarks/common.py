@@ -11,11 +11,14 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
 import re
 import shutil
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -342,7 +345,7 @@ def device_slug(device: torch.device | str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")[:40]
 
 
-def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool) -> Path | None:
+def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool, announce: bool = True) -> Path | None:
     """Write ``<out_dir>/<name>.json``. A smoke run writes only where ``--out-dir`` says, marked smoke."""
     if smoke and out_dir is None:
         return None
@@ -350,7 +353,8 @@ def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"smoke": smoke, **payload}, indent=2, default=float) + "\n")
-    print(f"wrote {path}")
+    if announce:
+        print(f"wrote {path}")
     return path
 
 
@@ -393,3 +397,60 @@ def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 10) -
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+# ---- Triton kernel benchmarks (bench_attention.py, bench_lora_kernels.py) ---------------------
+def interpret_triton_for_cpu_smoke() -> None:
+    """``--smoke`` without a GPU runs the Triton kernels in its interpreter; call before importing them."""
+    if "--smoke" in sys.argv and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def kernel_parser(doc: str) -> argparse.ArgumentParser:
+    """Options every kernel benchmark takes; ``doc`` is the script's docstring (its first paragraph is shown)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; output to a temp dir")
+    p.add_argument("--out-dir", type=Path, default=None, help="where to write the JSON and PNG")
+    return p
+
+
+def kernel_setup(smoke: bool, has_triton: bool) -> tuple[torch.device, dict]:
+    """The device of a kernel benchmark (CUDA; the CPU only for ``--smoke``) and its environment, printed."""
+    if not has_triton:
+        raise SystemExit("triton is not installed")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise SystemExit("this benchmark needs a CUDA device (use --smoke on CPU)")
+    device = torch.device("cuda" if cuda else "cpu")
+    info = {**environment(device), "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+    print(f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}"
+          + (" (interpreter)" if info["interpreter"] else ""))
+    return device, info
+
+
+def kernel_ms(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Milliseconds per call (CUDA: median of triton's do_bench, L2 flushed; CPU: one wall-clock call)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def kernel_timing(device: torch.device | str) -> str:
+    """How ``kernel_ms`` times on ``device``, for the result's config."""
+    return "triton.testing.do_bench median, L2 flushed" if torch.device(device).type == "cuda" else "wall clock"
+
+
+def save_kernel_result(name: str, payload: dict, out_dir: Path | None, smoke: bool, device: torch.device | str,
+                       plot: Callable[[Path], None]) -> Path:
+    """Write ``<out_dir>/<name>_<device>.json`` and have ``plot`` draw the ``.png`` beside it. A smoke run is
+    ``<name>_smoke``, in a temporary folder unless ``--out-dir`` says where."""
+    if out_dir is None and smoke:
+        out_dir = Path(tempfile.mkdtemp(prefix=f"bench_{name}_smoke_"))
+    path = save_result(f"{name}_{'smoke' if smoke else device_slug(device)}", payload, out_dir, smoke, announce=False)
+    assert path is not None
+    plot(path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}" + (" (smoke run: not a result)" if smoke else ""))
+    return path

@@ -82,10 +82,8 @@ class ModelRunner:
         if not (slots >= 0).any():
             return None
         seg_starts, seg_slots, max_len = lora_segments(slots, num_new)
-        token_slots = np.repeat(slots, num_new)
-        rows = None if (slots >= 0).all() else self._to_device(np.flatnonzero(token_slots >= 0))
         return LoRAMeta(self._to_device(seg_starts), self._to_device(seg_slots), max_len,
-                        self._to_device(token_slots), rows, int(self.slot_ranks[slots[slots >= 0]].max()),
+                        int(self.slot_ranks[slots[slots >= 0]].max()),
                         seg_starts, seg_slots)
 
     def _sampling_batch(self, samplers, seeds_per_seq) -> SamplingBatch:

@@ -1,9 +1,8 @@
 """Per-step batch metadata and the two compute backends (torch reference, Triton kernels).
 
 A step's metadata is built once (by the model runner, then ``backend.prepare``) and shared by every
-layer. Layers call
-``ctx.backend.store_kv / attention / apply_lora``; backends see tensors and metadata, never
-requests.
+layer. Layers call ``ctx.backend.store_kv / attention / apply_lora``; backends see tensors and
+metadata, never requests.
 """
 from __future__ import annotations
 
@@ -34,8 +33,6 @@ class LoRAMeta:
     seg_starts: torch.Tensor     # [nseg + 1] int32 token offsets of same-slot runs
     seg_slots: torch.Tensor      # [nseg] int32, -1 = no adapter
     max_seg_len: int
-    token_slots: torch.Tensor    # [T] int64, -1 = no adapter
-    rows: torch.Tensor | None    # tokens that have an adapter; None = all of them
     max_rank: int                # largest rank among the step's adapters
     seg_starts_host: np.ndarray  # host copies of seg_starts / seg_slots
     seg_slots_host: np.ndarray
@@ -67,8 +64,8 @@ class TorchBackend:
 
     Attention: the step's sequences form at most three padded groups with contiguous tokens
     (decodes; prefill chunks without cached context; prefill chunks with cached context). Keys
-    come from the paged cache through one ``index_select`` per layer, or straight from the new
-    tokens when the group has no cached context. The query heads sharing a KV head are folded
+    come from the paged cache through ``index_select`` into reused buffers, or straight from the
+    new tokens when the group has no cached context. The query heads sharing a KV head are folded
     into the query-length axis, so K/V are never repeated for GQA.
     LoRA: tokens of each adapter segment are cut into tiles of at most ``LORA_TILE`` tokens;
     one gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm").
@@ -191,7 +188,7 @@ class TorchBackend:
         offs = np.arange(int(length.max()))
         valid = offs[None, :] < length[:, None]
         index = np.where(valid, first[:, None] + offs[None, :], first[:, None])
-        dev = lora.token_slots.device
+        dev = lora.seg_starts.device
         return {"tile_index": torch.from_numpy(index.reshape(-1).astype(np.int64)).to(dev),
                 "tile_valid": torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(dev),
                 "tile_slots": torch.from_numpy(lora.seg_slots_host[keep][seg].astype(np.int64)).to(dev),
