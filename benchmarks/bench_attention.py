@@ -17,62 +17,20 @@ to a temporary folder and is not a result.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import random
-import re
-import subprocess
-import sys
-import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-if "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from common import (copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_ms, kernel_parser, kernel_setup,
+                    kernel_timing, save_kernel_result)
+
+interpret_triton_for_cpu_smoke()
 
 from mcl_runtime.kernels import HAS_TRITON, paged_decode_attention, paged_prefill_attention  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_KV_BYTES = 16 << 30
-
-
-def env_info(device: torch.device) -> dict:
-    import triton
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-
-
-def bench(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds per call (CUDA: median of triton's do_bench, L2 flushed; CPU: one call)."""
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """GB/s of a device-to-device copy (bytes read + written)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6
 
 
 def flash_attn_fn():
@@ -129,13 +87,14 @@ def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float) -> list[dict
             sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=True)  # noqa: E731
             diff = (paged().float() - sdpa()[:, :, 0].float()).abs().max().item()
             rec = {"batch": batch, "context": ctx, "bytes": nbytes, "max_abs_diff_vs_sdpa": diff}
-            ms = bench(paged, device)
+            ms = kernel_ms(paged, device)
             rec["paged"] = {"ms": ms, "gbps": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbps}
-            sdpa_ms = bench(sdpa, device)
+            sdpa_ms = kernel_ms(sdpa, device)
             rec["sdpa_contiguous"] = {"ms": sdpa_ms, "gbps": nbytes / sdpa_ms / 1e6, "speedup_paged": sdpa_ms / ms}
             if flash is not None:
                 qf = q[:, None]
-                fl_ms = bench(lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale), device)
+                flash_call = lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale)  # noqa: E731
+                fl_ms = kernel_ms(flash_call, device)
                 rec["flash_attn_contiguous"] = {"ms": fl_ms, "gbps": nbytes / fl_ms / 1e6, "speedup_paged": fl_ms / ms}
             else:
                 rec["flash_attn_contiguous"] = "not installed"
@@ -167,7 +126,7 @@ def prefill_sweep(cfg: dict, device: torch.device) -> list[dict]:
         sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4, scale=scale, is_causal=True,  # noqa: E731
                                                       enable_gqa=True)
         diff = (paged().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()
-        ms, sdpa_ms = bench(paged, device), bench(sdpa, device)
+        ms, sdpa_ms = kernel_ms(paged, device), kernel_ms(sdpa, device)
         records.append({"q_len": n, "flops": flops, "max_abs_diff_vs_sdpa": diff,
                         "paged": {"ms": ms, "tflops": flops / ms / 1e9},
                         "sdpa_contiguous": {"ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9, "speedup_paged": sdpa_ms / ms}})
@@ -208,18 +167,10 @@ def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; output to a temp dir")
-    ap.add_argument("--out-dir", type=Path, default=None, help="where to write the JSON and PNG")
+    ap = kernel_parser(__doc__)
     ap.add_argument("--batches", default=None, help="comma-separated decode batch sizes")
     ap.add_argument("--contexts", default=None, help="comma-separated decode context lengths")
     args = ap.parse_args()
-    if not HAS_TRITON:
-        raise SystemExit("triton is not installed")
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("this benchmark needs a CUDA device (use --smoke on CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
         cfg = dict(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.bfloat16,
                    batches=[1, 3], contexts=[40], prefill_lens=[24], copy_bytes=1 << 24)
@@ -231,29 +182,20 @@ def main() -> None:
         cfg["batches"] = [int(b) for b in args.batches.split(",")]
     if args.contexts:
         cfg["contexts"] = [int(c) for c in args.contexts.split(",")]
-    info = env_info(device)
-    print(f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}"
-          + (" (interpreter)" if info["interpreter"] else ""))
-    copy_gbps = copy_bandwidth(device, cfg["copy_bytes"])
+    device, info = kernel_setup(args.smoke, HAS_TRITON)
+    copy_gbps = copy_bandwidth(device, cfg["copy_bytes"]) / 1e9
     print(f"device copy bandwidth: {copy_gbps:.1f} GB/s")
     decode = decode_sweep(cfg, device, copy_gbps)
     prefill = prefill_sweep(cfg, device)
     flash_status = "installed" if flash_attn_fn() is not None else "not installed"
 
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_attention_smoke_")) if args.smoke
-                               else ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "_", info["device"].lower()).strip("_")
-    report = {"benchmark": "attention", "smoke": args.smoke, **info, "flash_attn": flash_status,
-              "config": {**cfg, "dtype": str(cfg["dtype"]),
-                         "timing": "triton.testing.do_bench median, L2 flushed" if cuda else "wall clock"},
+    report = {"benchmark": "attention", **info, "flash_attn": flash_status,
+              "config": {**cfg, "dtype": str(cfg["dtype"]), "timing": kernel_timing(device)},
               "copy_bandwidth_gbps": copy_gbps, "decode": decode, "prefill": prefill}
-    json_path = out_dir / f"attention_{slug}.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
     title = (f"paged attention, Qwen2.5-7B heads (28/4 x 128), bf16, block 16: {info['device']}" if not args.smoke
              else f"SMOKE RUN, tiny shapes, not a result ({info['device']})")
-    plot(decode, prefill, copy_gbps, title, out_dir / f"attention_{slug}.png")
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}" + (" (smoke run: not a result)" if args.smoke else ""))
+    save_kernel_result("attention", report, args.out_dir, args.smoke, device,
+                       lambda png: plot(decode, prefill, copy_gbps, title, png))
 
 
 if __name__ == "__main__":
