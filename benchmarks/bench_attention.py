@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_ms, kernel_parser, kernel_setup,
-                    kernel_timing, save_kernel_result)
+from common import (copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser,
+                    kernel_setup, kernel_timing, save_figure, save_kernel_result)
 
 interpret_triton_for_cpu_smoke()
 
@@ -93,8 +93,7 @@ def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float) -> list[dict
             rec["sdpa_contiguous"] = {"ms": sdpa_ms, "gbps": nbytes / sdpa_ms / 1e6, "speedup_paged": sdpa_ms / ms}
             if flash is not None:
                 qf = q[:, None]
-                flash_call = lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale)  # noqa: E731
-                fl_ms = kernel_ms(flash_call, device)
+                fl_ms = kernel_ms(lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale), device)
                 rec["flash_attn_contiguous"] = {"ms": fl_ms, "gbps": nbytes / fl_ms / 1e6, "speedup_paged": fl_ms / ms}
             else:
                 rec["flash_attn_contiguous"] = "not installed"
@@ -138,11 +137,7 @@ def prefill_sweep(cfg: dict, device: torch.device) -> list[dict]:
 
 
 def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = kernel_figure(2, (13, 4.8))
     done = [r for r in decode if "paged" in r]
     for i, batch in enumerate(sorted({r["batch"] for r in done})):
         rows = [r for r in done if r["batch"] == batch]
@@ -160,10 +155,7 @@ def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, 
                      label="SDPA causal (contiguous)")
     axes[1].set(xscale="log", xlabel="tokens (one sequence)", ylabel="TFLOP/s", title="prefill attention")
     axes[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main() -> None:

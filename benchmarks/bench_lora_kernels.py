@@ -19,58 +19,25 @@ goes to a temporary folder and is not a result.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import random
-import re
-import subprocess
 import sys
-import tempfile
-import time
 import zlib
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-if "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from common import (interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser, kernel_setup,
+                    kernel_timing, save_figure, save_kernel_result)
+
+interpret_triton_for_cpu_smoke()
 
 from mcl_runtime.kernels import HAS_TRITON, lora_apply  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PROJECTIONS = {"qkv": (3584, (3584, 512, 512)), "o": (3584, (3584,)),
                "gate_up": (3584, (18944, 18944)), "down": (18944, (3584,))}
 SMOKE_PROJECTIONS = {"qkv": (64, (32, 16, 16)), "down": (96, (48,))}
 POPULARITY = ("uniform", "zipf", "identical")
 MAX_GATHER_BYTES = 16 << 30
-
-
-def env_info(device: torch.device) -> dict:
-    import triton
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-
-
-def bench(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds per call (CUDA: median of triton's do_bench, L2 flushed; CPU: one call)."""
-    if device.type == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def token_slots(popularity: str, num_tokens: int, num_adapters: int, rng: random.Random) -> list[int]:
@@ -202,8 +169,8 @@ def overhead_at_batch(projections: dict[str, Projection], batch: int, num_adapte
     for name, proj in projections.items():
         case = Case(proj, token_slots("uniform", batch, num_adapters, rng), dtype, device)
         w = torch.randn(proj.offsets[-1], proj.hidden, device=device, dtype=dtype) / proj.hidden ** 0.5
-        base_ms = bench(lambda: case.x @ w.T, device)
-        lora_ms = bench(case.sgmv, device)
+        base_ms = kernel_ms(lambda: case.x @ w.T, device)
+        lora_ms = kernel_ms(case.sgmv, device)
         out["projections"][name] = {"base_ms": base_ms, "lora_ms": lora_ms, "overhead": lora_ms / base_ms}
         base_total += base_ms
         lora_total += lora_ms
@@ -213,11 +180,7 @@ def overhead_at_batch(projections: dict[str, Projection], batch: int, num_adapte
 
 
 def plot(records: list[dict], overhead: dict, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = kernel_figure(3, (17, 4.8))
     sel = [r for r in records if r["projection"] == "qkv" and r["popularity"] == "uniform"]
     adapters = sorted({r["adapters"] for r in sel})
     pick = 4 if 4 in adapters else adapters[-1]
@@ -242,27 +205,16 @@ def plot(records: list[dict], overhead: dict, title: str, path: Path) -> None:
     axes[2].set(ylabel="LoRA time / base linear time (%)",
                 title=f"overhead at batch {overhead['batch']}, {overhead['adapters']} adapters "
                       f"(layer: {100 * overhead['overhead']:.0f}%)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; output to a temp dir")
-    ap.add_argument("--out-dir", type=Path, default=None, help="where to write the JSON and PNG")
+    ap = kernel_parser(__doc__)
     ap.add_argument("--tokens", default=None, help="comma-separated token counts")
     ap.add_argument("--adapters", default=None, help="comma-separated adapter counts")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--max-rank", type=int, default=64)
     args = ap.parse_args()
-    if not HAS_TRITON:
-        raise SystemExit("triton is not installed")
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        raise SystemExit("this benchmark needs a CUDA device (use --smoke on CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16
     if args.smoke:
         shapes, tokens, adapters, rank, max_rank = SMOKE_PROJECTIONS, [1, 8], [4], 8, 16
@@ -275,9 +227,7 @@ def main() -> None:
     if args.adapters:
         adapters = [int(a) for a in args.adapters.split(",")]
     num_slots = max(16, max(adapters))
-    info = env_info(device)
-    print(f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}"
-          + (" (interpreter)" if info["interpreter"] else ""))
+    device, info = kernel_setup(args.smoke, HAS_TRITON)
     libs = other_libraries()
     print("other LoRA kernels: " + ", ".join(f"{k}: {v}" for k, v in libs.items()))
 
@@ -295,12 +245,12 @@ def main() -> None:
                            "adapters_used": case.num_used, "segments": len(case.segments),
                            "max_abs_diff_vs_loop": check_same(case, dtype)}
                     nbytes, flops = case.traffic_and_flops()
-                    ms = bench(case.sgmv, device)
+                    ms = kernel_ms(case.sgmv, device)
                     rec["sgmv"] = {"ms": ms, "gbps": nbytes / ms / 1e6, "tflops": flops / ms / 1e9,
                                    "bytes": nbytes, "flops": flops}
-                    rec["torch_loop"] = {"ms": bench(case.torch_loop, device)}
+                    rec["torch_loop"] = {"ms": kernel_ms(case.torch_loop, device)}
                     if case.gather_bytes() <= MAX_GATHER_BYTES:
-                        rec["gather_bmm"] = {"ms": bench(case.gather_bmm, device)}
+                        rec["gather_bmm"] = {"ms": kernel_ms(case.gather_bmm, device)}
                     else:
                         rec["gather_bmm"] = f"skipped: gathers {case.gather_bytes() / 2**30:.1f} GiB"
                     for base in ("torch_loop", "gather_bmm"):
@@ -321,25 +271,18 @@ def main() -> None:
           + f"; whole layer {100 * overhead['overhead']:.0f}% "
             f"({overhead['lora_ms']:.3f} ms LoRA vs {overhead['base_ms']:.3f} ms base)")
 
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_lora_smoke_")) if args.smoke
-                               else ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "_", info["device"].lower()).strip("_")
-    report = {"benchmark": "lora_kernels", "smoke": args.smoke, **info,
+    report = {"benchmark": "lora_kernels", **info,
               "config": {"dtype": str(dtype), "rank": rank, "max_rank": max_rank, "num_slots": num_slots,
                          "projections": {k: {"hidden": v[0], "slices": list(v[1])} for k, v in shapes.items()},
-                         "tokens": tokens, "adapters": adapters,
-                         "timing": "triton.testing.do_bench median, L2 flushed" if cuda else "wall clock",
+                         "tokens": tokens, "adapters": adapters, "timing": kernel_timing(device),
                          "baselines": "rank-trimmed weights; gather_bmm skipped above "
                                       f"{MAX_GATHER_BYTES >> 30} GiB of gathered weights"},
               "other_libraries": libs, "results": records, "overhead": overhead}
-    json_path = out_dir / f"lora_kernels_{slug}.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
     title = f"SGMV LoRA kernels, Qwen2.5-7B shapes, rank {rank}, {dtype}: {info['device']}"
     if args.smoke:
         title = f"SMOKE RUN, tiny shapes, not a result ({info['device']})"
-    plot(records, overhead, title, out_dir / f"lora_kernels_{slug}.png")
-    print(f"wrote {json_path} and {json_path.with_suffix('.png')}" + (" (smoke run: not a result)" if args.smoke else ""))
+    save_kernel_result("lora_kernels", report, args.out_dir, args.smoke, device,
+                       lambda png: plot(records, overhead, title, png))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Writes ``benchmarks/results/pipeline_<setup>_<device>.json`` (``--smoke``: only 
 from __future__ import annotations
 
 import asyncio
-import gc
 import math
 import tempfile
 import time
@@ -35,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import (QWEN25_7B_INSTRUCT, base_parser, environment, save_result, shrink_config, write_model_folder,
-                    write_peft_adapter)
+from common import (QWEN25_7B_INSTRUCT, base_parser, environment, release_memory, save_result, shrink_config,
+                    write_model_folder, write_peft_adapter)
 from hf_baseline import generate_grouped, load_hf_peft
 
 from mcl_runtime.agents import prompts
@@ -97,12 +96,6 @@ async def _run_ours(aengine, workload: list[list[Call]], workers: int) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
     return time.perf_counter() - start
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def run_ours(engine_kwargs: dict, workload: list[list[Call]], workers: int) -> dict:

@@ -443,6 +443,24 @@ def kernel_timing(device: torch.device | str) -> str:
     return "triton.testing.do_bench median, L2 flushed" if torch.device(device).type == "cuda" else "wall clock"
 
 
+def kernel_figure(ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure with one row of ``ncols`` plots (Agg backend: no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def save_figure(fig: Any, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_kernel_result(name: str, payload: dict, out_dir: Path | None, smoke: bool, device: torch.device | str,
                        plot: Callable[[Path], None]) -> Path:
     """Write ``<out_dir>/<name>_<device>.json`` and have ``plot`` draw the ``.png`` beside it. A smoke run is
