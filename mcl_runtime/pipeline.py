@@ -23,12 +23,15 @@ from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def parse_pairs(values: list[str], flag: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """``NAME=VALUE`` command-line values as a dict; ``names`` restricts the NAMEs."""
     pairs = {}
     for value in values:
         name, sep, target = value.partition("=")
         if not sep or not name or not target:
             raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
+        if names is not None and name not in names:
+            raise SystemExit(f"{flag}: unknown agent {name!r}; agents are {', '.join(names)}")
         pairs[name] = target
     return pairs
 
@@ -80,12 +83,12 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
     from mcl_runtime import AsyncEngine, Engine
 
     if args.model:
-        model, adapters = args.model, _pairs(args.lora, "--lora")
+        model, adapters = args.model, parse_pairs(args.lora, "--lora")
     else:
         from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
 
         model, adapters = str(demo_model_dir() / "base"), {k: str(v) for k, v in demo_adapter_dirs().items()}
-        adapters.update(_pairs(args.lora, "--lora"))
+        adapters.update(parse_pairs(args.lora, "--lora"))
     engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype)
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
@@ -132,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     if args.t < 0 or (args.limit is not None and args.limit < 0):
         raise SystemExit("--t and --limit must not be negative")
-    names = _pairs(args.agent_model, "--agent-model")
+    names = parse_pairs(args.agent_model, "--agent-model")
     _check_agent_names(names)
-    _pairs(args.lora, "--lora")
+    parse_pairs(args.lora, "--lora")
     summary = asyncio.run(_run(args, names))
     print(json.dumps(summary, indent=2))
     print(f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "

@@ -23,21 +23,14 @@ from mcl_runtime.agents.judge import Judge
 from mcl_runtime.agents.mapcoder import MapCoderConfig
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
+from mcl_runtime.pipeline import parse_pairs
 from mcl_runtime.train.clients import Endpoint, RoutedClient, TolerantClient
 
 PROG = "python -m mcl_runtime.train"
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, target = value.partition("=")
-        if not sep or not name or not target:
-            raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
-        if name not in AGENTS:
-            raise SystemExit(f"{flag}: unknown agent {name!r}; agents are {', '.join(AGENTS)}")
-        pairs[name] = target
-    return pairs
+    return parse_pairs(values, flag, tuple(AGENTS))
 
 
 def _teacher_args(p: argparse.ArgumentParser, required: bool) -> None:
