@@ -56,8 +56,8 @@ class ProfilingBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None, num_slots: int) -> None:
-        self.inner.prepare(attn, lora, num_slots)
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
+        self.inner.prepare(attn, lora)
 
     def store_kv(self, *args) -> None:
         with self.prof.span("attention"):

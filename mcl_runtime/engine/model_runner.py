@@ -24,7 +24,6 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.bm = block_manager
         self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
-        self.num_slots = len(slot_ranks)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
 
@@ -56,12 +55,11 @@ class ModelRunner:
         attn = AttentionMeta(
             slot_mapping=self._to_device(slot_mapping), block_tables=self._to_device(tables),
             context_lens=self._to_device(ctx_lens), cu_seqlens_q=self._to_device(cu),
-            num_decodes=sum(1 for n in num_new if n == 1), max_q_len=max(num_new),
+            group_bounds=[int(b) for b in np.searchsorted(sorted(kinds), [0, 1, 2, 3])], max_q_len=max(num_new),
             max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
             context_lens_host=ctx_lens, cu_seqlens_q_host=cu)
         lora = self._lora_meta(np.array([s.slot for s in seqs], dtype=np.int64), np.array(num_new, dtype=np.int64))
-        attn.extra["group_bounds"] = list(np.searchsorted(sorted(kinds), [0, 1, 2, 3]))
-        self.backend.prepare(attn, lora, self.num_slots)
+        self.backend.prepare(attn, lora)
         ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
         hidden = self.model(self._to_device(input_ids), self._to_device(positions), ctx)
 

@@ -19,13 +19,18 @@ class AttentionMeta:
     block_tables: torch.Tensor   # [B, M] int32
     context_lens: torch.Tensor   # [B] int32, new tokens included
     cu_seqlens_q: torch.Tensor   # [B + 1] int32
-    num_decodes: int             # the first num_decodes sequences have one query token
+    group_bounds: list[int]      # [0, d, d + p, B]: decodes (one query token each) | prefill chunks
+                                 # without cached context | prefill chunks with cached context
     max_q_len: int
     max_context_len: int
     block_size: int
     context_lens_host: np.ndarray  # [B] host copies of context_lens and cu_seqlens_q, so that
     cu_seqlens_q_host: np.ndarray  # [B + 1] shapes are known without device syncs
     extra: dict = field(default_factory=dict)  # backend-specific tensors built in prepare()
+
+    @property
+    def num_decodes(self) -> int:
+        return self.group_bounds[1]
 
 
 @dataclass
@@ -87,8 +92,8 @@ class TorchBackend:
             buf = self._workspace[name] = torch.empty(grown, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
 
-    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None, num_slots: int) -> None:
-        bounds = attn.extra.get("group_bounds") or [0, attn.num_decodes, len(attn.context_lens_host)]
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
+        bounds = attn.group_bounds
         attn.extra["groups"] = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
         if lora is not None:
             lora.extra.update(self._lora_tiles(lora))
@@ -220,7 +225,7 @@ class TritonBackend(TorchBackend):
         from mcl_runtime import kernels
         self.k = kernels
 
-    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None, num_slots: int) -> None:
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         pass
 
     def store_kv(self, k, v, k_cache, v_cache, attn: AttentionMeta) -> None:
