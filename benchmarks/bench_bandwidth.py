@@ -2,7 +2,8 @@
 
     python benchmarks/bench_bandwidth.py [--smoke] [--out-dir DIR]
 
-Qwen2.5-7B-Instruct shapes, random bf16 weights (``load_format="dummy"``), one request at a time
+Qwen2.5-7B-Instruct shapes (``--shape``: also Qwen2.5-Coder-7B-Instruct,
+Qwen3-8B), random bf16 weights (``load_format="dummy"``), one request at a time
 (prompt ``--prompt-len`` tokens, ``--gen`` tokens, greedy), without an adapter and with one rank-32
 adapter on all seven projections. Bytes a decode step must read: every weight once (the embedding
 table only for its one row, unless tied to the lm_head), the adapter's A and B (its rank only), and
@@ -19,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import (GIB, QWEN25_7B_INSTRUCT, base_parser, copy_bandwidth, device_slug, environment, lora_bytes,
-                    make_workload, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
-                    shrink_config, write_model_folder, write_peft_adapter)
+from common import (GIB, add_shape_option, base_parser, copy_bandwidth, device_slug, environment, lora_bytes,
+                    make_workload, model_shape, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
+                    write_model_folder, write_peft_adapter)
 
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
@@ -31,6 +32,7 @@ BLOCK_SIZE = 16
 
 def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
+    add_shape_option(p)
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--rank", type=int, default=32)
@@ -68,7 +70,7 @@ def main() -> None:
     device = resolve_device(args)
     from mcl_runtime import Engine
 
-    cfg = shrink_config(QWEN25_7B_INSTRUCT) if args.smoke else QWEN25_7B_INSTRUCT
+    cfg = model_shape(args)
     with tempfile.TemporaryDirectory(prefix="mcl_bw_") as tmp:
         model_dir = write_model_folder(Path(tmp) / "model", cfg)
         adapter = write_peft_adapter(Path(tmp) / "lora", cfg, args.rank, 2 * args.rank)
@@ -88,7 +90,7 @@ def main() -> None:
               f"{100 * r['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     save_result(f"bandwidth_{device_slug(device)}", {
         "benchmark": "bandwidth", "env": environment(device),
-        "config": {"model": "Qwen2.5-7B-Instruct config" + (" (shrunk for smoke)" if args.smoke else ""),
+        "config": {"model": f"{args.shape} config" + (" (shrunk for smoke)" if args.smoke else ""),
                    "weights": "random (load_format=dummy)", "dtype": args.dtype, "backend": backend,
                    "prompt_len": args.prompt_len, "gen_tokens": args.gen, "rank": args.rank,
                    "copy_bytes": args.copy_bytes, "copy_bandwidth_counts": "read + write"},

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_multi_lora.py [--smoke] [--out-dir DIR]
 
-Qwen2.5-7B-Instruct shapes, random bf16 weights (``load_format="dummy"``), rank-32 PEFT adapters on all
+Qwen2.5-7B-Instruct shapes (``--shape``: also Qwen2.5-Coder-7B-Instruct,
+Qwen3-8B), random bf16 weights (``load_format="dummy"``), rank-32 PEFT adapters on all
 seven projections, ``--slots`` adapter slots (16): beyond that the engine evicts (LRU) and a request
 waits for a slot. One batch of ``--batch`` requests (prompts ``--prompt-len``, exactly ``--gen`` tokens,
 greedy) submitted at once; prefix caching off and the same prompts in every run, so runs differ only
@@ -32,9 +33,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from common import (QWEN25_7B_INSTRUCT, Workload, base_parser, baseline_availability, device_slug, environment,
-                    make_workload, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
-                    shrink_config, write_model_folder, write_peft_adapter)
+from common import (Workload, add_shape_option, base_parser, baseline_availability, device_slug, environment,
+                    make_workload, model_shape, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
+                    write_model_folder, write_peft_adapter)
 from step_profile import StepProfiler, format_breakdown
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ BLOCK_SIZE = 16
 
 def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
+    add_shape_option(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=(256, 512), metavar=("MIN", "MAX"))
     p.add_argument("--gen", type=int, default=32)
@@ -170,7 +172,7 @@ def main() -> None:
     deadline = start + args.max_seconds
     out = {"runs": [], "breakdown": {}, "hf": [], "skipped": []}
     with tempfile.TemporaryDirectory(prefix="mcl_multilora_") as tmp:
-        cfg = shrink_config(QWEN25_7B_INSTRUCT) if args.smoke else QWEN25_7B_INSTRUCT
+        cfg = model_shape(args)
         model_dir = write_model_folder(Path(tmp) / "model", cfg)
         files = [write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i)
                  for i in range(args.adapter_files)]
@@ -194,7 +196,7 @@ def main() -> None:
 def save(args: argparse.Namespace, device: torch.device, out: dict, complete: bool) -> None:
     save_result(f"multi_lora_{device_slug(device)}", {
         "benchmark": "multi_lora", "env": environment(device), "complete": complete,
-        "config": {"model": "Qwen2.5-7B-Instruct config" + (" (shrunk for smoke)" if args.smoke else ""),
+        "config": {"model": f"{args.shape} config" + (" (shrunk for smoke)" if args.smoke else ""),
                    "weights": "random (load_format=dummy)", "dtype": args.dtype, "batch": args.batch,
                    "prompt_len": list(args.prompt_len), "gen_tokens": args.gen, "rank": args.rank,
                    "slots": args.slots, "adapters": args.adapters, "adapter_files": args.adapter_files,

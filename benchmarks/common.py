@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 import torch
 
+from mcl_runtime.model.arch import BY_NAME, PROJECTION_NAMES
+from mcl_runtime.model.config import parse_config
+
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
     from mcl_runtime.engine.scheduler import ScheduledBatch
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 GIB = 1 << 30
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = PROJECTION_NAMES
 AGENTS = ("retrieval", "planning", "coding", "debugging")
 
 # config.json of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-32B-Instruct, as published.
@@ -51,6 +54,21 @@ QWEN25_32B_INSTRUCT = {
     **QWEN25_7B_INSTRUCT, "hidden_size": 5120, "intermediate_size": 27648, "max_window_layers": 70,
     "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8,
 }
+# Qwen/Qwen2.5-Coder-7B-Instruct publishes the same shapes as Qwen2.5-7B-Instruct.
+QWEN25_CODER_7B_INSTRUCT = dict(QWEN25_7B_INSTRUCT)
+# config.json of Qwen/Qwen3-8B, as published: q/k norms, head_dim 128 (not hidden / heads), no qkv bias.
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
+    "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+# Shapes the load_format="dummy" benchmarks take (``--shape``).
+MODEL_SHAPES = {"qwen2.5-7b-instruct": QWEN25_7B_INSTRUCT, "qwen2.5-coder-7b-instruct": QWEN25_CODER_7B_INSTRUCT,
+                "qwen3-8b": QWEN3_8B, "qwen2.5-32b-instruct": QWEN25_32B_INSTRUCT}
 SMOKE_VOCAB = 1024   # above the demo tokenizer's 512 ids
 
 
@@ -62,7 +80,8 @@ def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vo
     while heads % kv:
         kv -= 1
     layers = max(1, round(cfg["num_hidden_layers"] / depth_div))
-    return {**cfg, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+    head_dim = {"head_dim": 16} if cfg.get("head_dim") else {}
+    return {**cfg, **head_dim, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
             "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
             "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab,
             "bos_token_id": 509, "eos_token_id": 511}   # the demo tokenizer's ids
@@ -82,12 +101,8 @@ def write_model_folder(folder: Path, cfg: dict) -> Path:
 
 
 def lora_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) of each LoRA-targetable projection of a Qwen2/Llama config."""
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    d = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    """(in, out) of each LoRA-targetable projection of a config.json's contents."""
+    return parse_config(cfg).projection_shapes()
 
 
 def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64, seed: int = 0,
@@ -102,8 +117,7 @@ def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64,
     for layer in range(cfg["num_hidden_layers"]):
         for proj in targets:
             fan_in, fan_out = shapes[proj]
-            parent = "self_attn" if proj in ALL_LINEAR[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            key = f"base_model.model.model.layers.{layer}.{BY_NAME[proj].parent}.{proj}"
             tensors[f"{key}.lora_A.weight"] = (torch.rand(rank, fan_in, generator=gen) - 0.5).mul_(0.02).to(dtype)
             tensors[f"{key}.lora_B.weight"] = (torch.rand(fan_out, rank, generator=gen) - 0.5).mul_(0.02).to(dtype)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
@@ -368,6 +382,17 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
                    help="default: triton on cuda, torch on cpu")
     p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
     return p
+
+
+def add_shape_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="qwen2.5-7b-instruct", choices=sorted(MODEL_SHAPES),
+                   help="published model shapes of the random-weight (load_format='dummy') model")
+
+
+def model_shape(args: argparse.Namespace) -> dict:
+    """config.json contents of ``--shape``, shrunk with ``--smoke``."""
+    cfg = MODEL_SHAPES[args.shape]
+    return shrink_config(cfg) if args.smoke else dict(cfg)
 
 
 def parse_with_smoke(p: argparse.ArgumentParser, smoke_defaults: dict) -> argparse.Namespace:

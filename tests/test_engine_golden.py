@@ -21,7 +21,9 @@ def _prompts() -> list[list[int]]:
 
 PROMPTS = _prompts()
 NAMES = {"qwen2": ["a4", None, "a8", "a16", "a4", None, "a8", "a16", "a4", "a8", None],
-         "llama": ["l8", None, "l16", "l8", None, "l16", "l8", None, "l8", "l16", None]}
+         "llama": ["l8", None, "l16", "l8", None, "l16", "l8", None, "l8", "l16", None],
+         "qwen3": ["q8", None, "q4", "q8", None, "q4", "q8", None, "q8", "q4", None],
+         "mistral": ["m8", "m16", None, "m8", "m16", None, "m8", None, "m8", "m16", None]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,9 +32,9 @@ def _reference(family: str, base, adapters_items) -> tuple[tuple[int, ...], ...]
     return tuple(map(tuple, outs))
 
 
-@pytest.fixture(params=["qwen2", "llama"])
-def family(request, qwen_family, llama_family):
-    base, adapters = qwen_family if request.param == "qwen2" else llama_family
+@pytest.fixture(params=list(NAMES))
+def family(request, model_family):
+    base, adapters = model_family(request.param)
     ref = _reference(request.param, base, tuple(sorted(adapters.items())))
     return request.param, base, adapters, [list(r) for r in ref]
 
@@ -52,6 +54,7 @@ def test_golden_mixed_batch(family):
     assert len({tuple(tokens[i]) for i in (8, 9, 10)}) == 3
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"], indirect=True)  # batching is architecture-blind
 @pytest.mark.parametrize("knobs", [
     dict(block_size=1, kv_cache_blocks=4096),
     dict(block_size=16, kv_cache_blocks=64),

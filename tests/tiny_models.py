@@ -1,4 +1,4 @@
-"""Tiny random-weight Qwen2 / Llama models and PEFT adapters, saved the way transformers and peft
+"""Tiny random-weight Qwen2 / Llama / Qwen3 / Mistral models and PEFT adapters, saved the way transformers and peft
 save them, plus the HF reference generation the engine is compared against."""
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mcl_runtime.model.arch import ARCHITECTURES
+
+# What each tiny model sets beyond the common shapes: Qwen3 with a head_dim that is not hidden // heads,
+# Mistral with a sliding window no shorter than its context (so full attention is exact).
+ARCH_KWARGS = {"qwen2": dict(rope_theta=1e6), "llama": dict(rope_theta=5e5),
+               "qwen3": dict(rope_theta=1e6, head_dim=32), "mistral": dict(rope_theta=1e6, sliding_window=512)}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -38,7 +44,7 @@ def write_byte_tokenizer(folder: Path) -> int:
 
 def make_model(folder: Path, arch: str = "qwen2", seed: int = 0, tie: bool = False, std: float = 0.25) -> Path:
     """Save a tiny random model (HF layout + tokenizer) into ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_byte_tokenizer(folder)
@@ -47,14 +53,13 @@ def make_model(folder: Path, arch: str = "qwen2", seed: int = 0, tie: bool = Fal
                   rms_norm_eps=1e-6, tie_word_embeddings=tie, initializer_range=std,
                   eos_token_id=vocab - 1, bos_token_id=None, pad_token_id=vocab - 3)
     torch.manual_seed(seed)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1e6, **common))
-        with torch.no_grad():  # Qwen2's qkv biases are initialised to zero: make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, std)
-    else:
-        model = LlamaForCausalLM(LlamaConfig(rope_theta=5e5, **common))
+    hf_class = ARCHITECTURES[arch].hf_class
+    config = getattr(transformers, hf_class.replace("ForCausalLM", "Config"))(**common, **ARCH_KWARGS[arch])
+    model = getattr(transformers, hf_class)(config)
+    with torch.no_grad():  # biases and q/k norms are initialised to zeros / ones: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.normal_(1.0 if name.endswith("norm.weight") else 0.0, std)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

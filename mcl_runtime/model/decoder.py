@@ -1,4 +1,4 @@
-"""Qwen2 / Llama decoder over a flattened batch with a paged KV cache and per-token LoRA.
+"""Qwen2 / Llama / Qwen3 / Mistral decoder over a flattened batch with a paged KV cache and per-token LoRA.
 
 ``forward(input_ids [T], ctx)`` runs every token of a step (prefill chunks and decodes of all
 adapters together); ``ctx`` carries the step's metadata and the backend (torch or triton).
@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcl_runtime.model.arch import FUSED
 from mcl_runtime.model.config import ModelConfig
 from mcl_runtime.model.layers import LinearWithLoRA, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
-# Projection name -> (module attribute, slice index) for the fused projections.
-LORA_TARGETS = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    "down_proj": ("down_proj", 0),
-}
+
+def fused_linear(cfg: ModelConfig, fused: str, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> LinearWithLoRA:
+    """The fused module ``fused`` of ``arch.FUSED``: its slices' sizes and bias from the config."""
+    parts = FUSED[fused]
+    return LinearWithLoRA(getattr(cfg, parts[0].fan_in), [getattr(cfg, p.fan_out) for p in parts],
+                          getattr(cfg, parts[0].bias), num_slots, max_rank, dtype, device)
 
 
 class Attention(nn.Module):
@@ -28,15 +29,20 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
-        self.qkv_proj = LinearWithLoRA(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], cfg.qkv_bias,
-                                       num_slots, max_rank, dtype, device)
-        self.o_proj = LinearWithLoRA(cfg.q_size, [cfg.hidden_size], cfg.o_bias, num_slots, max_rank, dtype, device)
+        self.qkv_proj = fused_linear(cfg, "qkv_proj", num_slots, max_rank, dtype, device)
+        self.o_proj = fused_linear(cfg, "o_proj", num_slots, max_rank, dtype, device)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x, ctx).split(self.qkv_proj.out_sizes, dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
@@ -47,9 +53,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = LinearWithLoRA(cfg.hidden_size, [inter, inter], cfg.mlp_bias, num_slots, max_rank, dtype, device)
-        self.down_proj = LinearWithLoRA(inter, [cfg.hidden_size], cfg.mlp_bias, num_slots, max_rank, dtype, device)
+        self.gate_up_proj = fused_linear(cfg, "gate_up_proj", num_slots, max_rank, dtype, device)
+        self.down_proj = fused_linear(cfg, "down_proj", num_slots, max_rank, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, ctx).chunk(2, dim=-1)
@@ -88,9 +93,26 @@ class DecoderLM(nn.Module):
                              persistent=False)
 
     def lora_modules(self, layer_idx: int) -> dict[str, LinearWithLoRA]:
+        """The fused modules of a layer by ``arch.FUSED`` name."""
         layer = self.layers[layer_idx]
-        return {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
-                "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+        return {fused: getattr(getattr(layer, parts[0].parent), fused) for fused, parts in FUSED.items()}
+
+    def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """Checkpoint tensor name -> the parameter it fills (and the rows of a fused one)."""
+        table: dict[str, tuple[torch.Tensor, slice | None]] = {
+            f"model.{name}.weight": (module.weight, None) for name, module in self.named_modules()
+            if isinstance(module, (RMSNorm, nn.Embedding))}
+        if not self.config.tie_word_embeddings:
+            table["lm_head.weight"] = (self.lm_head_weight, None)
+        for i in range(len(self.layers)):
+            for fused, module in self.lora_modules(i).items():
+                for p in FUSED[fused]:
+                    rows = slice(module.offsets[p.index], module.offsets[p.index + 1])
+                    key = f"model.layers.{i}.{p.parent}.{p.name}"
+                    table[key + ".weight"] = (module.weight, rows)
+                    if module.bias is not None:
+                        table[key + ".bias"] = (module.bias, rows)
+        return table
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm."""

@@ -15,12 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from mcl_runtime.errors import AdapterLoadError
+from mcl_runtime.hub import resolve_path
+from mcl_runtime.model.arch import BY_NAME, FUSED
 from mcl_runtime.model.config import ModelConfig
-from mcl_runtime.model.decoder import LORA_TARGETS
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 # One fused module's slices: (A [r, in], B [out_j, r]) or None, and the module's scaling.
 ModuleLoRA = tuple[list[tuple[torch.Tensor, torch.Tensor] | None], float]
@@ -32,13 +31,6 @@ class LoRAAdapter:
     path: Path
     rank: int                                   # largest rank over modules
     layers: list[dict[str, ModuleLoRA]]         # per layer: fused module name -> slices
-
-
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each targetable projection."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"q_proj": (h, cfg.q_size), "k_proj": (h, cfg.kv_size), "v_proj": (h, cfg.kv_size),
-            "o_proj": (cfg.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 def _read_config(path: Path) -> dict:
@@ -81,22 +73,21 @@ def _alpha_for(module_name: str, cfg: dict) -> float:
 
 
 def load_peft_adapter(name: str, path: str | Path, model_cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
-    """Read and validate an adapter; raises ``AdapterLoadError`` naming what does not fit."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter folder {path} does not exist")
+    """Read and validate an adapter (a folder, or a hub id resolved through the Hugging Face cache);
+    raises ``AdapterLoadError`` naming what does not fit."""
+    path = resolve_path(path, AdapterLoadError, "adapter")
     cfg = _read_config(path)
     tensors = _read_tensors(path)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
-        if not m or m.group(3) not in _PARENT or _PARENT[m.group(3)] != m.group(2):
+        if not m or m.group(3) not in BY_NAME or BY_NAME[m.group(3)].parent != m.group(2):
             raise AdapterLoadError(f"{path}: weight {key!r} is not a LoRA of a q/k/v/o/gate/up/down "
-                                   "projection of a Qwen2/Llama decoder")
+                                   f"projection of a {model_cfg.model_type} decoder")
         pairs.setdefault((int(m.group(1)), m.group(3)), {})[m.group(4)] = tensor
     if not pairs:
         raise AdapterLoadError(f"{path}: the adapter has no LoRA weights")
-    shapes = _shapes(model_cfg)
+    shapes = model_cfg.projection_shapes()
     layers: list[dict[str, list]] = [{} for _ in range(model_cfg.num_layers)]
     scalings: dict[tuple[int, str], list[float]] = {}
     top_rank = 0
@@ -115,10 +106,10 @@ def load_peft_adapter(name: str, path: str | Path, model_cfg: ModelConfig, max_r
                                    f"base projection ({fan_in} -> {fan_out}): adapter trained for another base model?")
         if r > max_rank:
             raise AdapterLoadError(f"{where}: rank {r} exceeds max_lora_rank={max_rank}")
-        alpha = _alpha_for(f"model.layers.{layer}.{_PARENT[proj]}.{proj}", cfg)
+        target = BY_NAME[proj]
+        alpha = _alpha_for(f"model.layers.{layer}.{target.parent}.{proj}", cfg)
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        fused, j = LORA_TARGETS[proj]
-        n_slices = 3 if fused == "qkv_proj" else 2 if fused == "gate_up_proj" else 1
+        fused, j, n_slices = target.fused, target.index, len(FUSED[target.fused])
         slices = layers[layer].setdefault(fused, [None] * n_slices)
         slices[j] = (a.float(), b.float())
         scalings.setdefault((layer, fused), [0.0] * n_slices)[j] = scaling

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mcl_runtime.agents.prompts import AGENTS
+from mcl_runtime.hub import resolve_path
+from mcl_runtime.model.arch import PROJECTION_NAMES
 from mcl_runtime.tokenizer import Tokenizer
 from mcl_runtime.train.data import IGNORE_INDEX, EncodedExample, encode_example, read_examples, write_json
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = PROJECTION_NAMES
 BUCKET_BATCHES = 64
 LOG_NAME, PLOT_NAME = "train_log.json", "loss_curve.png"
 
@@ -170,7 +172,7 @@ def train_adapter(base: str | Path, data: Sequence[str | Path], out: str | Path,
                   config: SFTConfig | None = None) -> dict:
     """Train one LoRA adapter on the JSONL files ``data``; write it, its log and loss curve to ``out``."""
     config = config or SFTConfig()
-    base, out = Path(base), Path(out)
+    base, out = resolve_path(base), Path(out)
     if isinstance(data, (str, Path)):
         raise TypeError("data must be a list of JSONL paths, not one path")
     tokenizer = Tokenizer.from_pretrained(base)
