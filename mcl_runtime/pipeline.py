@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help=f"{'|'.join(BUILTIN)} or a JSONL file of those schemas")
     backend = p.add_mutually_exclusive_group()
     backend.add_argument("--endpoint", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
-    backend.add_argument("--model", help="base model folder for the in-process engine")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter for --model")
+    backend.add_argument("--model", help="base model folder or hub id for the in-process engine (default: the demo model)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter folder or hub id (repeatable)")
     p.add_argument("--agent-model", action="append", default=[], metavar="AGENT=NAME",
                    help="served model or adapter for an agent (default: the agent's name)")
     p.add_argument("--k", type=int, default=3, help="recalled problems, hence plans")
@@ -82,14 +82,14 @@ async def _endpoint_client(args: argparse.Namespace, names: dict[str, str]) -> O
 def _engine_client(args: argparse.Namespace, names: dict[str, str]):
     from mcl_runtime import AsyncEngine, Engine
 
+    adapters = parse_pairs(args.lora, "--lora")
     if args.model:
-        model, adapters = args.model, parse_pairs(args.lora, "--lora")
+        engine = Engine(model=args.model, adapters=adapters, device=args.device, dtype=args.dtype)
     else:
-        from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
+        from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 
-        model, adapters = str(demo_model_dir() / "base"), {k: str(v) for k, v in demo_adapter_dirs().items()}
-        adapters.update(parse_pairs(args.lora, "--lora"))
-    engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype)
+        adapters = {**demo_adapter_dirs(), **adapters}
+        engine = demo_engine(adapters=adapters, device=args.device, dtype=args.dtype)
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
         warnings.warn(f"no adapter named {missing}; those agents use the base model")

@@ -13,7 +13,8 @@ from typing import Any
 
 from mcl_runtime.engine.llm_engine import Engine
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
-from mcl_runtime.errors import InvalidRequestError
+from mcl_runtime.errors import AdapterLoadError, InvalidRequestError
+from mcl_runtime.hub import resolve_path
 
 
 class AsyncEngine:
@@ -132,6 +133,8 @@ class AsyncEngine:
         return self._adapters
 
     async def load_adapter(self, name: str, path: str | Path) -> None:
+        # Resolved off the engine thread, so that a hub download does not stall the running requests.
+        path = await asyncio.to_thread(resolve_path, path, AdapterLoadError, "adapter")
         await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.load_adapter, name, path)))
 
     async def unload_adapter(self, name: str) -> None:

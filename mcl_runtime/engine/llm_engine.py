@@ -18,7 +18,9 @@ from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import Scheduler
 from mcl_runtime.engine.sequence import Request, Sequence, Status
 from mcl_runtime.errors import InvalidRequestError
+from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
+from mcl_runtime.model.config import load_config
 from mcl_runtime.model.loader import load_model
 from mcl_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -28,28 +30,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 CPU_KV_CACHE_BYTES = 256 << 20
 
 
-def _resolve_model(model: str | Path | None, adapters: dict | None) -> tuple[Path, dict, str]:
-    """Model folder, adapters and served name; no model (or its name) means the demo model."""
-    from mcl_runtime.demo import DEMO_MODEL_NAME, demo_adapter_dirs, demo_model_dir
-
-    if model is None or str(model) == DEMO_MODEL_NAME:
-        return demo_model_dir() / "base", demo_adapter_dirs() if adapters is None else adapters, DEMO_MODEL_NAME
-    path = Path(model)
-    is_demo = path.name == "base" and path.parent.name == DEMO_MODEL_NAME
-    return path, adapters or {}, DEMO_MODEL_NAME if is_demo else path.name
-
-
 class Engine:
     """Multi-LoRA generation over a shared paged KV cache. See docs/internals.md for the API."""
 
-    def __init__(self, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None,
+    def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None,
                  device: str | None = None, dtype: str | None = None, backend: str | None = None,
                  max_loras: int = 8, max_lora_rank: int = 64, kv_cache_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 served_model_name: str | None = None, load_format: str = "auto") -> None:
-        model_dir, adapters, default_name = _resolve_model(model, adapters)
-        self.model_name = served_model_name or default_name
+                 served_model_name: str | None = None, load_format: str = "auto", revision: str | None = None) -> None:
+        model_dir = resolve_path(model, revision=revision)
+        self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
@@ -59,10 +50,10 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{knob} must be a positive integer, got {value!r}")
         self.dtype = _DTYPES[dtype]
+        self.max_model_len = load_config(model_dir).context_len(max_model_len)
         self.model = load_model(model_dir, max_loras, max_lora_rank, self.dtype, self.device, load_format)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = block_size
         num_blocks = kv_cache_blocks or self._default_kv_blocks(max_num_seqs)
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
@@ -81,7 +72,7 @@ class Engine:
                        "max_batch_size_seen": 0, "requests_total": 0, "batched_tokens_total": 0,
                        "batched_seqs_total": 0}
         self.requests_per_adapter: dict[str, int] = {}
-        for name, path in adapters.items():
+        for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
 
     def _default_kv_blocks(self, max_num_seqs: int) -> int:

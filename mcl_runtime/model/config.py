@@ -123,12 +123,17 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         raise ModelLoadError(f"{where}: missing or invalid field: {exc}") from exc
 
 
-def load_config(model_dir: Path) -> ModelConfig:
-    path = Path(model_dir) / "config.json"
+def read_folder_json(folder: Path, name: str, kind: str, error: type[Exception] = ModelLoadError) -> dict:
+    """``folder/name`` parsed; ``error`` says the folder is no ``kind`` folder, or the file no JSON."""
+    path = Path(folder) / name
     if not path.is_file():
-        raise ModelLoadError(f"{model_dir} is not a Hugging Face model folder: no config.json")
+        raise error(f"{folder} is not a {kind} folder: no {name}")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    return parse_config(raw, str(path))
+        raise error(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    raw = read_folder_json(model_dir, "config.json", "Hugging Face model")
+    return parse_config(raw, str(Path(model_dir) / "config.json"))

@@ -5,7 +5,6 @@ into a slot of the stacked per-layer buffers (``LinearWithLoRA.set_slot``) when 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from mcl_runtime.errors import AdapterLoadError
 from mcl_runtime.hub import resolve_path
 from mcl_runtime.model.arch import BY_NAME, FUSED
-from mcl_runtime.model.config import ModelConfig
+from mcl_runtime.model.config import ModelConfig, read_folder_json
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -35,12 +34,7 @@ class LoRAAdapter:
 
 def _read_config(path: Path) -> dict:
     cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise AdapterLoadError(f"{path} is not a PEFT adapter folder: no adapter_config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    cfg = read_folder_json(path, cfg_path.name, "PEFT adapter", AdapterLoadError)
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise AdapterLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     unsupported = [k for k in ("use_dora", "fan_in_fan_out") if cfg.get(k)]

@@ -1,7 +1,7 @@
 """``python -m mcl_runtime.serve``: the OpenAI-compatible server.
 
 Without ``--model`` it serves the embedded demo model ``mcl-demo-tiny`` and its four adapters
-(``--lora`` adds more). Once listening it prints one line naming what is served where.
+(``--lora`` adds more). ``--model`` and ``--lora`` take folders or Hugging Face hub ids. Once listening it prints one line naming what is served where.
 SIGINT or SIGTERM: stop accepting connections, let in-flight requests finish for up to
 ``--shutdown-timeout`` seconds, abort the rest, exit 0.
 """
@@ -43,9 +43,11 @@ def _lora(spec: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mcl_runtime.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF model folder (default: the embedded demo model)")
+    p.add_argument("--model", help="HF model folder or hub id, e.g. Qwen/Qwen2.5-Coder-7B-Instruct "
+                                   "(default: the embedded demo model)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=DIR",
-                   help="PEFT adapter folder served as model NAME (repeatable)")
+                   help="PEFT adapter folder or hub id served as model NAME (repeatable)")
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the engine's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
@@ -68,24 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _adapters(args: argparse.Namespace) -> dict[str, str] | None:
-    """``--lora`` adapters; with the demo model they come on top of its four (``None``: just those)."""
-    if not args.lora:
-        return None
-    adapters: dict[str, str] = {}
-    if args.model is None:
-        from mcl_runtime.demo import demo_adapter_dirs
-
-        adapters = {name: str(path) for name, path in demo_adapter_dirs().items()}
-    return {**adapters, **dict(args.lora)}
-
-
 def build_engine(args: argparse.Namespace) -> Engine:
-    """The engine the command line asks for."""
+    """The engine the command line asks for; without ``--model`` the demo model, whose four adapters
+    ``--lora`` adds to."""
     options: dict[str, Any] = {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k) is not None}
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
-    return Engine(model=args.model, adapters=_adapters(args), **options)
+    if args.model is None:
+        from mcl_runtime.demo import demo_adapter_dirs, demo_engine
+
+        return demo_engine(adapters={**demo_adapter_dirs(), **dict(args.lora)}, **options)
+    return Engine(model=args.model, adapters=dict(args.lora), revision=args.revision, **options)
 
 
 class _Server(uvicorn.Server):

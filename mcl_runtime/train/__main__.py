@@ -81,7 +81,7 @@ def _correct_parser(sub: argparse._SubParsersAction) -> None:
 
 def _sft_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="agent-wise LoRA fine-tuning")
-    p.add_argument("--base", required=True, type=Path, help="HF base model folder")
+    p.add_argument("--base", required=True, type=Path, help="HF base model folder or hub id (org/name)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", action="append", type=Path, help="training JSONL (repeatable): one adapter")
     data.add_argument("--data-dir", action="append", type=Path,
