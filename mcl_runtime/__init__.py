@@ -1,7 +1,8 @@
 """mcl_runtime: one base model serving several LoRA agents over a shared paged KV cache.
 
     from mcl_runtime import Engine, SamplingParams
-    engine = Engine()                       # the embedded demo model and its four adapters
+    engine = Engine(model="Qwen/Qwen2.5-Coder-7B-Instruct", adapters={"coding": "path/to/peft_adapter"})
+    # or mcl_runtime.demo.demo_engine(): the embedded demo model and its four adapters
     outs = engine.generate(["def add(a, b):"], SamplingParams(max_tokens=16), adapter=["coding"])
 """
 from mcl_runtime.errors import (AdapterLoadError, AdapterNotFoundError, InvalidRequestError, MCLError,

@@ -23,7 +23,9 @@ logits are spread out (std about 3), which gives greedy decoding clear margins. 
 retrieval r=8 on q,v; planning r=16 on k,o,up,down; coding r=32 on all seven projections; debugging
 r=16 with rsLoRA on all seven; every LoRA delta is about half its projection's output.
 
-``python -m mcl_runtime.demo`` builds the model, prints its path and one greedy generation per adapter.
+``demo_engine()`` is an ``Engine`` on it with the four adapters. ``python -m mcl_runtime.demo`` builds
+the model, says what it is (random weights: its text is noise), serves all four adapters and the
+base model in one batch (tokens/s, KV blocks, prefix-cache hits) and prints the commands to try next.
 """
 from __future__ import annotations
 
@@ -38,9 +40,15 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+
+from mcl_runtime.model.arch import BY_NAME, PROJECTION_NAMES
+from mcl_runtime.model.config import ModelConfig, parse_config
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
 
 DEMO_MODEL_NAME = "mcl-demo-tiny"
 ADAPTER_NAMES = ("retrieval", "planning", "coding", "debugging")
@@ -61,10 +69,6 @@ LOGIT_STD = 3.0
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = range(VOCAB_SIZE - len(SPECIAL_TOKENS), VOCAB_SIZE)
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class AdapterSpec:
     rank: int
@@ -76,8 +80,8 @@ class AdapterSpec:
 ADAPTER_SPECS: dict[str, AdapterSpec] = {
     "retrieval": AdapterSpec(8, 16, ("q_proj", "v_proj")),
     "planning": AdapterSpec(16, 32, ("k_proj", "o_proj", "up_proj", "down_proj")),
-    "coding": AdapterSpec(32, 64, ATTN_MODULES + MLP_MODULES),
-    "debugging": AdapterSpec(16, 32, ATTN_MODULES + MLP_MODULES, use_rslora=True),
+    "coding": AdapterSpec(32, 64, PROJECTION_NAMES),
+    "debugging": AdapterSpec(16, 32, PROJECTION_NAMES, use_rslora=True),
 }
 
 # Qwen2.5's ChatML template without the tool-calling branches.
@@ -197,6 +201,16 @@ def demo_adapter_dirs() -> dict[str, Path]:
     """Adapter name -> PEFT adapter folder of the demo model."""
     root = demo_model_dir()
     return {name: root / "adapters" / name for name in ADAPTER_NAMES}
+
+
+def demo_engine(adapters: dict[str, str | os.PathLike] | None = None, **engine_kwargs: Any) -> "Engine":
+    """An ``Engine`` on the demo model, served as ``mcl-demo-tiny``, with its four adapters (or
+    exactly ``adapters`` when given); other keyword arguments go to ``Engine``."""
+    from mcl_runtime import Engine
+
+    engine_kwargs.setdefault("served_model_name", DEMO_MODEL_NAME)
+    return Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs() if adapters is None else adapters,
+                  **engine_kwargs)
 
 
 def build_demo_model(out_dir: str | os.PathLike) -> None:
@@ -336,16 +350,12 @@ def _generation_config() -> dict[str, Any]:
             "pad_token_id": ENDOFTEXT_ID}
 
 
-def _module_shapes() -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each linear module of a decoder layer."""
-    kv = NUM_KV_HEADS * HEAD_DIM
-    return {"q_proj": (HIDDEN_SIZE, HIDDEN_SIZE), "k_proj": (kv, HIDDEN_SIZE), "v_proj": (kv, HIDDEN_SIZE),
-            "o_proj": (HIDDEN_SIZE, HIDDEN_SIZE), "gate_proj": (INTERMEDIATE_SIZE, HIDDEN_SIZE),
-            "up_proj": (INTERMEDIATE_SIZE, HIDDEN_SIZE), "down_proj": (HIDDEN_SIZE, INTERMEDIATE_SIZE)}
+def _config() -> ModelConfig:
+    return parse_config(_model_config(), DEMO_MODEL_NAME)
 
 
 def _module_path(layer: int, module: str) -> str:
-    return f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}.{module}"
+    return f"model.layers.{layer}.{BY_NAME[module].parent}.{module}"
 
 
 def _base_weights() -> dict[str, np.ndarray]:
@@ -361,11 +371,12 @@ def _layer_weights(layer: int) -> dict[str, np.ndarray]:
     prefix = f"model.layers.{layer}"
     w = {f"{prefix}.input_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln1", (HIDDEN_SIZE,), 0.1),
          f"{prefix}.post_attention_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln2", (HIDDEN_SIZE,), 0.1)}
-    for module, (out_f, in_f) in _module_shapes().items():
+    cfg = _config()
+    for module, (in_f, out_f) in cfg.projection_shapes().items():
         path = _module_path(layer, module)
         gain = 2.0 if module == "q_proj" else 1.0  # sharper attention than uniform averaging
         w[f"{path}.weight"] = _uniform(path, (out_f, in_f), gain / math.sqrt(in_f))
-        if module in ("q_proj", "k_proj", "v_proj"):
+        if getattr(cfg, BY_NAME[module].bias):
             w[f"{path}.bias"] = _uniform(f"{path}.bias", (out_f,), 0.2)
     return w
 
@@ -400,11 +411,11 @@ def _adapter_weights(name: str, spec: AdapterSpec) -> dict[str, np.ndarray]:
     """A and B both non-zero; B is scaled so each LoRA delta is about half the base projection's output."""
     scaling = spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
     b_std = 0.5 / (scaling * math.sqrt(spec.rank))
-    shapes = _module_shapes()
+    shapes = _config().projection_shapes()
     w = {}
     for layer in range(NUM_LAYERS):
         for module in spec.target_modules:
-            out_f, in_f = shapes[module]
+            in_f, out_f = shapes[module]
             key = f"base_model.model.{_module_path(layer, module)}"
             w[f"{key}.lora_A.weight"] = _uniform(f"{name}.{key}.A", (spec.rank, in_f), 1.0 / math.sqrt(in_f))
             w[f"{key}.lora_B.weight"] = _uniform(f"{name}.{key}.B", (out_f, spec.rank), b_std)
@@ -528,18 +539,71 @@ def _write_tokenizer_files(base: Path) -> None:
 # ---------------------------------------------------------------- command line
 
 def main() -> None:
-    from mcl_runtime import Engine, SamplingParams
+    from mcl_runtime import SamplingParams
 
     root = demo_model_dir()
-    print(root)
-    adapters = demo_adapter_dirs()
-    engine = Engine(model=str(root / "base"), adapters={name: str(path) for name, path in adapters.items()})
+    print(f"{DEMO_MODEL_NAME}: a tiny Qwen2-shaped model ({NUM_LAYERS} layers, hidden {HIDDEN_SIZE}, vocab "
+          f"{VOCAB_SIZE}) with four LoRA adapters, in {root}\n"
+          "Its weights are RANDOM (seeded, byte-identical everywhere), so the text below is noise: the demo\n"
+          "shows the runtime (one base model serving several LoRA adapters in one batch over a paged KV cache),\n"
+          "not a language model.\n")
+    engine = demo_engine()
     messages = [{"role": "user", "content": "Write a function that returns the sum of a list."}]
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    names = list(adapters)
-    outputs = engine.generate([prompt] * len(names), SamplingParams(max_tokens=16), adapter=names)
-    for name, out in zip(names, outputs):
-        print(f"{name:>10}: {out.text!r}")
+    names = [*ADAPTER_NAMES, None]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    texts = _serve_together(engine, prompt, names, params)
+    for name, text in zip(names, texts):
+        print(f"  {name or '(base model)':>14}: {text!r}")
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    engine.generate([prompt] * len(names), params, adapter=names)
+    hits = engine.stats()["prefix_cache_hit_tokens"] - before
+    prompt_tokens = len(engine.tokenizer.encode(prompt)) * len(names)
+    print(f"\nThe same five requests again: {hits} of their {prompt_tokens} prompt tokens came from the prefix cache "
+          "(kept per adapter: a LoRA changes the KV).\n")
+    print(_NEXT_STEPS.format(base=root / "base"))
+
+
+def _serve_together(engine: "Engine", prompt: str, names: list[str | None], params: Any) -> list[str]:
+    """Run one request per adapter (None: the base model) together, printing what each step did."""
+    import time
+
+    start = engine.stats()
+    for i, name in enumerate(names):
+        engine.add_request(f"demo-{i}", prompt, params, name)
+    texts: dict[str, str] = {}
+    peak_blocks, steps, t0 = 0, 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                texts[out.request_id] = out.text
+        steps += 1
+        stats = engine.stats()
+        peak_blocks = max(peak_blocks, stats["kv_blocks_used"])
+        if steps == 1:
+            seqs = stats["batched_seqs_total"] - start["batched_seqs_total"]
+            served = ", ".join(n or "base model" for n in names)
+            print(f"Step 1: one forward pass over {seqs} sequences ({served}), "
+                  f"{stats['batched_tokens_total'] - start['batched_tokens_total']} tokens.")
+    seconds = time.perf_counter() - t0
+    stats = engine.stats()
+    tokens = stats["generation_tokens_total"] - start["generation_tokens_total"]
+    print(f"{steps} steps, {tokens} tokens generated in {seconds:.2f} s: {tokens / seconds:.0f} tokens/s on "
+          f"{engine.device} ({str(engine.dtype).removeprefix('torch.')}, {engine.backend.name} backend)\n"
+          f"KV cache: {peak_blocks} of {stats['kv_blocks_total']} blocks of {engine.block_size} tokens used at "
+          f"the peak; prefix-cache hits: {stats['prefix_cache_hit_tokens'] - start['prefix_cache_hit_tokens']} "
+          "tokens.")
+    return [texts[f"demo-{i}"] for i in range(len(names))]
+
+
+_NEXT_STEPS = """Next:
+  python -m mcl_runtime.serve                  # OpenAI-compatible server on this model and its adapters
+  python -m mcl_runtime.pipeline --dataset humaneval --limit 2 --out results.jsonl
+                                               # MapCoder's four agents, one adapter each, on HumanEval
+  python -m mcl_runtime.train sft --base {base} --data FILE.jsonl --out coding_lora
+                                               # fine-tune a LoRA (collect/correct make the data)
+  python -m mcl_runtime.serve --model Qwen/Qwen2.5-Coder-7B-Instruct --lora coding=ORG/ADAPTER --device cuda
+                                               # a real model and adapters by hub id (or local folders)"""
 
 
 if __name__ == "__main__":

@@ -6,15 +6,20 @@ import pytest
 
 from mcl_runtime import (AdapterLoadError, AdapterNotFoundError, AsyncEngine, Engine, InvalidRequestError,
                          ModelLoadError, SamplingParams)
-from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
+from mcl_runtime.demo import demo_adapter_dirs, demo_engine, demo_model_dir
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(device="cpu", kv_cache_blocks=512)
+    return demo_engine(device="cpu", kv_cache_blocks=512)
 
 
 PROMPT = "def fibonacci(n):\n"
+
+
+def test_model_is_required():
+    with pytest.raises(TypeError):
+        Engine()
 
 
 def test_demo_defaults(engine):
@@ -143,14 +148,14 @@ def test_bad_model_and_adapter_folders(tmp_path, engine, qwen_family):
     with pytest.raises(AdapterLoadError, match="another base model"):
         engine.load_adapter("foreign", str(adapters["a8"]))
     with pytest.raises(AdapterLoadError, match="max_lora_rank"):
-        Engine(device="cpu", kv_cache_blocks=64, max_lora_rank=8)
+        demo_engine(device="cpu", kv_cache_blocks=64, max_lora_rank=8)
     with pytest.raises(AdapterLoadError, match="already loaded"):
         engine.load_adapter("coding", str(demo_adapter_dirs()["coding"]))
     assert "x" not in engine.adapters and "foreign" not in engine.adapters
 
 
 def test_sequence_longer_than_the_cache_ends_with_length():
-    small = Engine(device="cpu", kv_cache_blocks=4, block_size=4, adapters={})
+    small = demo_engine(device="cpu", kv_cache_blocks=4, block_size=4, adapters={})
     out = small.generate([[5] * 10], SamplingParams(max_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) >= 1
     assert small.stats()["kv_blocks_used"] == 0

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file, save_file
 
 from mcl_runtime import Engine, SamplingParams
-from mcl_runtime.demo import DEMO_MODEL_NAME, demo_adapter_dirs
+from mcl_runtime.demo import DEMO_MODEL_NAME, demo_adapter_dirs, demo_engine
 
 ADAPTERS = ["retrieval", "planning", "coding", "debugging"]
 MODELS = [DEMO_MODEL_NAME, *ADAPTERS]
@@ -77,7 +77,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def ref() -> Engine:
-    return Engine()
+    return demo_engine()
 
 
 @pytest.fixture(scope="module")
