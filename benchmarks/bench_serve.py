@@ -217,16 +217,18 @@ def _randn(shape: tuple[int, ...], std: float, gen, device: str):
 def _layer_tensors(i: int, cfg: dict, gen, device: str) -> dict:
     import torch
 
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    head_dim = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    from mcl_runtime.model.arch import BY_NAME
+    from mcl_runtime.model.config import parse_config
+
+    model = parse_config(cfg)
     p = f"model.layers.{i}."
-    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-              "mlp.down_proj": (h, inter)}
-    out = {f"{p}{name}.weight": _randn(shape, 0.02, gen, device) for name, shape in shapes.items()}
-    out |= {f"{p}self_attn.{n}.bias": _randn((size,), 0.02, gen, device)
-            for n, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))}
+    out = {}
+    for name, (d_in, d_out) in model.projection_shapes().items():
+        key = f"{p}{BY_NAME[name].parent}.{name}"
+        out[f"{key}.weight"] = _randn((d_out, d_in), 0.02, gen, device)
+        if getattr(model, BY_NAME[name].bias):
+            out[f"{key}.bias"] = _randn((d_out,), 0.02, gen, device)
+    h = model.hidden_size
     out |= {f"{p}input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
             f"{p}post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
     return out
@@ -246,17 +248,15 @@ def _write_adapter(folder: Path, template: Path, cfg: dict, rank: int, seed: int
     import torch
     from safetensors.torch import save_file
 
+    from mcl_runtime.model.arch import BY_NAME
+    from mcl_runtime.model.config import parse_config
+
     gen = torch.Generator(device=device).manual_seed(seed)
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    head_dim = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    dims = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
-            "mlp.down_proj": (inter, h)}
+    dims = parse_config(cfg).projection_shapes()
     tensors = {}
     for i in range(cfg["num_hidden_layers"]):
         for name, (d_in, d_out) in dims.items():
-            key = f"base_model.model.model.layers.{i}.{name}"
+            key = f"base_model.model.model.layers.{i}.{BY_NAME[name].parent}.{name}"
             tensors[f"{key}.lora_A.weight"] = _randn((rank, d_in), d_in ** -0.5, gen, device)
             tensors[f"{key}.lora_B.weight"] = _randn((d_out, rank), 0.01, gen, device)
     folder.mkdir(parents=True, exist_ok=True)

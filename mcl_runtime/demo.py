@@ -552,6 +552,7 @@ def main() -> None:
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     names = [*ADAPTER_NAMES, None]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
+    engine.generate(["warm-up"], SamplingParams(max_tokens=2), adapter=[names[0]])  # first-call costs out of the timing
     texts = _serve_together(engine, prompt, names, params)
     for name, text in zip(names, texts):
         print(f"  {name or '(base model)':>14}: {text!r}")

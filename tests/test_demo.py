@@ -113,3 +113,13 @@ def test_adapter_loads_with_peft_and_changes_logits(root, base_model, input_ids,
         lora_logits = model(input_ids).logits
     assert (lora_logits - base_logits).abs().mean() > 0.5
     assert (lora_logits.argmax(-1) != base_logits.argmax(-1)).any()
+
+
+def test_main_explains_itself(root, capsys):
+    demo.main()
+    out = capsys.readouterr().out
+    assert "RANDOM" in out and "noise" in out
+    assert "one forward pass over 5 sequences" in out and "tokens/s" in out
+    assert "blocks of 16 tokens used" in out and "from the prefix cache" in out
+    for command in ("mcl_runtime.serve", "mcl_runtime.pipeline", "mcl_runtime.train sft", "--model Qwen/"):
+        assert command in out
