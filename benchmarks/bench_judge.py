@@ -1,0 +1,138 @@
+"""Judging time: every canonical HumanEval solution judged on its hidden tests, ``--workers`` at a
+time, by the judge of this checkout ("after") and by the judge of git ``--ref`` ("before",
+default ``main``), alternated ``--repeats`` times in one run on the same machine.
+
+    python benchmarks/bench_judge.py [--smoke] [--ref main] [--workers 2] [--repeats 3]
+        [--datasets humaneval,humaneval-et] [--out-dir DIR]
+
+Each side runs in its own interpreter with its own copy of ``mcl_runtime`` on ``sys.path`` (the
+"before" copy is ``git archive REF mcl_runtime``), so the two never share a sandbox or a module.
+A dataset the "before" checkout does not ship is timed for "after" only. The ratio is
+before / after of the median wall time (above 1: the new judge is faster). Every canonical
+solution must pass on both sides; the pass counts are in the result.
+
+Writes ``benchmarks/results/judge_cpu.json`` (``--smoke``: 8 problems, one repeat, only with ``--out-dir``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def judge_all(dataset: str, workers: int, limit: int | None) -> dict:
+    """Worker side: judge the canonical solutions of ``dataset`` with the importable ``mcl_runtime``."""
+    from importlib import resources
+
+    from mcl_runtime.agents.datasets import BUILTIN, problem_from_record
+    from mcl_runtime.agents.judge import Judge
+    from mcl_runtime.agents.sandbox import Limits, Sandbox
+
+    if dataset not in BUILTIN:
+        return {"skipped": f"this checkout has no built-in dataset {dataset!r}"}
+    text = resources.files("mcl_runtime.agents").joinpath("data", BUILTIN[dataset]).read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()][:limit]
+    jobs = [(p.program(r["canonical_solution"]), list(p.hidden_tests))
+            for r in records for p in [problem_from_record(r)]]
+    judge = Judge(Sandbox(Limits(timeout_s=20), max_concurrent=workers))
+    start = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        outcomes = list(pool.map(lambda job: judge.run_tests(*job), jobs))
+    seconds = time.monotonic() - start
+    failed = [r.get("task_id") for r, outs in zip(records, outcomes) if not all(o.passed for o in outs)]
+    return {"seconds": seconds, "problems": len(jobs), "passed": len(jobs) - len(failed), "failed": failed,
+            "test_runs": sum(len(outs) for outs in outcomes), "isolation": judge.sandbox.isolation.describe()}
+
+
+def export_ref(ref: str, dest: Path) -> Path:
+    archive = subprocess.run(["git", "archive", ref, "mcl_runtime"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def run_side(pythonpath: Path, dataset: str, workers: int, limit: int | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", dataset, "--workers", str(workers)]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    proc = subprocess.run(cmd, cwd=pythonpath, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    timed = [r for r in runs if "seconds" in r]
+    if not timed:
+        return runs[0]
+    return {**{k: v for k, v in timed[-1].items() if k != "seconds"},
+            "seconds_median": statistics.median(r["seconds"] for r in timed),
+            "seconds_all": [r["seconds"] for r in timed]}
+
+
+def compare(args: argparse.Namespace) -> dict:
+    limit = 8 if args.smoke else args.limit
+    repeats = 1 if args.smoke else args.repeats
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_judge_") as tmp:
+        before_root = export_ref(args.ref, Path(tmp))
+        for dataset in args.datasets.split(","):
+            runs = {"before": [], "after": []}
+            for _ in range(repeats):
+                for side, root in (("before", before_root), ("after", ROOT)):
+                    runs[side].append(run_side(root, dataset, args.workers, limit))
+                    print(dataset, side, runs[side][-1], file=sys.stderr)
+            entry = {side: summarize(r) for side, r in runs.items()}
+            if "seconds_median" in entry["before"]:
+                entry["before_over_after"] = entry["before"]["seconds_median"] / entry["after"]["seconds_median"]
+            results[dataset] = entry
+    return results
+
+
+def machine() -> dict:
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg(), "commit": commit.stdout.strip(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="8 problems, one repeat; numbers are not results")
+    p.add_argument("--ref", default="main", help="git ref whose judge is 'before'")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--datasets", default="humaneval,humaneval-et")
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
+    p.add_argument("--worker", metavar="DATASET", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(judge_all(args.worker, args.workers, args.limit)))
+        return
+    payload = {"smoke": args.smoke, "machine": machine(), "ref_before": args.ref, "workers": args.workers,
+               "repeats": 1 if args.smoke else args.repeats, "results": compare(args)}
+    print(json.dumps(payload, indent=2))
+    if args.smoke and args.out_dir is None:
+        return
+    out_dir = args.out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "judge_cpu.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
