@@ -5,23 +5,40 @@
 - ``IOTest``: the program reads stdin and writes stdout, compared with the expected output
   token by token (any run of whitespace, including line ends, counts as one separator).
 
-Each test runs in its own sandboxed process and gets one of the ``Verdict`` values.
+Each test runs in its own sandbox run and gets one of the ``Verdict`` values.
+
+Nothing the solution does can forge a verdict. A stdin/stdout program is run as it is: the judge
+compares its stdout and looks at how it ended. For a function test the solution runs in the
+program process, ``sandbox_driver.serve``, which only answers calls; the test itself runs in the
+sandbox's companion (``sandbox_driver.check``): another process, under another uid where the
+sandbox drops privileges, holding the report descriptor and a per-run secret that the program
+never has. The report counts only with a valid MAC under that secret, so exiting early, writing
+to inherited descriptors, printing look-alike reports, patching builtins or the checker inside
+the solution's process, or raising in atexit all end as failures. (Under ``basic`` isolation the
+program runs as the caller's own user, which the kernel may let it trace: the guarantee needs the
+uid drop, i.e. root on Linux.)
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import hmac
 import json
+import os
 import signal
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Union
 
-from mcl_runtime.agents.sandbox import Limits, RunResult, Sandbox
+from mcl_runtime.agents.sandbox import Companion, Limits, RunResult, Sandbox
 
-DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py").read_text()
+DRIVER = Path(__file__).with_name("sandbox_driver.py")
+DRIVER_SOURCE = DRIVER.read_text()
+DRIVER_CODE = compile(DRIVER_SOURCE, str(DRIVER), "exec")
 MAX_FIELD = 4000
+EFBIG_TEXT = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
 
 
 class Verdict(str, Enum):
@@ -75,11 +92,12 @@ def _clip(text: str, limit: int = MAX_FIELD) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
-def _parse_report(run: RunResult) -> dict | None:
-    try:
-        report = json.loads(run.report.decode("utf-8", errors="replace"))
-    except ValueError:
+def _parse_report(run: RunResult, secret: bytes) -> dict | None:
+    """The companion's report, if its MAC under this run's secret is valid."""
+    payload, _, mac = run.report.rpartition(b"\n")
+    if not hmac.compare_digest(hashlib.blake2b(payload, key=secret).hexdigest().encode(), mac):
         return None
+    report = json.loads(payload)
     return report if isinstance(report, dict) and "status" in report else None
 
 
@@ -88,7 +106,7 @@ def classify(run: RunResult, report: dict | None, limits: Limits) -> Verdict | N
     killed_for_cpu = run.signal == signal.SIGKILL and run.cpu_seconds >= limits.cpu_seconds
     if run.timed_out or run.signal == signal.SIGXCPU or killed_for_cpu:
         return Verdict.TIMEOUT
-    efbig = bool(report) and report.get("errno") == errno.EFBIG
+    efbig = (bool(report) and report.get("errno") == errno.EFBIG) or EFBIG_TEXT in run.stderr[-2000:]
     if run.output_exceeded or run.signal == signal.SIGXFSZ or efbig:
         return Verdict.OUTPUT_LIMIT
     if (report or {}).get("error_type") == "MemoryError" or "MemoryError" in run.stderr[-2000:]:
@@ -106,16 +124,17 @@ class Judge:
 
     def run_test(self, program: str, test: Test, limits: Limits | None = None) -> TestOutcome:
         limits = limits or self.sandbox.limits
-        if isinstance(test, FunctionTest):
-            job = {"mode": "function", "test": test.source, "entry_point": test.entry_point}
-            stdin = ""
-        elif isinstance(test, IOTest):
-            job, stdin = {"mode": "script"}, test.input
-        else:
+        if isinstance(test, IOTest):
+            run = self.sandbox.run({"solution.py": program}, ["solution.py"], test.input, limits)
+            return _outcome(test, run, None, limits)
+        if not isinstance(test, FunctionTest):
             raise TypeError(f"expected a FunctionTest or IOTest, got {type(test).__name__}")
-        files = {"solution.py": program, "driver.py": DRIVER_SOURCE, "job.json": json.dumps(job)}
-        run = self.sandbox.run(files, ["driver.py", "{report_fd}", "job.json"], stdin, limits)
-        return _outcome(test, run, _parse_report(run), limits)
+        secret = os.urandom(32)
+        job = json.dumps({"test": test.source, "entry_point": test.entry_point, "secret": secret.hex()})
+        run = self.sandbox.run({"solution.py": program, "driver.py": DRIVER_SOURCE},
+                               ["driver.py", "{from_companion}", "{to_companion}"], "", limits,
+                               Companion(DRIVER_CODE, "check", job.encode()))
+        return _outcome(test, run, _parse_report(run, secret), limits)
 
     def run_tests(self, program: str, tests: list[Test], stop_on_failure: bool = False,
                   limits: Limits | None = None) -> list[TestOutcome]:
@@ -141,8 +160,8 @@ def _outcome(test: Test, run: RunResult, report: dict | None, limits: Limits) ->
                            _clip(error), run.seconds)
     if verdict is None:
         verdict = _function_verdict(report)
-        if verdict is Verdict.RUNTIME_ERROR and not error:
-            error = "the program ended before the test ran (no result was reported)"
+        if verdict is Verdict.RUNTIME_ERROR and report is None:
+            error = "the test did not report (the checker was killed or its report was not authentic)\n" + error
     return TestOutcome(verdict, _clip(test.source), (report or {}).get("expected", ""),
                        (report or {}).get("actual", ""), _clip(error), run.seconds)
 
