@@ -189,7 +189,13 @@ def test_stdio_correct_passes_wrong_fails(judge):
 def test_stdio_whitespace_tolerant(judge):
     prog = "import sys\na = sys.stdin.read().split()\nprint(' '.join(a) + '   ')\nprint()\nsys.exit(0)\n"
     assert run_script(judge, prog, "1 2\n3", "1  2 3").verdict is Verdict.PASSED
-    assert outputs_match("1\r\n2 \n\n", "1 2") and not outputs_match("12", "1 2")
+    assert outputs_match("1 \r\n2 \n\n", "1\n2") and not outputs_match("12", "1 2")
+
+
+def test_stdio_numbers_within_tolerance_pass(judge):
+    assert run_script(judge, "print(1 / 3)\nprint(4.0)\n", "", "0.333333333\n4").verdict is Verdict.PASSED
+    assert judge.run_test("print(0.3334)\n", IOTest("", "0.333333333", tolerance=1e-6)).verdict \
+        is Verdict.WRONG_ANSWER
 
 
 def test_stdio_exit_status_is_runtime_error(judge):

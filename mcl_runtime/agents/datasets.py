@@ -99,6 +99,16 @@ def _function_problem(rec: dict) -> Problem:
                    prefix=FUNCTION_PREAMBLE + rec["prompt"] + "\n")
 
 
+TOLERANCE = re.compile(r"(?:absolute|relative)\s+(?:or|and|and/or)\s+(?:absolute|relative)\s+error"
+                       r"[^.]{0,80}?(?:10\s*\^?\s*\{?\s*[-\u2212]\s*(\d+)|1e-(\d+))", re.IGNORECASE)
+
+
+def stated_tolerance(statement: str) -> float | None:
+    """The error a statement allows ("absolute or relative error ... 10^{-6}" -> 1e-6), if any."""
+    match = TOLERANCE.search(statement)
+    return None if match is None else 10.0 ** -int(match.group(1) or match.group(2))
+
+
 def expected_text(output) -> str:
     """APPS/xCodeEval expected output: a string, or a one-element list holding the value printed."""
     if isinstance(output, list):
@@ -106,23 +116,26 @@ def expected_text(output) -> str:
     return output if isinstance(output, str) else str(output)
 
 
-def _io_tests(pairs) -> tuple[IOTest, ...]:
-    return tuple(IOTest(str(p["input"]), expected_text(p["output"])) for p in pairs or [])
+def _io_tests(pairs, tolerance: float | None) -> tuple[IOTest, ...]:
+    return tuple(IOTest(str(p["input"]), expected_text(p["output"]), tolerance) for p in pairs or [])
 
 
 def _apps(rec: dict) -> Problem:
     starter = (rec.get("starter_code") or "").strip()
+    tolerance = stated_tolerance(rec["description"])
     return Problem(str(rec["id"] if "id" in rec else rec["name"]), "apps", "stdio", rec["description"],
-                   _io_tests(rec.get("sample_io")), _io_tests(rec["test_list"]), starter_code=starter)
+                   _io_tests(rec.get("sample_io"), tolerance), _io_tests(rec["test_list"], tolerance),
+                   starter_code=starter)
 
 
 def _xcodeeval(rec: dict) -> Problem:
-    samples = tuple(IOTest(i, o) for i, o in zip(rec["sample_inputs"], rec["sample_outputs"]))
     parts = [rec["description"], "Input\n" + rec.get("input_spec", ""), "Output\n" + rec.get("output_spec", "")]
     if rec.get("notes"):
         parts.append(rec["notes"])
     limits = [f"{k.replace('_', ' ').capitalize()}: {rec[k]}" for k in ("time_limit", "memory_limit") if rec.get(k)]
     statement = "\n\n".join(parts + (["\n".join(limits)] if limits else []))
+    tolerance = stated_tolerance(statement)
+    samples = tuple(IOTest(i, o, tolerance) for i, o in zip(rec["sample_inputs"], rec["sample_outputs"]))
     return Problem(rec["src_uid"], "xcodeeval", "stdio", statement, samples, samples,
                    time_limit_s=_seconds(rec.get("time_limit")), hidden_are_samples=True)
 

@@ -2,8 +2,9 @@
 
 - ``FunctionTest``: the program defines functions; the test is Python source run after it
   (``assert f(1) == 2``, or a ``check`` function with ``entry_point`` naming what to pass to it).
-- ``IOTest``: the program reads stdin and writes stdout, compared with the expected output
-  token by token (any run of whitespace, including line ends, counts as one separator).
+- ``IOTest``: the program reads stdin and writes stdout, compared with the expected output by
+  ``outputs_match``, which follows APPS's checker (``eval/testing_util.py``, standard-input
+  problems); see its docstring for the rules and for where we are stricter than APPS.
 
 Each test runs in its own sandbox run and gets one of the ``Verdict`` values.
 
@@ -60,6 +61,7 @@ class FunctionTest:
 class IOTest:
     input: str
     expected: str
+    tolerance: float | None = None   # absolute-or-relative error the statement allows (see outputs_match)
 
 
 Test = Union[FunctionTest, IOTest]
@@ -84,8 +86,54 @@ class TestOutcome:
         return d
 
 
-def outputs_match(actual: str, expected: str) -> bool:
-    return actual.split() == expected.split()
+APPS_RTOL, APPS_ATOL = 1e-5, 1e-8   # numpy.allclose's defaults, which APPS's checker calls
+APPS_ROUND_DIGITS = 3              # APPS's last check: numbers rounded to 3 decimals
+
+
+def outputs_match(actual: str, expected: str, tolerance: float | None = None) -> bool:
+    """Whether stdout ``actual`` is a right answer for ``expected``, as APPS's checker judges.
+
+    Line structure as APPS treats it: both sides are cut into lines, each line stripped, empty
+    lines dropped; the lines must then correspond one to one. Within a line, tokens (runs of
+    non-whitespace) correspond one to one, and a pair matches when the strings are equal or,
+    if both parse as Python floats, when the numbers are close:
+      - ``tolerance`` None (APPS): ``|a - b| <= 1e-8 + 1e-5 * |b|`` (``np.allclose``, which APPS
+        applies to outputs whose every line is one number), or equal after rounding to 3
+        decimals (APPS's last check, on outputs whose every token is a number);
+      - ``tolerance`` t (the statement allows an absolute or relative error t, as xCodeEval's
+        Codeforces checkers do): ``|a - b| <= t * max(1, |b|)``; APPS's rules do not apply.
+    So ``4.0`` matches ``4``, ``0.3333333`` matches ``0.333333333``, and ``1  2 `` matches
+    ``1 2``, as in APPS; ``1 2`` does not match ``1\n2`` and ``YES`` does not match ``yes``,
+    as in APPS. Stricter than APPS by design: APPS's later checks compare each line's tokens
+    and the lines as sets (order and repeats ignored, ``2 1`` passes for ``1 2``); here order
+    and count matter. Numbers are compared per token wherever they appear, where APPS only
+    tries a numeric comparison when the whole output is numeric.
+    """
+    got, want = _lines(actual), _lines(expected)
+    return len(got) == len(want) and all(
+        len(g) == len(w) and all(_tokens_match(a, b, tolerance) for a, b in zip(g, w))
+        for g, w in zip(got, want))
+
+
+def _lines(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def _tokens_match(actual: str, expected: str, tolerance: float | None) -> bool:
+    if actual == expected:
+        return True
+    try:
+        a, b = float(actual), float(expected)
+    except ValueError:
+        return False
+    if tolerance is not None:
+        return abs(a - b) <= tolerance * max(1.0, abs(b))
+    if abs(a - b) <= APPS_ATOL + APPS_RTOL * abs(b):
+        return True
+    try:
+        return round(a, APPS_ROUND_DIGITS) == round(b, APPS_ROUND_DIGITS)
+    except OverflowError:  # inf or nan, already compared above
+        return False
 
 
 def _clip(text: str, limit: int = MAX_FIELD) -> str:
@@ -155,7 +203,7 @@ def _outcome(test: Test, run: RunResult, report: dict | None, limits: Limits) ->
     error = (report or {}).get("error") or run.stderr[-MAX_FIELD:]
     if isinstance(test, IOTest):
         if verdict is None:
-            verdict = Verdict.PASSED if outputs_match(run.stdout, test.expected) else Verdict.WRONG_ANSWER
+            verdict = Verdict.PASSED if outputs_match(run.stdout, test.expected, test.tolerance) else Verdict.WRONG_ANSWER
         return TestOutcome(verdict, _clip(test.input), _clip(test.expected), _clip(run.stdout),
                            _clip(error), run.seconds)
     if verdict is None:
