@@ -82,12 +82,19 @@ def decode(obj):
     raise ValueError(f"unknown value tag {tag!r}")
 
 
-def raised(exc: BaseException) -> dict:
+def trace_of(exc: BaseException, filename: str) -> str:
+    """The traceback of ``exc`` through the frames of ``filename`` only (not this file's)."""
     import traceback
 
-    trace = "".join(traceback.format_exception(exc))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    text = "".join((["Traceback (most recent call last):\n"] if frames else []) + traceback.format_list(frames)
+                   + traceback.format_exception_only(exc))
+    return text[-MAX_TRACE:]
+
+
+def raised(exc: BaseException) -> dict:
     return {"type": type(exc).__name__, "message": str(exc)[:MAX_REPR], "errno": getattr(exc, "errno", None),
-            "trace": trace[-MAX_TRACE:]}
+            "trace": trace_of(exc, "solution.py")}
 
 
 # ---- the program's end
@@ -261,6 +268,9 @@ def split_assert_eq(source: str):
 
 
 def run_test(source: str, ns: dict) -> dict:
+    import linecache
+
+    linecache.cache["test.py"] = (len(source), None, source.splitlines(keepends=True), "test.py")
     parts = split_assert_eq(source)
     if parts is None:
         exec(compile(source, "test.py", "exec"), ns)
@@ -273,12 +283,11 @@ def run_test(source: str, ns: dict) -> dict:
 
 def failure(exc: BaseException) -> dict:
     info = getattr(exc, "remote", {})
-    import traceback
-
     status = "fail" if isinstance(exc, AssertionError) else "error"
-    trace = "".join(traceback.format_exception(exc))
+    trace = trace_of(exc, "test.py")
     if info.get("trace"):
-        trace = info["trace"] + "\n(called from the test)\n" + trace
+        called = "Traceback" in trace
+        trace = info["trace"] + ("\n(called from the test)\n" + trace if called else "")
     return {"status": status, "error_type": info.get("type", type(exc).__name__),
             "errno": info.get("errno", getattr(exc, "errno", None)), "error": trace[-MAX_TRACE:]}
 
