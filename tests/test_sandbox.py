@@ -157,6 +157,31 @@ def test_writing_into_other_processes_descriptors_does_not_forge(judge):
         assert judge.run_test(SQUARE_BAD + OTHER_PROCESSES_FORGERY, test).verdict is not Verdict.PASSED
 
 
+@needs_namespaces  # reads other processes' /proc entries: only inside the run's own pid namespace
+def test_the_checker_is_another_uid_and_the_test_is_out_of_reach(judge):
+    marker = f"hidden-{uuid.uuid4().hex}"
+    program = """
+import glob, os
+def who():
+    return os.getuid()
+def leak(marker):
+    paths = glob.glob('/proc/[0-9]*/*') + glob.glob('/proc/[0-9]*/fd/*') + glob.glob('../*') + glob.glob('*')
+    for path in paths:
+        if path.startswith(f'/proc/{os.getpid()}/'):
+            continue  # its own pipes (reading them would block) and memory
+        try:
+            with open(path, 'rb') as f:
+                if marker.encode() in f.read(1 << 20):
+                    return path
+        except OSError:
+            pass
+    return None
+"""
+    test = f"import os\nassert who() != os.getuid()\nassert leak('{marker[:7]}' + '{marker[7:]}') is None\n"
+    out = judge.run_test(program, FunctionTest(test))
+    assert out.verdict is Verdict.PASSED, out.error
+
+
 def test_correct_solution_still_passes_next_to_look_alikes(any_judge):
     program = SQUARE_OK + FORGERIES["look-alike report on stdout and stderr"]
     assert all(any_judge.run_test(program, t).passed for t in FORGED_TESTS)

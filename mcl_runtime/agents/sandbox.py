@@ -18,6 +18,10 @@ When running as root on Linux, and as far as the kernel allows (probed once, see
   - a pids cgroup (v1 or v2) with ``pids.max``; all its members are killed when the run ends.
 Without root only the first list applies, so the network stays reachable, RLIMIT_NPROC counts all
 of the user's processes, and a process that leaves the session can outlive the run.
+
+A run may have a ``Companion``: trusted code in a second child, under another unprivileged uid,
+not dumpable, joined to the program by two pipes and alone holding a report descriptor; the
+judge runs function tests there so that the solution never shares a process with its verdict.
 """
 from __future__ import annotations
 

@@ -268,9 +268,6 @@ def split_assert_eq(source: str):
 
 
 def run_test(source: str, ns: dict) -> dict:
-    import linecache
-
-    linecache.cache["test.py"] = (len(source), None, source.splitlines(keepends=True), "test.py")
     parts = split_assert_eq(source)
     if parts is None:
         exec(compile(source, "test.py", "exec"), ns)
@@ -281,7 +278,10 @@ def run_test(source: str, ns: dict) -> dict:
     return {"status": status, "actual": short_repr(actual), "expected": short_repr(expected)}
 
 
-def failure(exc: BaseException) -> dict:
+def failure(exc: BaseException, test_source: str) -> dict:
+    import linecache  # here, not at start-up: it imports re and tokenize
+
+    linecache.cache["test.py"] = (len(test_source), None, test_source.splitlines(keepends=True), "test.py")
     info = getattr(exc, "remote", {})
     status = "fail" if isinstance(exc, AssertionError) else "error"
     trace = trace_of(exc, "test.py")
@@ -315,7 +315,7 @@ def check(job_bytes: bytes, in_fd: int, out_fd: int, report_fd: int) -> None:
     try:
         result = run_job(job, Channel(in_fd, out_fd))
     except BaseException as exc:  # whatever went wrong, the test did not pass
-        result = failure(exc)
+        result = failure(exc, job["test"])
     payload = json.dumps(result).encode()
     mac = blake2b(payload, key=bytes.fromhex(job["secret"])).hexdigest().encode()
     with os.fdopen(report_fd, "wb") as report:
