@@ -10,7 +10,7 @@ Each test runs in its own sandbox run and gets one of the ``Verdict`` values.
 
 Nothing the solution does can forge a verdict. A stdin/stdout program is run as it is: the judge
 compares its stdout and looks at how it ended. For a function test the solution runs in the
-program process, ``sandbox_driver.serve``, which only answers calls; the test itself runs in the
+program process, ``sandbox_driver.serve`` (shipped compiled), which only answers calls; the test itself runs in the
 sandbox's companion (``sandbox_driver.check``): another process, under another uid where the
 sandbox drops privileges, holding the report descriptor and a per-run secret that the program
 never has. The report counts only with a valid MAC under that secret, so exiting early, writing
@@ -25,7 +25,9 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import importlib.util
 import json
+import marshal
 import os
 import signal
 from dataclasses import asdict, dataclass
@@ -36,8 +38,10 @@ from typing import Union
 from mcl_runtime.agents.sandbox import Companion, Limits, RunResult, Sandbox
 
 DRIVER = Path(__file__).with_name("sandbox_driver.py")
-DRIVER_SOURCE = DRIVER.read_text()
-DRIVER_CODE = compile(DRIVER_SOURCE, str(DRIVER), "exec")
+DRIVER_CODE = compile(DRIVER.read_text(), str(DRIVER), "exec")
+# the program side runs it as a .pyc (unchecked hash-based), so no run pays for compiling it
+DRIVER_PYC = (importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
+              + importlib.util.source_hash(DRIVER.read_bytes()) + marshal.dumps(DRIVER_CODE))
 MAX_FIELD = 4000
 EFBIG_TEXT = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
 
@@ -179,8 +183,8 @@ class Judge:
             raise TypeError(f"expected a FunctionTest or IOTest, got {type(test).__name__}")
         secret = os.urandom(32)
         job = json.dumps({"test": test.source, "entry_point": test.entry_point, "secret": secret.hex()})
-        run = self.sandbox.run({"solution.py": program, "driver.py": DRIVER_SOURCE},
-                               ["driver.py", "{from_companion}", "{to_companion}"], "", limits,
+        run = self.sandbox.run({"solution.py": program, "driver.pyc": DRIVER_PYC},
+                               ["driver.pyc", "{from_companion}", "{to_companion}"], "", limits,
                                Companion(DRIVER_CODE, "check", job.encode()))
         return _outcome(test, run, _parse_report(run, secret), limits)
 

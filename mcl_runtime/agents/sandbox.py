@@ -266,7 +266,7 @@ class Sandbox:
                                           and self.isolation.uid_drop):
             raise SandboxError(f"strict isolation unavailable here; in effect: {self.isolation.describe()}")
 
-    def run(self, files: dict[str, str], args: list[str], stdin: str = "",
+    def run(self, files: dict[str, str | bytes], args: list[str], stdin: str = "",
             limits: Limits | None = None, companion: Companion | None = None) -> RunResult:
         """Write ``files`` into a fresh working directory and run ``python -I -B *args`` there.
 
@@ -281,7 +281,7 @@ class Sandbox:
         return _run_isolated(self.isolation, limits or self.limits, files, args, stdin, self._slots, companion)
 
 
-def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str], args: list[str], stdin: str,
+def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str | bytes], args: list[str], stdin: str,
                   slots: threading.BoundedSemaphore, companion: Companion | None = None) -> RunResult:
     with slots, tempfile.TemporaryDirectory(prefix="mcl_sbx_") as tmp:
         uid = _fresh_uid() if iso.uid_drop else None
@@ -302,7 +302,7 @@ def _fresh_uid(avoid: int | None = None) -> int:
             return uid
 
 
-def _prepare(root: Path, files: dict[str, str], stdin: str, uid: int | None) -> _Paths:
+def _prepare(root: Path, files: dict[str, str | bytes], stdin: str, uid: int | None) -> _Paths:
     paths = _Paths(root, root / "work", root / "stage", root / "stdin", root / "stdout",
                    root / "stderr", root / "report")
     root.chmod(0o711)
@@ -312,7 +312,7 @@ def _prepare(root: Path, files: dict[str, str], stdin: str, uid: int | None) -> 
         target = paths.work / name
         if target.parent != paths.work:
             raise ValueError(f"sandbox file names must be plain names, got {name!r}")
-        target.write_text(text)
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
         target.chmod(0o644)
     if uid is not None:
         os.chown(paths.work, uid, uid)

@@ -1,7 +1,7 @@
 """The two ends of a function test, joined by two pipes (never imported by the package).
 
-``serve`` is the program: the judge copies this file into the sandbox's working directory and
-runs ``python -I -B driver.py IN_FD OUT_FD``. It defines solution.py in a namespace (``__name__ ==
+``serve`` is the program: the judge writes this file, compiled, into the sandbox's working
+directory and runs ``python -I -B driver.pyc IN_FD OUT_FD``. It defines solution.py in a namespace (``__name__ ==
 "solution"``, so its main block does not run), announces the names it defines, then answers calls
 ``{"call": NAME, "args": [...], "kwargs": {...}}`` with ``{"return": VALUE}`` or ``{"raised":
 {...}}``, one JSON line each, until its input ends. Nothing it says is trusted.
