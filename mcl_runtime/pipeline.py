@@ -3,6 +3,10 @@
 Backends: ``--endpoint URL`` (any OpenAI-compatible server; each agent's ``model`` is its adapter
 name unless ``--agent-model AGENT=NAME`` says otherwise), ``--model DIR --lora NAME=DIR ...``
 (the in-process engine), or neither (the in-process engine with the embedded demo model).
+
+Defaults are MapCoder's published settings: k and t per dataset (HumanEval and HumanEval-ET k=5,
+t=5; the others k=3, t=5), 4096 tokens per call, MapCoder's debugging loop (the t-th fix is not
+tested); ``--test-last-fix`` is our variant. Differences from MapCoder: docs/mapcoder_differences.md.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from mcl_runtime.agents.datasets import BUILTIN, load_problems
 from mcl_runtime.agents.evaluate import evaluate, summary_path
 from mcl_runtime.agents.judge import Judge
 from mcl_runtime.agents.llm import EngineChatClient, OpenAIChatClient
-from mcl_runtime.agents.mapcoder import MapCoder, MapCoderConfig
+from mcl_runtime.agents.mapcoder import MAPCODER_MAX_TOKENS, MapCoder, MapCoderConfig, published_k_t
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
 
@@ -46,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter folder or hub id (repeatable)")
     p.add_argument("--agent-model", action="append", default=[], metavar="AGENT=NAME",
                    help="served model or adapter for an agent (default: the agent's name)")
-    p.add_argument("--k", type=int, default=3, help="recalled problems, hence plans")
-    p.add_argument("--t", type=int, default=5, help="debugging rounds per plan")
+    p.add_argument("--k", type=int, help="recalled problems, hence plans (default: MapCoder's for the "
+                   "dataset: 5 for humaneval and humaneval-et, else 3)")
+    p.add_argument("--t", type=int, help="debugging rounds per plan (default: MapCoder's, 5)")
+    p.add_argument("--test-last-fix", action="store_true", help="also test the t-th fix (our variant; "
+                   "MapCoder's loop keeps it untested)")
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--workers", type=int, default=1, help="problems solved concurrently")
-    p.add_argument("--max-tokens", type=int, default=2048, help="per model call")
+    p.add_argument("--max-tokens", type=int, default=MAPCODER_MAX_TOKENS, help="per model call (MapCoder's: 4096)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-calls", type=int, help="call budget per problem (default 1 + 2k + k(1 + t))")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run (at least the "
@@ -101,7 +108,7 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     problems = load_problems(args.dataset, args.limit)
     config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
-                            max_calls=args.max_calls)
+                            max_calls=args.max_calls, test_last_fix=args.test_last_fix)
     judge = Judge(Sandbox(Limits(timeout_s=args.timeout)))
     aengine = None
     if args.endpoint:
@@ -109,7 +116,8 @@ async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     else:
         client, aengine = _engine_client(args, names)
     run_config = {"dataset": args.dataset, "backend": args.endpoint or args.model or "demo (in-process)",
-                  "k": args.k, "t": args.t, "workers": args.workers, "max_tokens": args.max_tokens,
+                  "k": args.k, "t": args.t, "loop": config.loop, "k_t_from": args.k_t_from,
+                  "workers": args.workers, "max_tokens": args.max_tokens,
                   "temperature": args.temperature, "call_budget": config.call_budget,
                   "isolation": judge.sandbox.isolation.describe()}
     try:
@@ -126,8 +134,16 @@ async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
             aengine.shutdown()
 
 
+def apply_protocol_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill k and t left unset with MapCoder's published values for the dataset."""
+    k, t = published_k_t(args.dataset)
+    args.k_t_from = "MapCoder's published runs" if args.k is None and args.t is None else "command line"
+    args.k, args.t = (k if args.k is None else args.k), (t if args.t is None else args.t)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_protocol_defaults(build_parser().parse_args(argv))
     if args.lora and args.endpoint:
         raise SystemExit("--lora goes with --model (or the demo model), not with --endpoint")
     for flag in ("k", "workers", "max_tokens", "timeout"):

@@ -110,7 +110,7 @@ def test_protocol_order_ranking_debugging_and_next_plan(judge):
     report = client.user_text(6)
     assert "Test 1: failed (wrong answer)" in report and "Expected:\n3" in report and "Actual:\n-1" in report
     assert WRONG_ADD.strip() in report
-    assert [r.passed for r in traj.sample_runs] == [False, False, True]
+    assert [r.passed for r in traj.sample_runs] == [False, True]   # MapCoder's loop: the t-th fix is not run
     assert traj.final_code == RIGHT_ADD.rstrip() and traj.samples_passed and not traj.budget_exhausted
     assert traj.per_agent("calls") == {"retrieval": 1, "planning": 4, "coding": 2, "debugging": 1}
     assert traj.per_agent("format_failures") == {"retrieval": 0, "planning": 0, "coding": 0, "debugging": 0}
@@ -126,6 +126,31 @@ def test_debugging_until_the_samples_pass_then_stop(judge):
     traj = solve(judge, client, ADD, k=1, t=3)
     assert client.agents() == ["retrieval", "planning", "planning", "coding", "debugging", "debugging"]
     assert traj.final_code == RIGHT_ADD.rstrip() and traj.samples_passed
+
+
+@pytest.mark.parametrize("test_last_fix", [False, True])
+def test_the_last_fix_is_tested_only_in_our_variant(judge, test_last_fix):
+    client = ScriptedClient([
+        ("retrieval", retrieval_answer(1)), ("planning", "PLAN"), ("planning", rating(50)),
+        ("coding", fenced(WRONG_ADD)), ("debugging", fenced(WORSE_ADD)), ("debugging", fenced(RIGHT_ADD)),
+    ])
+    traj = solve(judge, client, ADD, k=1, t=2, test_last_fix=test_last_fix)
+    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "coding", "debugging",
+                                            "debugging"]
+    assert traj.final_code == RIGHT_ADD.rstrip()                 # the last code written is final either way
+    assert [r.code for r in traj.sample_runs] == [WRONG_ADD.rstrip(), WORSE_ADD.rstrip()] + \
+        ([RIGHT_ADD.rstrip()] if test_last_fix else [])
+    assert traj.samples_passed == test_last_fix                  # untested, so not known to pass
+
+
+def test_published_settings():
+    from mcl_runtime.agents.mapcoder import published_k_t
+
+    assert published_k_t("humaneval") == published_k_t("humaneval-et") == (5, 5)
+    assert {published_k_t(d) for d in ("mbpp", "apps", "xcodeeval", "my.jsonl")} == {(3, 5)}
+    config = MapCoderConfig()
+    assert (config.max_tokens, config.loop) == (4096, "mapcoder")
+    assert MapCoderConfig(test_last_fix=True).loop == "test-last-fix"
 
 
 def test_exhausted_rounds_move_on_and_the_last_code_is_final(judge):
@@ -287,6 +312,15 @@ def test_evaluate_writes_results_and_summary(judge, tmp_path):
     assert {"agent", "step", "messages", "text", "parsed"} <= set(call) and call["parsed"]["ok"]
 
 
+def test_repeated_problem_ids_are_solved_and_counted_once(judge, tmp_path):
+    solver = MapCoder(ByContent(), judge, MapCoderConfig(k=1, t=1))
+    summary = asyncio.run(evaluate([DOUBLE, ADD, DOUBLE, DOUBLE], solver, tmp_path / "r.jsonl", progress=False))
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert sorted(r["task_id"] for r in rows) == ["90001", "own/add"]
+    assert (summary["problems"], summary["distinct_problems"], summary["dataset_rows"]) == (2, 2, 4)
+    assert summary["duplicates_note"].startswith("2 of the 4 rows repeat") and "90001" in summary["duplicates_note"]
+
+
 def test_evaluate_records_a_crashing_problem_and_goes_on(judge, tmp_path):
     class Down:
         async def chat(self, agent, messages, max_tokens, temperature):
@@ -300,12 +334,28 @@ def test_evaluate_records_a_crashing_problem_and_goes_on(judge, tmp_path):
 # ---- datasets
 
 def test_builtin_datasets_ship_with_the_package():
-    counts = {"humaneval": 164, "mbpp": 397, "apps": 150, "xcodeeval": 106}
+    counts = {"humaneval": 164, "humaneval-et": 164, "mbpp": 397, "apps": 150, "xcodeeval": 106}
     for name, n in counts.items():
         problems = load_problems(name)
         assert len(problems) == n and all(p.dataset == name and p.hidden_tests for p in problems)
     assert load_problems("humaneval", limit=1)[0].task_id == "HumanEval/0"
     assert load_problems("xcodeeval", limit=1)[0].hidden_are_samples
+    et, plain = load_problems("humaneval-et", limit=1)[0], load_problems("humaneval", limit=1)[0]
+    assert et.sample_tests == plain.sample_tests and et.prefix == plain.prefix   # MapCoder's samples for ET
+    assert et.hidden_tests[0].source.startswith(plain.hidden_tests[0].source.rstrip("\n"))
+    assert et.hidden_tests[0].source.count("assert has_close_elements(") > 10
+
+
+def test_extended_tests_join_the_hidden_test(judge):
+    rec = {"task_id": "own/abs", "entry_point": "my_abs", "prompt": "def my_abs(x: int) -> int:\n",
+           "test": "def check(candidate):\n    assert candidate(-2) == 2\n",
+           "test_case_list": ["assert my_abs(3) == 3", "assert my_abs(0) == 0"]}
+    problem = problem_from_record(rec)
+    assert problem.dataset == "humaneval-et" and problem.sample_tests == ()
+    right, wrong = "    return x if x >= 0 else -x\n", "    return 2 if x else 0\n"   # wrong passes ``test`` alone
+    hidden = list(problem.hidden_tests)
+    assert all(o.passed for o in judge.run_tests(problem.program(right), hidden))
+    assert not any(o.passed for o in judge.run_tests(problem.program(wrong), hidden))
 
 
 def test_problem_normalisation():
@@ -451,6 +501,23 @@ def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys
     assert rows[0]["tokens"]["coding"] == {"prompt": 11, "completion": 3}
     summary = json.loads(summary_path(out).read_text())
     assert summary["pass@1"] == 1.0 and "pass@1" in capsys.readouterr().out
+    assert {k: summary[k] for k in ("dataset", "k", "t", "loop", "max_tokens", "distinct_problems",
+                                    "k_t_from")} == {"dataset": str(data), "k": 1, "t": 1, "loop": "mapcoder",
+                                                     "max_tokens": 4096, "distinct_problems": 2,
+                                                     "k_t_from": "command line"}
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--dataset", "humaneval"], (5, 5, False, "MapCoder's published runs")),
+    (["--dataset", "humaneval-et"], (5, 5, False, "MapCoder's published runs")),
+    (["--dataset", "apps", "--test-last-fix"], (3, 5, True, "MapCoder's published runs")),
+    (["--dataset", "mbpp", "--k", "2"], (2, 5, False, "command line")),
+])
+def test_cli_protocol_defaults_are_mapcoders(argv, expected):
+    from mcl_runtime.pipeline import apply_protocol_defaults, build_parser
+
+    args = apply_protocol_defaults(build_parser().parse_args(argv + ["--out", "x"]))
+    assert (args.k, args.t, args.test_last_fix, args.k_t_from) == expected and args.max_tokens == 4096
 
 
 def test_openai_client_turns_a_refused_request_into_chat_error(fake_server):

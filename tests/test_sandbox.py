@@ -92,6 +92,113 @@ def test_function_style_main_block_does_not_run_and_early_exit_is_no_pass(judge)
         assert out.verdict is Verdict.RUNTIME_ERROR, escape
 
 
+# ---- forged verdicts: the solution cannot make a wrong answer pass
+
+FAKE_REPORT = '{"status": "ok"}'
+FORGERIES = {
+    "write to argv descriptors": "import os, sys\nfor a in sys.argv[1:]:\n    try:\n"
+                                 f"        os.write(int(a), b'{FAKE_REPORT}\\n')\n    except (OSError, ValueError):\n"
+                                 "        pass\nos._exit(0)\n",
+    "write to every descriptor": "import os\nfor fd in range(64):\n    try:\n"
+                                 f"        os.write(fd, b'{FAKE_REPORT}\\n' + b'0' * 128)\n    except OSError:\n"
+                                 "        pass\nos._exit(0)\n",
+    "fake hello then exit": "import os, sys\nos.write(int(sys.argv[2]), b'{\"ready\": {\"calls\": [], "
+                            "\"imports\": {}, \"values\": {\"check\": 0}}}\\n')\nos._exit(0)\n",
+    "look-alike report on stdout and stderr": f"import sys\nprint('{FAKE_REPORT}')\n"
+                                              f"print('{FAKE_REPORT}', file=sys.stderr)\n",
+    "overwrite the report file": "import os\nfor p in ('../report', 'report'):\n    try:\n"
+                                 f"        open(p, 'w').write('{FAKE_REPORT}\\n' + '0' * 128)\n    except OSError:\n"
+                                 "        pass\n",
+    "sys.exit(0)": "import sys\nsys.exit(0)\n",
+    "os._exit(0)": "import os\nos._exit(0)\n",
+    "SystemExit in atexit": "import atexit\ndef bye():\n    raise SystemExit(0)\natexit.register(bye)\n",
+    "os._exit in atexit": "import atexit, os\natexit.register(os._exit, 0)\n",
+    "patch builtins": "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = type('A', (), {})\n"
+                      "builtins.isinstance = lambda *a: True\n",
+    "shadow a builtin": "def abs(x):\n    return 0\n",
+    "monkeypatch the checker": "import __main__, sys\nfor m in list(sys.modules.values()):\n"
+                               "    for name in ('check', 'run_test', 'run_job', 'failure', 'split_assert_eq'):\n"
+                               "        if hasattr(m, name):\n            try:\n"
+                               "                setattr(m, name, lambda *a, **k: {'status': 'ok'})\n"
+                               "            except (AttributeError, TypeError):\n                pass\n",
+    "always-equal result": "class Eq:\n    def __eq__(self, other):\n        return True\n"
+                           "def square(x):\n    return Eq()\n",
+    "always-equal int subclass": "class I(int):\n    def __eq__(self, other):\n        return True\n"
+                                 "    __hash__ = int.__hash__\ndef square(x):\n    return I(0)\n",
+    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+}
+OTHER_PROCESSES_FORGERY = ("import os\nfor pid in os.listdir('/proc'):\n"
+        "    if not pid.isdigit() or int(pid) == os.getpid():\n        continue\n"
+        "    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        continue\n"
+        "    for fd in fds:\n        try:\n            with open(f'/proc/{pid}/fd/{fd}', 'w') as f:\n"
+        f"                f.write('{FAKE_REPORT}\\n')\n        except OSError:\n            pass\n")
+FORGED_TESTS = [FunctionTest(CHECK, entry_point="square"), FunctionTest("assert square(3) == 9"),
+                FunctionTest("assert abs(square(3) - 9) < 1e-9")]
+
+
+@pytest.fixture(scope="module", params=["auto", "basic"])
+def any_judge(request):
+    """Both isolations. Under "basic" the program runs as this user (root here, maybe), so every
+    forgery above touches only the run's own descriptors and files."""
+    return Judge(Sandbox(LIMITS, isolation=request.param))
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_forged_verdicts_fail(any_judge, name):
+    program = SQUARE_BAD + FORGERIES[name]
+    for test in FORGED_TESTS:
+        out = any_judge.run_test(program, test)
+        assert out.verdict is not Verdict.PASSED, (name, test.source)
+
+
+@needs_namespaces  # only the run's own processes are visible: never run this without a pid namespace
+def test_writing_into_other_processes_descriptors_does_not_forge(judge):
+    for test in FORGED_TESTS:
+        assert judge.run_test(SQUARE_BAD + OTHER_PROCESSES_FORGERY, test).verdict is not Verdict.PASSED
+
+
+@needs_namespaces  # reads other processes' /proc entries: only inside the run's own pid namespace
+def test_the_checker_is_another_uid_and_the_test_is_out_of_reach(judge):
+    marker = f"hidden-{uuid.uuid4().hex}"
+    program = """
+import glob, os
+def who():
+    return os.getuid()
+def leak(marker):
+    paths = glob.glob('/proc/[0-9]*/*') + glob.glob('/proc/[0-9]*/fd/*') + glob.glob('../*') + glob.glob('*')
+    for path in paths:
+        if path.startswith(f'/proc/{os.getpid()}/'):
+            continue  # its own pipes (reading them would block) and memory
+        try:
+            with open(path, 'rb') as f:
+                if marker.encode() in f.read(1 << 20):
+                    return path
+        except OSError:
+            pass
+    return None
+"""
+    test = f"import os\nassert who() != os.getuid()\nassert leak('{marker[:7]}' + '{marker[7:]}') is None\n"
+    out = judge.run_test(program, FunctionTest(test))
+    assert out.verdict is Verdict.PASSED, out.error
+
+
+def test_correct_solution_still_passes_next_to_look_alikes(any_judge):
+    program = SQUARE_OK + FORGERIES["look-alike report on stdout and stderr"]
+    assert all(any_judge.run_test(program, t).passed for t in FORGED_TESTS)
+
+
+def test_solution_names_and_values_reach_the_test(judge):
+    program = ("import math\nfrom math import sqrt\nLIMIT = (3, {'a': [1.5, None]})\n"
+               "def helper(x):\n    return {x: (x, x + 0.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
+               "def boom():\n    raise ValueError('bad')\ndef same(x):\n    return x\n")
+    test = ("assert helper(2) == {2: (2, 2.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
+            "assert LIMIT == (3, {'a': [1.5, None]}) and math.sqrt(4) == sqrt(4) == 2\n"
+            "assert same(10**5000) == 10**5000 and same(x=float('inf')) == float('inf')\n"
+            "try:\n    boom()\nexcept ValueError as e:\n    assert 'bad' in str(e)\nelse:\n    assert False\n")
+    out = judge.run_test(program, FunctionTest(test))
+    assert out.verdict is Verdict.PASSED, out.error
+
+
 # ---- stdin/stdout judging
 
 DOUBLE_OK = "n = int(input())\nprint(n * 2)\n"
@@ -107,7 +214,13 @@ def test_stdio_correct_passes_wrong_fails(judge):
 def test_stdio_whitespace_tolerant(judge):
     prog = "import sys\na = sys.stdin.read().split()\nprint(' '.join(a) + '   ')\nprint()\nsys.exit(0)\n"
     assert run_script(judge, prog, "1 2\n3", "1  2 3").verdict is Verdict.PASSED
-    assert outputs_match("1\r\n2 \n\n", "1 2") and not outputs_match("12", "1 2")
+    assert outputs_match("1 \r\n2 \n\n", "1\n2") and not outputs_match("12", "1 2")
+
+
+def test_stdio_numbers_within_tolerance_pass(judge):
+    assert run_script(judge, "print(1 / 3)\nprint(4.0)\n", "", "0.333333333\n4").verdict is Verdict.PASSED
+    assert judge.run_test("print(0.3334)\n", IOTest("", "0.333333333", tolerance=1e-6)).verdict \
+        is Verdict.WRONG_ANSWER
 
 
 def test_stdio_exit_status_is_runtime_error(judge):

@@ -36,7 +36,7 @@ from mcl_runtime.train.collect import CollectOptions, collect
 from mcl_runtime.train.correct import CorrectOptions, correct
 from mcl_runtime.train.data import read_examples
 
-PROTOCOL = MapCoderConfig(k=1, t=1, max_tokens=256)
+PROTOCOL = MapCoderConfig(k=1, t=1, max_tokens=256, test_last_fix=True)
 # name: (arguments, sample (args, result), hidden cases, retrieval parses, code body, debugging body)
 PROBLEMS = {
     "add": ("a, b", ("1, 2", 3), [("2, 3", 5), ("-1, 1", 0)], True, "return a + b", None),
@@ -214,7 +214,7 @@ def test_collect_resume_after_interruption_gives_the_same_files(problems, collec
 def test_collect_refuses_to_resume_with_other_settings(problems, collected) -> None:
     with pytest.raises(ValueError, match="other settings"):
         asyncio.run(collect(problems, StubTeacher(), collected[0], TEACHER_LABELS,
-                            CollectOptions(MapCoderConfig(k=2, t=1))))
+                            CollectOptions(MapCoderConfig(k=2, t=1, test_last_fix=True))))
 
 
 # ---------------------------------------------------------------- correct

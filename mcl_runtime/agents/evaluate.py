@@ -12,11 +12,13 @@ from typing import IO
 
 from tqdm import tqdm
 
-from mcl_runtime.agents.datasets import Problem
+from mcl_runtime.agents.datasets import Problem, distinct
 from mcl_runtime.agents.judge import TestOutcome, Verdict
 from mcl_runtime.agents.mapcoder import MapCoder, Trajectory
 from mcl_runtime.agents.prompts import AGENTS
 
+DUPLICATES_NOTE = ("{dropped} of the {rows} rows repeat an earlier problem id ({ids}); each problem is "
+                   "solved and counted once, so pass@1 is over {distinct} distinct problems.")
 SAMPLES_ONLY_NOTE = ("xCodeEval ships only its sample tests here, so its problems are judged on those "
                      "sample tests, not on the full hidden test suite: its pass@1 is an upper bound.")
 
@@ -103,12 +105,24 @@ def summary_path(out: Path) -> Path:
     return Path(str(out) + ".summary.json")
 
 
+def _duplicates(rows: int, kept: list[Problem], dropped: list[str]) -> dict:
+    info = {"dataset_rows": rows, "distinct_problems": len(kept)}
+    if dropped:
+        ids = ", ".join(sorted(set(dropped))[:8]) + (", ..." if len(set(dropped)) > 8 else "")
+        info["duplicates_note"] = DUPLICATES_NOTE.format(dropped=len(dropped), rows=rows, ids=ids,
+                                                         distinct=len(kept))
+    return info
+
+
 async def evaluate(problems: list[Problem], solver: MapCoder, out: Path, workers: int = 1,
                    config: dict | None = None, progress: bool = True,
                    trajectories: IO[str] | None = None) -> dict:
-    """Solve and judge ``problems``, ``workers`` at a time; write results as they finish."""
+    """Solve and judge ``problems`` (a repeated problem id once), ``workers`` at a time; write
+    results as they finish."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    rows = len(problems)
+    problems, dropped = distinct(problems)
     slots = asyncio.Semaphore(workers)
     start = time.monotonic()
     results: list[ProblemResult] = []
@@ -124,6 +138,6 @@ async def evaluate(problems: list[Problem], solver: MapCoder, out: Path, workers
                                                **result.trajectory.to_dict()}) + "\n")
             bar.update(1)
             bar.set_postfix(passed=f"{sum(r.passed for r in results)}/{len(results)}")
-    summary = summarize(results, time.monotonic() - start, dict(config or {}))
+    summary = summarize(results, time.monotonic() - start, {**(config or {}), **_duplicates(rows, problems, dropped)})
     summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -4,9 +4,11 @@
 2. planning: per recalled problem, a plan for the target problem and a verification call that
    rates it (confidence 0-100); plans are then tried best-first (ties keep recall order).
 3. coding: code for the current plan.
-4. the code runs on the problem's sample tests; on failure up to t debugging rounds, each given
-   the test report; then the next plan. The first code that passes the samples is final,
-   otherwise the last code written.
+4. debugging, as MapCoder's loop does it: up to t rounds of "run the code on the sample tests;
+   if it fails, ask for a fix given the test report", so the t-th fix is never tested; then the
+   next plan. The first code that passes the samples is final, otherwise the last code written
+   (which may be that untested fix). ``test_last_fix`` (``--test-last-fix``) is our variant:
+   every fix is tested, the samples run t + 1 times per plan, the call count is the same.
 The hidden tests are not run here (see ``evaluate.py``). Every call is kept in a ``Trajectory``
 (messages, answer text, parse result, tokens), which is what the training module collects.
 """
@@ -26,13 +28,31 @@ from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits
 
 
+# (k, t) of MapCoder's published runs (Islam et al., ACL 2024, and its repository's run scripts):
+# HumanEval k=5; every other dataset k=3; t=5 everywhere. HumanEval-ET is the HumanEval run judged
+# on the extended tests, so it has HumanEval's settings.
+PUBLISHED_K_T = {"humaneval": (5, 5), "humaneval-et": (5, 5)}
+DEFAULT_K_T = (3, 5)
+MAPCODER_MAX_TOKENS = 4096
+
+
+def published_k_t(dataset: str) -> tuple[int, int]:
+    """MapCoder's (k, t) for a built-in dataset name; (3, 5) for anything else."""
+    return PUBLISHED_K_T.get(dataset, DEFAULT_K_T)
+
+
 @dataclass(frozen=True)
 class MapCoderConfig:
     k: int = 3                       # recalled problems, hence plans
     t: int = 5                       # debugging rounds per plan
-    max_tokens: int = 2048           # per call
+    max_tokens: int = MAPCODER_MAX_TOKENS   # per call
     temperature: float = 0.0
     max_calls: int | None = None     # default: the protocol's own maximum, 1 + 2k + k(1 + t)
+    test_last_fix: bool = False      # our variant of the debugging loop (see the module docstring)
+
+    @property
+    def loop(self) -> str:
+        return "test-last-fix" if self.test_last_fix else "mapcoder"
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.t < 0 or self.max_tokens < 1 or self.temperature < 0:
@@ -137,9 +157,8 @@ class MapCoder:
             await self._code_and_debug(problem, retrieved.algorithm, traj)
         except BudgetExhausted:
             traj.budget_exhausted = True
-        if traj.sample_runs:
-            traj.final_code = traj.sample_runs[-1].code
-            traj.samples_passed = traj.sample_runs[-1].passed
+        last = traj.sample_runs[-1] if traj.sample_runs else None
+        traj.samples_passed = last is not None and last.code == traj.final_code and last.passed
         return traj
 
     async def _call(self, traj: Trajectory, agent: str, step: str, messages: list[dict],
@@ -179,19 +198,23 @@ class MapCoder:
     async def _code_and_debug(self, problem: Problem, algorithm: str, traj: Trajectory) -> None:
         for ranked in traj.plans:
             messages = prompts.coding_messages(problem, ranked.plan, algorithm)
-            code = (await self._call(traj, "coding", "coding", messages, parse_code)).code
-            run = await self._test_samples(problem, code, traj)
-            plan = ranked.plan
-            for _ in range(self.config.t):
-                if run.passed:
-                    return
-                messages = prompts.debugging_messages(problem, plan, code,
-                                                      prompts.test_report(run.outcomes, problem.style), algorithm)
-                fix: CodeParse = await self._call(traj, "debugging", "debugging", messages, parse_debugging)
-                code, plan = fix.code or code, fix.notes or plan
-                run = await self._test_samples(problem, code, traj)
-            if run.passed:
+            traj.final_code = (await self._call(traj, "coding", "coding", messages, parse_code)).code
+            if await self._debug(problem, ranked.plan, algorithm, traj):
                 return
+
+    async def _debug(self, problem: Problem, plan: str, algorithm: str, traj: Trajectory) -> bool:
+        """Up to t rounds of test-then-fix on ``traj.final_code``; True once the samples pass."""
+        for _ in range(self.config.t):
+            run = await self._test_samples(problem, traj.final_code, traj)
+            if run.passed:
+                return True
+            messages = prompts.debugging_messages(problem, plan, traj.final_code,
+                                                  prompts.test_report(run.outcomes, problem.style), algorithm)
+            fix: CodeParse = await self._call(traj, "debugging", "debugging", messages, parse_debugging)
+            traj.final_code, plan = fix.code or traj.final_code, fix.notes or plan
+        if self.config.test_last_fix:
+            return (await self._test_samples(problem, traj.final_code, traj)).passed
+        return False
 
     async def _test_samples(self, problem: Problem, code: str, traj: Trajectory) -> SampleRun:
         earlier = [r for r in traj.sample_runs if r.code == code]

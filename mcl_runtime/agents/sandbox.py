@@ -18,10 +18,15 @@ When running as root on Linux, and as far as the kernel allows (probed once, see
   - a pids cgroup (v1 or v2) with ``pids.max``; all its members are killed when the run ends.
 Without root only the first list applies, so the network stays reachable, RLIMIT_NPROC counts all
 of the user's processes, and a process that leaves the session can outlive the run.
+
+A run may have a ``Companion``: trusted code in a second child, under another unprivileged uid,
+not dumpable, joined to the program by two pipes and alone holding a report descriptor; the
+judge runs function tests there so that the solution never shares a process with its verdict.
 """
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import resource
 import signal
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +47,23 @@ UID_BASE, UID_SPAN = 1_500_000_000, 400_000_000
 
 class SandboxError(RuntimeError):
     """The sandbox itself failed (not the program it ran)."""
+
+
+PIPE_PLACEHOLDERS = ("{from_companion}", "{to_companion}")
+
+
+@dataclass(frozen=True)
+class Companion:
+    """Trusted code that runs next to the program, never in the program's process.
+
+    The launcher reads ``code`` and ``job`` (on a descriptor the program never holds) and runs
+    ``code`` before the program starts, then forks a second child that drops to an unprivileged uid other
+    than the program's, makes itself not dumpable, and calls ``function(job, from_program_fd,
+    to_program_fd, report_fd)``. The two pipes join it to the program; ``report_fd`` is its alone.
+    """
+    code: types.CodeType      # a module defining ``function``, compiled by this interpreter
+    function: str
+    job: bytes
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ class RunResult:
     stderr: str
     seconds: float
     cpu_seconds: float
-    report: bytes = b""               # what the program wrote on the report fd (see run())
+    report: bytes = b""               # what the companion wrote on its report fd (see run())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -243,32 +266,43 @@ class Sandbox:
                                           and self.isolation.uid_drop):
             raise SandboxError(f"strict isolation unavailable here; in effect: {self.isolation.describe()}")
 
-    def run(self, files: dict[str, str], args: list[str], stdin: str = "",
-            limits: Limits | None = None) -> RunResult:
+    def run(self, files: dict[str, str | bytes], args: list[str], stdin: str = "",
+            limits: Limits | None = None, companion: Companion | None = None) -> RunResult:
         """Write ``files`` into a fresh working directory and run ``python -I -B *args`` there.
 
-        The program finds an open, writable file descriptor number in ``args`` only if the
-        caller put the placeholder ``{report_fd}`` in them; what it writes there comes back as
-        ``RunResult.report`` (capped at max_file_bytes).
+        With a ``companion``, its function runs next to the program in a process of its own
+        (see ``Companion``); the placeholders ``{from_companion}`` and ``{to_companion}`` in
+        ``args`` become the program's ends of the two pipes between them, and what the companion
+        writes on its report descriptor comes back as ``RunResult.report`` (capped at
+        max_file_bytes). The program itself has no channel back but stdout, stderr and its exit.
         """
-        return _run_isolated(self.isolation, limits or self.limits, files, args, stdin, self._slots)
+        if companion is None and any(PIPE_PLACEHOLDERS[0] in a or PIPE_PLACEHOLDERS[1] in a for a in args):
+            raise ValueError("the companion pipe placeholders need a companion")
+        return _run_isolated(self.isolation, limits or self.limits, files, args, stdin, self._slots, companion)
 
 
-def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str], args: list[str], stdin: str,
-                  slots: threading.BoundedSemaphore) -> RunResult:
+def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str | bytes], args: list[str], stdin: str,
+                  slots: threading.BoundedSemaphore, companion: Companion | None = None) -> RunResult:
     with slots, tempfile.TemporaryDirectory(prefix="mcl_sbx_") as tmp:
-        uid = UID_BASE + int.from_bytes(os.urandom(4), "little") % UID_SPAN if iso.uid_drop else None
+        uid = _fresh_uid() if iso.uid_drop else None
         paths = _prepare(Path(tmp), files, stdin, uid)
-        # headroom for the launcher and the namespace's init, which are not the program's
+        # headroom for the launcher, the namespace's init and the companion, which are not the program's
         cgroup = _PidsCgroup(iso.pids_cgroup, limits.max_processes + 4) if iso.pids_cgroup else None
         try:
-            return _execute(iso, limits, paths, args, uid, cgroup)
+            return _execute(iso, limits, paths, args, uid, cgroup, companion)
         finally:
             if cgroup is not None:
                 cgroup.kill_all_and_remove()
 
 
-def _prepare(root: Path, files: dict[str, str], stdin: str, uid: int | None) -> _Paths:
+def _fresh_uid(avoid: int | None = None) -> int:
+    while True:
+        uid = UID_BASE + int.from_bytes(os.urandom(4), "little") % UID_SPAN
+        if uid != avoid:
+            return uid
+
+
+def _prepare(root: Path, files: dict[str, str | bytes], stdin: str, uid: int | None) -> _Paths:
     paths = _Paths(root, root / "work", root / "stage", root / "stdin", root / "stdout",
                    root / "stderr", root / "report")
     root.chmod(0o711)
@@ -278,7 +312,7 @@ def _prepare(root: Path, files: dict[str, str], stdin: str, uid: int | None) -> 
         target = paths.work / name
         if target.parent != paths.work:
             raise ValueError(f"sandbox file names must be plain names, got {name!r}")
-        target.write_text(text)
+        target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
         target.chmod(0o644)
     if uid is not None:
         os.chown(paths.work, uid, uid)
@@ -287,7 +321,7 @@ def _prepare(root: Path, files: dict[str, str], stdin: str, uid: int | None) -> 
 
 
 def _launcher_config(iso: Isolation, limits: Limits, paths: _Paths, argv: list[str], uid: int | None,
-                     cgroup: _PidsCgroup | None, report_fd: int) -> dict:
+                     cgroup: _PidsCgroup | None, pid_fd: int) -> dict:
     nproc = limits.max_processes + (0 if uid is not None or os.geteuid() == 0 else _user_process_count())
     cpu = limits.cpu_seconds
     rl = {"RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [limits.memory_bytes] * 2,
@@ -296,29 +330,73 @@ def _launcher_config(iso: Isolation, limits: Limits, paths: _Paths, argv: list[s
     return {"argv": argv, "workdir": str(paths.work), "rlimits": rl, "uid": uid,
             "namespaces": iso.namespaces, "readonly_root": iso.readonly_root,
             "expose": _exposed_dirs(iso) if iso.namespaces else [], "stage": str(paths.stage),
-            "cgroup_procs": cgroup.procs_file if cgroup else None, "report_fd": report_fd}
+            "cgroup_procs": cgroup.procs_file if cgroup else None, "pid_fd": pid_fd}
+
+
+class _CompanionLink:
+    """The descriptors of one companion: a job file, two pipes and the report file."""
+
+    def __init__(self, companion: Companion, report: Path, uid: int | None) -> None:
+        self.companion, self.uid = companion, uid
+        self.job = tempfile.TemporaryFile()
+        code = marshal.dumps(companion.code)
+        self.job.write(len(code).to_bytes(8, "little") + code + companion.job)
+        self.job.seek(0)
+        self.report = open(report, "wb")
+        self.to_program_r, self.to_program_w = os.pipe()
+        self.from_program_r, self.from_program_w = os.pipe()
+
+    def program_fds(self) -> list[int]:
+        return [self.to_program_r, self.from_program_w]
+
+    def config(self) -> dict:
+        return {"function": self.companion.function,
+                "job_fd": self.job.fileno(), "fds": [self.from_program_r, self.to_program_w],
+                "report_fd": self.report.fileno(), "uid": None if self.uid is None else _fresh_uid(self.uid)}
+
+    def all_fds(self) -> list[int]:
+        return self.program_fds() + [self.from_program_r, self.to_program_w, self.job.fileno(),
+                                     self.report.fileno()]
+
+    def close(self) -> None:
+        for fd in (self.to_program_r, self.to_program_w, self.from_program_r, self.from_program_w):
+            os.close(fd)
+        self.job.close()
+        self.report.close()
 
 
 def _execute(iso: Isolation, limits: Limits, paths: _Paths, args: list[str], uid: int | None,
-             cgroup: _PidsCgroup | None) -> RunResult:
+             cgroup: _PidsCgroup | None, companion: Companion | None) -> RunResult:
     pid_r, pid_w = os.pipe()
-    with open(paths.stdin, "rb") as fin, open(paths.stdout, "wb") as fout, \
-            open(paths.stderr, "wb") as ferr, open(paths.report, "wb") as frep:
-        argv = [iso.python, "-I", "-B"] + [a.replace("{report_fd}", str(frep.fileno())) for a in args]
+    link = _CompanionLink(companion, paths.report, uid) if companion else None
+    fds = link.program_fds() if link else []
+    with open(paths.stdin, "rb") as fin, open(paths.stdout, "wb") as fout, open(paths.stderr, "wb") as ferr:
+        argv = [iso.python, "-I", "-B"] + [_fill(a, fds) for a in args]
         cfg = _launcher_config(iso, limits, paths, argv, uid, cgroup, pid_w)
+        if link:
+            cfg.update(program_fds=fds, companion=link.config())
         start = time.monotonic()
         try:
             proc = subprocess.Popen([_interpreter(), "-I", "-S", "-B", str(LAUNCHER), json.dumps(cfg)],
                                     stdin=fin, stdout=fout, stderr=ferr, env={}, cwd=paths.work,
-                                    start_new_session=True, close_fds=True, pass_fds=(pid_w, frep.fileno()))
+                                    start_new_session=True, close_fds=True,
+                                    pass_fds=[pid_w] + (link.all_fds() if link else []))
         finally:
             os.close(pid_w)
+            if link:
+                link.close()
         try:
             status, usage, timed_out = _wait(proc, start + limits.timeout_s, pid_r)
         finally:
             os.close(pid_r)
     seconds = time.monotonic() - start
     return _collect(paths, limits, status, usage, timed_out, seconds)
+
+
+def _fill(arg: str, fds: list[int]) -> str:
+    for placeholder, fd in zip(PIPE_PLACEHOLDERS, fds):
+        arg = arg.replace(placeholder, str(fd))
+    return arg
 
 
 def _wait(proc: subprocess.Popen, deadline: float, pid_r: int) -> tuple[int, resource.struct_rusage, bool]:
@@ -362,8 +440,10 @@ def _collect(paths: _Paths, limits: Limits, status: int, usage: resource.struct_
     if SETUP_ERROR in stderr[:4096] and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 126:
         raise SandboxError(stderr.strip())
     exceeded = max(paths.stdout.stat().st_size, paths.stderr.stat().st_size) >= cap
-    with open(paths.report, "rb") as f:
-        report = f.read(cap)
+    report = b""
+    if paths.report.exists():
+        with open(paths.report, "rb") as f:
+            report = f.read(cap)
     return RunResult(
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,

@@ -16,16 +16,28 @@ CONFIG_JSON keys:
                   other users; made reachable inside the private mount namespace
   stage           an empty directory used while exposing
   cgroup_procs    a cgroup's ``cgroup.procs`` to join before anything else (null: none)
-  report_fd       fd on which to write the host pid of the launcher's child (the program, or the
+  pid_fd          fd on which to write the host pid of the launcher's child (the program, or the
                   namespace's pid 1, whose death ends the whole namespace), then close
+  program_fds     fds the program keeps across exec (its ends of the companion's pipes)
+  companion       null, or {"function", "job_fd", "fds", "report_fd", "uid"}: trusted code run in a
+                  second child, never in the program's process. job_fd holds an 8-byte length,
+                  the marshalled code of a module defining ``function``, then the job; the
+                  launcher reads it and runs the module before anything of the program exists, then
+                  forks the companion, which closes program_fds, drops to ``uid`` (another
+                  unprivileged uid than the program's), and calls ``function(job, *fds, report_fd)``.
+                  The program never holds job_fd, report_fd or the companion's fds.
 
 Process tree: launcher (root, host namespaces) -> [namespace pid 1 (root, mini init) ->]
-program (unprivileged uid). A setup failure is written to stderr prefixed with SETUP_ERROR and
-exits with status 126. When the program is killed by a signal the launcher dies of the same
-signal, so the parent can tell a signal from an exit status.
+program (unprivileged uid) [and companion (another unprivileged uid)]. The launcher makes itself
+not dumpable first thing, so its children forked without exec (pid 1, the companion) cannot be
+traced or have their /proc entries opened by the program even under the same uid. A setup failure
+is written to stderr prefixed with SETUP_ERROR and exits with status 126. When the program is
+killed by a signal the launcher dies of the same signal, so the parent can tell a signal from an
+exit status.
 """
 import ctypes
 import json
+import marshal
 import os
 import resource
 import signal
@@ -40,7 +52,7 @@ MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x1000, 0x2000, 0x4000, 0x40000
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (syscalls >= 424 are unified)
 MOUNT_ATTR_RDONLY = 0x1
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -107,36 +119,100 @@ def drop_privileges(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def exec_program(cfg: dict) -> None:
-    """Apply the per-process limits and credentials, then exec the program (never returns)."""
-    os.chdir(cfg["workdir"])
+def confine(cfg: dict, workdir: str, uid: int | None) -> None:
+    """Per-process limits and credentials (then the prctls that the credential change clears)."""
+    os.chdir(workdir)
     for name, (soft, hard) in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
-    if cfg.get("uid") is not None:
-        drop_privileges(cfg["uid"])
-    # after the credential change, which clears it
+    if uid is not None:
+        drop_privileges(uid)
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl no_new_privs")
+
+
+def close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:  # already closed in this process
+            pass
+
+
+def companion_fds(cfg: dict) -> list[int]:
+    spec = cfg.get("companion") or {}
+    return spec.get("fds", []) + ([spec["report_fd"]] if "report_fd" in spec else [])
+
+
+def exec_program(cfg: dict) -> None:
+    """Confine this child and exec the program (never returns)."""
+    close_all(companion_fds(cfg) + [cfg["pid_fd"]])
+    for fd in cfg.get("program_fds", []):
+        os.set_inheritable(fd, True)
+    confine(cfg, cfg["workdir"], cfg.get("uid"))
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     os.execve(cfg["argv"][0], cfg["argv"], {})
 
 
-def namespace_init(cfg: dict, status_fd: int) -> None:
-    """As pid 1 of the new namespace: set up the mounts, start the program as pid 2 (so it gets
-    ordinary signal semantics), reap orphans, and pass the program's wait status to the launcher
-    (pid 1 cannot die of its own signals). When pid 1 exits the kernel kills everything left in
-    the namespace; pid 1 dies with the launcher (pdeathsig)."""
-    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
-    setup_mounts(cfg)
+def load_companion(cfg: dict) -> tuple | None:
+    """(function, job) of the companion, read while nothing of the program exists yet."""
+    spec = cfg.get("companion")
+    if not spec:
+        return None
+    with os.fdopen(spec["job_fd"], "rb") as f:
+        data = f.read()
+    size = int.from_bytes(data[:8], "little")
+    ns = {"__name__": "mcl_companion"}
+    exec(marshal.loads(data[8:8 + size]), ns)
+    return ns[spec["function"]], data[8 + size:]
+
+
+def run_companion(cfg: dict, companion: tuple) -> None:
+    function, job = companion
+    spec = cfg["companion"]
+    close_all(cfg.get("program_fds", []) + [cfg["pid_fd"]])
+    confine(cfg, "/", spec.get("uid"))
+    check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl dumpable")
+    function(job, *spec["fds"], spec["report_fd"])
+    os._exit(0)
+
+
+def spawn(cfg: dict, companion: tuple | None) -> tuple[int, int | None]:
+    """Fork the companion (if any) and the program; close their fds here so that each sees the
+    other's end of file. Returns (program pid, companion pid or None)."""
+    other = None
+    if companion is not None:
+        other = os.fork()
+        if other == 0:
+            run_guarded(lambda c: run_companion(c, companion), cfg)
     program = os.fork()
     if program == 0:
         run_guarded(exec_program, cfg)
-    while True:
+    close_all(cfg.get("program_fds", []) + companion_fds(cfg))
+    return program, other
+
+
+def combined(program_status: int, companion_status: int | None) -> int:
+    """The program's wait status, unless the companion could not be set up."""
+    if companion_status is not None and os.WIFEXITED(companion_status) and os.WEXITSTATUS(companion_status) == 126:
+        return companion_status
+    return program_status
+
+
+def namespace_init(cfg: dict, status_fd: int, companion: tuple | None) -> None:
+    """As pid 1 of the new namespace: set up the mounts, start the program (and the companion)
+    as ordinary processes (so they get ordinary signal semantics), reap orphans, and pass the
+    wait status to the launcher (pid 1 cannot die of its own signals). When pid 1 exits the
+    kernel kills everything left in the namespace; pid 1 dies with the launcher (pdeathsig)."""
+    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl pdeathsig")
+    setup_mounts(cfg)
+    program, other = spawn(cfg, companion)
+    statuses = {}
+    while program not in statuses or (other is not None and other not in statuses):
         pid, status = os.wait()
-        if pid == program:
-            os.write(status_fd, str(status).encode())
-            os._exit(0)
+        statuses[pid] = status
+    os.write(status_fd, str(combined(statuses[program], statuses.get(other))).encode())
+    os._exit(0)
 
 
 def run_guarded(step, cfg: dict) -> None:
@@ -158,43 +234,52 @@ def mirror(status: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def start_child(cfg: dict) -> tuple[int, int | None]:
-    """Fork the program (or, with namespaces, the namespace's pid 1); return its pid and the read
-    end of the pipe on which pid 1 reports the program's wait status."""
-    status_r = status_w = None
-    if cfg.get("namespaces"):
-        check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-        status_r, status_w = os.pipe()
+def start_in_namespaces(cfg: dict, companion: tuple | None) -> tuple[int, int]:
+    """Fork the namespace's pid 1; return its pid and the read end of the pipe on which it
+    reports the wait status."""
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    status_r, status_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        for fd in (cfg.get("report_fd"), status_r):
-            if fd is not None:
-                os.close(fd)
-        if status_w is None:
-            run_guarded(exec_program, cfg)
-        run_guarded(lambda c: namespace_init(c, status_w), cfg)
-    if status_w is not None:
-        os.close(status_w)
+        close_all([cfg["pid_fd"], status_r])
+        run_guarded(lambda c: namespace_init(c, status_w, companion), cfg)
+    os.close(status_w)
+    close_all(cfg.get("program_fds", []) + companion_fds(cfg))
     return pid, status_r
+
+
+def start(cfg: dict, companion: tuple | None) -> tuple[int, int | None, int | None]:
+    """Start the children; return the pid to wait for (and to kill on timeout), the companion's
+    pid when it is our child, and the status pipe of the namespace's pid 1."""
+    if cfg.get("namespaces"):
+        pid, status_r = start_in_namespaces(cfg, companion)
+        return pid, None, status_r
+    return *spawn(cfg, companion), None
+
+
+def wait_status(cfg: dict, pid: int, other: int | None, status_r: int | None) -> int:
+    os.write(cfg["pid_fd"], f"{pid}\n".encode())
+    os.close(cfg["pid_fd"])
+    _, status = os.waitpid(pid, 0)
+    if status_r is not None:
+        reported = os.read(status_r, 64)
+        return int(reported) if reported.strip() else status
+    return combined(status, os.waitpid(other, 0)[1] if other is not None else None)
 
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     try:
+        check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl dumpable")
         if cfg.get("cgroup_procs"):
             with open(cfg["cgroup_procs"], "w") as f:
                 f.write(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        pid, status_r = start_child(cfg)
+        children = start(cfg, load_companion(cfg))
     except BaseException as exc:
         os.write(2, f"{SETUP_ERROR} {type(exc).__name__}: {exc}\n".encode())
         os._exit(126)
-    if cfg.get("report_fd") is not None:
-        os.write(cfg["report_fd"], f"{pid}\n".encode())
-        os.close(cfg["report_fd"])
-    _, status = os.waitpid(pid, 0)
-    reported = os.read(status_r, 64) if status_r is not None else b""
-    mirror(int(reported) if reported.strip() else status)
+    mirror(wait_status(cfg, *children))
 
 
 if __name__ == "__main__":

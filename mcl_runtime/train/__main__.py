@@ -151,7 +151,8 @@ async def _collect(args: argparse.Namespace) -> int:
 
     problems = load_problems(args.problems, args.limit)
     endpoints = endpoints_from_args(args)
-    options = CollectOptions(MapCoderConfig(args.k, args.t, args.max_tokens, args.temperature, args.max_calls),
+    options = CollectOptions(MapCoderConfig(args.k, args.t, args.max_tokens, args.temperature, args.max_calls,
+                                            test_last_fix=True),  # correct needs every fix's sample run
                              args.rounds, args.workers, args.drop_failed_code, not args.no_progress)
     timeout = args.timeout or 5.0
     settings = {"problems": args.problems, "limit": args.limit, "timeout": timeout,

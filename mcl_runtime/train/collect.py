@@ -38,7 +38,8 @@ SETTINGS, TRAJECTORIES, STATS = "collect.json", "trajectories.jsonl", "stats.jso
 
 @dataclass(frozen=True)
 class CollectOptions:
-    mapcoder: MapCoderConfig = field(default_factory=MapCoderConfig)
+    # every fix tested: ``correct`` blames a fix by the sample run that follows it
+    mapcoder: MapCoderConfig = field(default_factory=lambda: MapCoderConfig(test_last_fix=True))
     rounds: int = 1
     workers: int = 1
     drop_failed_code: bool = False
