@@ -431,6 +431,7 @@ def fake_server():
     thread.join(10)
 
 
+@pytest.mark.server_stack
 def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys):
     from mcl_runtime.pipeline import main
 
@@ -453,6 +454,7 @@ def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys
     assert summary["pass@1"] == 1.0 and "pass@1" in capsys.readouterr().out
 
 
+@pytest.mark.server_stack
 def test_openai_client_turns_a_refused_request_into_chat_error(fake_server):
     url, _ = fake_server
     client = OpenAIChatClient(url, max_retries=0)
@@ -493,6 +495,7 @@ def _check_demo_run(out, problems: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.server_stack
 def test_end_to_end_against_the_demo_server(tmp_path):
     import subprocess
     import sys
