@@ -97,15 +97,16 @@ print("mcl_runtime from", mcl_runtime.__file__, "; C++ block manager:",
 sys.exit(not here)'
     "$PY" -c "$check" "$ROOT/" 2>/dev/null && return 0
     local t0=$(date +%s)
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-        || MCL_NO_EXT=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+    "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . \
+        || MCL_NO_EXT=1 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . || return 1
     echo "pip install -e . took $(( $(date +%s) - t0 ))s"
     "$PY" -c "$check" "$ROOT/"
 }
 
 step_setup() {
     {
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+        if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version \
+            --format=csv,noheader; else echo "no nvidia-smi here"; fi
         "$PY" -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
         git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "commit unknown (no git)"
@@ -133,7 +134,7 @@ report() {
 
 PHASE1=(pytest_cuda lora_kernels attention)
 PHASE2=(vs_32b bandwidth multi_lora)
-PREFLIGHT_CAP_FACTOR=3   # CPU smoke runs: the GPU caps x 3 (the interpreter is slow, the sizes tiny)
+PREFLIGHT_CAP_FACTOR=5   # CPU smoke runs: the GPU caps x 5 (the interpreter is slow, the sizes tiny)
 
 main() {
     local start=$(date +%s) first=1 steps s
