@@ -359,13 +359,17 @@ def _version(pkg: str) -> str | None:
 
 
 def _commit() -> str:
+    """HEAD (+dirty) of this checkout; where it has no git (the device tool's copy of a working tree),
+    ``$MCL_COMMIT`` as the command line passed it, else "unknown"."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        sha = git("rev-parse", "HEAD") or "unknown"
-        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        sha = git("rev-parse", "HEAD")
+        if sha:
+            return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("MCL_COMMIT") or "unknown"
 
 
 def environment(device: torch.device | str) -> dict:

@@ -333,8 +333,11 @@ triton 3.6, transformers 5.17, peft, CMake): its setup step runs
 
    | call | `command` | `carry` | `timeout_s` | takes (caps) |
    |---|---|---|---|---|
-   | phase 1 | `benchmarks/run_gpu.sh phase1` | none | 300 | at most 240 s: setup 60, pytest_cuda 60, lora_kernels 80, attention 50 |
-   | phase 2 | `benchmarks/run_gpu.sh phase2` | none | 300 | at most 240 s: setup 60, vs_32b 100, bandwidth 40, multi_lora 80 |
+   | phase 1 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase1` | none | 300 | at most 240 s: setup 90, pytest_cuda 60, lora_kernels 80, attention 50 |
+   | phase 2 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase2` | none | 300 | at most 240 s: setup 90, vs_32b 100, bandwidth 40, multi_lora 80 |
+
+   `<sha>`: `git rev-parse HEAD` here, after committing (the tool sends the working tree without
+   `.git`, so the results name the commit through `MCL_COMMIT`).
 
    Machine start plus both phases is about 10 of the 15 minutes, which leaves one rerun of one
    phase (a single step: `benchmarks/run_gpu.sh vs_32b`). Then `give_back`.

@@ -10,7 +10,7 @@
 #
 # Steps (cap in seconds on the GPU; a phase stops starting steps after PHASE_BUDGET_S, default 240;
 # setup runs first in every command and counts against its first phase):
-#   setup 60 (versions, package install), then
+#   setup 90 (versions, package install; ~20 s on 16 cores), then
 #   phase1: pytest_cuda 60, lora_kernels 80, attention 50
 #   phase2: vs_32b 100, bandwidth 40, multi_lora 80
 # Each benchmark gets --max-seconds (its cap minus a margin), writes its JSON after every case and
@@ -18,6 +18,7 @@
 # (the device machine's output folder; default a new temporary folder); logs, the step summary, the
 # pytest report and a README preview made from the results go to one tarball, $OUT/run_gpu_<phases>.tar.gz,
 # repacked after every step. $OUT never holds more than 8 files. Python: $PYTHON (default python3).
+# MCL_COMMIT=<sha> names the commit where the checkout has no .git (the device tool sends none).
 # SKIP_STEPS="a b" leaves steps out (CI's preflight leaves out pytest_cuda: CI collects the tests itself).
 # The package is used from this checkout: if `import mcl_runtime.kernels` does not resolve here, the
 # setup step runs `pip install --no-index --no-deps --no-build-isolation -e .` (builds the C++ block
@@ -109,11 +110,11 @@ step_setup() {
             --format=csv,noheader; else echo "no nvidia-smi here"; fi
         "$PY" -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-        git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "commit unknown (no git)"
+        echo "commit $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${MCL_COMMIT:-unknown} (no git here: \$MCL_COMMIT)")"
     } 2>&1 | tee -a "$SUMMARY"
     export -f setup_package
     export PY ROOT
-    run_step setup 60 0 bash -c setup_package
+    run_step setup 90 0 bash -c setup_package
 }
 
 step_pytest_cuda() {
@@ -160,6 +161,7 @@ main() {
     log "done in $(( $(date +%s) - start ))s; failed: ${FAILED[*]:-none}"
     pack
     log "$(find "$OUT" -type f | wc -l) files in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+    rm -rf "$WORK"
     (( ${#FAILED[@]} == 0 ))
 }
 
