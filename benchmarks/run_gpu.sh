@@ -10,7 +10,7 @@
 #
 # Steps (cap in seconds on the GPU; a phase stops starting steps after PHASE_BUDGET_S, default 240;
 # setup runs first in every command and counts against its first phase):
-#   setup 90 (versions, package install; ~20 s on 16 cores), then
+#   setup 90 (versions, package install), then
 #   phase1: pytest_cuda 60, lora_kernels 80, attention 50
 #   phase2: vs_32b 100, bandwidth 40, multi_lora 80
 # Each benchmark gets --max-seconds (its cap minus a margin), writes its JSON after every case and
