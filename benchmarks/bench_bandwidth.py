@@ -91,13 +91,15 @@ def main() -> None:
             rows.append(r)
             print(f"{r['variant']:5s}: {r['bytes_per_step']['total'] / 1e9:.3f} GB per step in "
                   f"{1e3 * r['decode_step_median_s']:.2f} ms = {r['achieved_bytes_per_s'] / 1e9:.1f} GB/s, "
-                  f"{100 * r['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
+                  f"{100 * r['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth {copy_bw / 1e9:.1f} GB/s",
+                  flush=True)
             save(args, device, backend, copy_bw, rows, complete=len(rows) == 2)
         del engine
         release_memory()
 
 
-def save(args: argparse.Namespace, device: torch.device, backend: str, copy_bw: float, rows: list[dict], complete: bool) -> None:
+def save(args: argparse.Namespace, device: torch.device, backend: str, copy_bw: float, rows: list[dict],
+         complete: bool) -> None:
     save_result(f"bandwidth_{device_slug(device)}", {
         "benchmark": "bandwidth", "env": environment(device), "complete": complete,
         "config": {"model": "Qwen2.5-7B-Instruct config" + (" (shrunk for smoke)" if args.smoke else ""),

@@ -4,9 +4,9 @@
 
 Qwen2.5-7B-Instruct shapes, random bf16 weights (``load_format="dummy"``), rank-32 PEFT adapters on all
 seven projections (drawn on the device), ``--slots`` adapter slots (16): beyond that the engine evicts
-(LRU) and a request waits for a slot. One batch of ``--batch`` requests (prompts ``--prompt-len``, exactly ``--gen`` tokens,
-greedy) submitted at once; prefix caching off and the same prompts in every run, so runs differ only
-in their adapters. Adapters per request, for N in ``--adapters`` distinct adapters:
+(LRU) and a request waits for a slot. One batch of ``--batch`` requests (prompts ``--prompt-len``,
+exactly ``--gen`` tokens, greedy) submitted at once; prefix caching off and the same prompts in every
+run, so runs differ only in their adapters. Adapters per request, for N in ``--adapters`` distinct adapters:
 - uniform: request i uses adapter i mod N;
 - zipf: adapters drawn with probability proportional to 1/k (seeded), so fewer may appear;
 - identical: every request uses one adapter (this is N = 1 of every popularity, run once);

@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     return parse_with_smoke(p, dict(batches=[1, 3], prompt_len=(24, 48), gen_len=(6, 6)))
 
 
-def model_specs(args: argparse.Namespace, workdir: Path, device: torch.device) -> dict[str, tuple[Path, dict[str, Path]]]:
+def model_specs(args: argparse.Namespace, workdir: Path,
+                device: torch.device) -> dict[str, tuple[Path, dict[str, Path]]]:
     """Model folder and adapter folders of the two contenders."""
     small, large = QWEN25_7B_INSTRUCT, QWEN25_32B_INSTRUCT
     if args.smoke:
