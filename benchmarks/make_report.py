@@ -339,8 +339,9 @@ triton 3.6, transformers 5.17, peft, CMake): its setup step runs
    `<sha>`: `git rev-parse HEAD` here, after committing (the tool sends the working tree without
    `.git`, so the results name the commit through `MCL_COMMIT`).
 
-   Machine start plus both phases is about 10 of the 15 minutes, which leaves one rerun of one
-   phase (a single step: `benchmarks/run_gpu.sh vs_32b`). Then `give_back`.
+   Machine start plus both phases is about 10 of the 15 minutes, which leaves a rerun of a step
+   (`MCL_COMMIT=<sha> benchmarks/run_gpu.sh vs_32b`), or of a phase on a machine still warm. Then
+   `give_back`.
 4. Each call brings back at most 8 files: the result JSON/PNG (`*_nvidia-h200.json`, `.png`) and
    `run_gpu_<phase>.tar.gz` (summary, logs, pytest report, `report/README.preview.md`). The reply's
    output ends with the step summary (`rc`, seconds, `cap hit`) and the failed steps.
