@@ -3,10 +3,11 @@
 #
 #   benchmarks/run_gpu.sh phase1          CUDA tests + kernel microbenchmarks (SGMV LoRA, paged attention)
 #   benchmarks/run_gpu.sh phase2          7B + 4 LoRAs vs 32B, batch-1 decode bandwidth, multi-adapter scaling
-#   benchmarks/run_gpu.sh STEP ...        single steps (names below), or phase1 phase2 in one command
+#   benchmarks/run_gpu.sh STEP ...        single steps (names below), or phase1 phase2 in one command;
+#                                         no argument: phase1
 #   benchmarks/run_gpu.sh --cpu-preflight [phase1 phase2]
 #                                         the same steps smoke-sized on the CPU (default: both phases);
-#                                         exits 1 if a step fails (CI runs it: tests/test_run_gpu_preflight.py)
+#                                         exits 1 if a step fails (CI runs it: tests/test_benchmarks_smoke.py)
 #
 # Steps (cap in seconds on the GPU; a phase stops starting steps after PHASE_BUDGET_S, default 240;
 # setup runs first in every command and counts against its first phase):
