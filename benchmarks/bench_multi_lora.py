@@ -17,8 +17,9 @@ transformers + peft on the same batch (peft mixed-adapter batches, ``adapter_nam
 ``--hf-adapters``. The ``--adapters`` names are backed by ``--adapter-files`` distinct weight files
 (name i uses file i mod F; the engine loads each name separately, so slots, loads and compute are
 those of N different adapters; only the values repeat; the engine keeps a host copy of each name).
-Before the runs the whole batch runs once untimed (8 tokens, 4 adapters), so the prefill shapes and
-kernels compile first; Triton compiles inside each run are counted in the JSON. Nothing starts after
+Each run is preceded by the same batch with 2 generated tokens, untimed (its prefill and decode
+shapes compile, and its adapters are in slots where they fit: slot loads are those of the steady
+state); Triton compiles inside each timed run are counted in the JSON. Nothing starts after
 ``--max-seconds`` (the transformers model is not even loaded); skipped runs are listed.
 vLLM/SGLang: availability recorded only.
 --smoke: tiny shapes on the CPU, 4 slots (so 8 adapters evict); not results.
@@ -112,6 +113,7 @@ def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadli
             out["skipped"].append(f"{label}: over --max-seconds")
             continue
         wl = Workload(base.prompts, base.max_tokens, assignments(kind, max(n, 1), args.batch))
+        run_workload(engine, warmup_workload(wl, 2))
         s = run_workload(engine, wl).summary()
         s.update(label=label, popularity=kind, num_adapters=n, distinct_in_batch=len({a for a in wl.adapters if a}))
         out["runs"].append(s)
@@ -187,8 +189,6 @@ def main() -> None:
         t0 = time.perf_counter()
         engine = build_engine(model_dir, names, base, args, device)
         out["engine_build_s"] = time.perf_counter() - t0
-        warm = Workload(base.prompts, base.max_tokens, assignments("uniform", min(4, num_names(args)), args.batch))
-        run_workload(engine, warmup_workload(warm, 8))
         for _ in engine_runs(engine, base, args, deadline, out):
             add_overheads(out["runs"])
             save(args, device, out, complete=False)
