@@ -92,17 +92,18 @@ run_step() {
 
 # setup_package: the package from this checkout (pip install -e . where it does not resolve here yet).
 setup_package() {
-    local check='import importlib.util as u, sys, mcl_runtime, mcl_runtime.kernels
-here = mcl_runtime.__file__.startswith(sys.argv[1])
-print("mcl_runtime from", mcl_runtime.__file__, "; C++ block manager:",
-      "yes" if u.find_spec("mcl_runtime._C") else "no (Python block manager)")
-sys.exit(not here)'
-    "$PY" -c "$check" "$ROOT/" 2>/dev/null && return 0
+    # run from / so that the current directory cannot stand in for an install
+    local check='import importlib.util as u, sys, mcl_runtime, mcl_runtime.kernels as k
+ext = u.find_spec("mcl_runtime._C")
+files = [mcl_runtime.__file__, k.__file__] + ([ext.origin] if ext else [])
+print("mcl_runtime:", *files, "; C++ block manager:", "yes" if ext else "no (Python block manager)")
+sys.exit(not all(f.startswith(sys.argv[1]) for f in files))'
+    (cd / && "$PY" -c "$check" "$ROOT/") 2>/dev/null && return 0
     local t0=$(date +%s)
     "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . \
         || MCL_NO_EXT=1 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . || return 1
     echo "pip install -e . took $(( $(date +%s) - t0 ))s"
-    "$PY" -c "$check" "$ROOT/"
+    (cd / && "$PY" -c "$check" "$ROOT/")
 }
 
 step_setup() {
