@@ -48,6 +48,9 @@ class CMakeBuild(build_ext):
 
 
 packages = find_packages(include=["mcl_runtime", "mcl_runtime.*"]) + ["mcl_runtime.kernels"]
+# Floors: the oldest version of each that the test suite (CI's Python 3.11 environment) or the GPU
+# run's CPU preflight (benchmarks/run_gpu.sh --cpu-preflight in the device image's versions: Python
+# 3.12, torch 2.11.0, triton 3.6.0, transformers 5.17.0) has passed on. Nothing older was tried.
 
 setup(
     name="mcl_runtime",
@@ -55,20 +58,21 @@ setup(
     description="Multi-LoRA serving and training runtime for MapCoder-Lite agents on one base model",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=packages,
     package_dir={"mcl_runtime.kernels": "kernels"},
     package_data={"mcl_runtime.agents": ["data/*.jsonl", "data/*.md"]},
     ext_modules=[CMakeExtension("mcl_runtime._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
-        "torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy", "safetensors", "tokenizers",
-        "transformers>=4.45", "peft>=0.13", "jinja2", "fastapi", "uvicorn", "prometheus_client",
-        "openai>=1.0", "httpx", "tqdm", "matplotlib",
+        "torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy>=2.4.6", "safetensors>=0.8",
+        "tokenizers>=0.23.2", "transformers>=5.17", "peft>=0.21.2", "jinja2>=3.1.6", "fastapi>=0.165",
+        "uvicorn>=0.54", "pydantic>=2.13.4", "prometheus_client>=0.26", "openai>=3.57", "httpx>=0.28.1",
+        "tqdm>=4.70.1", "matplotlib>=3.11.2",
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=9.0.3", "pytest-timeout>=2.4"],
     },
     entry_points={"console_scripts": [
         "mcl-serve=mcl_runtime.serve.__main__:main",

@@ -3,13 +3,17 @@
     python benchmarks/bench_attention.py [--smoke] [--out-dir DIR] [--batches 1,32] [--contexts 512,8192]
 
 Decode: Qwen2.5-7B attention (28 query heads, 4 KV heads, head dim 128), bf16, KV blocks of 16 tokens
-handed out in shuffled order, every sequence of the batch at the same context length.
+handed out in shuffled order, every sequence of the batch at the same context length; inputs are
+drawn on the device.
 ``paged_decode_attention`` is compared with torch SDPA on contiguous K/V ([B, Hkv, ctx, D],
 ``enable_gqa``) and with flash-attn's ``flash_attn_with_kvcache`` on contiguous K/V when flash-attn
 is importable. Achieved bandwidth (K and V read once, plus q and o) is reported against the device
 copy bandwidth measured in the same run (``dst.copy_(src)`` of 1 GiB: 2 GiB moved).
 Prefill: one sequence attending causally over itself, ``paged_prefill_attention`` vs SDPA
 ``is_causal`` on contiguous K/V, in TFLOP/s (causal half counted).
+
+The JSON is rewritten after every case (``--max-seconds`` or a kill keeps what was measured); each
+timing follows one untimed call on the same inputs.
 
 Writes benchmarks/results/attention_<device>.{json,png} on CUDA. ``--smoke`` runs tiny shapes (the
 Triton interpreter on CPU) in a few seconds to check that the script still works; its output goes
@@ -18,13 +22,15 @@ to a temporary folder and is not a result.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from common import (copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser,
-                    kernel_setup, kernel_timing, save_figure, save_kernel_result)
+from common import (KernelResult, copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms,
+                    kernel_parser, kernel_setup, kernel_timing, save_figure)
 
 interpret_triton_for_cpu_smoke()
 
@@ -46,14 +52,14 @@ class PagedKV:
 
     def __init__(self, batch: int, ctx: int, num_kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, seed: int) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         per_seq = -(-ctx // block_size)
         num_blocks = batch * per_seq + 1
         order = list(range(1, num_blocks))
         random.Random(seed).shuffle(order)
         self.block_tables = torch.tensor(order, dtype=torch.int32).view(batch, per_seq).to(device)
-        self.k = torch.randn(batch, ctx, num_kv_heads, head_dim, generator=gen).to(device, dtype)
-        self.v = torch.randn(batch, ctx, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+        self.k = torch.randn(batch, ctx, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
+        self.v = torch.randn(batch, ctx, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -64,15 +70,17 @@ class PagedKV:
         self.context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
 
 
-def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float) -> list[dict]:
+def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float, records: list[dict],
+                 go_on: Callable[[str], bool]) -> None:
     hq, hkv, d, bs = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["block_size"]
     dtype = cfg["dtype"]
     scale = d ** -0.5
     flash = flash_attn_fn() if device.type == "cuda" else None
-    records = []
     print(f"{'B':>4} {'ctx':>6} | {'paged ms':>9} {'GB/s':>7} {'%copy':>6} | {'sdpa ms':>9} {'GB/s':>7} {'x':>5} | flash-attn")
     for batch in cfg["batches"]:
         for ctx in cfg["contexts"]:
+            if not go_on(f"decode B={batch} ctx={ctx}"):
+                continue
             es = torch.finfo(dtype).bits // 8
             kv_bytes = 2 * batch * ctx * hkv * d * es
             if kv_bytes > MAX_KV_BYTES:
@@ -101,20 +109,20 @@ def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float) -> list[dict
             fl = rec["flash_attn_contiguous"]
             print(f"{batch:>4} {ctx:>6} | {ms:9.4f} {rec['paged']['gbps']:7.1f} {100 * rec['paged']['fraction_of_copy']:5.1f}% | "
                   f"{sdpa_ms:9.4f} {rec['sdpa_contiguous']['gbps']:7.1f} {sdpa_ms / ms:4.1f}x | "
-                  + (f"{fl['ms']:.4f} ms ({fl['speedup_paged']:.1f}x)" if isinstance(fl, dict) else fl))
+                  + (f"{fl['ms']:.4f} ms ({fl['speedup_paged']:.1f}x)" if isinstance(fl, dict) else fl), flush=True)
             if diff > 0.05:
                 raise SystemExit(f"paged decode and SDPA disagree: max abs diff {diff:.3g}")
             del kv, q
-    return records
 
 
-def prefill_sweep(cfg: dict, device: torch.device) -> list[dict]:
+def prefill_sweep(cfg: dict, device: torch.device, records: list[dict], go_on: Callable[[str], bool]) -> None:
     hq, hkv, d, bs = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["block_size"]
     dtype = cfg["dtype"]
     scale = d ** -0.5
-    records = []
     print(f"{'q_len':>6} | {'paged ms':>9} {'TFLOP/s':>8} | {'sdpa ms':>9} {'TFLOP/s':>8} {'x':>5}")
     for n in cfg["prefill_lens"]:
+        if not go_on(f"prefill q_len={n}"):
+            continue
         kv = PagedKV(1, n, hkv, d, bs, dtype, device, seed=n)
         q = torch.randn(n, hq, d, device=device).to(dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=device)
@@ -129,11 +137,11 @@ def prefill_sweep(cfg: dict, device: torch.device) -> list[dict]:
         records.append({"q_len": n, "flops": flops, "max_abs_diff_vs_sdpa": diff,
                         "paged": {"ms": ms, "tflops": flops / ms / 1e9},
                         "sdpa_contiguous": {"ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9, "speedup_paged": sdpa_ms / ms}})
-        print(f"{n:>6} | {ms:9.4f} {flops / ms / 1e9:8.2f} | {sdpa_ms:9.4f} {flops / sdpa_ms / 1e9:8.2f} {sdpa_ms / ms:4.1f}x")
+        print(f"{n:>6} | {ms:9.4f} {flops / ms / 1e9:8.2f} | {sdpa_ms:9.4f} {flops / sdpa_ms / 1e9:8.2f} "
+              f"{sdpa_ms / ms:4.1f}x", flush=True)
         if diff > 0.05:
             raise SystemExit(f"paged prefill and SDPA disagree: max abs diff {diff:.3g}")
         del kv, q
-    return records
 
 
 def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, path: Path) -> None:
@@ -175,19 +183,31 @@ def main() -> None:
     if args.contexts:
         cfg["contexts"] = [int(c) for c in args.contexts.split(",")]
     device, info = kernel_setup(args.smoke, HAS_TRITON)
+    start = time.perf_counter()
     copy_gbps = copy_bandwidth(device, cfg["copy_bytes"]) / 1e9
     print(f"device copy bandwidth: {copy_gbps:.1f} GB/s")
-    decode = decode_sweep(cfg, device, copy_gbps)
-    prefill = prefill_sweep(cfg, device)
     flash_status = "installed" if flash_attn_fn() is not None else "not installed"
-
+    decode: list[dict] = []
+    prefill: list[dict] = []
+    skipped: list[str] = []
     report = {"benchmark": "attention", **info, "flash_attn": flash_status,
               "config": {**cfg, "dtype": str(cfg["dtype"]), "timing": kernel_timing(device)},
-              "copy_bandwidth_gbps": copy_gbps, "decode": decode, "prefill": prefill}
+              "copy_bandwidth_gbps": copy_gbps, "decode": decode, "prefill": prefill, "skipped": skipped}
+    result = KernelResult("attention", args.out_dir, args.smoke, device)
+
+    def go_on(case: str) -> bool:
+        """Save what is measured so far; False (and the case listed as skipped) past --max-seconds."""
+        result.save(report)
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+            skipped.append(case)
+            return False
+        return True
+
+    decode_sweep(cfg, device, copy_gbps, decode, go_on)
+    prefill_sweep(cfg, device, prefill, go_on)
     title = (f"paged attention, Qwen2.5-7B heads (28/4 x 128), bf16, block 16: {info['device']}" if not args.smoke
              else f"SMOKE RUN, tiny shapes, not a result ({info['device']})")
-    save_kernel_result("attention", report, args.out_dir, args.smoke, device,
-                       lambda png: plot(decode, prefill, copy_gbps, title, png))
+    result.finish(report, lambda png: plot(decode, prefill, copy_gbps, title, png), complete=not skipped)
 
 
 if __name__ == "__main__":

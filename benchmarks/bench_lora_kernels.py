@@ -5,13 +5,18 @@
 Shapes are Qwen2.5-7B's LoRA-targeted projections (hidden 3584; qkv = 3584 + 512 + 512, o, gate_up =
 2 x 18944, down 18944 -> 3584), bf16, adapter rank 32 in buffers padded to max rank 64 (as the engine
 lays them out), 1 / 4 / 16 adapters, 1-4096 tokens whose adapters follow a popularity law
-(uniform / zipf / identical) and are sorted by adapter (the engine's order). Compared with
+(uniform / zipf / identical) and are sorted by adapter (the engine's order); inputs are drawn on the
+device. Compared with
   (a) a torch loop over the adapters' segments (two matmuls per slice),
   (b) gather + bmm (punica's baseline: each token gathers its adapter's weights),
   (c) vLLM's / SGLang's Triton LoRA ops, recorded as "not installed" when they are not importable.
 Baselines get rank-trimmed weights (no padding). Prints latency, achieved GB/s (minimal traffic:
 x, the used adapters' A and B, the fp32 intermediate, y read + written) and TFLOP/s, speed-ups, and
 the LoRA overhead over the base linear layers of one decoder layer at batch 32 with 4 adapters.
+
+Order: the overhead at batch 32 first, then every projection over uniform adapters, then the other
+popularity laws on qkv; the JSON is rewritten after every case, so ``--max-seconds`` (or a kill) keeps
+what was measured. Each timing follows one untimed call on the same inputs (no JIT compile inside).
 
 Writes benchmarks/results/lora_kernels_<device>.{json,png} on CUDA. ``--smoke`` runs tiny shapes
 (the Triton interpreter on CPU) in a few seconds to check that the script still works; its output
@@ -21,13 +26,14 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import torch
 
-from common import (interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser, kernel_setup,
-                    kernel_timing, save_figure, save_kernel_result)
+from common import (KernelResult, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser,
+                    kernel_setup, kernel_timing, save_figure)
 
 interpret_triton_for_cpu_smoke()
 
@@ -37,7 +43,7 @@ PROJECTIONS = {"qkv": (3584, (3584, 512, 512)), "o": (3584, (3584,)),
                "gate_up": (3584, (18944, 18944)), "down": (18944, (3584,))}
 SMOKE_PROJECTIONS = {"qkv": (64, (32, 16, 16)), "down": (96, (48,))}
 POPULARITY = ("uniform", "zipf", "identical")
-MAX_GATHER_BYTES = 16 << 30
+MAX_GATHER_BYTES = 4 << 30
 
 
 def token_slots(popularity: str, num_tokens: int, num_adapters: int, rng: random.Random) -> list[int]:
@@ -56,17 +62,17 @@ class Projection:
 
     def __init__(self, hidden: int, slices: tuple[int, ...], num_slots: int, rank: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(hidden + sum(slices))
+        gen = torch.Generator(device=device).manual_seed(hidden + sum(slices))
         n = len(slices)
         self.hidden, self.slices, self.rank, self.max_rank = hidden, slices, rank, max_rank
         self.offsets = tuple([0] + torch.tensor(slices).cumsum(0).tolist())
         n_out = self.offsets[-1]
-        a = torch.randn(num_slots, n, rank, hidden, generator=gen) / hidden ** 0.5
-        b = torch.randn(num_slots, n_out, rank, generator=gen) / rank ** 0.5
-        self.a_trim = a.reshape(num_slots, n * rank, hidden).to(device, dtype).contiguous()
-        self.b_trim = b.to(device, dtype).contiguous()
+        a = torch.randn(num_slots, n, rank, hidden, generator=gen, device=device) / hidden ** 0.5
+        b = torch.randn(num_slots, n_out, rank, generator=gen, device=device) / rank ** 0.5
+        self.a_trim = a.reshape(num_slots, n * rank, hidden).to(dtype).contiguous()
+        self.b_trim = b.to(dtype).contiguous()
         self.lora_a = torch.zeros(num_slots, n, max_rank, hidden, dtype=dtype, device=device)
-        self.lora_a[:, :, :rank] = a.to(device, dtype)
+        self.lora_a[:, :, :rank] = a.to(dtype)
         self.lora_a = self.lora_a.view(num_slots, n * max_rank, hidden)
         self.lora_b = torch.zeros(num_slots, n_out, max_rank, dtype=dtype, device=device)
         self.lora_b[:, :, :rank] = self.b_trim
@@ -92,8 +98,8 @@ class Case:
         self.seg_starts = torch.tensor(starts, dtype=torch.int32, device=device)
         self.seg_slots = torch.tensor(seg_slots, dtype=torch.int32, device=device)
         self.token_slots = torch.tensor(slots, dtype=torch.long, device=device)
-        gen = torch.Generator(device="cpu").manual_seed(T)
-        self.x = torch.randn(T, proj.hidden, generator=gen).to(device, dtype)
+        gen = torch.Generator(device=device).manual_seed(T)
+        self.x = torch.randn(T, proj.hidden, generator=gen, device=device).to(dtype)
         self.y = torch.zeros(T, proj.offsets[-1], dtype=dtype, device=device)
         self.u = torch.empty(T, len(proj.slices) * proj.max_rank, dtype=torch.float32, device=device)
 
@@ -208,6 +214,40 @@ def plot(records: list[dict], overhead: dict, title: str, path: Path) -> None:
     save_figure(fig, title, path)
 
 
+def sweep(shapes: dict, adapters: list[int]) -> list[tuple[str, str, int]]:
+    """(projection, popularity, adapters) in the order they run: every projection over uniform
+    adapters, then the other popularity laws on qkv."""
+    plan = [(name, "uniform", n) for name in shapes for n in adapters]
+    return plan + [("qkv", pop, n) for pop in POPULARITY if pop != "uniform" for n in adapters if "qkv" in shapes]
+
+
+def measure_case(proj: Projection, name: str, popularity: str, num_adapters: int, T: int, dtype: torch.dtype,
+                 device: torch.device, libs: dict) -> dict:
+    rng = random.Random(zlib.crc32(f"{name}/{popularity}/{num_adapters}/{T}".encode()))
+    case = Case(proj, token_slots(popularity, T, num_adapters, rng), dtype, device)
+    rec = {"projection": name, "popularity": popularity, "adapters": num_adapters, "tokens": T,
+           "adapters_used": case.num_used, "segments": len(case.segments),
+           "max_abs_diff_vs_loop": check_same(case, dtype)}
+    nbytes, flops = case.traffic_and_flops()
+    ms = kernel_ms(case.sgmv, device)
+    rec["sgmv"] = {"ms": ms, "gbps": nbytes / ms / 1e6, "tflops": flops / ms / 1e9, "bytes": nbytes, "flops": flops}
+    rec["torch_loop"] = {"ms": kernel_ms(case.torch_loop, device)}
+    if case.gather_bytes() <= MAX_GATHER_BYTES:
+        rec["gather_bmm"] = {"ms": kernel_ms(case.gather_bmm, device)}
+    else:
+        rec["gather_bmm"] = f"skipped: gathers {case.gather_bytes() / 2**30:.1f} GiB"
+    for base in ("torch_loop", "gather_bmm"):
+        if isinstance(rec[base], dict):
+            rec[base]["speedup_sgmv"] = rec[base]["ms"] / ms
+    rec.update(libs)
+    g = rec["gather_bmm"]
+    print(f"{name:>8} {popularity:>9} {num_adapters:>3} {T:>5} | {ms:9.4f} "
+          f"{rec['sgmv']['gbps']:7.1f} {rec['sgmv']['tflops']:8.3f} | "
+          f"{rec['torch_loop']['ms']:9.4f} {rec['torch_loop']['speedup_sgmv']:5.1f}x | "
+          + (f"{g['ms']:9.4f} {g['speedup_sgmv']:5.1f}x" if isinstance(g, dict) else g), flush=True)
+    return rec
+
+
 def main() -> None:
     ap = kernel_parser(__doc__)
     ap.add_argument("--tokens", default=None, help="comma-separated token counts")
@@ -215,12 +255,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--max-rank", type=int, default=64)
     args = ap.parse_args()
+    start = time.perf_counter()
     dtype = torch.bfloat16
     if args.smoke:
-        shapes, tokens, adapters, rank, max_rank = SMOKE_PROJECTIONS, [1, 8], [4], 8, 16
+        shapes, tokens, adapters, rank, max_rank = SMOKE_PROJECTIONS, [8], [4], 8, 16
         overhead_batch = 4
     else:
-        shapes, tokens, adapters = PROJECTIONS, [1, 4, 16, 64, 256, 1024, 4096], [1, 4, 16]
+        shapes, tokens, adapters = PROJECTIONS, [1, 16, 64, 256, 1024, 4096], [1, 4, 16]
         rank, max_rank, overhead_batch = args.rank, args.max_rank, 32
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]
@@ -232,57 +273,38 @@ def main() -> None:
     print("other LoRA kernels: " + ", ".join(f"{k}: {v}" for k, v in libs.items()))
 
     projections = {name: Projection(h, s, num_slots, rank, max_rank, dtype, device) for name, (h, s) in shapes.items()}
-    records = []
-    print(f"{'proj':>8} {'pop':>9} {'ad':>3} {'T':>5} | {'sgmv ms':>9} {'GB/s':>7} {'TFLOP/s':>8} | "
-          f"{'loop ms':>9} {'x':>6} | {'gather ms':>9} {'x':>6}")
-    for name, proj in projections.items():
-        for popularity in (POPULARITY if name == "qkv" else ("uniform",)):
-            for num_adapters in adapters:
-                for T in tokens:
-                    rng = random.Random(zlib.crc32(f"{name}/{popularity}/{num_adapters}/{T}".encode()))
-                    case = Case(proj, token_slots(popularity, T, num_adapters, rng), dtype, device)
-                    rec = {"projection": name, "popularity": popularity, "adapters": num_adapters, "tokens": T,
-                           "adapters_used": case.num_used, "segments": len(case.segments),
-                           "max_abs_diff_vs_loop": check_same(case, dtype)}
-                    nbytes, flops = case.traffic_and_flops()
-                    ms = kernel_ms(case.sgmv, device)
-                    rec["sgmv"] = {"ms": ms, "gbps": nbytes / ms / 1e6, "tflops": flops / ms / 1e9,
-                                   "bytes": nbytes, "flops": flops}
-                    rec["torch_loop"] = {"ms": kernel_ms(case.torch_loop, device)}
-                    if case.gather_bytes() <= MAX_GATHER_BYTES:
-                        rec["gather_bmm"] = {"ms": kernel_ms(case.gather_bmm, device)}
-                    else:
-                        rec["gather_bmm"] = f"skipped: gathers {case.gather_bytes() / 2**30:.1f} GiB"
-                    for base in ("torch_loop", "gather_bmm"):
-                        if isinstance(rec[base], dict):
-                            rec[base]["speedup_sgmv"] = rec[base]["ms"] / ms
-                    for lib, status in libs.items():
-                        rec[lib] = status
-                    records.append(rec)
-                    g = rec["gather_bmm"]
-                    print(f"{name:>8} {popularity:>9} {num_adapters:>3} {T:>5} | {ms:9.4f} "
-                          f"{rec['sgmv']['gbps']:7.1f} {rec['sgmv']['tflops']:8.3f} | "
-                          f"{rec['torch_loop']['ms']:9.4f} {rec['torch_loop']['speedup_sgmv']:5.1f}x | "
-                          + (f"{g['ms']:9.4f} {g['speedup_sgmv']:5.1f}x" if isinstance(g, dict) else g))
-                    del case
-    overhead = overhead_at_batch(projections, overhead_batch, min(4, max(adapters)), dtype, device)
-    print(f"LoRA overhead at batch {overhead['batch']}, {overhead['adapters']} adapters: "
-          + ", ".join(f"{k} {100 * v['overhead']:.0f}%" for k, v in overhead["projections"].items())
-          + f"; whole layer {100 * overhead['overhead']:.0f}% "
-            f"({overhead['lora_ms']:.3f} ms LoRA vs {overhead['base_ms']:.3f} ms base)")
-
+    result = KernelResult("lora_kernels", args.out_dir, args.smoke, device)
+    records: list[dict] = []
+    skipped: list[str] = []
     report = {"benchmark": "lora_kernels", **info,
               "config": {"dtype": str(dtype), "rank": rank, "max_rank": max_rank, "num_slots": num_slots,
                          "projections": {k: {"hidden": v[0], "slices": list(v[1])} for k, v in shapes.items()},
                          "tokens": tokens, "adapters": adapters, "timing": kernel_timing(device),
                          "baselines": "rank-trimmed weights; gather_bmm skipped above "
                                       f"{MAX_GATHER_BYTES >> 30} GiB of gathered weights"},
-              "other_libraries": libs, "results": records, "overhead": overhead}
+              "other_libraries": libs, "results": records, "skipped": skipped, "overhead": None}
+    overhead = overhead_at_batch(projections, overhead_batch, min(4, max(adapters)), dtype, device)
+    report["overhead"] = overhead
+    result.save(report)
+    print(f"LoRA overhead at batch {overhead['batch']}, {overhead['adapters']} adapters: "
+          + ", ".join(f"{k} {100 * v['overhead']:.0f}%" for k, v in overhead["projections"].items())
+          + f"; whole layer {100 * overhead['overhead']:.0f}% "
+            f"({overhead['lora_ms']:.3f} ms LoRA vs {overhead['base_ms']:.3f} ms base)", flush=True)
+    print(f"{'proj':>8} {'pop':>9} {'ad':>3} {'T':>5} | {'sgmv ms':>9} {'GB/s':>7} {'TFLOP/s':>8} | "
+          f"{'loop ms':>9} {'x':>6} | {'gather ms':>9} {'x':>6}")
+    for name, popularity, num_adapters in sweep(shapes, adapters):
+        for T in tokens:
+            if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+                skipped.append(f"{name}/{popularity}/{num_adapters}/{T}")
+                continue
+            records.append(measure_case(projections[name], name, popularity, num_adapters, T, dtype, device, libs))
+            result.save(report)
+    if skipped:
+        print(f"skipped {len(skipped)} cases over --max-seconds {args.max_seconds}")
     title = f"SGMV LoRA kernels, Qwen2.5-7B shapes, rank {rank}, {dtype}: {info['device']}"
     if args.smoke:
         title = f"SMOKE RUN, tiny shapes, not a result ({info['device']})"
-    save_kernel_result("lora_kernels", report, args.out_dir, args.smoke, device,
-                       lambda png: plot(records, overhead, title, png))
+    result.finish(report, lambda png: plot(records, overhead, title, png), complete=not skipped)
 
 
 if __name__ == "__main__":

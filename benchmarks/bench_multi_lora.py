@@ -4,7 +4,7 @@
 
 Qwen2.5-7B-Instruct shapes (``--shape``: also Qwen2.5-Coder-7B-Instruct,
 Qwen3-8B), random bf16 weights (``load_format="dummy"``), rank-32 PEFT adapters on all
-seven projections, ``--slots`` adapter slots (16): beyond that the engine evicts (LRU) and a request
+seven projections (drawn on the device), ``--slots`` adapter slots (16): beyond that the engine evicts (LRU) and a request
 waits for a slot. One batch of ``--batch`` requests (prompts ``--prompt-len``, exactly ``--gen`` tokens,
 greedy) submitted at once; prefix caching off and the same prompts in every run, so runs differ only
 in their adapters. Adapters per request, for N in ``--adapters`` distinct adapters:
@@ -17,7 +17,12 @@ output tokens/s, LoRA overhead vs none; a per-step time breakdown (step_profile.
 transformers + peft on the same batch (peft mixed-adapter batches, ``adapter_names``) for
 ``--hf-adapters``. The ``--adapters`` names are backed by ``--adapter-files`` distinct weight files
 (name i uses file i mod F; the engine loads each name separately, so slots, loads and compute are
-those of N different adapters; only the values repeat). vLLM/SGLang: availability recorded only.
+those of N different adapters; only the values repeat; the engine keeps a host copy of each name).
+Each run is preceded by the same batch with 2 generated tokens, untimed (its prefill and decode
+shapes compile, and its adapters are in slots where they fit: slot loads are those of the steady
+state); Triton compiles inside each timed run are counted in the JSON. Nothing starts after
+``--max-seconds`` (the transformers model is not even loaded); skipped runs are listed.
+vLLM/SGLang: availability recorded only.
 --smoke: tiny shapes on the CPU, 4 slots (so 8 adapters evict); not results.
 Writes benchmarks/results/multi_lora_<device>.json after every run.
 """
@@ -35,7 +40,7 @@ import torch
 
 from common import (Workload, add_shape_option, base_parser, baseline_availability, device_slug, environment,
                     make_workload, model_shape, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
-                    write_model_folder, write_peft_adapter)
+                    warmup_workload, write_model_folder, write_peft_adapter)
 from step_profile import StepProfiler, format_breakdown
 
 if TYPE_CHECKING:
@@ -50,19 +55,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=(256, 512), metavar=("MIN", "MAX"))
     p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--slots", type=int, default=16, help="max_loras")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--adapter-files", type=int, default=8)
+    p.add_argument("--adapter-files", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--profile", nargs="*", default=["none", "identical", "uniform-4", "uniform-16", "uniform-64"],
+    p.add_argument("--profile", nargs="*", default=["none", "uniform-4", "uniform-32"],
                    help="runs repeated under the step profiler")
-    p.add_argument("--hf-adapters", type=int, nargs="*", default=[1, 4, 16],
+    p.add_argument("--hf-adapters", type=int, nargs="*", default=[1, 4],
                    help="uniform N for the transformers+peft baseline (empty: skip it)")
     p.add_argument("--max-seconds", type=float, default=140.0, help="skip what would start after this")
-    return parse_with_smoke(p, dict(batch=8, prompt_len=(8, 16), gen=3, adapters=[1, 2, 4, 8], slots=4,
-                                     adapter_files=2, max_num_batched_tokens=256, profile=["none", "uniform-8"],
-                                     hf_adapters=[1, 4]))
+    return parse_with_smoke(p, dict(batch=8, prompt_len=(8, 16), gen=3, adapters=[1, 2, 8], slots=4,
+                                     adapter_files=2, max_num_batched_tokens=256, profile=["uniform-8"],
+                                     hf_adapters=[2]))
 
 
 def assignments(kind: str, n: int, batch: int, seed: int = 0) -> list[str | None]:
@@ -110,11 +115,13 @@ def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadli
             out["skipped"].append(f"{label}: over --max-seconds")
             continue
         wl = Workload(base.prompts, base.max_tokens, assignments(kind, max(n, 1), args.batch))
+        run_workload(engine, warmup_workload(wl, 2))
         s = run_workload(engine, wl).summary()
         s.update(label=label, popularity=kind, num_adapters=n, distinct_in_batch=len({a for a in wl.adapters if a}))
         out["runs"].append(s)
         print(f"{label:12s} prefill {s['prefill_tok_s']:9.1f} tok/s  decode {s['decode_tok_s'] or 0:9.1f} tok/s  "
-              f"e2e {s['output_tok_s']:8.1f} tok/s  slot loads {s['adapter_slot_loads']}")
+              f"e2e {s['output_tok_s']:8.1f} tok/s  slot loads {s['adapter_slot_loads']}  "
+              f"compiles {s['jit_compiles_in_run']}", flush=True)
         yield
     for label in args.profile:
         if time.perf_counter() > deadline:
@@ -148,12 +155,15 @@ def hf_runs(model_dir: Path, files: list[Path], base: Workload, args: argparse.N
 
     if not args.hf_adapters:
         return
+    if time.perf_counter() > deadline:
+        out["skipped"].append("transformers+peft baseline: over --max-seconds (not loaded)")
+        return
     names = [f"lora{i:02d}" for i in range(max(args.hf_adapters))]
     t0 = time.perf_counter()
     model = load_hf_peft(model_dir, {nm: files[i % len(files)] for i, nm in enumerate(names)}, device,
                          getattr(torch, args.dtype), random_weights=True)
     out["hf_load_s"] = time.perf_counter() - t0
-    generate_mixed(model, [p[:8] for p in base.prompts[:2]], [names[0]] * 2, 2, 0)   # warm-up
+    generate_mixed(model, base.prompts, assignments("uniform", len(names), args.batch), 2, 0)   # warm-up
     for n in args.hf_adapters:
         if time.perf_counter() > deadline:
             out["skipped"].append(f"transformers+peft uniform-{n}: over --max-seconds")
@@ -174,15 +184,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mcl_multilora_") as tmp:
         cfg = model_shape(args)
         model_dir = write_model_folder(Path(tmp) / "model", cfg)
-        files = [write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i)
+        files = [write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i, device=device)
                  for i in range(args.adapter_files)]
         names = {f"lora{i:02d}": files[i % len(files)] for i in range(num_names(args))}
         base = make_workload(args.batch, tuple(args.prompt_len), (args.gen, args.gen), [None], seed=0)
         t0 = time.perf_counter()
         engine = build_engine(model_dir, names, base, args, device)
         out["engine_build_s"] = time.perf_counter() - t0
-        warm = min(4, args.batch, num_names(args))
-        run_workload(engine, Workload(base.prompts[:warm], [2] * warm, assignments("uniform", warm, warm)))
         for _ in engine_runs(engine, base, args, deadline, out):
             add_overheads(out["runs"])
             save(args, device, out, complete=False)

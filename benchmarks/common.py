@@ -106,25 +106,40 @@ def lora_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
 
 
 def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64, seed: int = 0,
-                       targets: tuple[str, ...] = ALL_LINEAR, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A PEFT LoRA folder with random A and B (small values) on ``targets`` of every layer."""
+                       targets: tuple[str, ...] = ALL_LINEAR, dtype: torch.dtype = torch.bfloat16,
+                       device: torch.device | str = "cpu") -> Path:
+    """A PEFT LoRA folder with random A and B (small values) on ``targets`` of every layer, drawn on
+    ``device`` (a GPU draws a 7B adapter's 80 M values at once; the host would take seconds)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shapes = lora_shapes(cfg)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=gen, device=device) - 0.5).mul_(0.02).to(dtype).cpu()
+
     tensors = {}
     for layer in range(cfg["num_hidden_layers"]):
         for proj in targets:
             fan_in, fan_out = shapes[proj]
             key = f"base_model.model.model.layers.{layer}.{BY_NAME[proj].parent}.{proj}"
-            tensors[f"{key}.lora_A.weight"] = (torch.rand(rank, fan_in, generator=gen) - 0.5).mul_(0.02).to(dtype)
-            tensors[f"{key}.lora_B.weight"] = (torch.rand(fan_out, rank, generator=gen) - 0.5).mul_(0.02).to(dtype)
+            tensors[f"{key}.lora_A.weight"] = draw(rank, fan_in)
+            tensors[f"{key}.lora_B.weight"] = draw(fan_out, rank)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
         "target_modules": list(targets), "bias": "none", "base_model_name_or_path": None}, indent=2))
     return folder
+
+
+def weight_params(cfg: dict) -> int:
+    """Parameters of a Qwen2/Llama config (q/k/v biases, as Qwen2 has them): weight bytes / itemsize."""
+    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    s = lora_shapes(cfg)
+    qkv = s["q_proj"][1] + 2 * s["k_proj"][1]
+    per_layer = h * qkv + qkv + s["o_proj"][0] * h + 3 * h * i + 2 * h
+    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * per_layer + h
 
 
 def lora_bytes(cfg: dict, rank: int, itemsize: int = 2, targets: tuple[str, ...] = ALL_LINEAR) -> int:
@@ -177,6 +192,7 @@ class RunResult:
     steps: list[StepRecord] = field(default_factory=list)
     peak_kv_blocks: int = 0
     slot_loads: int = 0
+    jit_compiles: int | None = None
 
     def summary(self) -> dict:
         decode = [s for s in self.steps if s.prefill_tokens == 0]
@@ -193,6 +209,7 @@ class RunResult:
             "prefill_tok_s": sum(s.prefill_tokens for s in prefill) / pre_time if pre_time else None,
             "num_steps": len(self.steps), "num_decode_steps": len(decode),
             "peak_kv_blocks": self.peak_kv_blocks, "adapter_slot_loads": self.slot_loads,
+            "jit_compiles_in_run": self.jit_compiles,
         }
 
 
@@ -225,6 +242,37 @@ class StepComposition:
         return batch
 
 
+class TritonCompiles:
+    """Counts Triton JIT compilations (compiled, or loaded from the disk cache) while open, so a
+    result can show that no compile fell inside its timed region. ``count`` is None where Triton
+    has no compile hook (before 3.4, or not installed)."""
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        try:
+            from triton import knobs
+        except ImportError:
+            return
+        self._runtime, self._prev = knobs.runtime, knobs.runtime.jit_post_compile_hook
+        self.count = 0
+        self._runtime.jit_post_compile_hook = self._hook
+
+    def _hook(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self._prev(*args, **kwargs) if self._prev else None
+
+    def close(self) -> int | None:
+        if self.count is not None:
+            self._runtime.jit_post_compile_hook = self._prev
+        return self.count
+
+
+def warmup_workload(wl: Workload, max_tokens: int = 20) -> Workload:
+    """The same prompts, adapters and batch with fewer generated tokens: every prefill shape of the
+    timed run, and its first decode steps, compile before the timing starts."""
+    return Workload(wl.prompts, [min(m, max_tokens) for m in wl.max_tokens], wl.adapters)
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -238,6 +286,7 @@ def run_workload(engine: Engine, wl: Workload) -> RunResult:
     comp = StepComposition(engine)
     loads0 = engine.stats()["adapter_slot_loads"]
     synchronize(engine.device)
+    compiles = TritonCompiles()
     t0 = time.perf_counter()
     ids = {engine.add_request(None, p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), a): m
            for p, m, a in zip(wl.prompts, wl.max_tokens, wl.adapters)}
@@ -258,9 +307,10 @@ def run_workload(engine: Engine, wl: Workload) -> RunResult:
                     tpot.append((te - first[out.request_id]) / (len(out.token_ids) - 1))
     finally:
         comp.close()
+        jit = compiles.close()
     wall = time.perf_counter() - t0
     return RunResult(wall, sum(ids.values()), wl.num_prompt_tokens, ttft, tpot, steps, peak,
-                     engine.stats()["adapter_slot_loads"] - loads0)
+                     engine.stats()["adapter_slot_loads"] - loads0, jit)
 
 
 def kv_block_bytes(engine: Engine) -> int:
@@ -323,13 +373,17 @@ def _version(pkg: str) -> str | None:
 
 
 def _commit() -> str:
+    """HEAD (+dirty) of this checkout; where it has no git (the device tool's copy of a working tree),
+    ``$MCL_COMMIT`` as the command line passed it, else "unknown"."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        sha = git("rev-parse", "HEAD") or "unknown"
-        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        sha = git("rev-parse", "HEAD")
+        if sha:
+            return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("MCL_COMMIT") or "unknown"
 
 
 def environment(device: torch.device | str) -> dict:
@@ -411,7 +465,7 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 
 def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 10) -> float:
     """Bytes moved per second by ``dst.copy_(src)`` (read + write counted: 2 * nbytes per copy), median."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    src = torch.rand(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
@@ -436,6 +490,8 @@ def kernel_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; output to a temp dir")
     p.add_argument("--out-dir", type=Path, default=None, help="where to write the JSON and PNG")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip the cases that would start after this (they are listed in the JSON)")
     return p
 
 
@@ -454,10 +510,13 @@ def kernel_setup(smoke: bool, has_triton: bool) -> tuple[torch.device, dict]:
 
 
 def kernel_ms(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Milliseconds per call (CUDA: median of triton's do_bench, L2 flushed; CPU: one wall-clock call)."""
+    """Milliseconds per call (CUDA: median of triton's do_bench, L2 flushed, after one untimed call on
+    the same inputs so that JIT compiles stay out of the timing; CPU: one wall-clock call)."""
     if torch.device(device).type == "cuda":
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        fn()
+        synchronize(device)
+        return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -486,14 +545,24 @@ def save_figure(fig: Any, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def save_kernel_result(name: str, payload: dict, out_dir: Path | None, smoke: bool, device: torch.device | str,
-                       plot: Callable[[Path], None]) -> Path:
-    """Write ``<out_dir>/<name>_<device>.json`` and have ``plot`` draw the ``.png`` beside it. A smoke run is
+class KernelResult:
+    """``<out_dir>/<name>_<device>.json``, rewritten after every case (a run cut short keeps what it
+    measured, marked ``complete: false``), and the ``.png`` beside it at the end. A smoke run is
     ``<name>_smoke``, in a temporary folder unless ``--out-dir`` says where."""
-    if out_dir is None and smoke:
-        out_dir = Path(tempfile.mkdtemp(prefix=f"bench_{name}_smoke_"))
-    path = save_result(f"{name}_{'smoke' if smoke else device_slug(device)}", payload, out_dir, smoke, announce=False)
-    assert path is not None
-    plot(path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}" + (" (smoke run: not a result)" if smoke else ""))
-    return path
+
+    def __init__(self, name: str, out_dir: Path | None, smoke: bool, device: torch.device | str) -> None:
+        if out_dir is None and smoke:
+            out_dir = Path(tempfile.mkdtemp(prefix=f"bench_{name}_smoke_"))
+        self.name = f"{name}_{'smoke' if smoke else device_slug(device)}"
+        self.out_dir, self.smoke = out_dir, smoke
+
+    def save(self, payload: dict, complete: bool = False) -> Path:
+        path = save_result(self.name, {**payload, "complete": complete}, self.out_dir, self.smoke, announce=False)
+        assert path is not None
+        return path
+
+    def finish(self, payload: dict, plot: Callable[[Path], None], complete: bool = True) -> Path:
+        path = self.save(payload, complete)
+        plot(path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}" + (" (smoke run: not a result)" if self.smoke else ""))
+        return path

@@ -150,7 +150,8 @@ def render_vs_32b(d: dict, path: Path, base: Path) -> str:
         f"{c['sampling']}. Goal: {d['goal']}.",
         table(["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms",
                "tok/s"], rows),
-        "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B):",
+        "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B); the weight bytes alone give "
+        + (times(d["weight_bytes_ratio_32b_over_7b"]) if "weight_bytes_ratio_32b_over_7b" in d else "4.30x") + ":",
         table(["batch", "peak memory", "weights+LoRA+KV", "weights", "KV", "TTFT", "TPOT", "tokens/s"], ratio_rows),
         baselines_line(d), *[image(p, base, p.stem) for p in pngs]])
 
@@ -302,8 +303,52 @@ Rules: each comparison is measured side by side in one run on the machine named;
 shown from GPU runs (the CPU benchmark of issue #3 is the one CPU result, as that issue asks); the
 `--smoke` runs that CI does on a CPU are never shown as results.
 
-How to run: `benchmarks/run_gpu.sh` (one H100/H200, about 10 minutes, every GPU benchmark with a time
-cap), or each script alone (`python benchmarks/<script>.py --help`; `--smoke` for a tiny CPU run).
+How to run: `benchmarks/run_gpu.sh phase1` and `benchmarks/run_gpu.sh phase2` (one H100/H200, under 4
+minutes each, every GPU benchmark with a time cap; below), or each script alone
+(`python benchmarks/<script>.py --help`; `--smoke` for a tiny CPU run).
+
+## Running on a lent GPU (the device tool)
+
+What runs where: phase 1 = the CUDA tests (`pytest -m cuda`), the SGMV LoRA kernels
+(`bench_lora_kernels.py`) and paged attention (`bench_attention.py`); phase 2 = 7B + four LoRAs vs
+32B (`bench_vs_32b.py`), batch-1 decode bandwidth (`bench_bandwidth.py`) and throughput vs number
+of adapters (`bench_multi_lora.py`). The server benchmark (`bench_serve.py`) is not in the GPU run:
+the device image has no fastapi/uvicorn/pydantic, and its 15 GB model folder alone would cost a
+minute; run it where a full install is. Each step has a cap, and each phase stops starting steps
+after `PHASE_BUDGET_S` (240 s); every benchmark writes its JSON after every case, draws its inputs on
+the GPU and runs each shape once untimed before timing it (Triton compiles inside a timed engine
+run are counted in the JSON). The script needs nothing but the image's `python3` (torch 2.11,
+triton 3.6, transformers 5.17, peft, CMake): its setup step runs
+`pip install --no-index --no-deps --no-build-isolation -e .` (which maps `mcl_runtime.kernels` to
+`kernels/`; a plain `PYTHONPATH` does not), building the C++ block manager.
+
+1. On the CPU first, in an environment with the device image's versions (Python 3.12 through
+   `PYENV_VERSION=3.12.1 python3.12`, torch==2.11.0, triton==3.6.0, transformers==5.17.0, peft,
+   no fastapi/uvicorn/pydantic/openai): `PYTHON=<that python> benchmarks/run_gpu.sh --cpu-preflight`
+   must end with `failed: none` (the same steps smoke-sized; at most 8 files in `$OUT`). CI runs it
+   too, without its `pytest_cuda` step (`tests/test_benchmarks_smoke.py`).
+2. The device tool's `status` must say `can_start_another: true`; otherwise there is no GPU run.
+3. Two `run` calls, the second right after the first returns (a machine stays warm 30 s; a fresh one
+   costs 1-2 minutes of the 15). No `carry`: the image has every package the run needs.
+
+   | call | `command` | `carry` | `timeout_s` | takes (caps) |
+   |---|---|---|---|---|
+   | phase 1 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase1` | none | 300 | at most 240 s: setup 90, pytest_cuda 60, lora_kernels 80, attention 50 |
+   | phase 2 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase2` | none | 300 | at most 240 s: setup 90, vs_32b 100, bandwidth 40, multi_lora 80 |
+
+   `<sha>`: `git rev-parse HEAD` here, after committing (the tool sends the working tree without
+   `.git`, so the results name the commit through `MCL_COMMIT`).
+
+   Machine start plus both phases is about 10 of the 15 minutes, which leaves a rerun of a step
+   (`MCL_COMMIT=<sha> benchmarks/run_gpu.sh vs_32b`), or of a phase on a machine still warm. Then
+   `give_back`.
+4. Each call brings back at most 8 files: the result JSON/PNG (`*_nvidia-h200.json`, `.png`) and
+   `run_gpu_<phase>.tar.gz` (summary, logs, pytest report, `report/README.preview.md`). The reply's
+   output ends with the step summary (`rc`, seconds, `cap hit`) and the failed steps.
+5. Bring them home: `cp <files_at>/*_nvidia-*.json <files_at>/*_nvidia-*.png benchmarks/results/`
+   (never a `*_smoke*` or `*_cpu*` file), `python benchmarks/make_report.py` to regenerate this page,
+   then commit both. Read the logs with `tar -xzf <files_at>/run_gpu_phase1.tar.gz -C /tmp/phase1`;
+   they are not committed.
 """
 
 

@@ -12,6 +12,19 @@ os.environ.setdefault("MCL_CACHE", os.path.join(tempfile.gettempdir(), f"mcl_cac
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+SERVER_STACK = ("fastapi", "uvicorn", "pydantic", "openai")
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``server_stack`` (they start the OpenAI-compatible server or use the openai client)
+    are skipped where one of its modules is missing: the GPU image has none of them."""
+    import pytest
+
+    if item.get_closest_marker("server_stack"):
+        for module in SERVER_STACK:
+            pytest.importorskip(module)
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 

@@ -481,6 +481,7 @@ def fake_server():
     thread.join(10)
 
 
+@pytest.mark.server_stack
 def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys):
     from mcl_runtime.pipeline import main
 
@@ -520,6 +521,7 @@ def test_cli_protocol_defaults_are_mapcoders(argv, expected):
     assert (args.k, args.t, args.test_last_fix, args.k_t_from) == expected and args.max_tokens == 4096
 
 
+@pytest.mark.server_stack
 def test_openai_client_turns_a_refused_request_into_chat_error(fake_server):
     url, _ = fake_server
     client = OpenAIChatClient(url, max_retries=0)
@@ -560,6 +562,7 @@ def _check_demo_run(out, problems: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.server_stack
 def test_end_to_end_against_the_demo_server(tmp_path):
     import subprocess
     import sys

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file, save_file
 
 from mcl_runtime import Engine, SamplingParams
 from mcl_runtime.demo import DEMO_MODEL_NAME, demo_adapter_dirs, demo_engine
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.server_stack
 
 ADAPTERS = ["retrieval", "planning", "coding", "debugging"]
 MODELS = [DEMO_MODEL_NAME, *ADAPTERS]

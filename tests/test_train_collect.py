@@ -36,6 +36,8 @@ from mcl_runtime.train.collect import CollectOptions, collect
 from mcl_runtime.train.correct import CorrectOptions, correct
 from mcl_runtime.train.data import read_examples
 
+pytest.importorskip("openai", reason="train.clients.TolerantClient imports openai for every client")
+
 PROTOCOL = MapCoderConfig(k=1, t=1, max_tokens=256, test_last_fix=True)
 # name: (arguments, sample (args, result), hidden cases, retrieval parses, code body, debugging body)
 PROBLEMS = {

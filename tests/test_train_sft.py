@@ -169,6 +169,7 @@ def _serve(*args: str) -> tuple[subprocess.Popen, str]:
         raise RuntimeError("the server did not start") from None
 
 
+@pytest.mark.server_stack
 def test_the_server_serves_the_trained_adapter(trained) -> None:
     proc, url = _serve("--lora", f"secrets={trained}", "--device", "cpu", "--dtype", "float32")
     try:
