@@ -8,7 +8,8 @@ plus the base model, so the forward pass is nearly free and the step time is the
 For each number of running sequences: that many requests (adapters in turn, greedy, EOS ignored)
 are admitted and prefilled, then ``--steps`` decode steps are timed one by one (median). Two
 consumers: ``generate`` reads nothing until a request ends (what ``Engine.generate`` does),
-``stream`` reads every output's text after every step (what a streaming server does).
+``stream`` reads every output's text after every step (what a streaming server does; its requests
+are added with ``stream=True`` where the engine has that argument).
 
 A second, profiled pass splits the step: scheduling (``scheduler.schedule``), runner metadata
 (``runner.run`` up to the model's forward), forward, sampling (after the forward to the end of
@@ -169,8 +170,10 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
     names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
     gen = torch.Generator().manual_seed(n)
     params = SamplingParams(max_tokens=args.warmup + args.steps + 8, ignore_eos=True)
+    stream = {"stream": True} if consumer == "stream" and "stream" in inspect.signature(engine.add_request).parameters \
+        else {}
     ids = [engine.add_request(None, torch.randint(0, 500, (args.prompt_len,), generator=gen).tolist(), params,
-                              names[i % len(names)]) for i in range(n)]
+                              names[i % len(names)], **stream) for i in range(n)]
     while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
         consume(engine.step(), consumer)
     for _ in range(args.warmup + 1):  # + 1: the step that samples after the last prefill
