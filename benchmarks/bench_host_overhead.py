@@ -271,6 +271,7 @@ def main() -> None:
         print_table(f"{args.compare} (before)", ref)
     print_table("this tree", ours, ref, args.compare or "")
     payload = {"benchmark": "host_overhead", "env": environment(device), "torch_threads": torch.get_num_threads(),
+               "load_average_1_5_15min": os.getloadavg(),   # other processes on the machine, at the end
                "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
                           "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
                           "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,

@@ -181,6 +181,8 @@ class Engine:
         if launched is not None and (not self.overlap or batch.forks):
             self._inflight = None
             outs += self._process(launched)
+        if not self._requests:  # whatever is still in flight belongs to ended requests
+            self._inflight = None
         if launched is None and previous is None:
             return self._unstick()
         return outs

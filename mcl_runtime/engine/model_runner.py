@@ -125,6 +125,7 @@ class SampledTokens:
 
     def __init__(self, seqs: list[Sequence], counts: np.ndarray, tokens: torch.Tensor | None) -> None:
         self.seqs, self.counts, self.tokens = seqs, counts, tokens
+        self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
