@@ -117,9 +117,9 @@ class StepProfiler:
         self._host["scheduling"] += time.perf_counter() - t0
         return batch
 
-    def _timed_run(self, batch: ScheduledBatch) -> list:
+    def _timed_run(self, batch: ScheduledBatch, *args: Any) -> Any:
         with self.span("run"):
-            return self._run(batch)
+            return self._run(batch, *args)
 
     def _timed_step(self) -> list:
         t0 = time.perf_counter()

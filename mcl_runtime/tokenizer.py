@@ -39,7 +39,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-_REPLACEMENT_CHAR = "\ufffd"
+REPLACEMENT_CHAR = "\ufffd"
 
 
 class Tokenizer:
@@ -148,7 +148,7 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._ids = list(prompt_ids)[-self.CONTEXT_TOKENS:]
         context = self._decode(self._ids)
-        if context.endswith(_REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
+        if context.endswith(REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
             self._ids, context = [], ""
         self._read = len(self._ids)
         self._sent = len(context)  # characters of the window's text already emitted
@@ -157,7 +157,7 @@ class IncrementalDetokenizer:
         """Append generated ids; return the text they complete (possibly empty)."""
         self._ids.extend(new_ids)
         text = self._decode(self._ids)
-        stable = len(text.rstrip(_REPLACEMENT_CHAR))
+        stable = len(text.rstrip(REPLACEMENT_CHAR))
         delta = text[self._sent:stable]
         self._sent = max(self._sent, stable)
         if stable == len(text):

@@ -9,9 +9,9 @@ from mcl_runtime import (AdapterLoadError, AdapterNotFoundError, AsyncEngine, En
 from mcl_runtime.demo import demo_adapter_dirs, demo_engine, demo_model_dir
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return demo_engine(device="cpu", kv_cache_blocks=512)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def engine(request):
+    return demo_engine(device="cpu", kv_cache_blocks=512, overlap=request.param)
 
 
 PROMPT = "def fibonacci(n):\n"

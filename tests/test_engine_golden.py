@@ -46,9 +46,10 @@ def _run(base, adapters, names, **engine_kwargs):
     return [o.token_ids for o in outs], engine
 
 
-def test_golden_mixed_batch(family):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_golden_mixed_batch(family, overlap):
     name, base, adapters, ref = family
-    tokens, _ = _run(base, adapters, NAMES[name], kv_cache_blocks=512)
+    tokens, _ = _run(base, adapters, NAMES[name], kv_cache_blocks=512, overlap=overlap)
     assert tokens == ref
     # The same prompt under different adapters gives each adapter's own tokens.
     assert len({tuple(tokens[i]) for i in (8, 9, 10)}) == 3
@@ -63,7 +64,11 @@ def test_golden_mixed_batch(family):
     dict(block_size=4, kv_cache_blocks=40),                                 # preemption
     dict(block_size=8, max_loras=1, kv_cache_blocks=256),                   # slot eviction
     dict(block_size=4, enable_prefix_caching=False, kv_cache_blocks=256),
-], ids=["bs1", "bs16", "chunked", "max2seqs", "preempt", "1slot", "nocache"])
+    dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256, overlap=True),
+    dict(block_size=4, kv_cache_blocks=40, overlap=True),
+    dict(block_size=8, max_loras=1, kv_cache_blocks=256, overlap=True),
+], ids=["bs1", "bs16", "chunked", "max2seqs", "preempt", "1slot", "nocache", "chunked-overlap", "preempt-overlap",
+        "1slot-overlap"])
 def test_tokens_do_not_depend_on_batching(family, knobs):
     name, base, adapters, ref = family
     tokens, engine = _run(base, adapters, NAMES[name], **knobs)
@@ -84,10 +89,11 @@ def test_single_request_equals_batched(qwen_family):
         assert alone.token_ids == batched[i].token_ids
 
 
-def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family, overlap):
     base, adapters = qwen_family
     engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
-                    kv_cache_blocks=256, block_size=4)
+                    kv_cache_blocks=256, block_size=4, overlap=overlap)
     prefix = PROMPTS[4]  # 40 tokens
     prompts = [prefix + [7, 8, 9], prefix + [10]]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -105,9 +111,11 @@ def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family):
     assert other.token_ids == ref[0] and first[0].token_ids == ref[1]
 
 
-def test_load_and_unload_while_requests_run(qwen_family):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_load_and_unload_while_requests_run(qwen_family, overlap):
     base, adapters = qwen_family
-    engine = Engine(str(base), adapters={"a8": str(adapters["a8"])}, device="cpu", kv_cache_blocks=256, max_loras=2)
+    engine = Engine(str(base), adapters={"a8": str(adapters["a8"])}, device="cpu", kv_cache_blocks=256, max_loras=2,
+                    overlap=overlap)
     params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
     engine.add_request("r0", PROMPTS[2], params, "a8")
     engine.add_request("r1", PROMPTS[1], params, None)

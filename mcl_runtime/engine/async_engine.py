@@ -1,5 +1,9 @@
 """asyncio front of the engine: one background thread owns the ``Engine`` and runs its steps;
-coroutines submit work to it and receive each request's outputs as they are produced."""
+coroutines submit work to it and receive each request's outputs as they are produced.
+
+Outputs are the engine's snapshots, handed over as they are (no copies): their text is built
+incrementally on the engine thread (requests are added with ``stream=True``) and joined only
+when a reader asks for it, on the reader's thread."""
 from __future__ import annotations
 
 import asyncio
@@ -100,7 +104,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
 
         def add() -> None:
-            self.engine.add_request(rid, prompt, params, adapter)
+            self.engine.add_request(rid, prompt, params, adapter, stream=True)
             self._streams[rid] = (loop, q)
 
         finished = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -13,16 +12,18 @@ import torch
 
 from mcl_runtime.engine.adapter_manager import AdapterManager
 from mcl_runtime.engine.block_manager import BlockManager
-from mcl_runtime.engine.model_runner import ModelRunner
+from mcl_runtime.engine.model_runner import ModelRunner, SampledTokens
+from mcl_runtime.engine.outputs import TextStream, request_output
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
-from mcl_runtime.engine.scheduler import Scheduler
-from mcl_runtime.engine.sequence import Request, Sequence, Status
+from mcl_runtime.engine.scheduler import ScheduledBatch, Scheduler
+from mcl_runtime.engine.seq_table import FINISH_REASONS, STOPPED, SequenceTable
+from mcl_runtime.engine.sequence import PENDING, Request, Sequence, Status
 from mcl_runtime.errors import InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
 from mcl_runtime.model.config import load_config
 from mcl_runtime.model.loader import load_model
-from mcl_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from mcl_runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class Engine:
                  max_loras: int = 8, max_lora_rank: int = 64, kv_cache_blocks: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 served_model_name: str | None = None, load_format: str = "auto", revision: str | None = None) -> None:
+                 served_model_name: str | None = None, load_format: str = "auto", revision: str | None = None,
+                 overlap: bool | None = None) -> None:
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,11 +62,15 @@ class Engine:
                                     dtype=self.dtype, device=self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.adapter_manager = AdapterManager(self.model, max_loras, max_lora_rank)
-        self.scheduler = Scheduler(self.block_manager, self.adapter_manager, max_num_seqs, max_num_batched_tokens)
+        self.table = SequenceTable(cfg.vocab_size, self.tokenizer.eos_token_ids, max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, self.adapter_manager, self.table, max_num_seqs,
+                                   max_num_batched_tokens)
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager,
                                   self.adapter_manager.slot_ranks)
-        self._eos = set(self.tokenizer.eos_token_ids)
+        # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens).
+        self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
+        self._inflight: SampledTokens | None = None
         self._requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
@@ -117,8 +123,9 @@ class Engine:
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None) -> str:
-        """Queue a request; raises ``InvalidRequestError``/``AdapterNotFoundError`` for bad input."""
+                    adapter: str | None = None, stream: bool = False) -> str:
+        """Queue a request; raises ``InvalidRequestError``/``AdapterNotFoundError`` for bad input.
+        ``stream=True``: its text is built every step (incrementally), for a reader of every output."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
@@ -132,12 +139,12 @@ class Engine:
             seeds = [int(s) for s in self._rng.integers(0, 2**63, size=params.n)]
         else:
             seeds = [(params.seed * 0x9E3779B97F4A7C15 + i) % 2**64 for i in range(params.n)]
-        req = Request(request_id, ids, params, adapter, uid, max_tokens, seeds)
-        seq = Sequence(req, 0, list(ids), seeds[0])
-        seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
-        req.seqs.append(seq)
+        req = Request(request_id, ids, params, adapter, uid, max_tokens, seeds, stream)
+        detok = stream or bool(params.stop_strings)
+        seq = self.scheduler.add(req, detok)
+        if detok:
+            seq.text = TextStream(self.tokenizer, ids, params.stop_strings)
         self._requests[request_id] = req
-        self.scheduler.add(seq)
         self._stats["requests_total"] += 1
         self._stats["prompt_tokens_total"] += len(ids)
         key = adapter or self.model_name
@@ -149,33 +156,91 @@ class Engine:
         if req is None:
             return
         for seq in req.seqs:
-            if not seq.finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+            self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then process the tokens of the step before it (overlap) or
+        of this one; returns the requests that progressed (cheap snapshots, text built when read)."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        launched = self._launch(batch) if batch.seqs else None
+        previous, self._inflight = self._inflight, launched
+        outs = self._process(previous) if previous is not None else []
+        if launched is not None and (not self.overlap or batch.forks):
+            self._inflight = None
+            outs += self._process(launched)
+        if not self._requests:  # whatever is still in flight belongs to ended requests
+            self._inflight = None
+        if launched is None and previous is None:
             return self._unstick()
+        return outs
+
+    def _launch(self, batch: ScheduledBatch) -> SampledTokens:
         self._stats["steps"] += 1
         self._stats["batched_tokens_total"] += batch.num_tokens
         self._stats["batched_seqs_total"] += len(batch.seqs)
         self._stats["max_batch_size_seen"] = max(self._stats["max_batch_size_seen"], len(batch.seqs))
-        sampled = self.runner.run(batch)
+        prev = self._inflight.tokens if self._inflight is not None else None
+        sampled = self.runner.run(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
-        touched: dict[str, Request] = {}
-        for seq, tokens in sampled:
-            if len(tokens) > 1:
-                self._fork(seq, len(tokens))
-            for target, token in zip(seq.request.seqs if len(tokens) > 1 else [seq], tokens):
-                self._append_token(target, token)
-            touched[seq.request.request_id] = seq.request
-        return [self._emit(req) for req in touched.values()]
+        sampled.positions = [len(s.token_ids) for s in sampled.seqs]
+        for seq, k in zip(sampled.seqs, (np.cumsum(sampled.counts) - sampled.counts).tolist()):
+            seq.token_ids.append(PENDING)
+            seq.pending_row = k
+        self.table.num_sampled[[s.row for s in sampled.seqs]] += 1
+        return sampled
+
+    def _process(self, sampled: SampledTokens) -> list[RequestOutput]:
+        """Record a launched step's tokens: values, finish checks (vectorised), text where needed."""
+        tokens = sampled.host()
+        seqs, positions = sampled.seqs, sampled.positions
+        if len(tokens) > len(seqs):
+            seqs, positions = self._fork(sampled)
+        live = [i for i, s in enumerate(seqs) if s.status is not Status.FINISHED]
+        if len(live) < len(seqs):
+            seqs, positions, tokens = [seqs[i] for i in live], [positions[i] for i in live], tokens[live]
+        if not seqs:
+            return []
+        values = tokens.tolist()
+        for seq, p, t in zip(seqs, positions, values):
+            seq.token_ids[p] = t
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        codes = self.table.record(rows, tokens)
+        for i in np.flatnonzero(self.table.detok[rows]).tolist():
+            if seqs[i].text.add(values[i]):
+                codes[i] = STOPPED
+        self._stats["generation_tokens_total"] += len(seqs)
+        for i in np.flatnonzero(codes).tolist():
+            seq = seqs[i]
+            del seq.token_ids[positions[i] + 1:]   # a token launched after the end is dropped
+            if seq.text is not None:
+                seq.text.finish()
+            self.scheduler.finish(seq, FINISH_REASONS[int(codes[i])])
+        return [self._output(req) for req in dict.fromkeys(s.request for s in seqs)]
+
+    def _fork(self, sampled: SampledTokens) -> tuple[list[Sequence], list[int]]:
+        """Sequences and token positions of each sample; a request's n first samples fork it."""
+        seqs, positions = [], []
+        for seq, p, c in zip(sampled.seqs, sampled.positions, sampled.counts.tolist()):
+            positions += [p] * c
+            if c == 1 or seq.finished:
+                seqs += [seq] * c
+                continue
+            children = self.scheduler.fork(seq)
+            if seq.text is not None:
+                for child in children:
+                    child.text = TextStream(self.tokenizer, seq.request.prompt_token_ids, seq.text.stops)
+            seqs += [seq] + children
+        return seqs, positions
+
+    def _output(self, req: Request) -> RequestOutput:
+        if req.finished:
+            self._requests.pop(req.request_id, None)
+        return request_output(req, self.tokenizer)
 
     def _unstick(self) -> list[RequestOutput]:
         """Nothing could be scheduled although work waits: the head sequence needs more KV blocks
@@ -183,61 +248,10 @@ class Engine:
         if not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting[0]
-        seq.finish_reason = "length"
-        self.scheduler.finish(seq)
-        return [self._emit(seq.request)]
-
-    def _fork(self, parent: Sequence, n: int) -> None:
-        req = parent.request
-        for i in range(1, n):
-            child = Sequence(req, i, list(parent.token_ids), req.seeds[i])
-            child.num_computed = parent.num_computed
-            child.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
-            child.slot = self.adapter_manager.acquire(req.adapter)
-            child.status = Status.RUNNING
-            self.block_manager.fork(parent.seq_id, child.seq_id)
-            self.scheduler.running.append(child)
-            req.seqs.append(child)
-
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        req, params = seq.request, seq.request.params
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        seq.token_ids.append(token)
-        delta = seq.detok.add([token])
-        seq.text += delta
-        self._stats["generation_tokens_total"] += 1
-        reason, truncated = None, False
-        if (token in self._eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
-            reason = "stop"
-        elif params.stop_strings and self._truncate_at_stop(seq, len(delta)):
-            reason, truncated = "stop", True
-        elif seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason:
-            if not truncated:
-                seq.text += seq.detok.flush()
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
-
-    @staticmethod
-    def _truncate_at_stop(seq: Sequence, delta_len: int) -> bool:
-        for stop in seq.request.params.stop_strings:
-            at = seq.text.find(stop, max(0, len(seq.text) - delta_len - len(stop) + 1))
-            if at >= 0:
-                seq.text = seq.text[:at]
-                return True
-        return False
-
-    def _emit(self, req: Request) -> RequestOutput:
-        out = req.output()
-        if not out.finished:
-            for o, seq in zip(out.outputs, sorted(req.seqs, key=lambda s: s.index)):
-                if not seq.finished:
-                    o.text = _hold_back_stop_prefix(o.text, req.params.stop_strings)
-        if req.finished:
-            self._requests.pop(req.request_id, None)
-        return out
+        if seq.text is not None:
+            seq.text.finish()
+        self.scheduler.finish(seq, "length")
+        return [self._output(seq.request)]
 
     # ---- batch API -----------------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -284,13 +298,3 @@ class Engine:
                 "adapter_slot_loads": self.adapter_manager.num_slot_loads,
                 "requests_per_adapter": dict(self.requests_per_adapter)}
 
-
-def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Text safe to show while running: a suffix that may begin a stop string is held back."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return text[:len(text) - hold] if hold else text

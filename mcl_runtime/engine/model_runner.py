@@ -3,7 +3,8 @@
 The batch is ordered decodes first, then prefill chunks, each group sorted by adapter slot, so
 adapters form contiguous segments. All metadata is built once on the host (block tables and slot
 mapping in the C++ block manager), moved to the device once, and shared by every layer; the only
-device-to-host transfer of a step is the sampled token ids.
+device-to-host transfer of a step is the sampled token ids, which ``run`` does not wait for (so the
+engine can launch the next step first).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from mcl_runtime.engine.sampler import SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
-from mcl_runtime.engine.sequence import Sequence
+from mcl_runtime.engine.seq_table import SequenceTable
+from mcl_runtime.engine.sequence import PENDING, Sequence
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments
 from mcl_runtime.model.decoder import DecoderLM
 
@@ -40,9 +42,10 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[tuple[Sequence, list[int]]]:
-        """Run the step; returns (sequence, sampled tokens) for each sequence that samples
-        (more than one token only for the first sample of an ``n > 1`` request)."""
+    def run(self, batch: ScheduledBatch, prev: torch.Tensor | None = None) -> SampledTokens:
+        """Launch the step: forward, then sampling for the sequences with ``batch.samples > 0``.
+        ``PENDING`` input tokens are taken from ``prev`` (the last step's ``SampledTokens.tokens``)
+        at each sequence's ``pending_row``. Nothing waits for the device."""
         # decodes | prefills without cached context | prefills with cached context; by slot within each
         kinds = [0 if n == 1 else 1 if s.num_computed == 0 else 2 for s, n in zip(batch.seqs, batch.num_new)]
         order = sorted(range(len(batch.seqs)), key=lambda i: (kinds[i], batch.seqs[i].slot))
@@ -61,20 +64,34 @@ class ModelRunner:
         lora = self._lora_meta(np.array([s.slot for s in seqs], dtype=np.int64), np.array(num_new, dtype=np.int64))
         self.backend.prepare(attn, lora)
         ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
-        hidden = self.model(self._to_device(input_ids), self._to_device(positions), ctx)
+        hidden = self.model(self._input_ids(input_ids, cu, seqs, prev), self._to_device(positions), ctx)
+        return self._sample(hidden, batch, order, seqs, cu)
 
-        samplers = [(i, s) for i, (s, n) in enumerate(zip(seqs, num_new)) if s.num_computed + n == s.num_tokens]
+    def _input_ids(self, input_ids: np.ndarray, cu: np.ndarray, seqs: list[Sequence],
+                   prev: torch.Tensor | None) -> torch.Tensor:
+        """The step's input ids on the device, PENDING ones filled from the last step's samples."""
+        pending = np.flatnonzero(input_ids == PENDING)
+        ids = self._to_device(input_ids)
+        if len(pending):
+            owners = np.searchsorted(cu, pending, side="right") - 1
+            src = np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64, count=len(owners))
+            ids[self._to_device(pending)] = prev[self._to_device(src)]
+        return ids
+
+    # ---- after the forward pass --------------------------------------------------------------
+    def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: list[int], seqs: list[Sequence],
+                cu: np.ndarray) -> SampledTokens:
+        samples = np.array(batch.samples, dtype=np.int64)[order]
+        which = np.flatnonzero(samples)
+        counts = samples[which]
+        samplers = [seqs[i] for i in which]
         if not samplers:
-            return []
-        seeds_per_seq = [s.request.sample_seeds(s) for _, s in samplers]
-        rows = np.repeat([cu[i + 1] - 1 for i, _ in samplers], [len(x) for x in seeds_per_seq])
-        logits = self.model.compute_logits(hidden[self._to_device(rows.astype(np.int64))])
-        tokens = sample(logits, self._sampling_batch(samplers, seeds_per_seq)).tolist()
-        out, k = [], 0
-        for (_, s), seeds in zip(samplers, seeds_per_seq):
-            out.append((s, tokens[k:k + len(seeds)]))
-            k += len(seeds)
-        return out
+            return SampledTokens(samplers, counts, None)
+        rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
+        logits = self.model.compute_logits(hidden[self._to_device(rows)])
+        table_rows = np.array(batch.rows, dtype=np.int64)[order][which]
+        tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts))
+        return SampledTokens(samplers, counts, tokens)
 
     def _lora_meta(self, slots: np.ndarray, num_new: np.ndarray) -> LoRAMeta | None:
         if not (slots >= 0).any():
@@ -84,16 +101,42 @@ class ModelRunner:
                         int(self.slot_ranks[slots[slots >= 0]].max()),
                         seg_starts, seg_slots)
 
-    def _sampling_batch(self, samplers, seeds_per_seq) -> SamplingBatch:
-        params = [s.request.params for _, s in samplers]
-        counts = [len(x) for x in seeds_per_seq]
-        rep = lambda values, dtype: self._to_device(np.repeat(np.array(values, dtype=dtype), counts))
-        top_ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+    def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
+                        counts: np.ndarray) -> SamplingBatch:
+        """Per-sample parameters gathered from the table rows (repeated ``counts`` times); the n samples
+        of a request's first step each get their completion's seed."""
+        rep = np.repeat(rows, counts)
+        seeds = table.seed[rep]
+        if len(rep) > len(rows):
+            starts = np.cumsum(counts) - counts
+            for s, k, c in zip(samplers, starts, counts):
+                if c > 1:
+                    seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
+        temps, top_ks, top_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep]
         return SamplingBatch(
-            temperatures=rep([p.temperature for p in params], np.float32),
-            top_ks=rep(top_ks, np.int64),
-            top_ps=rep([p.top_p for p in params], np.float32),
-            seeds=self._to_device(np.array([x for seeds in seeds_per_seq for x in seeds], dtype=np.uint64).view(np.int64)),
-            steps=rep([s.num_output_tokens for _, s in samplers], np.int64),
-            all_greedy=all(p.temperature == 0 for p in params),
-            any_top_k_or_p=any(p.top_p < 1 or 0 < p.top_k < self.vocab_size for p in params))
+            temperatures=self._to_device(temps), top_ks=self._to_device(top_ks), top_ps=self._to_device(top_ps),
+            seeds=self._to_device(seeds), steps=self._to_device(table.num_sampled[rep]),
+            all_greedy=not temps.any(), any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()))
+
+
+class SampledTokens:
+    """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]``, in order. On CUDA
+    they are copied to the host without blocking; ``host()`` waits for that copy."""
+
+    def __init__(self, seqs: list[Sequence], counts: np.ndarray, tokens: torch.Tensor | None) -> None:
+        self.seqs, self.counts, self.tokens = seqs, counts, tokens
+        self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
+        self._host, self._ready = None, None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def host(self) -> np.ndarray:
+        if self.tokens is None:
+            return np.zeros(0, dtype=np.int64)
+        if self._ready is None:
+            return self.tokens.numpy()
+        self._ready.synchronize()
+        return self._host.numpy()

@@ -13,28 +13,47 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mcl_runtime.engine.adapter_manager import AdapterManager
-from mcl_runtime.engine.sequence import Sequence, Status
+from mcl_runtime.engine.seq_table import SequenceTable
+from mcl_runtime.engine.sequence import Request, Sequence, Status
 
 
 @dataclass
 class ScheduledBatch:
+    table: SequenceTable
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)      # each sequence's SequenceTable row
+    samples: list[int] = field(default_factory=list)   # tokens each sequence samples: 0 (mid-prefill),
+                                                       # 1, or n at the first sample of an n > 1 request
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_new.append(n)
+        self.rows.append(seq.row)
+        if seq.num_computed + n < len(seq.token_ids):
+            self.samples.append(0)
+        else:
+            req = seq.request
+            self.samples.append(1 if req.params.n == 1 or req.forked else req.params.n)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
+    @property
+    def forks(self) -> bool:
+        """True if a sequence forks into n completions after this step (so it must be processed at once)."""
+        return any(k > 1 for k in self.samples)
+
 
 class Scheduler:
-    def __init__(self, block_manager, adapters: AdapterManager, max_num_seqs: int,
+    """Owns the sequences from admission to the end: batching, preemption, forking, finishing."""
+
+    def __init__(self, block_manager, adapters: AdapterManager, table: SequenceTable, max_num_seqs: int,
                  max_num_batched_tokens: int) -> None:
         self.bm = block_manager
         self.adapters = adapters
+        self.table = table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -42,28 +61,39 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_cached_tokens = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, req: Request, detok: bool) -> Sequence:
+        """Queue a request's first sequence (it forks into ``n`` at its first sample)."""
+        row = self.table.add(req.params, req.max_tokens, req.seeds[0], detok)
+        seq = Sequence(req, 0, list(req.prompt_token_ids), row)
+        req.seqs.append(seq)
         self.waiting.append(seq)
+        return seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(self.table)
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
+        prefills: list[Sequence] = []
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.num_pending == 1 and seq.status == Status.RUNNING:
-                if self._reserve(seq, 1, scheduled):
-                    batch.add(seq, 1)
-                    scheduled.add(seq.seq_id)
-                    budget -= 1
-        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:   # preempted by an earlier sequence of this loop
+                continue
+            if len(seq.token_ids) - seq.num_computed != 1:
+                prefills.append(seq)
+            elif len(seq.token_ids) - seq.request.num_prompt_tokens >= seq.request.max_tokens:
+                continue   # its last token is still on the device; it ends when that is processed
+            elif self._reserve(seq, 1, scheduled):
+                batch.add(seq, 1)
+                scheduled.add(seq.seq_id)
+                budget -= 1
+        for seq in prefills:
             if budget <= 0:
                 break
-            if seq.status != Status.RUNNING or seq.seq_id in scheduled:
+            if seq.status is not Status.RUNNING:
                 continue
             n = min(seq.num_pending, budget)
             if self._reserve(seq, n, scheduled):
@@ -121,14 +151,37 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a running or waiting sequence (finished or aborted) and free its resources."""
-        if seq in self.running:
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """The other ``n - 1`` completions of a running ``parent``'s request, right after its first
+        sample (the step that forks is processed before the next one is scheduled): they share its
+        KV blocks (copy-on-write) and hold its adapter slot too."""
+        req = parent.request
+        children = []
+        for i in range(1, req.params.n):
+            child = Sequence(req, i, list(parent.token_ids), self.table.copy(parent.row, req.seeds[i]))
+            child.num_computed = parent.num_computed
+            child.slot = self.adapters.acquire(req.adapter)
+            child.status = Status.RUNNING
+            self.bm.fork(parent.seq_id, child.seq_id)
+            self.running.append(child)
+            req.seqs.append(child)
+            children.append(child)
+        return children
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running or waiting sequence (finished or aborted) and free its resources."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
             self.running.remove(seq)
             self._release(seq)
-        elif seq in self.waiting:
+        else:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.table.free(seq.row)
+        req = seq.request
+        req.num_finished = req.num_finished + 1 if req.forked else req.params.n
 
     def _release(self, seq: Sequence) -> None:
         if self.bm.has_sequence(seq.seq_id):

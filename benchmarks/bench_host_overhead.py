@@ -1,0 +1,289 @@
+"""Issue #12: host overhead of one decode step (everything but the model's arithmetic).
+
+    python benchmarks/bench_host_overhead.py [--device cpu|cuda] [--seqs 1 32 256] [--compare REF]
+                                             [--smoke] [--out-dir DIR]
+
+A micro model (Qwen2, 1 layer, hidden 64, dummy weights, the demo tokenizer) with 4 LoRA adapters
+plus the base model, so the forward pass is nearly free and the step time is the engine's own.
+For each number of running sequences: that many requests (adapters in turn, greedy, EOS ignored)
+are admitted and prefilled, then ``--steps`` decode steps are timed one by one (median). Two
+consumers: ``generate`` reads nothing until a request ends (what ``Engine.generate`` does),
+``stream`` reads every output's text after every step (what a streaming server does; its requests
+are added with ``stream=True`` where the engine has that argument).
+
+A second, profiled pass splits the step: scheduling (``scheduler.schedule``), runner metadata
+(``runner.run`` up to the model's forward), forward, sampling (after the forward to the end of
+``runner.run``), outputs (building ``RequestOutput``s and reading their text), and bookkeeping
+(the rest of ``Engine.step``: appending tokens, finish checks, detokenization where eager).
+The profiled pass is slower than the plain one (a timer per span); shares come from it, the
+headline ms/step from the plain pass.
+
+``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
+``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
+the same machine and prints both side by side with the ratio.
+Writes benchmarks/results/host_overhead_<device>.json (--smoke: only with --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from common import (QWEN25_7B_INSTRUCT, ROOT, base_parser, environment, parse_with_smoke, patch, resolve_device,
+                    save_result, synchronize, write_model_folder, write_peft_adapter)
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.llm_engine import Engine
+
+PARTS = ("scheduling", "metadata", "forward", "sampling", "bookkeeping", "outputs")
+CONSUMERS = ("generate", "stream")
+NUM_ADAPTERS = 4
+# Engine methods that build outputs, by the names the engine has had (wrapped where they exist).
+OUTPUT_METHODS = ("_emit", "_output")
+
+MICRO = {**QWEN25_7B_INSTRUCT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+         "max_window_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+         "max_position_embeddings": 4096, "bos_token_id": 509, "eos_token_id": 511}
+
+
+def parse_args() -> argparse.Namespace:
+    p = base_parser(__doc__)
+    p.set_defaults(dtype="float32")
+    p.add_argument("--seqs", type=int, nargs="+", default=[1, 32, 256], help="running sequences")
+    p.add_argument("--steps", type=int, default=60, help="timed decode steps per setting")
+    p.add_argument("--warmup", type=int, default=5, help="untimed decode steps before timing")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="Engine(overlap=...) where the engine has the knob (auto: its default)")
+    p.add_argument("--compare", default=None, metavar="REF", help="also measure git revision REF, side by side")
+    p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --compare subprocess
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host overhead is serial)")
+    return parse_with_smoke(p, dict(seqs=[1, 8], steps=4, warmup=1))
+
+
+def micro_model(root: Path, rank: int) -> tuple[Path, dict[str, Path]]:
+    base = write_model_folder(root / "base", MICRO)
+    adapters = {f"a{i}": write_peft_adapter(root / f"a{i}", MICRO, rank=rank, seed=i, dtype=torch.float32)
+                for i in range(NUM_ADAPTERS)}
+    return base, adapters
+
+
+def build_engine(base: Path, adapters: dict[str, Path], device: torch.device, args: argparse.Namespace) -> Engine:
+    from mcl_runtime import Engine
+
+    kwargs: dict[str, Any] = dict(model=base, adapters=adapters, device=str(device), dtype=args.dtype,
+                                  backend=args.backend, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank,
+                                  max_num_seqs=max(args.seqs), load_format="dummy",
+                                  kv_cache_blocks=max(args.seqs) * ((args.prompt_len + args.warmup + 3 * args.steps
+                                                                     + 64) // 16 + 2))
+    if args.overlap != "auto" and "overlap" in inspect.signature(Engine).parameters:
+        kwargs["overlap"] = args.overlap == "on"
+    return Engine(**kwargs)
+
+
+class Profile:
+    """Wraps the engine's step, scheduler, runner, model forward and output builders with host timers
+    (device synchronised at span ends on CUDA) until ``close``; one dict of seconds per step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.device = engine.device
+        self.cur: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self._marks: dict[str, float] = {}
+        runner = engine.runner
+        self._undo = [patch(engine, "step", self._timed(engine.step, "step")),
+                      patch(engine.scheduler, "schedule", self._timed(engine.scheduler.schedule, "scheduling")),
+                      patch(runner, "run", self._timed(runner.run, "run"))]
+        self._undo += [patch(engine, name, self._timed(getattr(engine, name), "outputs"))
+                       for name in OUTPUT_METHODS if hasattr(engine, name)]
+        self._hooks = [engine.model.register_forward_pre_hook(lambda m, a: self._mark("forward_start")),
+                       engine.model.register_forward_hook(lambda m, a, o: self._mark("forward_end"))]
+
+    def _now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def _mark(self, name: str) -> None:
+        self._marks[name] = self._now()
+
+    def _timed(self, fn: Callable, name: str) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t0 = self._now()
+            if name == "run":
+                self._marks["run_start"] = t0
+            out = fn(*args, **kwargs)
+            t1 = self._now()
+            self.cur[name] += t1 - t0
+            if name == "run" and "forward_start" in self._marks:
+                m = self._marks
+                self.cur["metadata"] += m["forward_start"] - m["run_start"]
+                self.cur["forward"] += m["forward_end"] - m["forward_start"]
+                self.cur["sampling"] += t1 - m["forward_end"]
+                m.clear()
+            return out
+        return wrapped
+
+    def end_step(self, consumer_s: float) -> None:
+        c = self.cur
+        step = {p: c[p] for p in ("scheduling", "metadata", "forward", "sampling")}
+        step["outputs"] = c["outputs"] + consumer_s
+        step["bookkeeping"] = c["step"] - c["scheduling"] - c["run"] - c["outputs"]
+        step["total"] = c["step"] + consumer_s
+        self.steps.append(step)
+        self.cur = defaultdict(float)
+
+    def close(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        for h in self._hooks:
+            h.remove()
+
+
+def consume(outs: list, consumer: str) -> None:
+    if consumer == "stream":
+        for out in outs:
+            for o in out.outputs:
+                o.text  # noqa: B018 - reading it is the point
+    else:
+        for out in outs:
+            if out.finished:
+                out.outputs[0].text  # noqa: B018
+
+
+def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, profile: bool) -> dict:
+    """Median ms per decode step (and mean parts when profiling) with ``n`` running sequences."""
+    from mcl_runtime import SamplingParams
+
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
+    gen = torch.Generator().manual_seed(n)
+    params = SamplingParams(max_tokens=args.warmup + args.steps + 8, ignore_eos=True)
+    stream = {"stream": True} if consumer == "stream" and "stream" in inspect.signature(engine.add_request).parameters \
+        else {}
+    ids = [engine.add_request(None, torch.randint(0, 500, (args.prompt_len,), generator=gen).tolist(), params,
+                              names[i % len(names)], **stream) for i in range(n)]
+    while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
+        consume(engine.step(), consumer)
+    for _ in range(args.warmup + 1):  # + 1: the step that samples after the last prefill
+        consume(engine.step(), consumer)
+    prof = Profile(engine) if profile else None
+    times = []
+    try:
+        for _ in range(args.steps):
+            synchronize(engine.device)
+            t0 = time.perf_counter()
+            outs = engine.step()
+            t1 = time.perf_counter()
+            consume(outs, consumer)
+            synchronize(engine.device)
+            t2 = time.perf_counter()
+            times.append(t2 - t0)
+            if prof:
+                prof.end_step(t2 - t1)
+    finally:
+        if prof:
+            prof.close()
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+    running = len(engine.scheduler.running)
+    assert running == 0, f"{running} sequences still running after the aborts"
+    result = {"ms_per_step": 1e3 * statistics.median(times)}
+    if prof:
+        result["parts_ms"] = {p: 1e3 * statistics.fmean(s[p] for s in prof.steps) for p in PARTS}
+        result["profiled_ms_per_step"] = 1e3 * statistics.fmean(s["total"] for s in prof.steps)
+    return result
+
+
+def run_all(args: argparse.Namespace, device: torch.device) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_host_") as tmp:
+        base, adapters = micro_model(Path(tmp), args.rank)
+        engine = build_engine(base, adapters, device, args)
+        measure(engine, min(args.seqs), "generate", args, profile=False)  # warm-up
+        results: dict[str, dict] = {}
+        for consumer in CONSUMERS:
+            for n in args.seqs:
+                plain = measure(engine, n, consumer, args, profile=False)
+                profiled = measure(engine, n, consumer, args, profile=True)
+                results[f"{consumer}/{n}"] = {**plain, "parts_ms": profiled["parts_ms"],
+                                              "profiled_ms_per_step": profiled["profiled_ms_per_step"]}
+    overlap = getattr(engine, "overlap", None)
+    return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap,
+            "results": results}
+
+
+def run_revision(ref: str, args: argparse.Namespace) -> dict:
+    """This script on the ``mcl_runtime`` of git revision ``ref``, in a subprocess."""
+    import mcl_runtime
+
+    ext = next(Path(mcl_runtime.__file__).parent.glob("_C*.so"), None)
+    with tempfile.TemporaryDirectory(prefix="bench_host_ref_") as tmp:
+        archive = subprocess.run(["git", "archive", ref, "mcl_runtime"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        if ext is not None:
+            shutil.copy(ext, Path(tmp) / "mcl_runtime" / ext.name)
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--compare")
+        del argv[i:i + 2]
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tmp, str(ROOT / "benchmarks")])}
+        subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(out.parent)],
+                       env=env, check=True, cwd=tmp)
+        return json.loads((out.parent / "host_overhead_json_only.json").read_text())
+
+
+def print_table(label: str, data: dict, other: dict | None = None, other_label: str = "") -> None:
+    print(f"\n{label}" + (f" vs {other_label}" if other else ""))
+    for key, r in data["results"].items():
+        parts = ", ".join(f"{p} {r['parts_ms'][p]:.2f} ({100 * r['parts_ms'][p] / r['profiled_ms_per_step']:.0f}%)"
+                          for p in PARTS)
+        line = f"  {key:>13}: {r['ms_per_step']:7.3f} ms/step"
+        if other and key in other["results"]:
+            o = other["results"][key]["ms_per_step"]
+            line += f"   {other_label} {o:7.3f} ms/step   {o / r['ms_per_step']:5.2f}x faster"
+        print(line)
+        print(f"  {'':>13}  parts (profiled, ms): {parts}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args)
+    ours = run_all(args, device)
+    if args.json_only:
+        save_result("host_overhead_json_only", ours, args.out_dir, False, announce=False)
+        return
+    ref = run_revision(args.compare, args) if args.compare else None
+    if ref:
+        print_table(f"{args.compare} (before)", ref)
+    print_table("this tree", ours, ref, args.compare or "")
+    payload = {"benchmark": "host_overhead", "env": environment(device), "torch_threads": torch.get_num_threads(),
+               "load_average_1_5_15min": os.getloadavg(),   # other processes on the machine, at the end
+               "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
+                          "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
+                          "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
+                          "consumers": {"generate": "reads outputs only when finished",
+                                        "stream": "reads every output's text every step"}},
+               "ours": ours}
+    if ref:
+        payload["before"] = {"revision": args.compare, **ref}
+        payload["speedup"] = {k: ref["results"][k]["ms_per_step"] / r["ms_per_step"]
+                              for k, r in ours["results"].items() if k in ref["results"]}
+    save_result(f"host_overhead_{device.type}", payload, args.out_dir, args.smoke)
+
+
+if __name__ == "__main__":
+    main()
