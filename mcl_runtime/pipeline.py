@@ -21,6 +21,7 @@ from mcl_runtime.agents.llm import EngineChatClient, OpenAIChatClient
 from mcl_runtime.agents.mapcoder import MapCoder, MapCoderConfig
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
+from mcl_runtime.engine.cli_args import add_execution_mode_args, execution_mode_options
 
 
 def parse_pairs(values: list[str], flag: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=Path, help="also write every agent call per problem (JSONL)")
     p.add_argument("--device", help="in-process engine device (cpu, cuda)")
     p.add_argument("--dtype", help="in-process engine dtype")
+    add_execution_mode_args(p)
     p.add_argument("--api-key", default="EMPTY", help="for --endpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -89,7 +91,8 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 
         model, adapters = str(demo_model_dir() / "base"), {k: str(v) for k, v in demo_adapter_dirs().items()}
         adapters.update(parse_pairs(args.lora, "--lora"))
-    engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype)
+    engine = Engine(model=model, adapters=adapters, device=args.device, dtype=args.dtype,
+                    **execution_mode_options(args))
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
         warnings.warn(f"no adapter named {missing}; those agents use the base model")

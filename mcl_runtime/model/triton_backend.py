@@ -1,7 +1,8 @@
 """The Triton backend: SGMV LoRA and paged attention through the kernels in ``mcl_runtime.kernels``.
 
 Kernel scratch (the LoRA shrink output and its split-K partial sums) comes from one workspace per
-backend, i.e. per engine, grown rarely and reused by every projection of every step.
+backend, i.e. per engine, grown rarely and reused by every projection of every step. A buffer that
+is outgrown is kept alive: a captured CUDA graph may still point at it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class TritonBackend:
 
     def __init__(self) -> None:
         self._workspace: dict[str, torch.Tensor] = {}
+        self._outgrown: list[torch.Tensor] = []
 
     def _scratch(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """A float32 view ``shape`` of the workspace buffer ``name`` (reallocated only to grow)."""
@@ -24,6 +26,8 @@ class TritonBackend:
             numel *= s
         buf = self._workspace.get(name)
         if buf is None or buf.numel() < numel or buf.device != device:
+            if buf is not None:
+                self._outgrown.append(buf)
             buf = self._workspace[name] = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
                                                       dtype=torch.float32, device=device)
         return buf[:numel].view(shape)
