@@ -24,6 +24,13 @@ from ._common import (FLOAT_DTYPES, check_dim, check_dtype, check_same_device, d
 
 
 @triton.jit
+def _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M: tl.constexpr):
+    """(slot, first row, end row) of row tile ``m_tile`` of segment ``seg``."""
+    start = tl.load(seg_starts_ptr + seg)
+    return tl.load(seg_slots_ptr + seg), start + m_tile * BLOCK_M, tl.load(seg_starts_ptr + seg + 1)
+
+
+@triton.jit
 def _shrink_tile(acc, x_rows, a_cols, k0, H, m_mask, r_mask, stride_xh, stride_ah,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -52,10 +59,7 @@ def _sgmv_shrink_kernel(
     slice_id = tl.program_id(1) // split_k
     split = tl.program_id(1) % split_k
 
-    slot = tl.load(seg_slots_ptr + seg)
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    row0 = start + m_tile * BLOCK_M
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
     if (slot >= 0) & (row0 < end):  # empty segments, base rows and tiles past the segment exit here
         rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -96,10 +100,7 @@ def _sgmv_split_reduce_kernel(
     an adapter (the rows the shrink wrote)."""
     seg = tl.program_id(0) // m_tiles
     m_tile = tl.program_id(0) % m_tiles
-    slot = tl.load(seg_slots_ptr + seg)
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    row0 = start + m_tile * BLOCK_M
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
     if (slot >= 0) & (row0 < end):
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,10 +145,7 @@ def _sgmv_expand_kernel(
         n_hi = tl.where(slice_id == j, SLICE_OFFSETS[j + 1], n_hi)
     col0 = n_lo + n_tile * BLOCK_N
 
-    slot = tl.load(seg_slots_ptr + seg)
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    row0 = start + m_tile * BLOCK_M
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
     if (slot >= 0) & (row0 < end) & (col0 < n_hi):
         rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
         if rank > 0:
