@@ -33,7 +33,8 @@ NO_KERNEL = {"aten::view", "aten::as_strided", "aten::t", "aten::transpose", "at
              "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::_reshape_alias",
              "aten::alias", "aten::resolve_conj", "aten::resolve_neg", "aten::detach", "aten::empty",
              "aten::empty_strided", "aten::lift_fresh", "aten::_unsafe_view", "aten::split", "aten::chunk",
-             "aten::unbind", "aten::narrow", "aten::reshape"}
+             "aten::unbind", "aten::narrow", "aten::reshape",
+             "aten::to", "aten::result_type"}  # a leaf `to` converts nothing (a conversion calls _to_copy)
 CALL_PATTERN = re.compile(r"(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+|aten\.\w+|\.copy_)\(")
 
 
