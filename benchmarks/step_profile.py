@@ -24,7 +24,7 @@ from common import StepComposition, patch
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
     from mcl_runtime.engine.scheduler import ScheduledBatch
-    from mcl_runtime.model.backends import AttentionMeta, LoRAMeta, TorchBackend
+    from mcl_runtime.model.backends import AttentionMeta, Backend, LoRAMeta
 
 CATEGORIES = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling",
               "engine_other")
@@ -50,7 +50,7 @@ class Clock:
 class ProfilingBackend:
     """Delegates to the engine's backend and times its calls: KV store + attention, and LoRA."""
 
-    def __init__(self, inner: TorchBackend, profiler: StepProfiler) -> None:
+    def __init__(self, inner: Backend, profiler: StepProfiler) -> None:
         self.inner, self.prof, self.name = inner, profiler, inner.name
 
     def __getattr__(self, name: str) -> Any:

@@ -13,7 +13,7 @@ from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_
 
 __all__ = [
     "HAS_TRITON",
-    "lora_shrink", "lora_expand", "lora_apply",
+    "lora_shrink", "lora_expand", "lora_apply", "shrink_split_k",
     "paged_decode_attention", "paged_prefill_attention", "store_kv",
     "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",
     "paged_decode_attention_ref", "paged_prefill_attention_ref", "store_kv_ref",
@@ -21,7 +21,7 @@ __all__ = [
 
 try:
     from .attention import paged_decode_attention, paged_prefill_attention, store_kv
-    from .lora import lora_apply, lora_expand, lora_shrink
+    from .lora import lora_apply, lora_expand, lora_shrink, shrink_split_k
     HAS_TRITON = True
 except ImportError as _exc:
     if not (_exc.name or "").startswith("triton"):
@@ -39,6 +39,7 @@ except ImportError as _exc:
     lora_shrink = _missing("lora_shrink")
     lora_expand = _missing("lora_expand")
     lora_apply = _missing("lora_apply")
+    shrink_split_k = _missing("shrink_split_k")
     paged_decode_attention = _missing("paged_decode_attention")
     paged_prefill_attention = _missing("paged_prefill_attention")
     store_kv = _missing("store_kv")

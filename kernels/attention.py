@@ -21,6 +21,42 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, start, hi,
+                 qk_scale, stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """One BLOCK_N key tile of ``_attend_tiles``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    page = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+    in_page = offs_n % PAGE
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[:, None]
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32),
+            PRECISION, INTERPRET) * qk_scale
+    visible = n_mask[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet keeps m = -inf; shift by 0 then so that exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None]
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    acc = mma(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], PRECISION, INTERPRET)
+    m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head, lo, hi,
                   qk_scale, stride_kb, stride_ks, stride_kh, stride_kd,
                   stride_vb, stride_vs, stride_vh, stride_vd,
@@ -29,36 +65,24 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr,
                   PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) with keys lo..hi-1 (log2 domain). q [M, BLOCK_D];
     with CAUSAL, row i only sees keys <= q_pos[i]."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        in_page = offs_n % PAGE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32),
-                PRECISION, INTERPRET) * qk_scale
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; shift by 0 then so that exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = mma(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], PRECISION, INTERPRET)
-        m_i = m_new
+    if INTERPRET:  # the Triton 3.6 interpreter cannot run `range` to a tensor bound
+        start = lo
+        while start < hi:
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head,
+                                         start, hi, qk_scale, stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_N, PAGE, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, INTERPRET)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head,
+                                         start, hi, qk_scale, stride_kb, stride_ks, stride_kh, stride_kd,
+                                         stride_vb, stride_vs, stride_vh, stride_vd,
+                                         BLOCK_N, PAGE, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, INTERPRET)
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "tokens_per_split"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale, group, num_heads, num_splits, tokens_per_split,

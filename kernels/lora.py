@@ -12,6 +12,7 @@ memory traffic: tiles past the rank exit early or are masked, and loop bounds co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,13 +24,33 @@ from ._common import (FLOAT_DTYPES, check_dim, check_dtype, check_same_device, d
 
 
 @triton.jit
+def _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M: tl.constexpr):
+    """(slot, first row, end row) of row tile ``m_tile`` of segment ``seg``."""
+    start = tl.load(seg_starts_ptr + seg)
+    return tl.load(seg_slots_ptr + seg), start + m_tile * BLOCK_M, tl.load(seg_starts_ptr + seg + 1)
+
+
+@triton.jit
+def _shrink_tile(acc, x_rows, a_cols, k0, H, m_mask, r_mask, stride_xh, stride_ah,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < H
+    xt = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    at = tl.load(a_cols + offs_k[:, None] * stride_ah, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+    return mma(xt, at, acc, PRECISION, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["m_tiles", "split_k", "k_per_split"])
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
     H, R, n_slices, m_tiles, split_k, k_per_split,
-    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_oc,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_oc, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """One (segment, row tile, rank tile) per program along axis 0, (slice, K split) along axis 1.
+    With split-K, split s writes its partial sum to ``out + s * stride_os`` (reduced in order by
+    ``_sgmv_split_reduce_kernel``, so the result never depends on scheduling)."""
     pid = tl.program_id(0)
     r_tiles = tl.cdiv(R, BLOCK_R)
     seg = pid // (m_tiles * r_tiles)
@@ -38,50 +59,77 @@ def _sgmv_shrink_kernel(
     slice_id = tl.program_id(1) // split_k
     split = tl.program_id(1) % split_k
 
-    slot = tl.load(seg_slots_ptr + seg)
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    row0 = start + m_tile * BLOCK_M
-    if (slot >= 0) & (row0 < end):
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
+    if (slot >= 0) & (row0 < end):  # empty segments, base rows and tiles past the segment exit here
         rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
         m_mask = offs_m < end
-        out_ptrs = (out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot
+        out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_ot
                     + (slice_id * R + offs_r)[None, :] * stride_oc)
         out_mask = m_mask[:, None] & (offs_r < R)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r_tile * BLOCK_R < rank:
             r_mask = offs_r < rank
             k_lo = split * k_per_split
-            k_hi = tl.minimum(H, k_lo + k_per_split)
             x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xt
             a_cols = (a_ptr + slot.to(tl.int64) * stride_as
                       + (slice_id * R + offs_r)[None, :] * stride_ar)
-            for k in range(k_lo, k_hi, BLOCK_K):
-                offs_k = k + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < k_hi
-                xt = tl.load(x_rows + offs_k[None, :] * stride_xh,
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_cols + offs_k[:, None] * stride_ah,
-                             mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                acc = mma(xt, at, acc, PRECISION, INTERPRET)
-            if ATOMIC:
-                tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+            # The Triton 3.6 interpreter cannot run `range` to a tensor bound: a while loop there.
+            if INTERPRET:
+                k = 0
+                while k < k_per_split:
+                    acc = _shrink_tile(acc, x_rows, a_cols, k_lo + k, H, m_mask, r_mask, stride_xh, stride_ah,
+                                       BLOCK_K, PRECISION, INTERPRET)
+                    k += BLOCK_K
             else:
-                tl.store(out_ptrs, acc, mask=out_mask)
-        elif not ATOMIC:
-            # Columns past the rank are zero by contract; with split-K the buffer was zero-filled.
-            tl.store(out_ptrs, acc, mask=out_mask)
+                for k in range(0, k_per_split, BLOCK_K):
+                    acc = _shrink_tile(acc, x_rows, a_cols, k_lo + k, H, m_mask, r_mask, stride_xh, stride_ah,
+                                       BLOCK_K, PRECISION, INTERPRET)
+        # Columns past the rank are written as zeros, so no buffer ever needs zero-filling.
+        tl.store(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["m_tiles", "split_k"])
+def _sgmv_split_reduce_kernel(
+    part_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, cols, m_tiles, split_k,
+    stride_ps, stride_pt, stride_ot, stride_oc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out = sum_s partials[s]`` in the fixed order s = 0, 1, ... over the rows of segments with
+    an adapter (the rows the shrink wrote)."""
+    seg = tl.program_id(0) // m_tiles
+    m_tile = tl.program_id(0) % m_tiles
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
+    if (slot >= 0) & (row0 < end):
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_m < end)[:, None] & (offs_c < cols)[None, :]
+        rows = offs_m.to(tl.int64)[:, None] * stride_pt + offs_c[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        s = 0
+        while s < split_k:  # (not `range`: see _sgmv_shrink_kernel)
+            acc += tl.load(part_ptr + s * stride_ps + rows, mask=mask, other=0.0)
+            s += 1
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_c[None, :] * stride_oc, acc, mask=mask)
 
 
 @triton.jit
+def _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
+                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    ut = tl.load(u_rows + offs_r[None, :] * stride_uc, mask=m_mask[:, None] & (offs_r < rank)[None, :], other=0.0)
+    bt = tl.load(b_cols + offs_r[:, None] * stride_br, mask=(offs_r < r_pad)[:, None] & n_mask[None, :], other=0.0)
+    return mma(cast(ut, b_cols.dtype.element_ty, INTERPRET), bt, acc, PRECISION, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["m_tiles"])
 def _sgmv_expand_kernel(
     u_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scaling_ptr,
     R, n_slices, m_tiles, n_tiles,
     stride_ut, stride_uc, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     SLICE_OFFSETS: tl.constexpr, N_SLICES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_ALIGNED: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -97,10 +145,7 @@ def _sgmv_expand_kernel(
         n_hi = tl.where(slice_id == j, SLICE_OFFSETS[j + 1], n_hi)
     col0 = n_lo + n_tile * BLOCK_N
 
-    slot = tl.load(seg_slots_ptr + seg)
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    row0 = start + m_tile * BLOCK_M
+    slot, row0, end = _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M)
     if (slot >= 0) & (row0 < end) & (col0 < n_hi):
         rank = tl.load(ranks_ptr + slot * n_slices + slice_id)
         if rank > 0:
@@ -111,14 +156,21 @@ def _sgmv_expand_kernel(
             u_rows = u_ptr + offs_m.to(tl.int64)[:, None] * stride_ut + slice_id * R * stride_uc
             b_cols = b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, rank, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < rank
-                ut = tl.load(u_rows + offs_r[None, :] * stride_uc,
-                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_cols + offs_r[:, None] * stride_br,
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = mma(cast(ut, b_ptr.dtype.element_ty, INTERPRET), bt, acc, PRECISION, INTERPRET)
+            # B's tile is masked by the rank rounded up to BLOCK_R (whole 16-element runs, so the
+            # loads vectorise); u is masked by the rank itself, so B's padding columns meet zeros.
+            r_pad = rank
+            if R_ALIGNED:
+                r_pad = tl.multiple_of(tl.cdiv(rank, BLOCK_R) * BLOCK_R, BLOCK_R)
+            if INTERPRET:  # (see _sgmv_shrink_kernel)
+                r0 = 0
+                while r0 < rank:
+                    acc = _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
+                                       BLOCK_R, PRECISION, INTERPRET)
+                    r0 += BLOCK_R
+            else:
+                for r0 in range(0, rank, BLOCK_R):
+                    acc = _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
+                                       BLOCK_R, PRECISION, INTERPRET)
             scale = tl.load(scaling_ptr + slot)
             y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yt + offs_n[None, :] * stride_yn
             y_mask = m_mask[:, None] & n_mask[None, :]
@@ -155,9 +207,47 @@ def _check_segments(name: str, seg_starts: torch.Tensor, seg_slots: torch.Tensor
     return nseg
 
 
+@dataclass(frozen=True)
+class _ShrinkPlan:
+    block_m: int
+    block_r: int
+    block_k: int
+    m_tiles: int
+    programs: int
+    split_k: int
+    k_per_split: int
+
+
+def _shrink_plan(H: int, R: int, n_slices: int, nseg: int, max_seg_len: int, device: torch.device,
+                 split_k: int | None) -> _ShrinkPlan:
+    block_m = _block_m(max_seg_len)
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    block_k = 64 if block_m == 64 or interpreting() else 128
+    m_tiles = triton.cdiv(max_seg_len, block_m)
+    programs = nseg * m_tiles * triton.cdiv(R, block_r)
+    if split_k is None:
+        # Few tiles (decode) and a long H: split H so that the GPU has about two waves of programs.
+        target = 2 * num_sms(device)
+        split_k = 1
+        if not interpreting() and programs * n_slices < target:
+            split_k = max(1, min(triton.cdiv(target, programs * n_slices), H // (4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(max(H, 1), split_k), block_k) * block_k
+    return _ShrinkPlan(block_m, block_r, block_k, m_tiles, programs, triton.cdiv(max(H, 1), k_per_split),
+                       k_per_split)
+
+
+def shrink_split_k(x: torch.Tensor, lora_a: torch.Tensor, n_slices: int, nseg: int, max_seg_len: int) -> int:
+    """The number of K splits ``lora_shrink`` picks for these shapes (to size its ``partials``)."""
+    T, H = x.shape
+    if nseg == 0 or min(max_seg_len, T) == 0:
+        return 1
+    return _shrink_plan(H, lora_a.shape[1] // n_slices, n_slices, nseg, min(max_seg_len, T), x.device, None).split_k
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
                 seg_slots: torch.Tensor, ranks: torch.Tensor, max_seg_len: int,
-                out: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, *, split_k: int | None = None,
+                partials: torch.Tensor | None = None) -> torch.Tensor:
     """SGMV shrink: ``u = x @ A.T`` per segment and slice, in float32.
 
     For each segment i with ``w = seg_slots[i] >= 0`` and each slice j, with ``r = ranks[w, j]``::
@@ -168,11 +258,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
     Shapes: x [T, H] (fp32/fp16/bf16), lora_a [S, n_slices*R, H] (x's dtype),
     seg_starts [nseg+1] int32, seg_slots [nseg] int32, ranks [S, n_slices] int32.
     Returns u [T, n_slices*R] float32 (fp32 accumulation, no rounding to x's dtype).
-    ``max_seg_len`` (host int) must be >= the longest segment; it sizes the grid.
-    ``out``: optional float32 buffer [T, n_slices*R] to write into. Rows outside segments with an
-    adapter are not written: they are zero when ``out`` is None, else keep their content, except
-    with split-K (``split_k`` > 1, or chosen by the heuristic when ``split_k`` is None) where the
-    whole buffer is zero-filled first and partial sums are added atomically.
+    ``max_seg_len`` (host int) must be >= the longest segment; it sizes the grid, so a caller that
+    passes a fixed bound (and fixed-length segment tensors, padded with empty segments) gets the
+    same launch every step. ``out``: optional float32 buffer [T, n_slices*R] to write into. Rows
+    outside segments with an adapter are never written (zero when ``out`` is None).
+    ``split_k`` (> 1, or chosen by ``shrink_split_k`` when None) splits H: each split writes its
+    partial sum into ``partials`` (float32 [split_k, T, n_slices*R], allocated when None) and a
+    second kernel adds them in a fixed order, so results do not depend on GPU scheduling.
     """
     name = "lora_shrink"
     check_dim(name, "x", x, 2)
@@ -191,46 +283,50 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
     R = rows // n_slices
     nseg = _check_segments(name, seg_starts, seg_slots, ranks, S, n_slices, max_seg_len)
     device = check_same_device(name, x, lora_a, seg_starts, seg_slots, ranks)
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"{name}: split_k must be a positive int, got {split_k!r}")
     if out is None:
         out = torch.zeros((T, n_slices * R), dtype=torch.float32, device=device)
     else:
-        if out.dtype != torch.float32 or tuple(out.shape) != (T, n_slices * R):
-            raise ValueError(f"{name}: out must be float32 of shape {(T, n_slices * R)}, "
-                             f"got {out.dtype} {tuple(out.shape)}")
+        _check_f32_buffer(name, "out", out, (T, n_slices * R))
         check_same_device(name, x, out)
     max_seg_len = min(max_seg_len, T)
     if nseg == 0 or max_seg_len == 0 or R == 0 or H == 0:
         return out
 
-    block_m = _block_m(max_seg_len)
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
-    block_k = 64 if block_m == 64 or interpreting() else 128
-    m_tiles = triton.cdiv(max_seg_len, block_m)
-    r_tiles = triton.cdiv(R, block_r)
-    programs = nseg * m_tiles * r_tiles
-    if split_k is None:
-        # Few tiles (decode) and a long H: split H so that the GPU has about two waves of programs.
-        target = 2 * num_sms(device)
-        split_k = 1
-        if not interpreting() and programs * n_slices < target:
-            split_k = max(1, min(triton.cdiv(target, programs * n_slices), H // (4 * block_k)))
-    elif not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"{name}: split_k must be a positive int, got {split_k!r}")
-    k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
-    split_k = triton.cdiv(H, k_per_split)
-    if split_k > 1:
-        out.zero_()
-    grid = (programs, n_slices * split_k)
-    _sgmv_shrink_kernel[grid](
-        x, lora_a, out, seg_starts, seg_slots, ranks,
-        H, R, n_slices, m_tiles, split_k, k_per_split,
+    plan = _shrink_plan(H, R, n_slices, nseg, max_seg_len, device, split_k)
+    target = out
+    if plan.split_k > 1:
+        shape = (plan.split_k, T, n_slices * R)
+        if partials is None:
+            partials = torch.empty(shape, dtype=torch.float32, device=device)
+        _check_f32_buffer(name, "partials", partials, shape)
+        target = partials
+    _sgmv_shrink_kernel[(plan.programs, n_slices * plan.split_k)](
+        x, lora_a, target, seg_starts, seg_slots, ranks,
+        H, R, n_slices, plan.m_tiles, plan.split_k, plan.k_per_split,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=split_k > 1,
+        target.stride(-2), target.stride(-1), target.stride(0) if plan.split_k > 1 else 0,
+        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
         PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
         num_warps=4, num_stages=3,
     )
+    if plan.split_k > 1:
+        cols = n_slices * R
+        block_c = min(128, max(16, triton.next_power_of_2(cols)))
+        _sgmv_split_reduce_kernel[(nseg * plan.m_tiles, triton.cdiv(cols, block_c))](
+            partials, out, seg_starts, seg_slots, cols, plan.m_tiles, plan.split_k,
+            partials.stride(0), partials.stride(1), out.stride(0), out.stride(1),
+            BLOCK_M=plan.block_m, BLOCK_C=block_c, num_warps=4,
+        )
     return out
+
+
+def _check_f32_buffer(name: str, what: str, buf: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if buf.dtype != torch.float32 or tuple(buf.shape) != shape or buf.stride(-1) != 1 \
+            or (buf.dim() == 3 and not buf.is_contiguous()):
+        raise ValueError(f"{name}: {what} must be float32 of shape {shape} with contiguous rows, "
+                         f"got {buf.dtype} {tuple(buf.shape)}")
 
 
 def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor,
@@ -293,7 +389,7 @@ def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_star
         u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
         SLICE_OFFSETS=offsets, N_SLICES=n_slices,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, R_ALIGNED=R % 16 == 0,
         PRECISION=dot_precision(lora_b.dtype), INTERPRET=interpreting(),
         num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=2,
     )

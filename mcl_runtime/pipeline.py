@@ -25,6 +25,7 @@ from mcl_runtime.agents.llm import EngineChatClient, OpenAIChatClient
 from mcl_runtime.agents.mapcoder import MAPCODER_MAX_TOKENS, MapCoder, MapCoderConfig, published_k_t
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
+from mcl_runtime.engine.cli_args import add_execution_mode_args, execution_mode_options
 
 
 def parse_pairs(values: list[str], flag: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=Path, help="also write every agent call per problem (JSONL)")
     p.add_argument("--device", help="in-process engine device (cpu, cuda)")
     p.add_argument("--dtype", help="in-process engine dtype")
+    add_execution_mode_args(p)
     p.add_argument("--api-key", default="EMPTY", help="for --endpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -91,12 +93,13 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 
     adapters = parse_pairs(args.lora, "--lora")
     if args.model:
-        engine = Engine(model=args.model, adapters=adapters, device=args.device, dtype=args.dtype)
+        engine = Engine(model=args.model, adapters=adapters, device=args.device, dtype=args.dtype,
+                        **execution_mode_options(args))
     else:
         from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 
         adapters = {**demo_adapter_dirs(), **adapters}
-        engine = demo_engine(adapters=adapters, device=args.device, dtype=args.dtype)
+        engine = demo_engine(adapters=adapters, device=args.device, dtype=args.dtype, **execution_mode_options(args))
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
         warnings.warn(f"no adapter named {missing}; those agents use the base model")

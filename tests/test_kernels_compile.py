@@ -24,16 +24,17 @@ except Exception as exc:  # no NVIDIA backend / ptxas in this Triton build
     print("SKIP", type(exc).__name__, exc)
     sys.exit(0)
 bf16 = {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32"}
-for block_m, block_k, atomic in [(16, 128, True), (32, 128, False), (64, 64, False)]:
+for block_m, block_k in [(16, 128), (32, 128), (64, 64)]:
     _common.compile_for_gpu(lora._sgmv_shrink_kernel, bf16, dict(
-        BLOCK_M=block_m, BLOCK_R=64, BLOCK_K=block_k, ATOMIC=atomic, PRECISION="tf32", INTERPRET=False),
-        num_stages=3)
+        BLOCK_M=block_m, BLOCK_R=64, BLOCK_K=block_k, PRECISION="tf32", INTERPRET=False), num_stages=3)
 _common.compile_for_gpu(lora._sgmv_shrink_kernel, {"x_ptr": "*fp32", "a_ptr": "*fp32", "out_ptr": "*fp32"}, dict(
-    BLOCK_M=16, BLOCK_R=32, BLOCK_K=128, ATOMIC=True, PRECISION="ieee", INTERPRET=False), num_stages=3)
+    BLOCK_M=16, BLOCK_R=32, BLOCK_K=128, PRECISION="ieee", INTERPRET=False), num_stages=3)
+_common.compile_for_gpu(lora._sgmv_split_reduce_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32"},
+                        dict(BLOCK_M=16, BLOCK_C=128))
 for dt, prec, block_m, block_n in [("bf16", "tf32", 16, 128), ("bf16", "tf32", 64, 128), ("fp32", "ieee", 16, 64)]:
     ptrs = {"u_ptr": "*fp32", "b_ptr": "*" + dt, "y_ptr": "*" + dt, "scaling_ptr": "*fp32"}
     _common.compile_for_gpu(lora._sgmv_expand_kernel, ptrs, dict(
-        SLICE_OFFSETS=(0, 3584, 4096, 4608), N_SLICES=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
+        SLICE_OFFSETS=(0, 3584, 4096, 4608), N_SLICES=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, R_ALIGNED=True,
         PRECISION=prec, INTERPRET=False), num_warps=4 if block_m * block_n <= 4096 else 8)
 for dt, prec, block_g, head_dim, splits in [("bf16", "tf32", 16, 128, (False, True)), ("fp32", "ieee", 32, 64, (False,))]:
     ptrs = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,

@@ -180,7 +180,14 @@ def test_shrink_split_k(split_k: int) -> None:
     u = lora_shrink(x, lora_a, seg_starts, seg_slots, ranks, max_seg_len, out=out, split_k=split_k)
     assert u is out
     ref = lora_shrink_ref(x, lora_a, seg_starts, seg_slots, ranks)
-    torch.testing.assert_close(u, ref, atol=1e-5, rtol=1e-5)
+    with_adapter = _rows_with_adapter(seg_starts, seg_slots, T)
+    torch.testing.assert_close(u[with_adapter], ref[with_adapter], atol=1e-5, rtol=1e-5)
+    assert u[~with_adapter].isnan().all()  # no zero-fill: base rows are never written
+
+
+def _rows_with_adapter(seg_starts: torch.Tensor, seg_slots: torch.Tensor, T: int) -> torch.Tensor:
+    slots = torch.repeat_interleave(seg_slots.cpu(), seg_starts.cpu().diff(), output_size=int(seg_starts[-1]))
+    return torch.cat([slots >= 0, torch.zeros(T - len(slots), dtype=torch.bool)]).to(seg_starts.device)
 
 
 def test_shrink_out_buffer_rows_without_adapter_untouched() -> None:
@@ -272,3 +279,71 @@ def test_sgmv_qwen_shapes_cuda(num_tokens: int, num_adapters: int) -> None:
         x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len)
     check_rule(u, u_ref32, u_reflp, "shrink")
     check_rule(y_k, y_ref32, y_reflp, "expand")
+
+
+def _padded_segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, num_segments: int):
+    """Segment tensors padded to a fixed count with empty segments, as a static (bucketed) step has."""
+    pad = num_segments - seg_slots.shape[0]
+    end = seg_starts[-1:].expand(pad)
+    return torch.cat([seg_starts, end]), torch.cat([seg_slots, torch.zeros_like(seg_slots[:1]).expand(pad)])
+
+
+@pytest.mark.parametrize("case", ["empty_segments", "zero_rank_slot", "all_base"])
+def test_fixed_grid_early_exit(case: str) -> None:
+    """One launch shape (segments padded to 8, max_seg_len = T) gives the reference for batches
+    with empty segments, adapters of rank 0 on every slice, and no adapter at all."""
+    gen = torch.Generator().manual_seed(21)
+    lora_a, lora_b, ranks, scaling, offsets = make_lora(3, 64, 16, (16, 8), torch.float32, gen)
+    seg_starts = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32, device=DEVICE)
+    seg_slots = {"empty_segments": [0, 2, -1, 1], "zero_rank_slot": [1, 0, 1, 2], "all_base": [-1, -1, -1, -1]}[case]
+    seg_slots = torch.tensor(seg_slots, dtype=torch.int32, device=DEVICE)
+    if case == "zero_rank_slot":
+        ranks[1] = 0
+    x = torch.randn(6, 64, generator=gen).to(DEVICE)
+    y = torch.randn(6, offsets[-1], generator=gen).to(DEVICE)
+    expected = y.clone()
+    lora_apply_ref(x, expected, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
+    starts8, slots8 = _padded_segments(seg_starts, seg_slots, 8)
+    lora_apply(x, y, lora_a, lora_b, starts8, slots8, ranks, scaling, offsets, max_seg_len=6)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_split_k_rows_do_not_depend_on_the_batch() -> None:
+    """Split-K partial sums are added in a fixed order: a row's result is bitwise the same alone
+    and next to other rows."""
+    gen = torch.Generator().manual_seed(22)
+    lora_a, _, ranks, _, _ = make_lora(2, 256, 16, (16,), torch.float32, gen)
+    x = torch.randn(5, 256, generator=gen).to(DEVICE)
+    starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    slot = torch.tensor([1], dtype=torch.int32, device=DEVICE)
+    batch = lora_shrink(x, lora_a, starts, slot, ranks, 5, split_k=4)
+    alone = lora_shrink(x[2:3], lora_a, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), slot, ranks, 1,
+                        split_k=4)
+    assert torch.equal(batch[2:3], alone)
+
+
+def test_triton_backend_reuses_its_workspace() -> None:
+    from mcl_runtime.model.backends import LoRAMeta
+    from mcl_runtime.model.layers import LinearWithLoRA
+    from mcl_runtime.model.triton_backend import TritonBackend
+
+    gen = torch.Generator().manual_seed(23)
+    mod = LinearWithLoRA(64, [32, 16], False, 2, 16, torch.float32, torch.device(DEVICE))
+    lora_a, lora_b, ranks, scaling, _ = make_lora(2, 64, 16, (32, 16), torch.float32, gen)
+    mod.lora_a.copy_(lora_a), mod.lora_b.copy_(lora_b), mod.ranks.copy_(ranks), mod.scaling.copy_(scaling)
+    backend = TritonBackend()
+    starts = torch.tensor([0, 3, 4], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    meta = LoRAMeta(starts, slots, 3, 16, starts.cpu().numpy(), slots.cpu().numpy())
+    pointers = []
+    for T in (4, 4, 3):
+        x = torch.randn(4, 64, generator=gen).to(DEVICE)[:T]
+        y = torch.zeros(T, 48, device=DEVICE)
+        m = meta if T == 4 else LoRAMeta(starts[:2], slots[:1], 3, 16, starts[:2].cpu().numpy(), slots[:1].cpu().numpy())
+        backend.apply_lora(x, y, mod, m)
+        expected = torch.zeros_like(y)
+        lora_apply_ref(x, expected, mod.lora_a, mod.lora_b, m.seg_starts, m.seg_slots, mod.ranks, mod.scaling,
+                       mod.offsets)
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        pointers.append(backend._workspace["shrink"].data_ptr())
+    assert len(set(pointers)) == 1  # allocated once, reused by later (and smaller) steps

@@ -40,7 +40,7 @@ class Engine:
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  served_model_name: str | None = None, load_format: str = "auto", revision: str | None = None,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, compile: bool = False, cuda_graphs: bool | None = None) -> None:
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -58,7 +58,8 @@ class Engine:
         cfg = self.model.config
         self.block_size = block_size
         num_blocks = kv_cache_blocks or self._default_kv_blocks(max_num_seqs)
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+        # One block more than the block manager hands out: the scratch block of padded decode rows.
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=self.dtype, device=self.device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.adapter_manager = AdapterManager(self.model, max_loras, max_lora_rank)
@@ -66,8 +67,14 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, self.adapter_manager, self.table, max_num_seqs,
                                    max_num_batched_tokens)
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.backend.name == "triton"
+        elif cuda_graphs and (self.device.type != "cuda" or self.backend.name != "triton"):
+            raise ValueError("cuda_graphs=True needs device='cuda' and the triton backend")
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager,
-                                  self.adapter_manager.slot_ranks)
+                                  self.adapter_manager.slot_ranks, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+                                  compile=compile, cuda_graphs=cuda_graphs)
         # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens).
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._inflight: SampledTokens | None = None

@@ -2,25 +2,44 @@
 
 The batch is ordered decodes first, then prefill chunks, each group sorted by adapter slot, so
 adapters form contiguous segments. All metadata is built once on the host (block tables and slot
-mapping in the C++ block manager), moved to the device once, and shared by every layer; the only
-device-to-host transfer of a step is the sampled token ids, which ``run`` does not wait for (so the
-engine can launch the next step first).
+mapping in the C++ block manager), written into persistent buffers, moved to the device in one
+copy, and shared by every layer; the only device-to-host transfer of a step is the sampled token ids,
+which ``run`` does not wait for (so the engine can launch the next step first).
+
+Decode-only steps can run *static*: padded to a batch-size bucket (1, 2, 4, 8, ..., max_num_seqs)
+with every shape fixed by the bucket, so that one compiled graph (``compile=True``) or one captured
+CUDA graph per bucket serves every such step. Padded rows are base-model rows of context 1 that
+write their KV into a scratch block (the cache's last block, which the block manager never hands
+out); their outputs are dropped.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from mcl_runtime.engine.cuda_graphs import DecodeGraphs
 from mcl_runtime.engine.sampler import SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import PENDING, Sequence
-from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments
+from mcl_runtime.engine.step_buffers import StepBuffers
+from mcl_runtime.model.backends import AttentionMeta, Backend, ForwardContext, LoRAMeta, lora_segments
 from mcl_runtime.model.decoder import DecoderLM
 
 
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, ... and ``max_num_seqs`` itself as the last bucket."""
+    buckets = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs]
+    return buckets + [max_num_seqs]
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, slot_ranks: np.ndarray) -> None:
+    COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager": same tracing, no C++ code generation
+
+    def __init__(self, model: DecoderLM, backend: Backend, kv_cache: torch.Tensor, block_manager,
+                 slot_ranks: np.ndarray, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 compile: bool = False, cuda_graphs: bool = False) -> None:
+        """``kv_cache`` has one block more than the block manager: the scratch block of padded rows."""
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
@@ -28,6 +47,18 @@ class ModelRunner:
         self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
+        self.max_rank = model.lora_modules(0)["qkv_proj"].max_rank
+        max_blocks = -(-max_model_len // block_manager.block_size)
+        self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks, self.device)
+        self.buckets = batch_buckets(max_num_seqs) if compile or cuda_graphs else []
+        self.scratch_block = kv_cache.shape[2] - 1
+        self.forward = self.model
+        if compile:
+            # One specialisation per bucket of the same forward: allow that many before dynamo gives up.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets))
+            self.forward = torch.compile(self.model, backend=self.COMPILE_BACKEND, fullgraph=True, dynamic=False)
+        self.graphs = DecodeGraphs(self._static_forward) if cuda_graphs else None
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -41,6 +72,12 @@ class ModelRunner:
             src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def _bucket(self, num_new: list[int]) -> int | None:
+        """The bucket of a decode-only step, None for steps that run eagerly."""
+        if not self.buckets or max(num_new) != 1 or len(num_new) > self.buckets[-1]:
+            return None
+        return next(b for b in self.buckets if b >= len(num_new))
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, prev: torch.Tensor | None = None) -> SampledTokens:
         """Launch the step: forward, then sampling for the sequences with ``batch.samples > 0``.
@@ -52,31 +89,27 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         num_new = [batch.num_new[i] for i in order]
         self._copy_blocks()
-        positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata([s.seq_id for s in seqs], num_new)
-        input_ids = np.fromiter((t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_computed:s.num_computed + n]),
-                                dtype=np.int64, count=len(positions))
-        attn = AttentionMeta(
-            slot_mapping=self._to_device(slot_mapping), block_tables=self._to_device(tables),
-            context_lens=self._to_device(ctx_lens), cu_seqlens_q=self._to_device(cu),
-            group_bounds=[int(b) for b in np.searchsorted(sorted(kinds), [0, 1, 2, 3])], max_q_len=max(num_new),
-            max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
-            context_lens_host=ctx_lens, cu_seqlens_q_host=cu)
-        lora = self._lora_meta(np.array([s.slot for s in seqs], dtype=np.int64), np.array(num_new, dtype=np.int64))
-        self.backend.prepare(attn, lora)
-        ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
-        hidden = self.model(self._input_ids(input_ids, cu, seqs, prev), self._to_device(positions), ctx)
+        bucket = self._bucket(num_new)
+        cu, ctx, input_ids, positions, host_ids = self._prepare(seqs, num_new, sorted(kinds), bucket)
+        self._fill_pending(input_ids, host_ids, cu, seqs, prev)
+        if bucket is None:
+            self.backend.prepare(ctx.attn, ctx.lora)
+            hidden = self.model(input_ids, positions, ctx)
+        elif self.graphs is not None:
+            hidden = self.graphs.run(bucket, input_ids, positions, ctx)
+        else:
+            hidden = self._static_forward(input_ids, positions, ctx)
         return self._sample(hidden, batch, order, seqs, cu)
 
-    def _input_ids(self, input_ids: np.ndarray, cu: np.ndarray, seqs: list[Sequence],
-                   prev: torch.Tensor | None) -> torch.Tensor:
-        """The step's input ids on the device, PENDING ones filled from the last step's samples."""
-        pending = np.flatnonzero(input_ids == PENDING)
-        ids = self._to_device(input_ids)
+    def _fill_pending(self, input_ids: torch.Tensor, host_ids: np.ndarray, cu: np.ndarray, seqs: list[Sequence],
+                      prev: torch.Tensor | None) -> None:
+        """PENDING input ids (tokens not yet read back from the device) filled on the device from
+        the last step's samples, at each owner's ``pending_row``."""
+        pending = np.flatnonzero(host_ids == PENDING)
         if len(pending):
             owners = np.searchsorted(cu, pending, side="right") - 1
             src = np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64, count=len(owners))
-            ids[self._to_device(pending)] = prev[self._to_device(src)]
-        return ids
+            input_ids[self._to_device(pending)] = prev[self._to_device(src)]
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: list[int], seqs: list[Sequence],
@@ -93,13 +126,54 @@ class ModelRunner:
         tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts))
         return SampledTokens(samplers, counts, tokens)
 
-    def _lora_meta(self, slots: np.ndarray, num_new: np.ndarray) -> LoRAMeta | None:
-        if not (slots >= 0).any():
-            return None
-        seg_starts, seg_slots, max_len = lora_segments(slots, num_new)
-        return LoRAMeta(self._to_device(seg_starts), self._to_device(seg_slots), max_len,
-                        int(self.slot_ranks[slots[slots >= 0]].max()),
-                        seg_starts, seg_slots)
+    def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        self.backend.prepare(ctx.attn, ctx.lora)
+        return self.forward(input_ids, positions, ctx)
+
+    def _prepare(self, seqs: list[Sequence], num_new: list[int], kinds: list[int], bucket: int | None):
+        """The step's inputs and metadata into the persistent buffers, one copy to the device;
+        returns (host cu_seqlens_q, ForwardContext, input ids, positions, host input ids)."""
+        positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata([s.seq_id for s in seqs], num_new)
+        input_ids = np.fromiter((t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_computed:s.num_computed + n]),
+                                dtype=np.int64, count=len(positions))
+        slots = np.array([s.slot for s in seqs], dtype=np.int64)
+        num_new_arr = np.array(num_new, dtype=np.int64)
+        B = len(seqs)
+        token_slots = np.repeat(slots, num_new_arr)
+        seg_starts, seg_slots, max_seg_len = lora_segments(slots, num_new_arr)
+        if bucket is not None:  # pad: base rows of context 1 writing into the scratch block
+            pad = bucket - B
+            bs = self.bm.block_size
+            input_ids, positions = np.r_[input_ids, np.zeros(pad, np.int64)], np.r_[positions, np.zeros(pad, np.int64)]
+            slot_mapping = np.r_[slot_mapping, np.full(pad, self.scratch_block * bs, np.int64)]
+            token_slots = np.r_[token_slots, np.full(pad, -1)]
+            ctx_lens, cu = np.r_[ctx_lens, np.ones(pad, np.int32)], np.arange(bucket + 1, dtype=np.int32)
+            tables = np.vstack([tables, np.full((pad, tables.shape[1]), self.scratch_block, np.int32)])
+            seg_starts = np.r_[seg_starts, np.full(bucket - len(seg_slots), B, np.int32)]
+            seg_slots = np.r_[seg_slots, np.full(bucket - len(seg_slots), -1, np.int32)]
+            kinds = [0] * bucket
+        buf = self.buffers
+        for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
+                             ("token_slots", token_slots), ("context_lens", ctx_lens), ("cu_seqlens_q", cu),
+                             ("seg_starts", seg_starts), ("seg_slots", seg_slots), ("block_tables", tables)):
+            buf.write(name, values)
+        buf.commit()
+        T, nb, nseg = len(input_ids), len(ctx_lens), len(seg_slots)
+        static = bucket is not None
+        attn = AttentionMeta(
+            slot_mapping=buf.view("slot_mapping", T), block_tables=buf.view("block_tables", nb),
+            context_lens=buf.view("context_lens", nb), cu_seqlens_q=buf.view("cu_seqlens_q", nb + 1),
+            group_bounds=[int(b) for b in np.searchsorted(kinds, [0, 1, 2, 3])], max_q_len=max(num_new),
+            max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
+            context_lens_host=ctx_lens, cu_seqlens_q_host=cu, static=static)
+        lora = None
+        if static or (slots >= 0).any():
+            lora = LoRAMeta(buf.view("seg_starts", nseg + 1), buf.view("seg_slots", nseg),
+                            bucket if static else max_seg_len,
+                            self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
+                            seg_starts, seg_slots, token_slots=buf.view("token_slots", T) if static else None)
+        ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
+        return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), input_ids
 
     def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
                         counts: np.ndarray) -> SamplingBatch:

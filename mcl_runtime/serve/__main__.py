@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from mcl_runtime import AsyncEngine, Engine
+from mcl_runtime.engine.cli_args import add_execution_mode_args, execution_mode_options
 from mcl_runtime.errors import MCLError
 from mcl_runtime.serve.app import build_app
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
+    add_execution_mode_args(p)
     p.add_argument("--seed", type=int)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGINT/SIGTERM")
@@ -76,6 +78,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     options: dict[str, Any] = {k: getattr(args, k) for k in _ENGINE_OPTIONS if getattr(args, k) is not None}
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
+    options.update(execution_mode_options(args))
     if args.model is None:
         from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 

@@ -1,0 +1,181 @@
+"""The torch backend: plain torch, no Python loop over requests or adapters (the CPU path and
+the reference the Triton backend is tested against)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
+
+
+class TorchBackend:
+    """Plain torch, no Python loop over requests or adapters.
+
+    Attention: the step's sequences form at most three padded groups with contiguous tokens
+    (decodes; prefill chunks without cached context; prefill chunks with cached context). Keys
+    come from the paged cache through ``index_select`` into reused buffers, or straight from the
+    new tokens when the group has no cached context. The query heads sharing a KV head are folded
+    into the query-length axis, so K/V are never repeated for GQA.
+    LoRA: tokens of each adapter segment are cut into tiles of at most ``LORA_TILE`` tokens;
+    one gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm").
+    Static steps (``attn.static``, the compiled decode) keep every shape fixed by the bucket: the
+    decodes attend over the whole block-table width under a mask, and each token is its own LoRA
+    tile (base rows get gain 0), so nothing sized by a per-step host value enters the graph.
+    """
+
+    name = "torch"
+    LORA_TILE = 128
+
+    def __init__(self) -> None:
+        # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
+        # faults than the gather itself.
+        self._workspace: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            grown = max(numel, int(buf.numel() * 1.5) if buf is not None else 0)  # contexts grow every step
+            buf = self._workspace[name] = torch.empty(grown, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
+        bounds = attn.group_bounds
+        attn.extra["groups"] = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
+        if lora is not None and lora.token_slots is None:
+            lora.extra.update(self._lora_tiles(lora))
+
+    @staticmethod
+    def _group(attn: AttentionMeta, b0: int, b1: int) -> dict | None:
+        """Padded-attention metadata for sequences ``b0:b1`` (their tokens are contiguous)."""
+        if b0 == b1:
+            return None
+        dev = attn.context_lens.device
+        cu_h = attn.cu_seqlens_q_host
+        q_lens_h, ctx_h = np.diff(cu_h[b0:b1 + 1]), attn.context_lens_host[b0:b1]
+        max_q = int(q_lens_h.max())
+        from_scratch = not attn.static and bool((q_lens_h == ctx_h).all())
+        if attn.static:
+            L = attn.block_tables.shape[1] * attn.block_size
+        else:
+            L = max_q if from_scratch else int(ctx_h.max())
+        t0, t1 = int(cu_h[b0]), int(cu_h[b1])
+        cu = attn.cu_seqlens_q[b0:b1 + 1].long()
+        q_lens, ctx = cu[1:] - cu[:-1], attn.context_lens[b0:b1].long()
+        seq_of_token = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), q_lens, output_size=t1 - t0)
+        idx_in_seq = torch.arange(t0, t1, device=dev) - cu[:-1][seq_of_token]
+        arange_q = torch.arange(max_q, device=dev)
+        key_pos = torch.arange(L, device=dev)
+        q_pos = arange_q[None, :] if from_scratch else ctx[:, None] - q_lens[:, None] + arange_q
+        allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+        q_valid = arange_q[None, :] < q_lens[:, None]
+        mask = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)  # [b, max_q, L]
+        group = dict(t0=t0, t1=t1, seqs=b1 - b0, max_q=max_q, seq_of_token=seq_of_token,
+                     idx_in_seq=idx_in_seq, mask=mask, from_scratch=from_scratch)
+        if not from_scratch:
+            bs = attn.block_size
+            tables = attn.block_tables[b0:b1].long()
+            group["kv_index"] = (tables[:, key_pos // bs] * bs + key_pos % bs).reshape(-1)
+        return group
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 attn: AttentionMeta) -> None:
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, attn.slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, attn.slot_mapping, v)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                  attn: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
+        (already stored), used directly when a group has no cached context."""
+        out = torch.empty_like(q)
+        for g in attn.extra["groups"]:  # at most three, fixed by the batch layout
+            out[g["t0"]:g["t1"]] = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
+        return out
+
+    def _attend_group(self, q, k, v, k_cache, v_cache, scale: float, g: dict) -> torch.Tensor:
+        """Attention of one group as batched GEMMs over (KV head, sequence) pairs."""
+        Hkv, D = k_cache.shape[2:]
+        G = q.shape[1] // Hkv
+        B, M = g["seqs"], g["max_q"]
+        sl = slice(g["t0"], g["t1"])
+        where = (g["seq_of_token"], g["idx_in_seq"])
+        keys, values = (self._kv_heads_first(new[sl], cache, g, name) for new, cache, name in
+                        ((k, k_cache, "k"), (v, v_cache, "v")))
+        # Query heads of one KV head are folded into the query axis: [Hkv * B, G * M, D].
+        q_pad = q.new_zeros(B, M, Hkv, G, D).index_put_(where, q[sl].view(-1, Hkv, G, D))
+        q_pad = q_pad.permute(2, 0, 3, 1, 4).reshape(Hkv * B, G * M, D)
+        if M == 1:  # decodes: two small GEMMs beat SDPA's CPU kernel on one query row
+            scores = torch.bmm(q_pad, keys.transpose(1, 2)).float() * scale
+            scores.view(Hkv, B, G, -1).masked_fill_(~g["mask"][None], float("-inf"))
+            o = torch.bmm(scores.softmax(dim=-1).to(q.dtype), values)      # [Hkv * B, G, D]
+        else:
+            mask = g["mask"][:, None].expand(B, G, M, -1).reshape(1, B, G * M, -1)
+            o = F.scaled_dot_product_attention(q_pad.view(Hkv, B, G * M, D), keys.view(Hkv, B, -1, D),
+                                               values.view(Hkv, B, -1, D), attn_mask=mask, scale=scale)
+        o = o.view(Hkv, B, G, M, D).permute(1, 3, 0, 2, 4)                  # [B, M, Hkv, G, D]
+        return o[where].reshape(-1, Hkv * G, D)
+
+    def _kv_heads_first(self, new: torch.Tensor, cache: torch.Tensor, g: dict, name: str) -> torch.Tensor:
+        """The group's keys (or values) as ``[Hkv * B, L, D]``: from the new tokens when the group
+        has no cached context, else gathered from the paged cache into reused buffers."""
+        Hkv, D = cache.shape[2:]
+        B = g["seqs"]
+        if g["from_scratch"]:
+            padded = new.new_zeros(B, g["max_q"], Hkv, D).index_put_((g["seq_of_token"], g["idx_in_seq"]), new)
+            return padded.permute(2, 0, 1, 3).reshape(Hkv * B, g["max_q"], D)
+        n = g["kv_index"].shape[0]
+        flat = cache.view(-1, Hkv, D)
+        if torch.compiler.is_compiling():  # Inductor plans a compiled graph's memory itself
+            return flat.index_select(0, g["kv_index"]).transpose(0, 1).reshape(Hkv * B, n // B, D)
+        heads_first = self._buffer(name, (Hkv, n, D), cache)
+        for h in range(Hkv):  # one gather per KV head, straight into the heads-first layout
+            torch.index_select(flat[:, h], 0, g["kv_index"], out=heads_first[h])
+        return heads_first.view(Hkv * B, n // B, D)
+
+    def _lora_tiles(self, lora: LoRAMeta) -> dict:
+        """Tiles of <= LORA_TILE tokens of one adapter each: token indices padded with the tile's
+        first token (the duplicates are dropped after the bmm), and each tile's slot."""
+        keep = lora.seg_slots_host >= 0
+        a, b = lora.seg_starts_host[:-1][keep], lora.seg_starts_host[1:][keep]
+        n_tiles = -(-(b - a) // self.LORA_TILE)
+        seg = np.repeat(np.arange(len(a)), n_tiles)
+        k = np.arange(len(seg)) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
+        first = a[seg] + k * self.LORA_TILE
+        length = np.minimum(first + self.LORA_TILE, b[seg]) - first
+        offs = np.arange(int(length.max()))
+        valid = offs[None, :] < length[:, None]
+        index = np.where(valid, first[:, None] + offs[None, :], first[:, None])
+        dev = lora.seg_starts.device
+        return {"tile_index": torch.from_numpy(index.reshape(-1).astype(np.int64)).to(dev),
+                "tile_valid": torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(dev),
+                "tile_slots": torch.from_numpy(lora.seg_slots_host[keep][seg].astype(np.int64)).to(dev),
+                "tile_shape": (len(seg), len(offs))}
+
+    def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
+        if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
+            slots = lora.token_slots.clamp(min=0).long()
+            gain = (lora.token_slots >= 0).to(x.dtype)[:, None, None]
+            for sl, delta in self._lora_deltas(x[:, None], slots, gain, mod.max_rank, mod):
+                y[:, sl] += delta
+            return
+        ex = lora.extra
+        n_tiles, width = ex["tile_shape"]
+        valid = ex["tile_valid"]
+        xt = x.index_select(0, ex["tile_index"]).view(n_tiles, width, -1)
+        rows = ex["tile_index"].index_select(0, valid)
+        for sl, delta in self._lora_deltas(xt, ex["tile_slots"], 1.0, lora.max_rank, mod):
+            y[:, sl].index_add_(0, rows, delta.index_select(0, valid))
+
+    @staticmethod
+    def _lora_deltas(xt: torch.Tensor, slots: torch.Tensor, gain, r: int, mod):
+        """Per slice j: (output columns, ``scaling * xt @ A_j.T @ B_j.T`` as ``[tiles * width, N_j]``)
+        for tiles ``xt [tiles, width, H]`` of adapter ``slots [tiles]``, ranks cut at ``r``."""
+        S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
+        n_tiles = xt.shape[0]
+        a = mod.lora_a.view(S, n, R, -1)[slots, :, :r].reshape(n_tiles, n * r, -1)
+        u = torch.bmm(xt, a.transpose(1, 2)) * (mod.scaling[slots].to(xt.dtype)[:, None, None] * gain)
+        for j in range(n):
+            sl = slice(mod.offsets[j], mod.offsets[j + 1])
+            b = mod.lora_b[slots, sl, :r]
+            yield sl, torch.bmm(u[:, :, j * r:(j + 1) * r], b.transpose(1, 2)).view(-1, sl.stop - sl.start)
