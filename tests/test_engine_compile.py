@@ -51,7 +51,8 @@ def test_batch_buckets() -> None:
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
-@pytest.mark.parametrize("knobs", [dict(), dict(block_size=4, kv_cache_blocks=14)], ids=["plain", "preemption"])
+@pytest.mark.parametrize("knobs", [dict(), dict(block_size=4, kv_cache_blocks=14), dict(overlap=True)],
+                         ids=["plain", "preemption", "overlap"])
 def test_compiled_decode_matches_hf(family, aot_eager, knobs):
     name, base, adapters = family
     prompts = _prompts()
