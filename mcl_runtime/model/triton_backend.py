@@ -3,6 +3,9 @@
 Kernel scratch (the LoRA shrink output and its split-K partial sums) comes from one workspace per
 backend, i.e. per engine, grown rarely and reused by every projection of every step. A buffer that
 is outgrown is kept alive: a captured CUDA graph may still point at it.
+
+While dynamo traces (``Engine(compile=True)``) the kernels are called as the custom ops of
+``mcl_runtime.kernels.ops`` (same names and arguments), so the forward is one graph.
 """
 from __future__ import annotations
 
@@ -12,10 +15,16 @@ from mcl_runtime import kernels
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
 
+def _kernels():
+    return torch.ops.mcl if torch.compiler.is_compiling() else kernels
+
+
 class TritonBackend:
     name = "triton"
 
     def __init__(self) -> None:
+        if kernels.HAS_TRITON:
+            from mcl_runtime.kernels import ops  # noqa: F401  (registers torch.ops.mcl)
         self._workspace: dict[str, torch.Tensor] = {}
         self._outgrown: list[torch.Tensor] = []
 
@@ -38,7 +47,7 @@ class TritonBackend:
             attn.extra["cu_prefill"] = attn.cu_seqlens_q[nd:] - nd
 
     def store_kv(self, k, v, k_cache, v_cache, attn: AttentionMeta) -> None:
-        kernels.store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        _kernels().store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
 
     def attention(self, q, k_cache, v_cache, scale: float, attn: AttentionMeta, k=None, v=None) -> torch.Tensor:
         nd = attn.num_decodes
@@ -46,25 +55,28 @@ class TritonBackend:
         # Static steps size the decode grid by the block-table width, so that it never changes.
         max_ctx = attn.block_tables.shape[1] * attn.block_size if attn.static else attn.max_context_len
         if nd == B:
-            return kernels.paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
+            return _kernels().paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
                                                   scale, max_ctx)
         if nd == 0:
-            return kernels.paged_prefill_attention(q, k_cache, v_cache, attn.block_tables, attn.cu_seqlens_q,
+            return _kernels().paged_prefill_attention(q, k_cache, v_cache, attn.block_tables, attn.cu_seqlens_q,
                                                    attn.context_lens, scale, attn.max_q_len)
         out = torch.empty_like(q)
-        out[:nd] = kernels.paged_decode_attention(q[:nd], k_cache, v_cache, attn.block_tables[:nd],
+        out[:nd] = _kernels().paged_decode_attention(q[:nd], k_cache, v_cache, attn.block_tables[:nd],
                                                   attn.context_lens[:nd], scale, max_ctx)
-        out[nd:] = kernels.paged_prefill_attention(q[nd:], k_cache, v_cache, attn.block_tables[nd:],
+        out[nd:] = _kernels().paged_prefill_attention(q[nd:], k_cache, v_cache, attn.block_tables[nd:],
                                                    attn.extra["cu_prefill"], attn.context_lens[nd:], scale,
                                                    attn.max_q_len)
         return out
 
     def apply_lora(self, x, y, mod, lora: LoRAMeta) -> None:
         T, cols = x.shape[0], mod.lora_a.shape[1]
-        u = self._scratch("shrink", (T, cols), x.device)
-        split_k = kernels.shrink_split_k(x, mod.lora_a, mod.n_slices, lora.seg_slots.shape[0], lora.max_seg_len)
-        partials = self._scratch("partials", (split_k, T, cols), x.device) if split_k > 1 else None
-        kernels.lora_shrink(x, mod.lora_a, lora.seg_starts, lora.seg_slots, mod.ranks, lora.max_seg_len,
-                            out=u, split_k=split_k, partials=partials)
-        kernels.lora_expand(u, mod.lora_b, y, lora.seg_starts, lora.seg_slots, mod.ranks, mod.scaling,
-                            mod.offsets, lora.max_seg_len)
+        if torch.compiler.is_compiling():  # the op plans split-K and its partial sums itself
+            u, split_k, partials = torch.empty(T, cols, dtype=torch.float32, device=x.device), None, None
+        else:
+            u = self._scratch("shrink", (T, cols), x.device)
+            split_k = kernels.shrink_split_k(x, mod.lora_a, mod.n_slices, lora.seg_slots.shape[0], lora.max_seg_len)
+            partials = self._scratch("partials", (split_k, T, cols), x.device) if split_k > 1 else None
+        _kernels().lora_shrink(x, mod.lora_a, lora.seg_starts, lora.seg_slots, mod.ranks, lora.max_seg_len,
+                               out=u, split_k=split_k, partials=partials)
+        _kernels().lora_expand(u, mod.lora_b, y, lora.seg_starts, lora.seg_slots, mod.ranks, mod.scaling,
+                               list(mod.offsets), lora.max_seg_len)
