@@ -64,11 +64,11 @@ setup(
     install_requires=[
         "torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy", "safetensors", "tokenizers",
         "transformers>=4.45", "peft>=0.13", "jinja2", "fastapi", "uvicorn", "prometheus_client",
-        "openai>=1.0", "httpx", "tqdm", "matplotlib",
+        "openai>=1.0", "httpx", "tqdm", "matplotlib", "xgrammar>=0.2.9",
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "jsonschema", "schemathesis"],
     },
     entry_points={"console_scripts": [
         "mcl-serve=mcl_runtime.serve.__main__:main",

@@ -17,6 +17,7 @@ from mcl_runtime.engine.model_runner import ModelRunner
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import Scheduler
 from mcl_runtime.engine.sequence import Request, Sequence, Status
+from mcl_runtime.engine.structured import GrammarMasker, Grammars, accept
 from mcl_runtime.errors import InvalidRequestError
 from mcl_runtime.model.backends import make_backend
 from mcl_runtime.model.loader import load_model
@@ -72,7 +73,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, self.adapter_manager, max_num_seqs, max_num_batched_tokens)
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager,
-                                  self.adapter_manager.slot_ranks)
+                                  self.adapter_manager.slot_ranks, self.tokenizer.eos_token_ids)
+        self._grammars = None   # structured.Grammars, built with the first constrained request
         self._eos = set(self.tokenizer.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)
@@ -106,6 +108,14 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         self.adapter_manager.unload(name)
 
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of structured-output constraints for this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+            self.runner.grammar = GrammarMasker(self.model.config.vocab_size)
+        return self._grammars
+
     # ---- requests ----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -136,6 +146,7 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         uid = 0 if adapter is None else self.adapter_manager.uid(adapter)
         ids = self._tokenize(prompt)
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         if params.seed is None:
             seeds = [int(s) for s in self._rng.integers(0, 2**63, size=params.n)]
@@ -144,6 +155,7 @@ class Engine:
         req = Request(request_id, ids, params, adapter, uid, max_tokens, seeds)
         seq = Sequence(req, 0, list(ids), seeds[0])
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
+        seq.matcher = matcher
         req.seqs.append(seq)
         self._requests[request_id] = req
         self.scheduler.add(seq)
@@ -202,6 +214,7 @@ class Engine:
             child = Sequence(req, i, list(parent.token_ids), req.seeds[i])
             child.num_computed = parent.num_computed
             child.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            child.matcher = parent.matcher.fork() if parent.matcher is not None else None
             child.slot = self.adapter_manager.acquire(req.adapter)
             child.status = Status.RUNNING
             self.block_manager.fork(parent.seq_id, child.seq_id)
@@ -217,7 +230,9 @@ class Engine:
         seq.text += delta
         self._stats["generation_tokens_total"] += 1
         reason, truncated = None, False
-        if (token in self._eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
+        if seq.matcher is not None and accept(seq.matcher, token):
+            reason = "stop"
+        elif (token in self._eos and not params.ignore_eos) or token in (params.stop_token_ids or ()):
             reason = "stop"
         elif params.stop_strings and self._truncate_at_stop(seq, len(delta)):
             reason, truncated = "stop", True

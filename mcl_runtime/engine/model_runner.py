@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mcl_runtime.engine.sampler import SamplingBatch, sample
+from mcl_runtime.engine.sampler import Penalties, SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.sequence import Sequence
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments
@@ -18,7 +18,8 @@ from mcl_runtime.model.decoder import DecoderLM
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, slot_ranks: np.ndarray) -> None:
+    def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, slot_ranks: np.ndarray,
+                 eos_token_ids: list[int] = ()) -> None:
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
@@ -26,6 +27,8 @@ class ModelRunner:
         self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = list(eos_token_ids)   # banned while a request is below its min_tokens
+        self.grammar = None     # a structured.GrammarMasker once a constrained request arrives
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -69,6 +72,8 @@ class ModelRunner:
         seeds_per_seq = [s.request.sample_seeds(s) for _, s in samplers]
         rows = np.repeat([cu[i + 1] - 1 for i, _ in samplers], [len(x) for x in seeds_per_seq])
         logits = self.model.compute_logits(hidden[self._to_device(rows.astype(np.int64))])
+        if self.grammar is not None:
+            self.grammar(logits, [s.matcher for (_, s), seeds in zip(samplers, seeds_per_seq) for _ in seeds])
         tokens = sample(logits, self._sampling_batch(samplers, seeds_per_seq)).tolist()
         out, k = [], 0
         for (_, s), seeds in zip(samplers, seeds_per_seq):
@@ -96,4 +101,33 @@ class ModelRunner:
             seeds=self._to_device(np.array([x for seeds in seeds_per_seq for x in seeds], dtype=np.uint64).view(np.int64)),
             steps=rep([s.num_output_tokens for _, s in samplers], np.int64),
             all_greedy=all(p.temperature == 0 for p in params),
-            any_top_k_or_p=any(p.top_p < 1 or 0 < p.top_k < self.vocab_size for p in params))
+            any_top_k_or_p=any(p.top_p < 1 or 0 < p.top_k < self.vocab_size for p in params),
+            min_ps=rep([p.min_p for p in params], np.float32) if any(p.min_p > 0 for p in params) else None,
+            penalties=self._penalties(samplers, counts) if any(p.penalized for p in params) else None,
+            banned=self._banned(samplers, counts) if any(p.min_tokens for p in params) else None)
+
+    def _penalties(self, samplers, counts: list[int]) -> Penalties:
+        seqs = [s for _, s in samplers]
+        width = max(s.num_tokens for s in seqs)
+        ids = np.full((len(seqs), width), self.vocab_size, dtype=np.int64)
+        is_output = np.zeros((len(seqs), width), dtype=bool)
+        for row, s in enumerate(seqs):
+            ids[row, :s.num_tokens] = s.token_ids
+            is_output[row, s.request.num_prompt_tokens:s.num_tokens] = True
+        rep = lambda values: self._to_device(np.repeat(np.array(values, dtype=np.float32), counts))
+        params = [s.request.params for s in seqs]
+        return Penalties(self._to_device(np.repeat(ids, counts, axis=0)), self._to_device(np.repeat(is_output, counts, axis=0)),
+                         rep([p.repetition_penalty for p in params]), rep([p.presence_penalty for p in params]),
+                         rep([p.frequency_penalty for p in params]))
+
+    def _banned(self, samplers, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row, token) pairs masked because the row has fewer than min_tokens outputs."""
+        starts = np.cumsum([0] + counts[:-1])
+        pairs = [(row, tok) for (_, s), start, count in zip(samplers, starts, counts)
+                 if s.num_output_tokens < s.request.params.min_tokens
+                 for tok in self.eos_token_ids + list(s.request.params.stop_token_ids or ())
+                 for row in range(start, start + count)]
+        if not pairs:
+            return None
+        rows, toks = np.array(pairs, dtype=np.int64).T
+        return self._to_device(rows.copy()), self._to_device(toks.copy())

@@ -35,6 +35,7 @@ class Sequence:
         self.text = ""
         self.detok = None       # IncrementalDetokenizer, set by the engine
         self.slot = -1          # adapter slot while running, -1 = base model
+        self.matcher = None     # xgrammar GrammarMatcher of a constrained request (survives preemption)
 
     @property
     def num_tokens(self) -> int:
