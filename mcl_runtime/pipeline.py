@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="problems solved concurrently")
     p.add_argument("--max-tokens", type=int, default=2048, help="per model call")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--structured-output", action="store_true",
+                   help="constrain each agent's answer to its format (grammar-constrained decoding)")
     p.add_argument("--max-calls", type=int, help="call budget per problem (default 1 + 2k + k(1 + t))")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run (at least the "
                    "problem's own time limit)")
@@ -101,7 +103,7 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     problems = load_problems(args.dataset, args.limit)
     config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
-                            max_calls=args.max_calls)
+                            max_calls=args.max_calls, structured_output=args.structured_output)
     judge = Judge(Sandbox(Limits(timeout_s=args.timeout)))
     aengine = None
     if args.endpoint:
@@ -111,6 +113,7 @@ async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     run_config = {"dataset": args.dataset, "backend": args.endpoint or args.model or "demo (in-process)",
                   "k": args.k, "t": args.t, "workers": args.workers, "max_tokens": args.max_tokens,
                   "temperature": args.temperature, "call_budget": config.call_budget,
+                  "structured_output": args.structured_output,
                   "isolation": judge.sandbox.isolation.describe()}
     try:
         with ExitStack() as stack:

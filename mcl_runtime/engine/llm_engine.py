@@ -18,7 +18,7 @@ from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import Scheduler
 from mcl_runtime.engine.sequence import Request, Sequence, Status
 from mcl_runtime.engine.structured import GrammarMasker, Grammars, accept
-from mcl_runtime.errors import InvalidRequestError
+from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.model.backends import make_backend
 from mcl_runtime.model.loader import load_model
 from mcl_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -131,8 +131,8 @@ class Engine:
         capacity = self.block_manager.num_blocks * self.block_size
         if len(ids) >= min(self.max_model_len, capacity):
             limit = min(self.max_model_len, capacity)
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens "
-                                      "(prompt plus at least one generated token)")
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens, but the prompt has "
+                                     f"{len(ids)} tokens (it needs room for at least one generated token)")
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
