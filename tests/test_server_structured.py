@@ -3,32 +3,20 @@ the server does not implement is a 400 naming it, hostile inputs get 4xx answers
 schemathesis run against /openapi.json finds no 5xx and no undocumented answer."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
-from test_server import ServerProcess
+from test_server import ServerProcess, client, server  # noqa: F401  (module-scoped fixtures: a server of our own)
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10},
                                            "ok": {"type": "boolean"}},
           "required": ["answer", "ok"], "additionalProperties": False}
 USER = [{"role": "user", "content": "Reply in JSON."}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--log-level", "warning", "--kv-cache-blocks", "256")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
 
 
 def post(server: ServerProcess, route: str, body: dict | bytes) -> httpx.Response:
@@ -72,6 +60,22 @@ def test_json_object_and_structured_outputs(client):
                                       extra_body={"min_tokens": 4, "repetition_penalty": 1.2, "min_p": 0.05},
                                       presence_penalty=0.5, frequency_penalty=0.5)
     assert plain.usage.completion_tokens == 4
+
+
+def test_agent_client_sends_structured_outputs(server):
+    from mcl_runtime.agents.formats import structured_output
+    from mcl_runtime.agents.llm import OpenAIChatClient
+    from mcl_runtime.agents.parsers import parse_verification
+
+    async def ask():
+        client = OpenAIChatClient(server.url + "/v1")
+        try:
+            return await client.chat("planning", USER, 120, 1.0, structured=structured_output("verification", 120))
+        finally:
+            await client.close()
+
+    reply = asyncio.run(ask())
+    assert reply.finish_reason == "stop" and parse_verification(reply.text).ok, reply.text
 
 
 BAD = {

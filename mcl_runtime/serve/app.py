@@ -108,7 +108,7 @@ def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     """400 for fields that would change the result but are not implemented."""
     unsupported = {
         "logit_bias": bool(req.logit_bias),
-        "logprobs": bool(req.logprobs) or req.logprobs == 0 and isinstance(req, CompletionRequest),
+        "logprobs": req.logprobs is not None if isinstance(req, CompletionRequest) else bool(req.logprobs),
         "best_of": isinstance(req, CompletionRequest) and req.best_of not in (None, req.n),
         "suffix": isinstance(req, CompletionRequest) and bool(req.suffix),
         "top_logprobs": isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None,
