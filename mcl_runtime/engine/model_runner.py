@@ -19,7 +19,7 @@ from mcl_runtime.model.decoder import DecoderLM
 
 class ModelRunner:
     def __init__(self, model: DecoderLM, backend, kv_cache: torch.Tensor, block_manager, slot_ranks: np.ndarray,
-                 eos_token_ids: list[int] = ()) -> None:
+                 eos_token_ids: list[int] | tuple[int, ...] = ()) -> None:
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache

@@ -8,7 +8,7 @@ and after a preemption, with no per-request generator objects and no loop over r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -72,7 +72,7 @@ class SamplingBatch:
     any_top_k_or_p: bool
     min_ps: torch.Tensor | None = None          # [N] float32 when some row has min_p > 0
     penalties: Penalties | None = None          # when some row is penalized
-    banned: tuple[torch.Tensor, torch.Tensor] | None = field(default=None)  # (rows, token ids) -> -inf: min_tokens
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids) set to -inf: min_tokens
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
