@@ -80,9 +80,10 @@ def test_n_and_stop_strings(engine):
     assert re.fullmatch(r"[a-z]{2,6}", cut.text)
 
 
-def test_matcher_survives_preemption():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_matcher_survives_preemption(overlap):
     small = Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu",
-                   kv_cache_blocks=24, block_size=4)
+                   kv_cache_blocks=24, block_size=4, overlap=overlap)
     outs = small.generate(["Answer with JSON please:"] * 6, params("json", True, max_tokens=60, ignore_eos=False),
                           adapter=ADAPTERS + ["coding"])
     assert small.stats()["num_preemptions"] > 0
