@@ -68,11 +68,11 @@ setup(
         "torch>=2.11", "triton>=3.6; platform_system=='Linux'", "numpy>=2.4.6", "safetensors>=0.8",
         "tokenizers>=0.23.2", "transformers>=5.17", "peft>=0.21.2", "jinja2>=3.1.6", "fastapi>=0.165",
         "uvicorn>=0.54", "pydantic>=2.13.4", "prometheus_client>=0.26", "openai>=3.57", "httpx>=0.28.1",
-        "tqdm>=4.70.1", "matplotlib>=3.11.2",
+        "tqdm>=4.70.1", "matplotlib>=3.11.2", "xgrammar>=0.2.9",
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "test": ["pytest>=9.0.3", "pytest-timeout>=2.4"],
+        "test": ["pytest>=9.0.3", "pytest-timeout>=2.4", "jsonschema>=4.26", "schemathesis"],
     },
     entry_points={"console_scripts": [
         "mcl-serve=mcl_runtime.serve.__main__:main",

@@ -13,6 +13,10 @@ class InvalidRequestError(MCLError, ValueError):
     """A request cannot be served as given (bad parameters, prompt too long, ...)."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """A prompt does not fit in the model's context (with room for one generated token)."""
+
+
 class AdapterNotFoundError(InvalidRequestError):
     """A request or call names an adapter that is not loaded."""
 

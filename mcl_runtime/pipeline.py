@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="problems solved concurrently")
     p.add_argument("--max-tokens", type=int, default=MAPCODER_MAX_TOKENS, help="per model call (MapCoder's: 4096)")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--structured-output", action="store_true",
+                   help="constrain each agent's answer to its format (grammar-constrained decoding)")
     p.add_argument("--max-calls", type=int, help="call budget per problem (default 1 + 2k + k(1 + t))")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run (at least the "
                    "problem's own time limit)")
@@ -111,7 +113,8 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     problems = load_problems(args.dataset, args.limit)
     config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
-                            max_calls=args.max_calls, test_last_fix=args.test_last_fix)
+                            max_calls=args.max_calls, test_last_fix=args.test_last_fix,
+                            structured_output=args.structured_output)
     judge = Judge(Sandbox(Limits(timeout_s=args.timeout)))
     aengine = None
     if args.endpoint:
@@ -122,6 +125,7 @@ async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
                   "k": args.k, "t": args.t, "loop": config.loop, "k_t_from": args.k_t_from,
                   "workers": args.workers, "max_tokens": args.max_tokens,
                   "temperature": args.temperature, "call_budget": config.call_budget,
+                  "structured_output": args.structured_output,
                   "isolation": judge.sandbox.isolation.describe()}
     try:
         with ExitStack() as stack:

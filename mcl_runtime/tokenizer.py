@@ -103,6 +103,10 @@ class Tokenizer:
         """Token ids of ``text``; special-token strings in it (``<|im_start|>``) become their ids."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"text to encode must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(f"the text is not valid Unicode (a lone surrogate at position {exc.start})") from exc
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

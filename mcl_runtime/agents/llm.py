@@ -26,7 +26,8 @@ class ChatReply:
 
 class ChatClient(Protocol):
     async def chat(self, agent: str, messages: list[dict], max_tokens: int,
-                   temperature: float) -> ChatReply: ...
+                   temperature: float, structured: dict | None = None) -> ChatReply: ...
+    # ``structured``: a constraint on the answer, as vLLM's ``structured_outputs`` (e.g. {"grammar": ...})
 
 
 def _check_request(messages: list[dict], max_tokens: int, temperature: float) -> None:
@@ -56,11 +57,14 @@ class OpenAIChatClient:
         page = await self.client.models.list()
         return [m.id for m in page.data]
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float,
+                   structured: dict | None = None) -> ChatReply:
         _check_request(messages, max_tokens, temperature)
+        extra = {"extra_body": {"structured_outputs": structured}} if structured else {}
         try:
             resp = await self.client.chat.completions.create(
-                model=self.model_for(agent), messages=messages, max_tokens=max_tokens, temperature=temperature)
+                model=self.model_for(agent), messages=messages, max_tokens=max_tokens, temperature=temperature,
+                **extra)
         except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as exc:
             raise ChatError(f"{agent}: request refused: {exc}") from exc
         choice = resp.choices[0]
@@ -85,12 +89,14 @@ class EngineChatClient:
             return self.adapters[agent]
         return agent if agent in self.aengine.engine.adapters else None
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float,
+                   structured: dict | None = None) -> ChatReply:
         from mcl_runtime import SamplingParams
 
         _check_request(messages, max_tokens, temperature)
         prompt = self.aengine.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        extra = {"structured": structured} if structured else {}
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **extra)
         last = None
         try:
             async for out in self.aengine.generate(prompt, params, adapter=self.adapter_for(agent)):

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from mcl_runtime.agents import prompts
+from mcl_runtime.agents import formats, prompts
 from mcl_runtime.agents.datasets import Problem
 from mcl_runtime.agents.judge import Judge, TestOutcome
 from mcl_runtime.agents.llm import ChatClient, ChatError, ChatReply
@@ -48,6 +48,7 @@ class MapCoderConfig:
     max_tokens: int = MAPCODER_MAX_TOKENS   # per call
     temperature: float = 0.0
     max_calls: int | None = None     # default: the protocol's own maximum, 1 + 2k + k(1 + t)
+    structured_output: bool = False  # constrain every answer to its format (agents/formats.py)
     test_last_fix: bool = False      # our variant of the debugging loop (see the module docstring)
 
     @property
@@ -59,6 +60,9 @@ class MapCoderConfig:
             raise ValueError(f"need k >= 1, t >= 0, max_tokens >= 1, temperature >= 0: {self}")
         if self.max_calls is not None and self.max_calls < 1:
             raise ValueError(f"max_calls must be at least 1, got {self.max_calls}")
+        if self.structured_output:
+            for step in formats.STEPS:
+                formats.answer_grammar(step, self.max_tokens, self.k)  # raises when max_tokens is too small
 
     @property
     def call_budget(self) -> int:
@@ -167,7 +171,9 @@ class MapCoder:
             raise BudgetExhausted
         start, error = time.monotonic(), None
         try:
-            reply = await self.client.chat(agent, messages, self.config.max_tokens, self.config.temperature)
+            extra = {"structured": formats.structured_output(step, self.config.max_tokens, self.config.k)} \
+                if self.config.structured_output else {}
+            reply = await self.client.chat(agent, messages, self.config.max_tokens, self.config.temperature, **extra)
         except ChatError as exc:
             reply, error = ChatReply("", 0, 0, None), str(exc)
         parsed = parser(reply.text)

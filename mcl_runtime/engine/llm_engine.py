@@ -18,7 +18,8 @@ from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import ScheduledBatch, Scheduler
 from mcl_runtime.engine.seq_table import FINISH_REASONS, STOPPED, SequenceTable
 from mcl_runtime.engine.sequence import PENDING, Request, Sequence, Status
-from mcl_runtime.errors import InvalidRequestError
+from mcl_runtime.engine.structured import GrammarMasker, Grammars, accept
+from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
 from mcl_runtime.model.config import load_config
@@ -75,7 +76,9 @@ class Engine:
                                   self.adapter_manager.slot_ranks, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
                                   compile=compile, cuda_graphs=cuda_graphs)
-        # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens).
+        self._grammars = None   # structured.Grammars, built with the first constrained request
+        # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens), except
+        # after a step that forks or masks a constrained row (see step()).
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._inflight: SampledTokens | None = None
         self._requests: dict[str, Request] = {}
@@ -110,6 +113,14 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         self.adapter_manager.unload(name)
 
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of structured-output constraints for this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+            self.runner.grammar = GrammarMasker(self.model.config.vocab_size)
+        return self._grammars
+
     # ---- requests ----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -125,8 +136,8 @@ class Engine:
         capacity = self.block_manager.num_blocks * self.block_size
         if len(ids) >= min(self.max_model_len, capacity):
             limit = min(self.max_model_len, capacity)
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens "
-                                      "(prompt plus at least one generated token)")
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens, but the prompt has "
+                                     f"{len(ids)} tokens (it needs room for at least one generated token)")
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
@@ -141,6 +152,7 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         uid = 0 if adapter is None else self.adapter_manager.uid(adapter)
         ids = self._tokenize(prompt)
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         if params.seed is None:
             seeds = [int(s) for s in self._rng.integers(0, 2**63, size=params.n)]
@@ -148,7 +160,7 @@ class Engine:
             seeds = [(params.seed * 0x9E3779B97F4A7C15 + i) % 2**64 for i in range(params.n)]
         req = Request(request_id, ids, params, adapter, uid, max_tokens, seeds, stream)
         detok = stream or bool(params.stop_strings)
-        seq = self.scheduler.add(req, detok)
+        seq = self.scheduler.add(req, detok, matcher)
         if detok:
             seq.text = TextStream(self.tokenizer, ids, params.stop_strings)
         self._requests[request_id] = req
@@ -171,12 +183,16 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step, then process the tokens of the step before it (overlap) or
-        of this one; returns the requests that progressed (cheap snapshots, text built when read)."""
+        of this one; returns the requests that progressed (cheap snapshots, text built when read).
+
+        A step that forks (its sequences multiply) or that masks a constrained row (the next mask
+        depends on the token its matcher accepts) is processed at once, before the next step is
+        scheduled: such a step is synchronous, whatever ``overlap`` says. Unconstrained steps overlap."""
         batch = self.scheduler.schedule()
         launched = self._launch(batch) if batch.seqs else None
         previous, self._inflight = self._inflight, launched
         outs = self._process(previous) if previous is not None else []
-        if launched is not None and (not self.overlap or batch.forks):
+        if launched is not None and (not self.overlap or batch.forks or launched.constrained):
             self._inflight = None
             outs += self._process(launched)
         if not self._requests:  # whatever is still in flight belongs to ended requests
@@ -202,7 +218,8 @@ class Engine:
         return sampled
 
     def _process(self, sampled: SampledTokens) -> list[RequestOutput]:
-        """Record a launched step's tokens: values, finish checks (vectorised), text where needed."""
+        """Record a launched step's tokens: values, finish checks (vectorised), grammar matchers and
+        text only for the rows that have them."""
         tokens = sampled.host()
         seqs, positions = sampled.seqs, sampled.positions
         if len(tokens) > len(seqs):
@@ -217,6 +234,9 @@ class Engine:
             seq.token_ids[p] = t
         rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
         codes = self.table.record(rows, tokens)
+        for i in np.flatnonzero(self.table.constrained[rows]).tolist():
+            if accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
+                codes[i] = STOPPED
         for i in np.flatnonzero(self.table.detok[rows]).tolist():
             if seqs[i].text.add(values[i]):
                 codes[i] = STOPPED

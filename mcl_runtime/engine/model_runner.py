@@ -11,6 +11,8 @@ with every shape fixed by the bucket, so that one compiled graph (``compile=True
 CUDA graph per bucket serves every such step. Padded rows are base-model rows of context 1 that
 write their KV into a scratch block (the cache's last block, which the block manager never hands
 out); their outputs are dropped.
+Between ``compute_logits`` and sampling, the rows of constrained sequences are masked by their
+grammar matchers in one batched call.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from mcl_runtime.engine.cuda_graphs import DecodeGraphs
-from mcl_runtime.engine.sampler import SamplingBatch, sample
+from mcl_runtime.engine.sampler import Penalties, SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import PENDING, Sequence
@@ -59,6 +61,7 @@ class ModelRunner:
             torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets))
             self.forward = torch.compile(self.model, backend=self.COMPILE_BACKEND, fullgraph=True, dynamic=False)
         self.graphs = DecodeGraphs(self._static_forward) if cuda_graphs else None
+        self.grammar = None     # a structured.GrammarMasker once a constrained request arrives
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -99,7 +102,7 @@ class ModelRunner:
             hidden = self.graphs.run(bucket, input_ids, positions, ctx)
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
-        return self._sample(hidden, batch, order, seqs, cu)
+        return self._sample(hidden, batch, order, seqs, cu, prev)
 
     def _fill_pending(self, input_ids: torch.Tensor, host_ids: np.ndarray, cu: np.ndarray, seqs: list[Sequence],
                       prev: torch.Tensor | None) -> None:
@@ -113,7 +116,7 @@ class ModelRunner:
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: list[int], seqs: list[Sequence],
-                cu: np.ndarray) -> SampledTokens:
+                cu: np.ndarray, prev: torch.Tensor | None) -> SampledTokens:
         samples = np.array(batch.samples, dtype=np.int64)[order]
         which = np.flatnonzero(samples)
         counts = samples[which]
@@ -123,8 +126,12 @@ class ModelRunner:
         rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
         logits = self.model.compute_logits(hidden[self._to_device(rows)])
         table_rows = np.array(batch.rows, dtype=np.int64)[order][which]
-        tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts))
-        return SampledTokens(samplers, counts, tokens)
+        constrained = np.flatnonzero(np.repeat(batch.table.constrained[table_rows], counts))
+        if len(constrained):
+            owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
+            self.grammar(logits, constrained.tolist(), [samplers[i].matcher for i in owners])
+        tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts, prev))
+        return SampledTokens(samplers, counts, tokens, bool(len(constrained)))
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)
@@ -176,7 +183,7 @@ class ModelRunner:
         return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), input_ids
 
     def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
-                        counts: np.ndarray) -> SamplingBatch:
+                        counts: np.ndarray, prev: torch.Tensor | None) -> SamplingBatch:
         """Per-sample parameters gathered from the table rows (repeated ``counts`` times); the n samples
         of a request's first step each get their completion's seed."""
         rep = np.repeat(rows, counts)
@@ -186,19 +193,44 @@ class ModelRunner:
             for s, k, c in zip(samplers, starts, counts):
                 if c > 1:
                     seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
-        temps, top_ks, top_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep]
+        temps, top_ks, top_ps, min_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep], table.min_p[rep]
+        which, banned_ids = table.banned(rep)
         return SamplingBatch(
             temperatures=self._to_device(temps), top_ks=self._to_device(top_ks), top_ps=self._to_device(top_ps),
             seeds=self._to_device(seeds), steps=self._to_device(table.num_sampled[rep]),
-            all_greedy=not temps.any(), any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()))
+            all_greedy=not temps.any(), any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()),
+            min_ps=self._to_device(min_ps) if min_ps.any() else None,
+            penalties=self._penalties(table, samplers, rows, counts, prev) if table.penalized(rows) else None,
+            banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None)
+
+    def _penalties(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray, counts: np.ndarray,
+                   prev: torch.Tensor | None) -> Penalties:
+        """Each sampler's prompt + output ids; a PENDING last token (overlap) is taken from ``prev``."""
+        width = max(s.num_tokens for s in samplers)
+        ids = np.full((len(samplers), width), self.vocab_size, dtype=np.int64)
+        is_output = np.zeros((len(samplers), width), dtype=bool)
+        for i, s in enumerate(samplers):
+            ids[i, :s.num_tokens] = s.token_ids
+            is_output[i, s.request.num_prompt_tokens:s.num_tokens] = True
+        r, c = np.nonzero(ids == PENDING)
+        ids, is_output = self._to_device(ids), self._to_device(is_output)
+        if len(r):
+            src = np.fromiter((samplers[i].pending_row for i in r), dtype=np.int64, count=len(r))
+            ids[self._to_device(r), self._to_device(c)] = prev[self._to_device(src)]
+        rep = self._to_device(np.repeat(np.arange(len(samplers)), counts))
+        per_sample = lambda column: self._to_device(np.repeat(column[rows], counts))
+        return Penalties(ids[rep], is_output[rep], per_sample(table.repetition), per_sample(table.presence),
+                         per_sample(table.frequency))
 
 
 class SampledTokens:
     """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]``, in order. On CUDA
     they are copied to the host without blocking; ``host()`` waits for that copy."""
 
-    def __init__(self, seqs: list[Sequence], counts: np.ndarray, tokens: torch.Tensor | None) -> None:
+    def __init__(self, seqs: list[Sequence], counts: np.ndarray, tokens: torch.Tensor | None,
+                 constrained: bool = False) -> None:
         self.seqs, self.counts, self.tokens = seqs, counts, tokens
+        self.constrained = constrained   # a row was masked by a grammar: processed before the next launch
         self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None
         if tokens is not None and tokens.is_cuda:

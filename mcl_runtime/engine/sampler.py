@@ -1,4 +1,6 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, each row with its own seed.
+"""Batched sampling: penalties, min_tokens, greedy, temperature, min-p, top-k, top-p, each row
+with its own seed. Every step is a tensor operation over all rows (vLLM's semantics); rows whose
+parameters are neutral (penalty 1 or 0, min_p 0) come out bit for bit as without them.
 
 Randomness is counter-based: the Gumbel noise for row ``i`` and vocabulary entry ``v`` is a hash
 of (seed_i, step_i, v), so a seeded request samples the same tokens whatever shares its batch,
@@ -38,6 +40,27 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
 
 
 @dataclass
+class Penalties:
+    """Repetition/presence/frequency penalties of a step's rows (neutral rows: 1, 0, 0)."""
+    token_ids: torch.Tensor      # [N, L] int64: prompt then output ids, padded with the vocab size
+    is_output: torch.Tensor      # [N, L] bool: the id is an output token (False on padding)
+    repetition: torch.Tensor     # [N] float32
+    presence: torch.Tensor       # [N] float32
+    frequency: torch.Tensor      # [N] float32
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    n, vocab = logits.shape
+    counts = torch.zeros(n, vocab + 1, device=logits.device).scatter_add_(1, p.token_ids, p.is_output.float())
+    seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(
+        1, p.token_ids, torch.ones_like(p.token_ids, dtype=torch.bool))
+    counts, seen = counts[:, :vocab], seen[:, :vocab]
+    rep = p.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
+
+
+@dataclass
 class SamplingBatch:
     """Per-row sampling parameters of a step, built once on the host."""
     temperatures: torch.Tensor   # [N] float32
@@ -47,15 +70,25 @@ class SamplingBatch:
     steps: torch.Tensor          # [N] int64: output tokens so far (the sample's index)
     all_greedy: bool
     any_top_k_or_p: bool
+    min_ps: torch.Tensor | None = None          # [N] float32 when some row has min_p > 0
+    penalties: Penalties | None = None          # when some row is penalized
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids) set to -inf: min_tokens
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Next token per row of ``logits [N, V]`` (float32)."""
+    """Next token per row of ``logits [N, V]`` (float32; may be modified in place)."""
+    if batch.banned is not None:
+        logits[batch.banned] = float("-inf")
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
     temps = batch.temperatures.clamp(min=1e-5)[:, None]
     scaled = logits / temps
+    if batch.min_ps is not None:
+        probs = scaled.softmax(dim=-1)
+        scaled = scaled.masked_fill(probs < batch.min_ps[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     noise = gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])
     if batch.any_top_k_or_p:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)

@@ -61,10 +61,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_cached_tokens = 0
 
-    def add(self, req: Request, detok: bool) -> Sequence:
-        """Queue a request's first sequence (it forks into ``n`` at its first sample)."""
-        row = self.table.add(req.params, req.max_tokens, req.seeds[0], detok)
+    def add(self, req: Request, detok: bool, matcher=None) -> Sequence:
+        """Queue a request's first sequence (it forks into ``n`` at its first sample); ``matcher``
+        is its grammar matcher (structured output) or None."""
+        row = self.table.add(req.params, req.max_tokens, req.seeds[0], detok, matcher is not None)
         seq = Sequence(req, 0, list(req.prompt_token_ids), row)
+        seq.matcher = matcher
         req.seqs.append(seq)
         self.waiting.append(seq)
         return seq
@@ -154,12 +156,14 @@ class Scheduler:
     def fork(self, parent: Sequence) -> list[Sequence]:
         """The other ``n - 1`` completions of a running ``parent``'s request, right after its first
         sample (the step that forks is processed before the next one is scheduled): they share its
-        KV blocks (copy-on-write) and hold its adapter slot too."""
+        KV blocks (copy-on-write) and hold its adapter slot too. A constrained parent's matcher is
+        forked before any sample is accepted, so each completion accepts its own first token."""
         req = parent.request
         children = []
         for i in range(1, req.params.n):
             child = Sequence(req, i, list(parent.token_ids), self.table.copy(parent.row, req.seeds[i]))
             child.num_computed = parent.num_computed
+            child.matcher = parent.matcher.fork() if parent.matcher is not None else None
             child.slot = self.adapters.acquire(req.adapter)
             child.status = Status.RUNNING
             self.bm.fork(parent.seq_id, child.seq_id)

@@ -2,8 +2,9 @@
 
 The scheduler gives each sequence a row when it is added and frees it when the sequence ends.
 Per step, everything that is the same computation for every sequence is one vectorised operation
-over the rows of the step's samplers: the sampling parameters of the batch, the count of sampled
-and recorded tokens, and the finish check (EOS / stop token ids, max tokens).
+over the rows of the step's samplers: the sampling parameters of the batch (penalties, min_tokens,
+min_p included), the count of sampled and recorded tokens, and the finish check (EOS / stop token
+ids, max tokens). ``constrained`` marks the rows with a grammar matcher: only those pay for it.
 """
 from __future__ import annotations
 
@@ -35,13 +36,19 @@ class SequenceTable:
         grow("top_k", (rows,), np.int64, self.vocab_size)
         grow("top_p", (rows,), np.float32, 1)
         grow("seed", (rows,), np.int64, 0)
+        grow("min_p", (rows,), np.float32, 0)
+        grow("repetition", (rows,), np.float32, 1)
+        grow("presence", (rows,), np.float32, 0)
+        grow("frequency", (rows,), np.float32, 0)
+        grow("min_out", (rows,), np.int64, 0)      # min_tokens: stop ids are banned below it
         grow("max_out", (rows,), np.int64, 0)      # output tokens allowed (max_tokens and the context)
         grow("num_sampled", (rows,), np.int64, 0)  # samples launched (the next sample's index)
         grow("num_out", (rows,), np.int64, 0)      # tokens recorded
         grow("detok", (rows,), bool, False)        # text is built every step (stop strings or streaming)
+        grow("constrained", (rows,), bool, False)  # has a grammar matcher (structured output)
         grow("stop_ids", (rows, stop_width), np.int64, -1)  # EOS (unless ignored) and stop_token_ids
 
-    def add(self, params: SamplingParams, max_out: int, seed: int, detok: bool) -> int:
+    def add(self, params: SamplingParams, max_out: int, seed: int, detok: bool, constrained: bool = False) -> int:
         row = self._free.pop() if self._free else self._take()
         stops = [] if params.ignore_eos else self.eos
         stops = list(dict.fromkeys(stops + list(params.stop_token_ids or ())))
@@ -50,10 +57,16 @@ class SequenceTable:
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k if params.top_k > 0 else self.vocab_size
         self.top_p[row] = params.top_p
+        self.min_p[row] = params.min_p
+        self.repetition[row] = params.repetition_penalty
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.min_out[row] = params.min_tokens
         self.seed[row] = np.uint64(seed).view(np.int64)
         self.max_out[row] = max_out
         self.num_sampled[row] = self.num_out[row] = 0
         self.detok[row] = detok
+        self.constrained[row] = constrained
         self.stop_ids[row] = -1
         self.stop_ids[row, :len(stops)] = stops
         return row
@@ -67,10 +80,22 @@ class SequenceTable:
     def copy(self, src: int, seed: int) -> int:
         """A new row with ``src``'s state (an ``n > 1`` child), its own seed."""
         row = self._free.pop() if self._free else self._take()
-        for name in ("temperature", "top_k", "top_p", "max_out", "num_sampled", "num_out", "detok", "stop_ids"):
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "min_out",
+                     "max_out", "num_sampled", "num_out", "detok", "constrained", "stop_ids"):
             getattr(self, name)[row] = getattr(self, name)[src]
         self.seed[row] = np.uint64(seed).view(np.int64)
         return row
+
+    def penalized(self, rows: np.ndarray) -> bool:
+        return bool((self.repetition[rows] != 1).any() or self.presence[rows].any() or self.frequency[rows].any())
+
+    def banned(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into ``rows``, token id) pairs to mask: the stop ids (EOS unless ignored, and
+        stop_token_ids) of rows with fewer than min_tokens samples so far."""
+        short = self.num_sampled[rows] < self.min_out[rows]
+        ids = np.where(short[:, None], self.stop_ids[rows], -1)
+        which, col = np.nonzero(ids >= 0)
+        return which, ids[which, col]
 
     def free(self, row: int) -> None:
         self._free.append(row)

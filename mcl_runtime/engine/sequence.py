@@ -39,6 +39,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = None            # TextStream when the text is built every step, else None
         self.slot = -1              # adapter slot while running, -1 = base model
+        self.matcher = None         # GrammarMatcher of a constrained request (survives preemption)
 
     @property
     def num_tokens(self) -> int:

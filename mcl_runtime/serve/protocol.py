@@ -1,22 +1,35 @@
 """Request and response bodies of the OpenAI-compatible API.
 
-Requests accept unknown fields (OpenAI clients send more than this server uses); fields that would
-change the result but are not implemented are rejected in ``app.py`` with a 400, never ignored.
-Beyond OpenAI, ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are accepted (as vLLM does; with the
-``openai`` client pass them through ``extra_body``).
+A request field not declared here is answered with a 400 naming it (never ignored); declared fields
+that are not implemented (``logprobs``, ``tools``, ...) are refused in ``app.py``. Beyond OpenAI,
+vLLM's ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``,
+``ignore_eos`` and ``structured_outputs`` are accepted (with the ``openai`` client pass them through
+``extra_body``). Values are checked by the engine's ``SamplingParams``, once.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-TokenIds = list[int]
+TokenIds = list[StrictInt]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Request):
@@ -27,28 +40,35 @@ class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: StrictInt | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=64)
+    n: StrictInt = Field(default=1, ge=1, le=64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: int | None = None
-    stop_token_ids: list[int] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    response_format: ResponseFormat | None = None
+    top_k: StrictInt | None = None
+    min_p: float | None = None
+    min_tokens: StrictInt | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
 
@@ -65,9 +85,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
 
 
