@@ -8,8 +8,10 @@ import json
 import re
 
 import httpx
-import jsonschema
 import pytest
+
+pytest.importorskip("xgrammar", reason="structured outputs need xgrammar (not on the GPU image)")
+jsonschema = pytest.importorskip("jsonschema")
 
 from test_server import ServerProcess, client, server  # noqa: F401  (module-scoped fixtures: a server of our own)
 

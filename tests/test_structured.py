@@ -4,9 +4,11 @@ of a mixed batch keep their tokens; penalties, min_tokens and min_p against per-
 import json
 import re
 
-import jsonschema
 import pytest
 import torch
+
+pytest.importorskip("xgrammar", reason="structured outputs need xgrammar (not on the GPU image)")
+jsonschema = pytest.importorskip("jsonschema")
 
 from mcl_runtime import Engine, InvalidRequestError, SamplingParams
 from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir

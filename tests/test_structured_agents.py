@@ -4,6 +4,8 @@ import asyncio
 
 import pytest
 
+pytest.importorskip("xgrammar", reason="structured outputs need xgrammar (not on the GPU image)")
+
 from mcl_runtime import AsyncEngine, Engine
 from mcl_runtime.agents.datasets import load_problems
 from mcl_runtime.agents.formats import STEPS, answer_grammar, structured_output

@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Sequence as Seq
 
 import numpy as np
@@ -18,13 +19,15 @@ from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import ScheduledBatch, Scheduler
 from mcl_runtime.engine.seq_table import FINISH_REASONS, STOPPED, SequenceTable
 from mcl_runtime.engine.sequence import PENDING, Request, Sequence, Status
-from mcl_runtime.engine.structured import GrammarMasker, Grammars, accept
 from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
 from mcl_runtime.model.config import load_config
 from mcl_runtime.model.loader import load_model
 from mcl_runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mcl_runtime.engine.structured import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +117,14 @@ class Engine:
         self.adapter_manager.unload(name)
 
     @property
-    def grammars(self) -> Grammars:
-        """The compiler of structured-output constraints for this engine's tokenizer (built on first use)."""
+    def grammars(self) -> "Grammars":
+        """The compiler of structured-output constraints for this engine's tokenizer (built on first
+        use: xgrammar is imported only by engines that serve a constrained request)."""
         if self._grammars is None:
+            try:
+                from mcl_runtime.engine.structured import GrammarMasker, Grammars
+            except ImportError as exc:
+                raise InvalidRequestError(f"structured outputs need xgrammar, which could not be imported ({exc})") from exc
             self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
             self.runner.grammar = GrammarMasker(self.model.config.vocab_size)
         return self._grammars
@@ -235,7 +243,7 @@ class Engine:
         rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
         codes = self.table.record(rows, tokens)
         for i in np.flatnonzero(self.table.constrained[rows]).tolist():
-            if accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
+            if self._grammars.accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
                 codes[i] = STOPPED
         for i in np.flatnonzero(self.table.detok[rows]).tolist():
             if seqs[i].text.add(values[i]):

@@ -91,6 +91,15 @@ class Grammars:
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec))
 
+    @staticmethod
+    def accept(matcher: xgr.GrammarMatcher, token: int) -> bool:
+        """Advance ``matcher`` by the sampled ``token``; True when the constrained output is over
+        (its stop token accepted, or a token it cannot accept)."""
+        if not matcher.accept_token(token):
+            logger.warning("grammar matcher rejected token %d; ending the constrained sequence", token)
+            return True
+        return matcher.is_terminated()
+
 
 def _strict_strings(ebnf: str) -> str:
     """xgrammar 0.2.9 writes length-bounded JSON strings (minLength/maxLength) as ``[^"\\\r\n]{m,n}``,
@@ -110,15 +119,6 @@ def _compiler_message(exc: BaseException) -> str:
         if text.startswith("Check failed") and ": " in text:
             text = text.split(": ", 1)[1]
     return text
-
-
-def accept(matcher: xgr.GrammarMatcher, token: int) -> bool:
-    """Advance ``matcher`` by the sampled ``token``; True when the constrained output is over
-    (its stop token accepted, or a token it cannot accept)."""
-    if not matcher.accept_token(token):
-        logger.warning("grammar matcher rejected token %d; ending the constrained sequence", token)
-        return True
-    return matcher.is_terminated()
 
 
 class GrammarMasker:
