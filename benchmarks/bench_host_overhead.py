@@ -70,11 +70,16 @@ def parse_args() -> argparse.Namespace:
                    help="Engine(overlap=...) where the engine has the knob (auto: its default)")
     p.add_argument("--compare", default=None, metavar="REF", help="also measure git revision REF, side by side")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --compare subprocess
+    p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)  # its folders, written by us
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host overhead is serial)")
     return parse_with_smoke(p, dict(seqs=[1, 8], steps=4, warmup=1))
 
 
-def micro_model(root: Path, rank: int) -> tuple[Path, dict[str, Path]]:
+def micro_model(root: Path, rank: int, written: bool = False) -> tuple[Path, dict[str, Path]]:
+    """The micro model and its adapters under ``root`` (already there when ``written``: the
+    --compare subprocess runs an older package that may not write them the same way)."""
+    if written:
+        return root / "base", {f"a{i}": root / f"a{i}" for i in range(NUM_ADAPTERS)}
     base = write_model_folder(root / "base", MICRO)
     adapters = {f"a{i}": write_peft_adapter(root / f"a{i}", MICRO, rank=rank, seed=i, dtype=torch.float32)
                 for i in range(NUM_ADAPTERS)}
@@ -210,7 +215,7 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
 
 def run_all(args: argparse.Namespace, device: torch.device) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_host_") as tmp:
-        base, adapters = micro_model(Path(tmp), args.rank)
+        base, adapters = micro_model(args.model_dir or Path(tmp), args.rank, written=args.model_dir is not None)
         engine = build_engine(base, adapters, device, args)
         measure(engine, min(args.seqs), "generate", args, profile=False)  # warm-up
         results: dict[str, dict] = {}
@@ -239,9 +244,10 @@ def run_revision(ref: str, args: argparse.Namespace) -> dict:
         i = argv.index("--compare")
         del argv[i:i + 2]
         out = Path(tmp) / "result.json"
+        micro_model(Path(tmp) / "model", args.rank)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([tmp, str(ROOT / "benchmarks")])}
-        subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(out.parent)],
-                       env=env, check=True, cwd=tmp)
+        subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(out.parent),
+                        "--model-dir", str(Path(tmp) / "model")], env=env, check=True, cwd=tmp)
         return json.loads((out.parent / "host_overhead_json_only.json").read_text())
 
 

@@ -28,9 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 import torch
 
-from mcl_runtime.model.arch import BY_NAME, PROJECTION_NAMES
-from mcl_runtime.model.config import parse_config
-
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
     from mcl_runtime.engine.scheduler import ScheduledBatch
@@ -38,7 +35,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 GIB = 1 << 30
-ALL_LINEAR = PROJECTION_NAMES
 AGENTS = ("retrieval", "planning", "coding", "debugging")
 
 # config.json of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-32B-Instruct, as published.
@@ -102,19 +98,24 @@ def write_model_folder(folder: Path, cfg: dict) -> Path:
 
 def lora_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     """(in, out) of each LoRA-targetable projection of a config.json's contents."""
+    from mcl_runtime.model.config import parse_config  # imported late: bench_host_overhead --compare
+                                                       # imports this module over an older package
     return parse_config(cfg).projection_shapes()
 
 
 def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64, seed: int = 0,
-                       targets: tuple[str, ...] = ALL_LINEAR, dtype: torch.dtype = torch.bfloat16,
+                       targets: tuple[str, ...] | None = None, dtype: torch.dtype = torch.bfloat16,
                        device: torch.device | str = "cpu") -> Path:
     """A PEFT LoRA folder with random A and B (small values) on ``targets`` of every layer, drawn on
     ``device`` (a GPU draws a 7B adapter's 80 M values at once; the host would take seconds)."""
     from safetensors.torch import save_file
 
+    from mcl_runtime.model.arch import BY_NAME
+
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = lora_shapes(cfg)
+    targets = tuple(targets or shapes)
 
     def draw(*shape: int) -> torch.Tensor:
         return (torch.rand(*shape, generator=gen, device=device) - 0.5).mul_(0.02).to(dtype).cpu()
@@ -142,10 +143,11 @@ def weight_params(cfg: dict) -> int:
     return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * per_layer + h
 
 
-def lora_bytes(cfg: dict, rank: int, itemsize: int = 2, targets: tuple[str, ...] = ALL_LINEAR) -> int:
-    """Bytes of one adapter's A and B matrices (what a decode step reads for it)."""
+def lora_bytes(cfg: dict, rank: int, itemsize: int = 2, targets: tuple[str, ...] | None = None) -> int:
+    """Bytes of one adapter's A and B matrices (what a decode step reads for it); all projections
+    when ``targets`` is None."""
     shapes = lora_shapes(cfg)
-    return cfg["num_hidden_layers"] * sum(rank * (shapes[p][0] + shapes[p][1]) for p in targets) * itemsize
+    return cfg["num_hidden_layers"] * sum(rank * (shapes[p][0] + shapes[p][1]) for p in targets or shapes) * itemsize
 
 
 # ---- workloads --------------------------------------------------------------------------------
