@@ -42,10 +42,9 @@ class GrammarClock:
     """Wall and CPU seconds spent in the grammar hooks (bitmask fill + apply, token accepts)."""
 
     def __init__(self, engine) -> None:
-        import mcl_runtime.engine.llm_engine as llm_engine
-
         self.seconds = np.zeros(2)
-        masker, accept = engine.runner.grammar, llm_engine.accept
+        grammars = engine.grammars
+        masker, accept = engine.runner.grammar, grammars.accept
 
         def timed(fn):
             def wrapper(*args):
@@ -57,7 +56,7 @@ class GrammarClock:
             return wrapper
 
         engine.runner.grammar = timed(masker)
-        llm_engine.accept = timed(accept)
+        grammars.accept = timed(accept)
 
 
 def decode_steps(engine, batch: int, steps: int, constrained: bool, rng: np.random.Generator) -> list[np.ndarray]:
