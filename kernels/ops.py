@@ -7,7 +7,7 @@ and shapes are those of the wrapped functions in ``lora.py`` and ``attention.py`
 
 Inside an op the wrapper still plans its launch on the host (``lora_shrink`` picks ``split_k`` and
 allocates its partial sums when given none), which is what traced code cannot do itself.
-Eager code calls the wrappers directly (a custom op's dispatch costs several microseconds a call);
+Eager code calls the wrappers directly (it needs no tracing, so it skips the dispatcher's per-call work);
 the Triton backend switches to these ops while dynamo traces.
 """
 from __future__ import annotations
