@@ -7,7 +7,8 @@ A micro model (Qwen2, 1 layer, hidden 64, dummy weights, the demo tokenizer) wit
 plus the base model, so the forward pass is nearly free and the step time is the engine's own.
 For each number of running sequences: that many requests (adapters in turn, greedy, EOS ignored)
 are admitted and prefilled, then ``--steps`` decode steps are timed one by one (median). Two
-consumers: ``generate`` reads nothing until a request ends (what ``Engine.generate`` does),
+consumers: ``generate`` reads nothing until a request ends (what ``Engine.generate`` does, and
+like it asks ``step(finished_only=True)`` where the engine has that argument),
 ``stream`` reads every output's text after every step (what a streaming server does; its requests
 are added with ``stream=True`` where the engine has that argument).
 
@@ -179,17 +180,20 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
         else {}
     ids = [engine.add_request(None, torch.randint(0, 500, (args.prompt_len,), generator=gen).tolist(), params,
                               names[i % len(names)], **stream) for i in range(n)]
+    # generate asks for the finished requests only, as Engine.generate does (where the engine can)
+    finished_only = consumer == "generate" and "finished_only" in inspect.signature(engine.step).parameters
+    step_kwargs = {"finished_only": True} if finished_only else {}
     while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
-        consume(engine.step(), consumer)
+        consume(engine.step(**step_kwargs), consumer)
     for _ in range(args.warmup + 1):  # + 1: the step that samples after the last prefill
-        consume(engine.step(), consumer)
+        consume(engine.step(**step_kwargs), consumer)
     prof = Profile(engine) if profile else None
     times = []
     try:
         for _ in range(args.steps):
             synchronize(engine.device)
             t0 = time.perf_counter()
-            outs = engine.step()
+            outs = engine.step(**step_kwargs)
             t1 = time.perf_counter()
             consume(outs, consumer)
             synchronize(engine.device)

@@ -78,6 +78,9 @@ PYBIND11_MODULE(_C, m) {
         .def("append_tokens", [](BM& bm, int64_t seq_id, const py::sequence& token_ids) {
             return bm.append_tokens(seq_id, to_int64s(token_ids));
         }, py::arg("seq_id"), py::arg("token_ids"))
+        .def("append_one_each", [](BM& bm, const py::sequence& seq_ids, const py::sequence& tokens) {
+            return bm.append_one_each(to_int64s(seq_ids), to_int64s(tokens));
+        }, py::arg("seq_ids"), py::arg("tokens"))
         .def("fork", &BM::fork, py::arg("parent_id"), py::arg("child_id"))
         .def("free", &BM::free, py::arg("seq_id"))
         .def("pop_block_copies", &BM::pop_block_copies)

@@ -103,6 +103,16 @@ bool BlockManager::append_tokens(int64_t seq_id, const std::vector<int64_t>& tok
     return true;
 }
 
+int64_t BlockManager::append_one_each(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& tokens) {
+    if (seq_ids.size() != tokens.size()) throw std::invalid_argument("seq_ids and tokens differ in length");
+    std::vector<int64_t> token(1);
+    for (size_t i = 0; i < seq_ids.size(); ++i) {
+        token[0] = tokens[i];
+        if (!append_tokens(seq_ids[i], token)) return static_cast<int64_t>(i);
+    }
+    return static_cast<int64_t>(seq_ids.size());
+}
+
 void BlockManager::fork(int64_t parent_id, int64_t child_id) {
     if (seqs_.count(child_id)) throw std::invalid_argument("sequence " + std::to_string(child_id) + " already exists");
     Sequence child = seq(parent_id);

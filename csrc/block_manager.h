@@ -58,6 +58,8 @@ public:
 
     int64_t add_sequence(int64_t seq_id, const std::vector<int64_t>& token_ids, int64_t adapter_id);
     bool append_tokens(int64_t seq_id, const std::vector<int64_t>& token_ids);
+    // One token for each sequence, in order, until one does not fit; returns how many were appended.
+    int64_t append_one_each(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& tokens);
     void fork(int64_t parent_id, int64_t child_id);
     void free(int64_t seq_id);
     std::vector<std::pair<int32_t, int32_t>> pop_block_copies();

@@ -327,6 +327,9 @@ def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -
             s = rng.choice(live)
             n = 1 if rng.random() < 0.6 else rng.randrange(3 * block_size + 2)
             ops = [("append_tokens", s, [rng.randrange(6) for _ in range(n)])]
+        elif r < 0.66:  # one token each for a step's decodes, until one does not fit
+            batch = rng.sample(live, rng.randrange(1, len(live) + 1))
+            ops = [("append_one_each", batch, [rng.randrange(6) for _ in batch])]
         elif r < 0.82:
             batch = rng.sample(live, rng.randrange(1, len(live) + 1))
             ops = [("build_metadata", batch, [rng.randrange(min(ref.get_num_tokens(s), 4) + 1) for s in batch])]
@@ -339,7 +342,8 @@ def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -
         else:  # errors: unknown sequences, existing ids, bad lengths
             ops = [rng.choice([("free", next_id + 7), ("append_tokens", -3, [1]), ("fork", next_id + 1, live[0]),
                                ("add_sequence", live[0], [1, 2], 0), ("build_metadata", live[:1], [1, 1]),
-                               ("build_metadata", live[:1], [10**6]), ("get_block_table", -1)])]
+                               ("build_metadata", live[:1], [10**6]), ("get_block_table", -1),
+                               ("append_one_each", live[:1], []), ("append_one_each", [live[0], -3], [1, 1])])]
         for op in ops:
             cached_before = ref.num_cached_blocks
             outs = [call(bm, op) for bm in bms]
@@ -353,7 +357,7 @@ def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -
                 outs = [call(bm, op) for bm in bms]
                 assert all(o == outs[0] for o in outs[1:]), f"{op}: {outs}"
                 out = outs[0]
-            if op[0] == "append_tokens" and out is False:
+            if (op[0] == "append_tokens" and out is False) or (op[0] == "append_one_each" and out != len(op[1])):
                 seen["append_failures"] += 1
             if op[0] == "pop_block_copies":
                 seen["copies"] += len(out)

@@ -60,6 +60,19 @@ def test_n_completions_share_the_prompt(engine):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_step_finished_only_returns_the_ended_requests(engine):
+    params = [SamplingParams(max_tokens=k, ignore_eos=True) for k in (3, 7)] + [SamplingParams(max_tokens=5, n=2)]
+    expected = engine.generate([PROMPT, "x = 1\n", PROMPT], params, adapter=["coding", None, "planning"])
+    ids = [engine.add_request(None, p, sp, a) for p, sp, a in
+           zip([PROMPT, "x = 1\n", PROMPT], params, ["coding", None, "planning"])]
+    ended = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step(finished_only=True):
+            assert out.finished and out.request_id not in ended
+            ended[out.request_id] = out
+    assert [[o.token_ids for o in ended[i].outputs] for i in ids] == [[o.token_ids for o in e.outputs] for e in expected]
+
+
 def test_stop_strings_tokens_and_length(engine):
     base = engine.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True), adapter=["coding"])[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 24

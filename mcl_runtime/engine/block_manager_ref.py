@@ -172,6 +172,16 @@ class PyBlockManager:
                 self._on_block_full(seq)
         return True
 
+    def append_one_each(self, seq_ids: list[int], tokens: list[int]) -> int:
+        """``append_tokens(seq_ids[i], [tokens[i]])`` for each i in order until one returns False;
+        returns how many were appended (the decodes of a step in one call)."""
+        if len(seq_ids) != len(tokens):
+            raise ValueError("seq_ids and tokens differ in length")
+        for i, (seq_id, token) in enumerate(zip(seq_ids, tokens)):
+            if not self.append_tokens(seq_id, [token]):
+                return i
+        return len(seq_ids)
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (copy-on-write on its next append)."""
         if child_id in self._seqs:

@@ -189,9 +189,10 @@ class Engine:
         return bool(self._requests) or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Schedule and launch a step, then process the tokens of the step before it (overlap) or
-        of this one; returns the requests that progressed (cheap snapshots, text built when read).
+        of this one; returns the requests that progressed (cheap snapshots, text built when read),
+        or with ``finished_only`` only those that ended (what ``generate`` reads).
 
         A step that forks (its sequences multiply) or that masks a constrained row (the next mask
         depends on the token its matcher accepts) is processed at once, before the next step is
@@ -199,10 +200,10 @@ class Engine:
         batch = self.scheduler.schedule()
         launched = self._launch(batch) if batch.seqs else None
         previous, self._inflight = self._inflight, launched
-        outs = self._process(previous) if previous is not None else []
+        outs = self._process(previous, finished_only) if previous is not None else []
         if launched is not None and (not self.overlap or batch.forks or launched.constrained):
             self._inflight = None
-            outs += self._process(launched)
+            outs += self._process(launched, finished_only)
         if not self._requests:  # whatever is still in flight belongs to ended requests
             self._inflight = None
         if launched is None and previous is None:
@@ -218,29 +219,30 @@ class Engine:
         sampled = self.runner.run(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
-        sampled.positions = [len(s.token_ids) for s in sampled.seqs]
-        for seq, k in zip(sampled.seqs, (np.cumsum(sampled.counts) - sampled.counts).tolist()):
+        positions = sampled.positions
+        for k, seq in zip((np.cumsum(sampled.counts) - sampled.counts).tolist(), sampled.seqs):
+            positions.append(len(seq.token_ids))
             seq.token_ids.append(PENDING)
             seq.pending_row = k
-        self.table.num_sampled[[s.row for s in sampled.seqs]] += 1
+        self.table.num_sampled[sampled.rows] += 1
         return sampled
 
-    def _process(self, sampled: SampledTokens) -> list[RequestOutput]:
+    def _process(self, sampled: SampledTokens, finished_only: bool = False) -> list[RequestOutput]:
         """Record a launched step's tokens: values, finish checks (vectorised), grammar matchers and
         text only for the rows that have them."""
         tokens = sampled.host()
-        seqs, positions = sampled.seqs, sampled.positions
+        seqs, positions, rows = sampled.seqs, sampled.positions, sampled.rows
         if len(tokens) > len(seqs):
             seqs, positions = self._fork(sampled)
+            rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
         live = [i for i, s in enumerate(seqs) if s.status is not Status.FINISHED]
         if len(live) < len(seqs):
-            seqs, positions, tokens = [seqs[i] for i in live], [positions[i] for i in live], tokens[live]
+            seqs, positions, tokens, rows = [seqs[i] for i in live], [positions[i] for i in live], tokens[live], rows[live]
         if not seqs:
             return []
         values = tokens.tolist()
         for seq, p, t in zip(seqs, positions, values):
             seq.token_ids[p] = t
-        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
         codes = self.table.record(rows, tokens)
         for i in np.flatnonzero(self.table.constrained[rows]).tolist():
             if self._grammars.accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
@@ -249,13 +251,15 @@ class Engine:
             if seqs[i].text.add(values[i]):
                 codes[i] = STOPPED
         self._stats["generation_tokens_total"] += len(seqs)
-        for i in np.flatnonzero(codes).tolist():
+        ended = np.flatnonzero(codes).tolist()
+        for i in ended:
             seq = seqs[i]
             del seq.token_ids[positions[i] + 1:]   # a token launched after the end is dropped
             if seq.text is not None:
                 seq.text.finish()
             self.scheduler.finish(seq, FINISH_REASONS[int(codes[i])])
-        return [self._output(req) for req in dict.fromkeys(s.request for s in seqs)]
+        progressed = (seqs[i].request for i in ended) if finished_only else (s.request for s in seqs)
+        return [self._output(req) for req in dict.fromkeys(progressed) if req.finished or not finished_only]
 
     def _fork(self, sampled: SampledTokens) -> tuple[list[Sequence], list[int]]:
         """Sequences and token positions of each sample; a request's n first samples fork it."""
@@ -308,7 +312,7 @@ class Engine:
             bar = tqdm(total=n, desc="generate")
         try:
             while len(results) < n:
-                for out in self.step():
+                for out in self.step(finished_only=True):
                     if out.finished:
                         results[out.request_id] = out
                         if bar:

@@ -16,6 +16,8 @@ grammar matchers in one batched call.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -122,16 +124,17 @@ class ModelRunner:
         counts = samples[which]
         samplers = [seqs[i] for i in which]
         if not samplers:
-            return SampledTokens(samplers, counts, None)
+            return SampledTokens(samplers, np.zeros(0, np.int64), counts, None)
         rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
-        logits = self.model.compute_logits(hidden[self._to_device(rows)])
+        last = hidden[:len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
+        logits = self.model.compute_logits(last)
         table_rows = np.array(batch.rows, dtype=np.int64)[order][which]
         constrained = np.flatnonzero(np.repeat(batch.table.constrained[table_rows], counts))
         if len(constrained):
             owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
             self.grammar(logits, constrained.tolist(), [samplers[i].matcher for i in owners])
         tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts, prev))
-        return SampledTokens(samplers, counts, tokens, bool(len(constrained)))
+        return SampledTokens(samplers, table_rows, counts, tokens, bool(len(constrained)))
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)
@@ -141,8 +144,11 @@ class ModelRunner:
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
         returns (host cu_seqlens_q, ForwardContext, input ids, positions, host input ids)."""
         positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata([s.seq_id for s in seqs], num_new)
-        input_ids = np.fromiter((t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_computed:s.num_computed + n]),
-                                dtype=np.int64, count=len(positions))
+        if len(positions) == len(seqs):  # one token each (decodes)
+            input_ids = np.fromiter((s.token_ids[s.num_computed] for s in seqs), dtype=np.int64, count=len(seqs))
+        else:
+            input_ids = np.fromiter((t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_computed:s.num_computed + n]),
+                                    dtype=np.int64, count=len(positions))
         slots = np.array([s.slot for s in seqs], dtype=np.int64)
         num_new_arr = np.array(num_new, dtype=np.int64)
         B = len(seqs)
@@ -170,7 +176,8 @@ class ModelRunner:
         attn = AttentionMeta(
             slot_mapping=buf.view("slot_mapping", T), block_tables=buf.view("block_tables", nb),
             context_lens=buf.view("context_lens", nb), cu_seqlens_q=buf.view("cu_seqlens_q", nb + 1),
-            group_bounds=[int(b) for b in np.searchsorted(kinds, [0, 1, 2, 3])], max_q_len=max(num_new),
+            group_bounds=list(itertools.accumulate((kinds.count(0), kinds.count(1), kinds.count(2)), initial=0)),
+            max_q_len=max(num_new),
             max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
             context_lens_host=ctx_lens, cu_seqlens_q_host=cu, static=static)
         lora = None
@@ -187,19 +194,22 @@ class ModelRunner:
         """Per-sample parameters gathered from the table rows (repeated ``counts`` times); the n samples
         of a request's first step each get their completion's seed."""
         rep = np.repeat(rows, counts)
+        temps, top_ks, top_ps, min_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep], table.min_p[rep]
+        which, banned_ids = table.banned(rep)
+        all_greedy = not temps.any()
         seeds = table.seed[rep]
         if len(rep) > len(rows):
             starts = np.cumsum(counts) - counts
             for s, k, c in zip(samplers, starts, counts):
                 if c > 1:
                     seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
-        temps, top_ks, top_ps, min_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep], table.min_p[rep]
-        which, banned_ids = table.banned(rep)
-        return SamplingBatch(
+        sampled = None if all_greedy else dict(
             temperatures=self._to_device(temps), top_ks=self._to_device(top_ks), top_ps=self._to_device(top_ps),
             seeds=self._to_device(seeds), steps=self._to_device(table.num_sampled[rep]),
-            all_greedy=not temps.any(), any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()),
-            min_ps=self._to_device(min_ps) if min_ps.any() else None,
+            any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()),
+            min_ps=self._to_device(min_ps) if min_ps.any() else None)
+        return SamplingBatch(
+            all_greedy=all_greedy, **(sampled or {}),
             penalties=self._penalties(table, samplers, rows, counts, prev) if table.penalized(rows) else None,
             banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None)
 
@@ -224,12 +234,13 @@ class ModelRunner:
 
 
 class SampledTokens:
-    """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]``, in order. On CUDA
-    they are copied to the host without blocking; ``host()`` waits for that copy."""
+    """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]`` (``SequenceTable``
+    row ``rows[i]``), in order. On CUDA they are copied to the host without blocking; ``host()``
+    waits for that copy."""
 
-    def __init__(self, seqs: list[Sequence], counts: np.ndarray, tokens: torch.Tensor | None,
+    def __init__(self, seqs: list[Sequence], rows: np.ndarray, counts: np.ndarray, tokens: torch.Tensor | None,
                  constrained: bool = False) -> None:
-        self.seqs, self.counts, self.tokens = seqs, counts, tokens
+        self.seqs, self.rows, self.counts, self.tokens = seqs, rows, counts, tokens
         self.constrained = constrained   # a row was masked by a grammar: processed before the next launch
         self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None

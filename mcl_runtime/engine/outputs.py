@@ -80,23 +80,22 @@ class TextStream:
 class _Snapshot(CompletionOutput):
     """A ``CompletionOutput`` whose token ids and text are taken from its sequence when first read."""
 
+    __slots__ = ("_seq", "_tokenizer", "_end", "_text", "_text_at", "_token_ids")
+
     def __init__(self, seq: Sequence, tokenizer: Tokenizer) -> None:
-        self.index, self.finish_reason = seq.index, seq.finish_reason
-        self._seq, self._tokenizer = seq, tokenizer
-        self._token_ids: list[int] | None = None
-        self._text: str | None = None
-        self._text_at: tuple[int, int] | None = None
+        self.index, self.finish_reason, self._seq, self._tokenizer = seq.index, seq.finish_reason, seq, tokenizer
         ids = seq.token_ids
         end = len(ids)
         while ids[end - 1] == PENDING:
             end -= 1
-        self._end = end
+        self._end, self._token_ids = end, None
         stream = seq.text
-        if stream is not None:
-            if stream.final is not None:
-                self._text = stream.final
-            else:
-                self._text_at = (len(stream.pieces), stream.safe_len())
+        if stream is None:
+            self._text = self._text_at = None
+        elif stream.final is not None:
+            self._text, self._text_at = stream.final, None
+        else:
+            self._text, self._text_at = None, (len(stream.pieces), stream.safe_len())
 
     @property
     def token_ids(self) -> list[int]:

@@ -60,16 +60,25 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     return logits - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` (first maximum, NaN counts as the maximum); on the CPU through
+    NumPy, whose row argmax is several times faster than torch's."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of a step, built once on the host."""
-    temperatures: torch.Tensor   # [N] float32
-    top_ks: torch.Tensor         # [N] int64, vocab size when off
-    top_ps: torch.Tensor         # [N] float32
-    seeds: torch.Tensor          # [N] int64
-    steps: torch.Tensor          # [N] int64: output tokens so far (the sample's index)
+    """Per-row sampling parameters of a step, built once on the host. An all-greedy batch carries
+    only what greedy decoding reads (penalties and banned ids)."""
     all_greedy: bool
-    any_top_k_or_p: bool
+    temperatures: torch.Tensor | None = None    # [N] float32
+    top_ks: torch.Tensor | None = None          # [N] int64, vocab size when off
+    top_ps: torch.Tensor | None = None          # [N] float32
+    seeds: torch.Tensor | None = None           # [N] int64
+    steps: torch.Tensor | None = None           # [N] int64: output tokens so far (the sample's index)
+    any_top_k_or_p: bool = False
     min_ps: torch.Tensor | None = None          # [N] float32 when some row has min_p > 0
     penalties: Penalties | None = None          # when some row is penalized
     banned: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids) set to -inf: min_tokens
@@ -81,7 +90,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits[batch.banned] = float("-inf")
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = argmax(logits)
     if batch.all_greedy:
         return greedy_tokens
     temps = batch.temperatures.clamp(min=1e-5)[:, None]

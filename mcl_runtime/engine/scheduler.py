@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mcl_runtime.engine.adapter_manager import AdapterManager
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence, Status
@@ -35,6 +37,13 @@ class ScheduledBatch:
         else:
             req = seq.request
             self.samples.append(1 if req.params.n == 1 or req.forked else req.params.n)
+
+    def add_decodes(self, seqs: list[Sequence]) -> None:
+        """``add(seq, 1)`` for each of ``seqs``, sequences with one pending token (each samples)."""
+        self.seqs += seqs
+        self.num_new += [1] * len(seqs)
+        self.rows += [s.row for s in seqs]
+        self.samples += [1 if s.request.params.n == 1 or s.request.forked else s.request.params.n for s in seqs]
 
     @property
     def num_tokens(self) -> int:
@@ -77,21 +86,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(self.table)
         budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
-        prefills: list[Sequence] = []
-        for seq in list(self.running):
-            if budget <= 0:
-                break
-            if seq.status is not Status.RUNNING:   # preempted by an earlier sequence of this loop
-                continue
-            if len(seq.token_ids) - seq.num_computed != 1:
-                prefills.append(seq)
-            elif len(seq.token_ids) - seq.request.num_prompt_tokens >= seq.request.max_tokens:
-                continue   # its last token is still on the device; it ends when that is processed
-            elif self._reserve(seq, 1, scheduled):
-                batch.add(seq, 1)
-                scheduled.add(seq.seq_id)
-                budget -= 1
+        rows = np.fromiter((s.row for s in self.running), dtype=np.int64, count=len(self.running))
+        one_pending = [len(s.token_ids) - s.num_computed == 1 for s in self.running]
+        # A decode whose request has all its tokens launched waits for its last one to be processed.
+        launched_all = (self.table.num_sampled[rows] >= self.table.max_out[rows]).tolist()
+        decodes = [s for s, d, full in zip(self.running, one_pending, launched_all) if d and not full][:budget]
+        prefills = [s for s, d in zip(self.running, one_pending) if not d]
+        decodes = self._reserve_decodes(decodes)
+        batch.add_decodes(decodes)
+        budget -= len(decodes)
+        scheduled = {s.seq_id for s in decodes}
         for seq in prefills:
             if budget <= 0:
                 break
@@ -116,6 +120,20 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(no_slot))
         return batch
+
+    def _reserve_decodes(self, decodes: list[Sequence]) -> list[Sequence]:
+        """One KV slot for each decode, in order (one block-manager call while they fit); a decode
+        that does not fit preempts as ``_reserve`` does. Returns the decodes still running."""
+        done: list[Sequence] = []
+        while decodes:
+            k = self.bm.append_one_each([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
+            done += decodes[:k]
+            if k == len(decodes):
+                break
+            if self._reserve(decodes[k], 1, {s.seq_id for s in done}):
+                done.append(decodes[k])
+            decodes = [s for s in decodes[k + 1:] if s.status is Status.RUNNING]
+        return done
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently

@@ -93,6 +93,8 @@ class SequenceTable:
         """(index into ``rows``, token id) pairs to mask: the stop ids (EOS unless ignored, and
         stop_token_ids) of rows with fewer than min_tokens samples so far."""
         short = self.num_sampled[rows] < self.min_out[rows]
+        if not short.any():
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         ids = np.where(short[:, None], self.stop_ids[rows], -1)
         which, col = np.nonzero(ids >= 0)
         return which, ids[which, col]

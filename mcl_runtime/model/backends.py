@@ -87,12 +87,16 @@ class ForwardContext:
 
 def lora_segments(slots: np.ndarray, q_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Runs of equal adapter slot over sequences, as token offsets (host side)."""
-    starts_seq = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(slots) else np.zeros(0, np.int64)
-    cu = np.r_[0, np.cumsum(q_lens)]
-    seg_starts = np.r_[cu[starts_seq], cu[-1]].astype(np.int32)
-    seg_slots = slots[starts_seq].astype(np.int32)
-    max_len = int(np.diff(seg_starts).max()) if len(seg_slots) else 0
-    return seg_starts, seg_slots, max_len
+    if not len(slots):
+        return np.zeros(1, np.int32), np.zeros(0, np.int32), 0
+    change = np.empty(len(slots), dtype=bool)
+    change[0] = True
+    np.not_equal(slots[1:], slots[:-1], out=change[1:])
+    starts_seq = np.flatnonzero(change)
+    cu = np.zeros(len(q_lens) + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    seg_starts = np.append(cu[starts_seq], cu[-1]).astype(np.int32)
+    return seg_starts, slots[starts_seq].astype(np.int32), int(np.diff(seg_starts).max())
 
 
 # name -> "module:class"; modules are imported on first use (the triton one needs Triton).

@@ -37,13 +37,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x, ctx).split(self.qkv_proj.out_sizes, dim=-1)
-        q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
+        T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x, ctx)
+        qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)   # q and k heads side by side: one rotation
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+            qk = torch.cat((self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])), dim=1)
+        qk = apply_rope(qk, ctx.cos, ctx.sin)
+        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
         o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v)

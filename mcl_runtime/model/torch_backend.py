@@ -56,27 +56,32 @@ class TorchBackend:
         q_lens_h, ctx_h = np.diff(cu_h[b0:b1 + 1]), attn.context_lens_host[b0:b1]
         max_q = int(q_lens_h.max())
         from_scratch = not attn.static and bool((q_lens_h == ctx_h).all())
+        bs = attn.block_size
         if attn.static:
-            L = attn.block_tables.shape[1] * attn.block_size
+            L = attn.block_tables.shape[1] * bs
         else:
             L = max_q if from_scratch else int(ctx_h.max())
         t0, t1 = int(cu_h[b0]), int(cu_h[b1])
-        cu = attn.cu_seqlens_q[b0:b1 + 1].long()
-        q_lens, ctx = cu[1:] - cu[:-1], attn.context_lens[b0:b1].long()
-        seq_of_token = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), q_lens, output_size=t1 - t0)
-        idx_in_seq = torch.arange(t0, t1, device=dev) - cu[:-1][seq_of_token]
-        arange_q = torch.arange(max_q, device=dev)
+        ctx = attn.context_lens[b0:b1]
         key_pos = torch.arange(L, device=dev)
-        q_pos = arange_q[None, :] if from_scratch else ctx[:, None] - q_lens[:, None] + arange_q
-        allowed = key_pos[None, None, :] <= q_pos[:, :, None]
-        q_valid = arange_q[None, :] < q_lens[:, None]
-        mask = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)  # [b, max_q, L]
-        group = dict(t0=t0, t1=t1, seqs=b1 - b0, max_q=max_q, seq_of_token=seq_of_token,
-                     idx_in_seq=idx_in_seq, mask=mask, from_scratch=from_scratch)
+        group = dict(t0=t0, t1=t1, seqs=b1 - b0, max_q=max_q, from_scratch=from_scratch)
+        if max_q == 1:  # decodes: one query row per sequence, at position ctx - 1
+            group["masked"] = (key_pos[None, :] >= ctx[:, None])[None, :, None]        # [1, b, 1, L]
+        else:
+            cu = attn.cu_seqlens_q[b0:b1 + 1].long()
+            q_lens, ctx = cu[1:] - cu[:-1], ctx.long()
+            seq_of_token = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), q_lens, output_size=t1 - t0)
+            idx_in_seq = torch.arange(t0, t1, device=dev) - cu[:-1][seq_of_token]
+            arange_q = torch.arange(max_q, device=dev)
+            q_pos = arange_q[None, :] if from_scratch else ctx[:, None] - q_lens[:, None] + arange_q
+            allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+            q_valid = arange_q[None, :] < q_lens[:, None]
+            group["mask"] = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)  # [b, max_q, L]
+            group.update(seq_of_token=seq_of_token, idx_in_seq=idx_in_seq)
         if not from_scratch:
-            bs = attn.block_size
-            tables = attn.block_tables[b0:b1].long()
-            group["kv_index"] = (tables[:, key_pos // bs] * bs + key_pos % bs).reshape(-1)
+            blocks = -(-L // bs)
+            slots = attn.block_tables[b0:b1, :blocks].long().mul_(bs)[:, :, None] + torch.arange(bs, device=dev)
+            group["kv_index"] = slots.view(b1 - b0, blocks * bs)[:, :L].reshape(-1)
         return group
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -88,8 +93,11 @@ class TorchBackend:
                   attn: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
         (already stored), used directly when a group has no cached context."""
+        groups = attn.extra["groups"]   # at most three, fixed by the batch layout
+        if len(groups) == 1:
+            return self._attend_group(q, k, v, k_cache, v_cache, scale, groups[0])
         out = torch.empty_like(q)
-        for g in attn.extra["groups"]:  # at most three, fixed by the batch layout
+        for g in groups:
             out[g["t0"]:g["t1"]] = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
         return out
 
@@ -99,20 +107,21 @@ class TorchBackend:
         G = q.shape[1] // Hkv
         B, M = g["seqs"], g["max_q"]
         sl = slice(g["t0"], g["t1"])
-        where = (g["seq_of_token"], g["idx_in_seq"])
         keys, values = (self._kv_heads_first(new[sl], cache, g, name) for new, cache, name in
                         ((k, k_cache, "k"), (v, v_cache, "v")))
+        if M == 1:  # decodes: two small GEMMs beat SDPA's CPU kernel on one query row
+            q_heads = q[sl].view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
+            scores = torch.bmm(q_heads, keys.transpose(1, 2)).float().mul_(scale)
+            scores.view(Hkv, B, G, -1).masked_fill_(g["masked"], float("-inf"))
+            o = torch.bmm(scores.softmax(dim=-1).to(q.dtype), values)      # [Hkv * B, G, D]
+            return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, Hkv * G, D)
+        where = (g["seq_of_token"], g["idx_in_seq"])
         # Query heads of one KV head are folded into the query axis: [Hkv * B, G * M, D].
         q_pad = q.new_zeros(B, M, Hkv, G, D).index_put_(where, q[sl].view(-1, Hkv, G, D))
         q_pad = q_pad.permute(2, 0, 3, 1, 4).reshape(Hkv * B, G * M, D)
-        if M == 1:  # decodes: two small GEMMs beat SDPA's CPU kernel on one query row
-            scores = torch.bmm(q_pad, keys.transpose(1, 2)).float() * scale
-            scores.view(Hkv, B, G, -1).masked_fill_(~g["mask"][None], float("-inf"))
-            o = torch.bmm(scores.softmax(dim=-1).to(q.dtype), values)      # [Hkv * B, G, D]
-        else:
-            mask = g["mask"][:, None].expand(B, G, M, -1).reshape(1, B, G * M, -1)
-            o = F.scaled_dot_product_attention(q_pad.view(Hkv, B, G * M, D), keys.view(Hkv, B, -1, D),
-                                               values.view(Hkv, B, -1, D), attn_mask=mask, scale=scale)
+        mask = g["mask"][:, None].expand(B, G, M, -1).reshape(1, B, G * M, -1)
+        o = F.scaled_dot_product_attention(q_pad.view(Hkv, B, G * M, D), keys.view(Hkv, B, -1, D),
+                                           values.view(Hkv, B, -1, D), attn_mask=mask, scale=scale)
         o = o.view(Hkv, B, G, M, D).permute(1, 3, 0, 2, 4)                  # [B, M, Hkv, G, D]
         return o[where].reshape(-1, Hkv * G, D)
 
@@ -121,6 +130,8 @@ class TorchBackend:
         has no cached context, else gathered from the paged cache into reused buffers."""
         Hkv, D = cache.shape[2:]
         B = g["seqs"]
+        if g["from_scratch"] and g["max_q"] == 1:
+            return new.transpose(0, 1).reshape(Hkv * B, 1, D)
         if g["from_scratch"]:
             padded = new.new_zeros(B, g["max_q"], Hkv, D).index_put_((g["seq_of_token"], g["idx_in_seq"]), new)
             return padded.permute(2, 0, 1, 3).reshape(Hkv * B, g["max_q"], D)
@@ -135,7 +146,8 @@ class TorchBackend:
 
     def _lora_tiles(self, lora: LoRAMeta) -> dict:
         """Tiles of <= LORA_TILE tokens of one adapter each: token indices padded with the tile's
-        first token (the duplicates are dropped after the bmm), and each tile's slot."""
+        first token, a 0/1 weight per entry (0 on the padding, whose delta then adds nothing), and
+        each tile's slot."""
         keep = lora.seg_slots_host >= 0
         a, b = lora.seg_starts_host[:-1][keep], lora.seg_starts_host[1:][keep]
         n_tiles = -(-(b - a) // self.LORA_TILE)
@@ -148,34 +160,37 @@ class TorchBackend:
         index = np.where(valid, first[:, None] + offs[None, :], first[:, None])
         dev = lora.seg_starts.device
         return {"tile_index": torch.from_numpy(index.reshape(-1).astype(np.int64)).to(dev),
-                "tile_valid": torch.from_numpy(np.flatnonzero(valid.reshape(-1))).to(dev),
+                "tile_weight": None if valid.all() else torch.from_numpy(valid[:, :, None].astype(np.float32)).to(dev),
                 "tile_slots": torch.from_numpy(lora.seg_slots_host[keep][seg].astype(np.int64)).to(dev),
                 "tile_shape": (len(seg), len(offs))}
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
+        """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``, as one
+        gather + ``bmm`` per tile: ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
         if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
             slots = lora.token_slots.clamp(min=0).long()
-            gain = (lora.token_slots >= 0).to(x.dtype)[:, None, None]
-            for sl, delta in self._lora_deltas(x[:, None], slots, gain, mod.max_rank, mod):
-                y[:, sl] += delta
+            weight = (lora.token_slots >= 0).to(torch.float32)[:, None, None]
+            y += self._lora_delta(x[:, None], slots, weight, mod.max_rank, mod).view(y.shape)
             return
         ex = lora.extra
         n_tiles, width = ex["tile_shape"]
-        valid = ex["tile_valid"]
         xt = x.index_select(0, ex["tile_index"]).view(n_tiles, width, -1)
-        rows = ex["tile_index"].index_select(0, valid)
-        for sl, delta in self._lora_deltas(xt, ex["tile_slots"], 1.0, lora.max_rank, mod):
-            y[:, sl].index_add_(0, rows, delta.index_select(0, valid))
+        delta = self._lora_delta(xt, ex["tile_slots"], ex["tile_weight"], lora.max_rank, mod)
+        y.index_add_(0, ex["tile_index"], delta.view(n_tiles * width, -1))
 
     @staticmethod
-    def _lora_deltas(xt: torch.Tensor, slots: torch.Tensor, gain, r: int, mod):
-        """Per slice j: (output columns, ``scaling * xt @ A_j.T @ B_j.T`` as ``[tiles * width, N_j]``)
-        for tiles ``xt [tiles, width, H]`` of adapter ``slots [tiles]``, ranks cut at ``r``."""
+    def _lora_delta(xt: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor | None, r: int, mod) -> torch.Tensor:
+        """``scaling[slot] * weight * xt @ A[slot].T @ B[slot].T`` as ``[tiles, width, out]`` for tiles
+        ``xt [tiles, width, in]`` of adapter ``slots [tiles]``, each slice's rank cut at ``r``."""
         S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
-        n_tiles = xt.shape[0]
-        a = mod.lora_a.view(S, n, R, -1)[slots, :, :r].reshape(n_tiles, n * r, -1)
-        u = torch.bmm(xt, a.transpose(1, 2)) * (mod.scaling[slots].to(xt.dtype)[:, None, None] * gain)
-        for j in range(n):
-            sl = slice(mod.offsets[j], mod.offsets[j + 1])
-            b = mod.lora_b[slots, sl, :r]
-            yield sl, torch.bmm(u[:, :, j * r:(j + 1) * r], b.transpose(1, 2)).view(-1, sl.stop - sl.start)
+        a, b = mod.lora_a, mod.lora_b
+        if r < R:
+            a, b = a.view(S, n, R, -1)[:, :, :r].reshape(S, n * r, -1), b[:, :, :r]
+        u = torch.bmm(xt, a.index_select(0, slots).transpose(1, 2))
+        scale = mod.scaling.index_select(0, slots).to(xt.dtype).view(-1, 1, 1)
+        u.mul_(scale if weight is None else scale * weight.to(xt.dtype))
+        b = b.index_select(0, slots).transpose(1, 2)                          # [tiles, rank, out]
+        if n == 1:
+            return torch.bmm(u, b)
+        return torch.cat([torch.bmm(u[:, :, j * r:(j + 1) * r], b[:, :, mod.offsets[j]:mod.offsets[j + 1]])
+                          for j in range(n)], dim=-1)
