@@ -140,12 +140,15 @@ class IncrementalDetokenizer:
     text was already emitted (a few ids, so decoders that depend on neighbours, like SentencePiece's
     leading space, see them). Text is held back while the window's text ends with U+FFFD (a UTF-8
     character split across tokens, possibly completed by the next token); everything before that
-    run is emitted. When the text ends cleanly the window slides forward, so each step costs O(1)
-    except during a run of undecodable bytes. ``"".join(add(...) deltas) + flush()`` equals
-    ``tokenizer.decode(all_output_ids)``; call ``flush()`` when the sequence ends.
+    run is emitted. When the text ends cleanly and ``SLIDE_EVERY`` ids were added since the last
+    slide, the window slides forward (one more decode), so a step costs one decode of a short
+    window, 1 + 1 / SLIDE_EVERY on average, except during a run of undecodable bytes.
+    ``"".join(add(...) deltas) + flush()`` equals ``tokenizer.decode(all_output_ids)``; call
+    ``flush()`` when the sequence ends.
     """
 
     CONTEXT_TOKENS = 5
+    SLIDE_EVERY = 4
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
@@ -164,7 +167,7 @@ class IncrementalDetokenizer:
         stable = len(text.rstrip(REPLACEMENT_CHAR))
         delta = text[self._sent:stable]
         self._sent = max(self._sent, stable)
-        if stable == len(text):
+        if stable == len(text) and len(self._ids) - self._read >= self.SLIDE_EVERY:
             self._slide()
         return delta
 

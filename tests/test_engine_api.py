@@ -73,6 +73,18 @@ def test_step_finished_only_returns_the_ended_requests(engine):
     assert [[o.token_ids for o in ended[i].outputs] for i in ids] == [[o.token_ids for o in e.outputs] for e in expected]
 
 
+def test_n_is_bounded_by_max_num_seqs(engine):
+    """All n completions of a request run in one step: n > max_num_seqs is refused, and a request
+    is admitted only when its n completions fit beside the running ones."""
+    small = demo_engine(device="cpu", kv_cache_blocks=64, max_num_seqs=3)
+    with pytest.raises(InvalidRequestError, match="max_num_seqs=3"):
+        small.add_request(None, PROMPT, SamplingParams(n=4))
+    p = SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=3, ignore_eos=True)
+    outs = small.generate([PROMPT, "x = 1\n"], [p, SamplingParams(max_tokens=4)])
+    assert small.stats()["max_batch_size_seen"] <= 3
+    assert [o.token_ids for o in outs[0].outputs] == [o.token_ids for o in engine.generate([PROMPT], p)[0].outputs]
+
+
 def test_stop_strings_tokens_and_length(engine):
     base = engine.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True), adapter=["coding"])[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 24

@@ -2,11 +2,11 @@
 import numpy as np
 import torch
 
-from mcl_runtime.engine.step_buffers import StepBuffers
+from mcl_runtime.engine.step_buffers import StepBuffers, metadata_fields, sampling_fields
 
 
 def test_fields_round_trip_at_fixed_addresses() -> None:
-    buf = StepBuffers(max_tokens=8, max_seqs=3, max_blocks=4, device=torch.device("cpu"))
+    buf = StepBuffers(metadata_fields(max_tokens=8, max_seqs=3, max_blocks=4), torch.device("cpu"))
     pointers = None
     for step in range(2):
         slots = np.array([5, 2 ** 40 + step, 7], dtype=np.int64)
@@ -22,3 +22,15 @@ def test_fields_round_trip_at_fixed_addresses() -> None:
         now = [v.data_ptr() for v in views]
         assert pointers is None or now == pointers  # what a captured CUDA graph relies on
         pointers = now
+
+
+def test_sampling_fields_keep_their_dtypes() -> None:
+    buf = StepBuffers(sampling_fields(4), torch.device("cpu"))
+    temps, seeds = np.array([0.0, 0.7, 1.5], dtype=np.float32), np.array([-1, 2 ** 62, 3], dtype=np.int64)
+    buf.write("temperatures", temps)
+    buf.write("seeds", seeds)
+    buf.write("top_ks", np.array([5, 6, 7]))
+    buf.commit()
+    assert buf.view("temperatures", 3).dtype == torch.float32 and buf.view("temperatures", 3).tolist() == temps.tolist()
+    assert buf.view("seeds", 3).tolist() == seeds.tolist() and buf.view("top_ks", 3).tolist() == [5, 6, 7]
+    assert buf.capacity("seeds") == 4

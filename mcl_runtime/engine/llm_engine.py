@@ -155,6 +155,9 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequestError(f"n={params.n} completions exceed max_num_seqs={self.scheduler.max_num_seqs}, "
+                                      "the sequences one step can hold")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")

@@ -26,7 +26,7 @@ from mcl_runtime.engine.sampler import Penalties, SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import PENDING, Sequence
-from mcl_runtime.engine.step_buffers import StepBuffers
+from mcl_runtime.engine.step_buffers import StepBuffers, metadata_fields, sampling_fields
 from mcl_runtime.model.backends import AttentionMeta, Backend, ForwardContext, LoRAMeta, lora_segments
 from mcl_runtime.model.decoder import DecoderLM
 
@@ -53,7 +53,11 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.max_rank = model.lora_modules(0)["qkv_proj"].max_rank
         max_blocks = -(-max_model_len // block_manager.block_size)
-        self.buffers = StepBuffers(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks, self.device)
+        self.buffers = StepBuffers(metadata_fields(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks),
+                                   self.device)
+        # A step samples at most max_num_seqs tokens: the scheduler admits a request only when all
+        # n of its completions fit in max_num_seqs.
+        self.sampling_buffers = StepBuffers(sampling_fields(max_num_seqs), self.device)
         self.buckets = batch_buckets(max_num_seqs) if compile or cuda_graphs else []
         self.scratch_block = kv_cache.shape[2] - 1
         self.forward = self.model
@@ -191,27 +195,37 @@ class ModelRunner:
 
     def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
                         counts: np.ndarray, prev: torch.Tensor | None) -> SamplingBatch:
-        """Per-sample parameters gathered from the table rows (repeated ``counts`` times); the n samples
-        of a request's first step each get their completion's seed."""
+        """Per-sample parameters gathered from the table rows (repeated ``counts`` times); an
+        all-greedy step needs only its penalties and banned ids."""
         rep = np.repeat(rows, counts)
-        temps, top_ks, top_ps, min_ps = table.temperature[rep], table.top_k[rep], table.top_p[rep], table.min_p[rep]
         which, banned_ids = table.banned(rep)
-        all_greedy = not temps.any()
-        seeds = table.seed[rep]
-        if len(rep) > len(rows):
-            starts = np.cumsum(counts) - counts
-            for s, k, c in zip(samplers, starts, counts):
-                if c > 1:
-                    seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
-        sampled = None if all_greedy else dict(
-            temperatures=self._to_device(temps), top_ks=self._to_device(top_ks), top_ps=self._to_device(top_ps),
-            seeds=self._to_device(seeds), steps=self._to_device(table.num_sampled[rep]),
-            any_top_k_or_p=bool((top_ps < 1).any() or (top_ks < self.vocab_size).any()),
-            min_ps=self._to_device(min_ps) if min_ps.any() else None)
+        all_greedy = not table.temperature[rep].any()
         return SamplingBatch(
-            all_greedy=all_greedy, **(sampled or {}),
+            all_greedy=all_greedy, **({} if all_greedy else self._sampling_tensors(table, samplers, rep, counts)),
             penalties=self._penalties(table, samplers, rows, counts, prev) if table.penalized(rows) else None,
             banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None)
+
+    def _sampling_tensors(self, table: SequenceTable, samplers: list[Sequence], rep: np.ndarray,
+                          counts: np.ndarray) -> dict:
+        """Temperatures, top-k/p, min-p, seeds and sample indices through the sampling buffers (one
+        copy); the n samples of a request's first step each get their completion's seed."""
+        seeds = table.seed[rep]
+        if len(rep) > len(samplers):
+            for s, k, c in zip(samplers, np.cumsum(counts) - counts, counts):
+                if c > 1:
+                    seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
+        columns = dict(temperatures=table.temperature[rep], top_ps=table.top_p[rep], min_ps=table.min_p[rep],
+                       top_ks=table.top_k[rep], seeds=seeds, steps=table.num_sampled[rep])
+        buf = self.sampling_buffers
+        for name, column in columns.items():
+            buf.write(name, column)
+        buf.commit()
+        tensors = {name: buf.view(name, len(rep)) for name in columns}
+        if not columns["min_ps"].any():
+            tensors["min_ps"] = None
+        top_ps, top_ks = columns["top_ps"], columns["top_ks"]
+        tensors["any_top_k_or_p"] = bool((top_ps < 1).any() or (top_ks < self.vocab_size).any())
+        return tensors
 
     def _penalties(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray, counts: np.ndarray,
                    prev: torch.Tensor | None) -> Penalties:

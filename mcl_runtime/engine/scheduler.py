@@ -86,12 +86,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(self.table)
         budget = self.max_num_batched_tokens
-        rows = np.fromiter((s.row for s in self.running), dtype=np.int64, count=len(self.running))
-        one_pending = [len(s.token_ids) - s.num_computed == 1 for s in self.running]
+        running = list(self.running)
+        rows = np.fromiter((s.row for s in running), dtype=np.int64, count=len(running))
+        one_pending = [len(s.token_ids) - s.num_computed == 1 for s in running]
         # A decode whose request has all its tokens launched waits for its last one to be processed.
         launched_all = (self.table.num_sampled[rows] >= self.table.max_out[rows]).tolist()
-        decodes = [s for s, d, full in zip(self.running, one_pending, launched_all) if d and not full][:budget]
-        prefills = [s for s, d in zip(self.running, one_pending) if not d]
+        decodes = [s for s, d, full in zip(running, one_pending, launched_all) if d and not full][:budget]
+        prefills = [s for s, d in zip(running, one_pending) if not d]
+        unsampled = [running[i] for i in np.flatnonzero(self.table.num_sampled[rows] == 0)]
         decodes = self._reserve_decodes(decodes)
         batch.add_decodes(decodes)
         budget -= len(decodes)
@@ -107,7 +109,9 @@ class Scheduler:
                 scheduled.add(seq.seq_id)
                 budget -= n
         no_slot: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # A sequence that forks at its first sample needs room for all n completions.
+        seats = len(self.running) + sum(self._footprint(s) - 1 for s in unsampled if s.status is Status.RUNNING)
+        while self.waiting and budget > 0 and seats + self._footprint(self.waiting[0]) <= self.max_num_seqs:
             n = self._admit(self.waiting[0], budget)
             if n is None:  # every adapter slot is pinned: requests for resident adapters go first
                 no_slot.append(self.waiting.popleft())
@@ -118,8 +122,15 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+            seats += self._footprint(seq)
         self.waiting.extendleft(reversed(no_slot))
         return batch
+
+    @staticmethod
+    def _footprint(seq: Sequence) -> int:
+        """Running sequences ``seq`` becomes: its request's n completions if it has not forked yet."""
+        req = seq.request
+        return 1 if req.forked else req.params.n
 
     def _reserve_decodes(self, decodes: list[Sequence]) -> list[Sequence]:
         """One KV slot for each decode, in order (one block-manager call while they fit); a decode

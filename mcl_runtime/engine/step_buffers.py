@@ -1,50 +1,73 @@
-"""Persistent input and metadata buffers of a step: written on the host, copied in one transfer.
+"""Persistent input buffers of a step: written on the host, copied in one transfer.
 
-Every per-step array (token ids, positions, KV slots, per-token adapter slots, context lengths,
-query offsets, LoRA segments, block tables) has a fixed region of one int32 host buffer (pinned on
-CUDA; 64-bit fields take two int32 words each). ``commit()`` copies the whole buffer to its device
-twin in one host-to-device copy (on the CPU the device tensors are views of the host buffer: no
-copy), and the device views of a region never move, which is what a captured CUDA graph needs.
+A ``StepBuffers`` gives each field (a name, a shape of one or two dimensions, a dtype of 32 or 64
+bits) a fixed region of one int32 host buffer (pinned on CUDA; 64-bit fields take two words per
+entry, 8-byte aligned). ``commit()`` copies the whole buffer to its device twin in one host-to-device
+copy (on the CPU the device tensors are views of the host buffer: no copy), and the device views of
+a region never move, which is what a captured CUDA graph needs.
+
+The model runner keeps two: the step's metadata (``metadata_fields``: token ids, positions, KV
+slots, per-token adapter slots, context lengths, query offsets, LoRA segments, block tables) and
+the sampling parameters of its samples (``sampling_fields``), copied once each per step.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-_INT64_FIELDS = ("input_ids", "positions", "slot_mapping")
+Field = tuple[tuple[int, ...], torch.dtype]
+_NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
+
+
+def metadata_fields(max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, Field]:
+    return {"input_ids": ((max_tokens,), torch.int64), "positions": ((max_tokens,), torch.int64),
+            "slot_mapping": ((max_tokens,), torch.int64), "token_slots": ((max_tokens,), torch.int32),
+            "context_lens": ((max_seqs,), torch.int32), "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
+            "seg_starts": ((max_seqs + 1,), torch.int32), "seg_slots": ((max_seqs,), torch.int32),
+            "block_tables": ((max_seqs, max_blocks), torch.int32)}
+
+
+def sampling_fields(max_samples: int) -> dict[str, Field]:
+    """One entry per sample (a request's first step samples its ``n`` completions)."""
+    return {"temperatures": ((max_samples,), torch.float32), "top_ps": ((max_samples,), torch.float32),
+            "min_ps": ((max_samples,), torch.float32), "top_ks": ((max_samples,), torch.int64),
+            "seeds": ((max_samples,), torch.int64), "steps": ((max_samples,), torch.int64)}
 
 
 class StepBuffers:
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
-        self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
-        sizes = {"input_ids": 2 * max_tokens, "positions": 2 * max_tokens, "slot_mapping": 2 * max_tokens,
-                 "token_slots": max_tokens, "context_lens": max_seqs, "cu_seqlens_q": max_seqs + 1,
-                 "seg_starts": max_seqs + 1, "seg_slots": max_seqs, "block_tables": max_seqs * max_blocks}
-        self._regions, offset = {}, 0
-        for name, size in sizes.items():
-            self._regions[name] = (offset, size)
-            offset += size + size % 2  # keep 64-bit fields 8-byte aligned
+    def __init__(self, fields: dict[str, Field], device: torch.device) -> None:
+        self.fields = fields
+        self._regions: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, (shape, dtype) in fields.items():
+            words = int(np.prod(shape)) * dtype.itemsize // 4
+            self._regions[name] = (offset, words)
+            offset += words + words % 2  # keep every region 8-byte aligned
         cuda = device.type == "cuda"
         self.host = torch.zeros(offset, dtype=torch.int32, pin_memory=cuda)
         self.device_buf = torch.zeros(offset, dtype=torch.int32, device=device) if cuda else self.host
         self._np = self.host.numpy()
         self._copied: torch.cuda.Event | None = None   # the last commit's copy, which reads the host buffer
 
+    def capacity(self, name: str) -> int:
+        return self.fields[name][0][0]
+
+    def _region(self, buf, name: str, view):
+        off, words = self._regions[name]
+        shape, dtype = self.fields[name]
+        return view(buf[off:off + words], dtype).reshape(shape)
+
     def write(self, name: str, values: np.ndarray) -> None:
-        """``values`` into the start of region ``name`` (block tables: rows of ``max_blocks``). With
+        """``values`` into the start of field ``name`` (2-D fields: the leading rows and columns). With
         overlapped steps the previous step's copy may still be queued: it must read the buffer first."""
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
-        off, size = self._regions[name]
-        region = self._np[off:off + size]
-        if name in _INT64_FIELDS:
-            region.view(np.int64)[:len(values)] = values
-        elif name == "block_tables":
-            rows, width = values.shape
-            region.reshape(self.max_seqs, self.max_blocks)[:rows, :width] = values
-        else:
+        region = self._region(self._np, name, lambda a, dtype: a.view(_NUMPY[dtype]))
+        if region.ndim == 1:
             region[:len(values)] = values
+        else:
+            region[:values.shape[0], :values.shape[1]] = values
 
     def commit(self) -> None:
         if self.device_buf is not self.host:
@@ -53,11 +76,5 @@ class StepBuffers:
             self._copied.record()
 
     def view(self, name: str, n: int) -> torch.Tensor:
-        """The device tensor of the first ``n`` entries (block tables: ``n`` rows ``[n, max_blocks]``)."""
-        off, size = self._regions[name]
-        region = self.device_buf[off:off + size]
-        if name in _INT64_FIELDS:
-            return region.view(torch.int64)[:n]
-        if name == "block_tables":
-            return region.view(self.max_seqs, self.max_blocks)[:n]
-        return region[:n]
+        """The device tensor of the first ``n`` entries (2-D fields: ``n`` full rows)."""
+        return self._region(self.device_buf, name, lambda t, dtype: t.view(dtype))[:n]
