@@ -1,6 +1,6 @@
 """Issue #12: host overhead of one decode step (everything but the model's arithmetic).
 
-    python benchmarks/bench_host_overhead.py [--device cpu|cuda] [--seqs 1 32 256] [--compare REF]
+    python benchmarks/bench_host_overhead.py [--device cpu|cuda] [--seqs 1 32 256] [--compare REF] [--repeat K]
                                              [--smoke] [--out-dir DIR]
 
 A micro model (Qwen2, 1 layer, hidden 64, dummy weights, the demo tokenizer) with 4 LoRA adapters
@@ -21,7 +21,8 @@ headline ms/step from the plain pass.
 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
 ``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
-the same machine and prints both side by side with the ratio.
+the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
+tree and REF in turn) and reports the median per setting, with every round's value in the JSON.
 Writes benchmarks/results/host_overhead_<device>.json (--smoke: only with --out-dir).
 """
 from __future__ import annotations
@@ -70,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                    help="Engine(overlap=...) where the engine has the knob (auto: its default)")
     p.add_argument("--compare", default=None, metavar="REF", help="also measure git revision REF, side by side")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds (with --compare: this tree and REF in turn); ms/step is the median over rounds")
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --compare subprocess
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)  # its folders, written by us
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host overhead is serial)")
@@ -268,15 +271,30 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
         print(f"  {'':>13}  parts (profiled, ms): {parts}")
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from several rounds: the median ms/step per setting (and every round's value);
+    parts from the first round."""
+    merged = {**rounds[0], "results": {}}
+    for key, first in rounds[0]["results"].items():
+        values = [r["results"][key]["ms_per_step"] for r in rounds]
+        merged["results"][key] = {**first, "ms_per_step": statistics.median(values), "rounds_ms_per_step": values}
+    return merged
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args)
-    ours = run_all(args, device)
     if args.json_only:
-        save_result("host_overhead_json_only", ours, args.out_dir, False, announce=False)
+        save_result("host_overhead_json_only", run_all(args, device), args.out_dir, False, announce=False)
         return
-    ref = run_revision(args.compare, args) if args.compare else None
+    ours_rounds, ref_rounds = [], []
+    for _ in range(max(1, args.repeat)):   # interleaved, so that both see the same machine
+        ours_rounds.append(run_all(args, device))
+        if args.compare:
+            ref_rounds.append(run_revision(args.compare, args))
+    ours = merge_rounds(ours_rounds)
+    ref = merge_rounds(ref_rounds) if ref_rounds else None
     if ref:
         print_table(f"{args.compare} (before)", ref)
     print_table("this tree", ours, ref, args.compare or "")
@@ -285,6 +303,7 @@ def main() -> None:
                "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
                           "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
                           "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
+                          "rounds": max(1, args.repeat),
                           "consumers": {"generate": "reads outputs only when finished",
                                         "stream": "reads every output's text every step"}},
                "ours": ours}

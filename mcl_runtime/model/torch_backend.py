@@ -31,6 +31,8 @@ class TorchBackend:
         # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
+        self._tiles_key: tuple[bytes, bytes] | None = None   # the last step's LoRA segments and their tiles
+        self._tiles: dict = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = int(np.prod(shape))
@@ -44,7 +46,10 @@ class TorchBackend:
         bounds = attn.group_bounds
         attn.extra["groups"] = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
         if lora is not None and lora.token_slots is None:
-            lora.extra.update(self._lora_tiles(lora))
+            key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
+            if self._tiles_key != key:  # decode steps over the same sequences keep their segments
+                self._tiles_key, self._tiles = key, self._lora_tiles(lora)
+            lora.extra.update(self._tiles)
 
     @staticmethod
     def _group(attn: AttentionMeta, b0: int, b1: int) -> dict | None:
