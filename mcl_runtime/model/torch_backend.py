@@ -44,7 +44,10 @@ class TorchBackend:
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         bounds = attn.group_bounds
-        attn.extra["groups"] = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
+        groups = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
+        if groups and groups[0]["max_q"] == 1 and not attn.static and not groups[0]["from_scratch"]:
+            groups[:1] = self._split_decodes(attn, groups[0])
+        attn.extra["groups"] = groups
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._tiles_key != key:  # decode steps over the same sequences keep their segments
@@ -84,10 +87,31 @@ class TorchBackend:
             group["mask"] = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)  # [b, max_q, L]
             group.update(seq_of_token=seq_of_token, idx_in_seq=idx_in_seq)
         if not from_scratch:
-            blocks = -(-L // bs)
-            slots = attn.block_tables[b0:b1, :blocks].long().mul_(bs)[:, :, None] + torch.arange(bs, device=dev)
-            group["kv_index"] = slots.view(b1 - b0, blocks * bs)[:, :L].reshape(-1)
+            group["kv_index"] = _kv_index(attn.block_tables[b0:b1], L, bs)
         return group
+
+    # A decode group is split by context length when that pads at most SPLIT_GAIN of its keys.
+    SPLIT_GAIN = 0.8
+
+    def _split_decodes(self, attn: AttentionMeta, g: dict) -> list[dict]:
+        """The decode group as up to three groups of similar context lengths (fewer padded keys to
+        gather and multiply), each naming its rows; ``[g]`` when splitting would save little."""
+        ctx_h = attn.context_lens_host[:g["seqs"]]
+        order = np.argsort(ctx_h, kind="stable")
+        padded = [(sum(len(p) * int(ctx_h[p[-1]]) for p in parts), parts)
+                  for parts in (np.array_split(order, k) for k in (2, 3)) if all(len(p) for p in parts)]
+        if not padded or min(padded, key=lambda c: c[0])[0] > self.SPLIT_GAIN * len(ctx_h) * int(ctx_h.max()):
+            return [g]
+        dev = attn.context_lens.device
+        groups = []
+        for part in min(padded, key=lambda c: c[0])[1]:
+            rows = torch.from_numpy(np.sort(part)).to(dev)
+            L = int(ctx_h[part[-1]])
+            ctx = attn.context_lens.index_select(0, rows)
+            masked = (torch.arange(L, device=dev)[None, :] >= ctx[:, None])[None, :, None]
+            groups.append(dict(rows=rows, seqs=len(part), max_q=1, from_scratch=False, masked=masked,
+                               kv_index=_kv_index(attn.block_tables.index_select(0, rows), L, attn.block_size)))
+        return groups
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  attn: AttentionMeta) -> None:
@@ -98,12 +122,16 @@ class TorchBackend:
                   attn: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
         (already stored), used directly when a group has no cached context."""
-        groups = attn.extra["groups"]   # at most three, fixed by the batch layout
-        if len(groups) == 1:
+        groups = attn.extra["groups"]   # at most five, fixed by the batch layout
+        if len(groups) == 1 and "rows" not in groups[0]:
             return self._attend_group(q, k, v, k_cache, v_cache, scale, groups[0])
         out = torch.empty_like(q)
         for g in groups:
-            out[g["t0"]:g["t1"]] = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
+            o = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
+            if "rows" in g:
+                out.index_copy_(0, g["rows"], o)
+            else:
+                out[g["t0"]:g["t1"]] = o
         return out
 
     def _attend_group(self, q, k, v, k_cache, v_cache, scale: float, g: dict) -> torch.Tensor:
@@ -111,18 +139,18 @@ class TorchBackend:
         Hkv, D = k_cache.shape[2:]
         G = q.shape[1] // Hkv
         B, M = g["seqs"], g["max_q"]
-        sl = slice(g["t0"], g["t1"])
-        keys, values = (self._kv_heads_first(new[sl], cache, g, name) for new, cache, name in
+        keys, values = (self._kv_heads_first(new, cache, g, name) for new, cache, name in
                         ((k, k_cache, "k"), (v, v_cache, "v")))
+        q = q.index_select(0, g["rows"]) if "rows" in g else q[g["t0"]:g["t1"]]
         if M == 1:  # decodes: two small GEMMs beat SDPA's CPU kernel on one query row
-            q_heads = q[sl].view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
+            q_heads = q.view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
             scores = torch.bmm(q_heads, keys.transpose(1, 2)).float().mul_(scale)
             scores.view(Hkv, B, G, -1).masked_fill_(g["masked"], float("-inf"))
             o = torch.bmm(scores.softmax(dim=-1).to(q.dtype), values)      # [Hkv * B, G, D]
             return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, Hkv * G, D)
         where = (g["seq_of_token"], g["idx_in_seq"])
         # Query heads of one KV head are folded into the query axis: [Hkv * B, G * M, D].
-        q_pad = q.new_zeros(B, M, Hkv, G, D).index_put_(where, q[sl].view(-1, Hkv, G, D))
+        q_pad = q.new_zeros(B, M, Hkv, G, D).index_put_(where, q.view(-1, Hkv, G, D))
         q_pad = q_pad.permute(2, 0, 3, 1, 4).reshape(Hkv * B, G * M, D)
         mask = g["mask"][:, None].expand(B, G, M, -1).reshape(1, B, G * M, -1)
         o = F.scaled_dot_product_attention(q_pad.view(Hkv, B, G * M, D), keys.view(Hkv, B, -1, D),
@@ -131,10 +159,12 @@ class TorchBackend:
         return o[where].reshape(-1, Hkv * G, D)
 
     def _kv_heads_first(self, new: torch.Tensor, cache: torch.Tensor, g: dict, name: str) -> torch.Tensor:
-        """The group's keys (or values) as ``[Hkv * B, L, D]``: from the new tokens when the group
-        has no cached context, else gathered from the paged cache into reused buffers."""
+        """The group's keys (or values) as ``[Hkv * B, L, D]``: from the step's new ones (``new``) when
+        the group has no cached context, else gathered from the paged cache into reused buffers."""
         Hkv, D = cache.shape[2:]
         B = g["seqs"]
+        if g["from_scratch"]:
+            new = new[g["t0"]:g["t1"]]
         if g["from_scratch"] and g["max_q"] == 1:
             return new.transpose(0, 1).reshape(Hkv * B, 1, D)
         if g["from_scratch"]:
@@ -199,3 +229,11 @@ class TorchBackend:
             return torch.bmm(u, b)
         return torch.cat([torch.bmm(u[:, :, j * r:(j + 1) * r], b[:, :, mod.offsets[j]:mod.offsets[j + 1]])
                           for j in range(n)], dim=-1)
+
+
+def _kv_index(block_tables: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of the first ``L`` positions of each row's block table, ``[B * L]``."""
+    blocks = -(-L // block_size)
+    slots = block_tables[:, :blocks].long().mul_(block_size)[:, :, None] + torch.arange(block_size,
+                                                                                      device=block_tables.device)
+    return slots.view(len(block_tables), blocks * block_size)[:, :L].reshape(-1)
