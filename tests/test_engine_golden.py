@@ -79,6 +79,25 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
         assert engine.stats()["adapter_slot_loads"] >= len(adapters)
 
 
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
+def test_decodes_split_by_context_length_keep_the_tokens(family, monkeypatch):
+    """The torch backend splits decodes of spread-out context lengths into groups (LENGTHS spread
+    from 3 to 40); with splitting off (one padded group) the tokens are the same."""
+    from mcl_runtime.model.torch_backend import TorchBackend
+
+    name, base, adapters, ref = family
+    splits = []
+    split = TorchBackend._decode_split
+    monkeypatch.setattr(TorchBackend, "_decode_split", classmethod(
+        lambda cls, ctx: splits.append(split(ctx)) or splits[-1]))
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
+    assert any(parts is not None and len(parts) > 1 for parts in splits)
+    splits.clear()
+    monkeypatch.setattr(TorchBackend, "SPLIT_GAIN", 0.0)   # never worth splitting
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
+    assert splits and all(parts is None for parts in splits)
+
+
 def test_single_request_equals_batched(qwen_family):
     base, adapters = qwen_family
     engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", kv_cache_blocks=256)

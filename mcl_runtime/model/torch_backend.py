@@ -44,9 +44,10 @@ class TorchBackend:
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         bounds = attn.group_bounds
-        groups = [g for b0, b1 in zip(bounds, bounds[1:]) if (g := self._group(attn, b0, b1))]
-        if groups and groups[0]["max_q"] == 1 and not attn.static and not groups[0]["from_scratch"]:
-            groups[:1] = self._split_decodes(attn, groups[0])
+        parts = None if attn.static else self._decode_split(attn.context_lens_host[:bounds[1]])
+        groups = [self._decode_group(attn, part) for part in parts] if parts else []
+        first = 1 if parts else 0
+        groups += [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) if (g := self._group(attn, b0, b1))]
         attn.extra["groups"] = groups
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
@@ -90,28 +91,33 @@ class TorchBackend:
             group["kv_index"] = _kv_index(attn.block_tables[b0:b1], L, bs)
         return group
 
-    # A decode group is split by context length when that pads at most SPLIT_GAIN of its keys.
+    # The decodes are split by context length when that pads at most SPLIT_GAIN of their keys.
     SPLIT_GAIN = 0.8
 
-    def _split_decodes(self, attn: AttentionMeta, g: dict) -> list[dict]:
-        """The decode group as up to three groups of similar context lengths (fewer padded keys to
-        gather and multiply), each naming its rows; ``[g]`` when splitting would save little."""
-        ctx_h = attn.context_lens_host[:g["seqs"]]
-        order = np.argsort(ctx_h, kind="stable")
-        padded = [(sum(len(p) * int(ctx_h[p[-1]]) for p in parts), parts)
-                  for parts in (np.array_split(order, k) for k in (2, 3)) if all(len(p) for p in parts)]
-        if not padded or min(padded, key=lambda c: c[0])[0] > self.SPLIT_GAIN * len(ctx_h) * int(ctx_h.max()):
-            return [g]
+    @classmethod
+    def _decode_split(cls, ctx: np.ndarray) -> list[np.ndarray] | None:
+        """The decodes (contexts ``ctx``) as two or three sets of similar context length, or None
+        when one padded group costs little more (fewer padded keys to gather and multiply)."""
+        if len(ctx) < 2 or ctx.max() <= 1:
+            return None
+        order = np.argsort(ctx, kind="stable")
+        padded, parts = min(((sum(len(p) * int(ctx[p[-1]]) for p in parts), parts)
+                             for parts in (np.array_split(order, k) for k in (2, 3)) if all(len(p) for p in parts)),
+                            key=lambda c: c[0], default=(None, None))
+        if parts is None or padded > cls.SPLIT_GAIN * len(ctx) * int(ctx.max()):
+            return None
+        return [np.sort(p) for p in parts]
+
+    @staticmethod
+    def _decode_group(attn: AttentionMeta, seqs: np.ndarray) -> dict:
+        """Padded-attention metadata for the decodes ``seqs`` (token ``i`` is sequence ``i``'s)."""
         dev = attn.context_lens.device
-        groups = []
-        for part in min(padded, key=lambda c: c[0])[1]:
-            rows = torch.from_numpy(np.sort(part)).to(dev)
-            L = int(ctx_h[part[-1]])
-            ctx = attn.context_lens.index_select(0, rows)
-            masked = (torch.arange(L, device=dev)[None, :] >= ctx[:, None])[None, :, None]
-            groups.append(dict(rows=rows, seqs=len(part), max_q=1, from_scratch=False, masked=masked,
-                               kv_index=_kv_index(attn.block_tables.index_select(0, rows), L, attn.block_size)))
-        return groups
+        rows = torch.from_numpy(seqs.astype(np.int64)).to(dev)
+        L = int(attn.context_lens_host[seqs].max())
+        ctx = attn.context_lens.index_select(0, rows)
+        masked = (torch.arange(L, device=dev)[None, :] >= ctx[:, None])[None, :, None]
+        return dict(rows=rows, seqs=len(seqs), max_q=1, from_scratch=False, masked=masked,
+                    kv_index=_kv_index(attn.block_tables.index_select(0, rows), L, attn.block_size))
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  attn: AttentionMeta) -> None:
