@@ -13,7 +13,9 @@ class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
     Attention: the step's sequences form at most three padded groups with contiguous tokens
-    (decodes; prefill chunks without cached context; prefill chunks with cached context). Keys
+    (decodes; prefill chunks without cached context; prefill chunks with cached context); decodes
+    of spread-out context lengths are split further into up to three groups of similar length,
+    each naming its rows, so that fewer padded keys are gathered and multiplied. Keys
     come from the paged cache through ``index_select`` into reused buffers, or straight from the
     new tokens when the group has no cached context. The query heads sharing a KV head are folded
     into the query-length axis, so K/V are never repeated for GQA.
@@ -128,7 +130,7 @@ class TorchBackend:
                   attn: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
         (already stored), used directly when a group has no cached context."""
-        groups = attn.extra["groups"]   # at most five, fixed by the batch layout
+        groups = attn.extra["groups"]   # at most five: decodes (up to three), two kinds of prefill
         if len(groups) == 1 and "rows" not in groups[0]:
             return self._attend_group(q, k, v, k_cache, v_cache, scale, groups[0])
         out = torch.empty_like(q)
