@@ -61,22 +61,26 @@ class AsyncEngine:
         except Exception as exc:  # an engine bug: fail the running requests, keep serving
             for rid in list(self._streams):
                 self.engine.abort_request(rid)
-                self._deliver(rid, exc)
+            self._deliver([(rid, exc) for rid in list(self._streams)])
             return
         finally:
             self._stats = self.engine.stats()
             self._adapters = tuple(self.engine.adapters)
-        for out in outputs:
-            self._deliver(out.request_id, out)
+        self._deliver([(out.request_id, out) for out in outputs])
 
-    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        if isinstance(item, Exception) or item.finished:
-            del self._streams[request_id]
-        loop, q = stream
-        loop.call_soon_threadsafe(q.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, RequestOutput | Exception]]) -> None:
+        """Hand each item to its request's stream: one wake-up per event loop for the whole step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(item, Exception) or item.finished:
+                del self._streams[request_id]
+            loop, q = stream
+            by_loop.setdefault(loop, []).append((q, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -165,8 +169,13 @@ class AsyncEngine:
         def stop() -> None:
             for rid in list(self._streams):
                 self.engine.abort_request(rid)
-                self._deliver(rid, RuntimeError("the engine shut down"))
+            self._deliver([(rid, RuntimeError("the engine shut down")) for rid in list(self._streams)])
             self._stopped.set()
 
         self._call(stop).result(timeout=60)
         self._thread.join(timeout=60)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
