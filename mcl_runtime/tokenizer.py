@@ -113,7 +113,8 @@ class Tokenizer:
         """Text of ``ids``. Ids the tokenizer does not know (models often pad their embedding
         beyond the tokenizer's vocabulary) decode to nothing, as in transformers."""
         vocab = self.vocab_size
-        ids = [i for i in ids if 0 <= i < vocab]
+        if not isinstance(ids, list) or (ids and not 0 <= min(ids) <= max(ids) < vocab):
+            ids = [int(i) for i in ids if 0 <= i < vocab]
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
