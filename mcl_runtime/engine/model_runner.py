@@ -99,8 +99,11 @@ class ModelRunner:
         num_new = [batch.num_new[i] for i in order]
         self._copy_blocks()
         bucket = self._bucket(num_new)
-        cu, ctx, input_ids, positions, host_ids = self._prepare(seqs, num_new, sorted(kinds), bucket)
-        self._fill_pending(input_ids, host_ids, cu, seqs, prev)
+        cu, ctx, input_ids, positions, num_pending = self._prepare(seqs, num_new, sorted(kinds), bucket)
+        if num_pending:  # tokens not yet read back from the device: taken from the last step's samples
+            buf = self.buffers
+            input_ids.index_copy_(0, buf.view("pending_dst", num_pending),
+                                  prev.index_select(0, buf.view("pending_src", num_pending)))
         if bucket is None:
             self.backend.prepare(ctx.attn, ctx.lora)
             hidden = self.model(input_ids, positions, ctx)
@@ -109,16 +112,6 @@ class ModelRunner:
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
         return self._sample(hidden, batch, order, seqs, cu, prev)
-
-    def _fill_pending(self, input_ids: torch.Tensor, host_ids: np.ndarray, cu: np.ndarray, seqs: list[Sequence],
-                      prev: torch.Tensor | None) -> None:
-        """PENDING input ids (tokens not yet read back from the device) filled on the device from
-        the last step's samples, at each owner's ``pending_row``."""
-        pending = np.flatnonzero(host_ids == PENDING)
-        if len(pending):
-            owners = np.searchsorted(cu, pending, side="right") - 1
-            src = np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64, count=len(owners))
-            input_ids[self._to_device(pending)] = prev[self._to_device(src)]
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: list[int], seqs: list[Sequence],
@@ -146,7 +139,8 @@ class ModelRunner:
 
     def _prepare(self, seqs: list[Sequence], num_new: list[int], kinds: list[int], bucket: int | None):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
-        returns (host cu_seqlens_q, ForwardContext, input ids, positions, host input ids)."""
+        returns (host cu_seqlens_q, ForwardContext, input ids, positions, number of PENDING ids).
+        A PENDING id's row and its owner's ``pending_row`` go to ``pending_dst`` / ``pending_src``."""
         positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata([s.seq_id for s in seqs], num_new)
         if len(positions) == len(seqs):  # one token each (decodes)
             input_ids = np.fromiter((s.token_ids[s.num_computed] for s in seqs), dtype=np.int64, count=len(seqs))
@@ -170,6 +164,12 @@ class ModelRunner:
             seg_slots = np.r_[seg_slots, np.full(bucket - len(seg_slots), -1, np.int32)]
             kinds = [0] * bucket
         buf = self.buffers
+        pending = np.flatnonzero(input_ids == PENDING)
+        if len(pending):
+            owners = np.searchsorted(cu, pending, side="right") - 1
+            buf.write("pending_dst", pending)
+            buf.write("pending_src", np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64,
+                                                 count=len(owners)))
         for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
                              ("token_slots", token_slots), ("context_lens", ctx_lens), ("cu_seqlens_q", cu),
                              ("seg_starts", seg_starts), ("seg_slots", seg_slots), ("block_tables", tables)):
@@ -191,7 +191,7 @@ class ModelRunner:
                             self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
                             seg_starts, seg_slots, token_slots=buf.view("token_slots", T) if static else None)
         ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
-        return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), input_ids
+        return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), len(pending)
 
     def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
                         counts: np.ndarray, prev: torch.Tensor | None) -> SamplingBatch:

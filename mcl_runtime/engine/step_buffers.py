@@ -7,7 +7,8 @@ copy (on the CPU the device tensors are views of the host buffer: no copy), and 
 a region never move, which is what a captured CUDA graph needs.
 
 The model runner keeps two: the step's metadata (``metadata_fields``: token ids, positions, KV
-slots, per-token adapter slots, context lengths, query offsets, LoRA segments, block tables) and
+slots, per-token adapter slots, where PENDING input ids come from, context lengths, query offsets,
+LoRA segments, block tables) and
 the sampling parameters of its samples (``sampling_fields``), copied once each per step.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float3
 def metadata_fields(max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, Field]:
     return {"input_ids": ((max_tokens,), torch.int64), "positions": ((max_tokens,), torch.int64),
             "slot_mapping": ((max_tokens,), torch.int64), "token_slots": ((max_tokens,), torch.int32),
+            "pending_dst": ((max_tokens,), torch.int64), "pending_src": ((max_tokens,), torch.int64),
             "context_lens": ((max_seqs,), torch.int32), "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
             "seg_starts": ((max_seqs + 1,), torch.int32), "seg_slots": ((max_seqs,), torch.int32),
             "block_tables": ((max_seqs, max_blocks), torch.int32)}
