@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from mcl_runtime import Engine, ModelLoadError
 from mcl_runtime.model.config import parse_config
@@ -40,3 +41,16 @@ def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, model_fami
     with pytest.raises(ModelLoadError, match="sliding-window attention over 64 tokens.*max_model_len=64"):
         Engine(str(folder), device="cpu")
     assert Engine(str(folder), device="cpu", max_model_len=64, kv_cache_blocks=16).max_model_len == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_bit_identical_to_the_transformers_formula(dtype):
+    from mcl_runtime.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6, dtype, torch.device("cpu"))
+    norm.weight.copy_(torch.randn(96))
+    x = (3 * torch.randn(37, 96)).to(dtype)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * h.to(dtype))

@@ -261,8 +261,9 @@ class Engine:
             if seq.text is not None:
                 seq.text.finish()
             self.scheduler.finish(seq, FINISH_REASONS[int(codes[i])])
-        progressed = (seqs[i].request for i in ended) if finished_only else (s.request for s in seqs)
-        return [self._output(req) for req in dict.fromkeys(progressed) if req.finished or not finished_only]
+        if finished_only:
+            return [self._output(req) for req in dict.fromkeys(seqs[i].request for i in ended) if req.finished]
+        return [self._output(req) for req in dict.fromkeys(s.request for s in seqs)]
 
     def _fork(self, sampled: SampledTokens) -> tuple[list[Sequence], list[int]]:
         """Sequences and token positions of each sample; a request's n first samples fork it."""

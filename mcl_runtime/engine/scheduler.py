@@ -19,6 +19,13 @@ from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence, Status
 
 
+def completions(seq: Sequence) -> int:
+    """The running sequences ``seq`` stands for: its request's n until the request has forked
+    (at its first sample), then 1."""
+    req = seq.request
+    return 1 if req.forked else req.params.n
+
+
 @dataclass
 class ScheduledBatch:
     table: SequenceTable
@@ -32,18 +39,14 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new.append(n)
         self.rows.append(seq.row)
-        if seq.num_computed + n < len(seq.token_ids):
-            self.samples.append(0)
-        else:
-            req = seq.request
-            self.samples.append(1 if req.params.n == 1 or req.forked else req.params.n)
+        self.samples.append(0 if seq.num_computed + n < len(seq.token_ids) else completions(seq))
 
     def add_decodes(self, seqs: list[Sequence]) -> None:
         """``add(seq, 1)`` for each of ``seqs``, sequences with one pending token (each samples)."""
         self.seqs += seqs
         self.num_new += [1] * len(seqs)
         self.rows += [s.row for s in seqs]
-        self.samples += [1 if s.request.params.n == 1 or s.request.forked else s.request.params.n for s in seqs]
+        self.samples += [completions(s) for s in seqs]
 
     @property
     def num_tokens(self) -> int:
@@ -110,8 +113,8 @@ class Scheduler:
                 budget -= n
         no_slot: list[Sequence] = []
         # A sequence that forks at its first sample needs room for all n completions.
-        seats = len(self.running) + sum(self._footprint(s) - 1 for s in unsampled if s.status is Status.RUNNING)
-        while self.waiting and budget > 0 and seats + self._footprint(self.waiting[0]) <= self.max_num_seqs:
+        seats = len(self.running) + sum(completions(s) - 1 for s in unsampled if s.status is Status.RUNNING)
+        while self.waiting and budget > 0 and seats + completions(self.waiting[0]) <= self.max_num_seqs:
             n = self._admit(self.waiting[0], budget)
             if n is None:  # every adapter slot is pinned: requests for resident adapters go first
                 no_slot.append(self.waiting.popleft())
@@ -122,15 +125,9 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
-            seats += self._footprint(seq)
+            seats += completions(seq)
         self.waiting.extendleft(reversed(no_slot))
         return batch
-
-    @staticmethod
-    def _footprint(seq: Sequence) -> int:
-        """Running sequences ``seq`` becomes: its request's n completions if it has not forked yet."""
-        req = seq.request
-        return 1 if req.forked else req.params.n
 
     def _reserve_decodes(self, decodes: list[Sequence]) -> list[Sequence]:
         """One KV slot for each decode, in order (one block-manager call while they fit); a decode

@@ -51,9 +51,6 @@ class StepBuffers:
         self._np = self.host.numpy()
         self._copied: torch.cuda.Event | None = None   # the last commit's copy, which reads the host buffer
 
-    def capacity(self, name: str) -> int:
-        return self.fields[name][0][0]
-
     def _region(self, buf, name: str, view):
         off, words = self._regions[name]
         shape, dtype = self.fields[name]

@@ -74,13 +74,12 @@ class TorchBackend:
             L = max_q if from_scratch else int(ctx_h.max())
         t0, t1 = int(cu_h[b0]), int(cu_h[b1])
         ctx = attn.context_lens[b0:b1]
-        key_pos = torch.arange(L, device=dev)
         group = dict(t0=t0, t1=t1, seqs=b1 - b0, max_q=max_q, from_scratch=from_scratch)
         if max_q == 1:  # decodes: one query row per sequence, at position ctx - 1
-            group["masked"] = (key_pos[None, :] >= ctx[:, None])[None, :, None]        # [1, b, 1, L]
+            group["masked"] = _decode_mask(ctx, L)
         else:
             cu = attn.cu_seqlens_q[b0:b1 + 1].long()
-            q_lens, ctx = cu[1:] - cu[:-1], ctx.long()
+            q_lens, ctx, key_pos = cu[1:] - cu[:-1], ctx.long(), torch.arange(L, device=dev)
             seq_of_token = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), q_lens, output_size=t1 - t0)
             idx_in_seq = torch.arange(t0, t1, device=dev) - cu[:-1][seq_of_token]
             arange_q = torch.arange(max_q, device=dev)
@@ -103,10 +102,9 @@ class TorchBackend:
         if len(ctx) < 2 or ctx.max() <= 1:
             return None
         order = np.argsort(ctx, kind="stable")
-        padded, parts = min(((sum(len(p) * int(ctx[p[-1]]) for p in parts), parts)
-                             for parts in (np.array_split(order, k) for k in (2, 3)) if all(len(p) for p in parts)),
-                            key=lambda c: c[0], default=(None, None))
-        if parts is None or padded > cls.SPLIT_GAIN * len(ctx) * int(ctx.max()):
+        padded_keys = lambda parts: sum(len(p) * int(ctx[p[-1]]) for p in parts)  # noqa: E731
+        parts = min((np.array_split(order, k) for k in range(2, min(3, len(ctx)) + 1)), key=padded_keys)
+        if padded_keys(parts) > cls.SPLIT_GAIN * len(ctx) * int(ctx.max()):
             return None
         return [np.sort(p) for p in parts]
 
@@ -117,8 +115,7 @@ class TorchBackend:
         rows = torch.from_numpy(seqs.astype(np.int64)).to(dev)
         L = int(attn.context_lens_host[seqs].max())
         ctx = attn.context_lens.index_select(0, rows)
-        masked = (torch.arange(L, device=dev)[None, :] >= ctx[:, None])[None, :, None]
-        return dict(rows=rows, seqs=len(seqs), max_q=1, from_scratch=False, masked=masked,
+        return dict(rows=rows, seqs=len(seqs), max_q=1, from_scratch=False, masked=_decode_mask(ctx, L),
                     kv_index=_kv_index(attn.block_tables.index_select(0, rows), L, attn.block_size))
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -230,8 +227,8 @@ class TorchBackend:
         if r < R:
             a, b = a.view(S, n, R, -1)[:, :, :r].reshape(S, n * r, -1), b[:, :, :r]
         u = torch.bmm(xt, a.index_select(0, slots).transpose(1, 2))
-        scale = mod.scaling.index_select(0, slots).to(xt.dtype).view(-1, 1, 1)
-        u.mul_(scale if weight is None else scale * weight.to(xt.dtype))
+        scale = mod.scaling.index_select(0, slots).view(-1, 1, 1)   # float32, as the weights
+        u.mul_((scale if weight is None else scale * weight).to(xt.dtype))
         b = b.index_select(0, slots).transpose(1, 2)                          # [tiles, rank, out]
         if n == 1:
             return torch.bmm(u, b)
@@ -245,3 +242,8 @@ def _kv_index(block_tables: torch.Tensor, L: int, block_size: int) -> torch.Tens
     slots = block_tables[:, :blocks].long().mul_(block_size)[:, :, None] + torch.arange(block_size,
                                                                                       device=block_tables.device)
     return slots.view(len(block_tables), blocks * block_size)[:, :L].reshape(-1)
+
+
+def _decode_mask(ctx: torch.Tensor, L: int) -> torch.Tensor:
+    """``[1, B, 1, L]`` True at the key positions past each decode's context ``ctx [B]``."""
+    return (torch.arange(L, device=ctx.device)[None, :] >= ctx[:, None])[None, :, None]
