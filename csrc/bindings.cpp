@@ -1,10 +1,12 @@
-// mcl_runtime._C: Python bindings of the C++ block manager. Same interface, return types and
-// exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager.
+// mcl_runtime._C: Python bindings of the C++ block manager (same interface, return types and
+// exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager) and of the CPU paged-attention
+// kernel (wrapped for torch tensors by mcl_runtime.kernels.paged_attention_cpu).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "block_manager.h"
+#include "paged_attention.h"
 
 namespace py = pybind11;
 
@@ -39,10 +41,58 @@ py::tuple build_metadata(const mcl::BlockManager& bm, const py::sequence& seq_id
     return py::make_tuple(positions, slot_mapping, block_tables, context_lens, cu_seqlens_q);
 }
 
+// The checks that keep the kernel inside its buffers; the semantics are in paged_attention.h.
+void check(bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("paged_attention: " + what);
+}
+
+int64_t elem_stride(const py::array& a, int dim) { return a.strides(dim) / static_cast<int64_t>(a.itemsize()); }
+
+void paged_attention(py::array out, const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                     const py::array_t<int32_t, 0>& block_tables, const py::array_t<int32_t, 0>& context_lens,
+                     const py::array_t<int32_t, 0>& cu_seqlens_q, double scale, const std::string& dtype,
+                     int num_threads) {
+    const mcl::DType dt = dtype == "float32" ? mcl::DType::f32 : dtype == "float16" ? mcl::DType::f16
+                        : dtype == "bfloat16" ? mcl::DType::bf16 : throw py::type_error("paged_attention: dtype " + dtype);
+    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
+    for (const py::array* a : std::initializer_list<const py::array*>{&out, &q, &k_cache, &v_cache})
+        if (a->itemsize() != itemsize) throw py::type_error("paged_attention: q, caches and out must be " + dtype);
+    check(q.ndim() == 3 && out.ndim() == 3 && k_cache.ndim() == 4, "q, out [T, Hq, D], caches [N, bs, Hkv, D]");
+    check(k_cache.request().shape == v_cache.request().shape, "k_cache and v_cache shapes differ");
+    const int64_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
+    const int64_t N = k_cache.shape(0), bs = k_cache.shape(1), Hkv = k_cache.shape(2);
+    check(out.shape(0) == T && out.shape(1) == Hq && out.shape(2) == D, "out must have q's shape");
+    check(k_cache.shape(3) == D && Hkv > 0 && Hq % Hkv == 0, "head_dim or head counts do not match the cache");
+    check((k_cache.flags() & v_cache.flags() & py::array::c_style) != 0, "caches must be contiguous");
+    check(q.strides(2) == itemsize && out.strides(2) == itemsize, "q and out need unit stride along D");
+    check(out.writeable(), "out must be writeable");
+    const int64_t B = context_lens.shape(0), M = block_tables.ndim() == 2 ? block_tables.shape(1) : -1;
+    check(block_tables.ndim() == 2 && block_tables.shape(0) == B && cu_seqlens_q.shape(0) == B + 1 &&
+          (block_tables.flags() & context_lens.flags() & cu_seqlens_q.flags() & py::array::c_style) != 0,
+          "block_tables [B, M], context_lens [B], cu_seqlens_q [B + 1] (contiguous)");
+    const int32_t* cu = cu_seqlens_q.data();
+    const int32_t* ctx = context_lens.data();
+    const int32_t* table = block_tables.data();
+    check(cu[0] >= 0 && cu[B] <= T, "cu_seqlens_q out of the rows of q");
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t q_len = cu[b + 1] - cu[b];
+        check(q_len >= 0, "cu_seqlens_q must not decrease");
+        if (q_len == 0) continue;
+        check(ctx[b] >= 0 && ctx[b] <= M * bs, "context_lens[b] must be in [0, M * block_size]");
+        for (int64_t i = 0; i < (ctx[b] + bs - 1) / bs; ++i)
+            check(table[b * M + i] >= 0 && table[b * M + i] < N, "block_tables entry out of the cache");
+    }
+    const mcl::PagedAttentionArgs args{
+        out.mutable_data(), elem_stride(out, 0), elem_stride(out, 1), q.data(), elem_stride(q, 0), elem_stride(q, 1),
+        k_cache.data(), v_cache.data(), table, M, ctx, cu, B, Hq, Hkv, D, bs, static_cast<float>(scale)};
+    py::gil_scoped_release release;
+    mcl::paged_attention(args, dt, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "C++ paged KV block manager (see mcl_runtime/engine/block_manager_ref.py for the semantics)";
+    m.doc() = "C++ paged KV block manager (semantics: mcl_runtime/engine/block_manager_ref.py) and CPU paged attention";
 
     py::register_exception_translator([](std::exception_ptr p) {
         try {
@@ -51,6 +101,10 @@ PYBIND11_MODULE(_C, m) {
             py::set_error(PyExc_KeyError, e.what());
         }
     });
+
+    m.def("paged_attention", &paged_attention, py::arg("out"), py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"),
+          py::arg("scale"), py::arg("dtype"), py::arg("num_threads") = 1);
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

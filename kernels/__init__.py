@@ -1,5 +1,6 @@
 """Triton kernels (importable as ``mcl_runtime.kernels``): SGMV LoRA shrink/expand and paged attention,
-with plain torch references of each in ``reference``.
+with plain torch references of each in ``reference``; and ``paged_attention_cpu``, the C++ CPU
+paged attention of the ``mcl_runtime._C`` extension (``HAS_CPU_ATTENTION`` says whether it is built).
 
 Without Triton the package still imports; ``HAS_TRITON`` is then False and calling a Triton kernel
 raises a RuntimeError (the torch references keep working).
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .cpu import HAS_CPU_ATTENTION, paged_attention_cpu
 from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref,
                         paged_prefill_attention_ref, store_kv_ref)
 
 __all__ = [
-    "HAS_TRITON",
+    "HAS_TRITON", "HAS_CPU_ATTENTION", "paged_attention_cpu",
     "lora_shrink", "lora_expand", "lora_apply", "shrink_split_k",
     "paged_decode_attention", "paged_prefill_attention", "store_kv",
     "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",

@@ -1,4 +1,6 @@
-"""Paged attention kernels vs the torch references (Triton interpreter on CPU).
+"""Paged attention kernels vs the torch references: the Triton ones (interpreter on CPU) and the
+C++ CPU kernel (``paged_attention_cpu``, which has the prefill kernel's semantics and so also runs
+the decode cases with one query row per sequence).
 
 Tolerance rule (flash-attention style): the kernel's error against the fp32 reference must be at
 most twice the error of the same-dtype torch reference against it, plus a small atol. Cache slots
@@ -12,10 +14,28 @@ import random
 import pytest
 import torch
 
-from mcl_runtime.kernels import (paged_decode_attention, paged_decode_attention_ref, paged_prefill_attention,
-                                 paged_prefill_attention_ref, store_kv, store_kv_ref)
+from mcl_runtime.kernels import (HAS_CPU_ATTENTION, paged_attention_cpu, paged_decode_attention,
+                                 paged_decode_attention_ref, paged_prefill_attention, paged_prefill_attention_ref,
+                                 store_kv, store_kv_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_prefill(q, k_cache, v_cache, table, cu, ctx, scale, max_q_len):
+    return paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu.cpu(), ctx.cpu(),
+                               scale).to(q.device)
+
+
+def cpu_decode(q, k_cache, v_cache, table, ctx, scale, max_context_len, num_splits=None):
+    cu = torch.arange(len(ctx) + 1, dtype=torch.int32, device=ctx.device)
+    return cpu_prefill(q, k_cache, v_cache, table, cu, ctx, scale, 1)
+
+
+NO_CPU = pytest.mark.skipif(not HAS_CPU_ATTENTION, reason="the C++ extension mcl_runtime._C is not built")
+PREFILL_IMPLS = [pytest.param(paged_prefill_attention, id="triton"),
+                 pytest.param(cpu_prefill, id="cpu", marks=NO_CPU)]
+DECODE_IMPLS = [pytest.param(paged_decode_attention, id="triton"),
+                pytest.param(cpu_decode, id="cpu", marks=NO_CPU)]
 
 
 def dtype_id(d: torch.dtype) -> str:
@@ -54,12 +74,13 @@ def make_cache(context_lens: list[int], block_size: int, num_kv_heads: int, head
     return k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), table.to(DEVICE), ctx.to(DEVICE)
 
 
-def decode_case(dtype, head_dim, block_size, num_heads, num_kv_heads, context_lens, num_splits, seed=0):
+def decode_case(dtype, head_dim, block_size, num_heads, num_kv_heads, context_lens, num_splits, seed=0,
+                impl=paged_decode_attention):
     k_cache, v_cache, table, ctx = make_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(DEVICE, dtype)
     scale = head_dim ** -0.5
-    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale, max(context_lens), num_splits=num_splits)
+    out = impl(q, k_cache, v_cache, table, ctx, scale, max(context_lens), num_splits=num_splits)
     ref32 = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, ctx, scale)
     ref_lp = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, scale, compute_dtype=dtype)
     assert out.shape == q.shape and out.dtype == dtype
@@ -70,11 +91,12 @@ def decode_case(dtype, head_dim, block_size, num_heads, num_kv_heads, context_le
 CONFIGS = [(32, 4, 4, 2), (64, 16, 2, 2), (32, 16, 6, 2)]
 
 
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "D{}-bs{}-h{}-kv{}".format(*c))
-def test_decode(config, dtype: torch.dtype) -> None:
+def test_decode(config, dtype: torch.dtype, impl) -> None:
     head_dim, block_size, hq, hkv = config
-    out, ref32, ref_lp = decode_case(dtype, head_dim, block_size, hq, hkv, [1, 13, 37, 6], None)
+    out, ref32, ref_lp = decode_case(dtype, head_dim, block_size, hq, hkv, [1, 13, 37, 6], None, impl=impl)
     check_rule(out, ref32, ref_lp, "decode")
 
 
@@ -85,39 +107,43 @@ def test_decode_split_kv(num_splits: int) -> None:
     check_rule(out, ref32, ref_lp, f"decode split {num_splits}")
 
 
-def test_decode_zero_context_gives_zeros() -> None:
-    out, ref32, _ = decode_case(torch.float32, 32, 16, 2, 1, [0, 5], 2, seed=3)
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+def test_decode_zero_context_gives_zeros(impl) -> None:
+    out, ref32, _ = decode_case(torch.float32, 32, 16, 2, 1, [0, 5], 2, seed=3, impl=impl)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     torch.testing.assert_close(out[1], ref32[1], atol=1e-5, rtol=1e-5)
 
 
-def prefill_case(dtype, head_dim, block_size, num_heads, num_kv_heads, q_lens, context_lens, seed=0):
+def prefill_case(dtype, head_dim, block_size, num_heads, num_kv_heads, q_lens, context_lens, seed=0,
+                 impl=paged_prefill_attention):
     k_cache, v_cache, table, ctx = make_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(DEVICE, dtype)
     scale = head_dim ** -0.5
-    out = paged_prefill_attention(q, k_cache, v_cache, table, cu, ctx, scale, max(q_lens))
+    out = impl(q, k_cache, v_cache, table, cu, ctx, scale, max(q_lens))
     ref32 = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, cu, ctx, scale)
     ref_lp = paged_prefill_attention_ref(q, k_cache, v_cache, table, cu, ctx, scale, compute_dtype=dtype)
     assert out.shape == q.shape and out.dtype == dtype
     return out, ref32, ref_lp
 
 
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "D{}-bs{}-h{}-kv{}".format(*c))
-def test_prefill_chunked_with_decodes(config, dtype: torch.dtype) -> None:
+def test_prefill_chunked_with_decodes(config, dtype: torch.dtype, impl) -> None:
     """Decodes (q_len 1), a fresh prompt, chunks over a cached prefix, an empty sequence; lengths
     that are not multiples of the block or tile sizes."""
     head_dim, block_size, hq, hkv = config
     q_lens = [1, 1, 19, 7, 0, 3]
     context_lens = [9, 1, 19, 30, 4, 22]
-    out, ref32, ref_lp = prefill_case(dtype, head_dim, block_size, hq, hkv, q_lens, context_lens)
+    out, ref32, ref_lp = prefill_case(dtype, head_dim, block_size, hq, hkv, q_lens, context_lens, impl=impl)
     check_rule(out, ref32, ref_lp, "prefill")
 
 
-def test_prefill_non_power_of_two_head_dim() -> None:
-    out, ref32, ref_lp = prefill_case(torch.float32, 24, 8, 3, 1, [5, 12], [5, 20], seed=4)
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
+def test_prefill_non_power_of_two_head_dim(impl) -> None:
+    out, ref32, ref_lp = prefill_case(torch.float32, 24, 8, 3, 1, [5, 12], [5, 20], seed=4, impl=impl)
     check_rule(out, ref32, ref_lp, "prefill D=24")
 
 
@@ -218,3 +244,51 @@ def test_prefill_large_cuda(dtype: torch.dtype) -> None:
     context_lens = [300 + 7 * i for i in range(16)] + [512, 3000, 2000]
     out, ref32, ref_lp = prefill_case(dtype, 128, 16, 28, 4, q_lens, context_lens, seed=11)
     check_rule(out, ref32, ref_lp, "prefill cuda")
+
+
+@NO_CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
+    """q as a view of a fused projection (strided rows), written into the first rows of a bigger
+    ``out`` (the rest untouched); 1 and 3 threads give the same bits."""
+    q_lens, context_lens = [1, 1, 6, 1], [40, 3, 6, 77]
+    k_cache, v_cache, table, ctx = make_cache(context_lens, 16, 2, 16, dtype, seed=12)
+    cu = torch.tensor([0, 1, 2, 8, 9], dtype=torch.int32)
+    fused = torch.randn(9, 4 + 2 + 2, 16).to(dtype)
+    q = fused[:, :4]
+    ref32 = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, cu, ctx, 0.25)
+    ref_lp = paged_prefill_attention_ref(q, k_cache, v_cache, table, cu, ctx, 0.25, compute_dtype=dtype)
+    outs = []
+    for threads in (1, 3):
+        out = torch.full((12, 4, 16), 7.0, dtype=dtype)
+        paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu, ctx.cpu(), 0.25,
+                            out=out[:9], num_threads=threads)
+        assert torch.equal(out[9:], torch.full_like(out[9:], 7.0))
+        outs.append(out[:9])
+    check_rule(outs[0].to(DEVICE), ref32, ref_lp, "cpu strided")
+    assert torch.equal(outs[0], outs[1])
+
+
+@NO_CPU
+@pytest.mark.parametrize("change,exc", [
+    (lambda a: a.update(q=a["q"].half()), TypeError),
+    (lambda a: a.update(q=a["q"].double(), k_cache=a["k_cache"].double(), v_cache=a["v_cache"].double()), TypeError),
+    (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
+    (lambda a: a.update(q=a["q"][:, :3]), ValueError),
+    (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError),
+    (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError),
+    (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError),
+    (lambda a: a.update(context_lens=a["context_lens"] * 100), ValueError),
+    (lambda a: a.update(block_tables=a["block_tables"] + 1000), ValueError),
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
+], ids=["q-dtype", "float64", "head-dim", "heads-not-multiple", "q-strided-D", "block-tables-int64",
+        "batch-mismatch", "context-past-table", "block-out-of-cache", "cu-decreasing", "cu-past-q", "cache-shapes"])
+def test_cpu_bad_arguments_raise(change, exc) -> None:
+    k_cache, v_cache, table, ctx = make_cache([3, 5], 4, 2, 32, torch.float32, seed=9)
+    args = dict(q=torch.randn(2, 4, 32), k_cache=k_cache.cpu(), v_cache=v_cache.cpu(), block_tables=table.cpu(),
+                cu_seqlens_q=torch.arange(3, dtype=torch.int32), context_lens=ctx.cpu(), scale=0.1)
+    change(args)
+    with pytest.raises(exc):
+        paged_attention_cpu(**args)

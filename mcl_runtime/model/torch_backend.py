@@ -6,13 +6,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcl_runtime.kernels import HAS_CPU_ATTENTION, paged_attention_cpu
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
 
 class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
-    Attention: the step's sequences form at most three padded groups with contiguous tokens
+    Attention: on the CPU the decodes, and the prefill groups where that is cheaper, go to the C++
+    kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``; False
+    without the C++ extension). The rest form at most three padded groups with contiguous tokens
     (decodes; prefill chunks without cached context; prefill chunks with cached context); decodes
     of spread-out context lengths are split further into up to three groups of similar length,
     each naming its rows, so that fewer padded keys are gathered and multiplied. Keys
@@ -29,7 +32,8 @@ class TorchBackend:
     name = "torch"
     LORA_TILE = 128
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_attention: bool | None = None) -> None:
+        self.cpu_attention = HAS_CPU_ATTENTION if cpu_attention is None else cpu_attention
         # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
@@ -45,17 +49,57 @@ class TorchBackend:
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
-        bounds = attn.group_bounds
-        parts = None if attn.static else self._decode_split(attn.context_lens_host[:bounds[1]])
-        groups = [self._decode_group(attn, part) for part in parts] if parts else []
-        first = 1 if parts else 0
-        groups += [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) if (g := self._group(attn, b0, b1))]
-        attn.extra["groups"] = groups
+        on_cpu = self.cpu_attention and not attn.static and attn.context_lens.device.type == "cpu"
+        attn.extra["groups"] = self._kernel_groups(attn) if on_cpu else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._tiles_key != key:  # decode steps over the same sequences keep their segments
                 self._tiles_key, self._tiles = key, self._lora_tiles(lora)
             lora.extra.update(self._tiles)
+
+    def _padded_groups(self, attn: AttentionMeta) -> list[dict]:
+        bounds = attn.group_bounds
+        parts = None if attn.static else self._decode_split(attn.context_lens_host[:bounds[1]])
+        groups = [self._decode_group(attn, part) for part in parts] if parts else []
+        first = 1 if parts else 0
+        return groups + [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) if (g := self._group(attn, b0, b1))]
+
+    # The C++ kernel's cost per attended key, relative to SDPA's per padded key (SDPA multiplies
+    # padding and masked keys too, but in blocked GEMMs); measured on a 2-core EPYC. Below
+    # PADDED_SMALL padded (query, key) pairs the padded path's dozen ops cost more than either.
+    KERNEL_KEY_COST = 3
+    PADDED_SMALL = 1 << 16
+
+    def _kernel_groups(self, attn: AttentionMeta) -> list[dict]:
+        """The decodes, and each prefill group where that is cheaper, through the C++ kernel (one
+        call per run of consecutive such sequences); the other prefill groups padded."""
+        bounds, groups, lo = attn.group_bounds, [], 0
+        for i, (b0, b1) in enumerate(zip(bounds, bounds[1:])):
+            if i == 0 or self._kernel_cheaper(attn, b0, b1):
+                continue
+            if lo < b0:
+                groups.append(self._kernel_group(attn, lo, b0))
+            groups.append(self._group(attn, b0, b1))
+            lo = b1
+        if lo < bounds[-1]:
+            groups.append(self._kernel_group(attn, lo, bounds[-1]))
+        return groups
+
+    @classmethod
+    def _kernel_cheaper(cls, attn: AttentionMeta, b0: int, b1: int) -> bool:
+        if b0 == b1:
+            return True
+        q = np.diff(attn.cu_seqlens_q_host[b0:b1 + 1]).astype(np.int64)
+        ctx = attn.context_lens_host[b0:b1].astype(np.int64)
+        attended = int((q * (ctx - q) + q * (q + 1) // 2).sum())   # keys, summed over the query rows
+        max_q = int(q.max())
+        padded = (b1 - b0) * max_q * (max_q if (q == ctx).all() else int(ctx.max()))
+        return padded <= cls.PADDED_SMALL or cls.KERNEL_KEY_COST * attended <= padded
+
+    @staticmethod
+    def _kernel_group(attn: AttentionMeta, b0: int, b1: int) -> dict:
+        return dict(kernel=True, block_tables=attn.block_tables[b0:b1], context_lens=attn.context_lens[b0:b1],
+                    cu_seqlens_q=attn.cu_seqlens_q[b0:b1 + 1])
 
     @staticmethod
     def _group(attn: AttentionMeta, b0: int, b1: int) -> dict | None:
@@ -128,10 +172,14 @@ class TorchBackend:
         """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
         (already stored), used directly when a group has no cached context."""
         groups = attn.extra["groups"]   # at most five: decodes (up to three), two kinds of prefill
-        if len(groups) == 1 and "rows" not in groups[0]:
+        if len(groups) == 1 and "rows" not in groups[0] and "kernel" not in groups[0]:
             return self._attend_group(q, k, v, k_cache, v_cache, scale, groups[0])
         out = torch.empty_like(q)
         for g in groups:
+            if "kernel" in g:
+                paged_attention_cpu(q, k_cache, v_cache, g["block_tables"], g["cu_seqlens_q"], g["context_lens"],
+                                    scale, out=out)
+                continue
             o = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
             if "rows" in g:
                 out.index_copy_(0, g["rows"], o)
