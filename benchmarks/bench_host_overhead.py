@@ -17,7 +17,8 @@ A second, profiled pass splits the step: scheduling (``scheduler.schedule``), ru
 ``runner.run``), outputs (building ``RequestOutput``s and reading their text), and bookkeeping
 (the rest of ``Engine.step``: appending tokens, finish checks, detokenization where eager).
 The profiled pass is slower than the plain one (a timer per span); shares come from it, the
-headline ms/step from the plain pass.
+headline ms/step from the plain pass. ``dense_ms`` is the floor no engine avoids: the model's dense
+projections and LM head (``F.linear`` on its own weights, one row per sequence) timed alone.
 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
 ``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
@@ -172,6 +173,25 @@ def consume(outs: list, consumer: str) -> None:
                 out.outputs[0].text  # noqa: B018
 
 
+def dense_ms(engine: Engine, n: int, reps: int = 30) -> float:
+    """Median ms of the model's dense projections and LM head on ``n`` rows, nothing else."""
+    import torch.nn.functional as F
+
+    weights = [(m.weight, getattr(m, "bias", None)) for m in engine.model.modules()
+               if type(m).__name__ == "LinearWithLoRA"]
+    weights.append((engine.model.lm_head_weight, None))
+    xs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in weights}
+    times = []
+    for _ in range(reps + 3):
+        synchronize(engine.device)
+        t0 = time.perf_counter()
+        for w, b in weights:
+            F.linear(xs[w.shape[1]], w, b)
+        synchronize(engine.device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[3:])
+
+
 def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, profile: bool) -> dict:
     """Median ms per decode step (and mean parts when profiling) with ``n`` running sequences."""
     from mcl_runtime import SamplingParams
@@ -231,7 +251,8 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict:
                 plain = measure(engine, n, consumer, args, profile=False)
                 profiled = measure(engine, n, consumer, args, profile=True)
                 results[f"{consumer}/{n}"] = {**plain, "parts_ms": profiled["parts_ms"],
-                                              "profiled_ms_per_step": profiled["profiled_ms_per_step"]}
+                                              "profiled_ms_per_step": profiled["profiled_ms_per_step"],
+                                              "dense_ms": dense_ms(engine, n)}
     overlap = getattr(engine, "overlap", None)
     return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap,
             "results": results}
@@ -267,6 +288,8 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
         if other and key in other["results"]:
             o = other["results"][key]["ms_per_step"]
             line += f"   {other_label} {o:7.3f} ms/step   {o / r['ms_per_step']:5.2f}x faster"
+        if "dense_ms" in r:
+            line += f"   (dense GEMMs alone {r['dense_ms']:.2f} ms)"
         print(line)
         print(f"  {'':>13}  parts (profiled, ms): {parts}")
 

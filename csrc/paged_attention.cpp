@@ -3,18 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <thread>
 #include <vector>
 
 // The inner loops are compiled for AVX-512 and AVX2+FMA next to the baseline; the loader picks one
-// for the machine (GCC/Clang function multi-versioning on x86-64; elsewhere only the baseline).
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
+// for the machine (GCC >= 11 function multi-versioning on x86-64; elsewhere only the baseline).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MCL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-#endif
-#ifndef MCL_CLONES
+#else
 #define MCL_CLONES
 #endif
 #define MCL_INLINE inline __attribute__((always_inline))
@@ -125,6 +121,15 @@ MCL_INLINE void weighted_sum(float* acc, const float* p, const T* v, int64_t str
         for (int64_t d = d0; d < D; ++d) acc[d] += p[j] * to_float(v[j * stride + d]);
 }
 
+// Asks for the D elements of each of m rows (stride apart) to be brought into the cache: the next
+// block's rows while this one is computed, since blocks lie anywhere in a cache larger than L3.
+template <typename T>
+MCL_INLINE void prefetch_rows(const T* rows, int64_t m, int64_t stride, int64_t D) {
+    for (int64_t j = 0; j < m; ++j)
+        for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(rows + j * stride) + byte);
+}
+
 // Work items begin..end of (query row, KV head) pairs, item = row * Hkv + kv_head.
 template <typename T>
 MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t end) {
@@ -153,9 +158,13 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
             for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(qrow[g * a.q_stride_h + d]) * a.scale;
         scores.resize(G * n);
         const int32_t* table = a.block_tables + b * a.block_tables_stride;
+        const auto block = [&](const T* cache, int64_t t0) { return cache + (table[t0 / bs] * bs * Hkv + h) * D; };
+        prefetch_rows(block(k_cache, 0), std::min(bs, n), row_stride, D);
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
             const int64_t m = std::min(bs, n - t0);
-            const T* k = k_cache + (static_cast<int64_t>(table[t0 / bs]) * bs * Hkv + h) * D;
+            if (t0 + bs < n) prefetch_rows(block(k_cache, t0 + bs), std::min(bs, n - t0 - bs), row_stride, D);
+            prefetch_rows(block(v_cache, t0), m, row_stride, D);
+            const T* k = block(k_cache, t0);
             for (int64_t j = 0; j < m; ++j, k += row_stride)  // the block's keys, transposed: kt[d, j]
                 for (int64_t d = 0; d < D; ++d) kt[d * bs_pad + j] = to_float(k[d]);
             for (int64_t g = 0; g < G; ++g) scores_tile(&scores[g * n + t0], &qf[g * D], kt.data(), D, bs_pad, m);
@@ -170,7 +179,7 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
-            const T* v = v_cache + (static_cast<int64_t>(table[t0 / bs]) * bs * Hkv + h) * D;
+            const T* v = block(v_cache, t0);
             const int64_t m = std::min(bs, n - t0);
             for (int64_t g = 0; g < G; ++g) weighted_sum(&acc[g * D], &scores[g * n + t0], v, row_stride, D, m);
         }

@@ -18,8 +18,7 @@ def _array(t: torch.Tensor):
 
 def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                        scale: float, *, out: torch.Tensor | None = None,
-                        num_threads: int | None = None) -> torch.Tensor:
+                        scale: float, *, out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
     """``paged_prefill_attention``'s semantics on CPU tensors: sequence b owns query rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (q_len_b of them; 1 for a decode), row i of them sits at
     position ``p = context_lens[b] - q_len_b + i`` and
@@ -29,8 +28,10 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     contiguous, block_tables [B, M], cu_seqlens_q [B+1], context_lens [B] int32 contiguous; one
     float dtype throughout (float32, float16 or bfloat16; float32 scores and sums). Writes into
     ``out`` (q's shape and dtype, unit stride along D; new when None) and returns it; rows not
-    covered by cu_seqlens_q are left as they were. ``num_threads``: default torch's.
-    Bad arguments raise ValueError / TypeError.
+    covered by cu_seqlens_q are left as they were. ``num_threads`` > 1 splits the work over threads
+    of the kernel's own; right after a parallel torch op they compete with torch's OpenMP workers,
+    which spin for a while (measured slower than 1 thread on 2 cores, ``OMP_WAIT_POLICY=passive``
+    aside), hence the default of 1. Bad arguments raise ValueError / TypeError.
     """
     if not HAS_CPU_ATTENTION:
         raise RuntimeError("paged_attention_cpu needs the C++ extension mcl_runtime._C (built by "
@@ -44,6 +45,5 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if out is None:
         out = torch.empty_like(q)
     EXT.paged_attention(_array(out), _array(q), _array(k_cache), _array(v_cache), block_tables.numpy(),
-                        context_lens.numpy(), cu_seqlens_q.numpy(), float(scale), dtype,
-                        torch.get_num_threads() if num_threads is None else num_threads)
+                        context_lens.numpy(), cu_seqlens_q.numpy(), float(scale), dtype, num_threads)
     return out

@@ -81,9 +81,9 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
 def test_torch_decode_attention_keeps_the_tokens(family, monkeypatch):
-    """Without the C++ CPU attention the torch backend attends in padded groups and splits decodes
-    of spread-out context lengths into groups (LENGTHS spread from 3 to 40): the golden tokens, and
-    with splitting off (one padded group) the same."""
+    """Without the C++ CPU attention (the case with several torch threads) the torch backend
+    attends in padded groups and splits decodes of spread-out context lengths into groups (LENGTHS
+    spread from 3 to 40): the golden tokens, and with splitting off (one padded group) the same."""
     from mcl_runtime.model import torch_backend
     from mcl_runtime.model.torch_backend import TorchBackend
 
@@ -101,29 +101,47 @@ def test_torch_decode_attention_keeps_the_tokens(family, monkeypatch):
     assert splits and all(parts is None for parts in splits)
 
 
-@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
-def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, monkeypatch):
-    """On the CPU a step's decodes go to the C++ kernel and each prefill group to it or to the padded
-    path by cost; with the thresholds moved so that both kinds meet in steps (chunked prefill over
-    cached prefixes), the golden tokens."""
+@pytest.fixture
+def kernel_groups(monkeypatch):
+    """One torch thread (the torch backend then attends through the C++ CPU kernel); yields the
+    set of group kinds ("kernel" or not) of every step."""
     from mcl_runtime.model.torch_backend import HAS_CPU_ATTENTION, TorchBackend
 
     if not HAS_CPU_ATTENTION:
         pytest.skip("the C++ extension mcl_runtime._C is not built")
-    name, base, adapters, ref = family
-    kinds = []
-    kernel_groups = TorchBackend._kernel_groups
+    kinds, threads = [], torch.get_num_threads()
+    groups = TorchBackend._kernel_groups
 
     def recorded(self, attn):
-        groups = kernel_groups(self, attn)
-        kinds.append({"kernel" in g for g in groups})
-        return groups
+        out = groups(self, attn)
+        kinds.append({"kernel" in g for g in out})
+        return out
 
     monkeypatch.setattr(TorchBackend, "_kernel_groups", recorded)
-    monkeypatch.setattr(TorchBackend, "PADDED_SMALL", 0)
-    monkeypatch.setattr(TorchBackend, "KERNEL_KEY_COST", 1.5)
+    torch.set_num_threads(1)
+    try:
+        yield kinds
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_golden_through_the_cpu_attention_kernel(family, kernel_groups):
+    name, base, adapters, ref = family
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
+    assert kernel_groups and all(True in kinds for kinds in kernel_groups)
+
+
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
+def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, kernel_groups, monkeypatch):
+    """The decodes go to the C++ kernel and each prefill group to it or to the padded path by size;
+    with the threshold moved so that both kinds meet in steps (chunked prefill over cached
+    prefixes), the golden tokens."""
+    from mcl_runtime.model.torch_backend import TorchBackend
+
+    name, base, adapters, ref = family
+    monkeypatch.setattr(TorchBackend, "PADDED_SMALL", 150)
     assert _run(base, adapters, NAMES[name], block_size=4, max_num_batched_tokens=23, kv_cache_blocks=256)[0] == ref
-    assert {True, False} in kinds
+    assert {True, False} in kernel_groups
 
 
 def test_single_request_equals_batched(qwen_family):

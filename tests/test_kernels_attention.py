@@ -292,3 +292,22 @@ def test_cpu_bad_arguments_raise(change, exc) -> None:
     change(args)
     with pytest.raises(exc):
         paged_attention_cpu(**args)
+
+
+@NO_CPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cpu_16_bit_conversions_match_torch(dtype: torch.dtype) -> None:
+    """The kernel converts 16-bit floats by hand: two keys of equal score average their values, so
+    the output is ``((a + b) / 2).to(dtype)`` exactly as torch rounds it, for random bit patterns
+    (subnormals, overflow to inf and NaN included)."""
+    bits = torch.randint(-32768, 32768, (2, 1 << 14), generator=torch.Generator().manual_seed(13), dtype=torch.int32)
+    a, b = bits.to(torch.int16).view(dtype)
+    T = a.numel() // 16
+    v = torch.stack([a.view(T, 16), b.view(T, 16)], 1).view(T, 2, 1, 16)   # one block of two keys per row
+    k = torch.zeros_like(v)
+    out = paged_attention_cpu(torch.zeros(T, 1, 16, dtype=dtype), k, v, torch.arange(T, dtype=torch.int32)[:, None],
+                              torch.arange(T + 1, dtype=torch.int32), torch.full((T,), 2, dtype=torch.int32), 1.0)
+    expected = ((a.float() + b.float()) * 0.5).to(dtype).view(T, 1, 16)
+    same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan()) \
+        | ((out == 0) & (expected == 0))
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} differ"

@@ -13,9 +13,11 @@ from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
-    Attention: on the CPU the decodes, and the prefill groups where that is cheaper, go to the C++
-    kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``; False
-    without the C++ extension). The rest form at most three padded groups with contiguous tokens
+    Attention: on the CPU with one torch thread, the decodes and the small prefill groups go to the
+    C++ kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``;
+    False without the C++ extension). The kernel runs on one thread: with more, the padded path's
+    GEMMs use them all, and measured faster on 2 cores. The rest form at most three padded groups
+    with contiguous tokens
     (decodes; prefill chunks without cached context; prefill chunks with cached context); decodes
     of spread-out context lengths are split further into up to three groups of similar length,
     each naming its rows, so that fewer padded keys are gathered and multiplied. Keys
@@ -49,8 +51,9 @@ class TorchBackend:
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
-        on_cpu = self.cpu_attention and not attn.static and attn.context_lens.device.type == "cpu"
-        attn.extra["groups"] = self._kernel_groups(attn) if on_cpu else self._padded_groups(attn)
+        kernel = (self.cpu_attention and not attn.static and attn.context_lens.device.type == "cpu"
+                  and torch.get_num_threads() == 1)
+        attn.extra["groups"] = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._tiles_key != key:  # decode steps over the same sequences keep their segments
@@ -64,18 +67,16 @@ class TorchBackend:
         first = 1 if parts else 0
         return groups + [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) if (g := self._group(attn, b0, b1))]
 
-    # The C++ kernel's cost per attended key, relative to SDPA's per padded key (SDPA multiplies
-    # padding and masked keys too, but in blocked GEMMs); measured on a 2-core EPYC. Below
-    # PADDED_SMALL padded (query, key) pairs the padded path's dozen ops cost more than either.
-    KERNEL_KEY_COST = 3
+    # Prefill groups of at most this many padded (query, key) pairs go to the kernel too: there the
+    # padded path's dozen ops cost more than the arithmetic.
     PADDED_SMALL = 1 << 16
 
     def _kernel_groups(self, attn: AttentionMeta) -> list[dict]:
-        """The decodes, and each prefill group where that is cheaper, through the C++ kernel (one
-        call per run of consecutive such sequences); the other prefill groups padded."""
+        """The decodes and each small prefill group through the C++ kernel (one call per run of
+        consecutive such sequences); the other prefill groups padded."""
         bounds, groups, lo = attn.group_bounds, [], 0
         for i, (b0, b1) in enumerate(zip(bounds, bounds[1:])):
-            if i == 0 or self._kernel_cheaper(attn, b0, b1):
+            if i == 0 or self._small(attn, b0, b1):
                 continue
             if lo < b0:
                 groups.append(self._kernel_group(attn, lo, b0))
@@ -86,15 +87,13 @@ class TorchBackend:
         return groups
 
     @classmethod
-    def _kernel_cheaper(cls, attn: AttentionMeta, b0: int, b1: int) -> bool:
+    def _small(cls, attn: AttentionMeta, b0: int, b1: int) -> bool:
         if b0 == b1:
             return True
-        q = np.diff(attn.cu_seqlens_q_host[b0:b1 + 1]).astype(np.int64)
-        ctx = attn.context_lens_host[b0:b1].astype(np.int64)
-        attended = int((q * (ctx - q) + q * (q + 1) // 2).sum())   # keys, summed over the query rows
+        q = np.diff(attn.cu_seqlens_q_host[b0:b1 + 1])
+        ctx = attn.context_lens_host[b0:b1]
         max_q = int(q.max())
-        padded = (b1 - b0) * max_q * (max_q if (q == ctx).all() else int(ctx.max()))
-        return padded <= cls.PADDED_SMALL or cls.KERNEL_KEY_COST * attended <= padded
+        return (b1 - b0) * max_q * (max_q if (q == ctx).all() else int(ctx.max())) <= cls.PADDED_SMALL
 
     @staticmethod
     def _kernel_group(attn: AttentionMeta, b0: int, b1: int) -> dict:
