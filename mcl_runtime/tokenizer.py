@@ -115,6 +115,10 @@ class Tokenizer:
         vocab = self.vocab_size
         if not isinstance(ids, list) or (ids and not 0 <= min(ids) <= max(ids) < vocab):
             ids = [int(i) for i in ids if 0 <= i < vocab]
+        return self.decode_known(ids, skip_special_tokens)
+
+    def decode_known(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """``decode`` of a list of ids already known to be in the vocabulary (no range check)."""
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
@@ -154,7 +158,8 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids = list(prompt_ids)[-self.CONTEXT_TOKENS:]
+        self._vocab = tokenizer.vocab_size   # ids past it decode to nothing: they are dropped on the way in
+        self._ids = self._known(prompt_ids)[-self.CONTEXT_TOKENS:]
         context = self._decode(self._ids)
         if context.endswith(REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
             self._ids, context = [], ""
@@ -163,7 +168,7 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Append generated ids; return the text they complete (possibly empty)."""
-        self._ids.extend(new_ids)
+        self._ids.extend(self._known(new_ids))
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
         delta = text[self._sent:stable]
@@ -186,8 +191,12 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
         self._sent = len(self._decode(self._ids))
 
+    def _known(self, ids: Sequence[int]) -> list[int]:
+        vocab = self._vocab
+        return [int(i) for i in ids if 0 <= i < vocab]
+
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
+        return self._tokenizer.decode_known(ids, skip_special_tokens=self._skip) if ids else ""
 
 
 # ---------------------------------------------------------------- loading helpers

@@ -85,6 +85,9 @@ def test_special_tokens_and_ids(tok, hf_tok):
 def test_decode_drops_ids_beyond_the_tokenizer(tok, hf_tok):
     # Models may pad their embeddings beyond the tokenizer; such ids decode to nothing, as in transformers.
     assert tok.decode([72, 512, 105, 4000]) == hf_tok.decode([72, 512, 105, 4000]) == "Hi"
+    detok = IncrementalDetokenizer(tok, [600, 72])
+    streamed = "".join(detok.add([i]) for i in [512, 105, 4000, 72]) + detok.flush()
+    assert streamed == tok.decode([512, 105, 4000, 72]) == "iH"
 
 
 @pytest.mark.parametrize("messages", CHATS)
