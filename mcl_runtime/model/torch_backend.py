@@ -234,7 +234,8 @@ class TorchBackend:
     def _lora_tiles(self, lora: LoRAMeta) -> dict:
         """Tiles of <= LORA_TILE tokens of one adapter each: token indices padded with the tile's
         first token, a 0/1 weight per entry (0 on the padding, whose delta then adds nothing), and
-        each tile's slot."""
+        each tile's slot: a slice when the tiles' slots are consecutive (one tile per adapter, in
+        slot order: the weights are then a view, not a gather)."""
         keep = lora.seg_slots_host >= 0
         a, b = lora.seg_starts_host[:-1][keep], lora.seg_starts_host[1:][keep]
         n_tiles = -(-(b - a) // self.LORA_TILE)
@@ -246,9 +247,11 @@ class TorchBackend:
         valid = offs[None, :] < length[:, None]
         index = np.where(valid, first[:, None] + offs[None, :], first[:, None])
         dev = lora.seg_starts.device
+        slots = lora.seg_slots_host[keep][seg].astype(np.int64)
+        consecutive = bool((np.diff(slots) == 1).all())
         return {"tile_index": torch.from_numpy(index.reshape(-1).astype(np.int64)).to(dev),
                 "tile_weight": None if valid.all() else torch.from_numpy(valid[:, :, None].astype(np.float32)).to(dev),
-                "tile_slots": torch.from_numpy(lora.seg_slots_host[keep][seg].astype(np.int64)).to(dev),
+                "tile_slots": slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else torch.from_numpy(slots).to(dev),
                 "tile_shape": (len(seg), len(offs))}
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
@@ -266,17 +269,20 @@ class TorchBackend:
         y.index_add_(0, ex["tile_index"], delta.view(n_tiles * width, -1))
 
     @staticmethod
-    def _lora_delta(xt: torch.Tensor, slots: torch.Tensor, weight: torch.Tensor | None, r: int, mod) -> torch.Tensor:
+    def _lora_delta(xt: torch.Tensor, slots: torch.Tensor | slice, weight: torch.Tensor | None, r: int,
+                    mod) -> torch.Tensor:
         """``scaling[slot] * weight * xt @ A[slot].T @ B[slot].T`` as ``[tiles, width, out]`` for tiles
-        ``xt [tiles, width, in]`` of adapter ``slots [tiles]``, each slice's rank cut at ``r``."""
-        S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
-        a, b = mod.lora_a, mod.lora_b
+        ``xt [tiles, width, in]`` of adapter ``slots [tiles]`` (or a slice of consecutive slots), each
+        slice's rank cut at ``r``."""
+        n, R = mod.n_slices, mod.max_rank
+        pick = (lambda t: t[slots]) if isinstance(slots, slice) else (lambda t: t.index_select(0, slots))
+        a, b = pick(mod.lora_a), pick(mod.lora_b)
         if r < R:
-            a, b = a.view(S, n, R, -1)[:, :, :r].reshape(S, n * r, -1), b[:, :, :r]
-        u = torch.bmm(xt, a.index_select(0, slots).transpose(1, 2))
-        scale = mod.scaling.index_select(0, slots).view(-1, 1, 1)   # float32, as the weights
+            a, b = a.view(len(a), n, R, -1)[:, :, :r].reshape(len(a), n * r, -1), b[:, :, :r]
+        u = torch.bmm(xt, a.transpose(1, 2))
+        scale = pick(mod.scaling).view(-1, 1, 1)   # float32, as the weights
         u.mul_((scale if weight is None else scale * weight).to(xt.dtype))
-        b = b.index_select(0, slots).transpose(1, 2)                          # [tiles, rank, out]
+        b = b.transpose(1, 2)                                                  # [tiles, rank, out]
         if n == 1:
             return torch.bmm(u, b)
         return torch.cat([torch.bmm(u[:, :, j * r:(j + 1) * r], b[:, :, mod.offsets[j]:mod.offsets[j + 1]])
