@@ -247,6 +247,17 @@ def test_prefill_large_cuda(dtype: torch.dtype) -> None:
 
 
 @NO_CPU
+@pytest.mark.parametrize("block_size", [1, 5, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpu_block_sizes_and_head_dim_tail(dtype: torch.dtype, block_size: int) -> None:
+    """Block sizes below, between and above the kernel's 16-key tiles; D = 40 (16-wide chunks and
+    a tail of 8)."""
+    out, ref32, ref_lp = prefill_case(dtype, 40, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14,
+                                      impl=cpu_prefill)
+    check_rule(out, ref32, ref_lp, f"cpu bs{block_size}")
+
+
+@NO_CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
     """q as a view of a fused projection (strided rows), written into the first rows of a bigger

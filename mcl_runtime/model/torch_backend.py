@@ -17,13 +17,12 @@ class TorchBackend:
     C++ kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``;
     False without the C++ extension). The kernel runs on one thread: with more, the padded path's
     GEMMs use them all, and measured faster on 2 cores. The rest form at most three padded groups
-    with contiguous tokens
-    (decodes; prefill chunks without cached context; prefill chunks with cached context); decodes
-    of spread-out context lengths are split further into up to three groups of similar length,
-    each naming its rows, so that fewer padded keys are gathered and multiplied. Keys
-    come from the paged cache through ``index_select`` into reused buffers, or straight from the
-    new tokens when the group has no cached context. The query heads sharing a KV head are folded
-    into the query-length axis, so K/V are never repeated for GQA.
+    with contiguous tokens (decodes; prefill chunks without cached context; prefill chunks with
+    cached context); decodes of spread-out context lengths are split further into up to three
+    groups of similar length, each naming its rows, so that fewer padded keys are gathered and
+    multiplied. Keys come from the paged cache through ``index_select`` into reused buffers, or
+    straight from the new tokens when the group has no cached context. The query heads sharing a
+    KV head are folded into the query-length axis, so K/V are never repeated for GQA.
     LoRA: tokens of each adapter segment are cut into tiles of at most ``LORA_TILE`` tokens;
     one gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm").
     Static steps (``attn.static``, the compiled decode) keep every shape fixed by the bucket: the
