@@ -47,3 +47,17 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     EXT.paged_attention(_array(out), _array(q), _array(k_cache), _array(v_cache), block_tables.numpy(),
                         context_lens.numpy(), cu_seqlens_q.numpy(), float(scale), dtype, num_threads)
     return out
+
+
+@torch.library.custom_op("mcl::paged_attention_cpu", mutates_args=())
+def paged_attention_cpu_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """``paged_attention_cpu`` as an opaque op of a ``torch.compile`` graph (the compiled decode);
+    returns a new contiguous ``[T, Hq, D]``."""
+    return paged_attention_cpu(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                               out=torch.empty(q.shape, dtype=q.dtype))
+
+
+@paged_attention_cpu_op.register_fake
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> torch.Tensor:
+    return q.new_empty(q.shape)

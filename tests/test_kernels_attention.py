@@ -322,3 +322,17 @@ def test_cpu_16_bit_conversions_match_torch(dtype: torch.dtype) -> None:
     same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan()) \
         | ((out == 0) & (expected == 0))
     assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} differ"
+
+
+@NO_CPU
+def test_cpu_custom_op_for_compiled_graphs() -> None:
+    """``torch.ops.mcl.paged_attention_cpu`` (the compiled decode's attention): torch's op checks
+    (schema, fake implementation), and a fullgraph-compiled call equal to the eager kernel."""
+    from mcl_runtime.kernels.cpu import paged_attention_cpu_op
+
+    k_cache, v_cache, table, ctx = make_cache([7, 1, 20], 4, 2, 32, torch.float32, seed=15)
+    args = (torch.randn(3, 4, 32), k_cache.cpu(), v_cache.cpu(), table.cpu(), torch.arange(4, dtype=torch.int32),
+            ctx.cpu(), 0.2)
+    torch.library.opcheck(paged_attention_cpu_op, args)
+    compiled = torch.compile(lambda *a: paged_attention_cpu_op(*a) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), paged_attention_cpu(*args) * 2, rtol=0, atol=0)

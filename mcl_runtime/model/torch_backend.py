@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mcl_runtime.kernels import HAS_CPU_ATTENTION, paged_attention_cpu
+from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
 
@@ -16,7 +17,9 @@ class TorchBackend:
     Attention: on the CPU with one torch thread, the decodes and the small prefill groups go to the
     C++ kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``;
     False without the C++ extension). The kernel runs on one thread: with more, the padded path's
-    GEMMs use them all, and measured faster on 2 cores. The rest form at most three padded groups
+    GEMMs use them all, and measured faster on 2 cores. Static steps on the CPU (the compiled
+    decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``: it reads each
+    sequence's context length from the tensor, so the bucket's shapes need no mask over the table. The rest form at most three padded groups
     with contiguous tokens (decodes; prefill chunks without cached context; prefill chunks with
     cached context); decodes of spread-out context lengths are split further into up to three
     groups of similar length, each naming its rows, so that fewer padded keys are gathered and
@@ -26,8 +29,9 @@ class TorchBackend:
     LoRA: tokens of each adapter segment are cut into tiles of at most ``LORA_TILE`` tokens;
     one gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm").
     Static steps (``attn.static``, the compiled decode) keep every shape fixed by the bucket: the
-    decodes attend over the whole block-table width under a mask, and each token is its own LoRA
-    tile (base rows get gain 0), so nothing sized by a per-step host value enters the graph.
+    decodes attend through the kernel or, without it, over the whole block-table width under a
+    mask, and each token is its own LoRA tile (base rows get gain 0), so nothing sized by a
+    per-step host value enters the graph.
     """
 
     name = "torch"
@@ -50,8 +54,8 @@ class TorchBackend:
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
-        kernel = (self.cpu_attention and not attn.static and attn.context_lens.device.type == "cpu"
-                  and torch.get_num_threads() == 1)
+        kernel = (self.cpu_attention and attn.context_lens.device.type == "cpu"
+                  and (attn.static or torch.get_num_threads() == 1))
         attn.extra["groups"] = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
@@ -170,6 +174,10 @@ class TorchBackend:
         """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
         (already stored), used directly when a group has no cached context."""
         groups = attn.extra["groups"]   # at most five: decodes (up to three), two kinds of prefill
+        if torch.compiler.is_compiling() and "kernel" in groups[0]:   # a static step: one group
+            g = groups[0]
+            return paged_attention_cpu_op(q, k_cache, v_cache, g["block_tables"], g["cu_seqlens_q"],
+                                          g["context_lens"], scale)
         if len(groups) == 1 and "rows" not in groups[0] and "kernel" not in groups[0]:
             return self._attend_group(q, k, v, k_cache, v_cache, scale, groups[0])
         out = torch.empty_like(q)
