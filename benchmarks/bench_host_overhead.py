@@ -24,7 +24,10 @@ projections and LM head (``F.linear`` on its own weights, one row per sequence) 
 ``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
 the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
 tree and REF in turn) and reports the median per setting, with every round's value in the JSON.
-Writes benchmarks/results/host_overhead_<device>.json (--smoke: only with --out-dir).
+``--compile`` builds the engine with ``compile=True`` (the static decode path, one compiled graph
+per batch bucket; the first steps of each bucket compile, in the warm-up) and skips the profiled
+pass (its hooks would break the graph).
+Writes benchmarks/results/host_overhead_<device>[_compile].json (--smoke: only with --out-dir).
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --compare subprocess
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)  # its folders, written by us
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host overhead is serial)")
+    p.add_argument("--compile", action="store_true", help="Engine(compile=True); no profiled pass")
     return parse_with_smoke(p, dict(seqs=[1, 8], steps=4, warmup=1))
 
 
@@ -101,6 +105,8 @@ def build_engine(base: Path, adapters: dict[str, Path], device: torch.device, ar
                                                                      + 64) // 16 + 2))
     if args.overlap != "auto" and "overlap" in inspect.signature(Engine).parameters:
         kwargs["overlap"] = args.overlap == "on"
+    if args.compile:
+        kwargs["compile"] = True
     return Engine(**kwargs)
 
 
@@ -249,10 +255,9 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict:
         for consumer in CONSUMERS:
             for n in args.seqs:
                 plain = measure(engine, n, consumer, args, profile=False)
-                profiled = measure(engine, n, consumer, args, profile=True)
-                results[f"{consumer}/{n}"] = {**plain, "parts_ms": profiled["parts_ms"],
-                                              "profiled_ms_per_step": profiled["profiled_ms_per_step"],
-                                              "dense_ms": dense_ms(engine, n)}
+                if not args.compile:
+                    plain.update(measure(engine, n, consumer, args, profile=True), ms_per_step=plain["ms_per_step"])
+                results[f"{consumer}/{n}"] = {**plain, "dense_ms": dense_ms(engine, n)}
     overlap = getattr(engine, "overlap", None)
     return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap,
             "results": results}
@@ -283,7 +288,7 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
     print(f"\n{label}" + (f" vs {other_label}" if other else ""))
     for key, r in data["results"].items():
         parts = ", ".join(f"{p} {r['parts_ms'][p]:.2f} ({100 * r['parts_ms'][p] / r['profiled_ms_per_step']:.0f}%)"
-                          for p in PARTS)
+                          for p in PARTS if "parts_ms" in r)
         line = f"  {key:>13}: {r['ms_per_step']:7.3f} ms/step"
         if other and key in other["results"]:
             o = other["results"][key]["ms_per_step"]
@@ -291,7 +296,8 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
         if "dense_ms" in r:
             line += f"   (dense GEMMs alone {r['dense_ms']:.2f} ms)"
         print(line)
-        print(f"  {'':>13}  parts (profiled, ms): {parts}")
+        if parts:
+            print(f"  {'':>13}  parts (profiled, ms): {parts}")
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -326,6 +332,7 @@ def main() -> None:
                "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
                           "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
                           "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
+                          "compile": args.compile,
                           "rounds": max(1, args.repeat),
                           "consumers": {"generate": "reads outputs only when finished",
                                         "stream": "reads every output's text every step"}},
@@ -334,7 +341,7 @@ def main() -> None:
         payload["before"] = {"revision": args.compare, **ref}
         payload["speedup"] = {k: ref["results"][k]["ms_per_step"] / r["ms_per_step"]
                               for k, r in ours["results"].items() if k in ref["results"]}
-    save_result(f"host_overhead_{device.type}", payload, args.out_dir, args.smoke)
+    save_result(f"host_overhead_{device.type}{'_compile' if args.compile else ''}", payload, args.out_dir, args.smoke)
 
 
 if __name__ == "__main__":
