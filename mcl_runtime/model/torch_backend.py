@@ -15,9 +15,10 @@ class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
     Attention: on the CPU with one torch thread, the decodes and the small prefill groups go to the
-    C++ kernel ``paged_attention_cpu``, which reads the paged cache in place (``cpu_attention``;
-    False without the C++ extension). The kernel runs on one thread: with more, the padded path's
-    GEMMs use them all, and measured faster on 2 cores. Static steps on the CPU (the compiled
+    C++ kernel ``paged_attention_cpu``, which reads the paged cache in place. The kernel runs on one
+    thread: with more, the padded path's GEMMs use them all (``bench_engine_cpu.py`` measures both
+    at 2 threads). ``cpu_attention``: None for that rule, True for the kernel at any thread count,
+    False for never (always False without the C++ extension). Static steps on the CPU (the compiled
     decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``: it reads each
     sequence's context length from the tensor, so the bucket's shapes need no mask over the table. The rest form at most three padded groups
     with contiguous tokens (decodes; prefill chunks without cached context; prefill chunks with
@@ -38,7 +39,7 @@ class TorchBackend:
     LORA_TILE = 128
 
     def __init__(self, cpu_attention: bool | None = None) -> None:
-        self.cpu_attention = HAS_CPU_ATTENTION if cpu_attention is None else cpu_attention
+        self.cpu_attention = cpu_attention if HAS_CPU_ATTENTION else False
         # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
@@ -54,8 +55,8 @@ class TorchBackend:
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
-        kernel = (self.cpu_attention and attn.context_lens.device.type == "cpu"
-                  and (attn.static or torch.get_num_threads() == 1))
+        kernel = (self.cpu_attention is not False and attn.context_lens.device.type == "cpu"
+                  and (attn.static or self.cpu_attention or torch.get_num_threads() == 1))
         attn.extra["groups"] = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
