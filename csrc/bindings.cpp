@@ -48,46 +48,64 @@ void check(bool ok, const std::string& what) {
 
 int64_t elem_stride(const py::array& a, int dim) { return a.strides(dim) / static_cast<int64_t>(a.itemsize()); }
 
-void paged_attention(py::array out, const py::array& q, const py::array& k_cache, const py::array& v_cache,
-                     const py::array_t<int32_t, 0>& block_tables, const py::array_t<int32_t, 0>& context_lens,
-                     const py::array_t<int32_t, 0>& cu_seqlens_q, double scale, const std::string& dtype,
-                     int num_threads) {
-    const mcl::DType dt = dtype == "float32" ? mcl::DType::f32 : dtype == "float16" ? mcl::DType::f16
-                        : dtype == "bfloat16" ? mcl::DType::bf16 : throw py::type_error("paged_attention: dtype " + dtype);
-    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
-    for (const py::array* a : std::initializer_list<const py::array*>{&out, &q, &k_cache, &v_cache})
-        if (a->itemsize() != itemsize) throw py::type_error("paged_attention: q, caches and out must be " + dtype);
-    check(q.ndim() == 3 && out.ndim() == 3 && k_cache.ndim() == 4, "q, out [T, Hq, D], caches [N, bs, Hkv, D]");
-    check(k_cache.request().shape == v_cache.request().shape, "k_cache and v_cache shapes differ");
-    const int64_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
-    const int64_t N = k_cache.shape(0), bs = k_cache.shape(1), Hkv = k_cache.shape(2);
-    check(out.shape(0) == T && out.shape(1) == Hq && out.shape(2) == D, "out must have q's shape");
-    check(k_cache.shape(3) == D && Hkv > 0 && Hq % Hkv == 0, "head_dim or head counts do not match the cache");
-    check((k_cache.flags() & v_cache.flags() & py::array::c_style) != 0, "caches must be contiguous");
-    check(q.strides(2) == itemsize && out.strides(2) == itemsize, "q and out need unit stride along D");
-    check(out.writeable(), "out must be writeable");
-    const int64_t B = context_lens.shape(0), M = block_tables.ndim() == 2 ? block_tables.shape(1) : -1;
-    check(block_tables.ndim() == 2 && block_tables.shape(0) == B && cu_seqlens_q.shape(0) == B + 1 &&
-          (block_tables.flags() & context_lens.flags() & cu_seqlens_q.flags() & py::array::c_style) != 0,
-          "block_tables [B, M], context_lens [B], cu_seqlens_q [B + 1] (contiguous)");
-    const int32_t* cu = cu_seqlens_q.data();
-    const int32_t* ctx = context_lens.data();
-    const int32_t* table = block_tables.data();
-    check(cu[0] >= 0 && cu[B] <= T, "cu_seqlens_q out of the rows of q");
-    for (int64_t b = 0; b < B; ++b) {
-        const int64_t q_len = cu[b + 1] - cu[b];
-        check(q_len >= 0, "cu_seqlens_q must not decrease");
-        if (q_len == 0) continue;
-        check(ctx[b] >= 0 && ctx[b] <= M * bs, "context_lens[b] must be in [0, M * block_size]");
-        for (int64_t i = 0; i < (ctx[b] + bs - 1) / bs; ++i)
-            check(table[b * M + i] >= 0 && table[b * M + i] < N, "block_tables entry out of the cache");
+// One step's attention metadata, checked once (the block-table entries each sequence uses
+// included); run() is called per layer and checks only the tensors that change with the layer.
+class PagedAttentionPlan {
+  public:
+    PagedAttentionPlan(py::array_t<int32_t, 0> block_tables, py::array_t<int32_t, 0> context_lens,
+                       py::array_t<int32_t, 0> cu_seqlens_q, int64_t block_size)
+        : tables_(std::move(block_tables)), ctx_(std::move(context_lens)), cu_(std::move(cu_seqlens_q)),
+          block_size_(block_size) {
+        const int64_t B = ctx_.ndim() == 1 ? ctx_.shape(0) : -1, M = tables_.ndim() == 2 ? tables_.shape(1) : -1;
+        check(B >= 0 && M >= 0 && tables_.shape(0) == B && cu_.ndim() == 1 && cu_.shape(0) == B + 1 &&
+              (tables_.flags() & ctx_.flags() & cu_.flags() & py::array::c_style) != 0 && block_size > 0,
+              "block_tables [B, M], context_lens [B], cu_seqlens_q [B + 1] (contiguous), block_size > 0");
+        const int32_t *cu = cu_.data(), *ctx = ctx_.data(), *table = tables_.data();
+        check(cu[0] >= 0, "cu_seqlens_q must not be negative");
+        for (int64_t b = 0; b < B; ++b) {
+            check(cu[b + 1] >= cu[b], "cu_seqlens_q must not decrease");
+            if (cu[b + 1] == cu[b]) continue;
+            check(ctx[b] >= 0 && ctx[b] <= M * block_size, "context_lens[b] must be in [0, M * block_size]");
+            for (int64_t i = 0; i < (ctx[b] + block_size - 1) / block_size; ++i) {
+                check(table[b * M + i] >= 0, "block_tables entry out of the cache");
+                max_block_ = std::max<int64_t>(max_block_, table[b * M + i]);
+            }
+        }
     }
-    const mcl::PagedAttentionArgs args{
-        out.mutable_data(), elem_stride(out, 0), elem_stride(out, 1), q.data(), elem_stride(q, 0), elem_stride(q, 1),
-        k_cache.data(), v_cache.data(), table, M, ctx, cu, B, Hq, Hkv, D, bs, static_cast<float>(scale)};
-    py::gil_scoped_release release;
-    mcl::paged_attention(args, dt, num_threads);
-}
+
+    void run(py::array out, const py::array& q, const py::array& k_cache, const py::array& v_cache, double scale,
+             const std::string& dtype, int num_threads) const {
+        const mcl::DType dt = dtype == "float32" ? mcl::DType::f32 : dtype == "float16" ? mcl::DType::f16
+                            : dtype == "bfloat16" ? mcl::DType::bf16 : throw py::type_error("paged_attention: dtype " + dtype);
+        const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
+        for (const py::array* a : std::initializer_list<const py::array*>{&out, &q, &k_cache, &v_cache})
+            if (a->itemsize() != itemsize) throw py::type_error("paged_attention: q, caches and out must be " + dtype);
+        check(q.ndim() == 3 && out.ndim() == 3 && k_cache.ndim() == 4, "q, out [T, Hq, D], caches [N, bs, Hkv, D]");
+        check(k_cache.request().shape == v_cache.request().shape, "k_cache and v_cache shapes differ");
+        const int64_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
+        const int64_t N = k_cache.shape(0), Hkv = k_cache.shape(2);
+        check(out.shape(0) == T && out.shape(1) == Hq && out.shape(2) == D, "out must have q's shape");
+        check(k_cache.shape(1) == block_size_, "the cache's block size is not the plan's");
+        check(k_cache.shape(3) == D && Hkv > 0 && Hq % Hkv == 0, "head_dim or head counts do not match the cache");
+        check((k_cache.flags() & v_cache.flags() & py::array::c_style) != 0, "caches must be contiguous");
+        check(q.strides(2) == itemsize && out.strides(2) == itemsize, "q and out need unit stride along D");
+        check(out.writeable(), "out must be writeable");
+        const int64_t B = ctx_.shape(0);
+        check(cu_.data()[B] <= T, "cu_seqlens_q out of the rows of q");
+        check(max_block_ < N, "block_tables entry out of the cache");
+        const mcl::PagedAttentionArgs args{
+            out.mutable_data(), elem_stride(out, 0), elem_stride(out, 1), q.data(), elem_stride(q, 0), elem_stride(q, 1),
+            k_cache.data(), v_cache.data(), tables_.data(), tables_.shape(1), ctx_.data(), cu_.data(), B, Hq, Hkv, D,
+            block_size_, static_cast<float>(scale)};
+        py::gil_scoped_release release;
+        mcl::paged_attention(args, dt, num_threads);
+    }
+
+  private:
+    py::array_t<int32_t, 0> tables_, ctx_, cu_;  // held: the kernel reads them
+    int64_t block_size_;
+    int64_t max_block_ = -1;
+};
 
 }  // namespace
 
@@ -102,9 +120,11 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    m.def("paged_attention", &paged_attention, py::arg("out"), py::arg("q"), py::arg("k_cache"),
-          py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"),
-          py::arg("scale"), py::arg("dtype"), py::arg("num_threads") = 1);
+    py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
+        .def(py::init<py::array_t<int32_t, 0>, py::array_t<int32_t, 0>, py::array_t<int32_t, 0>, int64_t>(),
+             py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("block_size"))
+        .def("run", &PagedAttentionPlan::run, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+             py::arg("scale"), py::arg("dtype"), py::arg("num_threads") = 1);
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

@@ -1,7 +1,7 @@
 // Paged attention on the CPU: every query row of a step (decodes and prefill chunks) over its
 // sequence's paged KV cache, read in place through the block table (no gather, no padding).
 // Semantics are mcl_runtime.kernels.paged_prefill_attention's; csrc/bindings.cpp exposes it as
-// mcl_runtime._C.paged_attention and mcl_runtime/kernels/cpu.py wraps it for torch tensors.
+// mcl_runtime._C.PagedAttentionPlan and mcl_runtime/kernels/cpu.py wraps it for torch tensors.
 #pragma once
 
 #include <cstdint>

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .cpu import HAS_CPU_ATTENTION, paged_attention_cpu
+from .cpu import HAS_CPU_ATTENTION, PagedAttentionCPU, paged_attention_cpu
 from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref,
                         paged_prefill_attention_ref, store_kv_ref)
 
 __all__ = [
-    "HAS_TRITON", "HAS_CPU_ATTENTION", "paged_attention_cpu",
+    "HAS_TRITON", "HAS_CPU_ATTENTION", "PagedAttentionCPU", "paged_attention_cpu",
     "lora_shrink", "lora_expand", "lora_apply", "shrink_split_k",
     "paged_decode_attention", "paged_prefill_attention", "store_kv",
     "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcl_runtime.kernels import HAS_CPU_ATTENTION, paged_attention_cpu
+from mcl_runtime.kernels import HAS_CPU_ATTENTION, PagedAttentionCPU
 from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
@@ -16,8 +16,8 @@ class TorchBackend:
 
     Attention: on the CPU with one torch thread, the decodes and the small prefill groups go to the
     C++ kernel ``paged_attention_cpu``, which reads the paged cache in place. The kernel runs on one
-    thread: with more, the padded path's GEMMs use them all (``bench_engine_cpu.py`` measures both
-    at 2 threads). ``cpu_attention``: None for that rule, True for the kernel at any thread count,
+    thread: with more, the padded path's GEMMs use them all (``bench_engine_cpu.py`` measures the
+    kernel forced at 2 threads side by side; see docs/internals.md). ``cpu_attention``: None for that rule, True for the kernel at any thread count,
     False for never (always False without the C++ extension). Static steps on the CPU (the compiled
     decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``: it reads each
     sequence's context length from the tensor, so the bucket's shapes need no mask over the table. The rest form at most three padded groups
@@ -101,8 +101,11 @@ class TorchBackend:
 
     @staticmethod
     def _kernel_group(attn: AttentionMeta, b0: int, b1: int) -> dict:
-        return dict(kernel=True, block_tables=attn.block_tables[b0:b1], context_lens=attn.context_lens[b0:b1],
-                    cu_seqlens_q=attn.cu_seqlens_q[b0:b1 + 1])
+        """Sequences ``b0:b1`` through the kernel: its metadata checked once per step (``kernel``),
+        the tensors for the compiled graph's custom op."""
+        tables, ctx, cu = attn.block_tables[b0:b1], attn.context_lens[b0:b1], attn.cu_seqlens_q[b0:b1 + 1]
+        return dict(kernel=PagedAttentionCPU(tables, cu, ctx, attn.block_size), block_tables=tables,
+                    context_lens=ctx, cu_seqlens_q=cu)
 
     @staticmethod
     def _group(attn: AttentionMeta, b0: int, b1: int) -> dict | None:
@@ -184,8 +187,7 @@ class TorchBackend:
         out = torch.empty_like(q)
         for g in groups:
             if "kernel" in g:
-                paged_attention_cpu(q, k_cache, v_cache, g["block_tables"], g["cu_seqlens_q"], g["context_lens"],
-                                    scale, out=out)
+                g["kernel"](q, k_cache, v_cache, scale, out=out)
                 continue
             o = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
             if "rows" in g:
