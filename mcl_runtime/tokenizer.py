@@ -114,7 +114,7 @@ class Tokenizer:
         beyond the tokenizer's vocabulary) decode to nothing, as in transformers."""
         vocab = self.vocab_size
         if not isinstance(ids, list) or (ids and not 0 <= min(ids) <= max(ids) < vocab):
-            ids = [int(i) for i in ids if 0 <= i < vocab]
+            ids = _in_vocab(ids, vocab)
         return self.decode_known(ids, skip_special_tokens)
 
     def decode_known(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -159,7 +159,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._vocab = tokenizer.vocab_size   # ids past it decode to nothing: they are dropped on the way in
-        self._ids = self._known(prompt_ids)[-self.CONTEXT_TOKENS:]
+        self._ids = _in_vocab(prompt_ids, self._vocab)[-self.CONTEXT_TOKENS:]
         context = self._decode(self._ids)
         if context.endswith(REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
             self._ids, context = [], ""
@@ -168,7 +168,7 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Append generated ids; return the text they complete (possibly empty)."""
-        self._ids.extend(self._known(new_ids))
+        self._ids.extend(_in_vocab(new_ids, self._vocab))
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
         delta = text[self._sent:stable]
@@ -191,12 +191,13 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
         self._sent = len(self._decode(self._ids))
 
-    def _known(self, ids: Sequence[int]) -> list[int]:
-        vocab = self._vocab
-        return [int(i) for i in ids if 0 <= i < vocab]
-
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode_known(ids, skip_special_tokens=self._skip) if ids else ""
+
+
+def _in_vocab(ids: Sequence[int], vocab: int) -> list[int]:
+    """The ids a tokenizer of ``vocab`` tokens knows (the others decode to nothing)."""
+    return [int(i) for i in ids if 0 <= i < vocab]
 
 
 # ---------------------------------------------------------------- loading helpers
