@@ -81,7 +81,7 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
 def test_torch_decode_attention_keeps_the_tokens(family, monkeypatch):
-    """Without the C++ CPU attention (the case with several torch threads) the torch backend
+    """Without the C++ CPU attention (the case past ``KERNEL_MAX_THREADS`` torch threads) the torch backend
     attends in padded groups and splits decodes of spread-out context lengths into groups (LENGTHS
     spread from 3 to 40): the golden tokens, and with splitting off (one padded group) the same."""
     from mcl_runtime.model import torch_backend

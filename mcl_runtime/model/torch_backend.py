@@ -14,11 +14,10 @@ from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
-    Attention: on the CPU with one torch thread, the decodes and the small prefill groups go to the
-    C++ kernel ``paged_attention_cpu``, which reads the paged cache in place. The kernel runs on one
-    thread: with more, the padded path's GEMMs use them all (``bench_engine_cpu.py`` measures the
-    kernel forced at 2 threads side by side; see docs/internals.md). ``cpu_attention``: None for that rule, True for the kernel at any thread count,
-    False for never (always False without the C++ extension). Static steps on the CPU (the compiled
+    Attention: on the CPU with at most ``KERNEL_MAX_THREADS`` torch threads, the decodes and the
+    small prefill groups go to the C++ kernel ``paged_attention_cpu``, which reads the paged cache
+    in place. ``cpu_attention``: None for that rule, True for the kernel at any thread count, False
+    for never (always False without the C++ extension). Static steps on the CPU (the compiled
     decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``: it reads each
     sequence's context length from the tensor, so the bucket's shapes need no mask over the table. The rest form at most three padded groups
     with contiguous tokens (decodes; prefill chunks without cached context; prefill chunks with
@@ -37,6 +36,10 @@ class TorchBackend:
 
     name = "torch"
     LORA_TILE = 128
+    # The kernel runs on one thread. Up to this many torch threads it measured faster than the padded
+    # path, whose GEMMs use them all (bench_engine_cpu.py, 2 cores: each round runs both); beyond,
+    # the padded path is kept (not measured).
+    KERNEL_MAX_THREADS = 2
 
     def __init__(self, cpu_attention: bool | None = None) -> None:
         self.cpu_attention = cpu_attention if HAS_CPU_ATTENTION else False
@@ -56,7 +59,7 @@ class TorchBackend:
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         kernel = (self.cpu_attention is not False and attn.context_lens.device.type == "cpu"
-                  and (attn.static or self.cpu_attention or torch.get_num_threads() == 1))
+                  and (attn.static or self.cpu_attention or torch.get_num_threads() <= self.KERNEL_MAX_THREADS))
         attn.extra["groups"] = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
