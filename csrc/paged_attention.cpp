@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // The inner loops are compiled for AVX-512 and AVX2+FMA next to the baseline; the loader picks one
@@ -85,19 +86,90 @@ MCL_INLINE float exp_nonpositive(float x) {
 }
 
 constexpr int64_t kLanes = 16;  // keys scored at once: one AVX-512 register of float32
+constexpr int64_t kChains = 4;  // independent partial sums of weighted_sum (FMA latency)
 
-// s[j] = q . kt[:, j] for the m keys of one block, kt [D, stride] (the keys transposed): the
-// products are summed along D in registers, kLanes keys at a time, with no horizontal reduction.
-MCL_INLINE void scores_tile(float* s, const float* q, const float* kt, int64_t D, int64_t stride, int64_t m) {
+using f32x16 = float __attribute__((vector_size(64)));  // GCC/Clang vectors: lowered per clone's ISA
+using i32x16 = int32_t __attribute__((vector_size(64)));
+static_assert(sizeof(f32x16) == kLanes * sizeof(float));
+
+MCL_INLINE f32x16 load16(const float* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+MCL_INLINE f32x16 shuffle(f32x16 x, f32x16 y, i32x16 lanes) {  // lane l: lanes[l] of x's and then y's lanes
+#if defined(__clang__)
+    f32x16 r;
+    for (int l = 0; l < kLanes; ++l) r[l] = lanes[l] < kLanes ? x[lanes[l]] : y[lanes[l] - kLanes];
+    return r;
+#else
+    return __builtin_shuffle(x, y, lanes);
+#endif
+}
+
+// The 16 lane sums of v[0..15] into out[0..m): a butterfly of 15 shuffle-and-add steps on whole
+// vectors. Each step adds the two halves of every 2w-lane group of a pair (x, y), x's sums in the
+// group's first w lanes and y's in the last; after w = 8, 4, 2, 1 lane l holds the sum of
+// v[bitreverse4(l)].
+MCL_INLINE void lane_sums(f32x16 (&v)[kLanes], float* out, int64_t m) {
+    static constexpr i32x16 lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                     {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                     {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                     {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+    static constexpr i32x16 hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+    static constexpr i32x16 bitreverse = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+#pragma GCC unroll 4
+    for (int step = 0; step < 4; ++step)
+#pragma GCC unroll 8
+        for (int i = 0; i < (kLanes >> (step + 1)); ++i)
+            v[i] = shuffle(v[2 * i], v[2 * i + 1], lo[step]) + shuffle(v[2 * i], v[2 * i + 1], hi[step]);
+    const f32x16 sums = shuffle(v[0], v[0], bitreverse);
+    std::memcpy(out, &sums, m * sizeof(float));
+}
+
+// s[j] = q . k_j for the m <= 16 keys k_j = k + j * stride (D a multiple of 16): one vector of
+// partial sums per key, summed across lanes all at once.
+MCL_INLINE void scores_tile(float* s, const float* q, const float* k, int64_t stride, int64_t D, int64_t m) {
+    f32x16 acc[kLanes] = {};
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < m; ++j)
+        for (int64_t d0 = 0; d0 < D; d0 += kLanes) acc[j] += load16(q + d0) * load16(k + j * stride + d0);
+    lane_sums(acc, s, m);
+}
+
+// s[g * n + j] = q[g] . k_j for the G query heads q [G, D] of one KV head and the m keys k_j = k + j * stride
+// of one block. 16-bit keys are converted once into kf [16, D] per 16 keys, for all G heads.
+template <typename T>
+MCL_INLINE void scores_block(float* s, int64_t n, const float* q, const T* k, int64_t stride, int64_t D, int64_t G,
+                             int64_t m, float* kf) {
     for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
-        float acc[kLanes] = {};
-        for (int64_t d = 0; d < D; ++d) {
-            const float qd = q[d];
-            const float* row = kt + d * stride + j0;
+        const int64_t mt = std::min(kLanes, m - j0);
+        const float* keys = nullptr;
+        int64_t key_stride = D;
+        if constexpr (std::is_same_v<T, float>) {
+            keys = k + j0 * stride;
+            key_stride = stride;
+        } else {
+            for (int64_t j = 0; j < mt; ++j)
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) acc[l] += qd * row[l];
+                for (int64_t d = 0; d < D; ++d) kf[j * D + d] = to_float(k[(j0 + j) * stride + d]);
+            keys = kf;
         }
-        for (int64_t l = 0, e = std::min(kLanes, m - j0); l < e; ++l) s[j0 + l] = acc[l];
+        if (D % kLanes == 0) {
+            for (int64_t g = 0; g < G; ++g) scores_tile(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
+            continue;
+        }
+        for (int64_t j = 0; j < mt; ++j)  // other head dims: one dot product at a time
+            for (int64_t g = 0; g < G; ++g) {
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * keys[j * key_stride + d];
+                s[g * n + j0 + j] = dot;
+            }
     }
 }
 
@@ -107,15 +179,24 @@ template <typename T>
 MCL_INLINE void weighted_sum(float* acc, const float* p, const T* v, int64_t stride, int64_t D, int64_t m) {
     int64_t d0 = 0;
     for (; d0 + kLanes <= D; d0 += kLanes) {
-        float part[kLanes] = {};
-        for (int64_t j = 0; j < m; ++j) {
+        float part[kChains][kLanes] = {};
+        int64_t j = 0;
+        for (; j + kChains <= m; j += kChains)
+            for (int64_t c = 0; c < kChains; ++c) {
+                const float pj = p[j + c];
+                const T* row = v + (j + c) * stride + d0;
+#pragma omp simd
+                for (int64_t l = 0; l < kLanes; ++l) part[c][l] += pj * to_float(row[l]);
+            }
+        for (; j < m; ++j) {
             const float pj = p[j];
             const T* row = v + j * stride + d0;
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) part[l] += pj * to_float(row[l]);
+            for (int64_t l = 0; l < kLanes; ++l) part[0][l] += pj * to_float(row[l]);
         }
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[d0 + l] += part[l];
+        for (int64_t l = 0; l < kLanes; ++l) acc[d0 + l] += (part[0][l] + part[1][l]) + (part[2][l] + part[3][l]);
+        static_assert(kChains == 4);
     }
     for (int64_t j = 0; j < m && d0 < D; ++j)  // the last D % kLanes columns
         for (int64_t d = d0; d < D; ++d) acc[d] += p[j] * to_float(v[j * stride + d]);
@@ -131,17 +212,16 @@ MCL_INLINE void prefetch_rows(const T* rows, int64_t m, int64_t stride, int64_t 
 }
 
 // Work items begin..end of (query row, KV head) pairs, item = row * Hkv + kv_head.
-template <typename T>
+template <typename T, int64_t kDim>
 MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t end) {
-    const int64_t Hkv = a.num_kv_heads, D = a.head_dim, G = a.num_heads / Hkv, bs = a.block_size;
+    const int64_t Hkv = a.num_kv_heads, D = kDim ? kDim : a.head_dim, G = a.num_heads / Hkv, bs = a.block_size;
     const int64_t row_stride = Hkv * D;  // between consecutive tokens of one cache block
     const T* q = static_cast<const T*>(a.q);
     const T* k_cache = static_cast<const T*>(a.k_cache);
     const T* v_cache = static_cast<const T*>(a.v_cache);
     T* out = static_cast<T*>(a.out);
     const int32_t* cu = a.cu_seqlens_q;
-    const int64_t bs_pad = (bs + kLanes - 1) / kLanes * kLanes;
-    std::vector<float> qf(G * D), acc(G * D), inv_sum(G), kt(D * bs_pad), scores;
+    std::vector<float> qf(G * D), acc(G * D), inv_sum(G), kf(kLanes * D), scores;
     int64_t b = std::upper_bound(cu, cu + a.num_seqs + 1, begin / Hkv) - cu - 1;
     for (int64_t item = begin; item < end; ++item) {
         const int64_t row = item / Hkv, h = item % Hkv;
@@ -164,10 +244,7 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
             const int64_t m = std::min(bs, n - t0);
             if (t0 + bs < n) prefetch_rows(block(k_cache, t0 + bs), std::min(bs, n - t0 - bs), row_stride, D);
             prefetch_rows(block(v_cache, t0), m, row_stride, D);
-            const T* k = block(k_cache, t0);
-            for (int64_t j = 0; j < m; ++j, k += row_stride)  // the block's keys, transposed: kt[d, j]
-                for (int64_t d = 0; d < D; ++d) kt[d * bs_pad + j] = to_float(k[d]);
-            for (int64_t g = 0; g < G; ++g) scores_tile(&scores[g * n + t0], &qf[g * D], kt.data(), D, bs_pad, m);
+            scores_block(&scores[t0], n, qf.data(), block(k_cache, t0), row_stride, D, G, m, kf.data());
         }
         for (int64_t g = 0; g < G; ++g) {
             float* s = &scores[g * n];
@@ -188,9 +265,31 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
     }
 }
 
-MCL_CLONES void attend_f32(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { attend_range<float>(a, lo, hi); }
-MCL_CLONES void attend_f16(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { attend_range<F16>(a, lo, hi); }
-MCL_CLONES void attend_bf16(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { attend_range<BF16>(a, lo, hi); }
+using AttendFn = void (*)(const PagedAttentionArgs&, int64_t, int64_t);
+
+// One clone set per dtype and head dim compiled in (0: any head dim, read at run time).
+#define MCL_ATTEND(T, DIM) \
+    MCL_CLONES void attend_##T##_##DIM(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { \
+        attend_range<T, DIM>(a, lo, hi);                                                     \
+    }
+#define MCL_HEAD_DIMS(X, T) X(T, 0) X(T, 16) X(T, 32) X(T, 64) X(T, 128) X(T, 256)
+MCL_HEAD_DIMS(MCL_ATTEND, float)
+MCL_HEAD_DIMS(MCL_ATTEND, F16)
+MCL_HEAD_DIMS(MCL_ATTEND, BF16)
+
+template <typename T>
+AttendFn attend_for(int64_t head_dim);
+#define MCL_CASE(T, DIM) \
+    if (head_dim == DIM) return attend_##T##_##DIM;
+#define MCL_DISPATCH(T)                               \
+    template <>                                       \
+    AttendFn attend_for<T>(int64_t head_dim) {        \
+        MCL_HEAD_DIMS(MCL_CASE, T)                    \
+        return attend_##T##_0;                        \
+    }
+MCL_DISPATCH(float)
+MCL_DISPATCH(F16)
+MCL_DISPATCH(BF16)
 
 // Below this many (row, KV head) items per thread, starting a thread costs more than it saves.
 constexpr int64_t kMinItemsPerThread = 64;
@@ -201,7 +300,8 @@ void paged_attention(const PagedAttentionArgs& a, DType dtype, int num_threads) 
     const int64_t begin = a.cu_seqlens_q[0] * a.num_kv_heads;
     const int64_t end = a.cu_seqlens_q[a.num_seqs] * a.num_kv_heads;
     if (end <= begin || a.num_heads == 0) return;
-    auto* attend = dtype == DType::f32 ? attend_f32 : dtype == DType::f16 ? attend_f16 : attend_bf16;
+    const AttendFn attend = dtype == DType::f32 ? attend_for<float>(a.head_dim)
+                          : dtype == DType::f16 ? attend_for<F16>(a.head_dim) : attend_for<BF16>(a.head_dim);
     const int64_t threads = std::clamp<int64_t>((end - begin) / kMinItemsPerThread, 1, std::max(num_threads, 1));
     std::vector<std::thread> pool;
     const int64_t per = (end - begin + threads - 1) / threads;

@@ -247,14 +247,15 @@ def test_prefill_large_cuda(dtype: torch.dtype) -> None:
 
 
 @NO_CPU
+@pytest.mark.parametrize("head_dim", [40, 16, 128])
 @pytest.mark.parametrize("block_size", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_cpu_block_sizes_and_head_dim_tail(dtype: torch.dtype, block_size: int) -> None:
-    """Block sizes below, between and above the kernel's 16-key tiles; D = 40 (16-wide chunks and
-    a tail of 8)."""
-    out, ref32, ref_lp = prefill_case(dtype, 40, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14,
+def test_cpu_block_sizes_and_head_dims(dtype: torch.dtype, block_size: int, head_dim: int) -> None:
+    """Block sizes below, between and above the kernel's 16-key tiles; D = 40 (the kernel for any
+    head dim: 16-wide chunks and a tail of 8) and two of the head dims compiled in."""
+    out, ref32, ref_lp = prefill_case(dtype, head_dim, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14,
                                       impl=cpu_prefill)
-    check_rule(out, ref32, ref_lp, f"cpu bs{block_size}")
+    check_rule(out, ref32, ref_lp, f"cpu bs{block_size} D{head_dim}")
 
 
 @NO_CPU
