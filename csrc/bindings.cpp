@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "block_manager.h"
 #include "paged_attention.h"
+#include "rms_norm.h"
 
 namespace py = pybind11;
 
@@ -41,12 +44,41 @@ py::tuple build_metadata(const mcl::BlockManager& bm, const py::sequence& seq_id
     return py::make_tuple(positions, slot_mapping, block_tables, context_lens, cu_seqlens_q);
 }
 
-// The checks that keep the kernel inside its buffers; the semantics are in paged_attention.h.
-void check(bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("paged_attention: " + what);
+// The checks that keep a kernel inside its buffers; the semantics are in its header.
+void check(bool ok, const std::string& what, const char* kernel = "paged_attention") {
+    if (!ok) throw std::invalid_argument(std::string(kernel) + ": " + what);
+}
+
+mcl::DType parse_dtype(const std::string& dtype, const char* kernel) {
+    if (dtype == "float32") return mcl::DType::f32;
+    if (dtype == "float16") return mcl::DType::f16;
+    if (dtype == "bfloat16") return mcl::DType::bf16;
+    throw py::type_error(std::string(kernel) + ": dtype " + dtype);
 }
 
 int64_t elem_stride(const py::array& a, int dim) { return a.strides(dim) / static_cast<int64_t>(a.itemsize()); }
+
+
+// out [T, N], x [T, N], residual [T, N] or None, weight [N]: one dtype, unit stride along N.
+void rms_norm(py::array out, const py::array& x, std::optional<py::array> residual, const py::array& weight,
+              double eps, const std::string& dtype) {
+    const mcl::DType dt = parse_dtype(dtype, "rms_norm");
+    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
+    check(x.ndim() == 2 && weight.ndim() == 1 && x.shape(1) == weight.shape(0), "x [T, N] and weight [N]", "rms_norm");
+    std::vector<const py::array*> arrays{&out, &x, &weight};
+    if (residual) arrays.push_back(&*residual);
+    for (const py::array* a : arrays) {
+        if (a->itemsize() != itemsize) throw py::type_error("rms_norm: every tensor must be " + dtype);
+        check(a->strides(a->ndim() - 1) == itemsize, "unit stride along the last dim needed", "rms_norm");
+        check(a == &x || a == &weight || (a->ndim() == 2 && a->shape(0) == x.shape(0) && a->shape(1) == x.shape(1) &&
+                                          a->writeable()), "out and residual: writeable, x's shape", "rms_norm");
+    }
+    const mcl::RMSNormArgs args{out.mutable_data(), elem_stride(out, 0), x.data(), elem_stride(x, 0),
+                                residual ? residual->mutable_data() : nullptr, residual ? elem_stride(*residual, 0) : 0,
+                                weight.data(), x.shape(0), x.shape(1), static_cast<float>(eps)};
+    py::gil_scoped_release release;
+    mcl::rms_norm(args, dt);
+}
 
 // One step's attention metadata, checked once (the block-table entries each sequence uses
 // included); run() is called per layer and checks only the tensors that change with the layer.
@@ -75,8 +107,7 @@ class PagedAttentionPlan {
 
     void run(py::array out, const py::array& q, const py::array& k_cache, const py::array& v_cache, double scale,
              const std::string& dtype, int num_threads) const {
-        const mcl::DType dt = dtype == "float32" ? mcl::DType::f32 : dtype == "float16" ? mcl::DType::f16
-                            : dtype == "bfloat16" ? mcl::DType::bf16 : throw py::type_error("paged_attention: dtype " + dtype);
+        const mcl::DType dt = parse_dtype(dtype, "paged_attention");
         const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
         for (const py::array* a : std::initializer_list<const py::array*>{&out, &q, &k_cache, &v_cache})
             if (a->itemsize() != itemsize) throw py::type_error("paged_attention: q, caches and out must be " + dtype);
@@ -125,6 +156,9 @@ PYBIND11_MODULE(_C, m) {
              py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("block_size"))
         .def("run", &PagedAttentionPlan::run, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
              py::arg("scale"), py::arg("dtype"), py::arg("num_threads") = 1);
+
+    m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
+          py::arg("dtype"));
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

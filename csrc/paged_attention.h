@@ -6,9 +6,9 @@
 
 #include <cstdint>
 
-namespace mcl {
+#include "cpu_common.h"
 
-enum class DType { f32, f16, bf16 };
+namespace mcl {
 
 // Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (q_len of them); row i of them sits
 // at position p = context_lens[b] - q_len + i and attends to its sequence's keys 0..p:

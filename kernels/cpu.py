@@ -1,6 +1,6 @@
-"""Paged attention on the CPU: the C++ kernel of ``csrc/paged_attention.cpp`` (in ``mcl_runtime._C``)
-for torch tensors. It reads the paged cache in place through the block tables: no gather, no
-padding to the longest context, no mask."""
+"""C++ CPU kernels of ``mcl_runtime._C`` for torch tensors: paged attention (``csrc/paged_attention.cpp``),
+which reads the paged cache in place through the block tables (no gather, no padding to the longest
+context, no mask), and the fused residual add + RMSNorm of a decoder layer (``csrc/rms_norm.cpp``)."""
 from __future__ import annotations
 
 import torch
@@ -8,13 +8,14 @@ import torch
 from mcl_runtime.extension import EXT
 
 HAS_CPU_ATTENTION = EXT is not None and hasattr(EXT, "PagedAttentionPlan")  # False for a stale build
+HAS_CPU_RMS_NORM = EXT is not None and hasattr(EXT, "rms_norm")
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _array(t: torch.Tensor):
+def _array(t: torch.Tensor, kernel: str = "paged_attention_cpu"):
     if t.device.type != "cpu":
-        raise ValueError(f"paged_attention_cpu: every tensor must be on the CPU, got one on {t.device}")
+        raise ValueError(f"{kernel}: every tensor must be on the CPU, got one on {t.device}")
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
@@ -73,3 +74,22 @@ def paged_attention_cpu_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @paged_attention_cpu_op.register_fake
 def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> torch.Tensor:
     return q.new_empty(q.shape)
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``x [T, N]``: ``weight * (h / sqrt(mean(h^2) + eps))`` with ``h = x``, or with
+    ``residual [T, N]`` ``h = x + residual``, which is also written into ``residual`` (in place: the
+    layer's new residual). Statistics in float32; in float16/bfloat16, ``h`` and the normalised row
+    are rounded to the dtype before the weight (transformers' order). ``weight [N]``; one dtype
+    throughout, unit stride along N. Returns a new ``[T, N]``."""
+    dtype = _DTYPES.get(x.dtype)
+    if dtype is None:
+        raise TypeError(f"rms_norm_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if x.numel() == 0:
+        return out
+    EXT.rms_norm(_array(out, "rms_norm_cpu"), _array(x, "rms_norm_cpu"),
+                 None if residual is None else _array(residual, "rms_norm_cpu"), _array(weight, "rms_norm_cpu"),
+                 float(eps), dtype)
+    return out

@@ -224,8 +224,9 @@ class Engine:
             seq.num_computed += n
         positions = sampled.positions
         for k, seq in zip((np.cumsum(sampled.counts) - sampled.counts).tolist(), sampled.seqs):
-            positions.append(len(seq.token_ids))
-            seq.token_ids.append(PENDING)
+            ids = seq.token_ids
+            positions.append(len(ids))
+            ids.append(PENDING)
             seq.pending_row = k
         self.table.num_sampled[sampled.rows] += 1
         return sampled
@@ -238,14 +239,19 @@ class Engine:
         if len(tokens) > len(seqs):
             seqs, positions = self._fork(sampled)
             rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        live = [i for i, s in enumerate(seqs) if s.status is not Status.FINISHED]
-        if len(live) < len(seqs):
+        values = tokens.tolist()
+        ended_before = []   # sequences that ended (or were aborted) after this step was launched
+        for i, seq, p, t in zip(range(len(seqs)), seqs, positions, values):
+            if seq.status is Status.FINISHED:
+                ended_before.append(i)
+            else:
+                seq.token_ids[p] = t
+        if ended_before:
+            live = np.setdiff1d(np.arange(len(seqs)), ended_before)
             seqs, positions, tokens, rows = [seqs[i] for i in live], [positions[i] for i in live], tokens[live], rows[live]
+            values = tokens.tolist()
         if not seqs:
             return []
-        values = tokens.tolist()
-        for seq, p, t in zip(seqs, positions, values):
-            seq.token_ids[p] = t
         codes = self.table.record(rows, tokens)
         for i in np.flatnonzero(self.table.constrained[rows]).tolist():
             if self._grammars.accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)

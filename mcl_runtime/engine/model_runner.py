@@ -16,8 +16,6 @@ grammar matchers in one batched call.
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 
@@ -81,9 +79,9 @@ class ModelRunner:
             src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _bucket(self, num_new: list[int]) -> int | None:
+    def _bucket(self, num_new: np.ndarray) -> int | None:
         """The bucket of a decode-only step, None for steps that run eagerly."""
-        if not self.buckets or max(num_new) != 1 or len(num_new) > self.buckets[-1]:
+        if not self.buckets or num_new.max() != 1 or len(num_new) > self.buckets[-1]:
             return None
         return next(b for b in self.buckets if b >= len(num_new))
 
@@ -93,13 +91,19 @@ class ModelRunner:
         ``PENDING`` input tokens are taken from ``prev`` (the last step's ``SampledTokens.tokens``)
         at each sequence's ``pending_row``. Nothing waits for the device."""
         # decodes | prefills without cached context | prefills with cached context; by slot within each
-        kinds = [0 if n == 1 else 1 if s.num_computed == 0 else 2 for s, n in zip(batch.seqs, batch.num_new)]
-        order = sorted(range(len(batch.seqs)), key=lambda i: (kinds[i], batch.seqs[i].slot))
-        seqs = [batch.seqs[i] for i in order]
-        num_new = [batch.num_new[i] for i in order]
+        num_new = np.array(batch.num_new, dtype=np.int64)
+        kinds = (num_new != 1).astype(np.int64)
+        for i in np.flatnonzero(kinds).tolist():
+            kinds[i] += batch.seqs[i].num_computed > 0
+        slots = np.fromiter((s.slot for s in batch.seqs), dtype=np.int64, count=len(batch.seqs))
+        order = np.lexsort((slots, kinds))
+        seqs = [batch.seqs[i] for i in order.tolist()]
+        rows = np.array(batch.rows, dtype=np.int64)[order]
         self._copy_blocks()
         bucket = self._bucket(num_new)
-        cu, ctx, input_ids, positions, num_pending = self._prepare(seqs, num_new, sorted(kinds), bucket)
+        cu, ctx, input_ids, positions, num_pending = self._prepare(seqs, batch.table.seq_id[rows], num_new[order],
+                                                                   slots[order], np.bincount(kinds, minlength=3),
+                                                                   bucket)
         if num_pending:  # tokens not yet read back from the device: taken from the last step's samples
             buf = self.buffers
             input_ids.index_copy_(0, buf.view("pending_dst", num_pending),
@@ -111,21 +115,22 @@ class ModelRunner:
             hidden = self.graphs.run(bucket, input_ids, positions, ctx)
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
-        return self._sample(hidden, batch, order, seqs, cu, prev)
+        return self._sample(hidden, batch, order, seqs, rows, cu, prev)
 
     # ---- after the forward pass --------------------------------------------------------------
-    def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: list[int], seqs: list[Sequence],
-                cu: np.ndarray, prev: torch.Tensor | None) -> SampledTokens:
+    def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: np.ndarray, seqs: list[Sequence],
+                seq_rows: np.ndarray, cu: np.ndarray, prev: torch.Tensor | None) -> SampledTokens:
+        """``seq_rows``: the SequenceTable rows of ``seqs``."""
         samples = np.array(batch.samples, dtype=np.int64)[order]
         which = np.flatnonzero(samples)
         counts = samples[which]
-        samplers = [seqs[i] for i in which]
+        samplers = seqs if len(which) == len(seqs) else [seqs[i] for i in which.tolist()]
         if not samplers:
             return SampledTokens(samplers, np.zeros(0, np.int64), counts, None)
         rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
         last = hidden[:len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
         logits = self.model.compute_logits(last)
-        table_rows = np.array(batch.rows, dtype=np.int64)[order][which]
+        table_rows = seq_rows[which]
         constrained = np.flatnonzero(np.repeat(batch.table.constrained[table_rows], counts))
         if len(constrained):
             owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
@@ -137,21 +142,23 @@ class ModelRunner:
         self.backend.prepare(ctx.attn, ctx.lora)
         return self.forward(input_ids, positions, ctx)
 
-    def _prepare(self, seqs: list[Sequence], num_new: list[int], kinds: list[int], bucket: int | None):
+    def _prepare(self, seqs: list[Sequence], seq_ids: np.ndarray, num_new: np.ndarray, slots: np.ndarray,
+                 kind_counts: np.ndarray, bucket: int | None):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
         returns (host cu_seqlens_q, ForwardContext, input ids, positions, number of PENDING ids).
-        A PENDING id's row and its owner's ``pending_row`` go to ``pending_dst`` / ``pending_src``."""
-        positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata([s.seq_id for s in seqs], num_new)
+        ``seqs`` are ordered by kind (``kind_counts`` of each) and slot; ``seq_ids``, ``num_new``
+        and ``slots`` are theirs. A PENDING id's row and its owner's ``pending_row`` go to
+        ``pending_dst`` / ``pending_src``."""
+        positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata(seq_ids.tolist(), num_new.tolist())
         if len(positions) == len(seqs):  # one token each (decodes)
             input_ids = np.fromiter((s.token_ids[s.num_computed] for s in seqs), dtype=np.int64, count=len(seqs))
         else:
-            input_ids = np.fromiter((t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_computed:s.num_computed + n]),
+            input_ids = np.fromiter((t for s, n in zip(seqs, num_new.tolist())
+                                     for t in s.token_ids[s.num_computed:s.num_computed + n]),
                                     dtype=np.int64, count=len(positions))
-        slots = np.array([s.slot for s in seqs], dtype=np.int64)
-        num_new_arr = np.array(num_new, dtype=np.int64)
         B = len(seqs)
-        token_slots = np.repeat(slots, num_new_arr)
-        seg_starts, seg_slots, max_seg_len = lora_segments(slots, num_new_arr)
+        token_slots = np.repeat(slots, num_new)
+        seg_starts, seg_slots, max_seg_len = lora_segments(slots, num_new)
         if bucket is not None:  # pad: base rows of context 1 writing into the scratch block
             pad = bucket - B
             bs = self.bm.block_size
@@ -162,7 +169,7 @@ class ModelRunner:
             tables = np.vstack([tables, np.full((pad, tables.shape[1]), self.scratch_block, np.int32)])
             seg_starts = np.r_[seg_starts, np.full(bucket - len(seg_slots), B, np.int32)]
             seg_slots = np.r_[seg_slots, np.full(bucket - len(seg_slots), -1, np.int32)]
-            kinds = [0] * bucket
+            kind_counts = np.array([bucket, 0, 0])
         buf = self.buffers
         pending = np.flatnonzero(input_ids == PENDING)
         if len(pending):
@@ -180,8 +187,7 @@ class ModelRunner:
         attn = AttentionMeta(
             slot_mapping=buf.view("slot_mapping", T), block_tables=buf.view("block_tables", nb),
             context_lens=buf.view("context_lens", nb), cu_seqlens_q=buf.view("cu_seqlens_q", nb + 1),
-            group_bounds=list(itertools.accumulate((kinds.count(0), kinds.count(1), kinds.count(2)), initial=0)),
-            max_q_len=max(num_new),
+            group_bounds=[0] + np.cumsum(kind_counts).tolist(), max_q_len=int(num_new.max()),
             max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
             context_lens_host=ctx_lens, cu_seqlens_q_host=cu, static=static)
         lora = None

@@ -19,13 +19,6 @@ from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence, Status
 
 
-def completions(seq: Sequence) -> int:
-    """The running sequences ``seq`` stands for: its request's n until the request has forked
-    (at its first sample), then 1."""
-    req = seq.request
-    return 1 if req.forked else req.params.n
-
-
 @dataclass
 class ScheduledBatch:
     table: SequenceTable
@@ -39,14 +32,15 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new.append(n)
         self.rows.append(seq.row)
-        self.samples.append(0 if seq.num_computed + n < len(seq.token_ids) else completions(seq))
+        self.samples.append(0 if seq.num_computed + n < len(seq.token_ids) else int(self.table.completions(seq.row)))
 
-    def add_decodes(self, seqs: list[Sequence]) -> None:
-        """``add(seq, 1)`` for each of ``seqs``, sequences with one pending token (each samples)."""
+    def add_decodes(self, seqs: list[Sequence], rows: np.ndarray) -> None:
+        """``add(seq, 1)`` for each of ``seqs`` (table rows ``rows``), sequences with one pending
+        token (each samples)."""
         self.seqs += seqs
         self.num_new += [1] * len(seqs)
-        self.rows += [s.row for s in seqs]
-        self.samples += [completions(s) for s in seqs]
+        self.rows += rows.tolist()
+        self.samples += self.table.completions(rows).tolist()
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +72,7 @@ class Scheduler:
         is its grammar matcher (structured output) or None."""
         row = self.table.add(req.params, req.max_tokens, req.seeds[0], detok, matcher is not None)
         seq = Sequence(req, 0, list(req.prompt_token_ids), row)
+        self.table.seq_id[row] = seq.seq_id
         seq.matcher = matcher
         req.seqs.append(seq)
         self.waiting.append(seq)
@@ -89,18 +84,22 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(self.table)
         budget = self.max_num_batched_tokens
-        running = list(self.running)
+        running, table = list(self.running), self.table
         rows = np.fromiter((s.row for s in running), dtype=np.int64, count=len(running))
-        one_pending = [len(s.token_ids) - s.num_computed == 1 for s in running]
+        pending = np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64,
+                              count=len(running))
         # A decode whose request has all its tokens launched waits for its last one to be processed.
-        launched_all = (self.table.num_sampled[rows] >= self.table.max_out[rows]).tolist()
-        decodes = [s for s, d, full in zip(running, one_pending, launched_all) if d and not full][:budget]
-        prefills = [s for s, d in zip(running, one_pending) if not d]
-        unsampled = [running[i] for i in np.flatnonzero(self.table.num_sampled[rows] == 0)]
-        decodes = self._reserve_decodes(decodes)
-        batch.add_decodes(decodes)
+        decoding = np.flatnonzero((pending == 1) & (table.num_sampled[rows] < table.max_out[rows]))[:budget]
+        decodes = running if len(decoding) == len(running) else [running[i] for i in decoding]
+        prefills = [running[i] for i in np.flatnonzero(pending != 1)]
+        unsampled = [running[i] for i in np.flatnonzero(table.num_sampled[rows] == 0)]
+        kept = self._reserve_decodes(decodes, rows[decoding])
+        if len(kept) < len(decodes):
+            decodes = [decodes[i] for i in kept.tolist()]
+        decode_rows = rows[decoding][kept]
+        batch.add_decodes(decodes, decode_rows)
         budget -= len(decodes)
-        scheduled = {s.seq_id for s in decodes}
+        scheduled = set(table.seq_id[decode_rows].tolist())
         for seq in prefills:
             if budget <= 0:
                 break
@@ -113,8 +112,9 @@ class Scheduler:
                 budget -= n
         no_slot: list[Sequence] = []
         # A sequence that forks at its first sample needs room for all n completions.
-        seats = len(self.running) + sum(completions(s) - 1 for s in unsampled if s.status is Status.RUNNING)
-        while self.waiting and budget > 0 and seats + completions(self.waiting[0]) <= self.max_num_seqs:
+        seats = len(self.running) + sum(int(table.completions(s.row)) - 1 for s in unsampled
+                                        if s.status is Status.RUNNING)
+        while self.waiting and budget > 0 and seats + table.completions(self.waiting[0].row) <= self.max_num_seqs:
             n = self._admit(self.waiting[0], budget)
             if n is None:  # every adapter slot is pinned: requests for resident adapters go first
                 no_slot.append(self.waiting.popleft())
@@ -125,23 +125,27 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
-            seats += completions(seq)
+            seats += int(table.completions(seq.row))
         self.waiting.extendleft(reversed(no_slot))
         return batch
 
-    def _reserve_decodes(self, decodes: list[Sequence]) -> list[Sequence]:
-        """One KV slot for each decode, in order (one block-manager call while they fit); a decode
-        that does not fit preempts as ``_reserve`` does. Returns the decodes still running."""
-        done: list[Sequence] = []
-        while decodes:
-            k = self.bm.append_one_each([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
-            done += decodes[:k]
-            if k == len(decodes):
+    def _reserve_decodes(self, decodes: list[Sequence], rows: np.ndarray) -> np.ndarray:
+        """One KV slot for each decode (table rows ``rows``), in order (one block-manager call while
+        they fit); a decode that does not fit preempts as ``_reserve`` does. Returns the indices
+        into ``decodes`` of those still running, in order (all of them unless the cache was full)."""
+        kept: list[np.ndarray] = []
+        todo = np.arange(len(decodes))
+        while len(todo):
+            k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(),
+                                        [decodes[i].token_ids[-1] for i in todo.tolist()])
+            kept.append(todo[:k])
+            if k == len(todo):
                 break
-            if self._reserve(decodes[k], 1, {s.seq_id for s in done}):
-                done.append(decodes[k])
-            decodes = [s for s in decodes[k + 1:] if s.status is Status.RUNNING]
-        return done
+            scheduled = set(self.table.seq_id[rows[np.concatenate(kept)]].tolist())
+            if self._reserve(decodes[todo[k]], 1, scheduled):
+                kept.append(todo[k:k + 1])
+            todo = np.array([i for i in todo[k + 1:].tolist() if decodes[i].status is Status.RUNNING], dtype=np.int64)
+        return np.concatenate(kept) if kept else todo
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently
@@ -188,6 +192,7 @@ class Scheduler:
         children = []
         for i in range(1, req.params.n):
             child = Sequence(req, i, list(parent.token_ids), self.table.copy(parent.row, req.seeds[i]))
+            self.table.seq_id[child.row] = child.seq_id
             child.num_computed = parent.num_computed
             child.matcher = parent.matcher.fork() if parent.matcher is not None else None
             child.slot = self.adapters.acquire(req.adapter)

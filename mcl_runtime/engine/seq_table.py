@@ -46,10 +46,13 @@ class SequenceTable:
         grow("num_out", (rows,), np.int64, 0)      # tokens recorded
         grow("detok", (rows,), bool, False)        # text is built every step (stop strings or streaming)
         grow("constrained", (rows,), bool, False)  # has a grammar matcher (structured output)
+        grow("n", (rows,), np.int64, 1)            # completions of the request (it forks at its first sample)
+        grow("seq_id", (rows,), np.int64, -1)      # the row's Sequence.seq_id (the block manager's key)
         grow("stop_ids", (rows, stop_width), np.int64, -1)  # EOS (unless ignored) and stop_token_ids
 
     def add(self, params: SamplingParams, max_out: int, seed: int, detok: bool, constrained: bool = False) -> int:
         row = self._free.pop() if self._free else self._take()
+        self.n[row] = params.n
         stops = [] if params.ignore_eos else self.eos
         stops = list(dict.fromkeys(stops + list(params.stop_token_ids or ())))
         if len(stops) > self.stop_ids.shape[1]:
@@ -81,10 +84,15 @@ class SequenceTable:
         """A new row with ``src``'s state (an ``n > 1`` child), its own seed."""
         row = self._free.pop() if self._free else self._take()
         for name in ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "min_out",
-                     "max_out", "num_sampled", "num_out", "detok", "constrained", "stop_ids"):
+                     "max_out", "num_sampled", "num_out", "detok", "constrained", "n", "stop_ids"):
             getattr(self, name)[row] = getattr(self, name)[src]
         self.seed[row] = np.uint64(seed).view(np.int64)
         return row
+
+    def completions(self, rows: np.ndarray | int) -> np.ndarray:
+        """The running sequences each row stands for: its request's n until its first sample (where
+        the request forks into n sequences), then 1."""
+        return np.where(self.num_sampled[rows] == 0, self.n[rows], 1)
 
     def penalized(self, rows: np.ndarray) -> bool:
         return bool((self.repetition[rows] != 1).any() or self.presence[rows].any() or self.frequency[rows].any())

@@ -25,6 +25,8 @@ class Sequence:
     step's tokens are processed (at once, or one step later with overlap).
     """
 
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_computed", "row", "pending_row", "status",
+                 "finish_reason", "text", "slot", "matcher")
     _ids = itertools.count()
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], row: int) -> None:

@@ -70,9 +70,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, num_slots, max_rank, dtype, device)
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual)``: the residual stream is added in the next norm (fused there)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, ctx), residual)
+        return self.mlp(h, ctx), residual
 
 
 class DecoderLM(nn.Module):
@@ -118,9 +123,10 @@ class DecoderLM(nn.Module):
         """Hidden states ``[T, hidden]`` after the final norm."""
         x = self.embed_tokens(input_ids)
         ctx.cos, ctx.sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, ctx)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.errors import ModelLoadError
+from mcl_runtime.kernels import HAS_CPU_RMS_NORM, rms_norm_cpu
 
 
 class RMSNorm(nn.Module):
@@ -20,9 +21,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in float32 and cast back before the
-        weight as transformers does (one fused op in float32)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``weight * (h / sqrt(mean(h^2) + eps))``, normalised in float32 and cast back before the
+        weight as transformers does, with ``h = x``; or, given the layer's ``residual``,
+        ``h = x + residual``, returning ``(normed, h)`` (h: the new residual). Rows of a CPU tensor
+        go through the C++ kernel (one pass, no temporaries); elsewhere torch's ops."""
+        if residual is not None:
+            if x.is_cpu and x.dim() == 2 and HAS_CPU_RMS_NORM and not torch.compiler.is_compiling():
+                return rms_norm_cpu(x, self.weight, self.eps, residual), residual
+            residual = x + residual
+            return self._torch(residual), residual
+        if x.is_cpu and x.dim() == 2 and HAS_CPU_RMS_NORM and not torch.compiler.is_compiling():
+            return rms_norm_cpu(x, self.weight, self.eps)
+        return self._torch(x)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)

@@ -1,0 +1,62 @@
+"""The C++ CPU RMSNorm (``rms_norm_cpu``, with and without the fused residual add) against the
+transformers formula: the residual sum bit for bit, the normalised rows by the kernel rule (error
+against a float64 reference within 2x that of the same-dtype torch formula)."""
+import pytest
+import torch
+
+from mcl_runtime.kernels import HAS_CPU_RMS_NORM, rms_norm_cpu
+
+pytestmark = pytest.mark.skipif(not HAS_CPU_RMS_NORM, reason="needs the C++ extension mcl_runtime._C")
+EPS = 1e-6
+
+
+def formula(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' RMSNorm in ``dtype`` (float64: the reference)."""
+    x = h.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+    return weight.to(dtype) * x.to(dtype)
+
+
+@pytest.mark.parametrize("cols", [96, 100, 7])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add+norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rms_norm_cpu_matches_the_formula(dtype: torch.dtype, with_residual: bool, cols: int) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    weight = torch.randn(cols, generator=gen).to(dtype)
+    x = (3 * torch.randn(37, cols, generator=gen)).to(dtype)
+    residual = torch.randn(37, cols, generator=gen).to(dtype) if with_residual else None
+    h = x + residual if with_residual else x
+    given = residual.clone() if with_residual else None
+    out = rms_norm_cpu(x, weight, EPS, given)
+    if with_residual:
+        assert torch.equal(given, h)   # the new residual, in place
+    ref64 = formula(h.double(), weight.double(), torch.float64)
+    err = (out.double() - ref64).abs().max().item()
+    base = (formula(h, weight, dtype).double() - ref64).abs().max().item()
+    assert err <= 2 * base + 1e-6 * ref64.abs().max().item(), f"error {err:.3g} > 2 x torch error {base:.3g}"
+
+
+def test_rms_norm_cpu_strided_rows_and_empty() -> None:
+    """Rows of a wider tensor (a column slice: row stride > N) are read in place; zero rows is a no-op."""
+    wide = torch.randn(5, 80)
+    weight = torch.randn(64)
+    x = wide[:, 8:72]
+    torch.testing.assert_close(rms_norm_cpu(x, weight, EPS), formula(x.contiguous(), weight, torch.float32))
+    assert rms_norm_cpu(torch.empty(0, 64), weight, EPS).shape == (0, 64)
+
+
+@pytest.mark.parametrize("args,exc", [
+    (lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)), TypeError),
+    (lambda: (torch.randn(3, 8), torch.randn(8, dtype=torch.bfloat16)), TypeError),
+    (lambda: (torch.randn(3, 8), torch.randn(9)), ValueError),
+    (lambda: (torch.randn(3, 8).t(), torch.randn(3)), ValueError),
+    (lambda: (torch.randn(2, 3, 8), torch.randn(8)), ValueError),
+], ids=["float64", "mixed-dtypes", "weight-size", "column-stride", "3d"])
+def test_rms_norm_cpu_bad_arguments(args, exc) -> None:
+    with pytest.raises(exc):
+        rms_norm_cpu(*args(), EPS)
+
+
+def test_rms_norm_cpu_residual_shape_must_match() -> None:
+    with pytest.raises(ValueError):
+        rms_norm_cpu(torch.randn(3, 8), torch.randn(8), EPS, torch.randn(2, 8))
