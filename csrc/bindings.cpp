@@ -9,7 +9,7 @@
 
 #include "block_manager.h"
 #include "paged_attention.h"
-#include "rms_norm.h"
+#include "layer_ops.h"
 
 namespace py = pybind11;
 
@@ -78,6 +78,23 @@ void rms_norm(py::array out, const py::array& x, std::optional<py::array> residu
                                 weight.data(), x.shape(0), x.shape(1), static_cast<float>(eps)};
     py::gil_scoped_release release;
     mcl::rms_norm(args, dt);
+}
+
+// x [T, H, D] (unit stride along D; rotated in place), cos and sin [T, D] contiguous: one dtype.
+void rope(py::array x, const py::array& cos, const py::array& sin, const std::string& dtype) {
+    const mcl::DType dt = parse_dtype(dtype, "rope");
+    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
+    for (const py::array* a : std::initializer_list<const py::array*>{&x, &cos, &sin})
+        if (a->itemsize() != itemsize) throw py::type_error("rope: every tensor must be " + dtype);
+    check(x.ndim() == 3 && x.shape(2) % 2 == 0 && x.strides(2) == itemsize && x.writeable(),
+          "x [T, H, D]: even D, unit stride along D, writeable", "rope");
+    for (const py::array* a : {&cos, &sin})
+        check(a->ndim() == 2 && a->shape(0) == x.shape(0) && a->shape(1) == x.shape(2) &&
+              (a->flags() & py::array::c_style) != 0, "cos and sin [T, D], contiguous", "rope");
+    const mcl::RopeArgs args{x.mutable_data(), elem_stride(x, 0), elem_stride(x, 1), cos.data(), sin.data(),
+                             x.shape(0), x.shape(1), x.shape(2)};
+    py::gil_scoped_release release;
+    mcl::rope(args, dt);
 }
 
 // One step's attention metadata, checked once (the block-table entries each sequence uses
@@ -159,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
           py::arg("dtype"));
+
+    m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("dtype"));
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

@@ -1,6 +1,7 @@
 """C++ CPU kernels of ``mcl_runtime._C`` for torch tensors: paged attention (``csrc/paged_attention.cpp``),
 which reads the paged cache in place through the block tables (no gather, no padding to the longest
-context, no mask), and the fused residual add + RMSNorm of a decoder layer (``csrc/rms_norm.cpp``)."""
+context, no mask), and the elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused
+residual add + RMSNorm and the rotary embedding in place."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from mcl_runtime.extension import EXT
 
 HAS_CPU_ATTENTION = EXT is not None and hasattr(EXT, "PagedAttentionPlan")  # False for a stale build
-HAS_CPU_RMS_NORM = EXT is not None and hasattr(EXT, "rms_norm")
+HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "rope")   # rms_norm_cpu and rope_cpu
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -93,3 +94,16 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  None if residual is None else _array(residual, "rms_norm_cpu"), _array(weight, "rms_norm_cpu"),
                  float(eps), dtype)
     return out
+
+
+def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, D]`` rotated in place (transformers' half-split convention) by ``cos``/``sin``
+    ``[T, D]`` (contiguous, x's dtype), each product and sum rounded as torch's ops round them:
+    bit for bit ``x * cos[:, None] + rotate_half(x) * sin[:, None]``. ``x`` needs unit stride along
+    D (rows and heads may be strided: a view of the fused qkv). Returns ``x``."""
+    dtype = _DTYPES.get(x.dtype)
+    if dtype is None:
+        raise TypeError(f"rope_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel():
+        EXT.rope(_array(x, "rope_cpu"), _array(cos, "rope_cpu"), _array(sin, "rope_cpu"), dtype)
+    return x

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.errors import ModelLoadError
-from mcl_runtime.kernels import HAS_CPU_RMS_NORM, rms_norm_cpu
+from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes to a C++ CPU kernel (eager only: a compiled graph keeps torch's ops, which
+    Inductor fuses)."""
+    return x.is_cpu and HAS_CPU_LAYER_OPS and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -26,14 +32,13 @@ class RMSNorm(nn.Module):
         weight as transformers does, with ``h = x``; or, given the layer's ``residual``,
         ``h = x + residual``, returning ``(normed, h)`` (h: the new residual). Rows of a CPU tensor
         go through the C++ kernel (one pass, no temporaries); elsewhere torch's ops."""
+        kernel = x.dim() == 2 and _cpu_kernel(x)
         if residual is not None:
-            if x.is_cpu and x.dim() == 2 and HAS_CPU_RMS_NORM and not torch.compiler.is_compiling():
+            if kernel:
                 return rms_norm_cpu(x, self.weight, self.eps, residual), residual
             residual = x + residual
             return self._torch(residual), residual
-        if x.is_cpu and x.dim() == 2 and HAS_CPU_RMS_NORM and not torch.compiler.is_compiling():
-            return rms_norm_cpu(x, self.weight, self.eps)
-        return self._torch(x)
+        return rms_norm_cpu(x, self.weight, self.eps) if kernel else self._torch(x)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -70,7 +75,10 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [T, heads, D]`` rotated with the half-split convention of transformers."""
+    """``x [T, heads, D]`` rotated with the half-split convention of transformers (on the CPU in
+    place, by the C++ kernel: the same values bit for bit)."""
+    if _cpu_kernel(x):
+        return rope_cpu(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,4 +1,4 @@
-#include "rms_norm.h"
+#include "layer_ops.h"
 
 #include <cmath>
 
@@ -43,14 +43,40 @@ MCL_INLINE void norm_rows(const RMSNormArgs& a) {
     }
 }
 
+template <typename T>
+MCL_INLINE void rope_rows(const RopeArgs& a) {
+    const int64_t half = a.head_dim / 2;
+    for (int64_t t = 0; t < a.tokens; ++t) {
+        const T* c = static_cast<const T*>(a.cos) + t * a.head_dim;
+        const T* s = static_cast<const T*>(a.sin) + t * a.head_dim;
+        for (int64_t h = 0; h < a.heads; ++h) {
+            T* x = static_cast<T*>(a.x) + t * a.x_stride_t + h * a.x_stride_h;
+#pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+                const auto r = [](float v) { return to_float(rounded<T>(v)); };
+                store(x + i, r(x1 * to_float(c[i])) + r(-x2 * to_float(s[i])));
+                store(x + i + half, r(x2 * to_float(c[i + half])) + r(x1 * to_float(s[i + half])));
+            }
+        }
+    }
+}
+
 MCL_CLONES void norm_f32(const RMSNormArgs& a) { norm_rows<float>(a); }
 MCL_CLONES void norm_f16(const RMSNormArgs& a) { norm_rows<F16>(a); }
 MCL_CLONES void norm_bf16(const RMSNormArgs& a) { norm_rows<BF16>(a); }
+MCL_CLONES void rope_f32(const RopeArgs& a) { rope_rows<float>(a); }
+MCL_CLONES void rope_f16(const RopeArgs& a) { rope_rows<F16>(a); }
+MCL_CLONES void rope_bf16(const RopeArgs& a) { rope_rows<BF16>(a); }
 
 }  // namespace
 
 void rms_norm(const RMSNormArgs& a, DType dtype) {
     (dtype == DType::f32 ? norm_f32 : dtype == DType::f16 ? norm_f16 : norm_bf16)(a);
+}
+
+void rope(const RopeArgs& a, DType dtype) {
+    (dtype == DType::f32 ? rope_f32 : dtype == DType::f16 ? rope_f16 : rope_bf16)(a);
 }
 
 }  // namespace mcl

@@ -1,12 +1,13 @@
-"""The C++ CPU RMSNorm (``rms_norm_cpu``, with and without the fused residual add) against the
-transformers formula: the residual sum bit for bit, the normalised rows by the kernel rule (error
-against a float64 reference within 2x that of the same-dtype torch formula)."""
+"""The C++ CPU layer ops against transformers' formulas: ``rms_norm_cpu`` (with and without the
+fused residual add: the residual sum bit for bit, the normalised rows by the kernel rule, error
+against a float64 reference within 2x that of the same-dtype torch formula) and ``rope_cpu`` (bit for
+bit: it rounds where torch's ops round)."""
 import pytest
 import torch
 
-from mcl_runtime.kernels import HAS_CPU_RMS_NORM, rms_norm_cpu
+from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu
 
-pytestmark = pytest.mark.skipif(not HAS_CPU_RMS_NORM, reason="needs the C++ extension mcl_runtime._C")
+pytestmark = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
 EPS = 1e-6
 
 
@@ -60,3 +61,39 @@ def test_rms_norm_cpu_bad_arguments(args, exc) -> None:
 def test_rms_norm_cpu_residual_shape_must_match() -> None:
     with pytest.raises(ValueError):
         rms_norm_cpu(torch.randn(3, 8), torch.randn(8), EPS, torch.randn(2, 8))
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None, :]
+
+
+@pytest.mark.parametrize("head_dim", [16, 128, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rope_cpu_is_bit_identical_to_torch(dtype: torch.dtype, head_dim: int) -> None:
+    """On q and k heads that are a strided view of a fused qkv output, as the decoder passes them."""
+    from mcl_runtime.model.layers import rope_cos_sin, rope_inv_freq
+
+    gen = torch.Generator().manual_seed(head_dim)
+    T, Hq, Hkv = 9, 4, 2
+    qkv = (4 * torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen)).to(dtype)
+    qk = qkv[:, :(Hq + Hkv) * head_dim].view(T, Hq + Hkv, head_dim)
+    positions = torch.tensor([0, 1, 2, 7, 100, 4095, 3, 3, 50000])
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(head_dim, 1e6, None), dtype)
+    expected, v = rope_torch(qk, cos, sin), qkv[:, (Hq + Hkv) * head_dim:].clone()
+    assert rope_cpu(qk, cos, sin) is qk
+    assert torch.equal(qk, expected)
+    assert torch.equal(qkv[:, (Hq + Hkv) * head_dim:], v)   # the rest of the row untouched
+
+
+@pytest.mark.parametrize("args,exc", [
+    (lambda: (torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(3, 8)), TypeError),
+    (lambda: (torch.randn(3, 2, 8), torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)), TypeError),
+    (lambda: (torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)), ValueError),
+    (lambda: (torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8)), ValueError),
+    (lambda: (torch.randn(3, 8, 2).transpose(1, 2), torch.randn(3, 8), torch.randn(3, 8)), ValueError),
+    (lambda: (torch.randn(3, 2, 8), torch.randn(8, 3).t(), torch.randn(3, 8)), ValueError),
+], ids=["float64", "mixed-dtypes", "odd-dim", "tokens", "dim-stride", "strided-cos"])
+def test_rope_cpu_bad_arguments(args, exc) -> None:
+    with pytest.raises(exc):
+        rope_cpu(*args())
