@@ -10,6 +10,7 @@
 #include "block_manager.h"
 #include "paged_attention.h"
 #include "layer_ops.h"
+#include "lora_cpu.h"
 
 namespace py = pybind11;
 
@@ -97,6 +98,48 @@ void rope(py::array x, const py::array& cos, const py::array& sin, const std::st
     mcl::rope(args, dt);
 }
 
+// y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]: one dtype;
+// scaling [S] float32, ranks [S, n] int32, offsets [n + 1] int64, seg_starts [nseg + 1] and
+// seg_slots [nseg] int32. Semantics in lora_cpu.h.
+void lora_apply(py::array y, const py::array& x, const py::array& lora_a, const py::array& lora_b,
+                const py::array_t<float, 0>& scaling, const py::array_t<int32_t, 0>& ranks,
+                const py::array_t<int64_t, 0>& offsets, const py::array_t<int32_t, 0>& seg_starts,
+                const py::array_t<int32_t, 0>& seg_slots, const std::string& dtype) {
+    const char* kernel = "lora_apply";
+    const mcl::DType dt = parse_dtype(dtype, kernel);
+    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
+    for (const py::array* a : std::initializer_list<const py::array*>{&y, &x, &lora_a, &lora_b})
+        if (a->itemsize() != itemsize) throw py::type_error("lora_apply: y, x and the weights must be " + dtype);
+    check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && lora_b.ndim() == 3,
+          "y [T, out], x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]", kernel);
+    const int64_t T = x.shape(0), in = x.shape(1), out = y.shape(1), S = lora_a.shape(0), R = lora_b.shape(2);
+    const int64_t n = offsets.ndim() == 1 ? offsets.shape(0) - 1 : -1;
+    check(n >= 1 && y.shape(0) == T && lora_a.shape(2) == in && lora_a.shape(1) == n * R && lora_b.shape(0) == S &&
+          lora_b.shape(1) == out, "shapes do not match", kernel);
+    check(x.strides(1) == itemsize && y.strides(1) == itemsize && y.writeable(),
+          "x and y need unit stride along features; y writeable", kernel);
+    check((lora_a.flags() & lora_b.flags() & py::array::c_style) != 0, "lora_a and lora_b must be contiguous", kernel);
+    check(scaling.ndim() == 1 && scaling.shape(0) == S && ranks.ndim() == 2 && ranks.shape(0) == S &&
+          ranks.shape(1) == n, "scaling [S], ranks [S, n]", kernel);
+    const int64_t* off = offsets.data();
+    check(off[0] == 0 && off[n] == out, "offsets must run from 0 to out", kernel);
+    for (int64_t j = 0; j < n; ++j) check(off[j + 1] >= off[j], "offsets must not decrease", kernel);
+    for (int64_t i = 0; i < S * n; ++i) check(ranks.data()[i] >= 0 && ranks.data()[i] <= R, "ranks in [0, R]", kernel);
+    const int64_t nseg = seg_slots.ndim() == 1 ? seg_slots.shape(0) : -1;
+    check(nseg >= 0 && seg_starts.ndim() == 1 && seg_starts.shape(0) == nseg + 1, "seg_starts [nseg + 1], seg_slots [nseg]",
+          kernel);
+    const int32_t *starts = seg_starts.data(), *slots = seg_slots.data();
+    check(starts[0] >= 0 && starts[nseg] <= T, "segments out of the rows", kernel);
+    for (int64_t i = 0; i < nseg; ++i) {
+        check(starts[i + 1] >= starts[i], "seg_starts must not decrease", kernel);
+        check(slots[i] >= -1 && slots[i] < S, "seg_slots must be -1 (no adapter) or a slot", kernel);
+    }
+    const mcl::LoRAArgs args{y.mutable_data(), elem_stride(y, 0), x.data(), elem_stride(x, 0), lora_a.data(),
+                             lora_b.data(), scaling.data(), ranks.data(), off, starts, slots, nseg, n, R, in, out};
+    py::gil_scoped_release release;
+    mcl::lora_apply(args, dt);
+}
+
 // One step's attention metadata, checked once (the block-table entries each sequence uses
 // included); run() is called per layer and checks only the tensors that change with the layer.
 class PagedAttentionPlan {
@@ -178,6 +221,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dtype"));
 
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("dtype"));
+
+    m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"),
+          py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),
+          py::arg("dtype"));
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

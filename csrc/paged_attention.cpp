@@ -29,93 +29,7 @@ MCL_INLINE float exp_nonpositive(float x) {
     return y * from_bits(bits);
 }
 
-constexpr int64_t kLanes = 16;  // keys scored at once: one AVX-512 register of float32
 constexpr int64_t kChains = 4;  // independent partial sums of weighted_sum (FMA latency)
-
-using f32x16 = float __attribute__((vector_size(64)));  // GCC/Clang vectors: lowered per clone's ISA
-using i32x16 = int32_t __attribute__((vector_size(64)));
-static_assert(sizeof(f32x16) == kLanes * sizeof(float));
-
-MCL_INLINE f32x16 load16(const float* p) {
-    f32x16 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-MCL_INLINE f32x16 shuffle(f32x16 x, f32x16 y, i32x16 lanes) {  // lane l: lanes[l] of x's and then y's lanes
-#if defined(__clang__)
-    f32x16 r;
-    for (int l = 0; l < kLanes; ++l) r[l] = lanes[l] < kLanes ? x[lanes[l]] : y[lanes[l] - kLanes];
-    return r;
-#else
-    return __builtin_shuffle(x, y, lanes);
-#endif
-}
-
-// The 16 lane sums of v[0..15] into out[0..m): a butterfly of 15 shuffle-and-add steps on whole
-// vectors. Each step adds the two halves of every 2w-lane group of a pair (x, y), x's sums in the
-// group's first w lanes and y's in the last; after w = 8, 4, 2, 1 lane l holds the sum of
-// v[bitreverse4(l)].
-MCL_INLINE void lane_sums(f32x16 (&v)[kLanes], float* out, int64_t m) {
-    static constexpr i32x16 lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                                     {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                                     {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                                     {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-    static constexpr i32x16 hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-                                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-                                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
-    static constexpr i32x16 bitreverse = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-#pragma GCC unroll 4
-    for (int step = 0; step < 4; ++step)
-#pragma GCC unroll 8
-        for (int i = 0; i < (kLanes >> (step + 1)); ++i)
-            v[i] = shuffle(v[2 * i], v[2 * i + 1], lo[step]) + shuffle(v[2 * i], v[2 * i + 1], hi[step]);
-    const f32x16 sums = shuffle(v[0], v[0], bitreverse);
-    std::memcpy(out, &sums, m * sizeof(float));
-}
-
-// s[j] = q . k_j for the m <= 16 keys k_j = k + j * stride (D a multiple of 16): one vector of
-// partial sums per key, summed across lanes all at once.
-MCL_INLINE void scores_tile(float* s, const float* q, const float* k, int64_t stride, int64_t D, int64_t m) {
-    f32x16 acc[kLanes] = {};
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < m; ++j)
-        for (int64_t d0 = 0; d0 < D; d0 += kLanes) acc[j] += load16(q + d0) * load16(k + j * stride + d0);
-    lane_sums(acc, s, m);
-}
-
-// s[g * n + j] = q[g] . k_j for the G query heads q [G, D] of one KV head and the m keys k_j = k + j * stride
-// of one block. 16-bit keys are converted once into kf [16, D] per 16 keys, for all G heads.
-template <typename T>
-MCL_INLINE void scores_block(float* s, int64_t n, const float* q, const T* k, int64_t stride, int64_t D, int64_t G,
-                             int64_t m, float* kf) {
-    for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
-        const int64_t mt = std::min(kLanes, m - j0);
-        const float* keys = nullptr;
-        int64_t key_stride = D;
-        if constexpr (std::is_same_v<T, float>) {
-            keys = k + j0 * stride;
-            key_stride = stride;
-        } else {
-            for (int64_t j = 0; j < mt; ++j)
-#pragma omp simd
-                for (int64_t d = 0; d < D; ++d) kf[j * D + d] = to_float(k[(j0 + j) * stride + d]);
-            keys = kf;
-        }
-        if (D % kLanes == 0) {
-            for (int64_t g = 0; g < G; ++g) scores_tile(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
-            continue;
-        }
-        for (int64_t j = 0; j < mt; ++j)  // other head dims: one dot product at a time
-            for (int64_t g = 0; g < G; ++g) {
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * keys[j * key_stride + d];
-                s[g * n + j0 + j] = dot;
-            }
-    }
-}
 
 // acc[0:D] += sum_j p[j] * v_j for the m value rows v_j = v + j * stride of one block, kLanes
 // columns at a time with the partial sums in registers.
@@ -188,7 +102,7 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
             const int64_t m = std::min(bs, n - t0);
             if (t0 + bs < n) prefetch_rows(block(k_cache, t0 + bs), std::min(bs, n - t0 - bs), row_stride, D);
             prefetch_rows(block(v_cache, t0), m, row_stride, D);
-            scores_block(&scores[t0], n, qf.data(), block(k_cache, t0), row_stride, D, G, m, kf.data());
+            dot_block(&scores[t0], n, qf.data(), block(k_cache, t0), row_stride, D, G, m, kf.data());
         }
         for (int64_t g = 0; g < G; ++g) {
             float* s = &scores[g * n];

@@ -1,15 +1,19 @@
 """C++ CPU kernels of ``mcl_runtime._C`` for torch tensors: paged attention (``csrc/paged_attention.cpp``),
 which reads the paged cache in place through the block tables (no gather, no padding to the longest
-context, no mask), and the elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused
-residual add + RMSNorm and the rotary embedding in place."""
+context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cpp``); and the
+elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm and
+the rotary embedding in place."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from mcl_runtime.extension import EXT
 
 HAS_CPU_ATTENTION = EXT is not None and hasattr(EXT, "PagedAttentionPlan")  # False for a stale build
-HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "rope")   # rms_norm_cpu and rope_cpu
+HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -107,3 +111,21 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     if x.numel():
         EXT.rope(_array(x, "rope_cpu"), _array(cos, "rope_cpu"), _array(sin, "rope_cpu"), dtype)
     return x
+
+
+def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scaling: torch.Tensor, ranks: torch.Tensor, slice_offsets: Sequence[int],
+                   seg_starts: np.ndarray, seg_slots: np.ndarray) -> torch.Tensor:
+    """``lora_apply``'s semantics on CPU tensors, every segment in one call: for segment i (tokens
+    ``s[i]:s[i+1]``, slot ``w = seg_slots[i]``, -1 = no adapter) and slice j (rank ``r = ranks[w, j]``)
+    ``y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * x[..] @ A[w, jR:jR+r].T @ B[w, off_j:off_{j+1}, :r].T``.
+    x [T, in], y [T, out] (in place; unit stride along features), lora_a [S, n*R, in], lora_b
+    [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n] int32; the segments as host
+    int32 arrays. Sums in float32, y rounded once. Returns y."""
+    dtype = _DTYPES.get(x.dtype)
+    if dtype is None:
+        raise TypeError(f"lora_apply_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
+    EXT.lora_apply(_array(y, "lora_apply_cpu"), _array(x, "lora_apply_cpu"), _array(lora_a, "lora_apply_cpu"),
+                   _array(lora_b, "lora_apply_cpu"), _array(scaling, "lora_apply_cpu"), _array(ranks, "lora_apply_cpu"),
+                   np.asarray(slice_offsets, dtype=np.int64), seg_starts, seg_slots, dtype)
+    return y

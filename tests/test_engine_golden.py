@@ -101,6 +101,22 @@ def test_torch_decode_attention_keeps_the_tokens(family, monkeypatch):
     assert splits and all(parts is None for parts in splits)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"], indirect=True)
+def test_torch_layer_ops_keep_the_tokens(family, monkeypatch):
+    """Without the C++ layer ops (LoRA, RMSNorm, rotary embedding: the torch paths that CUDA and a
+    build without the extension take) the golden tokens; LoRA then goes through gather + bmm tiles."""
+    from mcl_runtime.model import layers, torch_backend
+
+    monkeypatch.setattr(torch_backend, "HAS_CPU_LAYER_OPS", False)
+    monkeypatch.setattr(layers, "HAS_CPU_LAYER_OPS", False)
+    tiles = []
+    build = torch_backend.TorchBackend._lora_tiles
+    monkeypatch.setattr(torch_backend.TorchBackend, "_lora_tiles", lambda self, lora: tiles.append(1) or build(self, lora))
+    name, base, adapters, ref = family
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
+    assert tiles
+
+
 @pytest.fixture
 def kernel_groups(monkeypatch):
     """One torch thread (the torch backend then attends through the C++ CPU kernel); yields the

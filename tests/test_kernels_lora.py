@@ -1,4 +1,5 @@
-"""SGMV LoRA kernels vs the torch references (Triton interpreter on CPU).
+"""SGMV LoRA kernels vs the torch references: the Triton kernels (interpreter on CPU) and the C++ CPU
+kernel ``lora_apply_cpu``.
 
 Tolerance rule (flash-attention style): the kernel's error against an fp32 reference must be at
 most twice the error of the same-dtype torch reference against that fp32 reference, plus a small atol.
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from mcl_runtime.kernels import (lora_apply, lora_apply_ref, lora_expand, lora_expand_ref, lora_shrink,
-                                 lora_shrink_ref)
+from mcl_runtime.kernels import (HAS_CPU_LAYER_OPS, lora_apply, lora_apply_cpu, lora_apply_ref, lora_expand,
+                                 lora_expand_ref, lora_shrink, lora_shrink_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RANK_CHOICES = (8, 16, 32, 64)
@@ -347,3 +349,78 @@ def test_triton_backend_reuses_its_workspace() -> None:
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
         pointers.append(backend._workspace["shrink"].data_ptr())
     assert len(set(pointers)) == 1  # allocated once, reused by later (and smaller) steps
+
+
+# ---- the C++ CPU kernel (lora_apply_cpu): the same semantics, every segment in one call ----------
+NO_CPU_KERNEL = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
+
+
+def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int, ...], seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
+                                               for t in make_lora(8, hidden, 64, slice_ns, dtype, gen))
+    T, seg_starts, seg_slots, _ = engine_batch(pattern, 8, seed=seed)
+    seg_starts, seg_slots = seg_starts.cpu(), seg_slots.cpu()
+    x = torch.randn(T, hidden, generator=gen).to(dtype)
+    y = torch.randn(T, offsets[-1], generator=gen).to(dtype)
+    y_ref32 = lora_apply_ref(x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots,
+                             ranks, scaling, offsets)
+    y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
+    y_k = lora_apply_cpu(x, y.clone(), lora_a, lora_b, scaling, ranks, offsets, seg_starts.numpy(),
+                         seg_slots.numpy())
+    return y, y_k, y_ref32, y_reflp, seg_starts, seg_slots
+
+
+@NO_CPU_KERNEL
+@pytest.mark.parametrize("hidden", [96, 100], ids=["in96", "in100"])
+@pytest.mark.parametrize("pattern,dtype", [(p, torch.bfloat16) for p in POPULARITY]
+                         + [("uniform", torch.float32), ("uniform", torch.float16)],
+                         ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1])
+def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int) -> None:
+    """Mixed ranks (8-64, one untargeted slice), rows without adapter, an empty segment; input
+    widths a multiple of 16 and not."""
+    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(pattern, dtype, hidden, (48, 20, 20),
+                                                               seed=POPULARITY.index(pattern))
+    check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
+    for i, w in enumerate(seg_slots.tolist()):
+        if w < 0:
+            a, b = seg_starts[i].item(), seg_starts[i + 1].item()
+            assert torch.equal(y_k[a:b], y[a:b])
+
+
+@NO_CPU_KERNEL
+def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
+    """Segments longer than the kernel's 32-token blocks, one slice, y a column slice of a wider tensor."""
+    gen = torch.Generator().manual_seed(5)
+    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
+                                               for t in make_lora(3, 64, 16, (40,), torch.float32, gen))
+    seg_starts, seg_slots = np.array([0, 70, 75, 140], np.int32), np.array([2, -1, 0], np.int32)
+    x = torch.randn(140, 64, generator=gen)
+    wide = torch.randn(140, 50, generator=gen)
+    expected = wide.clone()
+    lora_apply_ref(x, expected[:, 5:45], lora_a, lora_b, torch.from_numpy(seg_starts), torch.from_numpy(seg_slots),
+                   ranks, scaling, offsets)
+    lora_apply_cpu(x, wide[:, 5:45], lora_a, lora_b, scaling, ranks, offsets, seg_starts, seg_slots)
+    torch.testing.assert_close(wide, expected)
+
+
+@NO_CPU_KERNEL
+@pytest.mark.parametrize("change,exc", [
+    (lambda a: a.update(x=a["x"].double()), TypeError),
+    (lambda a: a.update(offsets=(0, 10, 39)), ValueError),
+    (lambda a: a.update(seg_slots=np.array([5], np.int32)), ValueError),
+    (lambda a: a.update(seg_starts=np.array([0, 99], np.int32)), ValueError),
+    (lambda a: a.update(lora_a=a["lora_a"][:, :, :10]), ValueError),
+    (lambda a: a.update(ranks=a["ranks"] + 40), ValueError),
+], ids=["dtype", "offsets", "slot", "rows", "in-features", "rank"])
+def test_cpu_kernel_bad_arguments(change, exc) -> None:
+    gen = torch.Generator().manual_seed(0)
+    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
+                                               for t in make_lora(3, 16, 16, (40,), torch.float32, gen))
+    args = dict(x=torch.randn(4, 16), y=torch.zeros(4, 40), lora_a=lora_a, lora_b=lora_b, scaling=scaling,
+                ranks=ranks, offsets=offsets, seg_starts=np.array([0, 4], np.int32),
+                seg_slots=np.array([1], np.int32))
+    change(args)
+    with pytest.raises(exc):
+        lora_apply_cpu(args["x"], args["y"], args["lora_a"], args["lora_b"], args["scaling"], args["ranks"],
+                       args["offsets"], args["seg_starts"], args["seg_slots"])

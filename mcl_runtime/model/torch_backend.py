@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcl_runtime.kernels import HAS_CPU_ATTENTION, PagedAttentionCPU
+from mcl_runtime.kernels import HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, PagedAttentionCPU, lora_apply_cpu
 from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
@@ -26,8 +26,10 @@ class TorchBackend:
     multiplied. Keys come from the paged cache through ``index_select`` into reused buffers, or
     straight from the new tokens when the group has no cached context. The query heads sharing a
     KV head are folded into the query-length axis, so K/V are never repeated for GQA.
-    LoRA: tokens of each adapter segment are cut into tiles of at most ``LORA_TILE`` tokens;
-    one gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm").
+    LoRA: on the CPU (eager steps) one call of the C++ kernel ``lora_apply_cpu`` per projection
+    covers every adapter segment (``cpu_lora=False``: never). Otherwise tokens of each adapter segment
+    are cut into tiles of at most ``LORA_TILE`` tokens; one gather + ``bmm`` per projection covers
+    every tile of every adapter (punica's "gather + bmm").
     Static steps (``attn.static``, the compiled decode) keep every shape fixed by the bucket: the
     decodes attend through the kernel or, without it, over the whole block-table width under a
     mask, and each token is its own LoRA tile (base rows get gain 0), so nothing sized by a
@@ -41,8 +43,9 @@ class TorchBackend:
     # the padded path is kept (not measured).
     KERNEL_MAX_THREADS = 2
 
-    def __init__(self, cpu_attention: bool | None = None) -> None:
+    def __init__(self, cpu_attention: bool | None = None, cpu_lora: bool = True) -> None:
         self.cpu_attention = cpu_attention if HAS_CPU_ATTENTION else False
+        self.cpu_lora = cpu_lora and HAS_CPU_LAYER_OPS
         # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
@@ -61,7 +64,7 @@ class TorchBackend:
         kernel = (self.cpu_attention is not False and attn.context_lens.device.type == "cpu"
                   and (attn.static or self.cpu_attention or torch.get_num_threads() <= self.KERNEL_MAX_THREADS))
         attn.extra["groups"] = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
-        if lora is not None and lora.token_slots is None:
+        if lora is not None and lora.token_slots is None and not self._lora_kernel(attn.context_lens):
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._tiles_key != key:  # decode steps over the same sequences keep their segments
                 self._tiles_key, self._tiles = key, self._lora_tiles(lora)
@@ -267,9 +270,18 @@ class TorchBackend:
                 "tile_slots": slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else torch.from_numpy(slots).to(dev),
                 "tile_shape": (len(seg), len(offs))}
 
+    def _lora_kernel(self, t: torch.Tensor) -> bool:
+        """Eager CPU steps use the C++ kernel (one call per projection) where it is built."""
+        return self.cpu_lora and t.is_cpu and not torch.compiler.is_compiling()
+
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
-        """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``, as one
-        gather + ``bmm`` per tile: ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
+        """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``: on the
+        CPU one kernel call over the segments, else one gather + ``bmm`` per tile:
+        ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
+        if lora.token_slots is None and self._lora_kernel(x):
+            lora_apply_cpu(x, y, mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets, lora.seg_starts_host,
+                           lora.seg_slots_host)
+            return
         if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
             slots = lora.token_slots.clamp(min=0).long()
             weight = (lora.token_slots >= 0).to(torch.float32)[:, None, None]

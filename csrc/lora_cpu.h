@@ -1,0 +1,35 @@
+// Multi-LoRA on the CPU: every adapter segment of a step's tokens in one call (punica's SGMV
+// semantics, shrink and expand fused per segment). csrc/bindings.cpp exposes it as
+// mcl_runtime._C.lora_apply; mcl_runtime/kernels/cpu.py wraps it for torch tensors.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_common.h"
+
+namespace mcl {
+
+// For each segment s with slot = seg_slots[s] >= 0 (tokens seg_starts[s]:seg_starts[s+1]) and each
+// slice j of the fused projection (output columns offsets[j]:offsets[j+1], rank r = ranks[slot, j]):
+//   y[seg, offsets[j]:offsets[j+1]] += scaling[slot] * x[seg] @ A[slot, j*R : j*R + r].T @ B[slot, offsets[j]:offsets[j+1], :r].T
+// with x [T, in] and y [T, out] (unit stride along features; y updated in place), A [S, n*R, in]
+// and B [S, out, R] contiguous, in one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32;
+// y is rounded once, after its delta is added.
+struct LoRAArgs {
+    void* y;
+    int64_t y_stride;
+    const void* x;
+    int64_t x_stride;
+    const void* lora_a;
+    const void* lora_b;
+    const float* scaling;
+    const int32_t* ranks;
+    const int64_t* offsets;  // n + 1 output column offsets of the slices
+    const int32_t* seg_starts;
+    const int32_t* seg_slots;
+    int64_t num_segments, num_slices, max_rank, in_features, out_features;
+};
+
+void lora_apply(const LoRAArgs& args, DType dtype);
+
+}  // namespace mcl
