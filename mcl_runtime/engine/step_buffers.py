@@ -48,7 +48,10 @@ class StepBuffers:
         cuda = device.type == "cuda"
         self.host = torch.zeros(offset, dtype=torch.int32, pin_memory=cuda)
         self.device_buf = torch.zeros(offset, dtype=torch.int32, device=device) if cuda else self.host
-        self._np = self.host.numpy()
+        host_np = self.host.numpy()
+        self._host_regions = {name: self._region(host_np, name, lambda a, dtype: a.view(_NUMPY[dtype]))
+                              for name in fields}
+        self._views: dict[str, tuple[int, torch.Tensor]] = {}   # each field's last device view: sizes repeat
         self._copied: torch.cuda.Event | None = None   # the last commit's copy, which reads the host buffer
 
     def _region(self, buf, name: str, view):
@@ -62,7 +65,7 @@ class StepBuffers:
         if self._copied is not None:
             self._copied.synchronize()
             self._copied = None
-        region = self._region(self._np, name, lambda a, dtype: a.view(_NUMPY[dtype]))
+        region = self._host_regions[name]
         if region.ndim == 1:
             region[:len(values)] = values
         else:
@@ -76,4 +79,7 @@ class StepBuffers:
 
     def view(self, name: str, n: int) -> torch.Tensor:
         """The device tensor of the first ``n`` entries (2-D fields: ``n`` full rows)."""
-        return self._region(self.device_buf, name, lambda t, dtype: t.view(dtype))[:n]
+        last = self._views.get(name)
+        if last is None or last[0] != n:
+            last = self._views[name] = (n, self._region(self.device_buf, name, lambda t, dtype: t.view(dtype))[:n])
+        return last[1]
