@@ -69,6 +69,19 @@ MCL_INLINE void prefetch_rows(const T* rows, int64_t m, int64_t stride, int64_t 
             __builtin_prefetch(reinterpret_cast<const char*>(rows + j * stride) + byte);
 }
 
+// All keys and values (every KV head) of a sequence of n tokens, towards L2: the next sequence's,
+// while this one is computed, since a decode spends too little time per block to hide a miss.
+template <typename T>
+MCL_INLINE void prefetch_sequence(const T* k_cache, const T* v_cache, const int32_t* table, int64_t n, int64_t bs,
+                                  int64_t row_stride) {
+    for (int64_t t0 = 0; t0 < n; t0 += bs)
+        for (const T* cache : {k_cache, v_cache}) {
+            const char* p = reinterpret_cast<const char*>(cache + table[t0 / bs] * bs * row_stride);
+            for (int64_t byte = 0; byte < std::min(bs, n - t0) * row_stride * static_cast<int64_t>(sizeof(T)); byte += 64)
+                __builtin_prefetch(p + byte, 0, 2);
+        }
+}
+
 // Work items begin..end of (query row, KV head) pairs, item = row * Hkv + kv_head.
 template <typename T, int64_t kDim>
 MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t end) {
@@ -98,6 +111,9 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
         const int32_t* table = a.block_tables + b * a.block_tables_stride;
         const auto block = [&](const T* cache, int64_t t0) { return cache + (table[t0 / bs] * bs * Hkv + h) * D; };
         prefetch_rows(block(k_cache, 0), std::min(bs, n), row_stride, D);
+        if (h == 0 && cu[b + 1] == row + 1 && b + 1 < a.num_seqs)  // the next sequence's keys and values, into L2
+            prefetch_sequence(k_cache, v_cache, a.block_tables + (b + 1) * a.block_tables_stride, a.context_lens[b + 1],
+                              bs, row_stride);
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
             const int64_t m = std::min(bs, n - t0);
             if (t0 + bs < n) prefetch_rows(block(k_cache, t0 + bs), std::min(bs, n - t0 - bs), row_stride, D);
