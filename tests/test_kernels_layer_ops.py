@@ -97,3 +97,15 @@ def test_rope_cpu_is_bit_identical_to_torch(dtype: torch.dtype, head_dim: int) -
 def test_rope_cpu_bad_arguments(args, exc) -> None:
     with pytest.raises(exc):
         rope_cpu(*args())
+
+
+def test_layers_keep_torch_ops_under_autograd() -> None:
+    """The kernels record no autograd history: with gradients on, the layers use torch's ops."""
+    from mcl_runtime.model.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+    norm = RMSNorm(32, EPS, torch.float32, torch.device("cpu"))
+    x = torch.randn(3, 32, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(3), rope_inv_freq(16, 1e4, None), torch.float32)
+    h, residual = norm(x, torch.zeros(3, 32))
+    (h.sum() + apply_rope(residual.view(3, 2, 16), cos, sin).sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -16,9 +16,9 @@ from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu
 
 
 def _cpu_kernel(x: torch.Tensor) -> bool:
-    """Whether ``x`` goes to a C++ CPU kernel (eager only: a compiled graph keeps torch's ops, which
-    Inductor fuses)."""
-    return x.is_cpu and HAS_CPU_LAYER_OPS and not torch.compiler.is_compiling()
+    """Whether ``x`` goes to a C++ CPU kernel: eager inference only (a compiled graph keeps torch's
+    ops, which Inductor fuses; the kernels record no autograd history)."""
+    return x.is_cpu and HAS_CPU_LAYER_OPS and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):

@@ -271,8 +271,8 @@ class TorchBackend:
                 "tile_shape": (len(seg), len(offs))}
 
     def _lora_kernel(self, t: torch.Tensor) -> bool:
-        """Eager CPU steps use the C++ kernel (one call per projection) where it is built."""
-        return self.cpu_lora and t.is_cpu and not torch.compiler.is_compiling()
+        """Eager CPU inference uses the C++ kernel (one call per projection) where it is built."""
+        return self.cpu_lora and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
         """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``: on the
