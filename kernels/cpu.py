@@ -113,19 +113,35 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return x
 
 
-def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   scaling: torch.Tensor, ranks: torch.Tensor, slice_offsets: Sequence[int],
-                   seg_starts: np.ndarray, seg_slots: np.ndarray) -> torch.Tensor:
+class LoRAWeightsCPU:
+    """One projection's LoRA buffers as the C++ kernel reads them, converted once (a tensor's
+    ``numpy()`` costs four aten calls: per step and projection that added up): lora_a [S, n*R, in],
+    lora_b [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n] int32, the slices'
+    output offsets. The views follow the tensors' contents (``set_slot`` writes in place);
+    ``matches`` says whether they are still these tensors."""
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
+                 slice_offsets: Sequence[int]) -> None:
+        self.tensors = (lora_a, lora_b, scaling, ranks)
+        self.dtype = lora_a.dtype
+        self.arrays = tuple(_array(t, "lora_apply_cpu") for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
+
+    def matches(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> bool:
+        return all(a is b for a, b in zip(self.tensors, (lora_a, lora_b, scaling, ranks)))
+
+
+def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, seg_starts: np.ndarray,
+                   seg_slots: np.ndarray) -> torch.Tensor:
     """``lora_apply``'s semantics on CPU tensors, every segment in one call: for segment i (tokens
     ``s[i]:s[i+1]``, slot ``w = seg_slots[i]``, -1 = no adapter) and slice j (rank ``r = ranks[w, j]``)
-    ``y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * x[..] @ A[w, jR:jR+r].T @ B[w, off_j:off_{j+1}, :r].T``.
-    x [T, in], y [T, out] (in place; unit stride along features), lora_a [S, n*R, in], lora_b
-    [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n] int32; the segments as host
-    int32 arrays. Sums in float32, y rounded once. Returns y."""
+    ``y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * x[..] @ A[w, jR:jR+r].T @ B[w, off_j:off_{j+1}, :r].T``
+    with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
+    in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
+    Returns y."""
     dtype = _DTYPES.get(x.dtype)
-    if dtype is None:
-        raise TypeError(f"lora_apply_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
-    EXT.lora_apply(_array(y, "lora_apply_cpu"), _array(x, "lora_apply_cpu"), _array(lora_a, "lora_apply_cpu"),
-                   _array(lora_b, "lora_apply_cpu"), _array(scaling, "lora_apply_cpu"), _array(ranks, "lora_apply_cpu"),
-                   np.asarray(slice_offsets, dtype=np.int64), seg_starts, seg_slots, dtype)
+    if dtype is None or weights.dtype != x.dtype:
+        raise TypeError(f"lora_apply_cpu: x ({x.dtype}) and the weights ({weights.dtype}) must share one of "
+                        "float32, float16, bfloat16")
+    EXT.lora_apply(_array(y, "lora_apply_cpu"), _array(x, "lora_apply_cpu"), *weights.arrays, seg_starts, seg_slots,
+                   dtype)
     return y

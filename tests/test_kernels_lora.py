@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mcl_runtime.kernels import (HAS_CPU_LAYER_OPS, lora_apply, lora_apply_cpu, lora_apply_ref, lora_expand,
-                                 lora_expand_ref, lora_shrink, lora_shrink_ref)
+from mcl_runtime.kernels import (HAS_CPU_LAYER_OPS, LoRAWeightsCPU, lora_apply, lora_apply_cpu, lora_apply_ref,
+                                 lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RANK_CHOICES = (8, 16, 32, 64)
@@ -366,7 +366,7 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
     y_ref32 = lora_apply_ref(x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots,
                              ranks, scaling, offsets)
     y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
-    y_k = lora_apply_cpu(x, y.clone(), lora_a, lora_b, scaling, ranks, offsets, seg_starts.numpy(),
+    y_k = lora_apply_cpu(x, y.clone(), LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets), seg_starts.numpy(),
                          seg_slots.numpy())
     return y, y_k, y_ref32, y_reflp, seg_starts, seg_slots
 
@@ -400,19 +400,21 @@ def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
     expected = wide.clone()
     lora_apply_ref(x, expected[:, 5:45], lora_a, lora_b, torch.from_numpy(seg_starts), torch.from_numpy(seg_slots),
                    ranks, scaling, offsets)
-    lora_apply_cpu(x, wide[:, 5:45], lora_a, lora_b, scaling, ranks, offsets, seg_starts, seg_slots)
+    lora_apply_cpu(x, wide[:, 5:45], LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets), seg_starts, seg_slots)
     torch.testing.assert_close(wide, expected)
 
 
 @NO_CPU_KERNEL
 @pytest.mark.parametrize("change,exc", [
     (lambda a: a.update(x=a["x"].double()), TypeError),
+    (lambda a: a.update(x=a["x"].bfloat16(), y=a["y"].bfloat16(), lora_a=a["lora_a"].half(),
+                        lora_b=a["lora_b"].half()), TypeError),
     (lambda a: a.update(offsets=(0, 10, 39)), ValueError),
     (lambda a: a.update(seg_slots=np.array([5], np.int32)), ValueError),
     (lambda a: a.update(seg_starts=np.array([0, 99], np.int32)), ValueError),
     (lambda a: a.update(lora_a=a["lora_a"][:, :, :10]), ValueError),
     (lambda a: a.update(ranks=a["ranks"] + 40), ValueError),
-], ids=["dtype", "offsets", "slot", "rows", "in-features", "rank"])
+], ids=["dtype", "x-vs-weights", "offsets", "slot", "rows", "in-features", "rank"])
 def test_cpu_kernel_bad_arguments(change, exc) -> None:
     gen = torch.Generator().manual_seed(0)
     lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
@@ -422,5 +424,5 @@ def test_cpu_kernel_bad_arguments(change, exc) -> None:
                 seg_slots=np.array([1], np.int32))
     change(args)
     with pytest.raises(exc):
-        lora_apply_cpu(args["x"], args["y"], args["lora_a"], args["lora_b"], args["scaling"], args["ranks"],
-                       args["offsets"], args["seg_starts"], args["seg_slots"])
+        lora_apply_cpu(args["x"], args["y"], LoRAWeightsCPU(args["lora_a"], args["lora_b"], args["scaling"], args["ranks"],
+                                                            args["offsets"]), args["seg_starts"], args["seg_slots"])

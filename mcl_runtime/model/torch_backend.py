@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcl_runtime.kernels import HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, PagedAttentionCPU, lora_apply_cpu
+from mcl_runtime.kernels import HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, LoRAWeightsCPU, PagedAttentionCPU, lora_apply_cpu
 from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
@@ -50,6 +50,7 @@ class TorchBackend:
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
         self._tiles_key: tuple[bytes, bytes] | None = None   # the last step's LoRA segments and their tiles
+        self._cpu_weights: dict[int, LoRAWeightsCPU] = {}    # per LinearWithLoRA (by id; it holds the tensors)
         self._tiles: dict = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -274,13 +275,20 @@ class TorchBackend:
         """Eager CPU inference uses the C++ kernel (one call per projection) where it is built."""
         return self.cpu_lora and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
+    def _lora_weights(self, mod) -> LoRAWeightsCPU:
+        """``mod``'s LoRA buffers as the CPU kernel reads them, converted once per buffer tensor."""
+        weights = self._cpu_weights.get(id(mod))
+        if weights is None or not weights.matches(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks):
+            weights = self._cpu_weights[id(mod)] = LoRAWeightsCPU(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks,
+                                                                  mod.offsets)
+        return weights
+
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
         """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``: on the
         CPU one kernel call over the segments, else one gather + ``bmm`` per tile:
         ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
         if lora.token_slots is None and self._lora_kernel(x):
-            lora_apply_cpu(x, y, mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets, lora.seg_starts_host,
-                           lora.seg_slots_host)
+            lora_apply_cpu(x, y, self._lora_weights(mod), lora.seg_starts_host, lora.seg_slots_host)
             return
         if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
             slots = lora.token_slots.clamp(min=0).long()
