@@ -131,7 +131,7 @@ MCL_INLINE void dot_tile(float* s, const float* q, const float* k, int64_t strid
 // converted once into kf [16, D] per 16 of them, for all G rows of q.
 template <typename T>
 MCL_INLINE void dot_block(float* s, int64_t n, const float* q, const T* k, int64_t stride, int64_t D, int64_t G,
-                             int64_t m, float* kf) {
+                          int64_t m, float* kf) {
     for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
         const int64_t mt = std::min(kLanes, m - j0);
         const float* keys = nullptr;

@@ -5,8 +5,6 @@
 namespace mcl {
 namespace {
 
-constexpr int64_t kLanes = 16;
-
 template <typename T>
 MCL_INLINE T rounded(float x) {
     T r;
