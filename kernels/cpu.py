@@ -52,8 +52,9 @@ class PagedAttentionCPU:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
         dtype = _DTYPES.get(q.dtype)
-        if dtype is None:
-            raise TypeError(f"paged_attention_cpu: q must be float32, float16 or bfloat16, got {q.dtype}")
+        if dtype is None or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or (out is not None and out.dtype != q.dtype):
+            raise TypeError(f"paged_attention_cpu: q, the caches and out must share one of float32, float16, "
+                            f"bfloat16 (q is {q.dtype}, k_cache {k_cache.dtype})")
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
         self._plan.run(_array(out), _array(q), _array(k_cache), _array(v_cache), float(scale), dtype, num_threads)
@@ -89,8 +90,9 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     are rounded to the dtype before the weight (transformers' order). ``weight [N]``; one dtype
     throughout, unit stride along N. Returns a new ``[T, N]``."""
     dtype = _DTYPES.get(x.dtype)
-    if dtype is None:
-        raise TypeError(f"rms_norm_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if dtype is None or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        raise TypeError(f"rms_norm_cpu: x, weight and residual must share one of float32, float16, bfloat16 "
+                        f"(x is {x.dtype}, weight {weight.dtype})")
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.numel() == 0:
         return out
@@ -106,8 +108,9 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     bit for bit ``x * cos[:, None] + rotate_half(x) * sin[:, None]``. ``x`` needs unit stride along
     D (rows and heads may be strided: a view of the fused qkv). Returns ``x``."""
     dtype = _DTYPES.get(x.dtype)
-    if dtype is None:
-        raise TypeError(f"rope_cpu: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if dtype is None or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise TypeError(f"rope_cpu: x, cos and sin must share one of float32, float16, bfloat16 "
+                        f"(x is {x.dtype}, cos {cos.dtype})")
     if x.numel():
         EXT.rope(_array(x, "rope_cpu"), _array(cos, "rope_cpu"), _array(sin, "rope_cpu"), dtype)
     return x

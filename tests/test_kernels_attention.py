@@ -285,6 +285,7 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("change,exc", [
     (lambda a: a.update(q=a["q"].half()), TypeError),
     (lambda a: a.update(q=a["q"].double(), k_cache=a["k_cache"].double(), v_cache=a["v_cache"].double()), TypeError),
+    (lambda a: a.update(q=a["q"].bfloat16(), k_cache=a["k_cache"].half(), v_cache=a["v_cache"].half()), TypeError),
     (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
     (lambda a: a.update(q=a["q"][:, :3]), ValueError),
     (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError),
@@ -295,7 +296,7 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
     (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32)), ValueError),
     (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError),
     (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
-], ids=["q-dtype", "float64", "head-dim", "heads-not-multiple", "q-strided-D", "block-tables-int64",
+], ids=["q-dtype", "float64", "bf16-vs-f16", "head-dim", "heads-not-multiple", "q-strided-D", "block-tables-int64",
         "batch-mismatch", "context-past-table", "block-out-of-cache", "cu-decreasing", "cu-past-q", "cache-shapes"])
 def test_cpu_bad_arguments_raise(change, exc) -> None:
     k_cache, v_cache, table, ctx = make_cache([3, 5], 4, 2, 32, torch.float32, seed=9)

@@ -49,10 +49,11 @@ def test_rms_norm_cpu_strided_rows_and_empty() -> None:
 @pytest.mark.parametrize("args,exc", [
     (lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)), TypeError),
     (lambda: (torch.randn(3, 8), torch.randn(8, dtype=torch.bfloat16)), TypeError),
+    (lambda: (torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16)), TypeError),
     (lambda: (torch.randn(3, 8), torch.randn(9)), ValueError),
     (lambda: (torch.randn(3, 8).t(), torch.randn(3)), ValueError),
     (lambda: (torch.randn(2, 3, 8), torch.randn(8)), ValueError),
-], ids=["float64", "mixed-dtypes", "weight-size", "column-stride", "3d"])
+], ids=["float64", "mixed-dtypes", "bf16-vs-f16", "weight-size", "column-stride", "3d"])
 def test_rms_norm_cpu_bad_arguments(args, exc) -> None:
     with pytest.raises(exc):
         rms_norm_cpu(*args(), EPS)
@@ -89,11 +90,13 @@ def test_rope_cpu_is_bit_identical_to_torch(dtype: torch.dtype, head_dim: int) -
 @pytest.mark.parametrize("args,exc", [
     (lambda: (torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(3, 8)), TypeError),
     (lambda: (torch.randn(3, 2, 8), torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)), TypeError),
+    (lambda: (torch.randn(3, 2, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.float16),
+              torch.randn(3, 8, dtype=torch.float16)), TypeError),
     (lambda: (torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)), ValueError),
     (lambda: (torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8)), ValueError),
     (lambda: (torch.randn(3, 8, 2).transpose(1, 2), torch.randn(3, 8), torch.randn(3, 8)), ValueError),
     (lambda: (torch.randn(3, 2, 8), torch.randn(8, 3).t(), torch.randn(3, 8)), ValueError),
-], ids=["float64", "mixed-dtypes", "odd-dim", "tokens", "dim-stride", "strided-cos"])
+], ids=["float64", "mixed-dtypes", "bf16-vs-f16", "odd-dim", "tokens", "dim-stride", "strided-cos"])
 def test_rope_cpu_bad_arguments(args, exc) -> None:
     with pytest.raises(exc):
         rope_cpu(*args())
