@@ -112,3 +112,18 @@ def test_layers_keep_torch_ops_under_autograd() -> None:
     h, residual = norm(x, torch.zeros(3, 32))
     (h.sum() + apply_rope(residual.view(3, 2, 16), cos, sin).sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_table_rows_equal_the_per_step_tables(dtype: torch.dtype) -> None:
+    """The decoder's cos/sin of every position, indexed by a step's positions, are bit for bit the
+    tables computed for those positions alone (any count: torch's vectorised tails included)."""
+    from mcl_runtime.model.layers import rope_cos_sin, rope_inv_freq
+
+    inv_freq = rope_inv_freq(128, 1e6, None)
+    cos, sin = rope_cos_sin(torch.arange(8192), inv_freq, dtype)
+    gen = torch.Generator().manual_seed(1)
+    for count in (1, 7, 33, 256, 255):
+        positions = torch.randint(0, 8192, (count,), generator=gen)
+        step_cos, step_sin = rope_cos_sin(positions, inv_freq, dtype)
+        assert torch.equal(cos[positions], step_cos) and torch.equal(sin[positions], step_sin)

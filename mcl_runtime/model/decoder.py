@@ -94,8 +94,13 @@ class DecoderLM(nn.Module):
         else:
             self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
                                                requires_grad=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device),
-                             persistent=False)
+        # cos/sin of every position, computed once (vLLM's cos_sin_cache): a step indexes its rows.
+        # torch's cos/sin give the same value for an element whatever the tensor's shape, so these are
+        # bit for bit the per-step tables.
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        cos, sin = rope_cos_sin(torch.arange(cfg.max_position_embeddings, device=device), inv_freq, dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def lora_modules(self, layer_idx: int) -> dict[str, LinearWithLoRA]:
         """The fused modules of a layer by ``arch.FUSED`` name."""
@@ -122,7 +127,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm."""
         x = self.embed_tokens(input_ids)
-        ctx.cos, ctx.sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        ctx.cos, ctx.sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
