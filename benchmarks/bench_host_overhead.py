@@ -23,7 +23,8 @@ projections and LM head (``F.linear`` on its own weights, one row per sequence) 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
 ``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
 the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
-tree and REF in turn) and reports the median per setting, with every round's value in the JSON.
+tree and REF in turn) and reports the median per setting and the best round (on a shared machine
+other processes only ever add time), with every round's value in the JSON.
 ``--compile`` builds the engine with ``compile=True`` (the static decode path, one compiled graph
 per batch bucket; the first steps of each bucket compile, in the warm-up) and skips the profiled
 pass (its hooks would break the graph).
@@ -293,6 +294,11 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
         if other and key in other["results"]:
             o = other["results"][key]["ms_per_step"]
             line += f"   {other_label} {o:7.3f} ms/step   {o / r['ms_per_step']:5.2f}x faster"
+        if len(r.get("rounds_ms_per_step", ())) > 1:
+            best = f"{r['best_round_ms_per_step']:.3f}"
+            if other and key in other["results"]:
+                best += f" vs {other['results'][key]['best_round_ms_per_step']:.3f}"
+            line += f"   (best round {best})"
         if "dense_ms" in r:
             line += f"   (dense GEMMs alone {r['dense_ms']:.2f} ms)"
         print(line)
@@ -301,12 +307,14 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
-    """One result from several rounds: the median ms/step per setting (and every round's value);
-    parts from the first round."""
+    """One result from several rounds: the median ms/step per setting, the best round (other
+    processes on a shared machine only ever add time) and every round's value; parts from the
+    first round."""
     merged = {**rounds[0], "results": {}}
     for key, first in rounds[0]["results"].items():
         values = [r["results"][key]["ms_per_step"] for r in rounds]
-        merged["results"][key] = {**first, "ms_per_step": statistics.median(values), "rounds_ms_per_step": values}
+        merged["results"][key] = {**first, "ms_per_step": statistics.median(values),
+                                  "best_round_ms_per_step": min(values), "rounds_ms_per_step": values}
     return merged
 
 
