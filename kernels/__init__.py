@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .cpu import (HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, LoRAWeightsCPU, PagedAttentionCPU, lora_apply_cpu,
-                  paged_attention_cpu, rms_norm_cpu, rope_cpu)
+                  paged_attention_cpu, rms_norm_cpu, rope_cpu, use_cpu_layer_ops)
 from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref,
                         paged_prefill_attention_ref, store_kv_ref)
 
 __all__ = [
     "HAS_TRITON", "HAS_CPU_ATTENTION", "HAS_CPU_LAYER_OPS", "PagedAttentionCPU", "paged_attention_cpu",
-    "LoRAWeightsCPU", "lora_apply_cpu", "rms_norm_cpu", "rope_cpu",
+    "LoRAWeightsCPU", "lora_apply_cpu", "rms_norm_cpu", "rope_cpu", "use_cpu_layer_ops",
     "lora_shrink", "lora_expand", "lora_apply", "shrink_split_k",
     "paged_decode_attention", "paged_prefill_attention", "store_kv",
     "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",

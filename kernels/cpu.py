@@ -18,6 +18,13 @@ HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "lora_apply")   # lora_appl
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def use_cpu_layer_ops(t: torch.Tensor) -> bool:
+    """Whether ``t``'s op may go to the C++ layer kernels (``lora_apply_cpu``, ``rms_norm_cpu``,
+    ``rope_cpu``): built, a CPU tensor, eager inference (a compiled graph keeps torch's ops, which
+    Inductor fuses; the kernels record no autograd history)."""
+    return HAS_CPU_LAYER_OPS and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _array(t: torch.Tensor, kernel: str = "paged_attention_cpu"):
     if t.device.type != "cpu":
         raise ValueError(f"{kernel}: every tensor must be on the CPU, got one on {t.device}")

@@ -49,7 +49,7 @@ def test_rms_norm_torch_path_is_bit_identical_to_the_transformers_formula(dtype,
     kernel rule against the same formula in tests/test_kernels_norm.py."""
     from mcl_runtime.model import layers
 
-    monkeypatch.setattr(layers, "HAS_CPU_LAYER_OPS", False)
+    monkeypatch.setattr(layers, "use_cpu_layer_ops", lambda t: False)
     torch.manual_seed(0)
     norm = layers.RMSNorm(96, 1e-6, dtype, torch.device("cpu"))
     norm.weight.copy_(torch.randn(96))

@@ -107,8 +107,8 @@ def test_torch_layer_ops_keep_the_tokens(family, monkeypatch):
     build without the extension take) the golden tokens; LoRA then goes through gather + bmm tiles."""
     from mcl_runtime.model import layers, torch_backend
 
-    monkeypatch.setattr(torch_backend, "HAS_CPU_LAYER_OPS", False)
-    monkeypatch.setattr(layers, "HAS_CPU_LAYER_OPS", False)
+    monkeypatch.setattr(torch_backend, "use_cpu_layer_ops", lambda t: False)
+    monkeypatch.setattr(layers, "use_cpu_layer_ops", lambda t: False)
     tiles = []
     build = torch_backend.TorchBackend._lora_tiles
     monkeypatch.setattr(torch_backend.TorchBackend, "_lora_tiles", lambda self, lora: tiles.append(1) or build(self, lora))

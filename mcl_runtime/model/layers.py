@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.errors import ModelLoadError
-from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu
-
-
-def _cpu_kernel(x: torch.Tensor) -> bool:
-    """Whether ``x`` goes to a C++ CPU kernel: eager inference only (a compiled graph keeps torch's
-    ops, which Inductor fuses; the kernels record no autograd history)."""
-    return x.is_cpu and HAS_CPU_LAYER_OPS and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+from mcl_runtime.kernels import rms_norm_cpu, rope_cpu, use_cpu_layer_ops
 
 
 class RMSNorm(nn.Module):
@@ -32,7 +26,7 @@ class RMSNorm(nn.Module):
         weight as transformers does, with ``h = x``; or, given the layer's ``residual``,
         ``h = x + residual``, returning ``(normed, h)`` (h: the new residual). Rows of a CPU tensor
         go through the C++ kernel (one pass, no temporaries); elsewhere torch's ops."""
-        kernel = x.dim() == 2 and _cpu_kernel(x)
+        kernel = x.dim() == 2 and use_cpu_layer_ops(x)
         if residual is not None:
             if kernel:
                 return rms_norm_cpu(x, self.weight, self.eps, residual), residual
@@ -77,7 +71,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x [T, heads, D]`` rotated with the half-split convention of transformers (on the CPU in
     place, by the C++ kernel: the same values bit for bit)."""
-    if _cpu_kernel(x):
+    if use_cpu_layer_ops(x):
         return rope_cpu(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

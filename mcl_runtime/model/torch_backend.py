@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcl_runtime.kernels import HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, LoRAWeightsCPU, PagedAttentionCPU, lora_apply_cpu
+from mcl_runtime.kernels import (HAS_CPU_ATTENTION, LoRAWeightsCPU, PagedAttentionCPU, lora_apply_cpu,
+                                 use_cpu_layer_ops)
 from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 
@@ -45,7 +46,7 @@ class TorchBackend:
 
     def __init__(self, cpu_attention: bool | None = None, cpu_lora: bool = True) -> None:
         self.cpu_attention = cpu_attention if HAS_CPU_ATTENTION else False
-        self.cpu_lora = cpu_lora and HAS_CPU_LAYER_OPS
+        self.cpu_lora = cpu_lora
         # Reused gather buffers: on CPU a fresh multi-MB tensor per layer costs more in page
         # faults than the gather itself.
         self._workspace: dict[str, torch.Tensor] = {}
@@ -273,7 +274,7 @@ class TorchBackend:
 
     def _lora_kernel(self, t: torch.Tensor) -> bool:
         """Eager CPU inference uses the C++ kernel (one call per projection) where it is built."""
-        return self.cpu_lora and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return self.cpu_lora and use_cpu_layer_ops(t)
 
     def _lora_weights(self, mod) -> LoRAWeightsCPU:
         """``mod``'s LoRA buffers as the CPU kernel reads them, converted once per buffer tensor."""
