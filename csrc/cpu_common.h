@@ -117,13 +117,18 @@ MCL_INLINE void lane_sums(f32x16 (&v)[kLanes], float* out, int64_t m) {
 }
 
 // s[j] = q . k_j for the m <= 16 rows k_j = k + j * stride (D a multiple of 16): one vector of
-// partial sums per row, summed across lanes all at once.
+// partial sums per row, summed across lanes all at once. kFull: m is 16, known when compiling, so
+// that the 16 sums stay in registers.
+template <bool kFull = false>
 MCL_INLINE void dot_tile(float* s, const float* q, const float* k, int64_t stride, int64_t D, int64_t m) {
+    const int64_t rows = kFull ? kLanes : m;
     f32x16 acc[kLanes] = {};
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+        const f32x16 qv = load16(q + d0);
 #pragma GCC unroll 16
-    for (int64_t j = 0; j < m; ++j)
-        for (int64_t d0 = 0; d0 < D; d0 += kLanes) acc[j] += load16(q + d0) * load16(k + j * stride + d0);
-    lane_sums(acc, s, m);
+        for (int64_t j = 0; j < rows; ++j) acc[j] += qv * load16(k + j * stride + d0);
+    }
+    lane_sums(acc, s, rows);
 }
 
 // s[g * n + j] = q[g] . k_j for the G rows q [G, D] (float32) and the m rows k_j = k + j * stride (in
@@ -146,7 +151,11 @@ MCL_INLINE void dot_block(float* s, int64_t n, const float* q, const T* k, int64
             keys = kf;
         }
         if (D % kLanes == 0) {
-            for (int64_t g = 0; g < G; ++g) dot_tile(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
+            for (int64_t g = 0; g < G; ++g)
+                if (mt == kLanes)
+                    dot_tile<true>(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
+                else
+                    dot_tile(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
             continue;
         }
         for (int64_t j = 0; j < mt; ++j)  // other lengths: one dot product at a time

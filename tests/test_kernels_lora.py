@@ -390,7 +390,7 @@ def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidd
 
 @NO_CPU_KERNEL
 def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
-    """Segments longer than the kernel's 32-token blocks, one slice, y a column slice of a wider tensor."""
+    """Segments longer than the kernel's 16-token blocks, one slice, y a column slice of a wider tensor."""
     gen = torch.Generator().manual_seed(5)
     lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
                                                for t in make_lora(3, 64, 16, (40,), torch.float32, gen))
