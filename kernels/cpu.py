@@ -25,6 +25,15 @@ def use_cpu_layer_ops(t: torch.Tensor) -> bool:
     return HAS_CPU_LAYER_OPS and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def _one_dtype(kernel: str, names: str, first: torch.dtype, *others: torch.dtype | None) -> str:
+    """The kernels' name of ``first``, which every other dtype (None: argument not given) must equal."""
+    dtype = _DTYPES.get(first)
+    if dtype is None or any(d is not None and d != first for d in others):
+        raise TypeError(f"{kernel}: {names} must share one of float32, float16, bfloat16 "
+                        f"(got {', '.join(str(d) for d in (first, *others) if d is not None)})")
+    return dtype
+
+
 def _array(t: torch.Tensor, kernel: str = "paged_attention_cpu"):
     if t.device.type != "cpu":
         raise ValueError(f"{kernel}: every tensor must be on the CPU, got one on {t.device}")
@@ -58,10 +67,8 @@ class PagedAttentionCPU:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
-        dtype = _DTYPES.get(q.dtype)
-        if dtype is None or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or (out is not None and out.dtype != q.dtype):
-            raise TypeError(f"paged_attention_cpu: q, the caches and out must share one of float32, float16, "
-                            f"bfloat16 (q is {q.dtype}, k_cache {k_cache.dtype})")
+        dtype = _one_dtype("paged_attention_cpu", "q, the caches and out", q.dtype, k_cache.dtype, v_cache.dtype,
+                           None if out is None else out.dtype)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
         self._plan.run(_array(out), _array(q), _array(k_cache), _array(v_cache), float(scale), dtype, num_threads)
@@ -96,10 +103,8 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     layer's new residual). Statistics in float32; in float16/bfloat16, ``h`` and the normalised row
     are rounded to the dtype before the weight (transformers' order). ``weight [N]``; one dtype
     throughout, unit stride along N. Returns a new ``[T, N]``."""
-    dtype = _DTYPES.get(x.dtype)
-    if dtype is None or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
-        raise TypeError(f"rms_norm_cpu: x, weight and residual must share one of float32, float16, bfloat16 "
-                        f"(x is {x.dtype}, weight {weight.dtype})")
+    dtype = _one_dtype("rms_norm_cpu", "x, weight and residual", x.dtype, weight.dtype,
+                       None if residual is None else residual.dtype)
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.numel() == 0:
         return out
@@ -114,10 +119,7 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     ``[T, D]`` (contiguous, x's dtype), each product and sum rounded as torch's ops round them:
     bit for bit ``x * cos[:, None] + rotate_half(x) * sin[:, None]``. ``x`` needs unit stride along
     D (rows and heads may be strided: a view of the fused qkv). Returns ``x``."""
-    dtype = _DTYPES.get(x.dtype)
-    if dtype is None or cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise TypeError(f"rope_cpu: x, cos and sin must share one of float32, float16, bfloat16 "
-                        f"(x is {x.dtype}, cos {cos.dtype})")
+    dtype = _one_dtype("rope_cpu", "x, cos and sin", x.dtype, cos.dtype, sin.dtype)
     if x.numel():
         EXT.rope(_array(x, "rope_cpu"), _array(cos, "rope_cpu"), _array(sin, "rope_cpu"), dtype)
     return x
@@ -148,10 +150,7 @@ def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, se
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
     Returns y."""
-    dtype = _DTYPES.get(x.dtype)
-    if dtype is None or weights.dtype != x.dtype:
-        raise TypeError(f"lora_apply_cpu: x ({x.dtype}) and the weights ({weights.dtype}) must share one of "
-                        "float32, float16, bfloat16")
+    dtype = _one_dtype("lora_apply_cpu", "x, y and the weights", x.dtype, y.dtype, weights.dtype)
     EXT.lora_apply(_array(y, "lora_apply_cpu"), _array(x, "lora_apply_cpu"), *weights.arrays, seg_starts, seg_slots,
                    dtype)
     return y
