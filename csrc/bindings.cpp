@@ -1,6 +1,6 @@
 // mcl_runtime._C: Python bindings of the C++ block manager (same interface, return types and
-// exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager) and of the CPU paged-attention
-// kernel (wrapped for torch tensors by mcl_runtime.kernels.paged_attention_cpu).
+// exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager) and of the CPU kernels (paged
+// attention, multi-LoRA, RMSNorm, rotary embedding; wrapped for torch tensors by mcl_runtime.kernels.cpu).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -50,81 +50,137 @@ void check(bool ok, const std::string& what, const char* kernel = "paged_attenti
     if (!ok) throw std::invalid_argument(std::string(kernel) + ": " + what);
 }
 
-mcl::DType parse_dtype(const std::string& dtype, const char* kernel) {
-    if (dtype == "float32") return mcl::DType::f32;
-    if (dtype == "float16") return mcl::DType::f16;
-    if (dtype == "bfloat16") return mcl::DType::bf16;
-    throw py::type_error(std::string(kernel) + ": dtype " + dtype);
+// The kernels take torch tensors as DLPack capsules (torch.utils.dlpack.to_dlpack): shape,
+// strides, dtype and device are read from the capsule in place, without a numpy array per tensor.
+// The structs are those of dlpack.h (a stable ABI), declared here so the build needs no torch.
+struct DLDevice { int32_t device_type; int32_t device_id; };
+struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLTensor {
+    void* data; DLDevice device; int32_t ndim; DLDataType dtype; int64_t* shape; int64_t* strides;
+    uint64_t byte_offset;
+};
+struct DLManagedTensor { DLTensor dl_tensor; void* manager_ctx; void (*deleter)(DLManagedTensor*); };
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBfloat = 4;
+
+// One tensor of a kernel call: the capsule (which keeps the tensor alive) and its view.
+struct Tensor {
+    py::capsule capsule;
+    const DLTensor* t;
+    int64_t ndim() const { return t->ndim; }
+    int64_t size(int d) const { return t->shape[d]; }
+    int64_t stride(int d) const {   // in elements; NULL strides mean compact row-major
+        if (t->strides) return t->strides[d];
+        int64_t s = 1;
+        for (int i = t->ndim - 1; i > d; --i) s *= t->shape[i];
+        return s;
+    }
+    bool contiguous() const {
+        int64_t s = 1;
+        for (int d = t->ndim - 1; d >= 0; --d) {
+            if (t->shape[d] != 1 && stride(d) != s) return false;
+            s *= t->shape[d];
+        }
+        return true;
+    }
+    template <typename T = void> T* data() const {
+        return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
+    }
+    bool is(uint8_t code, uint8_t bits) const { return t->dtype.code == code && t->dtype.bits == bits && t->dtype.lanes == 1; }
+    std::optional<mcl::DType> float_dtype() const {
+        if (is(kDLFloat, 32)) return mcl::DType::f32;
+        if (is(kDLFloat, 16)) return mcl::DType::f16;
+        if (is(kDLBfloat, 16)) return mcl::DType::bf16;
+        return std::nullopt;
+    }
+};
+
+Tensor tensor(const py::handle& obj, const char* kernel, const char* name) {
+    if (!PyCapsule_IsValid(obj.ptr(), "dltensor"))
+        throw py::type_error(std::string(kernel) + ": " + name + " must be a tensor's DLPack capsule (to_dlpack)");
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
+    Tensor out{py::reinterpret_borrow<py::capsule>(obj), &managed->dl_tensor};
+    check(out.t->device.device_type == kDLCPU, std::string(name) + " must be on the CPU", kernel);
+    return out;
 }
 
-int64_t elem_stride(const py::array& a, int dim) { return a.strides(dim) / static_cast<int64_t>(a.itemsize()); }
+// The kernels' float dtype: that of the first tensor, which every other must share.
+mcl::DType one_dtype(std::initializer_list<const Tensor*> tensors, const char* kernel, const char* names) {
+    const std::optional<mcl::DType> dt = (*tensors.begin())->float_dtype();
+    bool ok = dt.has_value();
+    for (const Tensor* t : tensors) ok = ok && t->float_dtype() == dt;
+    if (!ok) throw py::type_error(std::string(kernel) + ": " + names + " must share one of float32, float16, bfloat16");
+    return *dt;
+}
 
+void check_int(const Tensor& t, uint8_t bits, const char* kernel, const char* name) {
+    if (!t.is(kDLInt, bits))
+        throw py::type_error(std::string(kernel) + ": " + name + " must be int" + std::to_string(bits));
+}
 
 // out [T, N], x [T, N], residual [T, N] or None, weight [N]: one dtype, unit stride along N.
-void rms_norm(py::array out, const py::array& x, std::optional<py::array> residual, const py::array& weight,
-              double eps, const std::string& dtype) {
-    const mcl::DType dt = parse_dtype(dtype, "rms_norm");
-    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
-    check(x.ndim() == 2 && weight.ndim() == 1 && x.shape(1) == weight.shape(0), "x [T, N] and weight [N]", "rms_norm");
-    std::vector<const py::array*> arrays{&out, &x, &weight};
-    if (residual) arrays.push_back(&*residual);
-    for (const py::array* a : arrays) {
-        if (a->itemsize() != itemsize) throw py::type_error("rms_norm: every tensor must be " + dtype);
-        check(a->strides(a->ndim() - 1) == itemsize, "unit stride along the last dim needed", "rms_norm");
-        check(a == &x || a == &weight || (a->ndim() == 2 && a->shape(0) == x.shape(0) && a->shape(1) == x.shape(1) &&
-                                          a->writeable()), "out and residual: writeable, x's shape", "rms_norm");
-    }
-    const mcl::RMSNormArgs args{out.mutable_data(), elem_stride(out, 0), x.data(), elem_stride(x, 0),
-                                residual ? residual->mutable_data() : nullptr, residual ? elem_stride(*residual, 0) : 0,
-                                weight.data(), x.shape(0), x.shape(1), static_cast<float>(eps)};
+void rms_norm(const py::handle& out_, const py::handle& x_, const py::handle& residual_, const py::handle& weight_,
+              double eps) {
+    const char* k = "rms_norm";
+    const Tensor out = tensor(out_, k, "out"), x = tensor(x_, k, "x"), weight = tensor(weight_, k, "weight");
+    const std::optional<Tensor> residual = residual_.is_none() ? std::nullopt
+                                                               : std::optional<Tensor>(tensor(residual_, k, "residual"));
+    const mcl::DType dt = residual ? one_dtype({&x, &weight, &out, &*residual}, k, "x, weight, out and residual")
+                                   : one_dtype({&x, &weight, &out}, k, "x, weight and out");
+    check(x.ndim() == 2 && weight.ndim() == 1 && x.size(1) == weight.size(0), "x [T, N] and weight [N]", k);
+    for (const Tensor* a : {&out, &x, &weight}) check(a->stride(a->ndim() - 1) == 1, "unit stride along the last dim needed", k);
+    for (const Tensor* a : {&out, residual ? &*residual : &out})
+        check(a->ndim() == 2 && a->size(0) == x.size(0) && a->size(1) == x.size(1) && a->stride(1) == 1,
+              "out and residual: x's shape, unit stride along the last dim", k);
+    const mcl::RMSNormArgs args{out.data(), out.stride(0), x.data(), x.stride(0),
+                                residual ? residual->data() : nullptr, residual ? residual->stride(0) : 0,
+                                weight.data(), x.size(0), x.size(1), static_cast<float>(eps)};
     py::gil_scoped_release release;
     mcl::rms_norm(args, dt);
 }
 
 // x [T, H, D] (unit stride along D; rotated in place), cos and sin [T, D] contiguous: one dtype.
-void rope(py::array x, const py::array& cos, const py::array& sin, const std::string& dtype) {
-    const mcl::DType dt = parse_dtype(dtype, "rope");
-    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
-    for (const py::array* a : std::initializer_list<const py::array*>{&x, &cos, &sin})
-        if (a->itemsize() != itemsize) throw py::type_error("rope: every tensor must be " + dtype);
-    check(x.ndim() == 3 && x.shape(2) % 2 == 0 && x.strides(2) == itemsize && x.writeable(),
-          "x [T, H, D]: even D, unit stride along D, writeable", "rope");
-    for (const py::array* a : {&cos, &sin})
-        check(a->ndim() == 2 && a->shape(0) == x.shape(0) && a->shape(1) == x.shape(2) &&
-              (a->flags() & py::array::c_style) != 0, "cos and sin [T, D], contiguous", "rope");
-    const mcl::RopeArgs args{x.mutable_data(), elem_stride(x, 0), elem_stride(x, 1), cos.data(), sin.data(),
-                             x.shape(0), x.shape(1), x.shape(2)};
+void rope(const py::handle& x_, const py::handle& cos_, const py::handle& sin_) {
+    const char* k = "rope";
+    const Tensor x = tensor(x_, k, "x"), cos = tensor(cos_, k, "cos"), sin = tensor(sin_, k, "sin");
+    const mcl::DType dt = one_dtype({&x, &cos, &sin}, k, "x, cos and sin");
+    check(x.ndim() == 3 && x.size(2) % 2 == 0 && x.stride(2) == 1, "x [T, H, D]: even D, unit stride along D", k);
+    for (const Tensor* a : {&cos, &sin})
+        check(a->ndim() == 2 && a->size(0) == x.size(0) && a->size(1) == x.size(2) && a->contiguous(),
+              "cos and sin [T, D], contiguous", k);
+    const mcl::RopeArgs args{x.data(), x.stride(0), x.stride(1), cos.data(), sin.data(), x.size(0), x.size(1), x.size(2)};
     py::gil_scoped_release release;
     mcl::rope(args, dt);
 }
 
 // y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]: one dtype;
-// scaling [S] float32, ranks [S, n] int32, offsets [n + 1] int64, seg_starts [nseg + 1] and
-// seg_slots [nseg] int32. Semantics in lora_cpu.h.
-void lora_apply(py::array y, const py::array& x, const py::array& lora_a, const py::array& lora_b,
-                const py::array_t<float, 0>& scaling, const py::array_t<int32_t, 0>& ranks,
-                const py::array_t<int64_t, 0>& offsets, const py::array_t<int32_t, 0>& seg_starts,
-                const py::array_t<int32_t, 0>& seg_slots, const std::string& dtype) {
+// scaling [S] float32, ranks [S, n] int32 (tensors); offsets [n + 1] int64, seg_starts [nseg + 1]
+// and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
+void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_b_,
+                const py::handle& scaling_, const py::handle& ranks_, const py::array_t<int64_t, 0>& offsets,
+                const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots) {
     const char* kernel = "lora_apply";
-    const mcl::DType dt = parse_dtype(dtype, kernel);
-    const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
-    for (const py::array* a : std::initializer_list<const py::array*>{&y, &x, &lora_a, &lora_b})
-        if (a->itemsize() != itemsize) throw py::type_error("lora_apply: y, x and the weights must be " + dtype);
+    const Tensor y = tensor(y_, kernel, "y"), x = tensor(x_, kernel, "x"), lora_a = tensor(lora_a_, kernel, "lora_a"),
+                 lora_b = tensor(lora_b_, kernel, "lora_b"), scaling = tensor(scaling_, kernel, "scaling"),
+                 ranks = tensor(ranks_, kernel, "ranks");
+    const mcl::DType dt = one_dtype({&x, &y, &lora_a, &lora_b}, kernel, "x, y and the weights");
+    if (!scaling.is(kDLFloat, 32)) throw py::type_error("lora_apply: scaling must be float32");
+    check_int(ranks, 32, kernel, "ranks");
     check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && lora_b.ndim() == 3,
           "y [T, out], x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]", kernel);
-    const int64_t T = x.shape(0), in = x.shape(1), out = y.shape(1), S = lora_a.shape(0), R = lora_b.shape(2);
+    const int64_t T = x.size(0), in = x.size(1), out = y.size(1), S = lora_a.size(0), R = lora_b.size(2);
     const int64_t n = offsets.ndim() == 1 ? offsets.shape(0) - 1 : -1;
-    check(n >= 1 && y.shape(0) == T && lora_a.shape(2) == in && lora_a.shape(1) == n * R && lora_b.shape(0) == S &&
-          lora_b.shape(1) == out, "shapes do not match", kernel);
-    check(x.strides(1) == itemsize && y.strides(1) == itemsize && y.writeable(),
-          "x and y need unit stride along features; y writeable", kernel);
-    check((lora_a.flags() & lora_b.flags() & py::array::c_style) != 0, "lora_a and lora_b must be contiguous", kernel);
-    check(scaling.ndim() == 1 && scaling.shape(0) == S && ranks.ndim() == 2 && ranks.shape(0) == S &&
-          ranks.shape(1) == n, "scaling [S], ranks [S, n]", kernel);
+    check(n >= 1 && y.size(0) == T && lora_a.size(2) == in && lora_a.size(1) == n * R && lora_b.size(0) == S &&
+          lora_b.size(1) == out, "shapes do not match", kernel);
+    check(x.stride(1) == 1 && y.stride(1) == 1, "x and y need unit stride along features", kernel);
+    check(lora_a.contiguous() && lora_b.contiguous(), "lora_a and lora_b must be contiguous", kernel);
+    check(scaling.ndim() == 1 && scaling.size(0) == S && ranks.ndim() == 2 && ranks.size(0) == S &&
+          ranks.size(1) == n && scaling.contiguous() && ranks.contiguous(), "scaling [S], ranks [S, n]", kernel);
     const int64_t* off = offsets.data();
     check(off[0] == 0 && off[n] == out, "offsets must run from 0 to out", kernel);
     for (int64_t j = 0; j < n; ++j) check(off[j + 1] >= off[j], "offsets must not decrease", kernel);
-    for (int64_t i = 0; i < S * n; ++i) check(ranks.data()[i] >= 0 && ranks.data()[i] <= R, "ranks in [0, R]", kernel);
+    const int32_t* rank = ranks.data<int32_t>();
+    for (int64_t i = 0; i < S * n; ++i) check(rank[i] >= 0 && rank[i] <= R, "ranks in [0, R]", kernel);
     const int64_t nseg = seg_slots.ndim() == 1 ? seg_slots.shape(0) : -1;
     check(nseg >= 0 && seg_starts.ndim() == 1 && seg_starts.shape(0) == nseg + 1, "seg_starts [nseg + 1], seg_slots [nseg]",
           kernel);
@@ -134,8 +190,8 @@ void lora_apply(py::array y, const py::array& x, const py::array& lora_a, const 
         check(starts[i + 1] >= starts[i], "seg_starts must not decrease", kernel);
         check(slots[i] >= -1 && slots[i] < S, "seg_slots must be -1 (no adapter) or a slot", kernel);
     }
-    const mcl::LoRAArgs args{y.mutable_data(), elem_stride(y, 0), x.data(), elem_stride(x, 0), lora_a.data(),
-                             lora_b.data(), scaling.data(), ranks.data(), off, starts, slots, nseg, n, R, in, out};
+    const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_b.data(),
+                             scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out};
     py::gil_scoped_release release;
     mcl::lora_apply(args, dt);
 }
@@ -144,15 +200,17 @@ void lora_apply(py::array y, const py::array& x, const py::array& lora_a, const 
 // included); run() is called per layer and checks only the tensors that change with the layer.
 class PagedAttentionPlan {
   public:
-    PagedAttentionPlan(py::array_t<int32_t, 0> block_tables, py::array_t<int32_t, 0> context_lens,
-                       py::array_t<int32_t, 0> cu_seqlens_q, int64_t block_size)
-        : tables_(std::move(block_tables)), ctx_(std::move(context_lens)), cu_(std::move(cu_seqlens_q)),
-          block_size_(block_size) {
-        const int64_t B = ctx_.ndim() == 1 ? ctx_.shape(0) : -1, M = tables_.ndim() == 2 ? tables_.shape(1) : -1;
-        check(B >= 0 && M >= 0 && tables_.shape(0) == B && cu_.ndim() == 1 && cu_.shape(0) == B + 1 &&
-              (tables_.flags() & ctx_.flags() & cu_.flags() & py::array::c_style) != 0 && block_size > 0,
+    PagedAttentionPlan(const py::handle& block_tables, const py::handle& context_lens, const py::handle& cu_seqlens_q,
+                       int64_t block_size)
+        : tables_(tensor(block_tables, kernel, "block_tables")), ctx_(tensor(context_lens, kernel, "context_lens")),
+          cu_(tensor(cu_seqlens_q, kernel, "cu_seqlens_q")), block_size_(block_size) {
+        for (const auto& [t, name] : {std::pair{&tables_, "block_tables"}, {&ctx_, "context_lens"}, {&cu_, "cu_seqlens_q"}})
+            check_int(*t, 32, kernel, name);
+        const int64_t B = ctx_.ndim() == 1 ? ctx_.size(0) : -1, M = tables_.ndim() == 2 ? tables_.size(1) : -1;
+        check(B >= 0 && M >= 0 && tables_.size(0) == B && cu_.ndim() == 1 && cu_.size(0) == B + 1 &&
+              tables_.contiguous() && ctx_.contiguous() && cu_.contiguous() && block_size > 0,
               "block_tables [B, M], context_lens [B], cu_seqlens_q [B + 1] (contiguous), block_size > 0");
-        const int32_t *cu = cu_.data(), *ctx = ctx_.data(), *table = tables_.data();
+        const int32_t *cu = cu_.data<int32_t>(), *ctx = ctx_.data<int32_t>(), *table = tables_.data<int32_t>();
         check(cu[0] >= 0, "cu_seqlens_q must not be negative");
         for (int64_t b = 0; b < B; ++b) {
             check(cu[b + 1] >= cu[b], "cu_seqlens_q must not decrease");
@@ -165,35 +223,35 @@ class PagedAttentionPlan {
         }
     }
 
-    void run(py::array out, const py::array& q, const py::array& k_cache, const py::array& v_cache, double scale,
-             const std::string& dtype, int num_threads) const {
-        const mcl::DType dt = parse_dtype(dtype, "paged_attention");
-        const py::ssize_t itemsize = dt == mcl::DType::f32 ? 4 : 2;
-        for (const py::array* a : std::initializer_list<const py::array*>{&out, &q, &k_cache, &v_cache})
-            if (a->itemsize() != itemsize) throw py::type_error("paged_attention: q, caches and out must be " + dtype);
-        check(q.ndim() == 3 && out.ndim() == 3 && k_cache.ndim() == 4, "q, out [T, Hq, D], caches [N, bs, Hkv, D]");
-        check(k_cache.request().shape == v_cache.request().shape, "k_cache and v_cache shapes differ");
-        const int64_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
-        const int64_t N = k_cache.shape(0), Hkv = k_cache.shape(2);
-        check(out.shape(0) == T && out.shape(1) == Hq && out.shape(2) == D, "out must have q's shape");
-        check(k_cache.shape(1) == block_size_, "the cache's block size is not the plan's");
-        check(k_cache.shape(3) == D && Hkv > 0 && Hq % Hkv == 0, "head_dim or head counts do not match the cache");
-        check((k_cache.flags() & v_cache.flags() & py::array::c_style) != 0, "caches must be contiguous");
-        check(q.strides(2) == itemsize && out.strides(2) == itemsize, "q and out need unit stride along D");
-        check(out.writeable(), "out must be writeable");
-        const int64_t B = ctx_.shape(0);
-        check(cu_.data()[B] <= T, "cu_seqlens_q out of the rows of q");
+    void run(const py::handle& out_, const py::handle& q_, const py::handle& k_cache_, const py::handle& v_cache_,
+             double scale, int num_threads) const {
+        const Tensor out = tensor(out_, kernel, "out"), q = tensor(q_, kernel, "q"),
+                     k_cache = tensor(k_cache_, kernel, "k_cache"), v_cache = tensor(v_cache_, kernel, "v_cache");
+        const mcl::DType dt = one_dtype({&q, &k_cache, &v_cache, &out}, kernel, "q, the caches and out");
+        check(q.ndim() == 3 && out.ndim() == 3 && k_cache.ndim() == 4 && v_cache.ndim() == 4,
+              "q, out [T, Hq, D], caches [N, bs, Hkv, D]");
+        for (int d = 0; d < 4; ++d) check(k_cache.size(d) == v_cache.size(d), "k_cache and v_cache shapes differ");
+        const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+        const int64_t N = k_cache.size(0), Hkv = k_cache.size(2);
+        check(out.size(0) == T && out.size(1) == Hq && out.size(2) == D, "out must have q's shape");
+        check(k_cache.size(1) == block_size_, "the cache's block size is not the plan's");
+        check(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "head_dim or head counts do not match the cache");
+        check(k_cache.contiguous() && v_cache.contiguous(), "caches must be contiguous");
+        check(q.stride(2) == 1 && out.stride(2) == 1, "q and out need unit stride along D");
+        const int64_t B = ctx_.size(0);
+        check(cu_.data<int32_t>()[B] <= T, "cu_seqlens_q out of the rows of q");
         check(max_block_ < N, "block_tables entry out of the cache");
         const mcl::PagedAttentionArgs args{
-            out.mutable_data(), elem_stride(out, 0), elem_stride(out, 1), q.data(), elem_stride(q, 0), elem_stride(q, 1),
-            k_cache.data(), v_cache.data(), tables_.data(), tables_.shape(1), ctx_.data(), cu_.data(), B, Hq, Hkv, D,
-            block_size_, static_cast<float>(scale)};
+            out.data(), out.stride(0), out.stride(1), q.data(), q.stride(0), q.stride(1),
+            k_cache.data(), v_cache.data(), tables_.data<int32_t>(), tables_.size(1), ctx_.data<int32_t>(),
+            cu_.data<int32_t>(), B, Hq, Hkv, D, block_size_, static_cast<float>(scale)};
         py::gil_scoped_release release;
         mcl::paged_attention(args, dt, num_threads);
     }
 
   private:
-    py::array_t<int32_t, 0> tables_, ctx_, cu_;  // held: the kernel reads them
+    static constexpr const char* kernel = "paged_attention";
+    Tensor tables_, ctx_, cu_;  // held (their capsules keep the tensors alive): the kernel reads them
     int64_t block_size_;
     int64_t max_block_ = -1;
 };
@@ -212,19 +270,17 @@ PYBIND11_MODULE(_C, m) {
     });
 
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
-        .def(py::init<py::array_t<int32_t, 0>, py::array_t<int32_t, 0>, py::array_t<int32_t, 0>, int64_t>(),
+        .def(py::init<const py::handle&, const py::handle&, const py::handle&, int64_t>(),
              py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("block_size"))
         .def("run", &PagedAttentionPlan::run, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-             py::arg("scale"), py::arg("dtype"), py::arg("num_threads") = 1);
+             py::arg("scale"), py::arg("num_threads") = 1);
 
-    m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"),
-          py::arg("dtype"));
+    m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
 
-    m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("dtype"));
+    m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"));
 
     m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"),
-          py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),
-          py::arg("dtype"));
+          py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"));
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

@@ -9,13 +9,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
 HAS_CPU_ATTENTION = EXT is not None and hasattr(EXT, "PagedAttentionPlan")  # False for a stale build
 HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
-
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def use_cpu_layer_ops(t: torch.Tensor) -> bool:
@@ -25,19 +24,9 @@ def use_cpu_layer_ops(t: torch.Tensor) -> bool:
     return HAS_CPU_LAYER_OPS and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _one_dtype(kernel: str, names: str, first: torch.dtype, *others: torch.dtype | None) -> str:
-    """The kernels' name of ``first``, which every other dtype (None: argument not given) must equal."""
-    dtype = _DTYPES.get(first)
-    if dtype is None or any(d is not None and d != first for d in others):
-        raise TypeError(f"{kernel}: {names} must share one of float32, float16, bfloat16 "
-                        f"(got {', '.join(str(d) for d in (first, *others) if d is not None)})")
-    return dtype
-
-
-def _array(t: torch.Tensor, kernel: str = "paged_attention_cpu"):
-    if t.device.type != "cpu":
-        raise ValueError(f"{kernel}: every tensor must be on the CPU, got one on {t.device}")
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+# The kernels read each tensor through its DLPack capsule: about 0.5 us, where ``Tensor.numpy()``
+# and the checks around it cost several. The C++ side checks devices, dtypes, shapes and strides.
+_dl = to_dlpack
 
 
 class PagedAttentionCPU:
@@ -62,16 +51,13 @@ class PagedAttentionCPU:
         if not HAS_CPU_ATTENTION:
             raise RuntimeError("paged_attention_cpu needs the C++ extension mcl_runtime._C (built by "
                                "`pip install -e .`; MCL_NO_EXT=1 disables it)")
-        self._plan = EXT.PagedAttentionPlan(_array(block_tables), _array(context_lens), _array(cu_seqlens_q),
-                                            int(block_size))
+        self._plan = EXT.PagedAttentionPlan(_dl(block_tables), _dl(context_lens), _dl(cu_seqlens_q), int(block_size))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
-        dtype = _one_dtype("paged_attention_cpu", "q, the caches and out", q.dtype, k_cache.dtype, v_cache.dtype,
-                           None if out is None else out.dtype)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
-        self._plan.run(_array(out), _array(q), _array(k_cache), _array(v_cache), float(scale), dtype, num_threads)
+        self._plan.run(_dl(out), _dl(q), _dl(k_cache), _dl(v_cache), float(scale), num_threads)
         return out
 
 
@@ -103,14 +89,9 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     layer's new residual). Statistics in float32; in float16/bfloat16, ``h`` and the normalised row
     are rounded to the dtype before the weight (transformers' order). ``weight [N]``; one dtype
     throughout, unit stride along N. Returns a new ``[T, N]``."""
-    dtype = _one_dtype("rms_norm_cpu", "x, weight and residual", x.dtype, weight.dtype,
-                       None if residual is None else residual.dtype)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    if x.numel() == 0:
-        return out
-    EXT.rms_norm(_array(out, "rms_norm_cpu"), _array(x, "rms_norm_cpu"),
-                 None if residual is None else _array(residual, "rms_norm_cpu"), _array(weight, "rms_norm_cpu"),
-                 float(eps), dtype)
+    out = torch.empty_like(x)
+    if x.numel():
+        EXT.rms_norm(_dl(out), _dl(x), None if residual is None else _dl(residual), _dl(weight), float(eps))
     return out
 
 
@@ -119,24 +100,21 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     ``[T, D]`` (contiguous, x's dtype), each product and sum rounded as torch's ops round them:
     bit for bit ``x * cos[:, None] + rotate_half(x) * sin[:, None]``. ``x`` needs unit stride along
     D (rows and heads may be strided: a view of the fused qkv). Returns ``x``."""
-    dtype = _one_dtype("rope_cpu", "x, cos and sin", x.dtype, cos.dtype, sin.dtype)
     if x.numel():
-        EXT.rope(_array(x, "rope_cpu"), _array(cos, "rope_cpu"), _array(sin, "rope_cpu"), dtype)
+        EXT.rope(_dl(x), _dl(cos), _dl(sin))
     return x
 
 
 class LoRAWeightsCPU:
-    """One projection's LoRA buffers as the C++ kernel reads them, converted once (a tensor's
-    ``numpy()`` costs four aten calls: per step and projection that added up): lora_a [S, n*R, in],
-    lora_b [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n] int32, the slices'
-    output offsets. The views follow the tensors' contents (``set_slot`` writes in place);
-    ``matches`` says whether they are still these tensors."""
+    """One projection's LoRA buffers as the C++ kernel reads them, their DLPack capsules made once:
+    lora_a [S, n*R, in], lora_b [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n]
+    int32, the slices' output offsets. The capsules follow the tensors' contents (``set_slot``
+    writes in place); ``matches`` says whether they are still these tensors."""
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
                  slice_offsets: Sequence[int]) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
-        self.dtype = lora_a.dtype
-        self.arrays = tuple(_array(t, "lora_apply_cpu") for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
+        self.args = tuple(_dl(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
 
     def matches(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> bool:
         return all(a is b for a, b in zip(self.tensors, (lora_a, lora_b, scaling, ranks)))
@@ -150,7 +128,5 @@ def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, se
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
     Returns y."""
-    dtype = _one_dtype("lora_apply_cpu", "x, y and the weights", x.dtype, y.dtype, weights.dtype)
-    EXT.lora_apply(_array(y, "lora_apply_cpu"), _array(x, "lora_apply_cpu"), *weights.arrays, seg_starts, seg_slots,
-                   dtype)
+    EXT.lora_apply(_dl(y), _dl(x), *weights.args, seg_starts, seg_slots)
     return y

@@ -45,6 +45,7 @@ class ModelRunner:
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
+        self.kv_caches = [(layer[0], layer[1]) for layer in kv_cache]   # views, made once: not per layer and step
         self.bm = block_manager
         self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
         self.device = kv_cache.device
@@ -196,7 +197,7 @@ class ModelRunner:
                             bucket if static else max_seg_len,
                             self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
                             seg_starts, seg_slots, token_slots=buf.view("token_slots", T) if static else None)
-        ctx = ForwardContext(self.backend, self.kv_cache, attn, lora)
+        ctx = ForwardContext(self.backend, self.kv_caches, attn, lora)
         return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), len(pending)
 
     def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,

@@ -78,7 +78,7 @@ class Backend(Protocol):
 @dataclass
 class ForwardContext:
     backend: Backend
-    kv_cache: torch.Tensor       # [L, 2, num_blocks, block_size, Hkv, D]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (k_cache, v_cache) [num_blocks, block_size, Hkv, D]
     attn: AttentionMeta
     lora: LoRAMeta | None        # None when no token of the step has an adapter
     cos: torch.Tensor | None = None

@@ -44,7 +44,7 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])), dim=1)
         qk = apply_rope(qk, ctx.cos, ctx.sin)
         q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
-        k_cache, v_cache = ctx.kv_cache[self.layer_idx]
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
         o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v)
         return self.o_proj(o.reshape(T, -1), ctx)
