@@ -21,8 +21,8 @@ headline ms/step from the plain pass. ``dense_ms`` is the floor no engine avoids
 projections and LM head (``F.linear`` on its own weights, one row per sequence) timed alone.
 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
-``main``; extracted to a temporary folder, with this tree's built C++ extension) in a subprocess on
-the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
+``main``; built once as a wheel in a temporary folder, C++ extension included, so that kernel
+changes count) in a subprocess on the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
 tree and REF in turn) and reports the median per setting and the best round (on a shared machine
 other processes only ever add time), with every round's value in the JSON.
 ``--compile`` builds the engine with ``compile=True`` (the static decode path, one compiled graph
@@ -33,6 +33,7 @@ Writes benchmarks/results/host_overhead_<device>[_compile].json (--smoke: only w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -44,7 +45,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -264,25 +265,41 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict:
             "results": results}
 
 
-def run_revision(ref: str, args: argparse.Namespace) -> dict:
-    """This script on the ``mcl_runtime`` of git revision ``ref``, in a subprocess."""
+@contextlib.contextmanager
+def revision(ref: str, rank: int) -> Iterator[Path]:
+    """A folder holding the package of git revision ``ref``, built as a wheel with its own C++
+    extension (so that kernel changes count too), and the micro model; removed afterwards."""
     import mcl_runtime
 
-    ext = next(Path(mcl_runtime.__file__).parent.glob("_C*.so"), None)
     with tempfile.TemporaryDirectory(prefix="bench_host_ref_") as tmp:
-        archive = subprocess.run(["git", "archive", ref, "mcl_runtime"], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        if ext is not None:
-            shutil.copy(ext, Path(tmp) / "mcl_runtime" / ext.name)
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--compare")
-        del argv[i:i + 2]
-        out = Path(tmp) / "result.json"
-        micro_model(Path(tmp) / "model", args.rank)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tmp, str(ROOT / "benchmarks")])}
-        subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(out.parent),
-                        "--model-dir", str(Path(tmp) / "model")], env=env, check=True, cwd=tmp)
-        return json.loads((out.parent / "host_overhead_json_only.json").read_text())
+        tmp = Path(tmp)
+        names = subprocess.run(["git", "ls-tree", "--name-only", ref], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+        wanted = [n for n in ("mcl_runtime", "kernels", "csrc", "CMakeLists.txt", "setup.py", "pyproject.toml")
+                  if n in names]
+        archive = subprocess.run(["git", "archive", ref, *wanted], cwd=ROOT, capture_output=True, check=True)
+        (tmp / "src").mkdir()
+        subprocess.run(["tar", "-x", "-C", str(tmp / "src")], input=archive.stdout, check=True)
+        print(f"building {ref} (a wheel, with its C++ extension) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "wheel"),
+                        str(tmp / "src")], check=True)
+        wheel = next((tmp / "wheel").glob("*.whl"))
+        shutil.unpack_archive(wheel, tmp / "site", "zip")
+        if any(Path(mcl_runtime.__file__).parent.glob("_C*.so")) and not any((tmp / "site" / "mcl_runtime").glob("_C*.so")):
+            raise RuntimeError(f"{ref}'s C++ extension did not build: its figures would not be comparable")
+        micro_model(tmp / "model", rank)
+        yield tmp
+
+
+def run_revision(tree: Path, args: argparse.Namespace) -> dict:
+    """This script on the package built by ``revision``, in a subprocess."""
+    argv = list(sys.argv[1:])
+    i = argv.index("--compare")
+    del argv[i:i + 2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "site"), str(ROOT / "benchmarks")])}
+    subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(tree),
+                    "--model-dir", str(tree / "model")], env=env, check=True, cwd=tree)
+    return json.loads((tree / "host_overhead_json_only.json").read_text())
 
 
 def print_table(label: str, data: dict, other: dict | None = None, other_label: str = "") -> None:
@@ -326,10 +343,11 @@ def main() -> None:
         save_result("host_overhead_json_only", run_all(args, device), args.out_dir, False, announce=False)
         return
     ours_rounds, ref_rounds = [], []
-    for _ in range(max(1, args.repeat)):   # interleaved, so that both see the same machine
-        ours_rounds.append(run_all(args, device))
-        if args.compare:
-            ref_rounds.append(run_revision(args.compare, args))
+    with revision(args.compare, args.rank) if args.compare else contextlib.nullcontext() as tree:
+        for _ in range(max(1, args.repeat)):   # interleaved, so that both see the same machine
+            ours_rounds.append(run_all(args, device))
+            if tree is not None:
+                ref_rounds.append(run_revision(tree, args))
     ours = merge_rounds(ours_rounds)
     ref = merge_rounds(ref_rounds) if ref_rounds else None
     if ref:
