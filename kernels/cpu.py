@@ -117,7 +117,8 @@ class LoRAWeightsCPU:
         self.args = tuple(_dl(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
 
     def matches(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> bool:
-        return all(a is b for a, b in zip(self.tensors, (lora_a, lora_b, scaling, ranks)))
+        mine = self.tensors
+        return mine[0] is lora_a and mine[1] is lora_b and mine[2] is scaling and mine[3] is ranks
 
 
 def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, seg_starts: np.ndarray,

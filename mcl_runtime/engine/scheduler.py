@@ -99,7 +99,7 @@ class Scheduler:
         decode_rows = rows[decoding][kept]
         batch.add_decodes(decodes, decode_rows)
         budget -= len(decodes)
-        scheduled = set(table.seq_id[decode_rows].tolist())
+        scheduled = set(table.seq_id[decode_rows].tolist()) if prefills else set()
         for seq in prefills:
             if budget <= 0:
                 break
@@ -136,8 +136,9 @@ class Scheduler:
         kept: list[np.ndarray] = []
         todo = np.arange(len(decodes))
         while len(todo):
-            k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(),
-                                        [decodes[i].token_ids[-1] for i in todo.tolist()])
+            last = [s.token_ids[-1] for s in (decodes if len(todo) == len(decodes) else
+                                               [decodes[i] for i in todo.tolist()])]
+            k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(), last)
             kept.append(todo[:k])
             if k == len(todo):
                 break

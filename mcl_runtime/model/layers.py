@@ -71,8 +71,11 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x [T, heads, D]`` rotated with the half-split convention of transformers (on the CPU in
     place, by the C++ kernel: the same values bit for bit)."""
-    if use_cpu_layer_ops(x):
-        return rope_cpu(x, cos, sin)
+    return rope_cpu(x, cos, sin) if use_cpu_layer_ops(x) else rope_torch(x, cos, sin)
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in torch's ops (a new tensor)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,167 @@
+"""The C++ CPU kernels against the torch ops the engine runs without them, side by side.
+
+    python benchmarks/bench_cpu_kernels.py [--smoke] [--out-dir DIR] [--shapes micro qwen7b] [--reps 200]
+
+For each shape, an engine (torch backend, float32, 4 LoRA adapters + base, dummy weights) admits that
+many requests (adapters in turn), prefills them and decodes a few steps; the next decode step's
+metadata (``ForwardContext``, as ``backend.prepare`` left it) is taken from its forward call. Then,
+per call of one layer, on random inputs of that step's shapes:
+
+* ``attention``: ``TorchBackend.attention`` through the C++ paged-attention kernel (the default at
+  <= 2 torch threads) vs ``TorchBackend(cpu_attention=False)``'s padded path (its own ``prepare`` on
+  the same metadata), over the engine's KV cache;
+* ``lora_<proj>``: ``apply_lora`` through ``lora_apply_cpu`` vs ``cpu_lora=False``'s gather + bmm;
+* ``rms_norm_residual``: ``rms_norm_cpu`` with the residual vs ``F.rms_norm(x + residual)``;
+* ``rope``: ``rope_cpu`` (in place on the q/k heads of a fused qkv) vs ``layers.rope_torch``.
+
+Both paths are timed in alternating blocks of calls (so both see the same machine); the figure is
+the median per-call time over blocks, and ``speedup`` = torch / kernel. ``max_abs_diff`` compares
+one output of each path. Shapes: ``micro`` is bench_host_overhead's model at its 256 sequences
+(hidden 64, 4/2 heads of 16); ``qwen7b`` is one Qwen2.5-7B-Instruct layer (hidden 3584, 28/4 heads of
+128, rank-32 adapters) at 32 decodes. Per-step costs (``prepare``) are not included.
+Writes benchmarks/results/cpu_kernels.json (--smoke: only with --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from common import (QWEN25_7B_INSTRUCT, SMOKE_VOCAB, base_parser, environment, parse_with_smoke, save_result,
+                    write_model_folder, write_peft_adapter)
+
+NUM_ADAPTERS = 4
+SHAPES = {
+    "micro": dict(cfg={**QWEN25_7B_INSTRUCT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                       "max_window_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "vocab_size": 512, "bos_token_id": 509, "eos_token_id": 511},
+                  seqs=256, prompt_len=48, rank=8),
+    "qwen7b": dict(cfg={**QWEN25_7B_INSTRUCT, "num_hidden_layers": 1, "max_window_layers": 1,
+                        "vocab_size": SMOKE_VOCAB, "bos_token_id": 509, "eos_token_id": 511},
+                   seqs=32, prompt_len=48, rank=32),
+}
+SMOKE_SHAPES = {"micro": dict(SHAPES["micro"], seqs=8, prompt_len=8)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = base_parser(__doc__)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--reps", type=int, default=200, help="calls of each path per case (in blocks of 10)")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps before the one measured")
+    return parse_with_smoke(p, dict(reps=20, decode_steps=1))
+
+
+def step_context(shape: dict, decode_steps: int, tmp: Path):
+    """An engine and the ``ForwardContext`` of one of its decode steps (after ``backend.prepare``)."""
+    from mcl_runtime import Engine, SamplingParams
+
+    cfg = shape["cfg"]
+    base = write_model_folder(tmp / "base", cfg)
+    adapters = {f"a{i}": write_peft_adapter(tmp / f"a{i}", cfg, rank=shape["rank"], seed=i, dtype=torch.float32)
+                for i in range(NUM_ADAPTERS)}
+    n, plen = shape["seqs"], shape["prompt_len"]
+    engine = Engine(model=base, adapters=adapters, device="cpu", dtype="float32", backend="torch",
+                    max_loras=NUM_ADAPTERS, max_lora_rank=shape["rank"], max_num_seqs=n, load_format="dummy",
+                    kv_cache_blocks=n * ((plen + decode_steps + 16) // 16 + 2))
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=decode_steps + 8, ignore_eos=True)
+    for i in range(n):
+        engine.add_request(None, torch.randint(0, 500, (plen,), generator=gen).tolist(), params, names[i % len(names)])
+    while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(decode_steps):
+        engine.step()
+    captured = {}
+    hook = engine.model.register_forward_pre_hook(lambda m, args: captured.update(ctx=args[2]))
+    engine.step()
+    hook.remove()
+    return engine, captured["ctx"]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, block: int = 10) -> dict[str, float]:
+    """Median per-call microseconds of each function, timed in alternating blocks of ``block`` calls."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, reps // block)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[name].append(1e6 * (time.perf_counter() - t0) / block)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+    """Case name -> (kernel path, torch path), each returning its output."""
+    from mcl_runtime.kernels import rms_norm_cpu, rope_cpu
+    from mcl_runtime.model.layers import rope_torch
+    from mcl_runtime.model.torch_backend import TorchBackend
+
+    cfg, layer = engine.model.config, engine.model.layers[0]
+    kernel = engine.backend
+    padded = TorchBackend(cpu_attention=False, cpu_lora=False)
+    attn, lora = dataclasses.replace(ctx.attn, extra={}), dataclasses.replace(ctx.lora, extra={})
+    padded.prepare(attn, lora)
+    T, Hq, Hkv, D = len(ctx.attn.slot_mapping), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = ctx.kv_caches[0]
+    q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    scale = layer.self_attn.scale
+    out = {"attention": (lambda: kernel.attention(q, k_cache, v_cache, scale, ctx.attn, k, v),
+                         lambda: padded.attention(q, k_cache, v_cache, scale, attn, k, v))}
+    for name, mod in engine.model.lora_modules(0).items():
+        x = torch.randn(T, mod.in_features, generator=gen)
+        y_kernel, y_torch = torch.zeros(T, sum(mod.out_sizes)), torch.zeros(T, sum(mod.out_sizes))
+        out[f"lora_{name}"] = (lambda x=x, y=y_kernel, m=mod: (y.zero_(), kernel.apply_lora(x, y, m, ctx.lora), y)[2],
+                               lambda x=x, y=y_torch, m=mod: (y.zero_(), padded.apply_lora(x, y, m, lora), y)[2])
+    norm = layer.post_attention_layernorm
+    x, res = torch.randn(T, cfg.hidden_size, generator=gen), torch.randn(T, cfg.hidden_size, generator=gen)
+    res_kernel = res.clone()
+    out["rms_norm_residual"] = (lambda: rms_norm_cpu(x, norm.weight, norm.eps, res_kernel.copy_(res)),
+                                lambda: F.rms_norm(x + res, norm.weight.shape, norm.weight, norm.eps))
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen)
+    qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+    qk_kernel = qk.clone()
+    cos, sin = ctx.cos, ctx.sin
+    out["rope"] = (lambda: rope_cpu(qk_kernel.copy_(qk), cos, sin), lambda: rope_torch(qk, cos, sin))
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    results: dict[str, dict] = {}
+    with torch.inference_mode():
+        for shape_name, shape in shapes.items():
+            with tempfile.TemporaryDirectory(prefix="bench_cpu_kernels_") as tmp:
+                engine, ctx = step_context(shape, args.decode_steps, Path(tmp))
+                ctx_lens = ctx.attn.context_lens_host
+                results[shape_name] = {"seqs": shape["seqs"], "context_lens": [int(ctx_lens.min()), int(ctx_lens.max())],
+                                       "hidden": engine.model.config.hidden_size, "lora_rank": shape["rank"], "cases": {}}
+                print(f"\n{shape_name}: {shape['seqs']} decodes, contexts {ctx_lens.min()}-{ctx_lens.max()}")
+                for name, (kernel_fn, torch_fn) in cases(engine, ctx).items():
+                    diff = (kernel_fn().float() - torch_fn().float()).abs().max().item()
+                    us = interleaved({"kernel": kernel_fn, "torch": torch_fn}, args.reps)
+                    results[shape_name]["cases"][name] = {"kernel_us": us["kernel"], "torch_us": us["torch"],
+                                                          "speedup": us["torch"] / us["kernel"], "max_abs_diff": diff}
+                    print(f"  {name:>18}: kernel {us['kernel']:8.1f} us   torch {us['torch']:8.1f} us   "
+                          f"{us['torch'] / us['kernel']:5.2f}x   (max |diff| {diff:.1e})")
+                del engine, ctx
+    payload = {"benchmark": "cpu_kernels", "env": environment("cpu"), "torch_threads": torch.get_num_threads(),
+               "config": {"dtype": "float32", "adapters": NUM_ADAPTERS, "decode_steps_before": args.decode_steps,
+                          "reps": args.reps, "timing": "alternating blocks of 10 calls, median per call"},
+               "results": results}
+    save_result("cpu_kernels", payload, args.out_dir, args.smoke)
+
+
+if __name__ == "__main__":
+    main()
