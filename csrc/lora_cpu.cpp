@@ -7,8 +7,7 @@ namespace {
 
 constexpr int64_t kTokens = kLanes;  // tokens per block of the shrink: one lane each
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
-
-MCL_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
 
 // y[0:w] += acc[0:w], the sum in float32 and y rounded once.
 template <typename T>
@@ -21,83 +20,92 @@ MCL_INLINE void add_row(T* y, const float* acc, int64_t w) {
     }
 }
 
-// y[0:w] += scale * u[0:r] @ bt[0:r, 0:w], bt's rows `stride` (a multiple of kCols) floats apart
-// and zero past w.
+// bt[k * kCols + o] = B[o, k] for the w <= kCols rows of B (R values apart) and k < r; zero past w.
 template <typename T>
-MCL_INLINE void expand_row(T* y, const float* u, const float* bt, int64_t stride, int64_t r, int64_t w, float scale) {
-    for (int64_t o0 = 0; o0 < w; o0 += kCols) {
-        f32x16 acc[kCols / kLanes] = {};
-        for (int64_t k = 0; k < r; ++k) {
-            const float uk = u[k];
-#pragma GCC unroll 4
-            for (int64_t v = 0; v < kCols / kLanes; ++v) acc[v] += uk * load16(bt + k * stride + o0 + v * kLanes);
-        }
-        float sums[kCols];
-        for (int64_t v = 0; v < kCols / kLanes; ++v) {
-            const f32x16 s = acc[v] * scale;
-            std::memcpy(sums + v * kLanes, &s, sizeof s);
-        }
-        add_row(y + o0, sums, std::min(kCols, w - o0));
-    }
+MCL_INLINE void transpose_chunk(float* bt, const T* B, int64_t R, int64_t r, int64_t w) {
+    for (int64_t o = 0; o < w; ++o)
+        for (int64_t k = 0; k < r; ++k) bt[k * kCols + o] = to_float(B[o * R + k]);
+    for (int64_t k = 0; k < r; ++k)
+        for (int64_t o = w; o < kCols; ++o) bt[k * kCols + o] = 0.0f;
 }
 
-// u[i * nR + j*R + k] = x_i . A[j*R + k] for the first m rows x_i of xf [16, in] (the block's tokens;
-// the other rows are computed and ignored) and the r_j rows of each slice j. A 16-bit row of A is
-// converted into af [in] first.
+// y[0:w] += scale * u[0:r] @ bt[0:r, 0:w] for one chunk (bt: r rows of kCols floats).
+template <typename T>
+MCL_INLINE void expand_chunk(T* y, const float* u, const float* bt, int64_t r, int64_t w, float scale) {
+    f32x16 acc[kCols / kLanes] = {};
+    for (int64_t k = 0; k < r; ++k) {
+        const float uk = u[k];
+#pragma GCC unroll 4
+        for (int64_t v = 0; v < kCols / kLanes; ++v) acc[v] += uk * load16(bt + k * kCols + v * kLanes);
+    }
+    float sums[kCols];
+    for (int64_t v = 0; v < kCols / kLanes; ++v) {
+        const f32x16 s = acc[v] * scale;
+        std::memcpy(sums + v * kLanes, &s, sizeof s);
+    }
+    add_row(y, sums, w);
+}
+
+// u[i * nR + j*R + k] = x_i . A[j*R + k] for the m rows x_i of xf [m, in] (the block's tokens) and
+// the r_j rows of each slice j. ``in`` is taken kChunk values at a time, so that the block's x chunk
+// stays in L2 while every row of A passes (a 7B down projection's x rows are 74 KB each). A 16-bit
+// chunk of a row of A is converted into af first.
 template <typename T>
 MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T* A, const int32_t* ranks, int64_t n,
                        int64_t R, int64_t in, float* af) {
-    for (int64_t j = 0; j < n; ++j) {
-        if (ranks[j] == 0) continue;
-        if (in % kLanes != 0) {
-            dot_block(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
-            continue;
-        }
-        for (int64_t k = 0; k < ranks[j]; ++k) {
-            const T* row = A + (j * R + k) * in;
-            const float* a = nullptr;
-            if constexpr (std::is_same_v<T, float>) {
-                a = row;
-            } else {
+    if (in % kLanes != 0) {
+        for (int64_t j = 0; j < n; ++j)
+            if (ranks[j] > 0) dot_block(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
+        return;
+    }
+    for (int64_t c0 = 0; c0 < in; c0 += kChunk) {
+        const int64_t len = std::min(kChunk, in - c0);
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t k = 0; k < ranks[j]; ++k) {
+                const T* row = A + (j * R + k) * in + c0;
+                const float* a = nullptr;
+                if constexpr (std::is_same_v<T, float>) {
+                    a = row;
+                } else {
 #pragma omp simd
-                for (int64_t d = 0; d < in; ++d) af[d] = to_float(row[d]);
-                a = af;
+                    for (int64_t d = 0; d < len; ++d) af[d] = to_float(row[d]);
+                    a = af;
+                }
+                float dots[kLanes];
+                if (m == kTokens)
+                    dot_tile<true>(dots, a, xf + c0, in, len, kLanes);
+                else
+                    dot_tile(dots, a, xf + c0, in, len, m);
+                float* out = u + j * R + k;
+                for (int64_t i = 0; i < m; ++i) out[i * nR] = c0 == 0 ? dots[i] : out[i * nR] + dots[i];
             }
-            float dots[kLanes];
-            dot_tile<true>(dots, a, xf, in, in, kLanes);
-            for (int64_t i = 0; i < m; ++i) u[i * nR + j * R + k] = dots[i];
-        }
     }
 }
 
-// Per call: float32 scratch, and where each slice's transposed B lives in bt (R rows of wp[j] >= its
-// width floats, a multiple of kCols, zero past the width).
+// Per call: float32 scratch (a block's rows of x; the longest segment's shrunk u; one chunk of
+// transposed B).
 struct Scratch {
     std::vector<float> xf, u, af, bt;
-    std::vector<int64_t> bt_at, wp;
-    explicit Scratch(const LoRAArgs& a) : xf(kTokens * a.in_features), u(kTokens * a.num_slices * a.max_rank),
-                                          af(kLanes * a.in_features) {
-        for (int64_t j = 0; j < a.num_slices; ++j) {
-            bt_at.push_back(static_cast<int64_t>(bt.size()));
-            wp.push_back(round_up(a.offsets[j + 1] - a.offsets[j], kCols));
-            bt.resize(bt.size() + a.max_rank * wp.back());
-        }
+    explicit Scratch(const LoRAArgs& a) : xf(kTokens * a.in_features), af(kLanes * a.in_features),
+                                          bt(a.max_rank * kCols) {
+        int64_t longest = 0;
+        for (int64_t s = 0; s < a.num_segments; ++s)
+            longest = std::max<int64_t>(longest, a.seg_starts[s + 1] - a.seg_starts[s]);
+        u.resize(longest * a.num_slices * a.max_rank);
     }
 };
 
+// One segment: u = x @ A.T for its tokens (blocks of kTokens), then per slice and chunk of kCols
+// output columns the chunk of B transposed once (it stays in L1) and added to every token's y. B is
+// read once per segment, whatever its size (a 7B gate_up B is 4.8 MB a slot).
 template <typename T>
 MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int64_t slot, Scratch& w) {
     const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R;
     const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
     const T* B = static_cast<const T*>(a.lora_b) + slot * a.out_features * R;
     const int32_t* ranks = a.ranks + slot * n;
-    for (int64_t j = 0; j < n; ++j)  // the slot's B, transposed once per segment
-        for (int64_t k = 0; k < ranks[j]; ++k) {
-            float* row = &w.bt[w.bt_at[j] + k * w.wp[j]];
-            const T* col = B + a.offsets[j] * R + k;
-            for (int64_t o = 0; o < a.offsets[j + 1] - a.offsets[j]; ++o) row[o] = to_float(col[o * R]);
-        }
-    float *xf = w.xf.data(), *u = w.u.data();
+    const float scale = a.scaling[slot];
+    float *xf = w.xf.data(), *u = w.u.data(), *bt = w.bt.data();
     for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
         const int64_t mt = std::min(kTokens, end - t0);
         for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
@@ -105,13 +113,16 @@ MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int6
 #pragma omp simd
             for (int64_t d = 0; d < in; ++d) xf[i * in + d] = to_float(row[d]);
         }
-        shrink(u, nR, xf, mt, A, ranks, n, R, in, w.af.data());
-        for (int64_t i = 0; i < mt; ++i) {
-            T* y = static_cast<T*>(a.y) + (t0 + i) * a.y_stride;
-            for (int64_t j = 0; j < n; ++j)
-                if (ranks[j] > 0)
-                    expand_row(y + a.offsets[j], u + i * nR + j * R, &w.bt[w.bt_at[j]], w.wp[j], ranks[j],
-                               a.offsets[j + 1] - a.offsets[j], a.scaling[slot]);
+        shrink(u + (t0 - begin) * nR, nR, xf, mt, A, ranks, n, R, in, w.af.data());
+    }
+    T* y = static_cast<T*>(a.y) + begin * a.y_stride;
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = ranks[j], width = a.offsets[j + 1] - a.offsets[j];
+        for (int64_t o0 = 0; r > 0 && o0 < width; o0 += kCols) {
+            const int64_t cols = std::min(kCols, width - o0), col = a.offsets[j] + o0;
+            transpose_chunk(bt, B + col * R, R, r, cols);
+            for (int64_t i = 0; i < end - begin; ++i)
+                expand_chunk(y + i * a.y_stride + col, u + i * nR + j * R, bt, r, cols, scale);
         }
     }
 }
