@@ -269,6 +269,10 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
+    // The kernels' calling convention (2: tensors as DLPack capsules); kernels/cpu.py uses them only
+    // when it matches, so a stale build falls back to torch's ops instead of failing at a call.
+    m.attr("KERNEL_ABI") = 2;
+
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
         .def(py::init<const py::handle&, const py::handle&, const py::handle&, int64_t>(),
              py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("block_size"))

@@ -13,8 +13,9 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-HAS_CPU_ATTENTION = EXT is not None and hasattr(EXT, "PagedAttentionPlan")  # False for a stale build
-HAS_CPU_LAYER_OPS = EXT is not None and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 2   # False for a stale build (rebuilt by `pip install -e .`)
+HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
+HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
 
 
 def use_cpu_layer_ops(t: torch.Tensor) -> bool:
