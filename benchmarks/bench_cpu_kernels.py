@@ -19,7 +19,9 @@ the median per-call time over blocks, and ``speedup`` = torch / kernel. ``max_ab
 one output of each path. Shapes: ``micro`` is bench_host_overhead's model at its 256 sequences
 (hidden 64, 4/2 heads of 16); ``qwen7b`` is one Qwen2.5-7B-Instruct layer (hidden 3584, 28/4 heads of
 128, rank-32 adapters) at 32 decodes. Per-step costs (``prepare``) are not included.
-Writes benchmarks/results/cpu_kernels.json (--smoke: only with --out-dir).
+The kernels run on one thread; torch's ops on all of torch's threads (``--threads N`` sets them).
+Writes benchmarks/results/cpu_kernels.json, or cpu_kernels_threads<N>.json with ``--threads``
+(--smoke: only with --out-dir).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--reps", type=int, default=200, help="calls of each path per case (in blocks of 10)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps before the one measured")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default torch's; the kernels run on one): writes cpu_kernels_threads<N>.json")
     return parse_with_smoke(p, dict(reps=20, decode_steps=1))
 
 
@@ -138,6 +142,8 @@ def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     results: dict[str, dict] = {}
     with torch.inference_mode():
@@ -160,7 +166,7 @@ def main() -> None:
                "config": {"dtype": "float32", "adapters": NUM_ADAPTERS, "decode_steps_before": args.decode_steps,
                           "reps": args.reps, "timing": "alternating blocks of 10 calls, median per call"},
                "results": results}
-    save_result("cpu_kernels", payload, args.out_dir, args.smoke)
+    save_result(f"cpu_kernels_threads{args.threads}" if args.threads else "cpu_kernels", payload, args.out_dir, args.smoke)
 
 
 if __name__ == "__main__":

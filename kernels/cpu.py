@@ -2,9 +2,11 @@
 which reads the paged cache in place through the block tables (no gather, no padding to the longest
 context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cpp``); and the
 elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm and
-the rotary embedding in place."""
+the rotary embedding in place. Each tensor reaches C++ as its DLPack capsule (``to_dlpack``, about
+0.5 us), which checks devices, dtypes, shapes and strides itself."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +15,10 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 2   # False for a stale build (rebuilt by `pip install -e .`)
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 2
+if EXT is not None and not _CURRENT:
+    warnings.warn("mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
+                  "using torch's ops on the CPU. Rebuild with `pip install -e .`", RuntimeWarning, stacklevel=2)
 HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
 HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
 
@@ -23,11 +28,6 @@ def use_cpu_layer_ops(t: torch.Tensor) -> bool:
     ``rope_cpu``): built, a CPU tensor, eager inference (a compiled graph keeps torch's ops, which
     Inductor fuses; the kernels record no autograd history)."""
     return HAS_CPU_LAYER_OPS and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-# The kernels read each tensor through its DLPack capsule: about 0.5 us, where ``Tensor.numpy()``
-# and the checks around it cost several. The C++ side checks devices, dtypes, shapes and strides.
-_dl = to_dlpack
 
 
 class PagedAttentionCPU:
@@ -52,13 +52,14 @@ class PagedAttentionCPU:
         if not HAS_CPU_ATTENTION:
             raise RuntimeError("paged_attention_cpu needs the C++ extension mcl_runtime._C (built by "
                                "`pip install -e .`; MCL_NO_EXT=1 disables it)")
-        self._plan = EXT.PagedAttentionPlan(_dl(block_tables), _dl(context_lens), _dl(cu_seqlens_q), int(block_size))
+        self._plan = EXT.PagedAttentionPlan(to_dlpack(block_tables), to_dlpack(context_lens), to_dlpack(cu_seqlens_q),
+                                            int(block_size))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                  out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
-        self._plan.run(_dl(out), _dl(q), _dl(k_cache), _dl(v_cache), float(scale), num_threads)
+        self._plan.run(to_dlpack(out), to_dlpack(q), to_dlpack(k_cache), to_dlpack(v_cache), float(scale), num_threads)
         return out
 
 
@@ -92,7 +93,8 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     throughout, unit stride along N. Returns a new ``[T, N]``."""
     out = torch.empty_like(x)
     if x.numel():
-        EXT.rms_norm(_dl(out), _dl(x), None if residual is None else _dl(residual), _dl(weight), float(eps))
+        EXT.rms_norm(to_dlpack(out), to_dlpack(x), None if residual is None else to_dlpack(residual), to_dlpack(weight),
+                     float(eps))
     return out
 
 
@@ -102,7 +104,7 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     bit for bit ``x * cos[:, None] + rotate_half(x) * sin[:, None]``. ``x`` needs unit stride along
     D (rows and heads may be strided: a view of the fused qkv). Returns ``x``."""
     if x.numel():
-        EXT.rope(_dl(x), _dl(cos), _dl(sin))
+        EXT.rope(to_dlpack(x), to_dlpack(cos), to_dlpack(sin))
     return x
 
 
@@ -115,7 +117,7 @@ class LoRAWeightsCPU:
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
                  slice_offsets: Sequence[int]) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
-        self.args = tuple(_dl(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
+        self.args = tuple(to_dlpack(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
 
     def matches(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> bool:
         mine = self.tensors
@@ -130,5 +132,5 @@ def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, se
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
     Returns y."""
-    EXT.lora_apply(_dl(y), _dl(x), *weights.args, seg_starts, seg_slots)
+    EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots)
     return y
