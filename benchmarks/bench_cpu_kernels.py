@@ -151,8 +151,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="bench_cpu_kernels_") as tmp:
                 engine, ctx = step_context(shape, args.decode_steps, Path(tmp))
                 ctx_lens = ctx.attn.context_lens_host
-                results[shape_name] = {"seqs": shape["seqs"], "context_lens": [int(ctx_lens.min()), int(ctx_lens.max())],
-                                       "hidden": engine.model.config.hidden_size, "lora_rank": shape["rank"], "cases": {}}
+                results[shape_name] = {"seqs": shape["seqs"], "hidden": engine.model.config.hidden_size,
+                                       "context_lens": [int(ctx_lens.min()), int(ctx_lens.max())],
+                                       "lora_rank": shape["rank"], "cases": {}}
                 print(f"\n{shape_name}: {shape['seqs']} decodes, contexts {ctx_lens.min()}-{ctx_lens.max()}")
                 for name, (kernel_fn, torch_fn) in cases(engine, ctx).items():
                     diff = (kernel_fn().float() - torch_fn().float()).abs().max().item()
@@ -166,7 +167,8 @@ def main() -> None:
                "config": {"dtype": "float32", "adapters": NUM_ADAPTERS, "decode_steps_before": args.decode_steps,
                           "reps": args.reps, "timing": "alternating blocks of 10 calls, median per call"},
                "results": results}
-    save_result(f"cpu_kernels_threads{args.threads}" if args.threads else "cpu_kernels", payload, args.out_dir, args.smoke)
+    name = f"cpu_kernels_threads{args.threads}" if args.threads else "cpu_kernels"
+    save_result(name, payload, args.out_dir, args.smoke)
 
 
 if __name__ == "__main__":
