@@ -29,6 +29,22 @@ MCL_INLINE float exp_nonpositive(float x) {
     return y * from_bits(bits);
 }
 
+// max(s[0:n]), n >= 1, 16 lanes at a time (a scalar max chain waits out each compare's latency).
+MCL_INLINE float max_of(const float* s, int64_t n) {
+    float mx = s[0];
+    int64_t t = 0;
+    if (n >= kLanes) {
+        f32x16 m = load16(s);
+        for (t = kLanes; t + kLanes <= n; t += kLanes) {
+            const f32x16 v = load16(s + t);
+            m = v > m ? v : m;
+        }
+        for (int64_t l = 0; l < kLanes; ++l) mx = std::max(mx, m[l]);
+    }
+    for (; t < n; ++t) mx = std::max(mx, s[t]);
+    return mx;
+}
+
 constexpr int64_t kChains = 4;  // independent partial sums of weighted_sum (FMA latency)
 
 // acc[0:D] += sum_j p[j] * v_j for the m value rows v_j = v + j * stride of one block, kLanes
@@ -122,7 +138,7 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
         }
         for (int64_t g = 0; g < G; ++g) {
             float* s = &scores[g * n];
-            const float mx = *std::max_element(s, s + n);
+            const float mx = max_of(s, n);
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
             for (int64_t t = 0; t < n; ++t) sum += (s[t] = exp_nonpositive(s[t] - mx));
