@@ -17,6 +17,8 @@ a template gets ``DEFAULT_CHAT_TEMPLATE`` (plain ChatML, no default system messa
 """
 from __future__ import annotations
 
+import codecs
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -122,6 +124,28 @@ class Tokenizer:
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes] | None:
+        """Each id's bytes in ``decode(ids, skip_special_tokens=True)`` when the decoder is byte-level
+        (GPT-2 / Qwen2 / Llama 3 tokenizers): the text of any ids is then the UTF-8 decoding (invalid
+        bytes replaced) of their bytes joined, so text can grow one token at a time without
+        decoding again. A token's characters map to bytes through the byte-level alphabet, or, if one
+        of them is not in it, the token is its own UTF-8 (the ``tokenizers`` decoder's rule);
+        special tokens and unknown ids are empty. None for any other decoder, or with the
+        clean-up of tokenization spaces (text-level)."""
+        if type(self.backend.decoder).__name__ != "ByteLevel" or self._clean_up:
+            return None
+        alphabet = _byte_level_alphabet()
+        special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        table = []
+        for i in range(self.vocab_size):
+            token = None if i in special else self.backend.id_to_token(i)
+            try:
+                table.append(bytes(alphabet[c] for c in token) if token else b"")
+            except KeyError:
+                table.append(token.encode())
+        return table
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **template_vars: Any) -> str:
         """Render ``messages`` with the chat template as transformers does (``tokenize=False``).
@@ -148,6 +172,9 @@ class IncrementalDetokenizer:
     run is emitted. When the text ends cleanly and ``SLIDE_EVERY`` ids were added since the last
     slide, the window slides forward (one more decode), so a step costs one decode of a short
     window, 1 + 1 / SLIDE_EVERY on average, except during a run of undecodable bytes.
+    A byte-level tokenizer (``Tokenizer.token_bytes``) with ``skip_special_tokens`` needs none of
+    this: each id's bytes go through an incremental UTF-8 decoder, which holds back only an
+    unfinished character (no decode call, no window).
     ``"".join(add(...) deltas) + flush()`` equals ``tokenizer.decode(all_output_ids)``; call
     ``flush()`` when the sequence ends.
     """
@@ -156,6 +183,10 @@ class IncrementalDetokenizer:
     SLIDE_EVERY = 4
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+        self._bytes = tokenizer.token_bytes if skip_special_tokens else None
+        if self._bytes is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            return
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._vocab = tokenizer.vocab_size   # ids past it decode to nothing: they are dropped on the way in
@@ -168,6 +199,9 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Append generated ids; return the text they complete (possibly empty)."""
+        if self._bytes is not None:
+            table = self._bytes
+            return self._utf8.decode(b"".join([table[i] for i in new_ids if 0 <= i < len(table)]))
         self._ids.extend(_in_vocab(new_ids, self._vocab))
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
@@ -179,6 +213,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Return the text still held back (undecodable trailing bytes become U+FFFD)."""
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
         text = self._decode(self._ids)
         delta = text[self._sent:]
         self._sent = len(text)
@@ -193,6 +229,14 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode_known(ids, skip_special_tokens=self._skip) if ids else ""
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character the byte-level pre-tokenizer writes for each byte (GPT-2's map), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
 
 
 def _in_vocab(ids: Sequence[int], vocab: int) -> list[int]:

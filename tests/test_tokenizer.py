@@ -47,6 +47,16 @@ def tok(base_dir) -> Tokenizer:
     return Tokenizer.from_pretrained(base_dir)
 
 
+@pytest.fixture(scope="module", params=["bytes", "window"])
+def stream_tok(request, base_dir) -> Tokenizer:
+    """The demo tokenizer streamed both ways: through its byte table, and (as a tokenizer whose
+    decoder is not byte-level would be) by decoding a sliding window of ids."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    if request.param == "window":
+        tok.__dict__["token_bytes"] = None
+    return tok
+
+
 @pytest.fixture(scope="module")
 def hf_tok(base_dir):
     transformers = pytest.importorskip("transformers")
@@ -82,10 +92,10 @@ def test_special_tokens_and_ids(tok, hf_tok):
     assert tok.decode([510, 72, 511]) == "H"
 
 
-def test_decode_drops_ids_beyond_the_tokenizer(tok, hf_tok):
+def test_decode_drops_ids_beyond_the_tokenizer(tok, stream_tok, hf_tok):
     # Models may pad their embeddings beyond the tokenizer; such ids decode to nothing, as in transformers.
     assert tok.decode([72, 512, 105, 4000]) == hf_tok.decode([72, 512, 105, 4000]) == "Hi"
-    detok = IncrementalDetokenizer(tok, [600, 72])
+    detok = IncrementalDetokenizer(stream_tok, [600, 72])
     streamed = "".join(detok.add([i]) for i in [512, 105, 4000, 72]) + detok.flush()
     assert streamed == tok.decode([512, 105, 4000, 72]) == "iH"
 
@@ -175,7 +185,8 @@ def _random_ids(rng: random.Random, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_incremental_detokenizer_random(tok, seed):
+def test_incremental_detokenizer_random(stream_tok, seed):
+    tok = stream_tok
     rng = random.Random(seed)
     prompt = _random_ids(rng, rng.randrange(0, 12))
     output = _random_ids(rng, rng.randrange(1, 80))
@@ -186,7 +197,8 @@ def test_incremental_detokenizer_random(tok, seed):
     assert "".join(deltas) + tail == tok.decode(output)
 
 
-def test_incremental_detokenizer_holds_split_characters(tok):
+def test_incremental_detokenizer_holds_split_characters(stream_tok):
+    tok = stream_tok
     ids = tok.encode("a日b")  # 日 is three byte tokens
     assert len(ids) == 5
     deltas, tail = _stream(tok, tok.encode("prompt "), ids, [1] * 5)
@@ -196,7 +208,10 @@ def test_incremental_detokenizer_holds_split_characters(tok):
     assert "\ufffd" not in "".join(_stream(tok, [], tok.encode("🙂x"), [1] * 5)[0])
 
 
-def test_incremental_detokenizer_window_stays_small(tok):
+def test_incremental_detokenizer_window_stays_small(stream_tok):
+    tok = stream_tok
+    if tok.token_bytes is not None:
+        pytest.skip("no window: the byte table streams without one")
     detok = IncrementalDetokenizer(tok, tok.encode("some prompt"))
     text = "def f(x):\n    return x * 2  # 日本 🙂\n" * 50
     out = []
@@ -204,3 +219,47 @@ def test_incremental_detokenizer_window_stays_small(tok):
         out.append(detok.add([token_id]))
         assert len(detok._ids) <= 16
     assert "".join(out) + detok.flush() == text
+
+
+def _byte_level_with_added_tokens(tmp_path: Path) -> Tokenizer:
+    """A byte-level tokenizer with merged tokens, special tokens and non-special added tokens
+    whose characters are in the byte-level alphabet ("café": é stands for the byte 0xE9) or not
+    ("日本": the token is its own UTF-8)."""
+    import tokenizers
+
+    folder = tmp_path / "tok"
+    shutil.copytree(demo_model_dir() / "base", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.add_tokens([tokenizers.AddedToken(t, special=False) for t in ("café", "日本", "<x>", "a日")])
+    backend.add_special_tokens(["<|special|>"])
+    backend.save(str(folder / "tokenizer.json"))
+    return Tokenizer.from_pretrained(folder)
+
+
+def test_token_bytes_decode_like_the_tokenizer(tmp_path):
+    tok = _byte_level_with_added_tokens(tmp_path)
+    table = tok.token_bytes
+    assert len(table) == tok.vocab_size
+    for i in range(tok.vocab_size):
+        assert table[i].decode("utf-8", "replace") == tok.decode([i]), i
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size + 3) for _ in range(rng.randrange(1, 30))]
+        assert b"".join(table[i] for i in ids if i < len(table)).decode("utf-8", "replace") == tok.decode(ids), ids
+        detok = IncrementalDetokenizer(tok, [])
+        assert "".join(detok.add([i]) for i in ids) + detok.flush() == tok.decode(ids), ids
+
+
+def test_token_bytes_only_for_byte_level_decoders(tmp_path, base_dir):
+    import tokenizers
+
+    folder = tmp_path / "metaspace"
+    shutil.copytree(base_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.decoder = tokenizers.decoders.Metaspace()
+    backend.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(folder)
+    assert tok.token_bytes is None
+    ids = tok.encode("a b 日本 c")
+    detok = IncrementalDetokenizer(tok, [])
+    assert "".join(detok.add([i]) for i in ids) + detok.flush() == tok.decode(ids)
