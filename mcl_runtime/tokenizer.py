@@ -185,7 +185,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._bytes = tokenizer.token_bytes if skip_special_tokens else None
         if self._bytes is not None:
-            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            self._held = b""   # the bytes of an unfinished character
             return
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
@@ -201,7 +201,7 @@ class IncrementalDetokenizer:
         """Append generated ids; return the text they complete (possibly empty)."""
         if self._bytes is not None:
             table = self._bytes
-            return self._utf8.decode(b"".join([table[i] for i in new_ids if 0 <= i < len(table)]))
+            return self._utf8(b"".join([table[i] for i in new_ids if 0 <= i < len(table)]))
         self._ids.extend(_in_vocab(new_ids, self._vocab))
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
@@ -214,12 +214,28 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Return the text still held back (undecodable trailing bytes become U+FFFD)."""
         if self._bytes is not None:
-            return self._utf8.decode(b"", final=True)
+            text, self._held = codecs.utf_8_decode(self._held, "replace", True)[0], b""
+            return text
         text = self._decode(self._ids)
         delta = text[self._sent:]
         self._sent = len(text)
         self._slide()
         return delta
+
+    def add_token(self, token_id: int) -> str:
+        """``add([token_id])``."""
+        table = self._bytes
+        if table is not None and 0 <= token_id < len(table):
+            return self._utf8(table[token_id])
+        return self.add([token_id])
+
+    def _utf8(self, data: bytes) -> str:
+        """The characters ``data`` completes (invalid bytes replaced); an unfinished one is held."""
+        if self._held:
+            data = self._held + data
+        text, used = codecs.utf_8_decode(data, "replace", False)
+        self._held = data[used:]
+        return text
 
     def _slide(self) -> None:
         """The ids added since the last slide become the context of the next window."""

@@ -247,7 +247,7 @@ def test_token_bytes_decode_like_the_tokenizer(tmp_path):
         ids = [rng.randrange(tok.vocab_size + 3) for _ in range(rng.randrange(1, 30))]
         assert b"".join(table[i] for i in ids if i < len(table)).decode("utf-8", "replace") == tok.decode(ids), ids
         detok = IncrementalDetokenizer(tok, [])
-        assert "".join(detok.add([i]) for i in ids) + detok.flush() == tok.decode(ids), ids
+        assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids), ids
 
 
 def test_token_bytes_only_for_byte_level_decoders(tmp_path, base_dir):
@@ -262,4 +262,4 @@ def test_token_bytes_only_for_byte_level_decoders(tmp_path, base_dir):
     assert tok.token_bytes is None
     ids = tok.encode("a b 日本 c")
     detok = IncrementalDetokenizer(tok, [])
-    assert "".join(detok.add([i]) for i in ids) + detok.flush() == tok.decode(ids)
+    assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids)

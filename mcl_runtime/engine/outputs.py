@@ -32,13 +32,15 @@ class TextStream:
 
     def add(self, token: int) -> bool:
         """Append one token's text; True if a stop string now occurs (the final text is cut before it)."""
-        delta = self._detok.add([token])
-        return self._append(delta)
+        return self._append(self._detok.add_token(token))
 
     def _append(self, delta: str) -> bool:
         if not delta:
             return False
         self.pieces.append(delta)
+        if not self.stops:
+            self.num_chars += len(delta)
+            return False
         start = self.num_chars - len(self._tail)
         self.num_chars += len(delta)
         window = self._tail + delta
