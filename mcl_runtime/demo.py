@@ -424,20 +424,6 @@ def _adapter_weights(name: str, spec: AdapterSpec) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- tokenizer
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
 def _pre_tokenize(text: str) -> list[str]:
     """Qwen2's normalizer + pre-tokenizer, giving byte-level-mapped words."""
     from tokenizers import Regex, normalizers, pre_tokenizers
@@ -451,7 +437,9 @@ def _pre_tokenize(text: str) -> list[str]:
 
 def _train_bpe(corpus: str, num_tokens: int) -> tuple[dict[str, int], list[str]]:
     """Byte tokens (id = byte value) plus merges learned greedily: most frequent pair, ties by the pair."""
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    from mcl_runtime.tokenizer import byte_level_alphabet
+
+    vocab = dict(sorted(byte_level_alphabet().items(), key=lambda item: item[1]))
     words = {tuple(word): count for word, count in Counter(_pre_tokenize(corpus)).items()}
     merges: list[str] = []
     while len(vocab) < num_tokens:

@@ -133,9 +133,9 @@ class Tokenizer:
         of them is not in it, the token is its own UTF-8 (the ``tokenizers`` decoder's rule);
         special tokens and unknown ids are empty. None for any other decoder, or with the
         clean-up of tokenization spaces (text-level)."""
-        if type(self.backend.decoder).__name__ != "ByteLevel" or self._clean_up:
+        if not isinstance(self.backend.decoder, tokenizers.decoders.ByteLevel) or self._clean_up:
             return None
-        alphabet = _byte_level_alphabet()
+        alphabet = byte_level_alphabet()
         special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
         table = []
         for i in range(self.vocab_size):
@@ -248,8 +248,9 @@ class IncrementalDetokenizer:
 
 
 @functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """The character the byte-level pre-tokenizer writes for each byte (GPT-2's map), inverted."""
+def byte_level_alphabet() -> dict[str, int]:
+    """The character the byte-level pre-tokenizer writes for each byte (GPT-2's map), inverted;
+    in GPT-2's order (the printable bytes first)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}

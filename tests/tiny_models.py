@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mcl_runtime.model.arch import ARCHITECTURES
+from mcl_runtime.tokenizer import byte_level_alphabet
 
 # What each tiny model sets beyond the common shapes: Qwen3 with a head_dim that is not hidden // heads,
 # Mistral with a sliding window no shorter than its context (so full attention is exact).
@@ -17,20 +18,9 @@ ARCH_KWARGS = {"qwen2": dict(rope_theta=1e6), "llama": dict(rope_theta=5e5),
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def write_byte_tokenizer(folder: Path) -> int:
     """A byte-level BPE tokenizer with no merges (256 byte tokens + 3 specials); returns its size."""
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
+    vocab = {ch: i for i, ch in enumerate(byte_level_alphabet())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
