@@ -59,7 +59,7 @@ PARTS = ("scheduling", "metadata", "forward", "sampling", "bookkeeping", "output
 CONSUMERS = ("generate", "stream")
 NUM_ADAPTERS = 4
 # Engine methods that build outputs, by the names the engine has had (wrapped where they exist).
-OUTPUT_METHODS = ("_emit", "_output")
+OUTPUT_METHODS = ("_emit", "_output", "_outputs")
 
 MICRO = {**QWEN25_7B_INSTRUCT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
          "max_window_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,

@@ -146,6 +146,21 @@ class Tokenizer:
                 table.append(token.encode())
         return table
 
+    @functools.cached_property
+    def token_texts(self) -> list[str | None] | None:
+        """Each id's text when its ``token_bytes`` are whole UTF-8 characters on their own (most
+        tokens), else None; None when there are no ``token_bytes``."""
+        table = self.token_bytes
+        if table is None:
+            return None
+        texts: list[str | None] = []
+        for data in table:
+            try:
+                texts.append(data.decode())
+            except UnicodeDecodeError:
+                texts.append(None)
+        return texts
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **template_vars: Any) -> str:
         """Render ``messages`` with the chat template as transformers does (``tokenize=False``).
@@ -185,6 +200,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._bytes = tokenizer.token_bytes if skip_special_tokens else None
         if self._bytes is not None:
+            self._texts = tokenizer.token_texts
             self._held = b""   # the bytes of an unfinished character
             return
         self._tokenizer = tokenizer
@@ -226,6 +242,10 @@ class IncrementalDetokenizer:
         """``add([token_id])``."""
         table = self._bytes
         if table is not None and 0 <= token_id < len(table):
+            if not self._held:
+                text = self._texts[token_id]
+                if text is not None:
+                    return text
             return self._utf8(table[token_id])
         return self.add([token_id])
 

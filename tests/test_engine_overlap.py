@@ -103,6 +103,38 @@ def test_abort_between_steps_frees_everything(overlap):
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.scheduler.running
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_reused_running_state_equals_a_rebuild(overlap, monkeypatch):
+    """The scheduler keeps its running sequences' rows, slots and pending counts while all of them
+    decode; at every step they equal the ones rebuilt from the sequences, through arrivals, forks,
+    preemption and aborts."""
+    engine = _engine(overlap, kv_cache_blocks=24, block_size=4)
+    scheduler, reused = engine.scheduler, []
+    running_state = scheduler._running_state
+
+    def checked():
+        before = scheduler._state
+        state = running_state()
+        reused.append(state is before)
+        rows, slots, pending = (a.tolist() for a in state)
+        assert rows == [s.row for s in scheduler.running] and slots == [s.slot for s in scheduler.running]
+        assert pending == [len(s.token_ids) - s.num_computed for s in scheduler.running]
+        return state
+
+    monkeypatch.setattr(scheduler, "_running_state", checked)
+    ids = [engine.add_request(None, p, sp, a) for p, sp, a in zip(PROMPTS[:4], PARAMS, ADAPTERS)]
+    for step in range(400):
+        if step == 6:
+            engine.abort_request(ids[0])
+        if step == 9:
+            ids += [engine.add_request(None, p, sp, a) for p, sp, a in zip(PROMPTS[4:], PARAMS[4:], ADAPTERS[4:])]
+        engine.step()
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests() and any(reused) and not all(reused)
+    assert engine.stats()["num_preemptions"] > 0
+
+
 def test_sequence_table_finish_check():
     table = SequenceTable(vocab_size=100, eos_token_ids=[99], capacity=2)
     rows = np.array([table.add(SP(max_tokens=3), 3, 0, False),

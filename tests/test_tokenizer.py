@@ -8,7 +8,7 @@ import pytest
 
 from mcl_runtime.demo import demo_model_dir
 from mcl_runtime.errors import InvalidRequestError, ModelLoadError
-from mcl_runtime.tokenizer import DEFAULT_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
+from mcl_runtime.tokenizer import DEFAULT_CHAT_TEMPLATE, REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -242,6 +242,10 @@ def test_token_bytes_decode_like_the_tokenizer(tmp_path):
     assert len(table) == tok.vocab_size
     for i in range(tok.vocab_size):
         assert table[i].decode("utf-8", "replace") == tok.decode([i]), i
+    texts = tok.token_texts   # a token of whole characters has its text; one of a character's bytes has none
+    for i, text in enumerate(texts):
+        assert text == (None if REPLACEMENT_CHAR in tok.decode([i]) else tok.decode([i])), i
+    assert texts.count(None) > 0
     rng = random.Random(0)
     for _ in range(200):
         ids = [rng.randrange(tok.vocab_size + 3) for _ in range(rng.randrange(1, 30))]

@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Sequence as Seq
 
@@ -14,11 +15,11 @@ import torch
 from mcl_runtime.engine.adapter_manager import AdapterManager
 from mcl_runtime.engine.block_manager import BlockManager
 from mcl_runtime.engine.model_runner import ModelRunner, SampledTokens
-from mcl_runtime.engine.outputs import TextStream, request_output
+from mcl_runtime.engine.outputs import TextStream, request_outputs
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
 from mcl_runtime.engine.scheduler import ScheduledBatch, Scheduler
 from mcl_runtime.engine.seq_table import FINISH_REASONS, STOPPED, SequenceTable
-from mcl_runtime.engine.sequence import PENDING, Request, Sequence, Status
+from mcl_runtime.engine.sequence import PENDING, Request, Sequence
 from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
@@ -220,10 +221,14 @@ class Engine:
         self._stats["max_batch_size_seen"] = max(self._stats["max_batch_size_seen"], len(batch.seqs))
         prev = self._inflight.tokens if self._inflight is not None else None
         sampled = self.runner.run(batch, prev)
-        for seq, n in zip(batch.seqs, batch.num_new):
-            seq.num_computed += n
+        num_new = sampled.num_new
+        if len(sampled.seqs) < len(batch.seqs):   # mid-prefill chunks sample nothing
+            for seq, n in zip(batch.seqs, batch.num_new):
+                seq.num_computed += n
+            num_new = itertools.repeat(0)
         positions = sampled.positions
-        for k, seq in zip((np.cumsum(sampled.counts) - sampled.counts).tolist(), sampled.seqs):
+        for k, n, seq in zip((np.cumsum(sampled.counts) - sampled.counts).tolist(), num_new, sampled.seqs):
+            seq.num_computed += n
             ids = seq.token_ids
             positions.append(len(ids))
             ids.append(PENDING)
@@ -239,19 +244,17 @@ class Engine:
         if len(tokens) > len(seqs):
             seqs, positions = self._fork(sampled)
             rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        values = tokens.tolist()
-        ended_before = []   # sequences that ended (or were aborted) after this step was launched
-        for i, seq, p, t in zip(range(len(seqs)), seqs, positions, values):
-            if seq.status is Status.FINISHED:
-                ended_before.append(i)
-            else:
-                seq.token_ids[p] = t
-        if ended_before:
-            live = np.setdiff1d(np.arange(len(seqs)), ended_before)
-            seqs, positions, tokens, rows = [seqs[i] for i in live], [positions[i] for i in live], tokens[live], rows[live]
-            values = tokens.tolist()
+            live = np.fromiter((not s.finished for s in seqs), dtype=bool, count=len(seqs))
+        else:   # a sequence that ended (or was aborted) after this step was launched freed its row
+            live = self.table.seq_id[rows] == sampled.seq_ids
+        if not live.all():
+            keep = np.flatnonzero(live).tolist()
+            seqs, positions, tokens, rows = [seqs[i] for i in keep], [positions[i] for i in keep], tokens[keep], rows[keep]
         if not seqs:
             return []
+        values = tokens.tolist()
+        for seq, p, t in zip(seqs, positions, values):
+            seq.token_ids[p] = t
         codes = self.table.record(rows, tokens)
         for i in np.flatnonzero(self.table.constrained[rows]).tolist():
             if self._grammars.accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
@@ -266,10 +269,14 @@ class Engine:
             del seq.token_ids[positions[i] + 1:]   # a token launched after the end is dropped
             if seq.text is not None:
                 seq.text.finish()
-            self.scheduler.finish(seq, FINISH_REASONS[int(codes[i])])
+            self._finish(seq, FINISH_REASONS[int(codes[i])])
         if finished_only:
-            return [self._output(req) for req in dict.fromkeys(seqs[i].request for i in ended) if req.finished]
-        return [self._output(req) for req in dict.fromkeys(s.request for s in seqs)]
+            reqs = dict.fromkeys(req for req in (seqs[i].request for i in ended) if req.finished)
+        elif (self.table.n[rows] > 1).any():   # a request's completions share its output
+            reqs = dict.fromkeys(s.request for s in seqs)
+        else:
+            reqs = [s.request for s in seqs]
+        return self._outputs(reqs)
 
     def _fork(self, sampled: SampledTokens) -> tuple[list[Sequence], list[int]]:
         """Sequences and token positions of each sample; a request's n first samples fork it."""
@@ -286,10 +293,13 @@ class Engine:
             seqs += [seq] + children
         return seqs, positions
 
-    def _output(self, req: Request) -> RequestOutput:
-        if req.finished:
-            self._requests.pop(req.request_id, None)
-        return request_output(req, self.tokenizer)
+    def _outputs(self, reqs: Iterable[Request]) -> list[RequestOutput]:
+        return request_outputs(reqs, self.tokenizer)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.request.finished:
+            self._requests.pop(seq.request.request_id, None)
 
     def _unstick(self) -> list[RequestOutput]:
         """Nothing could be scheduled although work waits: the head sequence needs more KV blocks
@@ -299,8 +309,8 @@ class Engine:
         seq = self.scheduler.waiting[0]
         if seq.text is not None:
             seq.text.finish()
-        self.scheduler.finish(seq, "length")
-        return [self._output(seq.request)]
+        self._finish(seq, "length")
+        return self._outputs([seq.request])
 
     # ---- batch API -----------------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

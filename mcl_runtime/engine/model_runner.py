@@ -96,15 +96,16 @@ class ModelRunner:
         kinds = (num_new != 1).astype(np.int64)
         for i in np.flatnonzero(kinds).tolist():
             kinds[i] += batch.seqs[i].num_computed > 0
-        slots = np.fromiter((s.slot for s in batch.seqs), dtype=np.int64, count=len(batch.seqs))
+        slots = np.array(batch.slots, dtype=np.int64)
         order = np.lexsort((slots, kinds))
         seqs = [batch.seqs[i] for i in order.tolist()]
         rows = np.array(batch.rows, dtype=np.int64)[order]
         self._copy_blocks()
         bucket = self._bucket(num_new)
+        first_tokens = np.array(batch.first_tokens, dtype=np.int64)[order]
         cu, ctx, input_ids, positions, num_pending = self._prepare(seqs, batch.table.seq_id[rows], num_new[order],
-                                                                   slots[order], np.bincount(kinds, minlength=3),
-                                                                   bucket)
+                                                                   slots[order], first_tokens,
+                                                                   np.bincount(kinds, minlength=3), bucket)
         if num_pending:  # tokens not yet read back from the device: taken from the last step's samples
             buf = self.buffers
             input_ids.index_copy_(0, buf.view("pending_dst", num_pending),
@@ -127,7 +128,7 @@ class ModelRunner:
         counts = samples[which]
         samplers = seqs if len(which) == len(seqs) else [seqs[i] for i in which.tolist()]
         if not samplers:
-            return SampledTokens(samplers, np.zeros(0, np.int64), counts, None)
+            return SampledTokens(samplers, np.zeros(0, np.int64), np.zeros(0, np.int64), counts, [], None)
         rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
         last = hidden[:len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
         logits = self.model.compute_logits(last)
@@ -137,22 +138,23 @@ class ModelRunner:
             owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
             self.grammar(logits, constrained.tolist(), [samplers[i].matcher for i in owners])
         tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts, prev))
-        return SampledTokens(samplers, table_rows, counts, tokens, bool(len(constrained)))
+        return SampledTokens(samplers, table_rows, batch.table.seq_id[table_rows], counts, np.diff(cu)[which].tolist(),
+                             tokens, bool(len(constrained)))
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)
         return self.forward(input_ids, positions, ctx)
 
     def _prepare(self, seqs: list[Sequence], seq_ids: np.ndarray, num_new: np.ndarray, slots: np.ndarray,
-                 kind_counts: np.ndarray, bucket: int | None):
+                 first_tokens: np.ndarray, kind_counts: np.ndarray, bucket: int | None):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
         returns (host cu_seqlens_q, ForwardContext, input ids, positions, number of PENDING ids).
-        ``seqs`` are ordered by kind (``kind_counts`` of each) and slot; ``seq_ids``, ``num_new``
-        and ``slots`` are theirs. A PENDING id's row and its owner's ``pending_row`` go to
-        ``pending_dst`` / ``pending_src``."""
+        ``seqs`` are ordered by kind (``kind_counts`` of each) and slot; ``seq_ids``, ``num_new``,
+        ``slots`` and ``first_tokens`` are theirs. A PENDING id's row and its owner's
+        ``pending_row`` go to ``pending_dst`` / ``pending_src``."""
         positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata(seq_ids.tolist(), num_new.tolist())
         if len(positions) == len(seqs):  # one token each (decodes)
-            input_ids = np.fromiter((s.token_ids[s.num_computed] for s in seqs), dtype=np.int64, count=len(seqs))
+            input_ids = first_tokens
         else:
             input_ids = np.fromiter((t for s, n in zip(seqs, num_new.tolist())
                                      for t in s.token_ids[s.num_computed:s.num_computed + n]),
@@ -256,12 +258,13 @@ class ModelRunner:
 
 class SampledTokens:
     """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]`` (``SequenceTable``
-    row ``rows[i]``), in order. On CUDA they are copied to the host without blocking; ``host()``
-    waits for that copy."""
+    row ``rows[i]`` holding sequence ``seq_ids[i]``, ``num_new[i]`` tokens computed this step), in
+    order. On CUDA they are copied to the host without blocking; ``host()`` waits for that copy."""
 
-    def __init__(self, seqs: list[Sequence], rows: np.ndarray, counts: np.ndarray, tokens: torch.Tensor | None,
-                 constrained: bool = False) -> None:
-        self.seqs, self.rows, self.counts, self.tokens = seqs, rows, counts, tokens
+    def __init__(self, seqs: list[Sequence], rows: np.ndarray, seq_ids: np.ndarray, counts: np.ndarray,
+                 num_new: list[int], tokens: torch.Tensor | None, constrained: bool = False) -> None:
+        self.seqs, self.rows, self.seq_ids, self.counts, self.num_new = seqs, rows, seq_ids, counts, num_new
+        self.tokens = tokens
         self.constrained = constrained   # a row was masked by a grammar: processed before the next launch
         self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None

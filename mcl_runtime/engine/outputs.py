@@ -8,6 +8,8 @@ their text from their token ids when ``CompletionOutput.text`` is first read (on
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from mcl_runtime.engine.params import CompletionOutput, RequestOutput
 from mcl_runtime.engine.sequence import PENDING, Request, Sequence
 from mcl_runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
@@ -32,7 +34,14 @@ class TextStream:
 
     def add(self, token: int) -> bool:
         """Append one token's text; True if a stop string now occurs (the final text is cut before it)."""
-        return self._append(self._detok.add_token(token))
+        delta = self._detok.add_token(token)
+        if not delta:
+            return False
+        if self.stops:
+            return self._append(delta)
+        self.pieces.append(delta)
+        self.num_chars += len(delta)
+        return False
 
     def _append(self, delta: str) -> bool:
         if not delta:
@@ -72,7 +81,7 @@ class TextStream:
     def text(self, num_pieces: int, limit: int) -> str:
         k, joined = self._joined
         if k < num_pieces:
-            joined = joined + "".join(self.pieces[k:num_pieces])
+            joined += self.pieces[k] if k + 1 == num_pieces else "".join(self.pieces[k:num_pieces])
             self._joined = (num_pieces, joined)
         elif k > num_pieces:
             joined = "".join(self.pieces[:num_pieces])
@@ -82,22 +91,29 @@ class TextStream:
 class _Snapshot(CompletionOutput):
     """A ``CompletionOutput`` whose token ids and text are taken from its sequence when first read."""
 
-    __slots__ = ("_seq", "_tokenizer", "_end", "_text", "_text_at", "_token_ids")
+    __slots__ = ("_seq", "_tokenizer", "_end", "_text", "_pieces", "_chars", "_token_ids")
 
     def __init__(self, seq: Sequence, tokenizer: Tokenizer) -> None:
-        self.index, self.finish_reason, self._seq, self._tokenizer = seq.index, seq.finish_reason, seq, tokenizer
+        self.index = seq.index
+        self.finish_reason = seq.finish_reason
+        self._seq = seq
+        self._tokenizer = tokenizer
+        self._token_ids = None
         ids = seq.token_ids
         end = len(ids)
         while ids[end - 1] == PENDING:
             end -= 1
-        self._end, self._token_ids = end, None
+        self._end = end
         stream = seq.text
         if stream is None:
-            self._text = self._text_at = None
+            self._text = None
+            self._pieces = -1
         elif stream.final is not None:
-            self._text, self._text_at = stream.final, None
+            self._text = stream.final
         else:
-            self._text, self._text_at = None, (len(stream.pieces), stream.safe_len())
+            self._text = None
+            self._pieces = len(stream.pieces)
+            self._chars = stream.safe_len() if stream.stops else stream.num_chars
 
     @property
     def token_ids(self) -> list[int]:
@@ -112,8 +128,8 @@ class _Snapshot(CompletionOutput):
     @property
     def text(self) -> str:
         if self._text is None:
-            if self._text_at is not None:
-                self._text = self._seq.text.text(*self._text_at)
+            if self._pieces >= 0:
+                self._text = self._seq.text.text(self._pieces, self._chars)
             else:
                 text = self._tokenizer.decode(self.token_ids)
                 self._text = text if self.finish_reason else text.rstrip(REPLACEMENT_CHAR)
@@ -124,8 +140,17 @@ class _Snapshot(CompletionOutput):
         self._text = value
 
 
-def request_output(req: Request, tokenizer: Tokenizer) -> RequestOutput:
-    """The request's outputs as of now (O(number of completions), nothing copied)."""
-    seqs = req.seqs if len(req.seqs) == 1 else sorted(req.seqs, key=lambda s: s.index)
-    return RequestOutput(req.request_id, req.prompt_token_ids, [_Snapshot(s, tokenizer) for s in seqs],
-                         req.finished, req.adapter)
+def _by_index(seq: Sequence) -> int:
+    return seq.index
+
+
+def request_outputs(reqs: Iterable[Request], tokenizer: Tokenizer) -> list[RequestOutput]:
+    """Each request's outputs as of now (O(number of completions), nothing copied)."""
+    outs = []
+    for req in reqs:
+        seqs = req.seqs
+        snaps = [_Snapshot(seqs[0], tokenizer)] if len(seqs) == 1 else \
+            [_Snapshot(s, tokenizer) for s in sorted(seqs, key=_by_index)]
+        outs.append(RequestOutput(req.request_id, req.prompt_token_ids, snaps, req.num_finished == req.params.n,
+                                  req.adapter))
+    return outs

@@ -25,6 +25,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)      # each sequence's SequenceTable row
+    slots: list[int] = field(default_factory=list)     # each sequence's adapter slot (-1: base model)
+    first_tokens: list[int] = field(default_factory=list)   # each sequence's first token computed now
     samples: list[int] = field(default_factory=list)   # tokens each sequence samples: 0 (mid-prefill),
                                                        # 1, or n at the first sample of an n > 1 request
 
@@ -32,14 +34,18 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new.append(n)
         self.rows.append(seq.row)
+        self.slots.append(seq.slot)
+        self.first_tokens.append(seq.token_ids[seq.num_computed])
         self.samples.append(0 if seq.num_computed + n < len(seq.token_ids) else int(self.table.completions(seq.row)))
 
-    def add_decodes(self, seqs: list[Sequence], rows: np.ndarray) -> None:
-        """``add(seq, 1)`` for each of ``seqs`` (table rows ``rows``), sequences with one pending
-        token (each samples)."""
+    def add_decodes(self, seqs: list[Sequence], rows: np.ndarray, slots: np.ndarray, tokens: list[int]) -> None:
+        """``add(seq, 1)`` for each of ``seqs`` (table rows ``rows``, adapter slots ``slots``),
+        sequences with one pending token ``tokens`` (each samples)."""
         self.seqs += seqs
         self.num_new += [1] * len(seqs)
         self.rows += rows.tolist()
+        self.slots += slots.tolist()
+        self.first_tokens += tokens
         self.samples += self.table.completions(rows).tolist()
 
     @property
@@ -64,6 +70,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # see _running_state
         self.num_preemptions = 0
         self.num_cached_tokens = 0
 
@@ -85,19 +92,17 @@ class Scheduler:
         batch = ScheduledBatch(self.table)
         budget = self.max_num_batched_tokens
         running, table = list(self.running), self.table
-        rows = np.fromiter((s.row for s in running), dtype=np.int64, count=len(running))
-        pending = np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64,
-                              count=len(running))
+        rows, slots, pending = self._running_state()
         # A decode whose request has all its tokens launched waits for its last one to be processed.
         decoding = np.flatnonzero((pending == 1) & (table.num_sampled[rows] < table.max_out[rows]))[:budget]
         decodes = running if len(decoding) == len(running) else [running[i] for i in decoding]
         prefills = [running[i] for i in np.flatnonzero(pending != 1)]
         unsampled = [running[i] for i in np.flatnonzero(table.num_sampled[rows] == 0)]
-        kept = self._reserve_decodes(decodes, rows[decoding])
+        kept, tokens = self._reserve_decodes(decodes, rows[decoding])
         if len(kept) < len(decodes):
             decodes = [decodes[i] for i in kept.tolist()]
         decode_rows = rows[decoding][kept]
-        batch.add_decodes(decodes, decode_rows)
+        batch.add_decodes(decodes, decode_rows, slots[decoding][kept], tokens)
         budget -= len(decodes)
         scheduled = set(table.seq_id[decode_rows].tolist()) if prefills else set()
         for seq in prefills:
@@ -122,31 +127,55 @@ class Scheduler:
             if n == 0:
                 break
             seq = self.waiting.popleft()
-            self.running.append(seq)
+            self._run(seq)
             batch.add(seq, n)
             budget -= n
             seats += int(table.completions(seq.row))
         self.waiting.extendleft(reversed(no_slot))
         return batch
 
-    def _reserve_decodes(self, decodes: list[Sequence], rows: np.ndarray) -> np.ndarray:
+    def _running_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Table rows, adapter slots and pending token counts of the running sequences. Once each of
+        them has one pending token, every step keeps it so (a launched decode's next token is
+        pending) until the running set changes (``_run``, ``_stop``): then they are not rebuilt."""
+        if self._state is None or not (self._state[2] == 1).all():
+            running = self.running
+            self._state = (np.fromiter((s.row for s in running), dtype=np.int64, count=len(running)),
+                           np.fromiter((s.slot for s in running), dtype=np.int64, count=len(running)),
+                           np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64,
+                                       count=len(running)))
+        return self._state
+
+    def _run(self, seq: Sequence) -> None:
+        self.running.append(seq)
+        self._state = None
+
+    def _stop(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._state = None
+
+    def _reserve_decodes(self, decodes: list[Sequence], rows: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """One KV slot for each decode (table rows ``rows``), in order (one block-manager call while
         they fit); a decode that does not fit preempts as ``_reserve`` does. Returns the indices
-        into ``decodes`` of those still running, in order (all of them unless the cache was full)."""
+        into ``decodes`` of those still running, in order (all of them unless the cache was full),
+        and their pending tokens."""
         kept: list[np.ndarray] = []
+        tokens: list[int] = []
         todo = np.arange(len(decodes))
         while len(todo):
             last = [s.token_ids[-1] for s in (decodes if len(todo) == len(decodes) else
                                                [decodes[i] for i in todo.tolist()])]
             k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(), last)
             kept.append(todo[:k])
+            tokens += last[:k]
             if k == len(todo):
                 break
             scheduled = set(self.table.seq_id[rows[np.concatenate(kept)]].tolist())
             if self._reserve(decodes[todo[k]], 1, scheduled):
                 kept.append(todo[k:k + 1])
+                tokens.append(last[k])
             todo = np.array([i for i in todo[k + 1:].tolist() if decodes[i].status is Status.RUNNING], dtype=np.int64)
-        return np.concatenate(kept) if kept else todo
+        return (np.concatenate(kept) if kept else todo), tokens
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently
@@ -178,7 +207,7 @@ class Scheduler:
         return n
 
     def preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._stop(seq)
         self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -199,7 +228,7 @@ class Scheduler:
             child.slot = self.adapters.acquire(req.adapter)
             child.status = Status.RUNNING
             self.bm.fork(parent.seq_id, child.seq_id)
-            self.running.append(child)
+            self._run(child)
             req.seqs.append(child)
             children.append(child)
         return children
@@ -209,7 +238,7 @@ class Scheduler:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
+            self._stop(seq)
             self._release(seq)
         else:
             self.waiting.remove(seq)

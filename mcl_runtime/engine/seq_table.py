@@ -108,6 +108,7 @@ class SequenceTable:
         return which, ids[which, col]
 
     def free(self, row: int) -> None:
+        self.seq_id[row] = -1
         self._free.append(row)
 
     def record(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
