@@ -6,9 +6,10 @@
 A micro model (Qwen2, 1 layer, hidden 64, dummy weights, the demo tokenizer) with 4 LoRA adapters
 plus the base model, so the forward pass is nearly free and the step time is the engine's own.
 For each number of running sequences: that many requests (adapters in turn, greedy, EOS ignored)
-are admitted and prefilled, then ``--steps`` decode steps are timed one by one (median). Two
+are admitted and prefilled, then ``--steps`` decode steps are timed one by one (median). Three
 consumers: ``generate`` reads nothing until a request ends (what ``Engine.generate`` does, and
-like it asks ``step(finished_only=True)`` where the engine has that argument),
+like it asks ``step(finished_only=True)`` where the engine has that argument), ``step`` calls a
+plain ``step()`` (outputs of every request that progressed) and reads only the ended ones,
 ``stream`` reads every output's text after every step (what a streaming server does; its requests
 are added with ``stream=True`` where the engine has that argument).
 
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
 
 PARTS = ("scheduling", "metadata", "forward", "sampling", "bookkeeping", "outputs")
-CONSUMERS = ("generate", "stream")
+CONSUMERS = ("generate", "step", "stream")
 NUM_ADAPTERS = 4
 # Engine methods that build outputs, by the names the engine has had (wrapped where they exist).
 OUTPUT_METHODS = ("_emit", "_output", "_outputs")
@@ -360,7 +361,8 @@ def main() -> None:
                           "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
                           "compile": args.compile,
                           "rounds": max(1, args.repeat),
-                          "consumers": {"generate": "reads outputs only when finished",
+                          "consumers": {"generate": "step(finished_only=True), reads outputs when finished",
+                                        "step": "step(), reads outputs when finished",
                                         "stream": "reads every output's text every step"}},
                "ours": ours}
     if ref:

@@ -67,6 +67,7 @@ class ModelRunner:
             self.forward = torch.compile(self.model, backend=self.COMPILE_BACKEND, fullgraph=True, dynamic=False)
         self.graphs = DecodeGraphs(self._static_forward) if cuda_graphs else None
         self.grammar = None     # a structured.GrammarMasker once a constrained request arrives
+        self._segments: tuple[tuple[bytes, bytes], tuple] | None = None   # the last step's LoRA segments, by key
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -161,7 +162,10 @@ class ModelRunner:
                                     dtype=np.int64, count=len(positions))
         B = len(seqs)
         token_slots = np.repeat(slots, num_new)
-        seg_starts, seg_slots, max_seg_len = lora_segments(slots, num_new)
+        key = (slots.tobytes(), num_new.tobytes())
+        if self._segments is None or self._segments[0] != key:   # decode steps over the same sequences keep them
+            self._segments = (key, lora_segments(slots, num_new))
+        seg_starts, seg_slots, max_seg_len = self._segments[1]
         if bucket is not None:  # pad: base rows of context 1 writing into the scratch block
             pad = bucket - B
             bs = self.bm.block_size
