@@ -4,8 +4,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Sequence as Seq
 

@@ -35,12 +35,11 @@ class TextStream:
     def add(self, token: int) -> bool:
         """Append one token's text; True if a stop string now occurs (the final text is cut before it)."""
         delta = self._detok.add_token(token)
-        if not delta:
-            return False
         if self.stops:
             return self._append(delta)
-        self.pieces.append(delta)
-        self.num_chars += len(delta)
+        if delta:
+            self.pieces.append(delta)
+            self.num_chars += len(delta)
         return False
 
     def _append(self, delta: str) -> bool:
