@@ -103,6 +103,26 @@ def test_abort_between_steps_frees_everything(overlap):
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.scheduler.running
 
 
+def test_a_row_reused_while_its_old_token_is_in_flight_gets_none_of_it():
+    """With overlap, a request aborted after its step was launched frees its table row; a request
+    added then takes that row, and the in-flight token of the old one must not reach it."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = _engine(False).generate([PROMPTS[1]], params, adapter=ADAPTERS[1])[0].outputs[0].token_ids
+    engine = _engine(True)
+    engine.add_request("old", PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), ADAPTERS[0])
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None
+    row = engine._requests["old"].seqs[0].row
+    engine.abort_request("old")
+    engine.add_request("new", PROMPTS[1], params, ADAPTERS[1])
+    assert engine._requests["new"].seqs[0].row == row
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in engine.step())
+    assert outs["new"].outputs[0].token_ids == alone and "old" not in outs
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_reused_running_state_equals_a_rebuild(overlap, monkeypatch):
     """The scheduler keeps its running sequences' rows, slots and pending counts while all of them
