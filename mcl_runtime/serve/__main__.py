@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     aeng = AsyncEngine(engine)
     name = args.served_model_name or engine.model_name
     app = build_app(aeng, name)
+    # The startup heap (model, tokenizer, libraries) lives as long as the server: with it frozen, a
+    # full collection no longer scans it (a pause of about 80 ms every few hundred 256-sequence
+    # steps on the demo CPU), as vLLM does after its start-up.
+    gc.collect()
+    gc.freeze()
 
     def abort_all() -> None:
         app.state.server.shutting_down = True
