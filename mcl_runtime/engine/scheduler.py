@@ -135,9 +135,10 @@ class Scheduler:
         return batch
 
     def _running_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Table rows, adapter slots and pending token counts of the running sequences. Once each of
-        them has one pending token, every step keeps it so (a launched decode's next token is
-        pending) until the running set changes (``_run``, ``_stop``): then they are not rebuilt."""
+        """Table rows, adapter slots and pending token counts of the running sequences, rebuilt from
+        them after the running set changes (``_run``, ``_stop``) or while one is mid-prefill. Once
+        each has one pending token, every step keeps it so (a launched decode's next token is
+        pending): decode steps reuse the arrays."""
         if self._state is None or not (self._state[2] == 1).all():
             running = self.running
             self._state = (np.fromiter((s.row for s in running), dtype=np.int64, count=len(running)),
