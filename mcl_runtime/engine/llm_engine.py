@@ -241,12 +241,12 @@ class Engine:
         text only for the rows that have them."""
         tokens = sampled.host()
         seqs, positions, rows = sampled.seqs, sampled.positions, sampled.rows
+        seq_ids = sampled.seq_ids
         if len(tokens) > len(seqs):
             seqs, positions = self._fork(sampled)
             rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-            live = np.fromiter((not s.finished for s in seqs), dtype=bool, count=len(seqs))
-        else:   # a sequence that ended (or was aborted) after this step was launched freed its row
-            live = self.table.seq_id[rows] == sampled.seq_ids
+            seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
+        live = self.table.seq_id[rows] == seq_ids   # a sequence that ended after the launch freed its row
         if not live.all():
             keep = np.flatnonzero(live).tolist()
             seqs, positions, tokens, rows = [seqs[i] for i in keep], [positions[i] for i in keep], tokens[keep], rows[keep]

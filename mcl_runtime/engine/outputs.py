@@ -34,13 +34,7 @@ class TextStream:
 
     def add(self, token: int) -> bool:
         """Append one token's text; True if a stop string now occurs (the final text is cut before it)."""
-        delta = self._detok.add_token(token)
-        if self.stops:
-            return self._append(delta)
-        if delta:
-            self.pieces.append(delta)
-            self.num_chars += len(delta)
-        return False
+        return self._append(self._detok.add_token(token))
 
     def _append(self, delta: str) -> bool:
         if not delta:
