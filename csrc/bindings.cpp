@@ -45,8 +45,9 @@ py::tuple build_metadata(const mcl::BlockManager& bm, const py::sequence& seq_id
     return py::make_tuple(positions, slot_mapping, block_tables, context_lens, cu_seqlens_q);
 }
 
-// The checks that keep a kernel inside its buffers; the semantics are in its header.
-void check(bool ok, const std::string& what, const char* kernel = "paged_attention") {
+// The checks that keep a kernel inside its buffers; the semantics are in its header. The message is
+// a literal, made into a string only on failure: some checks run once per block-table entry.
+void check(bool ok, const char* what, const char* kernel = "paged_attention") {
     if (!ok) throw std::invalid_argument(std::string(kernel) + ": " + what);
 }
 
@@ -100,7 +101,8 @@ Tensor tensor(const py::handle& obj, const char* kernel, const char* name) {
         throw py::type_error(std::string(kernel) + ": " + name + " must be a tensor's DLPack capsule (to_dlpack)");
     auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
     Tensor out{py::reinterpret_borrow<py::capsule>(obj), &managed->dl_tensor};
-    check(out.t->device.device_type == kDLCPU, std::string(name) + " must be on the CPU", kernel);
+    if (out.t->device.device_type != kDLCPU)
+        throw std::invalid_argument(std::string(kernel) + ": " + name + " must be on the CPU");
     return out;
 }
 
