@@ -14,12 +14,17 @@ plain ``step()`` (outputs of every request that progressed) and reads only the e
 are added with ``stream=True`` where the engine has that argument).
 
 A second, profiled pass splits the step: scheduling (``scheduler.schedule``), runner metadata
-(``runner.run`` up to the model's forward), forward, sampling (after the forward to the end of
-``runner.run``), outputs (building ``RequestOutput``s and reading their text), and bookkeeping
-(the rest of ``Engine.step``: appending tokens, finish checks, detokenization where eager).
-The profiled pass is slower than the plain one (a timer per span); shares come from it, the
-headline ms/step from the plain pass. ``dense_ms`` is the floor no engine avoids: the model's dense
-projections and LM head (``F.linear`` on its own weights, one row per sequence) timed alone.
+(``runner.run`` up to the model's forward), forward, LM head (``model.compute_logits``), sampling
+(the rest of ``runner.run`` after the forward), outputs (building ``RequestOutput``s and reading
+their text), and bookkeeping (the rest of ``Engine.step``: appending tokens, finish checks,
+detokenization where eager). The profiled pass is slower than the plain one (a timer per span);
+shares come from it, the headline ms/step from the plain pass.
+``model_ms`` is the model's share of a step: its forward pass and LM head (profiled; kernels,
+arithmetic and memory traffic included). On a CPU that is not negligible even for the micro model
+at 256 rows, so ``engine_ms``, the plain ms/step minus ``model_ms``, is what is left for the
+engine itself: scheduling, metadata, sampling, bookkeeping and outputs. ``dense_ms`` is the
+floor no engine avoids: the model's dense projections and LM head (``F.linear`` on its own
+weights, one row per sequence) timed alone, with warm caches.
 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
 ``main``; built once as a wheel in a temporary folder, C++ extension included, so that kernel
@@ -29,7 +34,8 @@ other processes only ever add time), with every round's value in the JSON.
 ``--compile`` builds the engine with ``compile=True`` (the static decode path, one compiled graph
 per batch bucket; the first steps of each bucket compile, in the warm-up) and skips the profiled
 pass (its hooks would break the graph).
-Writes benchmarks/results/host_overhead_<device>[_compile].json (--smoke: only with --out-dir).
+Writes benchmarks/results/host_overhead_<device>[_compile].json (``cpu`` or the GPU's name, as
+``nvidia-h200``; --smoke: only with --out-dir).
 """
 from __future__ import annotations
 
@@ -50,13 +56,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from common import (QWEN25_7B_INSTRUCT, ROOT, base_parser, environment, parse_with_smoke, patch, resolve_device,
-                    save_result, synchronize, write_model_folder, write_peft_adapter)
+from common import (QWEN25_7B_INSTRUCT, ROOT, base_parser, device_slug, environment, parse_with_smoke, patch,
+                    resolve_device, save_result, synchronize, write_model_folder, write_peft_adapter)
 
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
 
-PARTS = ("scheduling", "metadata", "forward", "sampling", "bookkeeping", "outputs")
+PARTS = ("scheduling", "metadata", "forward", "lm_head", "sampling", "bookkeeping", "outputs")
+MODEL_PARTS = ("forward", "lm_head")
 CONSUMERS = ("generate", "step", "stream")
 NUM_ADAPTERS = 4
 # Engine methods that build outputs, by the names the engine has had (wrapped where they exist).
@@ -128,8 +135,14 @@ class Profile:
                       patch(runner, "run", self._timed(runner.run, "run"))]
         self._undo += [patch(engine, name, self._timed(getattr(engine, name), "outputs"))
                        for name in OUTPUT_METHODS if hasattr(engine, name)]
+        if hasattr(engine.model, "compute_logits"):
+            self._undo.append(patch(engine.model, "compute_logits",
+                                    self._timed(engine.model.compute_logits, "lm_head")))
         self._hooks = [engine.model.register_forward_pre_hook(lambda m, a: self._mark("forward_start")),
                        engine.model.register_forward_hook(lambda m, a, o: self._mark("forward_end"))]
+        graphs = getattr(runner, "graphs", None)   # a replayed CUDA graph calls no forward hook
+        if graphs is not None:
+            self._undo.append(patch(graphs, "run", self._forward_marks(graphs.run)))
 
     def _now(self) -> float:
         synchronize(self.device)
@@ -138,11 +151,20 @@ class Profile:
     def _mark(self, name: str) -> None:
         self._marks[name] = self._now()
 
+    def _forward_marks(self, fn: Callable) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self._mark("forward_start")
+            out = fn(*args, **kwargs)
+            self._mark("forward_end")
+            return out
+        return wrapped
+
     def _timed(self, fn: Callable, name: str) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             t0 = self._now()
             if name == "run":
                 self._marks["run_start"] = t0
+                lm_head_before = self.cur["lm_head"]
             out = fn(*args, **kwargs)
             t1 = self._now()
             self.cur[name] += t1 - t0
@@ -150,14 +172,14 @@ class Profile:
                 m = self._marks
                 self.cur["metadata"] += m["forward_start"] - m["run_start"]
                 self.cur["forward"] += m["forward_end"] - m["forward_start"]
-                self.cur["sampling"] += t1 - m["forward_end"]
+                self.cur["sampling"] += t1 - m["forward_end"] - (self.cur["lm_head"] - lm_head_before)
                 m.clear()
             return out
         return wrapped
 
     def end_step(self, consumer_s: float) -> None:
         c = self.cur
-        step = {p: c[p] for p in ("scheduling", "metadata", "forward", "sampling")}
+        step = {p: c[p] for p in ("scheduling", "metadata", "forward", "lm_head", "sampling")}
         step["outputs"] = c["outputs"] + consumer_s
         step["bookkeeping"] = c["step"] - c["scheduling"] - c["run"] - c["outputs"]
         step["total"] = c["step"] + consumer_s
@@ -246,6 +268,7 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
     if prof:
         result["parts_ms"] = {p: 1e3 * statistics.fmean(s[p] for s in prof.steps) for p in PARTS}
         result["profiled_ms_per_step"] = 1e3 * statistics.fmean(s["total"] for s in prof.steps)
+        result["model_ms"] = 1e3 * statistics.median(sum(s[p] for p in MODEL_PARTS) for s in prof.steps)
     return result
 
 
@@ -260,6 +283,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict:
                 plain = measure(engine, n, consumer, args, profile=False)
                 if not args.compile:
                     plain.update(measure(engine, n, consumer, args, profile=True), ms_per_step=plain["ms_per_step"])
+                    plain["engine_ms"] = plain["ms_per_step"] - plain["model_ms"]
                 results[f"{consumer}/{n}"] = {**plain, "dense_ms": dense_ms(engine, n)}
     overlap = getattr(engine, "overlap", None)
     return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap,
@@ -320,6 +344,12 @@ def print_table(label: str, data: dict, other: dict | None = None, other_label: 
         if "dense_ms" in r:
             line += f"   (dense GEMMs alone {r['dense_ms']:.2f} ms)"
         print(line)
+        if "engine_ms" in r:
+            line = f"  {'':>13}  engine's own {r['engine_ms']:.3f} ms, model {r['model_ms']:.3f} ms"
+            if other and "engine_ms" in other["results"].get(key, {}):
+                o = other["results"][key]["engine_ms"]
+                line += f"   {other_label} engine's own {o:.3f} ms   {o / r['engine_ms']:5.2f}x"
+            print(line)
         if parts:
             print(f"  {'':>13}  parts (profiled, ms): {parts}")
 
@@ -333,6 +363,10 @@ def merge_rounds(rounds: list[dict]) -> dict:
         values = [r["results"][key]["ms_per_step"] for r in rounds]
         merged["results"][key] = {**first, "ms_per_step": statistics.median(values),
                                   "best_round_ms_per_step": min(values), "rounds_ms_per_step": values}
+        if "engine_ms" in first:
+            for name in ("model_ms", "engine_ms"):
+                each = [r["results"][key][name] for r in rounds]
+                merged["results"][key].update({name: statistics.median(each), f"rounds_{name}": each})
     return merged
 
 
@@ -359,6 +393,7 @@ def main() -> None:
                "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
                           "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
                           "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
+                          "engine_ms": "plain ms/step minus model_ms (the profiled forward and LM head, median)",
                           "compile": args.compile,
                           "rounds": max(1, args.repeat),
                           "consumers": {"generate": "step(finished_only=True), reads outputs when finished",
@@ -369,7 +404,11 @@ def main() -> None:
         payload["before"] = {"revision": args.compare, **ref}
         payload["speedup"] = {k: ref["results"][k]["ms_per_step"] / r["ms_per_step"]
                               for k, r in ours["results"].items() if k in ref["results"]}
-    save_result(f"host_overhead_{device.type}{'_compile' if args.compile else ''}", payload, args.out_dir, args.smoke)
+        payload["engine_speedup"] = {k: ref["results"][k]["engine_ms"] / r["engine_ms"]
+                                     for k, r in ours["results"].items() if "engine_ms" in ref["results"].get(k, {})
+                                     and "engine_ms" in r}
+    save_result(f"host_overhead_{device_slug(device)}{'_compile' if args.compile else ''}", payload, args.out_dir,
+                args.smoke)
 
 
 if __name__ == "__main__":

@@ -312,7 +312,9 @@ minutes each, every GPU benchmark with a time cap; below), or each script alone
 What runs where: phase 1 = the CUDA tests (`pytest -m cuda`), the SGMV LoRA kernels
 (`bench_lora_kernels.py`) and paged attention (`bench_attention.py`); phase 2 = 7B + four LoRAs vs
 32B (`bench_vs_32b.py`), batch-1 decode bandwidth (`bench_bandwidth.py`) and throughput vs number
-of adapters (`bench_multi_lora.py`). The server benchmark (`bench_serve.py`) is not in the GPU run:
+of adapters (`bench_multi_lora.py`); phase 3 (optional, after the other two) = the host overhead
+of a decode step on the micro model (`bench_host_overhead.py`: ms per step at 1, 32 and 256
+sequences, the model's share and the engine's own). The server benchmark (`bench_serve.py`) is not in the GPU run:
 the device image has no fastapi/uvicorn/pydantic, and its 15 GB model folder alone would cost a
 minute; run it where a full install is. Each step has a cap, and each phase stops starting steps
 after `PHASE_BUDGET_S` (240 s); every benchmark writes its JSON after every case, draws its inputs on
@@ -335,13 +337,14 @@ triton 3.6, transformers 5.17, peft, CMake): its setup step runs
    |---|---|---|---|---|
    | phase 1 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase1` | none | 300 | at most 240 s: setup 90, pytest_cuda 60, lora_kernels 80, attention 50 |
    | phase 2 | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase2` | none | 300 | at most 240 s: setup 90, vs_32b 100, bandwidth 40, multi_lora 80 |
+   | phase 3 (optional) | `MCL_COMMIT=<sha> benchmarks/run_gpu.sh phase3` | none | 240 | at most 210 s: setup 90, host_overhead 120 |
 
    `<sha>`: `git rev-parse HEAD` here, after committing (the tool sends the working tree without
    `.git`, so the results name the commit through `MCL_COMMIT`).
 
-   Machine start plus both phases is about 10 of the 15 minutes, which leaves a rerun of a step
-   (`MCL_COMMIT=<sha> benchmarks/run_gpu.sh vs_32b`), or of a phase on a machine still warm. Then
-   `give_back`.
+   Machine start plus both phases is about 10 of the 15 minutes, which leaves phase 3, or a rerun of
+   a step (`MCL_COMMIT=<sha> benchmarks/run_gpu.sh vs_32b`), or of a phase on a machine still warm.
+   Then `give_back`.
 4. Each call brings back at most 8 files: the result JSON/PNG (`*_nvidia-h200.json`, `.png`) and
    `run_gpu_<phase>.tar.gz` (summary, logs, pytest report, `report/README.preview.md`). The reply's
    output ends with the step summary (`rc`, seconds, `cap hit`) and the failed steps.

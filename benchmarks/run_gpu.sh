@@ -3,10 +3,11 @@
 #
 #   benchmarks/run_gpu.sh phase1          CUDA tests + kernel microbenchmarks (SGMV LoRA, paged attention)
 #   benchmarks/run_gpu.sh phase2          7B + 4 LoRAs vs 32B, batch-1 decode bandwidth, multi-adapter scaling
+#   benchmarks/run_gpu.sh phase3          host overhead of a decode step (micro model; optional, about 1 minute)
 #   benchmarks/run_gpu.sh STEP ...        single steps (names below), or phase1 phase2 in one command;
 #                                         no argument: phase1
-#   benchmarks/run_gpu.sh --cpu-preflight [phase1 phase2]
-#                                         the same steps smoke-sized on the CPU (default: both phases);
+#   benchmarks/run_gpu.sh --cpu-preflight [phase1 phase2 phase3]
+#                                         the same steps smoke-sized on the CPU (default: all three);
 #                                         exits 1 if a step fails (CI runs it: tests/test_benchmarks_smoke.py)
 #
 # Steps (cap in seconds on the GPU; a phase stops starting steps after PHASE_BUDGET_S, default 240;
@@ -14,6 +15,7 @@
 #   setup 90 (versions, package install), then
 #   phase1: pytest_cuda 60, lora_kernels 80, attention 50
 #   phase2: vs_32b 100, bandwidth 40, multi_lora 80
+#   phase3: host_overhead 120
 # Each benchmark gets --max-seconds (its cap minus a margin), writes its JSON after every case and
 # times nothing that has not run once on the same shapes. Results (JSON, PNG) go straight to $OUT
 # (the device machine's output folder; default a new temporary folder); logs, the step summary, the
@@ -33,7 +35,7 @@ PY="${PYTHON:-python3}"
 PREFLIGHT=0
 if [[ "${1:-}" == --cpu-preflight ]]; then PREFLIGHT=1; shift; fi
 ARGS=("$@")
-(( ${#ARGS[@]} )) || { if (( PREFLIGHT )); then ARGS=(phase1 phase2); else ARGS=(phase1); fi; }
+(( ${#ARGS[@]} )) || { if (( PREFLIGHT )); then ARGS=(phase1 phase2 phase3); else ARGS=(phase1); fi; }
 OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/run_gpu_out.XXXXXX")}"
 mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/run_gpu_work.XXXXXX")"
@@ -127,6 +129,7 @@ step_attention()    { run_step attention 50 15 "$PY" benchmarks/bench_attention.
 step_vs_32b()       { run_step vs_32b 100 35 "$PY" benchmarks/bench_vs_32b.py "${SMOKE[@]}" --out-dir "$OUT"; }
 step_bandwidth()    { run_step bandwidth 40 0 "$PY" benchmarks/bench_bandwidth.py "${SMOKE[@]}" --out-dir "$OUT"; }
 step_multi_lora()   { run_step multi_lora 80 30 "$PY" benchmarks/bench_multi_lora.py "${SMOKE[@]}" --out-dir "$OUT"; }
+step_host_overhead() { run_step host_overhead 120 0 "$PY" benchmarks/bench_host_overhead.py "${SMOKE[@]}" --out-dir "$OUT"; }
 
 report() {
     mkdir -p "$WORK/report"
@@ -137,6 +140,7 @@ report() {
 
 PHASE1=(pytest_cuda lora_kernels attention)
 PHASE2=(vs_32b bandwidth multi_lora)
+PHASE3=(host_overhead)
 PREFLIGHT_CAP_FACTOR=5   # CPU smoke runs: the GPU caps x 5 (the interpreter is slow, the sizes tiny)
 
 main() {
@@ -150,6 +154,7 @@ main() {
         case "$arg" in
             phase1) steps=("${PHASE1[@]}") ;;
             phase2) steps=("${PHASE2[@]}") ;;
+            phase3) steps=("${PHASE3[@]}") ;;
             *) steps=("$arg") ;;
         esac
         (( first )) || PHASE_START=$(date +%s)

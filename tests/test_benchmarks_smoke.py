@@ -71,9 +71,10 @@ def test_run_gpu_cpu_preflight(smoke_runs) -> None:
     _check(futures[PREFLIGHT].result(timeout=PREFLIGHT_TIMEOUT_S), "run_gpu.sh --cpu-preflight")
     files = sorted(p.name for p in (out_dir / PREFLIGHT).rglob("*") if p.is_file())
     assert len(files) <= 8, files
-    for kind in ("lora_kernels_smoke", "attention_smoke", "vs_32b_cpu", "bandwidth_cpu", "multi_lora_cpu"):
+    for kind in ("lora_kernels_smoke", "attention_smoke", "vs_32b_cpu", "bandwidth_cpu", "multi_lora_cpu",
+                 "host_overhead_cpu"):
         assert f"{kind}.json" in files, files
-    with tarfile.open(out_dir / PREFLIGHT / "run_gpu_phase1-phase2.tar.gz") as tar:
+    with tarfile.open(out_dir / PREFLIGHT / "run_gpu_phase1-phase2-phase3.tar.gz") as tar:
         names = tar.getnames()
     assert "./summary.txt" in names and "./report/README.preview.md" in names, names
 
