@@ -137,15 +137,15 @@ class TorchBackend:
             group["masked"] = _decode_mask(ctx, L)
         else:
             cu = attn.cu_seqlens_q[b0:b1 + 1].long()
-            q_lens, ctx, key_pos = cu[1:] - cu[:-1], ctx.long(), torch.arange(L, device=dev)
+            q_lens = cu[1:] - cu[:-1]
             seq_of_token = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), q_lens, output_size=t1 - t0)
             idx_in_seq = torch.arange(t0, t1, device=dev) - cu[:-1][seq_of_token]
-            arange_q = torch.arange(max_q, device=dev)
-            q_pos = arange_q[None, :] if from_scratch else ctx[:, None] - q_lens[:, None] + arange_q
-            allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+            group.update(seq_of_token=seq_of_token, idx_in_seq=idx_in_seq)
+        if max_q > 1 and not from_scratch:  # chunks after cached context: query i at position ctx - q_len + i
+            key_pos, arange_q = torch.arange(L, device=dev), torch.arange(max_q, device=dev)
+            allowed = key_pos[None, None, :] <= (ctx.long()[:, None] - q_lens[:, None] + arange_q)[:, :, None]
             q_valid = arange_q[None, :] < q_lens[:, None]
             group["mask"] = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)  # [b, max_q, L]
-            group.update(seq_of_token=seq_of_token, idx_in_seq=idx_in_seq)
         if not from_scratch:
             group["kv_index"] = _kv_index(attn.block_tables[b0:b1], L, bs)
         return group
@@ -206,6 +206,8 @@ class TorchBackend:
 
     def _attend_group(self, q, k, v, k_cache, v_cache, scale: float, g: dict) -> torch.Tensor:
         """Attention of one group as batched GEMMs over (KV head, sequence) pairs."""
+        if g["from_scratch"] and g["max_q"] > 1:
+            return self._attend_prompts(q, k, v, scale, g)
         Hkv, D = k_cache.shape[2:]
         G = q.shape[1] // Hkv
         B, M = g["seqs"], g["max_q"]
@@ -228,18 +230,28 @@ class TorchBackend:
         o = o.view(Hkv, B, G, M, D).permute(1, 3, 0, 2, 4)                  # [B, M, Hkv, G, D]
         return o[where].reshape(-1, Hkv * G, D)
 
+    @staticmethod
+    def _attend_prompts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, g: dict) -> torch.Tensor:
+        """Attention of prompts without cached context, right-padded to the longest: under the causal
+        mask a real query never sees a padding key (each lies past every real query of its sequence),
+        so SDPA needs no mask and skips the keys above the diagonal."""
+        where = (g["seq_of_token"], g["idx_in_seq"])
+
+        def padded(x: torch.Tensor) -> torch.Tensor:   # [T, H, D] -> [B, H, max_q, D]
+            x = x[g["t0"]:g["t1"]]
+            return x.new_zeros(g["seqs"], g["max_q"], *x.shape[1:]).index_put_(where, x).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=scale,
+                                           enable_gqa=True)
+        return o.transpose(1, 2)[where]
+
     def _kv_heads_first(self, new: torch.Tensor, cache: torch.Tensor, g: dict, name: str) -> torch.Tensor:
         """The group's keys (or values) as ``[Hkv * B, L, D]``: from the step's new ones (``new``) when
         the group has no cached context, else gathered from the paged cache into reused buffers."""
         Hkv, D = cache.shape[2:]
         B = g["seqs"]
-        if g["from_scratch"]:
-            new = new[g["t0"]:g["t1"]]
-        if g["from_scratch"] and g["max_q"] == 1:
-            return new.transpose(0, 1).reshape(Hkv * B, 1, D)
-        if g["from_scratch"]:
-            padded = new.new_zeros(B, g["max_q"], Hkv, D).index_put_((g["seq_of_token"], g["idx_in_seq"]), new)
-            return padded.permute(2, 0, 1, 3).reshape(Hkv * B, g["max_q"], D)
+        if g["from_scratch"]:   # one-token prompts (longer ones: _attend_prompts)
+            return new[g["t0"]:g["t1"]].transpose(0, 1).reshape(Hkv * B, 1, D)
         n = g["kv_index"].shape[0]
         flat = cache.view(-1, Hkv, D)
         if torch.compiler.is_compiling():  # Inductor plans a compiled graph's memory itself
