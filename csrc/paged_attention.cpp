@@ -181,24 +181,55 @@ MCL_DISPATCH(float)
 MCL_DISPATCH(F16)
 MCL_DISPATCH(BF16)
 
-// Below this many (row, KV head) items per thread, starting a thread costs more than it saves.
-constexpr int64_t kMinItemsPerThread = 64;
+// Below this much work per thread (multiply-adds: (G + 1) * D per key and KV head, the scores of
+// G query heads, their weighted values and the key's load), starting one costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 18;
+
+// Query rows cu_seqlens_q[0]..cu_seqlens_q[num_seqs] cut into at most num_threads ranges of about
+// equal work (keys read, plus one per row), each worth a thread: cuts[i]..cuts[i+1].
+std::vector<int64_t> cut_rows(const PagedAttentionArgs& a, int num_threads) {
+    const int32_t* cu = a.cu_seqlens_q;
+    const auto row_keys = [&](int64_t b, int64_t i) {  // row i of sequence b attends to keys 0..n-1
+        return std::max<int64_t>(0, a.context_lens[b] - (cu[b + 1] - cu[b]) + i + 1) + 1;
+    };
+    int64_t total = 0;
+    for (int64_t b = 0; b < a.num_seqs; ++b) {
+        const int64_t q = cu[b + 1] - cu[b], first = row_keys(b, 0);
+        total += q * first + q * (q - 1) / 2;  // (clamped rows, p < 0, only lower the true work)
+    }
+    const int64_t work = total * a.num_kv_heads * (a.num_heads / a.num_kv_heads + 1) * a.head_dim;
+    const int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(num_threads, 1));
+    std::vector<int64_t> cuts{cu[0]};
+    int64_t done = 0;
+    for (int64_t b = 0; b < a.num_seqs && static_cast<int64_t>(cuts.size()) < threads; ++b)
+        for (int64_t i = 0; i < cu[b + 1] - cu[b]; ++i) {
+            done += row_keys(b, i);
+            if (done * threads >= total * static_cast<int64_t>(cuts.size()) && cu[b] + i + 1 < cu[a.num_seqs])
+                cuts.push_back(cu[b] + i + 1);
+        }
+    cuts.push_back(cu[a.num_seqs]);
+    return cuts;
+}
 
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& a, DType dtype, int num_threads) {
-    const int64_t begin = a.cu_seqlens_q[0] * a.num_kv_heads;
-    const int64_t end = a.cu_seqlens_q[a.num_seqs] * a.num_kv_heads;
-    if (end <= begin || a.num_heads == 0) return;
+    if (a.cu_seqlens_q[a.num_seqs] <= a.cu_seqlens_q[0] || a.num_heads == 0) return;
     const AttendFn attend = dtype == DType::f32 ? attend_for<float>(a.head_dim)
                           : dtype == DType::f16 ? attend_for<F16>(a.head_dim) : attend_for<BF16>(a.head_dim);
-    const int64_t threads = std::clamp<int64_t>((end - begin) / kMinItemsPerThread, 1, std::max(num_threads, 1));
+    const std::vector<int64_t> cuts = cut_rows(a, num_threads);
+    const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
+    const auto part = [&](int64_t i) { attend(a, cuts[i] * a.num_kv_heads, cuts[i + 1] * a.num_kv_heads); };
+#ifdef _OPENMP
+    // torch's OpenMP runtime (the extension links the same libgomp): its idle workers take the parts.
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    for (int64_t i = 0; i < parts; ++i) part(i);
+#else
     std::vector<std::thread> pool;
-    const int64_t per = (end - begin + threads - 1) / threads;
-    for (int64_t i = 1; i < threads; ++i)
-        pool.emplace_back(attend, std::cref(a), begin + i * per, std::min(end, begin + (i + 1) * per));
-    attend(a, begin, std::min(end, begin + per));
+    for (int64_t i = 1; i < parts; ++i) pool.emplace_back(part, i);
+    part(0);
     for (auto& t : pool) t.join();
+#endif
 }
 
 }  // namespace mcl

@@ -33,7 +33,8 @@ struct PagedAttentionArgs {
     float scale;
 };
 
-// Work is split over (query row, KV head) pairs into num_threads contiguous ranges, one thread each.
+// The query rows are cut into at most num_threads ranges of about equal work (keys read), each
+// worth a thread, run on OpenMP threads (torch's runtime, the same libgomp) where built with it.
 void paged_attention(const PagedAttentionArgs& args, DType dtype, int num_threads);
 
 }  // namespace mcl

@@ -42,9 +42,9 @@ class PagedAttentionCPU:
     [num_blocks, block_size, Hkv, D] contiguous, one float dtype throughout (float32, float16 or
     bfloat16; float32 scores and sums). Writes into ``out`` (q's shape and dtype, unit stride along
     D; new when None) and returns it; rows not covered by cu_seqlens_q are left as they were.
-    ``num_threads`` > 1 splits the work over threads of the kernel's own; right after a parallel
-    torch op they compete with torch's OpenMP workers, which spin for a while, hence the default of
-    1. Bad arguments raise ValueError / TypeError.
+    ``num_threads`` > 1 cuts the work (keys read) into up to that many parts, where there is enough
+    of it, run on torch's OpenMP threads (the extension links the same runtime; built without
+    OpenMP, on threads of its own). Bad arguments raise ValueError / TypeError.
     """
 
     def __init__(self, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,

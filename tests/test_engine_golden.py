@@ -80,25 +80,27 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
-def test_torch_decode_attention_keeps_the_tokens(family, monkeypatch):
+def test_torch_padded_attention_keeps_the_tokens(family, monkeypatch):
     """Without the C++ CPU attention (the case past ``KERNEL_MAX_THREADS`` torch threads) the torch backend
-    attends in padded groups and splits decodes of spread-out context lengths into groups (LENGTHS
-    spread from 3 to 40): the golden tokens, and with splitting off (one padded group) the same."""
+    attends in padded groups and splits decodes of spread-out context lengths, and prompts of spread-out
+    lengths, into groups (LENGTHS spread from 3 to 40): the golden tokens, and with splitting off (one
+    padded group of each kind) the same."""
     from mcl_runtime.model import torch_backend
     from mcl_runtime.model.torch_backend import TorchBackend
 
     monkeypatch.setattr(torch_backend, "HAS_CPU_ATTENTION", False)
     name, base, adapters, ref = family
-    splits = []
-    split = TorchBackend._decode_split
-    monkeypatch.setattr(TorchBackend, "_decode_split", classmethod(
-        lambda cls, ctx: splits.append(split(ctx)) or splits[-1]))
+    splits = []   # (power, parts) of every split asked for
+    split = TorchBackend._split
+    monkeypatch.setattr(TorchBackend, "_split", classmethod(
+        lambda cls, lengths, power: splits.append((power, split(lengths, power))) or splits[-1][1]))
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    assert any(parts is not None and len(parts) > 1 for parts in splits)
+    for power in (1, 2):   # decodes, prompts
+        assert any(p == power and parts is not None and len(parts) > 1 for p, parts in splits)
     splits.clear()
     monkeypatch.setattr(TorchBackend, "SPLIT_GAIN", 0.0)   # never worth splitting
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    assert splits and all(parts is None for parts in splits)
+    assert splits and all(parts is None for _, parts in splits)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"], indirect=True)

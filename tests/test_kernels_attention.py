@@ -9,6 +9,7 @@ shows up as NaN.
 """
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -262,21 +263,23 @@ def test_cpu_block_sizes_and_head_dims(dtype: torch.dtype, block_size: int, head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
     """q as a view of a fused projection (strided rows), written into the first rows of a bigger
-    ``out`` (the rest untouched); 1 and 3 threads give the same bits."""
-    q_lens, context_lens = [1, 1, 6, 1], [40, 3, 6, 77]
+    ``out`` (the rest untouched); 1 and 3 threads give the same bits (enough keys for the work to be
+    cut in three, once inside the prefill chunk)."""
+    q_lens, context_lens = [1, 1, 300, 1], [4000, 3, 300, 5000]
     k_cache, v_cache, table, ctx = make_cache(context_lens, 16, 2, 16, dtype, seed=12)
-    cu = torch.tensor([0, 1, 2, 8, 9], dtype=torch.int32)
-    fused = torch.randn(9, 4 + 2 + 2, 16).to(dtype)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    T = sum(q_lens)
+    fused = torch.randn(T, 4 + 2 + 2, 16).to(dtype)
     q = fused[:, :4]
     ref32 = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, cu, ctx, 0.25)
     ref_lp = paged_prefill_attention_ref(q, k_cache, v_cache, table, cu, ctx, 0.25, compute_dtype=dtype)
     outs = []
     for threads in (1, 3):
-        out = torch.full((12, 4, 16), 7.0, dtype=dtype)
+        out = torch.full((T + 3, 4, 16), 7.0, dtype=dtype)
         paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu, ctx.cpu(), 0.25,
-                            out=out[:9], num_threads=threads)
-        assert torch.equal(out[9:], torch.full_like(out[9:], 7.0))
-        outs.append(out[:9])
+                            out=out[:T], num_threads=threads)
+        assert torch.equal(out[T:], torch.full_like(out[T:], 7.0))
+        outs.append(out[:T])
     check_rule(outs[0].to(DEVICE), ref32, ref_lp, "cpu strided")
     assert torch.equal(outs[0], outs[1])
 

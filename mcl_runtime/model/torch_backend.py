@@ -16,17 +16,18 @@ class TorchBackend:
     """Plain torch, no Python loop over requests or adapters.
 
     Attention: on the CPU with at most ``KERNEL_MAX_THREADS`` torch threads, the decodes and the
-    small prefill groups go to the C++ kernel ``paged_attention_cpu``, which reads the paged cache
-    in place. ``cpu_attention``: None for that rule, True for the kernel at any thread count, False
-    for never (always False without the C++ extension). Static steps on the CPU (the compiled
-    decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``: it reads each
-    sequence's context length from the tensor, so the bucket's shapes need no mask over the table. The rest form at most three padded groups
-    with contiguous tokens (decodes; prefill chunks without cached context; prefill chunks with
-    cached context); decodes of spread-out context lengths are split further into up to three
-    groups of similar length, each naming its rows, so that fewer padded keys are gathered and
-    multiplied. Keys come from the paged cache through ``index_select`` into reused buffers, or
-    straight from the new tokens when the group has no cached context. The query heads sharing a
-    KV head are folded into the query-length axis, so K/V are never repeated for GQA.
+    small prefill groups go to the C++ kernel ``paged_attention_cpu`` (on torch's threads), which
+    reads the paged cache in place. ``cpu_attention``: None for that rule, True for the kernel at
+    any thread count, False for never (always False without the C++ extension). Static steps on the
+    CPU (the compiled decode) always use it, as the custom op ``torch.ops.mcl.paged_attention_cpu``:
+    it reads each sequence's context length from the tensor, so the bucket's shapes need no mask
+    over the table. The rest form padded groups of one kind each (decodes; prompts without cached
+    context; prefill chunks with cached context); decodes, and prompts, of spread-out lengths are
+    split into up to three groups of similar length, each naming its rows, so that less padding is
+    gathered and multiplied. Keys come from the paged cache through ``index_select`` into reused
+    buffers; prompts attend to their own new keys through SDPA's causal path. The query heads
+    sharing a KV head are folded into the query-length axis (prompts: SDPA's ``enable_gqa``), so
+    K/V are never repeated for GQA.
     LoRA: on the CPU (eager steps) one call of the C++ kernel ``lora_apply_cpu`` per projection
     covers every adapter segment (``cpu_lora=False``: never). Otherwise tokens of each adapter segment
     are cut into tiles of at most ``LORA_TILE`` tokens; one gather + ``bmm`` per projection covers
@@ -39,9 +40,8 @@ class TorchBackend:
 
     name = "torch"
     LORA_TILE = 128
-    # The kernel runs on one thread. Up to this many torch threads it measured faster than the padded
-    # path, whose GEMMs use them all (bench_engine_cpu.py, 2 cores: each round runs both); beyond,
-    # the padded path is kept (not measured).
+    # Up to this many torch threads the kernel measured faster than the padded path
+    # (bench_engine_cpu.py, 2 cores: each round runs both); beyond, the padded path is kept (not measured).
     KERNEL_MAX_THREADS = 2
 
     def __init__(self, cpu_attention: bool | None = None, cpu_lora: bool = True) -> None:
@@ -74,10 +74,10 @@ class TorchBackend:
 
     def _padded_groups(self, attn: AttentionMeta) -> list[dict]:
         bounds = attn.group_bounds
-        parts = None if attn.static else self._decode_split(attn.context_lens_host[:bounds[1]])
+        parts = None if attn.static else self._split(attn.context_lens_host[:bounds[1]], power=1)
         groups = [self._decode_group(attn, part) for part in parts] if parts else []
         first = 1 if parts else 0
-        return groups + [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) if (g := self._group(attn, b0, b1))]
+        return groups + [g for b0, b1 in zip(bounds[first:], bounds[first + 1:]) for g in self._groups_of(attn, b0, b1)]
 
     # Prefill groups of at most this many padded (query, key) pairs go to the kernel too: there the
     # padded path's dozen ops cost more than the arithmetic.
@@ -92,7 +92,7 @@ class TorchBackend:
                 continue
             if lo < b0:
                 groups.append(self._kernel_group(attn, lo, b0))
-            groups.append(self._group(attn, b0, b1))
+            groups += self._groups_of(attn, b0, b1)
             lo = b1
         if lo < bounds[-1]:
             groups.append(self._kernel_group(attn, lo, bounds[-1]))
@@ -112,8 +112,19 @@ class TorchBackend:
         """Sequences ``b0:b1`` through the kernel: its metadata checked once per step (``kernel``),
         the tensors for the compiled graph's custom op."""
         tables, ctx, cu = attn.block_tables[b0:b1], attn.context_lens[b0:b1], attn.cu_seqlens_q[b0:b1 + 1]
-        return dict(kernel=PagedAttentionCPU(tables, cu, ctx, attn.block_size), block_tables=tables,
-                    context_lens=ctx, cu_seqlens_q=cu)
+        return dict(kernel=PagedAttentionCPU(tables, cu, ctx, attn.block_size), threads=torch.get_num_threads(),
+                    block_tables=tables, context_lens=ctx, cu_seqlens_q=cu)
+
+    def _groups_of(self, attn: AttentionMeta, b0: int, b1: int) -> list[dict]:
+        """Sequences ``b0:b1`` of one kind (contiguous tokens) as one padded group, or, when they are
+        prompts without cached context of spread-out lengths, as two or three groups by length."""
+        q_lens = np.diff(attn.cu_seqlens_q_host[b0:b1 + 1])
+        if not attn.static and len(q_lens) > 1 and (q_lens == attn.context_lens_host[b0:b1]).all():
+            parts = self._split(q_lens, power=2)
+            if parts:
+                return [self._prompt_group(attn, b0 + part) for part in parts]
+        group = self._group(attn, b0, b1)
+        return [group] if group else []
 
     @staticmethod
     def _group(attn: AttentionMeta, b0: int, b1: int) -> dict | None:
@@ -150,19 +161,20 @@ class TorchBackend:
             group["kv_index"] = _kv_index(attn.block_tables[b0:b1], L, bs)
         return group
 
-    # The decodes are split by context length when that pads at most SPLIT_GAIN of their keys.
+    # Decodes (prompts) are split by length when that leaves at most SPLIT_GAIN of the padded work.
     SPLIT_GAIN = 0.8
 
     @classmethod
-    def _decode_split(cls, ctx: np.ndarray) -> list[np.ndarray] | None:
-        """The decodes (contexts ``ctx``) as two or three sets of similar context length, or None
-        when one padded group costs little more (fewer padded keys to gather and multiply)."""
-        if len(ctx) < 2 or ctx.max() <= 1:
+    def _split(cls, lengths: np.ndarray, power: int) -> list[np.ndarray] | None:
+        """Indices of ``lengths`` as two or three sets of similar length, or None when one padded
+        group costs little more. A set's cost: its size times its longest length to ``power``
+        (decodes: 1, the keys gathered and multiplied; prompts under the causal mask: 2)."""
+        if len(lengths) < 2 or lengths.max() <= 1:
             return None
-        order = np.argsort(ctx, kind="stable")
-        padded_keys = lambda parts: sum(len(p) * int(ctx[p[-1]]) for p in parts)  # noqa: E731
-        parts = min((np.array_split(order, k) for k in range(2, min(3, len(ctx)) + 1)), key=padded_keys)
-        if padded_keys(parts) > cls.SPLIT_GAIN * len(ctx) * int(ctx.max()):
+        order = np.argsort(lengths, kind="stable")
+        cost = lambda parts: sum(len(p) * int(lengths[p[-1]]) ** power for p in parts)  # noqa: E731
+        parts = min((np.array_split(order, k) for k in range(2, min(3, len(lengths)) + 1)), key=cost)
+        if cost(parts) > cls.SPLIT_GAIN * len(lengths) * int(lengths.max()) ** power:
             return None
         return [np.sort(p) for p in parts]
 
@@ -175,6 +187,19 @@ class TorchBackend:
         ctx = attn.context_lens.index_select(0, rows)
         return dict(rows=rows, seqs=len(seqs), max_q=1, from_scratch=False, masked=_decode_mask(ctx, L),
                     kv_index=_kv_index(attn.block_tables.index_select(0, rows), L, attn.block_size))
+
+    @staticmethod
+    def _prompt_group(attn: AttentionMeta, seqs: np.ndarray) -> dict:
+        """Padded-attention metadata for the prompts ``seqs`` (no cached context): their tokens
+        (``rows``), each token's sequence in the group and its index in that sequence."""
+        cu = attn.cu_seqlens_q_host
+        q_lens = cu[seqs + 1] - cu[seqs]
+        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+        idx_in_seq = np.arange(len(seq_of_token)) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens)
+        dev = attn.context_lens.device
+        index = lambda a: torch.from_numpy(a.astype(np.int64)).to(dev)  # noqa: E731
+        return dict(rows=index(cu[seqs][seq_of_token] + idx_in_seq), seqs=len(seqs), max_q=int(q_lens.max()),
+                    from_scratch=True, seq_of_token=index(seq_of_token), idx_in_seq=index(idx_in_seq))
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  attn: AttentionMeta) -> None:
@@ -195,7 +220,7 @@ class TorchBackend:
         out = torch.empty_like(q)
         for g in groups:
             if "kernel" in g:
-                g["kernel"](q, k_cache, v_cache, scale, out=out)
+                g["kernel"](q, k_cache, v_cache, scale, out=out, num_threads=g["threads"])
                 continue
             o = self._attend_group(q, k, v, k_cache, v_cache, scale, g)
             if "rows" in g:
@@ -238,7 +263,7 @@ class TorchBackend:
         where = (g["seq_of_token"], g["idx_in_seq"])
 
         def padded(x: torch.Tensor) -> torch.Tensor:   # [T, H, D] -> [B, H, max_q, D]
-            x = x[g["t0"]:g["t1"]]
+            x = x.index_select(0, g["rows"]) if "rows" in g else x[g["t0"]:g["t1"]]
             return x.new_zeros(g["seqs"], g["max_q"], *x.shape[1:]).index_put_(where, x).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=scale,
