@@ -19,8 +19,8 @@ the median per-call time over blocks, and ``speedup`` = torch / kernel. ``max_ab
 one output of each path. Shapes: ``micro`` is bench_host_overhead's model at its 256 sequences
 (hidden 64, 4/2 heads of 16); ``qwen7b`` is one Qwen2.5-7B-Instruct layer (hidden 3584, 28/4 heads of
 128, rank-32 adapters) at 32 decodes. Per-step costs (``prepare``) are not included.
-The attention kernel runs on torch's threads (as the engine calls it), the LoRA and layer kernels
-on one; torch's ops on all of torch's threads (``--threads N`` sets them).
+The attention and LoRA kernels run on torch's threads where the work is worth it (as the engine
+calls them), RMSNorm and rope on one; torch's ops on all of torch's threads (``--threads N`` sets them).
 Writes benchmarks/results/cpu_kernels.json, or cpu_kernels_threads<N>.json with ``--threads``
 (--smoke: only with --out-dir).
 """

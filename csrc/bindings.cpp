@@ -160,7 +160,7 @@ void rope(const py::handle& x_, const py::handle& cos_, const py::handle& sin_) 
 // and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
 void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_b_,
                 const py::handle& scaling_, const py::handle& ranks_, const py::array_t<int64_t, 0>& offsets,
-                const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots) {
+                const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots, int num_threads) {
     const char* kernel = "lora_apply";
     const Tensor y = tensor(y_, kernel, "y"), x = tensor(x_, kernel, "x"), lora_a = tensor(lora_a_, kernel, "lora_a"),
                  lora_b = tensor(lora_b_, kernel, "lora_b"), scaling = tensor(scaling_, kernel, "scaling"),
@@ -195,7 +195,7 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
     const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_b.data(),
                              scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out};
     py::gil_scoped_release release;
-    mcl::lora_apply(args, dt);
+    mcl::lora_apply(args, dt, num_threads);
 }
 
 // One step's attention metadata, checked once (the block-table entries each sequence uses
@@ -286,7 +286,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"));
 
     m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"),
-          py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"));
+          py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),
+          py::arg("num_threads") = 1);
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

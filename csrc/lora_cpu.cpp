@@ -1,5 +1,6 @@
 #include "lora_cpu.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace mcl {
@@ -46,102 +47,134 @@ MCL_INLINE void expand_chunk(T* y, const float* u, const float* bt, int64_t r, i
     add_row(y, sums, w);
 }
 
-// u[i * nR + j*R + k] = x_i . A[j*R + k] for the m rows x_i of xf [m, in] (the block's tokens) and
-// the r_j rows of each slice j. ``in`` is taken kChunk values at a time, so that the block's x chunk
-// stays in L2 while every row of A passes (a 7B down projection's x rows are 74 KB each). A 16-bit
-// chunk of a row of A is converted into af first.
+// u[i * nR + q] = x_i . A[q] for the m rows x_i of xf [m, in] (the block's tokens) and the rows
+// q in lo..hi of A that are within their slice's rank (q = j*R + k, k < ranks[j]; slices R rows apart). ``in`` is taken
+// kChunk values at a time, so that the block's x chunk stays in L2 while the rows of A pass (a 7B
+// down projection's x rows are 74 KB each). A 16-bit chunk of a row of A is converted into af first.
 template <typename T>
-MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T* A, const int32_t* ranks, int64_t n,
-                       int64_t R, int64_t in, float* af) {
-    if (in % kLanes != 0) {
-        for (int64_t j = 0; j < n; ++j)
+MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T* A, const int32_t* ranks, int64_t R,
+                       int64_t lo, int64_t hi, int64_t in, float* af) {
+    const auto used = [&](int64_t q) { return q % R < ranks[q / R]; };
+    if (in % kLanes != 0) {  // (no model has such a width) all rows by the first part, 16 at a time
+        for (int64_t j = 0; lo == 0 && j < nR / R; ++j)
             if (ranks[j] > 0) dot_block(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
         return;
     }
     for (int64_t c0 = 0; c0 < in; c0 += kChunk) {
         const int64_t len = std::min(kChunk, in - c0);
-        for (int64_t j = 0; j < n; ++j)
-            for (int64_t k = 0; k < ranks[j]; ++k) {
-                const T* row = A + (j * R + k) * in + c0;
-                const float* a = nullptr;
-                if constexpr (std::is_same_v<T, float>) {
-                    a = row;
-                } else {
+        for (int64_t q = lo; q < hi; ++q) {
+            if (!used(q)) continue;
+            const T* row = A + q * in + c0;
+            const float* a = nullptr;
+            if constexpr (std::is_same_v<T, float>) {
+                a = row;
+            } else {
 #pragma omp simd
-                    for (int64_t d = 0; d < len; ++d) af[d] = to_float(row[d]);
-                    a = af;
-                }
-                float dots[kLanes];
-                if (m == kTokens)
-                    dot_tile<true>(dots, a, xf + c0, in, len, kLanes);
-                else
-                    dot_tile(dots, a, xf + c0, in, len, m);
-                float* out = u + j * R + k;
-                for (int64_t i = 0; i < m; ++i) out[i * nR] = c0 == 0 ? dots[i] : out[i * nR] + dots[i];
+                for (int64_t d = 0; d < len; ++d) af[d] = to_float(row[d]);
+                a = af;
             }
+            float dots[kLanes];
+            if (m == kTokens)
+                dot_tile<true>(dots, a, xf + c0, in, len, kLanes);
+            else
+                dot_tile(dots, a, xf + c0, in, len, m);
+            float* out = u + q;
+            for (int64_t i = 0; i < m; ++i) out[i * nR] = c0 == 0 ? dots[i] : out[i * nR] + dots[i];
+        }
     }
 }
 
-// Per call: float32 scratch (a block's rows of x; the longest segment's shrunk u; one chunk of
-// transposed B).
+// One thread's float32 scratch: a block's rows of x, a row of A, one chunk of transposed B.
 struct Scratch {
-    std::vector<float> xf, u, af, bt;
+    std::vector<float> xf, af, bt;
     explicit Scratch(const LoRAArgs& a) : xf(kTokens * a.in_features), af(kLanes * a.in_features),
-                                          bt(a.max_rank * kCols) {
-        int64_t longest = 0;
-        for (int64_t s = 0; s < a.num_segments; ++s)
-            longest = std::max<int64_t>(longest, a.seg_starts[s + 1] - a.seg_starts[s]);
-        u.resize(longest * a.num_slices * a.max_rank);
-    }
+                                          bt(a.max_rank * kCols) {}
 };
 
-// One segment: u = x @ A.T for its tokens (blocks of kTokens), then per slice and chunk of kCols
-// output columns the chunk of B transposed once (it stays in L1) and added to every token's y. B is
-// read once per segment, whatever its size (a 7B gate_up B is 4.8 MB a slot).
+// kCols output columns of one slice: the expand's unit of work.
+struct ColumnChunk {
+    int64_t slice, col, cols;
+};
+
+// The shrink, u = x @ A.T for a segment's tokens (blocks of kTokens), in parts of rows of A; then
+// per chunk of kCols output columns of a slice the chunk of B transposed once (it stays in L1) and
+// added to every token's y. B is read once per segment, whatever its size (a 7B gate_up B is
+// 4.8 MB a slot). Called by every thread of the team: each takes its parts and chunks ("omp for");
+// each thread's share of the arithmetic is the same whatever the team's size, so are the bits.
 template <typename T>
-MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int64_t slot, Scratch& w) {
+MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int64_t slot, float* u,
+                             const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {
     const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R;
     const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
     const T* B = static_cast<const T*>(a.lora_b) + slot * a.out_features * R;
     const int32_t* ranks = a.ranks + slot * n;
     const float scale = a.scaling[slot];
-    float *xf = w.xf.data(), *u = w.u.data(), *bt = w.bt.data();
-    for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
-        const int64_t mt = std::min(kTokens, end - t0);
-        for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
-            const T* row = static_cast<const T*>(a.x) + (t0 + i) * a.x_stride;
+    const int64_t per = (nR + parts - 1) / parts;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < parts; ++p)
+        for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
+            const int64_t mt = std::min(kTokens, end - t0);
+            for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
+                const T* row = static_cast<const T*>(a.x) + (t0 + i) * a.x_stride;
 #pragma omp simd
-            for (int64_t d = 0; d < in; ++d) xf[i * in + d] = to_float(row[d]);
+                for (int64_t d = 0; d < in; ++d) w.xf[i * in + d] = to_float(row[d]);
+            }
+            shrink(u + (t0 - begin) * nR, nR, w.xf.data(), mt, A, ranks, R, p * per, std::min(nR, (p + 1) * per), in,
+                   w.af.data());
         }
-        shrink(u + (t0 - begin) * nR, nR, xf, mt, A, ranks, n, R, in, w.af.data());
-    }
     T* y = static_cast<T*>(a.y) + begin * a.y_stride;
-    for (int64_t j = 0; j < n; ++j) {
-        const int64_t r = ranks[j], width = a.offsets[j + 1] - a.offsets[j];
-        for (int64_t o0 = 0; r > 0 && o0 < width; o0 += kCols) {
-            const int64_t cols = std::min(kCols, width - o0), col = a.offsets[j] + o0;
-            transpose_chunk(bt, B + col * R, R, r, cols);
-            for (int64_t i = 0; i < end - begin; ++i)
-                expand_chunk(y + i * a.y_stride + col, u + i * nR + j * R, bt, r, cols, scale);
-        }
+#pragma omp for schedule(static)
+    for (size_t c = 0; c < chunks.size(); ++c) {
+        const auto [j, col, cols] = chunks[c];
+        const int64_t r = ranks[j];
+        if (r == 0) continue;
+        transpose_chunk(w.bt.data(), B + col * R, R, r, cols);
+        for (int64_t i = 0; i < end - begin; ++i)
+            expand_chunk(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
     }
 }
 
-template <typename T>
-MCL_INLINE void lora_all(const LoRAArgs& a) {
-    Scratch w(a);
-    for (int64_t s = 0; s < a.num_segments; ++s)
-        if (a.seg_slots[s] >= 0) lora_segment<T>(a, a.seg_starts[s], a.seg_starts[s + 1], a.seg_slots[s], w);
-}
+using SegmentFn = void (*)(const LoRAArgs&, int64_t, float*, const std::vector<ColumnChunk>&, int64_t, Scratch&);
+#define MCL_SEGMENT(NAME, T)                                                                                \
+    MCL_CLONES void NAME(const LoRAArgs& a, int64_t s, float* u, const std::vector<ColumnChunk>& chunks,   \
+                         int64_t parts, Scratch& w) {                                                     \
+        lora_segment<T>(a, a.seg_starts[s], a.seg_starts[s + 1], a.seg_slots[s], u, chunks, parts, w); \
+    }
+MCL_SEGMENT(segment_f32, float)
+MCL_SEGMENT(segment_f16, F16)
+MCL_SEGMENT(segment_bf16, BF16)
 
-MCL_CLONES void lora_f32(const LoRAArgs& a) { lora_all<float>(a); }
-MCL_CLONES void lora_f16(const LoRAArgs& a) { lora_all<F16>(a); }
-MCL_CLONES void lora_bf16(const LoRAArgs& a) { lora_all<BF16>(a); }
+// Below this many multiply-adds per thread, starting one costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 
 }  // namespace
 
-void lora_apply(const LoRAArgs& a, DType dtype) {
-    (dtype == DType::f32 ? lora_f32 : dtype == DType::f16 ? lora_f16 : lora_bf16)(a);
+// The parallel region stays out of the cloned functions (its outlined body would be compiled for
+// the baseline only); each segment's work is one call of the clone picked for the machine.
+void lora_apply(const LoRAArgs& a, DType dtype, int num_threads) {
+    const SegmentFn segment = dtype == DType::f32 ? segment_f32 : dtype == DType::f16 ? segment_f16 : segment_bf16;
+    const int64_t nR = a.num_slices * a.max_rank;
+    int64_t longest = 0, tokens = 0;
+    for (int64_t s = 0; s < a.num_segments; ++s)
+        if (a.seg_slots[s] >= 0) {
+            longest = std::max<int64_t>(longest, a.seg_starts[s + 1] - a.seg_starts[s]);
+            tokens += a.seg_starts[s + 1] - a.seg_starts[s];
+        }
+    const int64_t work = tokens * nR * (a.in_features + a.out_features / a.num_slices);
+    const int threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(num_threads, 1)));
+    std::vector<ColumnChunk> chunks;
+    for (int64_t j = 0; j < a.num_slices; ++j)
+        for (int64_t c = a.offsets[j]; c < a.offsets[j + 1]; c += kCols)
+            chunks.push_back({j, c, std::min(kCols, a.offsets[j + 1] - c)});
+    std::vector<float> u(longest * nR);
+    const auto run = [&] {
+        Scratch w(a);
+        for (int64_t s = 0; s < a.num_segments; ++s)
+            if (a.seg_slots[s] >= 0) segment(a, s, u.data(), chunks, threads, w);
+    };
+    if (threads == 1) return run();   // (the worksharing loops then run whole, with no team)
+#pragma omp parallel num_threads(threads)
+    run();
 }
 
 }  // namespace mcl

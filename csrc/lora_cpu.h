@@ -30,6 +30,8 @@ struct LoRAArgs {
     int64_t num_segments, num_slices, max_rank, in_features, out_features;
 };
 
-void lora_apply(const LoRAArgs& args, DType dtype);
+// With num_threads > 1, where the work is worth it, the rows of A and the output columns are
+// shared out over OpenMP threads (torch's runtime); the bits do not depend on the thread count.
+void lora_apply(const LoRAArgs& args, DType dtype, int num_threads);
 
 }  // namespace mcl

@@ -125,12 +125,13 @@ class LoRAWeightsCPU:
 
 
 def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, seg_starts: np.ndarray,
-                   seg_slots: np.ndarray) -> torch.Tensor:
+                   seg_slots: np.ndarray, num_threads: int = 1) -> torch.Tensor:
     """``lora_apply``'s semantics on CPU tensors, every segment in one call: for segment i (tokens
     ``s[i]:s[i+1]``, slot ``w = seg_slots[i]``, -1 = no adapter) and slice j (rank ``r = ranks[w, j]``)
     ``y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * x[..] @ A[w, jR:jR+r].T @ B[w, off_j:off_{j+1}, :r].T``
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
-    Returns y."""
-    EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots)
+    ``num_threads`` > 1 shares the work out over up to that many of torch's OpenMP threads where it
+    is worth it (the same bits). Returns y."""
+    EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots, num_threads)
     return y

@@ -366,8 +366,10 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
     y_ref32 = lora_apply_ref(x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots,
                              ranks, scaling, offsets)
     y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
-    y_k = lora_apply_cpu(x, y.clone(), LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets), seg_starts.numpy(),
-                         seg_slots.numpy())
+    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
+    y_k, y_k3 = (lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads)
+                 for threads in (1, 3))
+    assert torch.equal(y_k, y_k3)   # the same bits on three threads
     return y, y_k, y_ref32, y_reflp, seg_starts, seg_slots
 
 
@@ -378,7 +380,7 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
                          ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1])
 def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int) -> None:
     """Mixed ranks (8-64, one untargeted slice), rows without adapter, an empty segment; input
-    widths a multiple of 16 and not."""
+    widths a multiple of 16 and not; one thread and three give the same bits."""
     y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(pattern, dtype, hidden, (48, 20, 20),
                                                                seed=POPULARITY.index(pattern))
     check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
@@ -386,6 +388,15 @@ def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidd
         if w < 0:
             a, b = seg_starts[i].item(), seg_starts[i + 1].item()
             assert torch.equal(y_k[a:b], y[a:b])
+
+
+@NO_CPU_KERNEL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
+    """Work enough for three threads (512 input features, 512 output columns): the rule, and on
+    three threads the bits of one (``cpu_case`` compares them)."""
+    y, y_k, y_ref32, y_reflp, _, _ = cpu_case("zipf", dtype, 512, (256, 128, 128), seed=9)
+    check_rule(y_k, y_ref32, y_reflp, "cpu threads")
 
 
 @NO_CPU_KERNEL

@@ -326,7 +326,8 @@ class TorchBackend:
         CPU one kernel call over the segments, else one gather + ``bmm`` per tile:
         ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
         if lora.token_slots is None and self._lora_kernel(x):
-            lora_apply_cpu(x, y, self._lora_weights(mod), lora.seg_starts_host, lora.seg_slots_host)
+            lora_apply_cpu(x, y, self._lora_weights(mod), lora.seg_starts_host, lora.seg_slots_host,
+                           torch.get_num_threads())
             return
         if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
             slots = lora.token_slots.clamp(min=0).long()
