@@ -19,18 +19,27 @@ Writes benchmarks/results/attention_<device>.{json,png} on CUDA. ``--smoke`` run
 Triton interpreter on CPU) in a few seconds to check that the script still works; its output goes
 to a temporary folder and is not a result.
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from common import (KernelResult, copy_bandwidth, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms,
-                    kernel_parser, kernel_setup, kernel_timing, save_figure)
+from common import (
+    KernelResult,
+    copy_bandwidth,
+    interpret_triton_for_cpu_smoke,
+    kernel_figure,
+    kernel_ms,
+    kernel_parser,
+    kernel_setup,
+    kernel_timing,
+    save_figure,
+)
 
 interpret_triton_for_cpu_smoke()
 
@@ -50,8 +59,17 @@ def flash_attn_fn():
 class PagedKV:
     """B sequences of ctx tokens: contiguous K/V [B, ctx, Hkv, D] and the same data in a paged cache."""
 
-    def __init__(self, batch: int, ctx: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        batch: int,
+        ctx: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         per_seq = -(-ctx // block_size)
         num_blocks = batch * per_seq + 1
@@ -70,13 +88,16 @@ class PagedKV:
         self.context_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
 
 
-def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float, records: list[dict],
-                 go_on: Callable[[str], bool]) -> None:
+def decode_sweep(
+    cfg: dict, device: torch.device, copy_gbps: float, records: list[dict], go_on: Callable[[str], bool]
+) -> None:
     hq, hkv, d, bs = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["block_size"]
     dtype = cfg["dtype"]
-    scale = d ** -0.5
+    scale = d**-0.5
     flash = flash_attn_fn() if device.type == "cuda" else None
-    print(f"{'B':>4} {'ctx':>6} | {'paged ms':>9} {'GB/s':>7} {'%copy':>6} | {'sdpa ms':>9} {'GB/s':>7} {'x':>5} | flash-attn")
+    print(
+        f"{'B':>4} {'ctx':>6} | {'paged ms':>9} {'GB/s':>7} {'%copy':>6} | {'sdpa ms':>9} {'GB/s':>7} {'x':>5} | flash-attn"  # noqa: E501
+    )
     for batch in cfg["batches"]:
         for ctx in cfg["contexts"]:
             if not go_on(f"decode B={batch} ctx={ctx}"):
@@ -89,8 +110,15 @@ def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float, records: lis
             kv = PagedKV(batch, ctx, hkv, d, bs, dtype, device, seed=batch * 7919 + ctx)
             q = torch.randn(batch, hq, d, device=device).to(dtype)
             nbytes = kv_bytes + 2 * q.numel() * es
-            paged = lambda: paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables,  # noqa: E731
-                                                   kv.context_lens, scale, ctx)
+            paged = lambda: paged_decode_attention(
+                q,
+                kv.k_cache,
+                kv.v_cache,
+                kv.block_tables,  # noqa: E731
+                kv.context_lens,
+                scale,
+                ctx,
+            )
             q4, k4, v4 = q[:, :, None], kv.k.transpose(1, 2), kv.v.transpose(1, 2)
             sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=True)  # noqa: E731
             diff = (paged().float() - sdpa()[:, :, 0].float()).abs().max().item()
@@ -101,24 +129,29 @@ def decode_sweep(cfg: dict, device: torch.device, copy_gbps: float, records: lis
             rec["sdpa_contiguous"] = {"ms": sdpa_ms, "gbps": nbytes / sdpa_ms / 1e6, "speedup_paged": sdpa_ms / ms}
             if flash is not None:
                 qf = q[:, None]
-                fl_ms = kernel_ms(lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale), device)
+                fl_ms = kernel_ms(
+                    lambda: flash(qf, kv.k, kv.v, cache_seqlens=kv.context_lens, softmax_scale=scale), device
+                )
                 rec["flash_attn_contiguous"] = {"ms": fl_ms, "gbps": nbytes / fl_ms / 1e6, "speedup_paged": fl_ms / ms}
             else:
                 rec["flash_attn_contiguous"] = "not installed"
             records.append(rec)
             fl = rec["flash_attn_contiguous"]
-            print(f"{batch:>4} {ctx:>6} | {ms:9.4f} {rec['paged']['gbps']:7.1f} {100 * rec['paged']['fraction_of_copy']:5.1f}% | "
-                  f"{sdpa_ms:9.4f} {rec['sdpa_contiguous']['gbps']:7.1f} {sdpa_ms / ms:4.1f}x | "
-                  + (f"{fl['ms']:.4f} ms ({fl['speedup_paged']:.1f}x)" if isinstance(fl, dict) else fl), flush=True)
+            print(
+                f"{batch:>4} {ctx:>6} | {ms:9.4f} {rec['paged']['gbps']:7.1f} {100 * rec['paged']['fraction_of_copy']:5.1f}% | "  # noqa: E501
+                f"{sdpa_ms:9.4f} {rec['sdpa_contiguous']['gbps']:7.1f} {sdpa_ms / ms:4.1f}x | "
+                + (f"{fl['ms']:.4f} ms ({fl['speedup_paged']:.1f}x)" if isinstance(fl, dict) else fl),
+                flush=True,
+            )
             if diff > 0.05:
                 raise SystemExit(f"paged decode and SDPA disagree: max abs diff {diff:.3g}")
-            del kv, q
+            kv = q = None  # free the cache before the next shape
 
 
 def prefill_sweep(cfg: dict, device: torch.device, records: list[dict], go_on: Callable[[str], bool]) -> None:
     hq, hkv, d, bs = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["block_size"]
     dtype = cfg["dtype"]
-    scale = d ** -0.5
+    scale = d**-0.5
     print(f"{'q_len':>6} | {'paged ms':>9} {'TFLOP/s':>8} | {'sdpa ms':>9} {'TFLOP/s':>8} {'x':>5}")
     for n in cfg["prefill_lens"]:
         if not go_on(f"prefill q_len={n}"):
@@ -127,21 +160,44 @@ def prefill_sweep(cfg: dict, device: torch.device, records: list[dict], go_on: C
         q = torch.randn(n, hq, d, device=device).to(dtype)
         cu = torch.tensor([0, n], dtype=torch.int32, device=device)
         flops = 2 * 2 * hq * d * n * (n + 1) / 2
-        paged = lambda: paged_prefill_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, cu,  # noqa: E731
-                                                kv.context_lens, scale, n)
+        paged = lambda: paged_prefill_attention(
+            q,
+            kv.k_cache,
+            kv.v_cache,
+            kv.block_tables,
+            cu,  # noqa: E731
+            kv.context_lens,
+            scale,
+            n,
+        )
         q4, k4, v4 = q.transpose(0, 1)[None], kv.k.transpose(1, 2), kv.v.transpose(1, 2)
-        sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4, scale=scale, is_causal=True,  # noqa: E731
-                                                      enable_gqa=True)
+        sdpa = lambda: F.scaled_dot_product_attention(
+            q4,
+            k4,
+            v4,
+            scale=scale,
+            is_causal=True,  # noqa: E731
+            enable_gqa=True,
+        )
         diff = (paged().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()
         ms, sdpa_ms = kernel_ms(paged, device), kernel_ms(sdpa, device)
-        records.append({"q_len": n, "flops": flops, "max_abs_diff_vs_sdpa": diff,
-                        "paged": {"ms": ms, "tflops": flops / ms / 1e9},
-                        "sdpa_contiguous": {"ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9, "speedup_paged": sdpa_ms / ms}})
-        print(f"{n:>6} | {ms:9.4f} {flops / ms / 1e9:8.2f} | {sdpa_ms:9.4f} {flops / sdpa_ms / 1e9:8.2f} "
-              f"{sdpa_ms / ms:4.1f}x", flush=True)
+        records.append(
+            {
+                "q_len": n,
+                "flops": flops,
+                "max_abs_diff_vs_sdpa": diff,
+                "paged": {"ms": ms, "tflops": flops / ms / 1e9},
+                "sdpa_contiguous": {"ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9, "speedup_paged": sdpa_ms / ms},
+            }
+        )
+        print(
+            f"{n:>6} | {ms:9.4f} {flops / ms / 1e9:8.2f} | {sdpa_ms:9.4f} {flops / sdpa_ms / 1e9:8.2f} "
+            f"{sdpa_ms / ms:4.1f}x",
+            flush=True,
+        )
         if diff > 0.05:
             raise SystemExit(f"paged prefill and SDPA disagree: max abs diff {diff:.3g}")
-        del kv, q
+        kv = q = None  # free the cache before the next shape
 
 
 def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, path: Path) -> None:
@@ -150,17 +206,34 @@ def plot(decode: list[dict], prefill: list[dict], copy_gbps: float, title: str, 
     for i, batch in enumerate(sorted({r["batch"] for r in done})):
         rows = [r for r in done if r["batch"] == batch]
         color = f"C{i % 10}"
-        axes[0].plot([r["context"] for r in rows], [r["paged"]["gbps"] for r in rows], "o-", color=color,
-                     label=f"paged B={batch}")
-        axes[0].plot([r["context"] for r in rows], [r["sdpa_contiguous"]["gbps"] for r in rows], "s--",
-                     color=color, alpha=0.6, label=f"SDPA B={batch}")
+        axes[0].plot(
+            [r["context"] for r in rows],
+            [r["paged"]["gbps"] for r in rows],
+            "o-",
+            color=color,
+            label=f"paged B={batch}",
+        )
+        axes[0].plot(
+            [r["context"] for r in rows],
+            [r["sdpa_contiguous"]["gbps"] for r in rows],
+            "s--",
+            color=color,
+            alpha=0.6,
+            label=f"SDPA B={batch}",
+        )
     axes[0].axhline(copy_gbps, color="k", lw=1, ls=":", label="device copy")
     axes[0].set(xscale="log", xlabel="context tokens", ylabel="GB/s (K+V read once)", title="decode attention")
     axes[0].legend(fontsize=7, ncol=2)
     if prefill:
-        axes[1].plot([r["q_len"] for r in prefill], [r["paged"]["tflops"] for r in prefill], "o-", label="paged prefill")
-        axes[1].plot([r["q_len"] for r in prefill], [r["sdpa_contiguous"]["tflops"] for r in prefill], "s--",
-                     label="SDPA causal (contiguous)")
+        axes[1].plot(
+            [r["q_len"] for r in prefill], [r["paged"]["tflops"] for r in prefill], "o-", label="paged prefill"
+        )
+        axes[1].plot(
+            [r["q_len"] for r in prefill],
+            [r["sdpa_contiguous"]["tflops"] for r in prefill],
+            "s--",
+            label="SDPA causal (contiguous)",
+        )
     axes[1].set(xscale="log", xlabel="tokens (one sequence)", ylabel="TFLOP/s", title="prefill attention")
     axes[1].legend()
     save_figure(fig, title, path)
@@ -172,12 +245,29 @@ def main() -> None:
     ap.add_argument("--contexts", default=None, help="comma-separated decode context lengths")
     args = ap.parse_args()
     if args.smoke:
-        cfg = dict(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.bfloat16,
-                   batches=[1, 3], contexts=[40], prefill_lens=[24], copy_bytes=1 << 24)
+        cfg = dict(
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            block_size=16,
+            dtype=torch.bfloat16,
+            batches=[1, 3],
+            contexts=[40],
+            prefill_lens=[24],
+            copy_bytes=1 << 24,
+        )
     else:
-        cfg = dict(num_heads=28, num_kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16,
-                   batches=[1, 8, 32, 64, 128], contexts=[512, 2048, 8192, 32768],
-                   prefill_lens=[512, 2048, 8192], copy_bytes=1 << 30)
+        cfg = dict(
+            num_heads=28,
+            num_kv_heads=4,
+            head_dim=128,
+            block_size=16,
+            dtype=torch.bfloat16,
+            batches=[1, 8, 32, 64, 128],
+            contexts=[512, 2048, 8192, 32768],
+            prefill_lens=[512, 2048, 8192],
+            copy_bytes=1 << 30,
+        )
     if args.batches:
         cfg["batches"] = [int(b) for b in args.batches.split(",")]
     if args.contexts:
@@ -190,9 +280,16 @@ def main() -> None:
     decode: list[dict] = []
     prefill: list[dict] = []
     skipped: list[str] = []
-    report = {"benchmark": "attention", **info, "flash_attn": flash_status,
-              "config": {**cfg, "dtype": str(cfg["dtype"]), "timing": kernel_timing(device)},
-              "copy_bandwidth_gbps": copy_gbps, "decode": decode, "prefill": prefill, "skipped": skipped}
+    report = {
+        "benchmark": "attention",
+        **info,
+        "flash_attn": flash_status,
+        "config": {**cfg, "dtype": str(cfg["dtype"]), "timing": kernel_timing(device)},
+        "copy_bandwidth_gbps": copy_gbps,
+        "decode": decode,
+        "prefill": prefill,
+        "skipped": skipped,
+    }
     result = KernelResult("attention", args.out_dir, args.smoke, device)
 
     def go_on(case: str) -> bool:
@@ -205,8 +302,11 @@ def main() -> None:
 
     decode_sweep(cfg, device, copy_gbps, decode, go_on)
     prefill_sweep(cfg, device, prefill, go_on)
-    title = (f"paged attention, Qwen2.5-7B heads (28/4 x 128), bf16, block 16: {info['device']}" if not args.smoke
-             else f"SMOKE RUN, tiny shapes, not a result ({info['device']})")
+    title = (
+        f"paged attention, Qwen2.5-7B heads (28/4 x 128), bf16, block 16: {info['device']}"
+        if not args.smoke
+        else f"SMOKE RUN, tiny shapes, not a result ({info['device']})"
+    )
     result.finish(report, lambda png: plot(decode, prefill, copy_gbps, title, png), complete=not skipped)
 
 

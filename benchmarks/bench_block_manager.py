@@ -9,6 +9,7 @@
 Targets (issue): C++ >= 10x faster on the trace, metadata for 256 sequences <= 100 us.
 Writes benchmarks/results/block_manager_cpu.json (--smoke: a tiny run that writes only with --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import random
 import statistics
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mcl_runtime.engine.block_manager import HAVE_EXT, PyBlockManager
@@ -42,7 +43,7 @@ def make_trace(num_ops: int, block_size: int, num_blocks: int, seed: int) -> lis
         if not live or (r < 0.08 and len(live) < 64):
             prefix = rng.choice(prefixes)
             suffix = [rng.randrange(VOCAB) for _ in range(rng.randrange(16, 128))]
-            prompt = prefix[:rng.randrange(len(prefix) + 1)] + suffix
+            prompt = prefix[: rng.randrange(len(prefix) + 1)] + suffix
             op = ("add", next_id, prompt, rng.randrange(4))
             live.append(next_id)
             next_id += 1
@@ -98,6 +99,7 @@ def time_trace(cls, ops: list[tuple], block_size: int, num_blocks: int, repeats:
 def same_outputs(a: list, b: list) -> bool:
     def norm(x):
         return [arr.tolist() for arr in x] if isinstance(x, tuple) and len(x) == 5 else x
+
     return all(norm(x) == norm(y) for x, y in zip(a, b)) and len(a) == len(b)
 
 
@@ -134,18 +136,27 @@ def machine() -> dict:
         pass
     try:
         import torch
+
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
     import numpy
-    return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch_version, "numpy": numpy.__version__}
+
+    return {
+        "cpu": cpu or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "numpy": numpy.__version__,
+    }
 
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -157,20 +168,41 @@ def main() -> None:
     args = ap.parse_args()
     out_path = args.out if args.out or args.smoke else DEFAULT_OUT
     if args.smoke:
-        cfg = dict(num_ops=1000, block_size=16, num_blocks=512, num_seqs=32, min_len=128, max_len=256,
-                   py_repeats=1, cpp_repeats=2, meta_repeats=20)
+        cfg = dict(
+            num_ops=1000,
+            block_size=16,
+            num_blocks=512,
+            num_seqs=32,
+            min_len=128,
+            max_len=256,
+            py_repeats=1,
+            cpp_repeats=2,
+            meta_repeats=20,
+        )
     else:
-        cfg = dict(num_ops=10_000, block_size=16, num_blocks=2048, num_seqs=256, min_len=1024, max_len=2048,
-                   py_repeats=2, cpp_repeats=5, meta_repeats=300)
+        cfg = dict(
+            num_ops=10_000,
+            block_size=16,
+            num_blocks=2048,
+            num_seqs=256,
+            min_len=1024,
+            max_len=2048,
+            py_repeats=2,
+            cpp_repeats=5,
+            meta_repeats=300,
+        )
     impls = {"python": PyBlockManager}
     if HAVE_EXT:
         from mcl_runtime import _C
+
         impls["cpp"] = _C.BlockManager
     else:
         print("C++ extension not built (or MCL_NO_EXT=1): timing the Python reference only")
 
     info = machine()
-    print(f"device: cpu ({info['cpu']}, {info['cpu_count']} cores), python {info['python']}, torch {info['torch']}, numpy {info['numpy']}")
+    print(
+        f"device: cpu ({info['cpu']}, {info['cpu_count']} cores), python {info['python']}, torch {info['torch']}, numpy {info['numpy']}"  # noqa: E501
+    )
     ops = make_trace(cfg["num_ops"], cfg["block_size"], cfg["num_blocks"], seed=0)
     results: dict = {"trace": {}, "metadata": {}}
     outputs = {}
@@ -183,14 +215,20 @@ def main() -> None:
         raise SystemExit("the C++ and Python managers gave different outputs on the trace")
 
     for name, cls in impls.items():
-        bm, seq_ids, num_new = decode_batch(cls, cfg["num_seqs"], cfg["min_len"], cfg["max_len"],
-                                            cfg["block_size"], seed=1)
+        bm, seq_ids, num_new = decode_batch(
+            cls, cfg["num_seqs"], cfg["min_len"], cfg["max_len"], cfg["block_size"], seed=1
+        )
         repeats = cfg["meta_repeats"] if name == "cpp" else max(5, cfg["meta_repeats"] // 20)
         times = time_metadata(bm, seq_ids, num_new, repeats)
-        results["metadata"][name] = {"median_us": statistics.median(times) * 1e6, "min_us": min(times) * 1e6,
-                                     "repeats": repeats}
-        print(f"metadata {name:>6}: {statistics.median(times) * 1e6:9.1f} us median, {min(times) * 1e6:.1f} us min "
-              f"({cfg['num_seqs']} sequences, {cfg['min_len']}-{cfg['max_len']} tokens, 1 new each)")
+        results["metadata"][name] = {
+            "median_us": statistics.median(times) * 1e6,
+            "min_us": min(times) * 1e6,
+            "repeats": repeats,
+        }
+        print(
+            f"metadata {name:>6}: {statistics.median(times) * 1e6:9.1f} us median, {min(times) * 1e6:.1f} us min "
+            f"({cfg['num_seqs']} sequences, {cfg['min_len']}-{cfg['max_len']} tokens, 1 new each)"
+        )
 
     summary = {}
     if "cpp" in impls:
@@ -201,14 +239,24 @@ def main() -> None:
         }
         summary["meets_speedup_target_10x"] = summary["trace_speedup"] >= 10
         summary["meets_metadata_target_100us"] = summary["metadata_us_cpp"] <= 100
-        print(f"C++/Python speed-up: trace {summary['trace_speedup']:.1f}x, "
-              f"metadata {summary['metadata_speedup']:.1f}x; C++ metadata {summary['metadata_us_cpp']:.1f} us "
-              "per build (targets: >= 10x, <= 100 us)")
+        print(
+            f"C++/Python speed-up: trace {summary['trace_speedup']:.1f}x, "
+            f"metadata {summary['metadata_speedup']:.1f}x; C++ metadata {summary['metadata_us_cpp']:.1f} us "
+            "per build (targets: >= 10x, <= 100 us)"
+        )
 
     if out_path:
-        report = {"benchmark": "block_manager", "device": f"cpu: {info['cpu']}", "machine": info,
-                  "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-                  "smoke": args.smoke, "config": cfg, "results": results, "summary": summary}
+        report = {
+            "benchmark": "block_manager",
+            "device": f"cpu: {info['cpu']}",
+            "machine": info,
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "smoke": args.smoke,
+            "config": cfg,
+            "results": results,
+            "summary": summary,
+        }
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out_path}")

@@ -24,6 +24,7 @@ calls them), RMSNorm and rope on one; torch's ops on all of torch's threads (``-
 Writes benchmarks/results/cpu_kernels.json, or cpu_kernels_threads<N>.json with ``--threads``
 (--smoke: only with --out-dir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,24 +32,54 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from common import (QWEN25_7B_INSTRUCT, SMOKE_VOCAB, base_parser, environment, parse_with_smoke, save_result,
-                    write_model_folder, write_peft_adapter)
+from common import (
+    QWEN25_7B_INSTRUCT,
+    SMOKE_VOCAB,
+    base_parser,
+    environment,
+    parse_with_smoke,
+    save_result,
+    write_model_folder,
+    write_peft_adapter,
+)
 
 NUM_ADAPTERS = 4
 SHAPES = {
-    "micro": dict(cfg={**QWEN25_7B_INSTRUCT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                       "max_window_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "vocab_size": 512, "bos_token_id": 509, "eos_token_id": 511},
-                  seqs=256, prompt_len=48, rank=8),
-    "qwen7b": dict(cfg={**QWEN25_7B_INSTRUCT, "num_hidden_layers": 1, "max_window_layers": 1,
-                        "vocab_size": SMOKE_VOCAB, "bos_token_id": 509, "eos_token_id": 511},
-                   seqs=32, prompt_len=48, rank=32),
+    "micro": dict(
+        cfg={
+            **QWEN25_7B_INSTRUCT,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "max_window_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+            "bos_token_id": 509,
+            "eos_token_id": 511,
+        },
+        seqs=256,
+        prompt_len=48,
+        rank=8,
+    ),
+    "qwen7b": dict(
+        cfg={
+            **QWEN25_7B_INSTRUCT,
+            "num_hidden_layers": 1,
+            "max_window_layers": 1,
+            "vocab_size": SMOKE_VOCAB,
+            "bos_token_id": 509,
+            "eos_token_id": 511,
+        },
+        seqs=32,
+        prompt_len=48,
+        rank=32,
+    ),
 }
 SMOKE_SHAPES = {"micro": dict(SHAPES["micro"], seqs=8, prompt_len=8)}
 
@@ -58,8 +89,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--reps", type=int, default=200, help="calls of each path per case (in blocks of 10)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps before the one measured")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default torch's; the kernels run on one): writes cpu_kernels_threads<N>.json")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default torch's; the kernels run on one): writes cpu_kernels_threads<N>.json",
+    )
     return parse_with_smoke(p, dict(reps=20, decode_steps=1))
 
 
@@ -69,12 +104,23 @@ def step_context(shape: dict, decode_steps: int, tmp: Path):
 
     cfg = shape["cfg"]
     base = write_model_folder(tmp / "base", cfg)
-    adapters = {f"a{i}": write_peft_adapter(tmp / f"a{i}", cfg, rank=shape["rank"], seed=i, dtype=torch.float32)
-                for i in range(NUM_ADAPTERS)}
+    adapters = {
+        f"a{i}": write_peft_adapter(tmp / f"a{i}", cfg, rank=shape["rank"], seed=i, dtype=torch.float32)
+        for i in range(NUM_ADAPTERS)
+    }
     n, plen = shape["seqs"], shape["prompt_len"]
-    engine = Engine(model=base, adapters=adapters, device="cpu", dtype="float32", backend="torch",
-                    max_loras=NUM_ADAPTERS, max_lora_rank=shape["rank"], max_num_seqs=n, load_format="dummy",
-                    kv_cache_blocks=n * ((plen + decode_steps + 16) // 16 + 2))
+    engine = Engine(
+        model=base,
+        adapters=adapters,
+        device="cpu",
+        dtype="float32",
+        backend="torch",
+        max_loras=NUM_ADAPTERS,
+        max_lora_rank=shape["rank"],
+        max_num_seqs=n,
+        load_format="dummy",
+        kv_cache_blocks=n * ((plen + decode_steps + 16) // 16 + 2),
+    )
     names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=decode_steps + 8, ignore_eos=True)
@@ -121,20 +167,28 @@ def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[
     k_cache, v_cache = ctx.kv_caches[0]
     q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
     scale = layer.self_attn.scale
-    out = {"attention": (lambda: kernel.attention(q, k_cache, v_cache, scale, ctx.attn, k, v),
-                         lambda: padded.attention(q, k_cache, v_cache, scale, attn, k, v))}
+    out = {
+        "attention": (
+            lambda: kernel.attention(q, k_cache, v_cache, scale, ctx.attn, k, v),
+            lambda: padded.attention(q, k_cache, v_cache, scale, attn, k, v),
+        )
+    }
     for name, mod in engine.model.lora_modules(0).items():
         x = torch.randn(T, mod.in_features, generator=gen)
         y_kernel, y_torch = torch.zeros(T, sum(mod.out_sizes)), torch.zeros(T, sum(mod.out_sizes))
-        out[f"lora_{name}"] = (lambda x=x, y=y_kernel, m=mod: (y.zero_(), kernel.apply_lora(x, y, m, ctx.lora), y)[2],
-                               lambda x=x, y=y_torch, m=mod: (y.zero_(), padded.apply_lora(x, y, m, lora), y)[2])
+        out[f"lora_{name}"] = (
+            lambda x=x, y=y_kernel, m=mod: (y.zero_(), kernel.apply_lora(x, y, m, ctx.lora), y)[2],
+            lambda x=x, y=y_torch, m=mod: (y.zero_(), padded.apply_lora(x, y, m, lora), y)[2],
+        )
     norm = layer.post_attention_layernorm
     x, res = torch.randn(T, cfg.hidden_size, generator=gen), torch.randn(T, cfg.hidden_size, generator=gen)
     res_kernel = res.clone()
-    out["rms_norm_residual"] = (lambda: rms_norm_cpu(x, norm.weight, norm.eps, res_kernel.copy_(res)),
-                                lambda: F.rms_norm(x + res, norm.weight.shape, norm.weight, norm.eps))
+    out["rms_norm_residual"] = (
+        lambda: rms_norm_cpu(x, norm.weight, norm.eps, res_kernel.copy_(res)),
+        lambda: F.rms_norm(x + res, norm.weight.shape, norm.weight, norm.eps),
+    )
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen)
-    qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)
+    qk = qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D)
     qk_kernel = qk.clone()
     cos, sin = ctx.cos, ctx.sin
     out["rope"] = (lambda: rope_cpu(qk_kernel.copy_(qk), cos, sin), lambda: rope_torch(qk, cos, sin))
@@ -152,22 +206,41 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="bench_cpu_kernels_") as tmp:
                 engine, ctx = step_context(shape, args.decode_steps, Path(tmp))
                 ctx_lens = ctx.attn.context_lens_host
-                results[shape_name] = {"seqs": shape["seqs"], "hidden": engine.model.config.hidden_size,
-                                       "context_lens": [int(ctx_lens.min()), int(ctx_lens.max())],
-                                       "lora_rank": shape["rank"], "cases": {}}
+                results[shape_name] = {
+                    "seqs": shape["seqs"],
+                    "hidden": engine.model.config.hidden_size,
+                    "context_lens": [int(ctx_lens.min()), int(ctx_lens.max())],
+                    "lora_rank": shape["rank"],
+                    "cases": {},
+                }
                 print(f"\n{shape_name}: {shape['seqs']} decodes, contexts {ctx_lens.min()}-{ctx_lens.max()}")
                 for name, (kernel_fn, torch_fn) in cases(engine, ctx).items():
                     diff = (kernel_fn().float() - torch_fn().float()).abs().max().item()
                     us = interleaved({"kernel": kernel_fn, "torch": torch_fn}, args.reps)
-                    results[shape_name]["cases"][name] = {"kernel_us": us["kernel"], "torch_us": us["torch"],
-                                                          "speedup": us["torch"] / us["kernel"], "max_abs_diff": diff}
-                    print(f"  {name:>18}: kernel {us['kernel']:8.1f} us   torch {us['torch']:8.1f} us   "
-                          f"{us['torch'] / us['kernel']:5.2f}x   (max |diff| {diff:.1e})")
+                    results[shape_name]["cases"][name] = {
+                        "kernel_us": us["kernel"],
+                        "torch_us": us["torch"],
+                        "speedup": us["torch"] / us["kernel"],
+                        "max_abs_diff": diff,
+                    }
+                    print(
+                        f"  {name:>18}: kernel {us['kernel']:8.1f} us   torch {us['torch']:8.1f} us   "
+                        f"{us['torch'] / us['kernel']:5.2f}x   (max |diff| {diff:.1e})"
+                    )
                 del engine, ctx
-    payload = {"benchmark": "cpu_kernels", "env": environment("cpu"), "torch_threads": torch.get_num_threads(),
-               "config": {"dtype": "float32", "adapters": NUM_ADAPTERS, "decode_steps_before": args.decode_steps,
-                          "reps": args.reps, "timing": "alternating blocks of 10 calls, median per call"},
-               "results": results}
+    payload = {
+        "benchmark": "cpu_kernels",
+        "env": environment("cpu"),
+        "torch_threads": torch.get_num_threads(),
+        "config": {
+            "dtype": "float32",
+            "adapters": NUM_ADAPTERS,
+            "decode_steps_before": args.decode_steps,
+            "reps": args.reps,
+            "timing": "alternating blocks of 10 calls, median per call",
+        },
+        "results": results,
+    }
     name = f"cpu_kernels_threads{args.threads}" if args.threads else "cpu_kernels"
     save_result(name, payload, args.out_dir, args.smoke)
 

@@ -15,6 +15,7 @@ reuse): the kernel-vs-padded ratio that ``TorchBackend.KERNEL_MAX_THREADS`` rest
 Target (issue #3): ours >= 3x the baseline's output tokens/s.
 Writes benchmarks/results/engine_cpu.json (--smoke: only with --out-dir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,16 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-
-from common import (AGENTS, Workload, base_parser, environment, make_workload, parse_with_smoke, run_workload,
-                    save_result)
+from common import (
+    AGENTS,
+    Workload,
+    base_parser,
+    environment,
+    make_workload,
+    parse_with_smoke,
+    run_workload,
+    save_result,
+)
 from hf_baseline import generate_grouped, load_hf_peft
 from step_profile import StepProfiler, format_breakdown
 
@@ -97,8 +105,15 @@ def main() -> None:
     from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
 
     base, adapter_dirs = demo_model_dir() / "base", demo_adapter_dirs()
-    engine = Engine(model=base, adapters=adapter_dirs, device="cpu", dtype="float32", backend=args.backend,
-                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    engine = Engine(
+        model=base,
+        adapters=adapter_dirs,
+        device="cpu",
+        dtype="float32",
+        backend=args.backend,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+    )
     hf = load_hf_peft(base, adapter_dirs, torch.device("cpu"), torch.float32)
     pad = engine.tokenizer.pad_token_id or 0
     warm = make_workload(4, (8, 16), (2, 2), list(AGENTS), seed=999)
@@ -110,33 +125,67 @@ def main() -> None:
         wl = make_workload(args.requests, tuple(args.prompt_len), (args.gen, args.gen), list(AGENTS), seed=r)
         ours_s, ours_tok = engine_round(engine, wl)
         attention = attention_rounds(engine, wl, ours_s)
-        vs_padded = {"cpu_attention_s": attention,
-                     "cpu_kernel_vs_padded": attention["padded_s"] / attention["kernel_s"]} if attention else {}
+        vs_padded = (
+            {"cpu_attention_s": attention, "cpu_kernel_vs_padded": attention["padded_s"] / attention["kernel_s"]}
+            if attention
+            else {}
+        )
         hf_s, hf_tok = generate_grouped(hf, wl.prompts, wl.adapters, args.gen, pad)
         n_out = args.requests * args.gen
         same = sum(a == b for a, b in zip(ours_tok, hf_tok))
-        rounds.append({"ours_s": ours_s, "hf_s": hf_s, "ours_tok_s": n_out / ours_s, "hf_tok_s": n_out / hf_s,
-                       "ratio": hf_s / ours_s, "identical_outputs": same, "prompt_tokens": wl.num_prompt_tokens,
-                       **vs_padded})
-        print(f"round {r}: ours {n_out / ours_s:8.1f} tok/s   transformers+peft {n_out / hf_s:8.1f} tok/s   "
-              f"ratio {hf_s / ours_s:5.2f}x   identical outputs {same}/{args.requests}"
-              + (f"   CPU attention kernel vs padded {vs_padded['cpu_kernel_vs_padded']:.2f}x" if vs_padded else ""))
+        rounds.append(
+            {
+                "ours_s": ours_s,
+                "hf_s": hf_s,
+                "ours_tok_s": n_out / ours_s,
+                "hf_tok_s": n_out / hf_s,
+                "ratio": hf_s / ours_s,
+                "identical_outputs": same,
+                "prompt_tokens": wl.num_prompt_tokens,
+                **vs_padded,
+            }
+        )
+        print(
+            f"round {r}: ours {n_out / ours_s:8.1f} tok/s   transformers+peft {n_out / hf_s:8.1f} tok/s   "
+            f"ratio {hf_s / ours_s:5.2f}x   identical outputs {same}/{args.requests}"
+            + (f"   CPU attention kernel vs padded {vs_padded['cpu_kernel_vs_padded']:.2f}x" if vs_padded else "")
+        )
     summary = {k: statistics.median(x[k] for x in rounds) for k in ("ours_tok_s", "hf_tok_s", "ratio")}
     if all("cpu_kernel_vs_padded" in x for x in rounds):
         summary["cpu_kernel_vs_padded"] = statistics.median(x["cpu_kernel_vs_padded"] for x in rounds)
         print(f"CPU attention kernel vs padded path: {summary['cpu_kernel_vs_padded']:.2f}x (median)")
     breakdown = profile_engine(engine, args)
-    print(f"median: ours {summary['ours_tok_s']:.1f} tok/s, transformers+peft {summary['hf_tok_s']:.1f} tok/s, "
-          f"ratio {summary['ratio']:.2f}x (target >= 3x)")
-    save_result("engine_cpu", {
-        "benchmark": "engine_cpu", "env": environment("cpu"), "torch_threads": torch.get_num_threads(),
-        "config": {"model": "mcl-demo-tiny", "adapters": list(AGENTS), "requests": args.requests,
-                   "prompt_len": list(args.prompt_len), "gen_tokens": args.gen, "dtype": "float32",
-                   "backend": engine.backend.name, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
-                   "baseline": "transformers+peft, one generate per adapter "
-                   "group (set_adapter), left padding, greedy, min_new_tokens=max_new_tokens"},
-        "rounds": rounds, "median": summary, "target_ratio": 3.0, "breakdown": {"ours": breakdown},
-    }, args.out_dir, args.smoke)
+    print(
+        f"median: ours {summary['ours_tok_s']:.1f} tok/s, transformers+peft {summary['hf_tok_s']:.1f} tok/s, "
+        f"ratio {summary['ratio']:.2f}x (target >= 3x)"
+    )
+    save_result(
+        "engine_cpu",
+        {
+            "benchmark": "engine_cpu",
+            "env": environment("cpu"),
+            "torch_threads": torch.get_num_threads(),
+            "config": {
+                "model": "mcl-demo-tiny",
+                "adapters": list(AGENTS),
+                "requests": args.requests,
+                "prompt_len": list(args.prompt_len),
+                "gen_tokens": args.gen,
+                "dtype": "float32",
+                "backend": engine.backend.name,
+                "max_loras": args.max_loras,
+                "max_lora_rank": args.max_lora_rank,
+                "baseline": "transformers+peft, one generate per adapter "
+                "group (set_adapter), left padding, greedy, min_new_tokens=max_new_tokens",
+            },
+            "rounds": rounds,
+            "median": summary,
+            "target_ratio": 3.0,
+            "breakdown": {"ours": breakdown},
+        },
+        args.out_dir,
+        args.smoke,
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ weights, one row per sequence) timed alone, with warm caches.
 
 ``--compare REF`` also runs this script on the ``mcl_runtime`` package of git revision REF (e.g.
 ``main``; built once as a wheel in a temporary folder, C++ extension included, so that kernel
-changes count) in a subprocess on the same machine and prints both side by side with the ratio. ``--repeat K`` runs K rounds (this
+changes count) in a subprocess on the same machine and prints both side by side with the ratio.
+``--repeat K`` runs K rounds (this
 tree and REF in turn) and reports the median per setting and the best round (on a shared machine
 other processes only ever add time), with every round's value in the JSON.
 ``--compile`` builds the engine with ``compile=True`` (the static decode path, one compiled graph
@@ -37,6 +38,7 @@ pass (its hooks would break the graph).
 Writes benchmarks/results/host_overhead_<device>[_compile].json (``cpu`` or the GPU's name, as
 ``nvidia-h200``; --smoke: only with --out-dir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +53,25 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-
-from common import (QWEN25_7B_INSTRUCT, ROOT, base_parser, device_slug, environment, parse_with_smoke, patch,
-                    resolve_device, save_result, synchronize, write_model_folder, write_peft_adapter)
+from common import (
+    QWEN25_7B_INSTRUCT,
+    ROOT,
+    base_parser,
+    device_slug,
+    environment,
+    parse_with_smoke,
+    patch,
+    resolve_device,
+    save_result,
+    synchronize,
+    write_model_folder,
+    write_peft_adapter,
+)
 
 if TYPE_CHECKING:
     from mcl_runtime.engine.llm_engine import Engine
@@ -69,9 +83,19 @@ NUM_ADAPTERS = 4
 # Engine methods that build outputs, by the names the engine has had (wrapped where they exist).
 OUTPUT_METHODS = ("_emit", "_output", "_outputs")
 
-MICRO = {**QWEN25_7B_INSTRUCT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-         "max_window_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-         "max_position_embeddings": 4096, "bos_token_id": 509, "eos_token_id": 511}
+MICRO = {
+    **QWEN25_7B_INSTRUCT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "max_window_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 509,
+    "eos_token_id": 511,
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,11 +106,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed decode steps before timing")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
-    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
-                   help="Engine(overlap=...) where the engine has the knob (auto: its default)")
+    p.add_argument(
+        "--overlap",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Engine(overlap=...) where the engine has the knob (auto: its default)",
+    )
     p.add_argument("--compare", default=None, metavar="REF", help="also measure git revision REF, side by side")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="rounds (with --compare: this tree and REF in turn); ms/step is the median over rounds")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds (with --compare: this tree and REF in turn); ms/step is the median over rounds",
+    )
     p.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --compare subprocess
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)  # its folders, written by us
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host overhead is serial)")
@@ -100,19 +132,28 @@ def micro_model(root: Path, rank: int, written: bool = False) -> tuple[Path, dic
     if written:
         return root / "base", {f"a{i}": root / f"a{i}" for i in range(NUM_ADAPTERS)}
     base = write_model_folder(root / "base", MICRO)
-    adapters = {f"a{i}": write_peft_adapter(root / f"a{i}", MICRO, rank=rank, seed=i, dtype=torch.float32)
-                for i in range(NUM_ADAPTERS)}
+    adapters = {
+        f"a{i}": write_peft_adapter(root / f"a{i}", MICRO, rank=rank, seed=i, dtype=torch.float32)
+        for i in range(NUM_ADAPTERS)
+    }
     return base, adapters
 
 
 def build_engine(base: Path, adapters: dict[str, Path], device: torch.device, args: argparse.Namespace) -> Engine:
     from mcl_runtime import Engine
 
-    kwargs: dict[str, Any] = dict(model=base, adapters=adapters, device=str(device), dtype=args.dtype,
-                                  backend=args.backend, max_loras=NUM_ADAPTERS, max_lora_rank=args.rank,
-                                  max_num_seqs=max(args.seqs), load_format="dummy",
-                                  kv_cache_blocks=max(args.seqs) * ((args.prompt_len + args.warmup + 3 * args.steps
-                                                                     + 64) // 16 + 2))
+    kwargs: dict[str, Any] = dict(
+        model=base,
+        adapters=adapters,
+        device=str(device),
+        dtype=args.dtype,
+        backend=args.backend,
+        max_loras=NUM_ADAPTERS,
+        max_lora_rank=args.rank,
+        max_num_seqs=max(args.seqs),
+        load_format="dummy",
+        kv_cache_blocks=max(args.seqs) * ((args.prompt_len + args.warmup + 3 * args.steps + 64) // 16 + 2),
+    )
     if args.overlap != "auto" and "overlap" in inspect.signature(Engine).parameters:
         kwargs["overlap"] = args.overlap == "on"
     if args.compile:
@@ -130,17 +171,25 @@ class Profile:
         self.steps: list[dict[str, float]] = []
         self._marks: dict[str, float] = {}
         runner = engine.runner
-        self._undo = [patch(engine, "step", self._timed(engine.step, "step")),
-                      patch(engine.scheduler, "schedule", self._timed(engine.scheduler.schedule, "scheduling")),
-                      patch(runner, "run", self._timed(runner.run, "run"))]
-        self._undo += [patch(engine, name, self._timed(getattr(engine, name), "outputs"))
-                       for name in OUTPUT_METHODS if hasattr(engine, name)]
+        self._undo = [
+            patch(engine, "step", self._timed(engine.step, "step")),
+            patch(engine.scheduler, "schedule", self._timed(engine.scheduler.schedule, "scheduling")),
+            patch(runner, "run", self._timed(runner.run, "run")),
+        ]
+        self._undo += [
+            patch(engine, name, self._timed(getattr(engine, name), "outputs"))
+            for name in OUTPUT_METHODS
+            if hasattr(engine, name)
+        ]
         if hasattr(engine.model, "compute_logits"):
-            self._undo.append(patch(engine.model, "compute_logits",
-                                    self._timed(engine.model.compute_logits, "lm_head")))
-        self._hooks = [engine.model.register_forward_pre_hook(lambda m, a: self._mark("forward_start")),
-                       engine.model.register_forward_hook(lambda m, a, o: self._mark("forward_end"))]
-        graphs = getattr(runner, "graphs", None)   # a replayed CUDA graph calls no forward hook
+            self._undo.append(
+                patch(engine.model, "compute_logits", self._timed(engine.model.compute_logits, "lm_head"))
+            )
+        self._hooks = [
+            engine.model.register_forward_pre_hook(lambda m, a: self._mark("forward_start")),
+            engine.model.register_forward_hook(lambda m, a, o: self._mark("forward_end")),
+        ]
+        graphs = getattr(runner, "graphs", None)  # a replayed CUDA graph calls no forward hook
         if graphs is not None:
             self._undo.append(patch(graphs, "run", self._forward_marks(graphs.run)))
 
@@ -157,6 +206,7 @@ class Profile:
             out = fn(*args, **kwargs)
             self._mark("forward_end")
             return out
+
         return wrapped
 
     def _timed(self, fn: Callable, name: str) -> Callable:
@@ -175,6 +225,7 @@ class Profile:
                 self.cur["sampling"] += t1 - m["forward_end"] - (self.cur["lm_head"] - lm_head_before)
                 m.clear()
             return out
+
         return wrapped
 
     def end_step(self, consumer_s: float) -> None:
@@ -208,8 +259,9 @@ def dense_ms(engine: Engine, n: int, reps: int = 30) -> float:
     """Median ms of the model's dense projections and LM head on ``n`` rows, nothing else."""
     import torch.nn.functional as F
 
-    weights = [(m.weight, getattr(m, "bias", None)) for m in engine.model.modules()
-               if type(m).__name__ == "LinearWithLoRA"]
+    weights = [
+        (m.weight, getattr(m, "bias", None)) for m in engine.model.modules() if type(m).__name__ == "LinearWithLoRA"
+    ]
     weights.append((engine.model.lm_head_weight, None))
     xs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in weights}
     times = []
@@ -230,10 +282,21 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
     names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
     gen = torch.Generator().manual_seed(n)
     params = SamplingParams(max_tokens=args.warmup + args.steps + 8, ignore_eos=True)
-    stream = {"stream": True} if consumer == "stream" and "stream" in inspect.signature(engine.add_request).parameters \
+    stream = (
+        {"stream": True}
+        if consumer == "stream" and "stream" in inspect.signature(engine.add_request).parameters
         else {}
-    ids = [engine.add_request(None, torch.randint(0, 500, (args.prompt_len,), generator=gen).tolist(), params,
-                              names[i % len(names)], **stream) for i in range(n)]
+    )
+    ids = [
+        engine.add_request(
+            None,
+            torch.randint(0, 500, (args.prompt_len,), generator=gen).tolist(),
+            params,
+            names[i % len(names)],
+            **stream,
+        )
+        for i in range(n)
+    ]
     # generate asks for the finished requests only, as Engine.generate does (where the engine can)
     finished_only = consumer == "generate" and "finished_only" in inspect.signature(engine.step).parameters
     step_kwargs = {"finished_only": True} if finished_only else {}
@@ -286,8 +349,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> dict:
                     plain["engine_ms"] = plain["ms_per_step"] - plain["model_ms"]
                 results[f"{consumer}/{n}"] = {**plain, "dense_ms": dense_ms(engine, n)}
     overlap = getattr(engine, "overlap", None)
-    return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap,
-            "results": results}
+    return {"package": str(Path(sys.modules["mcl_runtime"].__file__).parent), "overlap": overlap, "results": results}
 
 
 @contextlib.contextmanager
@@ -298,19 +360,25 @@ def revision(ref: str, rank: int) -> Iterator[Path]:
 
     with tempfile.TemporaryDirectory(prefix="bench_host_ref_") as tmp:
         tmp = Path(tmp)
-        names = subprocess.run(["git", "ls-tree", "--name-only", ref], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.split()
-        wanted = [n for n in ("mcl_runtime", "kernels", "csrc", "CMakeLists.txt", "setup.py", "pyproject.toml")
-                  if n in names]
+        names = subprocess.run(
+            ["git", "ls-tree", "--name-only", ref], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+        wanted = [
+            n for n in ("mcl_runtime", "kernels", "csrc", "CMakeLists.txt", "setup.py", "pyproject.toml") if n in names
+        ]
         archive = subprocess.run(["git", "archive", ref, *wanted], cwd=ROOT, capture_output=True, check=True)
         (tmp / "src").mkdir()
         subprocess.run(["tar", "-x", "-C", str(tmp / "src")], input=archive.stdout, check=True)
         print(f"building {ref} (a wheel, with its C++ extension) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "wheel"),
-                        str(tmp / "src")], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "wheel"), str(tmp / "src")],
+            check=True,
+        )
         wheel = next((tmp / "wheel").glob("*.whl"))
         shutil.unpack_archive(wheel, tmp / "site", "zip")
-        if any(Path(mcl_runtime.__file__).parent.glob("_C*.so")) and not any((tmp / "site" / "mcl_runtime").glob("_C*.so")):
+        if any(Path(mcl_runtime.__file__).parent.glob("_C*.so")) and not any(
+            (tmp / "site" / "mcl_runtime").glob("_C*.so")
+        ):
             raise RuntimeError(f"{ref}'s C++ extension did not build: its figures would not be comparable")
         micro_model(tmp / "model", rank)
         yield tmp
@@ -320,18 +388,25 @@ def run_revision(tree: Path, args: argparse.Namespace) -> dict:
     """This script on the package built by ``revision``, in a subprocess."""
     argv = list(sys.argv[1:])
     i = argv.index("--compare")
-    del argv[i:i + 2]
+    del argv[i : i + 2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "site"), str(ROOT / "benchmarks")])}
-    subprocess.run([sys.executable, __file__, *argv, "--json-only", "--out-dir", str(tree),
-                    "--model-dir", str(tree / "model")], env=env, check=True, cwd=tree)
+    subprocess.run(
+        [sys.executable, __file__, *argv, "--json-only", "--out-dir", str(tree), "--model-dir", str(tree / "model")],
+        env=env,
+        check=True,
+        cwd=tree,
+    )
     return json.loads((tree / "host_overhead_json_only.json").read_text())
 
 
 def print_table(label: str, data: dict, other: dict | None = None, other_label: str = "") -> None:
     print(f"\n{label}" + (f" vs {other_label}" if other else ""))
     for key, r in data["results"].items():
-        parts = ", ".join(f"{p} {r['parts_ms'][p]:.2f} ({100 * r['parts_ms'][p] / r['profiled_ms_per_step']:.0f}%)"
-                          for p in PARTS if "parts_ms" in r)
+        parts = ", ".join(
+            f"{p} {r['parts_ms'][p]:.2f} ({100 * r['parts_ms'][p] / r['profiled_ms_per_step']:.0f}%)"
+            for p in PARTS
+            if "parts_ms" in r
+        )
         line = f"  {key:>13}: {r['ms_per_step']:7.3f} ms/step"
         if other and key in other["results"]:
             o = other["results"][key]["ms_per_step"]
@@ -361,8 +436,12 @@ def merge_rounds(rounds: list[dict]) -> dict:
     merged = {**rounds[0], "results": {}}
     for key, first in rounds[0]["results"].items():
         values = [r["results"][key]["ms_per_step"] for r in rounds]
-        merged["results"][key] = {**first, "ms_per_step": statistics.median(values),
-                                  "best_round_ms_per_step": min(values), "rounds_ms_per_step": values}
+        merged["results"][key] = {
+            **first,
+            "ms_per_step": statistics.median(values),
+            "best_round_ms_per_step": min(values),
+            "rounds_ms_per_step": values,
+        }
         if "engine_ms" in first:
             for name in ("model_ms", "engine_ms"):
                 each = [r["results"][key][name] for r in rounds]
@@ -379,7 +458,7 @@ def main() -> None:
         return
     ours_rounds, ref_rounds = [], []
     with revision(args.compare, args.rank) if args.compare else contextlib.nullcontext() as tree:
-        for _ in range(max(1, args.repeat)):   # interleaved, so that both see the same machine
+        for _ in range(max(1, args.repeat)):  # interleaved, so that both see the same machine
             ours_rounds.append(run_all(args, device))
             if tree is not None:
                 ref_rounds.append(run_revision(tree, args))
@@ -388,27 +467,46 @@ def main() -> None:
     if ref:
         print_table(f"{args.compare} (before)", ref)
     print_table("this tree", ours, ref, args.compare or "")
-    payload = {"benchmark": "host_overhead", "env": environment(device), "torch_threads": torch.get_num_threads(),
-               "load_average_1_5_15min": os.getloadavg(),   # other processes on the machine, at the end
-               "config": {"model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
-                          "adapters": NUM_ADAPTERS, "lora_rank": args.rank, "seqs": args.seqs, "steps": args.steps,
-                          "prompt_len": args.prompt_len, "dtype": args.dtype, "overlap": args.overlap,
-                          "engine_ms": "plain ms/step minus model_ms (the profiled forward and LM head, median)",
-                          "compile": args.compile,
-                          "rounds": max(1, args.repeat),
-                          "consumers": {"generate": "step(finished_only=True), reads outputs when finished",
-                                        "step": "step(), reads outputs when finished",
-                                        "stream": "reads every output's text every step"}},
-               "ours": ours}
+    payload = {
+        "benchmark": "host_overhead",
+        "env": environment(device),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": os.getloadavg(),  # other processes on the machine, at the end
+        "config": {
+            "model": "Qwen2 1 layer, hidden 64, dummy weights, demo tokenizer",
+            "adapters": NUM_ADAPTERS,
+            "lora_rank": args.rank,
+            "seqs": args.seqs,
+            "steps": args.steps,
+            "prompt_len": args.prompt_len,
+            "dtype": args.dtype,
+            "overlap": args.overlap,
+            "engine_ms": "plain ms/step minus model_ms (the profiled forward and LM head, median)",
+            "compile": args.compile,
+            "rounds": max(1, args.repeat),
+            "consumers": {
+                "generate": "step(finished_only=True), reads outputs when finished",
+                "step": "step(), reads outputs when finished",
+                "stream": "reads every output's text every step",
+            },
+        },
+        "ours": ours,
+    }
     if ref:
         payload["before"] = {"revision": args.compare, **ref}
-        payload["speedup"] = {k: ref["results"][k]["ms_per_step"] / r["ms_per_step"]
-                              for k, r in ours["results"].items() if k in ref["results"]}
-        payload["engine_speedup"] = {k: ref["results"][k]["engine_ms"] / r["engine_ms"]
-                                     for k, r in ours["results"].items() if "engine_ms" in ref["results"].get(k, {})
-                                     and "engine_ms" in r}
-    save_result(f"host_overhead_{device_slug(device)}{'_compile' if args.compile else ''}", payload, args.out_dir,
-                args.smoke)
+        payload["speedup"] = {
+            k: ref["results"][k]["ms_per_step"] / r["ms_per_step"]
+            for k, r in ours["results"].items()
+            if k in ref["results"]
+        }
+        payload["engine_speedup"] = {
+            k: ref["results"][k]["engine_ms"] / r["engine_ms"]
+            for k, r in ours["results"].items()
+            if "engine_ms" in ref["results"].get(k, {}) and "engine_ms" in r
+        }
+    save_result(
+        f"host_overhead_{device_slug(device)}{'_compile' if args.compile else ''}", payload, args.out_dir, args.smoke
+    )
 
 
 if __name__ == "__main__":

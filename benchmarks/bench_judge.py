@@ -18,6 +18,7 @@ harnesses' way: exec, then ``check(entry_point)``), so a failure that is the dat
 
 Writes ``benchmarks/results/judge_cpu.json`` (``--smoke``: 8 problems, one repeat, only with ``--out-dir``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,28 +48,41 @@ def judge_all(dataset: str, workers: int, limit: int | None) -> dict:
         return {"skipped": f"this checkout has no built-in dataset {dataset!r}"}
     text = resources.files("mcl_runtime.agents").joinpath("data", BUILTIN[dataset]).read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()][:limit]
-    jobs = [(p.program(r["canonical_solution"]), list(p.hidden_tests))
-            for r in records for p in [problem_from_record(r)]]
+    jobs = [
+        (p.program(r["canonical_solution"]), list(p.hidden_tests)) for r in records for p in [problem_from_record(r)]
+    ]
     judge = Judge(Sandbox(Limits(timeout_s=20), max_concurrent=workers))
     start, cpu_start = time.monotonic(), _cpu_seconds()
     with ThreadPoolExecutor(workers) as pool:
         outcomes = list(pool.map(lambda job: judge.run_tests(*job), jobs))
     seconds, cpu = time.monotonic() - start, _cpu_seconds() - cpu_start
     failed = [r.get("task_id") for r, outs in zip(records, outcomes) if not all(o.passed for o in outs)]
-    reference = {r.get("task_id"): reference_passes(program, tests[0]) for r, (program, tests) in zip(records, jobs)
-                 if r.get("task_id") in failed}
-    return {"seconds": seconds, "cpu_seconds": cpu, "problems": len(jobs), "passed": len(jobs) - len(failed), "failed": failed,
-            "failed_in_the_reference_too": sorted(k for k, ok in reference.items() if not ok),
-            "failed_only_here": sorted(k for k, ok in reference.items() if ok),
-            "test_runs": sum(len(outs) for outs in outcomes), "isolation": judge.sandbox.isolation.describe()}
+    reference = {
+        r.get("task_id"): reference_passes(program, tests[0])
+        for r, (program, tests) in zip(records, jobs)
+        if r.get("task_id") in failed
+    }
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "problems": len(jobs),
+        "passed": len(jobs) - len(failed),
+        "failed": failed,
+        "failed_in_the_reference_too": sorted(k for k, ok in reference.items() if not ok),
+        "failed_only_here": sorted(k for k, ok in reference.items() if ok),
+        "test_runs": sum(len(outs) for outs in outcomes),
+        "isolation": judge.sandbox.isolation.describe(),
+    }
 
 
 def _cpu_seconds() -> float:
     """CPU time of this process and of every sandbox process it has reaped (all of a run's)."""
     import resource
 
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def reference_passes(program: str, test, timeout_s: float = 20) -> bool:
@@ -104,11 +118,14 @@ def summarize(runs: list[dict]) -> dict:
     timed = [r for r in runs if "seconds" in r]
     if not timed:
         return runs[0]
-    return {**{k: v for k, v in timed[-1].items() if k not in ("seconds", "cpu_seconds")},
-            "seconds_median": statistics.median(r["seconds"] for r in timed),
-            "seconds_all": [r["seconds"] for r in timed],
-            "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in timed if "cpu_seconds" in r)
-            if any("cpu_seconds" in r for r in timed) else None}
+    return {
+        **{k: v for k, v in timed[-1].items() if k not in ("seconds", "cpu_seconds")},
+        "seconds_median": statistics.median(r["seconds"] for r in timed),
+        "seconds_all": [r["seconds"] for r in timed],
+        "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in timed if "cpu_seconds" in r)
+        if any("cpu_seconds" in r for r in timed)
+        else None,
+    }
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -130,8 +147,9 @@ def compare(args: argparse.Namespace) -> dict:
             if "seconds_median" in entry["before"]:
                 entry["before_over_after"] = entry["before"]["seconds_median"] / entry["after"]["seconds_median"]
                 if entry["before"]["cpu_seconds_median"]:
-                    entry["before_over_after_cpu"] = (entry["before"]["cpu_seconds_median"]
-                                                      / entry["after"]["cpu_seconds_median"])
+                    entry["before_over_after_cpu"] = (
+                        entry["before"]["cpu_seconds_median"] / entry["after"]["cpu_seconds_median"]
+                    )
             results[dataset] = entry
     return results
 
@@ -139,12 +157,23 @@ def compare(args: argparse.Namespace) -> dict:
 def machine() -> dict:
     import platform
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg(), "commit": commit.stdout.strip(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+        "commit": commit.stdout.strip(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def main() -> None:
@@ -161,8 +190,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(judge_all(args.worker, args.workers, args.limit)))
         return
-    payload = {"smoke": args.smoke, "machine": machine(), "ref_before": args.ref, "workers": args.workers,
-               "repeats": 1 if args.smoke else args.repeats, "results": compare(args)}
+    payload = {
+        "smoke": args.smoke,
+        "machine": machine(),
+        "ref_before": args.ref,
+        "workers": args.workers,
+        "repeats": 1 if args.smoke else args.repeats,
+        "results": compare(args),
+    }
     print(json.dumps(payload, indent=2))
     if args.smoke and args.out_dir is None:
         return

@@ -22,6 +22,7 @@ Writes benchmarks/results/lora_kernels_<device>.{json,png} on CUDA. ``--smoke`` 
 (the Triton interpreter on CPU) in a few seconds to check that the script still works; its output
 goes to a temporary folder and is not a result.
 """
+
 from __future__ import annotations
 
 import random
@@ -31,16 +32,27 @@ import zlib
 from pathlib import Path
 
 import torch
-
-from common import (KernelResult, interpret_triton_for_cpu_smoke, kernel_figure, kernel_ms, kernel_parser,
-                    kernel_setup, kernel_timing, save_figure)
+from common import (
+    KernelResult,
+    interpret_triton_for_cpu_smoke,
+    kernel_figure,
+    kernel_ms,
+    kernel_parser,
+    kernel_setup,
+    kernel_timing,
+    save_figure,
+)
 
 interpret_triton_for_cpu_smoke()
 
 from mcl_runtime.kernels import HAS_TRITON, lora_apply  # noqa: E402
 
-PROJECTIONS = {"qkv": (3584, (3584, 512, 512)), "o": (3584, (3584,)),
-               "gate_up": (3584, (18944, 18944)), "down": (18944, (3584,))}
+PROJECTIONS = {
+    "qkv": (3584, (3584, 512, 512)),
+    "o": (3584, (3584,)),
+    "gate_up": (3584, (18944, 18944)),
+    "down": (18944, (3584,)),
+}
 SMOKE_PROJECTIONS = {"qkv": (64, (32, 16, 16)), "down": (96, (48,))}
 POPULARITY = ("uniform", "zipf", "identical")
 MAX_GATHER_BYTES = 4 << 30
@@ -60,15 +72,23 @@ def token_slots(popularity: str, num_tokens: int, num_adapters: int, rng: random
 class Projection:
     """One projection's LoRA buffers (engine layout) plus rank-trimmed copies for the baselines."""
 
-    def __init__(self, hidden: int, slices: tuple[int, ...], num_slots: int, rank: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        slices: tuple[int, ...],
+        num_slots: int,
+        rank: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         gen = torch.Generator(device=device).manual_seed(hidden + sum(slices))
         n = len(slices)
         self.hidden, self.slices, self.rank, self.max_rank = hidden, slices, rank, max_rank
         self.offsets = tuple([0] + torch.tensor(slices).cumsum(0).tolist())
         n_out = self.offsets[-1]
-        a = torch.randn(num_slots, n, rank, hidden, generator=gen, device=device) / hidden ** 0.5
-        b = torch.randn(num_slots, n_out, rank, generator=gen, device=device) / rank ** 0.5
+        a = torch.randn(num_slots, n, rank, hidden, generator=gen, device=device) / hidden**0.5
+        b = torch.randn(num_slots, n_out, rank, generator=gen, device=device) / rank**0.5
         self.a_trim = a.reshape(num_slots, n * rank, hidden).to(dtype).contiguous()
         self.b_trim = b.to(dtype).contiguous()
         self.lora_a = torch.zeros(num_slots, n, max_rank, hidden, dtype=dtype, device=device)
@@ -105,8 +125,19 @@ class Case:
 
     def sgmv(self) -> None:
         p = self.proj
-        lora_apply(self.x, self.y, p.lora_a, p.lora_b, self.seg_starts, self.seg_slots, p.ranks, p.scaling,
-                   p.offsets, self.max_seg_len, buffer=self.u)
+        lora_apply(
+            self.x,
+            self.y,
+            p.lora_a,
+            p.lora_b,
+            self.seg_starts,
+            self.seg_slots,
+            p.ranks,
+            p.scaling,
+            p.offsets,
+            self.max_seg_len,
+            buffer=self.u,
+        )
 
     def torch_loop(self) -> None:
         p, r = self.proj, self.proj.rank
@@ -114,7 +145,7 @@ class Case:
             u = self.x[lo:hi] @ p.a_trim[w].T
             for j in range(len(p.slices)):
                 sl = slice(p.offsets[j], p.offsets[j + 1])
-                self.y[lo:hi, sl] += p.scaling_host[w] * (u[:, j * r:(j + 1) * r] @ p.b_trim[w, sl].T)
+                self.y[lo:hi, sl] += p.scaling_host[w] * (u[:, j * r : (j + 1) * r] @ p.b_trim[w, sl].T)
 
     def gather_bmm(self) -> None:
         p, r = self.proj, self.proj.rank
@@ -123,7 +154,7 @@ class Case:
         scale = p.scaling[self.token_slots].to(self.y.dtype)[:, None]
         for j in range(len(p.slices)):
             sl = slice(p.offsets[j], p.offsets[j + 1])
-            self.y[:, sl] += scale * torch.bmm(b[:, sl], u[:, j * r:(j + 1) * r])[:, :, 0]
+            self.y[:, sl] += scale * torch.bmm(b[:, sl], u[:, j * r : (j + 1) * r])[:, :, 0]
 
     def gather_bytes(self) -> int:
         p = self.proj
@@ -132,8 +163,9 @@ class Case:
     def traffic_and_flops(self) -> tuple[int, int]:
         p, r, es = self.proj, self.proj.rank, self.x.element_size()
         T, n, N = self.x.shape[0], len(p.slices), p.offsets[-1]
-        nbytes = (T * p.hidden * es + self.num_used * (n * r * p.hidden + N * r) * es
-                  + 2 * T * n * r * 4 + 2 * T * N * es)
+        nbytes = (
+            T * p.hidden * es + self.num_used * (n * r * p.hidden + N * r) * es + 2 * T * n * r * 4 + 2 * T * N * es
+        )
         flops = 2 * T * r * (n * p.hidden + N)
         return nbytes, flops
 
@@ -147,8 +179,10 @@ def other_libraries() -> dict:
             found[name] = "not installed"
         else:
             version = getattr(sys.modules.get(name), "__version__", "?")
-            found[name] = (f"installed ({version}, {module}: {sorted(n for n in dir(mod) if not n.startswith('_'))}); "
-                           "not benchmarked: its metadata API differs between releases")
+            found[name] = (
+                f"installed ({version}, {module}: {sorted(n for n in dir(mod) if not n.startswith('_'))}); "
+                "not benchmarked: its metadata API differs between releases"
+            )
     return found
 
 
@@ -166,21 +200,22 @@ def check_same(case: Case, dtype: torch.dtype) -> float:
     return err
 
 
-def overhead_at_batch(projections: dict[str, Projection], batch: int, num_adapters: int, dtype: torch.dtype,
-                      device: torch.device) -> dict:
+def overhead_at_batch(
+    projections: dict[str, Projection], batch: int, num_adapters: int, dtype: torch.dtype, device: torch.device
+) -> dict:
     """LoRA (SGMV) time vs the base linear x @ W.T for each projection of one decoder layer."""
     rng = random.Random(batch)
     out = {"batch": batch, "adapters": num_adapters, "projections": {}}
     base_total = lora_total = 0.0
     for name, proj in projections.items():
         case = Case(proj, token_slots("uniform", batch, num_adapters, rng), dtype, device)
-        w = torch.randn(proj.offsets[-1], proj.hidden, device=device, dtype=dtype) / proj.hidden ** 0.5
+        w = torch.randn(proj.offsets[-1], proj.hidden, device=device, dtype=dtype) / proj.hidden**0.5
         base_ms = kernel_ms(lambda: case.x @ w.T, device)
         lora_ms = kernel_ms(case.sgmv, device)
         out["projections"][name] = {"base_ms": base_ms, "lora_ms": lora_ms, "overhead": lora_ms / base_ms}
         base_total += base_ms
         lora_total += lora_ms
-        del w
+        w = None  # free before the next shape
     out.update(base_ms=base_total, lora_ms=lora_total, overhead=lora_total / base_total)
     return out
 
@@ -191,26 +226,37 @@ def plot(records: list[dict], overhead: dict, title: str, path: Path) -> None:
     adapters = sorted({r["adapters"] for r in sel})
     pick = 4 if 4 in adapters else adapters[-1]
     for method, style in (("sgmv", "o-"), ("torch_loop", "s--"), ("gather_bmm", "^:")):
-        pts = [(r["tokens"], r[method]["ms"]) for r in sel
-               if r["adapters"] == pick and isinstance(r.get(method), dict) and "ms" in r[method]]
+        pts = [
+            (r["tokens"], r[method]["ms"])
+            for r in sel
+            if r["adapters"] == pick and isinstance(r.get(method), dict) and "ms" in r[method]
+        ]
         if pts:
             axes[0].plot(*zip(*pts), style, label=method)
-    axes[0].set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms",
-                title=f"qkv LoRA, {pick} adapters, uniform")
+    axes[0].set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms", title=f"qkv LoRA, {pick} adapters, uniform")
     axes[0].legend()
     for name in sorted({r["projection"] for r in records}):
-        pts = [(r["tokens"], r["sgmv"]["gbps"]) for r in records
-               if r["projection"] == name and r["popularity"] == "uniform" and r["adapters"] == pick]
+        pts = [
+            (r["tokens"], r["sgmv"]["gbps"])
+            for r in records
+            if r["projection"] == name and r["popularity"] == "uniform" and r["adapters"] == pick
+        ]
         if pts:
             axes[1].plot(*zip(*pts), "o-", label=name)
-    axes[1].set(xscale="log", xlabel="tokens", ylabel="GB/s (minimal traffic)",
-                title=f"SGMV bandwidth, {pick} adapters, uniform")
+    axes[1].set(
+        xscale="log",
+        xlabel="tokens",
+        ylabel="GB/s (minimal traffic)",
+        title=f"SGMV bandwidth, {pick} adapters, uniform",
+    )
     axes[1].legend()
     names = list(overhead["projections"])
     axes[2].bar(names, [100 * overhead["projections"][n]["overhead"] for n in names])
-    axes[2].set(ylabel="LoRA time / base linear time (%)",
-                title=f"overhead at batch {overhead['batch']}, {overhead['adapters']} adapters "
-                      f"(layer: {100 * overhead['overhead']:.0f}%)")
+    axes[2].set(
+        ylabel="LoRA time / base linear time (%)",
+        title=f"overhead at batch {overhead['batch']}, {overhead['adapters']} adapters "
+        f"(layer: {100 * overhead['overhead']:.0f}%)",
+    )
     save_figure(fig, title, path)
 
 
@@ -221,13 +267,27 @@ def sweep(shapes: dict, adapters: list[int]) -> list[tuple[str, str, int]]:
     return plan + [("qkv", pop, n) for pop in POPULARITY if pop != "uniform" for n in adapters if "qkv" in shapes]
 
 
-def measure_case(proj: Projection, name: str, popularity: str, num_adapters: int, T: int, dtype: torch.dtype,
-                 device: torch.device, libs: dict) -> dict:
+def measure_case(
+    proj: Projection,
+    name: str,
+    popularity: str,
+    num_adapters: int,
+    T: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    libs: dict,
+) -> dict:
     rng = random.Random(zlib.crc32(f"{name}/{popularity}/{num_adapters}/{T}".encode()))
     case = Case(proj, token_slots(popularity, T, num_adapters, rng), dtype, device)
-    rec = {"projection": name, "popularity": popularity, "adapters": num_adapters, "tokens": T,
-           "adapters_used": case.num_used, "segments": len(case.segments),
-           "max_abs_diff_vs_loop": check_same(case, dtype)}
+    rec = {
+        "projection": name,
+        "popularity": popularity,
+        "adapters": num_adapters,
+        "tokens": T,
+        "adapters_used": case.num_used,
+        "segments": len(case.segments),
+        "max_abs_diff_vs_loop": check_same(case, dtype),
+    }
     nbytes, flops = case.traffic_and_flops()
     ms = kernel_ms(case.sgmv, device)
     rec["sgmv"] = {"ms": ms, "gbps": nbytes / ms / 1e6, "tflops": flops / ms / 1e9, "bytes": nbytes, "flops": flops}
@@ -241,10 +301,13 @@ def measure_case(proj: Projection, name: str, popularity: str, num_adapters: int
             rec[base]["speedup_sgmv"] = rec[base]["ms"] / ms
     rec.update(libs)
     g = rec["gather_bmm"]
-    print(f"{name:>8} {popularity:>9} {num_adapters:>3} {T:>5} | {ms:9.4f} "
-          f"{rec['sgmv']['gbps']:7.1f} {rec['sgmv']['tflops']:8.3f} | "
-          f"{rec['torch_loop']['ms']:9.4f} {rec['torch_loop']['speedup_sgmv']:5.1f}x | "
-          + (f"{g['ms']:9.4f} {g['speedup_sgmv']:5.1f}x" if isinstance(g, dict) else g), flush=True)
+    print(
+        f"{name:>8} {popularity:>9} {num_adapters:>3} {T:>5} | {ms:9.4f} "
+        f"{rec['sgmv']['gbps']:7.1f} {rec['sgmv']['tflops']:8.3f} | "
+        f"{rec['torch_loop']['ms']:9.4f} {rec['torch_loop']['speedup_sgmv']:5.1f}x | "
+        + (f"{g['ms']:9.4f} {g['speedup_sgmv']:5.1f}x" if isinstance(g, dict) else g),
+        flush=True,
+    )
     return rec
 
 
@@ -276,22 +339,40 @@ def main() -> None:
     result = KernelResult("lora_kernels", args.out_dir, args.smoke, device)
     records: list[dict] = []
     skipped: list[str] = []
-    report = {"benchmark": "lora_kernels", **info,
-              "config": {"dtype": str(dtype), "rank": rank, "max_rank": max_rank, "num_slots": num_slots,
-                         "projections": {k: {"hidden": v[0], "slices": list(v[1])} for k, v in shapes.items()},
-                         "tokens": tokens, "adapters": adapters, "timing": kernel_timing(device),
-                         "baselines": "rank-trimmed weights; gather_bmm skipped above "
-                                      f"{MAX_GATHER_BYTES >> 30} GiB of gathered weights"},
-              "other_libraries": libs, "results": records, "skipped": skipped, "overhead": None}
+    report = {
+        "benchmark": "lora_kernels",
+        **info,
+        "config": {
+            "dtype": str(dtype),
+            "rank": rank,
+            "max_rank": max_rank,
+            "num_slots": num_slots,
+            "projections": {k: {"hidden": v[0], "slices": list(v[1])} for k, v in shapes.items()},
+            "tokens": tokens,
+            "adapters": adapters,
+            "timing": kernel_timing(device),
+            "baselines": "rank-trimmed weights; gather_bmm skipped above "
+            f"{MAX_GATHER_BYTES >> 30} GiB of gathered weights",
+        },
+        "other_libraries": libs,
+        "results": records,
+        "skipped": skipped,
+        "overhead": None,
+    }
     overhead = overhead_at_batch(projections, overhead_batch, min(4, max(adapters)), dtype, device)
     report["overhead"] = overhead
     result.save(report)
-    print(f"LoRA overhead at batch {overhead['batch']}, {overhead['adapters']} adapters: "
-          + ", ".join(f"{k} {100 * v['overhead']:.0f}%" for k, v in overhead["projections"].items())
-          + f"; whole layer {100 * overhead['overhead']:.0f}% "
-            f"({overhead['lora_ms']:.3f} ms LoRA vs {overhead['base_ms']:.3f} ms base)", flush=True)
-    print(f"{'proj':>8} {'pop':>9} {'ad':>3} {'T':>5} | {'sgmv ms':>9} {'GB/s':>7} {'TFLOP/s':>8} | "
-          f"{'loop ms':>9} {'x':>6} | {'gather ms':>9} {'x':>6}")
+    print(
+        f"LoRA overhead at batch {overhead['batch']}, {overhead['adapters']} adapters: "
+        + ", ".join(f"{k} {100 * v['overhead']:.0f}%" for k, v in overhead["projections"].items())
+        + f"; whole layer {100 * overhead['overhead']:.0f}% "
+        f"({overhead['lora_ms']:.3f} ms LoRA vs {overhead['base_ms']:.3f} ms base)",
+        flush=True,
+    )
+    print(
+        f"{'proj':>8} {'pop':>9} {'ad':>3} {'T':>5} | {'sgmv ms':>9} {'GB/s':>7} {'TFLOP/s':>8} | "
+        f"{'loop ms':>9} {'x':>6} | {'gather ms':>9} {'x':>6}"
+    )
     for name, popularity, num_adapters in sweep(shapes, adapters):
         for T in tokens:
             if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:

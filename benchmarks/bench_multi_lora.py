@@ -4,7 +4,8 @@
 
 Qwen2.5-7B-Instruct shapes (``--shape``: also Qwen2.5-Coder-7B-Instruct,
 Qwen3-8B), random bf16 weights (``load_format="dummy"``), rank-32 PEFT adapters on all
-seven projections (drawn on the device), ``--slots`` adapter slots (16): beyond that the engine evicts (LRU) and a request
+seven projections (drawn on the device), ``--slots`` adapter slots (16): beyond that the engine evicts (LRU)
+and a request
 waits for a slot. One batch of ``--batch`` requests (prompts ``--prompt-len``, exactly ``--gen`` tokens,
 greedy) submitted at once; prefix caching off and the same prompts in every run, so runs differ only
 in their adapters. Adapters per request, for N in ``--adapters`` distinct adapters:
@@ -26,6 +27,7 @@ vLLM/SGLang: availability recorded only.
 --smoke: tiny shapes on the CPU, 4 slots (so 8 adapters evict); not results.
 Writes benchmarks/results/multi_lora_<device>.json after every run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +39,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from common import (Workload, add_shape_option, base_parser, baseline_availability, device_slug, environment,
-                    make_workload, model_shape, parse_with_smoke, release_memory, resolve_device, run_workload, save_result,
-                    warmup_workload, write_model_folder, write_peft_adapter)
+from common import (
+    Workload,
+    add_shape_option,
+    base_parser,
+    baseline_availability,
+    device_slug,
+    environment,
+    make_workload,
+    model_shape,
+    parse_with_smoke,
+    release_memory,
+    resolve_device,
+    run_workload,
+    save_result,
+    warmup_workload,
+    write_model_folder,
+    write_peft_adapter,
+)
 from step_profile import StepProfiler, format_breakdown
 
 if TYPE_CHECKING:
@@ -60,14 +76,34 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--adapter-files", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--profile", nargs="*", default=["none", "uniform-4", "uniform-32"],
-                   help="runs repeated under the step profiler")
-    p.add_argument("--hf-adapters", type=int, nargs="*", default=[1, 4],
-                   help="uniform N for the transformers+peft baseline (empty: skip it)")
+    p.add_argument(
+        "--profile",
+        nargs="*",
+        default=["none", "uniform-4", "uniform-32"],
+        help="runs repeated under the step profiler",
+    )
+    p.add_argument(
+        "--hf-adapters",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        help="uniform N for the transformers+peft baseline (empty: skip it)",
+    )
     p.add_argument("--max-seconds", type=float, default=140.0, help="skip what would start after this")
-    return parse_with_smoke(p, dict(batch=8, prompt_len=(8, 16), gen=3, adapters=[1, 2, 8], slots=4,
-                                     adapter_files=2, max_num_batched_tokens=256, profile=["uniform-8"],
-                                     hf_adapters=[2]))
+    return parse_with_smoke(
+        p,
+        dict(
+            batch=8,
+            prompt_len=(8, 16),
+            gen=3,
+            adapters=[1, 2, 8],
+            slots=4,
+            adapter_files=2,
+            max_num_batched_tokens=256,
+            profile=["uniform-8"],
+            hf_adapters=[2],
+        ),
+    )
 
 
 def assignments(kind: str, n: int, batch: int, seed: int = 0) -> list[str | None]:
@@ -96,18 +132,29 @@ def run_plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     return plan + [(kind, n) for kind in ("uniform", "zipf") for n in args.adapters if n > 1]
 
 
-def build_engine(model_dir: Path, adapters: dict[str, Path], wl: Workload, args: argparse.Namespace,
-                 device: torch.device) -> Engine:
+def build_engine(
+    model_dir: Path, adapters: dict[str, Path], wl: Workload, args: argparse.Namespace, device: torch.device
+) -> Engine:
     from mcl_runtime import Engine
 
-    return Engine(model=model_dir, adapters=adapters, device=str(device), dtype=args.dtype, backend=args.backend,
-                  max_loras=args.slots, max_lora_rank=args.rank, kv_cache_blocks=wl.kv_blocks(BLOCK_SIZE) + args.batch,
-                  block_size=BLOCK_SIZE, max_num_seqs=args.batch, max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=False, load_format="dummy")
+    return Engine(
+        model=model_dir,
+        adapters=adapters,
+        device=str(device),
+        dtype=args.dtype,
+        backend=args.backend,
+        max_loras=args.slots,
+        max_lora_rank=args.rank,
+        kv_cache_blocks=wl.kv_blocks(BLOCK_SIZE) + args.batch,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=args.batch,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+        load_format="dummy",
+    )
 
 
-def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadline: float,
-                out: dict) -> Iterator[None]:
+def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadline: float, out: dict) -> Iterator[None]:
     """Every run of the plan on the engine, then the profiled repeats."""
     for kind, n in run_plan(args):
         label = kind if n == 0 or kind == "identical" else f"{kind}-{n}"
@@ -119,9 +166,12 @@ def engine_runs(engine: Engine, base: Workload, args: argparse.Namespace, deadli
         s = run_workload(engine, wl).summary()
         s.update(label=label, popularity=kind, num_adapters=n, distinct_in_batch=len({a for a in wl.adapters if a}))
         out["runs"].append(s)
-        print(f"{label:12s} prefill {s['prefill_tok_s']:9.1f} tok/s  decode {s['decode_tok_s'] or 0:9.1f} tok/s  "
-              f"e2e {s['output_tok_s']:8.1f} tok/s  slot loads {s['adapter_slot_loads']}  "
-              f"compiles {s['jit_compiles_in_run']}", flush=True)
+        print(
+            f"{label:12s} prefill {s['prefill_tok_s']:9.1f} tok/s  decode {s['decode_tok_s'] or 0:9.1f} tok/s  "
+            f"e2e {s['output_tok_s']:8.1f} tok/s  slot loads {s['adapter_slot_loads']}  "
+            f"compiles {s['jit_compiles_in_run']}",
+            flush=True,
+        )
         yield
     for label in args.profile:
         if time.perf_counter() > deadline:
@@ -148,8 +198,15 @@ def add_overheads(runs: list[dict]) -> None:
             r[f"{key}_overhead_pct"] = 100 * (ref[key] / r[key] - 1) if ok else None
 
 
-def hf_runs(model_dir: Path, files: list[Path], base: Workload, args: argparse.Namespace, device: torch.device,
-            deadline: float, out: dict) -> Iterator[None]:
+def hf_runs(
+    model_dir: Path,
+    files: list[Path],
+    base: Workload,
+    args: argparse.Namespace,
+    device: torch.device,
+    deadline: float,
+    out: dict,
+) -> Iterator[None]:
     """transformers + peft, whole batch per generate with per-row adapters."""
     from hf_baseline import generate_mixed, load_hf_peft
 
@@ -160,17 +217,23 @@ def hf_runs(model_dir: Path, files: list[Path], base: Workload, args: argparse.N
         return
     names = [f"lora{i:02d}" for i in range(max(args.hf_adapters))]
     t0 = time.perf_counter()
-    model = load_hf_peft(model_dir, {nm: files[i % len(files)] for i, nm in enumerate(names)}, device,
-                         getattr(torch, args.dtype), random_weights=True)
+    model = load_hf_peft(
+        model_dir,
+        {nm: files[i % len(files)] for i, nm in enumerate(names)},
+        device,
+        getattr(torch, args.dtype),
+        random_weights=True,
+    )
     out["hf_load_s"] = time.perf_counter() - t0
-    generate_mixed(model, base.prompts, assignments("uniform", len(names), args.batch), 2, 0)   # warm-up
+    generate_mixed(model, base.prompts, assignments("uniform", len(names), args.batch), 2, 0)  # warm-up
     for n in args.hf_adapters:
         if time.perf_counter() > deadline:
             out["skipped"].append(f"transformers+peft uniform-{n}: over --max-seconds")
             continue
         secs, _ = generate_mixed(model, base.prompts, assignments("uniform", n, args.batch), args.gen, 0)
-        out["hf"].append({"label": f"uniform-{n}", "num_adapters": n, "seconds": secs,
-                          "output_tok_s": args.batch * args.gen / secs})
+        out["hf"].append(
+            {"label": f"uniform-{n}", "num_adapters": n, "seconds": secs, "output_tok_s": args.batch * args.gen / secs}
+        )
         print(f"transformers+peft uniform-{n}: {args.batch * args.gen / secs:.1f} tok/s end to end")
         yield
 
@@ -184,8 +247,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mcl_multilora_") as tmp:
         cfg = model_shape(args)
         model_dir = write_model_folder(Path(tmp) / "model", cfg)
-        files = [write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i, device=device)
-                 for i in range(args.adapter_files)]
+        files = [
+            write_peft_adapter(Path(tmp) / f"file{i}", cfg, args.rank, 2 * args.rank, seed=i, device=device)
+            for i in range(args.adapter_files)
+        ]
         names = {f"lora{i:02d}": files[i % len(files)] for i in range(num_names(args))}
         base = make_workload(args.batch, tuple(args.prompt_len), (args.gen, args.gen), [None], seed=0)
         t0 = time.perf_counter()
@@ -202,16 +267,33 @@ def main() -> None:
 
 
 def save(args: argparse.Namespace, device: torch.device, out: dict, complete: bool) -> None:
-    save_result(f"multi_lora_{device_slug(device)}", {
-        "benchmark": "multi_lora", "env": environment(device), "complete": complete,
-        "config": {"model": f"{args.shape} config" + (" (shrunk for smoke)" if args.smoke else ""),
-                   "weights": "random (load_format=dummy)", "dtype": args.dtype, "batch": args.batch,
-                   "prompt_len": list(args.prompt_len), "gen_tokens": args.gen, "rank": args.rank,
-                   "slots": args.slots, "adapters": args.adapters, "adapter_files": args.adapter_files,
-                   "max_num_batched_tokens": args.max_num_batched_tokens, "prefix_caching": False,
-                   "hf_baseline": "transformers+peft mixed-adapter batch (adapter_names), left padding, greedy"},
-        "baselines": baseline_availability(), **out,
-    }, args.out_dir, args.smoke)
+    save_result(
+        f"multi_lora_{device_slug(device)}",
+        {
+            "benchmark": "multi_lora",
+            "env": environment(device),
+            "complete": complete,
+            "config": {
+                "model": f"{args.shape} config" + (" (shrunk for smoke)" if args.smoke else ""),
+                "weights": "random (load_format=dummy)",
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "prompt_len": list(args.prompt_len),
+                "gen_tokens": args.gen,
+                "rank": args.rank,
+                "slots": args.slots,
+                "adapters": args.adapters,
+                "adapter_files": args.adapter_files,
+                "max_num_batched_tokens": args.max_num_batched_tokens,
+                "prefix_caching": False,
+                "hf_baseline": "transformers+peft mixed-adapter batch (adapter_names), left padding, greedy",
+            },
+            "baselines": baseline_availability(),
+            **out,
+        },
+        args.out_dir,
+        args.smoke,
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ ours / baseline in problems per hour.
 
 Writes ``benchmarks/results/pipeline_<setup>_<device>.json`` (``--smoke``: only with ``--out-dir``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from common import (QWEN25_7B_INSTRUCT, base_parser, environment, release_memory, save_result, shrink_config,
-                    write_model_folder, write_peft_adapter)
+from common import (
+    QWEN25_7B_INSTRUCT,
+    base_parser,
+    environment,
+    release_memory,
+    save_result,
+    shrink_config,
+    write_model_folder,
+    write_peft_adapter,
+)
 from hf_baseline import generate_grouped, load_hf_peft
 
 from mcl_runtime.agents import prompts
@@ -62,8 +70,9 @@ def filler(tokens: int) -> str:
 
 
 def problem_calls(problem, tokenizer, budget: dict[str, int]) -> list[Call]:
-    exemplar = Exemplar(filler(budget["retrieval"] // 6), filler(budget["retrieval"] // 6),
-                        filler(budget["retrieval"] // 6))
+    exemplar = Exemplar(
+        filler(budget["retrieval"] // 6), filler(budget["retrieval"] // 6), filler(budget["retrieval"] // 6)
+    )
     algorithm, plan, code = filler(budget["retrieval"] // 4), filler(budget["planning"]), filler(budget["coding"])
     report = prompts.clip(filler(budget["debugging"] // 2), prompts.MAX_REPORT)
     steps = [("retrieval", prompts.retrieval_messages(problem, K), budget["retrieval"])]
@@ -71,10 +80,13 @@ def problem_calls(problem, tokenizer, budget: dict[str, int]) -> list[Call]:
         steps.append(("planning", prompts.planning_messages(problem, exemplar, algorithm), budget["planning"]))
         steps.append(("planning", prompts.verification_messages(problem, plan), budget["verification"]))
     steps.append(("coding", prompts.coding_messages(problem, plan, algorithm), budget["coding"]))
-    steps += [("debugging", prompts.debugging_messages(problem, plan, code, report, algorithm),
-               budget["debugging"])] * DEBUG_ROUNDS
-    return [Call(agent, tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)), n)
-            for agent, msgs, n in steps]
+    steps += [
+        ("debugging", prompts.debugging_messages(problem, plan, code, report, algorithm), budget["debugging"])
+    ] * DEBUG_ROUNDS
+    return [
+        Call(agent, tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)), n)
+        for agent, msgs, n in steps
+    ]
 
 
 def make_workload(n: int, tokenizer, budget: dict[str, int]) -> list[list[Call]]:
@@ -113,10 +125,15 @@ def run_ours(engine_kwargs: dict, workload: list[list[Call]], workers: int) -> d
         del aengine
         release_memory()
     steps = after["steps"] - before["steps"]
-    return {"problems": len(workload), "workers": workers, "seconds": seconds,
-            "problems_per_hour": 3600 * len(workload) / seconds, "engine_steps": steps,
-            "mean_batch_tokens": (after["batched_tokens_total"] - before["batched_tokens_total"]) / max(steps, 1),
-            "max_batch_size_seen": after["max_batch_size_seen"]}
+    return {
+        "problems": len(workload),
+        "workers": workers,
+        "seconds": seconds,
+        "problems_per_hour": 3600 * len(workload) / seconds,
+        "engine_steps": steps,
+        "mean_batch_tokens": (after["batched_tokens_total"] - before["batched_tokens_total"]) / max(steps, 1),
+        "max_batch_size_seen": after["max_batch_size_seen"],
+    }
 
 
 def run_baseline(model, workload: list[list[Call]], pad_id: int) -> dict:
@@ -136,8 +153,10 @@ def model_setup(args, dtype: str, tmp: Path) -> tuple[Path, dict[str, Path], boo
         return demo_model_dir() / "base", demo_adapter_dirs(), False, {}
     cfg = shrink_config(QWEN25_7B_INSTRUCT) if args.smoke else dict(QWEN25_7B_INSTRUCT)
     folder = write_model_folder(tmp / "model", cfg)
-    adapters = {a: write_peft_adapter(tmp / a, cfg, rank=16, alpha=32, seed=i, dtype=getattr(torch, dtype))
-                for i, a in enumerate(AGENTS)}
+    adapters = {
+        a: write_peft_adapter(tmp / a, cfg, rank=16, alpha=32, seed=i, dtype=getattr(torch, dtype))
+        for i, a in enumerate(AGENTS)
+    }
     return folder, adapters, True, cfg
 
 
@@ -148,8 +167,9 @@ def kv_blocks_needed(workload: list[list[Call]], workers: int, block_size: int =
 
 def parse_args():
     p = base_parser(__doc__)
-    p.add_argument("--setup", choices=["demo", "qwen2.5-7b"], default=None,
-                   help="default: qwen2.5-7b on a GPU, demo otherwise")
+    p.add_argument(
+        "--setup", choices=["demo", "qwen2.5-7b"], default=None, help="default: qwen2.5-7b on a GPU, demo otherwise"
+    )
     p.add_argument("--workers", type=int, default=16, help="problems in flight on our engine")
     p.add_argument("--problems", type=int, default=None, help="problems for our engine (default 2 x workers)")
     p.add_argument("--baseline-problems", type=int, default=2, help="problems for the baseline")
@@ -178,23 +198,42 @@ def main() -> None:
         load_format = "dummy" if random_weights else "auto"
         tokenizer = Tokenizer.from_pretrained(folder)
         workload = make_workload(max(args.problems, args.baseline_problems), tokenizer, budget)
-        engine_kwargs = {"model": folder, "adapters": adapters, "device": str(device), "dtype": dtype,
-                         "backend": args.backend, "load_format": load_format,
-                         "kv_cache_blocks": kv_blocks_needed(workload, args.workers)}
-        ours = run_ours(engine_kwargs, workload[:args.problems], args.workers)
+        engine_kwargs = {
+            "model": folder,
+            "adapters": adapters,
+            "device": str(device),
+            "dtype": dtype,
+            "backend": args.backend,
+            "load_format": load_format,
+            "kv_cache_blocks": kv_blocks_needed(workload, args.workers),
+        }
+        ours = run_ours(engine_kwargs, workload[: args.problems], args.workers)
         pad_id = tokenizer.pad_token_id or 0
         hf = load_hf_peft(folder, adapters, device, getattr(torch, dtype), random_weights=random_weights)
-        base = run_baseline(hf, workload[:args.baseline_problems], pad_id)
+        base = run_baseline(hf, workload[: args.baseline_problems], pad_id)
     ratio = ours["problems_per_hour"] / base["problems_per_hour"]
     calls = workload[0]
-    report = {"setup": args.setup, "device": str(device), "dtype": dtype, "model_config": cfg or "mcl-demo-tiny",
-              "workload": {"calls_per_problem": len(calls), "tokens_per_call": budget, "k": K,
-                           "debug_rounds": DEBUG_ROUNDS,
-                           "prompt_tokens_first_problem": sum(len(c.prompt) for c in calls)},
-              "ours": ours, "baseline_transformers_peft_sequential": base, "speedup": ratio,
-              "environment": environment(device)}
-    print(f"ours ({args.workers} workers): {ours['problems_per_hour']:.1f} problems/h; "
-          f"transformers+peft one at a time: {base['problems_per_hour']:.1f} problems/h; ratio {ratio:.2f}x")
+    report = {
+        "setup": args.setup,
+        "device": str(device),
+        "dtype": dtype,
+        "model_config": cfg or "mcl-demo-tiny",
+        "workload": {
+            "calls_per_problem": len(calls),
+            "tokens_per_call": budget,
+            "k": K,
+            "debug_rounds": DEBUG_ROUNDS,
+            "prompt_tokens_first_problem": sum(len(c.prompt) for c in calls),
+        },
+        "ours": ours,
+        "baseline_transformers_peft_sequential": base,
+        "speedup": ratio,
+        "environment": environment(device),
+    }
+    print(
+        f"ours ({args.workers} workers): {ours['problems_per_hour']:.1f} problems/h; "
+        f"transformers+peft one at a time: {base['problems_per_hour']:.1f} problems/h; ratio {ratio:.2f}x"
+    )
     save_result(f"pipeline_{args.setup}_{device.type}", report, args.out_dir, args.smoke)
 
 

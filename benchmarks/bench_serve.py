@@ -25,6 +25,7 @@ Writes ``benchmarks/results/serve_<device>_<model>.json`` and ``.png`` (``--smok
 requests per level, written only with ``--out-dir``). ``--url`` measures a server already running on
 this machine instead (one setup, named after the server's base model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,12 +55,27 @@ RESULTS = ROOT / "benchmarks" / "results"
 ADAPTERS = ("retrieval", "planning", "coding", "debugging")
 LEVELS = (1, 8, 32)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-TASKS = ("reverse a linked list", "merge two sorted arrays", "count islands in a grid", "parse a date string",
-         "find the longest palindrome", "evaluate an arithmetic expression", "compute a running median",
-         "detect a cycle in a directed graph")
-QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-             "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
-             "rope_theta": 1000000.0, "tie_word_embeddings": False}
+TASKS = (
+    "reverse a linked list",
+    "merge two sorted arrays",
+    "count islands in a grid",
+    "parse a date string",
+    "find the longest palindrome",
+    "evaluate an arithmetic expression",
+    "compute a running median",
+    "detect a cycle in a directed graph",
+)
+QWEN25_7B = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+}
 GPU_MODEL_NAME = "qwen2.5-7b-shape-random"
 
 
@@ -83,14 +99,23 @@ class Sample:
 
 
 def prompt(i: int) -> str:
-    return (f"# Task {i}: {TASKS[i % len(TASKS)]}.\n# Write a Python function with type hints and a docstring,\n"
-            f"# then three asserts that test it.\ndef solution_{i}(")
+    return (
+        f"# Task {i}: {TASKS[i % len(TASKS)]}.\n# Write a Python function with type hints and a docstring,\n"
+        f"# then three asserts that test it.\ndef solution_{i}("
+    )
 
 
 # ---- one request and one concurrency level ------------------------------------------------------
 async def send(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> Sample:
-    body = {"model": ADAPTERS[i % len(ADAPTERS)], "prompt": prompt(i), "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": ADAPTERS[i % len(ADAPTERS)],
+        "prompt": prompt(i),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     sample = Sample(ok=False, start=time.perf_counter(), end=0.0)
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -116,8 +141,9 @@ async def read_events(r: httpx.Response, sample: Sample) -> None:
             sample.chunk_times.append(time.perf_counter())
 
 
-async def run_level(url: str, concurrency: int, num_requests: int, max_seconds: float,
-                    max_tokens: int) -> tuple[list[Sample], float]:
+async def run_level(
+    url: str, concurrency: int, num_requests: int, max_seconds: float, max_tokens: int
+) -> tuple[list[Sample], float]:
     """``concurrency`` workers sending requests back to back until ``num_requests`` or ``max_seconds``."""
     samples: list[Sample] = []
     counter = itertools.count()
@@ -130,8 +156,7 @@ async def run_level(url: str, concurrency: int, num_requests: int, max_seconds: 
             samples.append(await send(client, url, i, max_tokens))
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(max_seconds + 60), limits=limits) as client:
-        await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))),
-                               timeout=max_seconds + 120)
+        await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout=max_seconds + 120)
     return samples, time.perf_counter() - start
 
 
@@ -146,11 +171,17 @@ def summarize(samples: list[Sample], elapsed: float) -> dict:
     ok = [s for s in samples if s.ok]
     gaps = [b - a for s in ok for a, b in itertools.pairwise(s.chunk_times)]
     tokens = sum(s.tokens for s in ok)
-    return {"requests": len(samples), "errors": len(samples) - len(ok), "seconds": round(elapsed, 3),
-            "requests_per_s": round(len(ok) / elapsed, 3), "output_tokens": tokens,
-            "output_tokens_per_s": round(tokens / elapsed, 2),
-            "ttft": percentiles([s.ttft for s in ok if s.ttft is not None]),
-            "itl": percentiles(gaps), "tpot": percentiles([s.tpot for s in ok if s.tpot is not None])}
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(ok) / elapsed, 3),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / elapsed, 2),
+        "ttft": percentiles([s.ttft for s in ok if s.ttft is not None]),
+        "itl": percentiles(gaps),
+        "tpot": percentiles([s.tpot for s in ok if s.tpot is not None]),
+    }
 
 
 # ---- the server ---------------------------------------------------------------------------------
@@ -166,15 +197,28 @@ def scrape(url: str) -> dict[str, float]:
 def batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     steps = after.get("mcl_engine_steps_total", 0) - before.get("mcl_engine_steps_total", 0)
     tokens = after.get("mcl_generation_tokens_total", 0) - before.get("mcl_generation_tokens_total", 0)
-    return {"engine_steps": steps, "sequences_per_step_mean": round(tokens / steps, 3) if steps else None,
-            "batch_size_max_so_far": after.get("mcl_batch_size_max")}
+    return {
+        "engine_steps": steps,
+        "sequences_per_step_mean": round(tokens / steps, 3) if steps else None,
+        "batch_size_max_so_far": after.get("mcl_batch_size_max"),
+    }
 
 
 @contextmanager
 def server(args: list[str], startup_timeout: float) -> Iterator[str]:
     """``python -m mcl_runtime.serve`` on 127.0.0.1 with a free port; yields its URL; SIGTERM at the end."""
-    cmd = [sys.executable, "-m", "mcl_runtime.serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcl_runtime.serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     urls: queue.Queue[str] = queue.Queue()
     log: list[str] = []
@@ -229,8 +273,10 @@ def _layer_tensors(i: int, cfg: dict, gen, device: str) -> dict:
         if getattr(model, BY_NAME[name].bias):
             out[f"{key}.bias"] = _randn((d_out,), 0.02, gen, device)
     h = model.hidden_size
-    out |= {f"{p}input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            f"{p}post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    out |= {
+        f"{p}input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        f"{p}post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
     return out
 
 
@@ -240,8 +286,11 @@ def _outer_tensors(cfg: dict, decodable: int, gen, device: str) -> dict:
     h, vocab = cfg["hidden_size"], cfg["vocab_size"]
     head = _randn((vocab, h), 0.02, gen, device)
     head[decodable:] = 0
-    return {"model.embed_tokens.weight": _randn((vocab, h), 0.02, gen, device), "lm_head.weight": head,
-            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    return {
+        "model.embed_tokens.weight": _randn((vocab, h), 0.02, gen, device),
+        "lm_head.weight": head,
+        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
 
 
 def _write_adapter(folder: Path, template: Path, cfg: dict, rank: int, seed: int, device: str) -> None:
@@ -257,7 +306,7 @@ def _write_adapter(folder: Path, template: Path, cfg: dict, rank: int, seed: int
     for i in range(cfg["num_hidden_layers"]):
         for name, (d_in, d_out) in dims.items():
             key = f"base_model.model.model.layers.{i}.{BY_NAME[name].parent}.{name}"
-            tensors[f"{key}.lora_A.weight"] = _randn((rank, d_in), d_in ** -0.5, gen, device)
+            tensors[f"{key}.lora_A.weight"] = _randn((rank, d_in), d_in**-0.5, gen, device)
             tensors[f"{key}.lora_B.weight"] = _randn((d_out, rank), 0.01, gen, device)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
@@ -285,8 +334,9 @@ def write_random_model(root: Path, shapes: dict, rank: int = 16, device: str = "
         shutil.copy(demo / name, base / name)
     config = json.loads((demo / "config.json").read_text())
     decodable = config["vocab_size"]
-    config.update(shapes, _name_or_path=GPU_MODEL_NAME, torch_dtype="bfloat16",
-                  max_window_layers=shapes["num_hidden_layers"])
+    config.update(
+        shapes, _name_or_path=GPU_MODEL_NAME, torch_dtype="bfloat16", max_window_layers=shapes["num_hidden_layers"]
+    )
     (base / "config.json").write_text(json.dumps(config, indent=2))
     gen = torch.Generator(device=device).manual_seed(0)
     save_file(_outer_tensors(config, decodable, gen, device), str(base / "model-outer.safetensors"))
@@ -304,13 +354,22 @@ def machine(device: str) -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    info = {"host": platform.node(), "cpu": cpu, "cpu_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    info = {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -326,8 +385,13 @@ def setups(args: argparse.Namespace) -> list[dict]:
         cache = Path(os.environ.get("MCL_CACHE") or Path.home() / ".cache" / "mcl_runtime").expanduser()
         root = write_random_model(cache / GPU_MODEL_NAME, QWEN25_7B, device="cuda")
         loras = [f"--lora={name}={root / 'adapters' / name}" for name in ADAPTERS]
-        out.append({"device": "cuda", "model": GPU_MODEL_NAME, "server_args": [
-            "--device", "cuda", "--dtype", "bfloat16", "--model", str(root / "base"), *loras]})
+        out.append(
+            {
+                "device": "cuda",
+                "model": GPU_MODEL_NAME,
+                "server_args": ["--device", "cuda", "--dtype", "bfloat16", "--model", str(root / "base"), *loras],
+            }
+        )
     return out
 
 
@@ -362,11 +426,21 @@ def run_setup(setup: dict, args: argparse.Namespace) -> dict:
     else:
         with server(setup["server_args"], args.startup_timeout) as url:
             levels = measure(url, args)
-    return {"benchmark": "serve", "device": setup["device"], "model": setup["model"], "machine": host,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "smoke": args.smoke,
-            "config": {"max_tokens": args.max_tokens, "max_seconds_per_level": args.max_seconds,
-                       "adapters": list(ADAPTERS), "server_args": setup["server_args"]},
-            "levels": levels}
+    return {
+        "benchmark": "serve",
+        "device": setup["device"],
+        "model": setup["model"],
+        "machine": host,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "config": {
+            "max_tokens": args.max_tokens,
+            "max_seconds_per_level": args.max_seconds,
+            "adapters": list(ADAPTERS),
+            "server_args": setup["server_args"],
+        },
+        "levels": levels,
+    }
 
 
 def plot(report: dict, path: Path) -> None:
@@ -396,8 +470,11 @@ def plot(report: dict, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     m = report["machine"]
-    fig.suptitle(f"mcl_runtime.serve, {report['model']} on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores, "
-                 f"{report['device']}), {report['config']['max_tokens']} tokens per request", fontsize=10)
+    fig.suptitle(
+        f"mcl_runtime.serve, {report['model']} on {m.get('gpu') or m['cpu']} ({m['cpu_cores']} cores, "
+        f"{report['device']}), {report['config']['max_tokens']} tokens per request",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

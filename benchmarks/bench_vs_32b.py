@@ -18,6 +18,7 @@ vLLM/SGLang: availability is recorded, they are not driven here.
 --smoke: both configs shrunk 56x in width and 7x in depth, short requests, CPU; not results.
 Writes benchmarks/results/vs_32b_<device>.json after every run (so a timeout keeps what finished).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,43 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import (AGENTS, QWEN25_32B_INSTRUCT, QWEN25_7B_INSTRUCT, base_parser, baseline_availability, cuda_peak,
-                    device_slug, engine_memory, environment, kv_block_bytes, make_workload, parse_with_smoke,
-                    release_memory, reset_cuda_peak, resolve_device, run_workload, save_result, shrink_config,
-                    warmup_workload, weight_params, write_model_folder, write_peft_adapter)
+from common import (
+    AGENTS,
+    QWEN25_7B_INSTRUCT,
+    QWEN25_32B_INSTRUCT,
+    base_parser,
+    baseline_availability,
+    cuda_peak,
+    device_slug,
+    engine_memory,
+    environment,
+    kv_block_bytes,
+    make_workload,
+    parse_with_smoke,
+    release_memory,
+    reset_cuda_peak,
+    resolve_device,
+    run_workload,
+    save_result,
+    shrink_config,
+    warmup_workload,
+    weight_params,
+    write_model_folder,
+    write_peft_adapter,
+)
 
 BLOCK_SIZE = 16
 # Weight bytes alone, 32B over 7B, from the published configs (4.30).
 WEIGHT_BYTES_RATIO = weight_params(QWEN25_32B_INSTRUCT) / weight_params(QWEN25_7B_INSTRUCT)
-METRICS = ("weights_bytes", "lora_slots_bytes", "kv_used_bytes", "peak_allocated_bytes", "ttft_mean_s",
-           "tpot_mean_s", "decode_step_median_s")
+METRICS = (
+    "weights_bytes",
+    "lora_slots_bytes",
+    "kv_used_bytes",
+    "peak_allocated_bytes",
+    "ttft_mean_s",
+    "tpot_mean_s",
+    "decode_step_median_s",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,38 +76,59 @@ def parse_args() -> argparse.Namespace:
     return parse_with_smoke(p, dict(batches=[1, 3], prompt_len=(24, 48), gen_len=(6, 6)))
 
 
-def model_specs(args: argparse.Namespace, workdir: Path,
-                device: torch.device) -> dict[str, tuple[Path, dict[str, Path]]]:
+def model_specs(
+    args: argparse.Namespace, workdir: Path, device: torch.device
+) -> dict[str, tuple[Path, dict[str, Path]]]:
     """Model folder and adapter folders of the two contenders."""
     small, large = QWEN25_7B_INSTRUCT, QWEN25_32B_INSTRUCT
     if args.smoke:
         small, large = shrink_config(small), shrink_config(large)
-    adapters = {name: write_peft_adapter(workdir / "adapters" / name, small, args.rank, 2 * args.rank, seed=i,
-                                         device=device)
-                for i, name in enumerate(AGENTS)}
-    return {"qwen2.5-7b+4lora": (write_model_folder(workdir / "7b", small), adapters),
-            "qwen2.5-32b": (write_model_folder(workdir / "32b", large), {})}
+    adapters = {
+        name: write_peft_adapter(workdir / "adapters" / name, small, args.rank, 2 * args.rank, seed=i, device=device)
+        for i, name in enumerate(AGENTS)
+    }
+    return {
+        "qwen2.5-7b+4lora": (write_model_folder(workdir / "7b", small), adapters),
+        "qwen2.5-32b": (write_model_folder(workdir / "32b", large), {}),
+    }
 
 
-def measure(name: str, model_dir: Path, adapters: dict[str, Path], batch: int, args: argparse.Namespace,
-            device: torch.device) -> dict:
+def measure(
+    name: str, model_dir: Path, adapters: dict[str, Path], batch: int, args: argparse.Namespace, device: torch.device
+) -> dict:
     """One model at one batch size: memory and latency of the workload."""
     from mcl_runtime import Engine
 
     wl = make_workload(batch, tuple(args.prompt_len), tuple(args.gen_len), list(adapters) or [None], seed=batch)
     reset_cuda_peak(device)
     t0 = time.perf_counter()
-    engine = Engine(model=model_dir, adapters=adapters, device=str(device), dtype=args.dtype, backend=args.backend,
-                    max_loras=max(1, len(adapters)), max_lora_rank=args.rank if adapters else 1,
-                    kv_cache_blocks=wl.kv_blocks(BLOCK_SIZE) + batch, block_size=BLOCK_SIZE,
-                    max_num_seqs=batch, load_format="dummy")
+    engine = Engine(
+        model=model_dir,
+        adapters=adapters,
+        device=str(device),
+        dtype=args.dtype,
+        backend=args.backend,
+        max_loras=max(1, len(adapters)),
+        max_lora_rank=args.rank if adapters else 1,
+        kv_cache_blocks=wl.kv_blocks(BLOCK_SIZE) + batch,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=batch,
+        load_format="dummy",
+    )
     build_s = time.perf_counter() - t0
     run_workload(engine, warmup_workload(wl))
     reset_cuda_peak(device)
     res = run_workload(engine, wl)
-    row = {"model": name, "batch": batch, "build_s": build_s, "backend": engine.backend.name,
-           **engine_memory(engine), "kv_used_bytes": res.peak_kv_blocks * kv_block_bytes(engine),
-           "peak_allocated_bytes": cuda_peak(device), **res.summary()}
+    row = {
+        "model": name,
+        "batch": batch,
+        "build_s": build_s,
+        "backend": engine.backend.name,
+        **engine_memory(engine),
+        "kv_used_bytes": res.peak_kv_blocks * kv_block_bytes(engine),
+        "peak_allocated_bytes": cuda_peak(device),
+        **res.summary(),
+    }
     del engine
     release_memory()
     return row
@@ -120,32 +168,58 @@ def main() -> None:
                 row = measure(name, model_dir, adapters, batch, args, device)
                 row["resident_bytes"] = row["weights_bytes"] + row["lora_slots_bytes"] + row["kv_used_bytes"]
                 rows.append(row)
-                print(f"{name:18s} batch {batch:3d}: TTFT {row['ttft_mean_s']:.3f} s, TPOT "
-                      f"{row['tpot_mean_s'] or 0:.4f} s, {row['output_tok_s']:.1f} tok/s, weights "
-                      f"{row['weights_bytes'] / 2**30:.2f} GiB, KV {row['kv_used_bytes'] / 2**30:.3f} GiB, "
-                      f"Triton compiles in the timed run: {row['jit_compiles_in_run']}", flush=True)
+                print(
+                    f"{name:18s} batch {batch:3d}: TTFT {row['ttft_mean_s']:.3f} s, TPOT "
+                    f"{row['tpot_mean_s'] or 0:.4f} s, {row['output_tok_s']:.1f} tok/s, weights "
+                    f"{row['weights_bytes'] / 2**30:.2f} GiB, KV {row['kv_used_bytes'] / 2**30:.3f} GiB, "
+                    f"Triton compiles in the timed run: {row['jit_compiles_in_run']}",
+                    flush=True,
+                )
                 save(args, env, device, rows, skipped, complete=False)
     save(args, env, device, rows, skipped, complete=True)
     for r in ratios(rows):
-        print(f"batch {r['batch']}: 32B/7B weight bytes alone {WEIGHT_BYTES_RATIO:.2f}x; measured: memory (peak) "
-              f"{r['peak_allocated_bytes'] or r['resident_bytes']:.2f}x, TPOT {r['tpot_mean_s'] or 0:.2f}x, "
-              f"tokens/s {r['output_tok_s']:.2f}x")
+        print(
+            f"batch {r['batch']}: 32B/7B weight bytes alone {WEIGHT_BYTES_RATIO:.2f}x; measured: memory (peak) "
+            f"{r['peak_allocated_bytes'] or r['resident_bytes']:.2f}x, TPOT {r['tpot_mean_s'] or 0:.2f}x, "
+            f"tokens/s {r['output_tok_s']:.2f}x"
+        )
 
 
-def save(args: argparse.Namespace, env: dict, device: torch.device, rows: list[dict], skipped: list[str],
-         complete: bool) -> None:
-    save_result(f"vs_32b_{device_slug(device)}", {
-        "benchmark": "vs_32b", "env": env, "complete": complete, "skipped": skipped,
-        "config": {"models": {"qwen2.5-7b+4lora": "Qwen2.5-7B-Instruct config, 4 LoRAs rank "
-                              f"{args.rank} alpha {2 * args.rank} on q,k,v,o,gate,up,down",
-                              "qwen2.5-32b": "Qwen2.5-32B-Instruct config, no adapter"},
-                   "weights": "random (load_format=dummy)", "dtype": args.dtype, "device": str(device),
-                   "batches": args.batches, "prompt_len": list(args.prompt_len), "gen_len": list(args.gen_len),
-                   "block_size": BLOCK_SIZE, "sampling": "greedy, ignore_eos", "shrunk_for_smoke": args.smoke},
-        "baselines": baseline_availability(), "runs": rows, "ratios_32b_over_7b": ratios(rows),
-        "weight_bytes_ratio_32b_over_7b": WEIGHT_BYTES_RATIO,
-        "goal": "32B/7B >= 4.5x on memory and on token time",
-    }, args.out_dir, args.smoke)
+def save(
+    args: argparse.Namespace, env: dict, device: torch.device, rows: list[dict], skipped: list[str], complete: bool
+) -> None:
+    save_result(
+        f"vs_32b_{device_slug(device)}",
+        {
+            "benchmark": "vs_32b",
+            "env": env,
+            "complete": complete,
+            "skipped": skipped,
+            "config": {
+                "models": {
+                    "qwen2.5-7b+4lora": "Qwen2.5-7B-Instruct config, 4 LoRAs rank "
+                    f"{args.rank} alpha {2 * args.rank} on q,k,v,o,gate,up,down",
+                    "qwen2.5-32b": "Qwen2.5-32B-Instruct config, no adapter",
+                },
+                "weights": "random (load_format=dummy)",
+                "dtype": args.dtype,
+                "device": str(device),
+                "batches": args.batches,
+                "prompt_len": list(args.prompt_len),
+                "gen_len": list(args.gen_len),
+                "block_size": BLOCK_SIZE,
+                "sampling": "greedy, ignore_eos",
+                "shrunk_for_smoke": args.smoke,
+            },
+            "baselines": baseline_availability(),
+            "runs": rows,
+            "ratios_32b_over_7b": ratios(rows),
+            "weight_bytes_ratio_32b_over_7b": WEIGHT_BYTES_RATIO,
+            "goal": "32B/7B >= 4.5x on memory and on token time",
+        },
+        args.out_dir,
+        args.smoke,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ workloads, a step-by-step request runner, the machine's description and result f
 
 Imported as a sibling module (``python benchmarks/x.py`` puts ``benchmarks/`` on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,33 +41,76 @@ AGENTS = ("retrieval", "planning", "coding", "debugging")
 
 # config.json of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-32B-Instruct, as published.
 QWEN25_7B_INSTRUCT = {
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
-    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
-    "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "model_type": "qwen2",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
 }
 QWEN25_32B_INSTRUCT = {
-    **QWEN25_7B_INSTRUCT, "hidden_size": 5120, "intermediate_size": 27648, "max_window_layers": 70,
-    "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8,
+    **QWEN25_7B_INSTRUCT,
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "max_window_layers": 70,
+    "num_attention_heads": 40,
+    "num_hidden_layers": 64,
+    "num_key_value_heads": 8,
 }
 # Qwen/Qwen2.5-Coder-7B-Instruct publishes the same shapes as Qwen2.5-7B-Instruct.
 QWEN25_CODER_7B_INSTRUCT = dict(QWEN25_7B_INSTRUCT)
 # config.json of Qwen/Qwen3-8B, as published: q/k norms, head_dim 128 (not hidden / heads), no qkv bias.
 QWEN3_8B = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
-    "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 151936,
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 12288,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 36,
+    "model_type": "qwen3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
 }
 # Shapes the load_format="dummy" benchmarks take (``--shape``).
-MODEL_SHAPES = {"qwen2.5-7b-instruct": QWEN25_7B_INSTRUCT, "qwen2.5-coder-7b-instruct": QWEN25_CODER_7B_INSTRUCT,
-                "qwen3-8b": QWEN3_8B, "qwen2.5-32b-instruct": QWEN25_32B_INSTRUCT}
-SMOKE_VOCAB = 1024   # above the demo tokenizer's 512 ids
+MODEL_SHAPES = {
+    "qwen2.5-7b-instruct": QWEN25_7B_INSTRUCT,
+    "qwen2.5-coder-7b-instruct": QWEN25_CODER_7B_INSTRUCT,
+    "qwen3-8b": QWEN3_8B,
+    "qwen2.5-32b-instruct": QWEN25_32B_INSTRUCT,
+}
+SMOKE_VOCAB = 1024  # above the demo tokenizer's 512 ids
 
 
 def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vocab: int = SMOKE_VOCAB) -> dict:
@@ -77,10 +122,19 @@ def shrink_config(cfg: dict, width_div: float = 56.0, depth_div: float = 7.0, vo
         kv -= 1
     layers = max(1, round(cfg["num_hidden_layers"] / depth_div))
     head_dim = {"head_dim": 16} if cfg.get("head_dim") else {}
-    return {**cfg, **head_dim, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
-            "num_hidden_layers": layers, "max_window_layers": layers, "vocab_size": vocab,
-            "bos_token_id": 509, "eos_token_id": 511}   # the demo tokenizer's ids
+    return {
+        **cfg,
+        **head_dim,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": max(32, round(cfg["intermediate_size"] / width_div / 16) * 16),
+        "num_hidden_layers": layers,
+        "max_window_layers": layers,
+        "vocab_size": vocab,
+        "bos_token_id": 509,
+        "eos_token_id": 511,
+    }  # the demo tokenizer's ids
 
 
 # ---- model and adapter folders ---------------------------------------------------------------
@@ -98,14 +152,22 @@ def write_model_folder(folder: Path, cfg: dict) -> Path:
 
 def lora_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     """(in, out) of each LoRA-targetable projection of a config.json's contents."""
-    from mcl_runtime.model.config import parse_config  # imported late: bench_host_overhead --compare
-                                                       # imports this module over an older package
+    # Imported late: bench_host_overhead --compare imports this module over an older package.
+    from mcl_runtime.model.config import parse_config
+
     return parse_config(cfg).projection_shapes()
 
 
-def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64, seed: int = 0,
-                       targets: tuple[str, ...] | None = None, dtype: torch.dtype = torch.bfloat16,
-                       device: torch.device | str = "cpu") -> Path:
+def write_peft_adapter(
+    folder: Path,
+    cfg: dict,
+    rank: int = 32,
+    alpha: int = 64,
+    seed: int = 0,
+    targets: tuple[str, ...] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> Path:
     """A PEFT LoRA folder with random A and B (small values) on ``targets`` of every layer, drawn on
     ``device`` (a GPU draws a 7B adapter's 80 M values at once; the host would take seconds)."""
     from safetensors.torch import save_file
@@ -128,9 +190,21 @@ def write_peft_adapter(folder: Path, cfg: dict, rank: int = 32, alpha: int = 64,
             tensors[f"{key}.lora_A.weight"] = draw(rank, fan_in)
             tensors[f"{key}.lora_B.weight"] = draw(fan_out, rank)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": None}, indent=2))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": list(targets),
+                "bias": "none",
+                "base_model_name_or_path": None,
+            },
+            indent=2,
+        )
+    )
     return folder
 
 
@@ -166,12 +240,19 @@ class Workload:
         return sum(math.ceil((len(p) + m) / block_size) for p, m in zip(self.prompts, self.max_tokens))
 
 
-def make_workload(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], adapters: list[str | None],
-                  seed: int, id_range: tuple[int, int] = (0, 509)) -> Workload:
+def make_workload(
+    n: int,
+    prompt_len: tuple[int, int],
+    gen_len: tuple[int, int],
+    adapters: list[str | None],
+    seed: int,
+    id_range: tuple[int, int] = (0, 509),
+) -> Workload:
     """``n`` random token-id prompts (lengths uniform in the closed ranges), adapters in the given order."""
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(*id_range, size=int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist()
-               for _ in range(n)]
+    prompts = [
+        rng.integers(*id_range, size=int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist() for _ in range(n)
+    ]
     gens = [int(rng.integers(gen_len[0], gen_len[1] + 1)) for _ in range(n)]
     return Workload(prompts, gens, [adapters[i % len(adapters)] for i in range(n)])
 
@@ -202,15 +283,20 @@ class RunResult:
         dec_time = sum(s.seconds for s in decode)
         pre_time = sum(s.seconds for s in prefill)
         return {
-            "wall_s": self.wall_s, "output_tokens": self.output_tokens, "prompt_tokens": self.prompt_tokens,
+            "wall_s": self.wall_s,
+            "output_tokens": self.output_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "output_tok_s": self.output_tokens / self.wall_s,
-            "ttft_mean_s": statistics.fmean(self.ttft_s), "ttft_p50_s": statistics.median(self.ttft_s),
+            "ttft_mean_s": statistics.fmean(self.ttft_s),
+            "ttft_p50_s": statistics.median(self.ttft_s),
             "tpot_mean_s": statistics.fmean(self.tpot_s) if self.tpot_s else None,
             "decode_step_median_s": statistics.median(s.seconds for s in decode) if decode else None,
             "decode_tok_s": sum(s.decode_tokens for s in decode) / dec_time if dec_time else None,
             "prefill_tok_s": sum(s.prefill_tokens for s in prefill) / pre_time if pre_time else None,
-            "num_steps": len(self.steps), "num_decode_steps": len(decode),
-            "peak_kv_blocks": self.peak_kv_blocks, "adapter_slot_loads": self.slot_loads,
+            "num_steps": len(self.steps),
+            "num_decode_steps": len(decode),
+            "peak_kv_blocks": self.peak_kv_blocks,
+            "adapter_slot_loads": self.slot_loads,
             "jit_compiles_in_run": self.jit_compiles,
         }
 
@@ -225,6 +311,7 @@ def patch(obj: object, name: str, value: Any) -> Callable[[], None]:
             setattr(obj, name, old)
         else:
             delattr(obj, name)
+
     return undo
 
 
@@ -290,8 +377,10 @@ def run_workload(engine: Engine, wl: Workload) -> RunResult:
     synchronize(engine.device)
     compiles = TritonCompiles()
     t0 = time.perf_counter()
-    ids = {engine.add_request(None, p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), a): m
-           for p, m, a in zip(wl.prompts, wl.max_tokens, wl.adapters)}
+    ids = {
+        engine.add_request(None, p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True), a): m
+        for p, m, a in zip(wl.prompts, wl.max_tokens, wl.adapters)
+    }
     first: dict[str, float] = {}
     ttft, tpot, steps, peak = [], [], [], 0
     try:
@@ -311,8 +400,17 @@ def run_workload(engine: Engine, wl: Workload) -> RunResult:
         comp.close()
         jit = compiles.close()
     wall = time.perf_counter() - t0
-    return RunResult(wall, sum(ids.values()), wl.num_prompt_tokens, ttft, tpot, steps, peak,
-                     engine.stats()["adapter_slot_loads"] - loads0, jit)
+    return RunResult(
+        wall,
+        sum(ids.values()),
+        wl.num_prompt_tokens,
+        ttft,
+        tpot,
+        steps,
+        peak,
+        engine.stats()["adapter_slot_loads"] - loads0,
+        jit,
+    )
 
 
 def kv_block_bytes(engine: Engine) -> int:
@@ -328,8 +426,11 @@ def engine_memory(engine: Engine) -> dict:
     """Bytes of the base weights, the LoRA slot buffers and the allocated KV cache (from the tensors)."""
     model = engine.model
     lora = [b for n, b in model.named_buffers() if ".lora_" in n]
-    return {"weights_bytes": tensor_bytes(model.parameters()), "lora_slots_bytes": tensor_bytes(lora),
-            "kv_allocated_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size()}
+    return {
+        "weights_bytes": tensor_bytes(model.parameters()),
+        "lora_slots_bytes": tensor_bytes(lora),
+        "kv_allocated_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size(),
+    }
 
 
 def release_memory() -> None:
@@ -377,8 +478,10 @@ def _version(pkg: str) -> str | None:
 def _commit() -> str:
     """HEAD (+dirty) of this checkout; where it has no git (the device tool's copy of a working tree),
     ``$MCL_COMMIT`` as the command line passed it, else "unknown"."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
         sha = git("rev-parse", "HEAD")
         if sha:
@@ -390,10 +493,19 @@ def _commit() -> str:
 
 def environment(device: torch.device | str) -> dict:
     """What the numbers were measured on: device, versions, commit."""
-    return {"device": device_name(device), "device_type": torch.device(device).type, "cpu": cpu_model(),
-            "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
-            "peft": _version("peft"), "cuda": torch.version.cuda, "python": platform.python_version(),
-            "commit": _commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def baseline_availability() -> dict[str, str]:
@@ -434,15 +546,18 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (CI); numbers are not results")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--backend", default=None, choices=["torch", "triton"],
-                   help="default: triton on cuda, torch on cpu")
+    p.add_argument("--backend", default=None, choices=["torch", "triton"], help="default: triton on cuda, torch on cpu")
     p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
     return p
 
 
 def add_shape_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", default="qwen2.5-7b-instruct", choices=sorted(MODEL_SHAPES),
-                   help="published model shapes of the random-weight (load_format='dummy') model")
+    p.add_argument(
+        "--shape",
+        default="qwen2.5-7b-instruct",
+        choices=sorted(MODEL_SHAPES),
+        help="published model shapes of the random-weight (load_format='dummy') model",
+    )
 
 
 def model_shape(args: argparse.Namespace) -> dict:
@@ -492,8 +607,12 @@ def kernel_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds; output to a temp dir")
     p.add_argument("--out-dir", type=Path, default=None, help="where to write the JSON and PNG")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="skip the cases that would start after this (they are listed in the JSON)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="skip the cases that would start after this (they are listed in the JSON)",
+    )
     return p
 
 
@@ -506,8 +625,10 @@ def kernel_setup(smoke: bool, has_triton: bool) -> tuple[torch.device, dict]:
         raise SystemExit("this benchmark needs a CUDA device (use --smoke on CPU)")
     device = torch.device("cuda" if cuda else "cpu")
     info = {**environment(device), "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-    print(f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}"
-          + (" (interpreter)" if info["interpreter"] else ""))
+    print(
+        f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}"
+        + (" (interpreter)" if info["interpreter"] else "")
+    )
     return device, info
 
 
@@ -516,6 +637,7 @@ def kernel_ms(fn: Callable[[], object], device: torch.device | str) -> float:
     the same inputs so that JIT compiles stay out of the timing; CPU: one wall-clock call)."""
     if torch.device(device).type == "cuda":
         import triton.testing
+
         fn()
         synchronize(device)
         return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
@@ -532,6 +654,7 @@ def kernel_timing(device: torch.device | str) -> str:
 def kernel_figure(ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
     """A matplotlib figure with one row of ``ncols`` plots (Agg backend: no display needed)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -6,6 +6,7 @@ Two ways to serve a multi-adapter batch with it:
   (mixed-adapter batches; peft loops over the adapters inside each LoRA layer).
 Both force exactly ``max_new_tokens`` per prompt (``min_new_tokens``), greedy.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BASE = "__base__"   # peft's name for "no adapter" in adapter_names
+BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
-def load_hf_peft(model_dir: Path, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype,
-                 random_weights: bool = False) -> nn.Module:
+def load_hf_peft(
+    model_dir: Path, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype, random_weights: bool = False
+) -> nn.Module:
     """The base model (its safetensors, or random weights from its config.json) with the adapters."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,19 +42,27 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
-def _generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
-              **kwargs: object) -> list[list[int]]:
+def _generate(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int, **kwargs: object
+) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, **kwargs)
-    return out[:, ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        **kwargs,
+    )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def _sync(model: nn.Module) -> None:
@@ -61,8 +71,9 @@ def _sync(model: nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_grouped(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
-                     pad_id: int) -> tuple[float, list[list[int]]]:
+def generate_grouped(
+    model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int, pad_id: int
+) -> tuple[float, list[list[int]]]:
     """One batched generate per adapter group, in order of first appearance; (seconds, tokens)."""
     outputs: list[list[int] | None] = [None] * len(prompts)
     _sync(model)
@@ -81,8 +92,9 @@ def generate_grouped(model: nn.Module, prompts: list[list[int]], adapters: list[
     return time.perf_counter() - t0, outputs
 
 
-def generate_mixed(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int,
-                   pad_id: int) -> tuple[float, list[list[int]]]:
+def generate_mixed(
+    model: nn.Module, prompts: list[list[int]], adapters: list[str | None], max_new_tokens: int, pad_id: int
+) -> tuple[float, list[list[int]]]:
     """The whole batch in one generate with per-row adapters (peft mixed-adapter batches)."""
     names = [BASE if a is None else a for a in adapters]
     _sync(model)

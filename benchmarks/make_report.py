@@ -9,17 +9,19 @@ meant for a GPU (vs_32b, multi_lora, bandwidth) are shown only from CUDA runs. P
 ``<json>_memory.png`` and ``<json>_latency.png`` (vs_32b), ``<json>_adapters.png`` (multi_lora).
 Other benchmarks' JSONs get a generic table and their own PNGs embedded.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
-CPU_RESULTS = {"engine_cpu", "block_manager"}   # benchmarks whose issue asks for CPU numbers
+CPU_RESULTS = {"engine_cpu", "block_manager"}  # benchmarks whose issue asks for CPU numbers
 GIB = 1 << 30
 
 
@@ -72,8 +74,10 @@ def provenance(d: dict, path: Path, base: Path) -> str:
 
 def plt() -> Any:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
+
     return pyplot
 
 
@@ -87,19 +91,30 @@ def save_fig(fig: Any, png: Path) -> Path:
 # ---- engine_cpu --------------------------------------------------------------------------------
 def render_engine_cpu(d: dict, path: Path, base: Path) -> str:
     c = d["config"]
-    rows = [[i, num(r["ours_tok_s"], ".1f"), num(r["hf_tok_s"], ".1f"), times(r["ratio"]),
-             f"{r['identical_outputs']}/{c['requests']}"] for i, r in enumerate(d["rounds"])]
+    rows = [
+        [
+            i,
+            num(r["ours_tok_s"], ".1f"),
+            num(r["hf_tok_s"], ".1f"),
+            times(r["ratio"]),
+            f"{r['identical_outputs']}/{c['requests']}",
+        ]
+        for i, r in enumerate(d["rounds"])
+    ]
     m = d["median"]
     rows.append(["**median**", f"**{m['ours_tok_s']:.1f}**", f"**{m['hf_tok_s']:.1f}**", f"**{m['ratio']:.2f}x**", ""])
-    return "\n\n".join([
-        f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts "
-        f"{c['prompt_len'][0]}-{c['prompt_len'][1]} "
-        f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads, "
-        f"{c['backend']} backend, {c.get('max_loras', 8)} adapter slots of rank {c.get('max_lora_rank', 64)}. "
-        f"Baseline: {c['baseline']}. Target ratio >= {d['target_ratio']}x: "
-        f"**{'met' if m['ratio'] >= d['target_ratio'] else 'not met'}**.",
-        table(["round", "ours tok/s", "transformers+peft tok/s", "ratio", "identical outputs"], rows),
-        breakdown_table(d.get("breakdown", {}))])
+    return "\n\n".join(
+        [
+            f"{c['requests']} requests over {len(c['adapters'])} adapters, prompts "
+            f"{c['prompt_len'][0]}-{c['prompt_len'][1]} "
+            f"tokens, {c['gen_tokens']} generated tokens each, {c['dtype']}, {d.get('torch_threads')} torch threads, "
+            f"{c['backend']} backend, {c.get('max_loras', 8)} adapter slots of rank {c.get('max_lora_rank', 64)}. "
+            f"Baseline: {c['baseline']}. Target ratio >= {d['target_ratio']}x: "
+            f"**{'met' if m['ratio'] >= d['target_ratio'] else 'not met'}**.",
+            table(["round", "ours tok/s", "transformers+peft tok/s", "ratio", "identical outputs"], rows),
+            breakdown_table(d.get("breakdown", {})),
+        ]
+    )
 
 
 # ---- vs_32b ------------------------------------------------------------------------------------
@@ -134,26 +149,52 @@ def plot_vs_32b(d: dict, stem: Path) -> list[Path]:
 
 
 def render_vs_32b(d: dict, path: Path, base: Path) -> str:
-    rows = [[r["model"], r["batch"], num(r["weights_bytes"] / GIB, ".2f"), num(r["lora_slots_bytes"] / GIB, ".2f"),
-             num(r["kv_used_bytes"] / GIB, ".2f"), num(r["peak_allocated_bytes"], ".2f", 1 / GIB),
-             num(r["ttft_mean_s"], ".3f"), num(r["tpot_mean_s"], ".2f", 1e3), num(r["output_tok_s"], ".1f")]
-            for r in d["runs"]]
-    ratio_rows = [[q["batch"], times(q["peak_allocated_bytes"]), times(q["resident_bytes"]), times(q["weights_bytes"]),
-                   times(q["kv_used_bytes"]), times(q["ttft_mean_s"]), times(q["tpot_mean_s"]),
-                   times(q["output_tok_s"])]
-                  for q in d["ratios_32b_over_7b"]]
+    rows = [
+        [
+            r["model"],
+            r["batch"],
+            num(r["weights_bytes"] / GIB, ".2f"),
+            num(r["lora_slots_bytes"] / GIB, ".2f"),
+            num(r["kv_used_bytes"] / GIB, ".2f"),
+            num(r["peak_allocated_bytes"], ".2f", 1 / GIB),
+            num(r["ttft_mean_s"], ".3f"),
+            num(r["tpot_mean_s"], ".2f", 1e3),
+            num(r["output_tok_s"], ".1f"),
+        ]
+        for r in d["runs"]
+    ]
+    ratio_rows = [
+        [
+            q["batch"],
+            times(q["peak_allocated_bytes"]),
+            times(q["resident_bytes"]),
+            times(q["weights_bytes"]),
+            times(q["kv_used_bytes"]),
+            times(q["ttft_mean_s"]),
+            times(q["tpot_mean_s"]),
+            times(q["output_tok_s"]),
+        ]
+        for q in d["ratios_32b_over_7b"]
+    ]
     c = d["config"]
     pngs = plot_vs_32b(d, path.with_suffix("")) if d["runs"] else []
-    return "\n\n".join([
-        f"{c['models']['qwen2.5-7b+4lora']} vs {c['models']['qwen2.5-32b']}; {c['weights']}, {c['dtype']}; prompts "
-        f"{c['prompt_len'][0]}-{c['prompt_len'][1]} tokens, {c['gen_len'][0]}-{c['gen_len'][1]} generated; "
-        f"{c['sampling']}. Goal: {d['goal']}.",
-        table(["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms",
-               "tok/s"], rows),
-        "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B); the weight bytes alone give "
-        + (times(d["weight_bytes_ratio_32b_over_7b"]) if "weight_bytes_ratio_32b_over_7b" in d else "4.30x") + ":",
-        table(["batch", "peak memory", "weights+LoRA+KV", "weights", "KV", "TTFT", "TPOT", "tokens/s"], ratio_rows),
-        baselines_line(d), *[image(p, base, p.stem) for p in pngs]])
+    return "\n\n".join(
+        [
+            f"{c['models']['qwen2.5-7b+4lora']} vs {c['models']['qwen2.5-32b']}; {c['weights']}, {c['dtype']}; prompts "
+            f"{c['prompt_len'][0]}-{c['prompt_len'][1]} tokens, {c['gen_len'][0]}-{c['gen_len'][1]} generated; "
+            f"{c['sampling']}. Goal: {d['goal']}.",
+            table(
+                ["model", "batch", "weights GiB", "LoRA GiB", "KV used GiB", "peak GiB", "TTFT s", "TPOT ms", "tok/s"],
+                rows,
+            ),
+            "32B / 7B+LoRA (tokens/s: 7B+LoRA / 32B); the weight bytes alone give "
+            + (times(d["weight_bytes_ratio_32b_over_7b"]) if "weight_bytes_ratio_32b_over_7b" in d else "4.30x")
+            + ":",
+            table(["batch", "peak memory", "weights+LoRA+KV", "weights", "KV", "TTFT", "TPOT", "tokens/s"], ratio_rows),
+            baselines_line(d),
+            *[image(p, base, p.stem) for p in pngs],
+        ]
+    )
 
 
 def baselines_line(d: dict) -> str:
@@ -182,8 +223,12 @@ def plot_multi_lora(d: dict, stem: Path) -> Path:
         ax.set_xlabel("distinct adapters (N)")
         ax.set_title(title, fontsize=9)
     if d.get("hf"):
-        right.plot([h["num_adapters"] for h in d["hf"]], [h["output_tok_s"] for h in d["hf"]], "s:",
-                   label="transformers+peft, uniform")
+        right.plot(
+            [h["num_adapters"] for h in d["hf"]],
+            [h["output_tok_s"] for h in d["hf"]],
+            "s:",
+            label="transformers+peft, uniform",
+        )
     for ax in (left, right):
         ax.legend(fontsize=7)
     fig.suptitle(f"Throughput vs adapters, batch {d['config']['batch']}, {device_of(d)}", fontsize=9)
@@ -191,21 +236,44 @@ def plot_multi_lora(d: dict, stem: Path) -> Path:
 
 
 def render_multi_lora(d: dict, path: Path, base: Path) -> str:
-    rows = [[r["label"], r["distinct_in_batch"], num(r["prefill_tok_s"], ".0f"),
-             num(r["prefill_tok_s_overhead_pct"], ".0f"),
-             num(r["decode_tok_s"], ".0f"), num(r["decode_tok_s_overhead_pct"], ".0f"), num(r["output_tok_s"], ".0f"),
-             r["adapter_slot_loads"]] for r in d["runs"]]
+    rows = [
+        [
+            r["label"],
+            r["distinct_in_batch"],
+            num(r["prefill_tok_s"], ".0f"),
+            num(r["prefill_tok_s_overhead_pct"], ".0f"),
+            num(r["decode_tok_s"], ".0f"),
+            num(r["decode_tok_s_overhead_pct"], ".0f"),
+            num(r["output_tok_s"], ".0f"),
+            r["adapter_slot_loads"],
+        ]
+        for r in d["runs"]
+    ]
     hf_rows = hf_comparison(d)
     c = d["config"]
     parts = [
         f"{c['model']}, {c['weights']}, {c['dtype']}; batch {c['batch']}, prompts {c['prompt_len'][0]}-"
         f"{c['prompt_len'][1]} tokens, {c['gen_tokens']} generated; rank {c['rank']}, {c['slots']} slots; "
         "overhead = extra time per token vs the same batch without LoRA.",
-        table(["run", "adapters in batch", "prefill tok/s", "prefill overhead %", "decode tok/s",
-               "decode overhead %", "end-to-end tok/s", "slot loads"], rows)]
+        table(
+            [
+                "run",
+                "adapters in batch",
+                "prefill tok/s",
+                "prefill overhead %",
+                "decode tok/s",
+                "decode overhead %",
+                "end-to-end tok/s",
+                "slot loads",
+            ],
+            rows,
+        ),
+    ]
     if hf_rows:
-        parts += [f"Against {c['hf_baseline']} (end to end, same batch):",
-                  table(["run", "transformers+peft tok/s", "ours tok/s", "ours / theirs"], hf_rows)]
+        parts += [
+            f"Against {c['hf_baseline']} (end to end, same batch):",
+            table(["run", "transformers+peft tok/s", "ours tok/s", "ours / theirs"], hf_rows),
+        ]
     parts += [breakdown_table(d["breakdown"]), baselines_line(d)]
     if d["runs"]:
         parts.append(image(plot_multi_lora(d, path.with_suffix("")), base, "throughput vs adapters"))
@@ -218,14 +286,28 @@ def hf_comparison(d: dict) -> list[list[str]]:
     rows = []
     for h in d.get("hf", []):
         mine = ours.get("identical") if h["num_adapters"] == 1 else ours.get(h["label"])
-        rows.append([h["label"], num(h["output_tok_s"], ".0f"), num(mine, ".0f"),
-                     times(mine / h["output_tok_s"] if mine else None)])
+        rows.append(
+            [
+                h["label"],
+                num(h["output_tok_s"], ".0f"),
+                num(mine, ".0f"),
+                times(mine / h["output_tok_s"] if mine else None),
+            ]
+        )
     return rows
 
 
 def breakdown_table(breakdown: dict) -> str:
-    from_cats = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling",
-                 "engine_other")
+    from_cats = (
+        "scheduling",
+        "metadata",
+        "attention",
+        "base_gemm",
+        "lora",
+        "other_forward",
+        "sampling",
+        "engine_other",
+    )
     rows = []
     for label, parts in breakdown.items():
         for phase in ("decode", "prefill"):
@@ -234,23 +316,35 @@ def breakdown_table(breakdown: dict) -> str:
                 rows.append([label, phase, num(s["total"], ".2f", 1e3)] + [num(s[k], ".2f", 1e3) for k in from_cats])
     if not rows:
         return ""
-    return ("Mean time per step (ms) under the step profiler (CUDA events, or the host clock on a CPU, around "
-            "each part; a profiled step is a little slower than a plain one):\n\n"
-            + table(["run", "phase", "step"] + list(from_cats), rows))
+    return (
+        "Mean time per step (ms) under the step profiler (CUDA events, or the host clock on a CPU, around "
+        "each part; a profiled step is a little slower than a plain one):\n\n"
+        + table(["run", "phase", "step"] + list(from_cats), rows)
+    )
 
 
 # ---- bandwidth ---------------------------------------------------------------------------------
 def render_bandwidth(d: dict, path: Path, base: Path) -> str:
-    rows = [[r["variant"], num(r["bytes_per_step"]["total"] / 1e9, ".3f"), num(r["decode_step_median_s"], ".2f", 1e3),
-             num(r["achieved_bytes_per_s"] / 1e9, ".0f"), num(100 * r["fraction_of_copy_bandwidth"], ".0f") + "%"]
-            for r in d["runs"]]
+    rows = [
+        [
+            r["variant"],
+            num(r["bytes_per_step"]["total"] / 1e9, ".3f"),
+            num(r["decode_step_median_s"], ".2f", 1e3),
+            num(r["achieved_bytes_per_s"] / 1e9, ".0f"),
+            num(100 * r["fraction_of_copy_bandwidth"], ".0f") + "%",
+        ]
+        for r in d["runs"]
+    ]
     c = d["config"]
-    return "\n\n".join([
-        f"Batch-1 decode, {c['model']}, {c['dtype']}, {c['backend']} backend, prompt {c['prompt_len']} tokens, "
-        f"{c['gen_tokens']} generated. Copy bandwidth measured in the same run: "
-        f"**{d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s** ({c['copy_bandwidth_counts']}). "
-        f"Target: >= {100 * d['target_fraction']:.0f}%.",
-        table(["variant", "GB read per step", "step ms", "achieved GB/s", "of copy bandwidth"], rows)])
+    return "\n\n".join(
+        [
+            f"Batch-1 decode, {c['model']}, {c['dtype']}, {c['backend']} backend, prompt {c['prompt_len']} tokens, "
+            f"{c['gen_tokens']} generated. Copy bandwidth measured in the same run: "
+            f"**{d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s** ({c['copy_bandwidth_counts']}). "
+            f"Target: >= {100 * d['target_fraction']:.0f}%.",
+            table(["variant", "GB read per step", "step ms", "achieved GB/s", "of copy bandwidth"], rows),
+        ]
+    )
 
 
 # ---- anything else -----------------------------------------------------------------------------
@@ -285,12 +379,17 @@ def render_generic(d: dict, path: Path, base: Path) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict, Path, Path], str]] = {
-    "engine_cpu": render_engine_cpu, "vs_32b": render_vs_32b, "multi_lora": render_multi_lora,
-    "bandwidth": render_bandwidth}
-TITLES = {"engine_cpu": "Engine vs transformers+peft on the CPU (issue #3)",
-          "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
-          "multi_lora": "Throughput vs number of adapters (issue #8.2)",
-          "bandwidth": "Batch-1 decode bandwidth (issue #8.3)"}
+    "engine_cpu": render_engine_cpu,
+    "vs_32b": render_vs_32b,
+    "multi_lora": render_multi_lora,
+    "bandwidth": render_bandwidth,
+}
+TITLES = {
+    "engine_cpu": "Engine vs transformers+peft on the CPU (issue #3)",
+    "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
+    "multi_lora": "Throughput vs number of adapters (issue #8.2)",
+    "bandwidth": "Batch-1 decode bandwidth (issue #8.3)",
+}
 ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
 
 HEADER = """# Benchmarks
@@ -321,8 +420,7 @@ after `PHASE_BUDGET_S` (240 s); every benchmark writes its JSON after every case
 the GPU and runs each shape once untimed before timing it (Triton compiles inside a timed engine
 run are counted in the JSON). The script needs nothing but the image's `python3` (torch 2.11,
 triton 3.6, transformers 5.17, peft, CMake): its setup step runs
-`pip install --no-index --no-deps --no-build-isolation -e .` (which maps `mcl_runtime.kernels` to
-`kernels/`; a plain `PYTHONPATH` does not), building the C++ block manager.
+`pip install --no-index --no-deps --no-build-isolation -e .`, building the C++ extension.
 
 1. On the CPU first, in an environment with the device image's versions (Python 3.12 through
    `PYENV_VERSION=3.12.1 python3.12`, torch==2.11.0, triton==3.6.0, transformers==5.17.0, peft,
@@ -390,19 +488,23 @@ def build_report(results_dir: Path, out: Path, smoke: bool) -> str:
     if smoke:
         text += "\n> **SMOKE REPORT**: tiny configs on a CPU to check the scripts run. Not results.\n"
     if missing and not smoke:
-        text += ("\nNo GPU run yet for: " + "; ".join(missing) + ". They need `benchmarks/run_gpu.sh` on a GPU; "
-                 "until then this page makes no claim about them.\n")
+        text += (
+            "\nNo GPU run yet for: " + "; ".join(missing) + ". They need `benchmarks/run_gpu.sh` on a GPU; "
+            "until then this page makes no claim about them.\n"
+        )
     if hidden:
-        text += ("\nCPU runs not shown here (absolute CPU times are not presented as results): "
-                 + ", ".join(hidden) + ".\n")
+        text += (
+            "\nCPU runs not shown here (absolute CPU times are not presented as results): " + ", ".join(hidden) + ".\n"
+        )
     return text + "\n" + "\n".join(sections)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--out", type=Path, default=None,
-                   help="default: benchmarks/README.md (--smoke: <results-dir>/README.md)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/README.md (--smoke: <results-dir>/README.md)"
+    )
     p.add_argument("--smoke", action="store_true", help="include smoke JSONs (CI check of this script)")
     args = p.parse_args()
     out = args.out or (args.results_dir / "README.md" if args.smoke else ROOT / "benchmarks" / "README.md")

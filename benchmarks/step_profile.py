@@ -8,6 +8,7 @@ by ``close()``. On CUDA the device-side spans are timed with CUDA events (read o
 the step's own synchronisation); on the CPU with ``perf_counter``. The profiled run is slower than a
 plain one (one event pair per call); the report gives its step time next to the breakdown.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -18,7 +19,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from common import StepComposition, patch
 
 if TYPE_CHECKING:
@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from mcl_runtime.engine.scheduler import ScheduledBatch
     from mcl_runtime.model.backends import AttentionMeta, Backend, LoRAMeta
 
-CATEGORIES = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling",
-              "engine_other")
+CATEGORIES = ("scheduling", "metadata", "attention", "base_gemm", "lora", "other_forward", "sampling", "engine_other")
 
 
 class Clock:
@@ -85,16 +84,22 @@ class StepProfiler:
         self._comp = StepComposition(engine)
         runner = engine.runner
         self._step, self._schedule, self._run = engine.step, engine.scheduler.schedule, runner.run
-        self._undo = [patch(engine, "step", self._timed_step),
-                      patch(engine.scheduler, "schedule", self._timed_schedule),
-                      patch(runner, "run", self._timed_run),
-                      patch(runner, "backend", ProfilingBackend(runner.backend, self))]
-        self._hooks = [engine.model.register_forward_pre_hook(lambda m, a: self._open("forward")),
-                       engine.model.register_forward_hook(lambda m, a, o: self._close("forward"))]
+        self._undo = [
+            patch(engine, "step", self._timed_step),
+            patch(engine.scheduler, "schedule", self._timed_schedule),
+            patch(runner, "run", self._timed_run),
+            patch(runner, "backend", ProfilingBackend(runner.backend, self)),
+        ]
+        self._hooks = [
+            engine.model.register_forward_pre_hook(lambda m, a: self._open("forward")),
+            engine.model.register_forward_hook(lambda m, a, o: self._close("forward")),
+        ]
         for module in engine.model.modules():
             if isinstance(module, LinearWithLoRA):
-                self._hooks += [module.register_forward_pre_hook(lambda m, a: self._open("linear")),
-                                module.register_forward_hook(lambda m, a, o: self._close("linear"))]
+                self._hooks += [
+                    module.register_forward_pre_hook(lambda m, a: self._open("linear")),
+                    module.register_forward_hook(lambda m, a, o: self._close("linear")),
+                ]
         self._open_marks: dict[str, object] = {}
 
     # spans on the device timeline
@@ -142,16 +147,21 @@ class StepProfiler:
         run_start, run_end = marks["run"]
         fwd_start, fwd_end = marks["forward"]
         prefill, decode = self._comp.last
-        self.steps.append({
-            "total": total, "prefill_tokens": prefill, "decode_tokens": decode,
-            "scheduling": self._host["scheduling"],
-            "metadata": self.clock.seconds(run_start, fwd_start),
-            "attention": sums["attention"], "lora": sums["lora"],
-            "base_gemm": sums["linear"] - sums["lora"],
-            "other_forward": sums["forward"] - sums["linear"] - sums["attention"],
-            "sampling": self.clock.seconds(fwd_end, run_end),
-            "engine_other": total - sums["run"] - self._host["scheduling"],
-        })
+        self.steps.append(
+            {
+                "total": total,
+                "prefill_tokens": prefill,
+                "decode_tokens": decode,
+                "scheduling": self._host["scheduling"],
+                "metadata": self.clock.seconds(run_start, fwd_start),
+                "attention": sums["attention"],
+                "lora": sums["lora"],
+                "base_gemm": sums["linear"] - sums["lora"],
+                "other_forward": sums["forward"] - sums["linear"] - sums["attention"],
+                "sampling": self.clock.seconds(fwd_end, run_end),
+                "engine_other": total - sums["run"] - self._host["scheduling"],
+            }
+        )
 
     def close(self) -> None:
         for undo in reversed(self._undo):

@@ -27,6 +27,7 @@ r=16 with rsLoRA on all seven; every LoRA delta is about half its projection's o
 the model, says what it is (random weights: its text is noise), serves all four adapters and the
 base model in one batch (tokens/s, KV blocks, prefix-cache hits) and prints the commands to try next.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,9 +39,10 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -68,6 +70,7 @@ LOGIT_STD = 3.0
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = range(VOCAB_SIZE - len(SPECIAL_TOKENS), VOCAB_SIZE)
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -203,14 +206,15 @@ def demo_adapter_dirs() -> dict[str, Path]:
     return {name: root / "adapters" / name for name in ADAPTER_NAMES}
 
 
-def demo_engine(adapters: dict[str, str | os.PathLike] | None = None, **engine_kwargs: Any) -> "Engine":
+def demo_engine(adapters: dict[str, str | os.PathLike] | None = None, **engine_kwargs: Any) -> Engine:
     """An ``Engine`` on the demo model, served as ``mcl-demo-tiny``, with its four adapters (or
     exactly ``adapters`` when given); other keyword arguments go to ``Engine``."""
     from mcl_runtime import Engine
 
     engine_kwargs.setdefault("served_model_name", DEMO_MODEL_NAME)
-    return Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs() if adapters is None else adapters,
-                  **engine_kwargs)
+    return Engine(
+        model=demo_model_dir() / "base", adapters=demo_adapter_dirs() if adapters is None else adapters, **engine_kwargs
+    )
 
 
 def build_demo_model(out_dir: str | os.PathLike) -> None:
@@ -285,6 +289,7 @@ def _build_and_swap(root: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------- deterministic writers
 
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -295,8 +300,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     offset = 0
     for name in sorted(tensors):
         size = tensors[name].size * 4
-        header[name] = {"data_offsets": [offset, offset + size], "dtype": "F32",
-                        "shape": list(tensors[name].shape)}
+        header[name] = {"data_offsets": [offset, offset + size], "dtype": "F32", "shape": list(tensors[name].shape)}
         offset += size
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -315,6 +319,7 @@ def _uniform(name: str, shape: tuple[int, ...], std: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- base model
+
 
 def _model_config() -> dict[str, Any]:
     return {
@@ -346,8 +351,12 @@ def _model_config() -> dict[str, Any]:
 
 
 def _generation_config() -> dict[str, Any]:
-    return {"bos_token_id": ENDOFTEXT_ID, "do_sample": False, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
-            "pad_token_id": ENDOFTEXT_ID}
+    return {
+        "bos_token_id": ENDOFTEXT_ID,
+        "do_sample": False,
+        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+        "pad_token_id": ENDOFTEXT_ID,
+    }
 
 
 def _config() -> ModelConfig:
@@ -359,9 +368,11 @@ def _module_path(layer: int, module: str) -> str:
 
 
 def _base_weights() -> dict[str, np.ndarray]:
-    w = {"model.embed_tokens.weight": _uniform("embed", (VOCAB_SIZE, HIDDEN_SIZE), 1.0),
-         "model.norm.weight": 1.0 + _uniform("norm", (HIDDEN_SIZE,), 0.1),
-         "lm_head.weight": _uniform("lm_head", (VOCAB_SIZE, HIDDEN_SIZE), LOGIT_STD / math.sqrt(HIDDEN_SIZE))}
+    w = {
+        "model.embed_tokens.weight": _uniform("embed", (VOCAB_SIZE, HIDDEN_SIZE), 1.0),
+        "model.norm.weight": 1.0 + _uniform("norm", (HIDDEN_SIZE,), 0.1),
+        "lm_head.weight": _uniform("lm_head", (VOCAB_SIZE, HIDDEN_SIZE), LOGIT_STD / math.sqrt(HIDDEN_SIZE)),
+    }
     for layer in range(NUM_LAYERS):
         w.update(_layer_weights(layer))
     return w
@@ -369,8 +380,10 @@ def _base_weights() -> dict[str, np.ndarray]:
 
 def _layer_weights(layer: int) -> dict[str, np.ndarray]:
     prefix = f"model.layers.{layer}"
-    w = {f"{prefix}.input_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln1", (HIDDEN_SIZE,), 0.1),
-         f"{prefix}.post_attention_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln2", (HIDDEN_SIZE,), 0.1)}
+    w = {
+        f"{prefix}.input_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln1", (HIDDEN_SIZE,), 0.1),
+        f"{prefix}.post_attention_layernorm.weight": 1.0 + _uniform(f"{prefix}.ln2", (HIDDEN_SIZE,), 0.1),
+    }
     cfg = _config()
     for module, (in_f, out_f) in cfg.projection_shapes().items():
         path = _module_path(layer, module)
@@ -382,6 +395,7 @@ def _layer_weights(layer: int) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- adapters
+
 
 def _adapter_config(spec: AdapterSpec) -> dict[str, Any]:
     return {
@@ -424,14 +438,17 @@ def _adapter_weights(name: str, spec: AdapterSpec) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def _pre_tokenize(text: str) -> list[str]:
     """Qwen2's normalizer + pre-tokenizer, giving byte-level-mapped words."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     return [piece for piece, _ in pre.pre_tokenize_str(normalizers.NFC().normalize_str(text))]
 
 
@@ -473,8 +490,15 @@ def _byte_level(kind: str) -> dict[str, Any]:
 
 
 def _added_token(token_id: int, content: str) -> dict[str, Any]:
-    return {"content": content, "id": token_id, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True}
+    return {
+        "content": content,
+        "id": token_id,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def _tokenizer_json() -> dict[str, Any]:
@@ -482,15 +506,27 @@ def _tokenizer_json() -> dict[str, Any]:
     return {
         "added_tokens": [_added_token(ENDOFTEXT_ID + i, tok) for i, tok in enumerate(SPECIAL_TOKENS)],
         "decoder": _byte_level("ByteLevel"),
-        "model": {"byte_fallback": False, "continuing_subword_prefix": "", "dropout": None,
-                  "end_of_word_suffix": "", "fuse_unk": False, "merges": merges, "type": "BPE",
-                  "unk_token": None, "vocab": vocab},
+        "model": {
+            "byte_fallback": False,
+            "continuing_subword_prefix": "",
+            "dropout": None,
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "merges": merges,
+            "type": "BPE",
+            "unk_token": None,
+            "vocab": vocab,
+        },
         "normalizer": {"type": "NFC"},
         "padding": None,
         "post_processor": _byte_level("ByteLevel"),
-        "pre_tokenizer": {"pretokenizers": [
-            {"behavior": "Isolated", "invert": False, "pattern": {"Regex": PRETOKENIZE_REGEX}, "type": "Split"},
-            _byte_level("ByteLevel")], "type": "Sequence"},
+        "pre_tokenizer": {
+            "pretokenizers": [
+                {"behavior": "Isolated", "invert": False, "pattern": {"Regex": PRETOKENIZE_REGEX}, "type": "Split"},
+                _byte_level("ByteLevel"),
+            ],
+            "type": "Sequence",
+        },
         "truncation": None,
         "version": "1.0",
     }
@@ -526,15 +562,18 @@ def _write_tokenizer_files(base: Path) -> None:
 
 # ---------------------------------------------------------------- command line
 
+
 def main() -> None:
     from mcl_runtime import SamplingParams
 
     root = demo_model_dir()
-    print(f"{DEMO_MODEL_NAME}: a tiny Qwen2-shaped model ({NUM_LAYERS} layers, hidden {HIDDEN_SIZE}, vocab "
-          f"{VOCAB_SIZE}) with four LoRA adapters, in {root}\n"
-          "Its weights are RANDOM (seeded, byte-identical everywhere), so the text below is noise: the demo\n"
-          "shows the runtime (one base model serving several LoRA adapters in one batch over a paged KV cache),\n"
-          "not a language model.\n")
+    print(
+        f"{DEMO_MODEL_NAME}: a tiny Qwen2-shaped model ({NUM_LAYERS} layers, hidden {HIDDEN_SIZE}, vocab "
+        f"{VOCAB_SIZE}) with four LoRA adapters, in {root}\n"
+        "Its weights are RANDOM (seeded, byte-identical everywhere), so the text below is noise: the demo\n"
+        "shows the runtime (one base model serving several LoRA adapters in one batch over a paged KV cache),\n"
+        "not a language model.\n"
+    )
     engine = demo_engine()
     messages = [{"role": "user", "content": "Write a function that returns the sum of a list."}]
     prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -548,12 +587,14 @@ def main() -> None:
     engine.generate([prompt] * len(names), params, adapter=names)
     hits = engine.stats()["prefix_cache_hit_tokens"] - before
     prompt_tokens = len(engine.tokenizer.encode(prompt)) * len(names)
-    print(f"\nThe same five requests again: {hits} of their {prompt_tokens} prompt tokens came from the prefix cache "
-          "(kept per adapter: a LoRA changes the KV).\n")
+    print(
+        f"\nThe same five requests again: {hits} of their {prompt_tokens} prompt tokens came from the prefix cache "
+        "(kept per adapter: a LoRA changes the KV).\n"
+    )
     print(_NEXT_STEPS.format(base=root / "base"))
 
 
-def _serve_together(engine: "Engine", prompt: str, names: list[str | None], params: Any) -> list[str]:
+def _serve_together(engine: Engine, prompt: str, names: list[str | None], params: Any) -> list[str]:
     """Run one request per adapter (None: the base model) together, printing what each step did."""
     import time
 
@@ -572,16 +613,20 @@ def _serve_together(engine: "Engine", prompt: str, names: list[str | None], para
         if steps == 1:
             seqs = stats["batched_seqs_total"] - start["batched_seqs_total"]
             served = ", ".join(n or "base model" for n in names)
-            print(f"Step 1: one forward pass over {seqs} sequences ({served}), "
-                  f"{stats['batched_tokens_total'] - start['batched_tokens_total']} tokens.")
+            print(
+                f"Step 1: one forward pass over {seqs} sequences ({served}), "
+                f"{stats['batched_tokens_total'] - start['batched_tokens_total']} tokens."
+            )
     seconds = time.perf_counter() - t0
     stats = engine.stats()
     tokens = stats["generation_tokens_total"] - start["generation_tokens_total"]
-    print(f"{steps} steps, {tokens} tokens generated in {seconds:.2f} s: {tokens / seconds:.0f} tokens/s on "
-          f"{engine.device} ({str(engine.dtype).removeprefix('torch.')}, {engine.backend.name} backend)\n"
-          f"KV cache: {peak_blocks} of {stats['kv_blocks_total']} blocks of {engine.block_size} tokens used at "
-          f"the peak; prefix-cache hits: {stats['prefix_cache_hit_tokens'] - start['prefix_cache_hit_tokens']} "
-          "tokens.")
+    print(
+        f"{steps} steps, {tokens} tokens generated in {seconds:.2f} s: {tokens / seconds:.0f} tokens/s on "
+        f"{engine.device} ({str(engine.dtype).removeprefix('torch.')}, {engine.backend.name} backend)\n"
+        f"KV cache: {peak_blocks} of {stats['kv_blocks_total']} blocks of {engine.block_size} tokens used at "
+        f"the peak; prefix-cache hits: {stats['prefix_cache_hit_tokens'] - start['prefix_cache_hit_tokens']} "
+        "tokens."
+    )
     return [texts[f"demo-{i}"] for i in range(len(names))]
 
 

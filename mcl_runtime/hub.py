@@ -7,6 +7,7 @@ else ``$HF_HOME/hub``) and ``HF_HUB_OFFLINE`` are read when a path is resolved, 
 huggingface_hub was imported. Offline, only the cache is looked at: a repo that is not there is an
 error naming the repo and the cache folder, never a network wait.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def is_repo_id(spec: str) -> bool:
     return True
 
 
-def resolve_path(spec: str | os.PathLike, error: type[Exception] = ModelLoadError, what: str = "model",
-                 revision: str | None = None) -> Path:
+def resolve_path(
+    spec: str | os.PathLike, error: type[Exception] = ModelLoadError, what: str = "model", revision: str | None = None
+) -> Path:
     """The local folder for ``spec`` (a folder, or a hub id fetched into the hub cache); ``error``
     is raised, naming the repo and the cache folder, when it cannot be had."""
     path = Path(spec).expanduser()
@@ -59,21 +61,32 @@ def resolve_path(spec: str | os.PathLike, error: type[Exception] = ModelLoadErro
     if not is_repo_id(repo_id):
         raise error(f"{what} folder {path} does not exist")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cache, offline = hub_cache_dir(), hub_offline()
     at = f" at revision {revision!r}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
-                                      allow_patterns=ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache, local_files_only=offline, allow_patterns=ALLOW_PATTERNS
+            )
+        )
     except LocalEntryNotFoundError as exc:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        raise error(f"{what} {repo_id!r}{at} is neither a local folder nor in the Hugging Face cache {cache} "
-                    f"({why}): download it while online (`hf download {repo_id}`) or pass a local folder") from exc
+        raise error(
+            f"{what} {repo_id!r}{at} is neither a local folder nor in the Hugging Face cache {cache} "
+            f"({why}): download it while online (`hf download {repo_id}`) or pass a local folder"
+        ) from exc
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise error(f"{what} {repo_id!r}{at} is not a local folder, and the hub has no such repo or revision "
-                    "(or it is private or gated: log in with `hf auth login`)") from exc
+        raise error(
+            f"{what} {repo_id!r}{at} is not a local folder, and the hub has no such repo or revision "
+            "(or it is private or gated: log in with `hf auth login`)"
+        ) from exc
     except (HfHubHTTPError, OSError) as exc:
         raise error(f"{what} {repo_id!r}{at}: download into {cache} failed: {exc}") from exc
 

@@ -8,6 +8,7 @@ Defaults are MapCoder's published settings: k and t per dataset (HumanEval and H
 t=5; the others k=3, t=5), 4096 tokens per call, MapCoder's debugging loop (the t-th fix is not
 tested); ``--test-last-fix`` is our variant. Differences from MapCoder: docs/mapcoder_differences.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,29 +43,50 @@ def parse_pairs(values: list[str], flag: str, names: tuple[str, ...] | None = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mcl_runtime.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mcl_runtime.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", required=True, help=f"{'|'.join(BUILTIN)} or a JSONL file of those schemas")
     backend = p.add_mutually_exclusive_group()
     backend.add_argument("--endpoint", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
-    backend.add_argument("--model", help="base model folder or hub id for the in-process engine (default: the demo model)")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter folder or hub id (repeatable)")
-    p.add_argument("--agent-model", action="append", default=[], metavar="AGENT=NAME",
-                   help="served model or adapter for an agent (default: the agent's name)")
-    p.add_argument("--k", type=int, help="recalled problems, hence plans (default: MapCoder's for the "
-                   "dataset: 5 for humaneval and humaneval-et, else 3)")
+    backend.add_argument(
+        "--model", help="base model folder or hub id for the in-process engine (default: the demo model)"
+    )
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="NAME=DIR", help="adapter folder or hub id (repeatable)"
+    )
+    p.add_argument(
+        "--agent-model",
+        action="append",
+        default=[],
+        metavar="AGENT=NAME",
+        help="served model or adapter for an agent (default: the agent's name)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        help="recalled problems, hence plans (default: MapCoder's for the "
+        "dataset: 5 for humaneval and humaneval-et, else 3)",
+    )
     p.add_argument("--t", type=int, help="debugging rounds per plan (default: MapCoder's, 5)")
-    p.add_argument("--test-last-fix", action="store_true", help="also test the t-th fix (our variant; "
-                   "MapCoder's loop keeps it untested)")
+    p.add_argument(
+        "--test-last-fix",
+        action="store_true",
+        help="also test the t-th fix (our variant; MapCoder's loop keeps it untested)",
+    )
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--workers", type=int, default=1, help="problems solved concurrently")
     p.add_argument("--max-tokens", type=int, default=MAPCODER_MAX_TOKENS, help="per model call (MapCoder's: 4096)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--structured-output", action="store_true",
-                   help="constrain each agent's answer to its format (grammar-constrained decoding)")
+    p.add_argument(
+        "--structured-output",
+        action="store_true",
+        help="constrain each agent's answer to its format (grammar-constrained decoding)",
+    )
     p.add_argument("--max-calls", type=int, help="call budget per problem (default 1 + 2k + k(1 + t))")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per test run (at least the "
-                   "problem's own time limit)")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per test run (at least the problem's own time limit)"
+    )
     p.add_argument("--out", required=True, type=Path, help="results JSONL; the summary goes to OUT.summary.json")
     p.add_argument("--trajectories", type=Path, help="also write every agent call per problem (JSONL)")
     p.add_argument("--device", help="in-process engine device (cpu, cuda)")
@@ -86,7 +108,7 @@ async def _endpoint_client(args: argparse.Namespace, names: dict[str, str]) -> O
     served = await client.served_models()
     missing = sorted({client.model_for(a) for a in AGENTS} - set(served))
     if missing:
-        warnings.warn(f"{args.endpoint} does not list {missing} (served: {served}); those calls may fail")
+        warnings.warn(f"{args.endpoint} does not list {missing} (served: {served}); those calls may fail", stacklevel=2)
     return client
 
 
@@ -95,8 +117,9 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
 
     adapters = parse_pairs(args.lora, "--lora")
     if args.model:
-        engine = Engine(model=args.model, adapters=adapters, device=args.device, dtype=args.dtype,
-                        **execution_mode_options(args))
+        engine = Engine(
+            model=args.model, adapters=adapters, device=args.device, dtype=args.dtype, **execution_mode_options(args)
+        )
     else:
         from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 
@@ -104,37 +127,59 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
         engine = demo_engine(adapters=adapters, device=args.device, dtype=args.dtype, **execution_mode_options(args))
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
-        warnings.warn(f"no adapter named {missing}; those agents use the base model")
+        warnings.warn(f"no adapter named {missing}; those agents use the base model", stacklevel=2)
     aengine = AsyncEngine(engine)
-    return EngineChatClient(aengine, {a: names.get(a, a) if names.get(a, a) in engine.adapters else None
-                                      for a in AGENTS}), aengine
+    return EngineChatClient(
+        aengine, {a: names.get(a, a) if names.get(a, a) in engine.adapters else None for a in AGENTS}
+    ), aengine
 
 
 async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
     problems = load_problems(args.dataset, args.limit)
-    config = MapCoderConfig(k=args.k, t=args.t, max_tokens=args.max_tokens, temperature=args.temperature,
-                            max_calls=args.max_calls, test_last_fix=args.test_last_fix,
-                            structured_output=args.structured_output)
+    config = MapCoderConfig(
+        k=args.k,
+        t=args.t,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        max_calls=args.max_calls,
+        test_last_fix=args.test_last_fix,
+        structured_output=args.structured_output,
+    )
     judge = Judge(Sandbox(Limits(timeout_s=args.timeout)))
     aengine = None
     if args.endpoint:
         client = await _endpoint_client(args, names)
     else:
         client, aengine = _engine_client(args, names)
-    run_config = {"dataset": args.dataset, "backend": args.endpoint or args.model or "demo (in-process)",
-                  "k": args.k, "t": args.t, "loop": config.loop, "k_t_from": args.k_t_from,
-                  "workers": args.workers, "max_tokens": args.max_tokens,
-                  "temperature": args.temperature, "call_budget": config.call_budget,
-                  "structured_output": args.structured_output,
-                  "isolation": judge.sandbox.isolation.describe()}
+    run_config = {
+        "dataset": args.dataset,
+        "backend": args.endpoint or args.model or "demo (in-process)",
+        "k": args.k,
+        "t": args.t,
+        "loop": config.loop,
+        "k_t_from": args.k_t_from,
+        "workers": args.workers,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "call_budget": config.call_budget,
+        "structured_output": args.structured_output,
+        "isolation": judge.sandbox.isolation.describe(),
+    }
     try:
         with ExitStack() as stack:
             traj = None
             if args.trajectories:
                 args.trajectories.parent.mkdir(parents=True, exist_ok=True)
                 traj = stack.enter_context(open(args.trajectories, "w"))
-            return await evaluate(problems, MapCoder(client, judge, config), args.out, args.workers,
-                                  run_config, progress=not args.no_progress, trajectories=traj)
+            return await evaluate(
+                problems,
+                MapCoder(client, judge, config),
+                args.out,
+                args.workers,
+                run_config,
+                progress=not args.no_progress,
+                trajectories=traj,
+            )
     finally:
         await client.close()
         if aengine is not None:
@@ -163,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parse_pairs(args.lora, "--lora")
     summary = asyncio.run(_run(args, names))
     print(json.dumps(summary, indent=2))
-    print(f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "
-          f"results: {args.out}; summary: {summary_path(args.out)}", file=sys.stderr)
+    print(
+        f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "
+        f"results: {args.out}; summary: {summary_path(args.out)}",
+        file=sys.stderr,
+    )
     return 0
 
 

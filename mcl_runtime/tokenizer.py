@@ -15,14 +15,16 @@ a template gets ``DEFAULT_CHAT_TEMPLATE`` (plain ChatML, no default system messa
 
 ``IncrementalDetokenizer`` turns generated ids into text deltas for streaming.
 """
+
 from __future__ import annotations
 
 import codecs
 import functools
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -47,10 +49,17 @@ REPLACEMENT_CHAR = "\ufffd"
 class Tokenizer:
     """Encoding, decoding and chat templates of one model; see the module docstring."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None, eos_token_ids: Sequence[int] = (),
-                 pad_token_id: int | None = None, clean_up_tokenization_spaces: bool = False,
-                 model_max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        model_max_length: int | None = None,
+    ) -> None:
         self.backend = backend
         self.special_tokens_map = dict(special_tokens or {})
         self.chat_template = chat_template if chat_template is not None else DEFAULT_CHAT_TEMPLATE
@@ -108,7 +117,9 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(f"the text is not valid Unicode (a lone surrogate at position {exc.start})") from exc
+            raise InvalidRequestError(
+                f"the text is not valid Unicode (a lone surrogate at position {exc.start})"
+            ) from exc
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -161,16 +172,23 @@ class Tokenizer:
                 texts.append(None)
         return texts
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **template_vars: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> str:
         """Render ``messages`` with the chat template as transformers does (``tokenize=False``).
 
         Keys whose value is None are dropped from each message first, as transformers does. Extra
         keyword arguments become template variables. A template error (e.g. its ``raise_exception``)
         raises ``InvalidRequestError``.
         """
-        variables = {"tools": None, "documents": None, **self.special_tokens_map, **template_vars,
-                     "messages": _normalize_messages(messages), "add_generation_prompt": add_generation_prompt}
+        variables = {
+            "tools": None,
+            "documents": None,
+            **self.special_tokens_map,
+            **template_vars,
+            "messages": _normalize_messages(messages),
+            "add_generation_prompt": add_generation_prompt,
+        }
         try:
             return self._compiled_template.render(**variables)
         except (jinja2.TemplateError, TypeError) as exc:
@@ -201,12 +219,12 @@ class IncrementalDetokenizer:
         self._bytes = tokenizer.token_bytes if skip_special_tokens else None
         if self._bytes is not None:
             self._texts = tokenizer.token_texts
-            self._held = b""   # the bytes of an unfinished character
+            self._held = b""  # the bytes of an unfinished character
             return
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._vocab = tokenizer.vocab_size   # ids past it decode to nothing: they are dropped on the way in
-        self._ids = _in_vocab(prompt_ids, self._vocab)[-self.CONTEXT_TOKENS:]
+        self._vocab = tokenizer.vocab_size  # ids past it decode to nothing: they are dropped on the way in
+        self._ids = _in_vocab(prompt_ids, self._vocab)[-self.CONTEXT_TOKENS :]
         context = self._decode(self._ids)
         if context.endswith(REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
             self._ids, context = [], ""
@@ -221,7 +239,7 @@ class IncrementalDetokenizer:
         self._ids.extend(_in_vocab(new_ids, self._vocab))
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
-        delta = text[self._sent:stable]
+        delta = text[self._sent : stable]
         self._sent = max(self._sent, stable)
         if stable == len(text) and len(self._ids) - self._read >= self.SLIDE_EVERY:
             self._slide()
@@ -233,7 +251,7 @@ class IncrementalDetokenizer:
             text, self._held = codecs.utf_8_decode(self._held, "replace", True)[0], b""
             return text
         text = self._decode(self._ids)
-        delta = text[self._sent:]
+        delta = text[self._sent :]
         self._sent = len(text)
         self._slide()
         return delta
@@ -259,7 +277,7 @@ class IncrementalDetokenizer:
 
     def _slide(self) -> None:
         """The ids added since the last slide become the context of the next window."""
-        del self._ids[:self._read]
+        del self._ids[: self._read]
         self._read = len(self._ids)
         self._sent = len(self._decode(self._ids))
 
@@ -282,6 +300,7 @@ def _in_vocab(ids: Sequence[int], vocab: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- loading helpers
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``, or ``{}`` when the file does not exist."""
@@ -327,16 +346,23 @@ def _add_config_tokens(backend: tokenizers.Tokenizer, tok_cfg: dict[str, Any], f
         content = _token_content(entry)
         if content is None or backend.token_to_id(content) is not None:
             continue
-        token = tokenizers.AddedToken(content, single_word=entry.get("single_word", False),
-                                      lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
-                                      normalized=entry.get("normalized", False), special=entry.get("special", False))
+        token = tokenizers.AddedToken(
+            content,
+            single_word=entry.get("single_word", False),
+            lstrip=entry.get("lstrip", False),
+            rstrip=entry.get("rstrip", False),
+            normalized=entry.get("normalized", False),
+            special=entry.get("special", False),
+        )
         if token.special:
             backend.add_special_tokens([token])
         else:
             backend.add_tokens([token])
         if backend.token_to_id(content) != int(key):
-            raise ModelLoadError(f"{folder}: added token {content!r} is declared with id {key} but would get id "
-                                 f"{backend.token_to_id(content)}")
+            raise ModelLoadError(
+                f"{folder}: added token {content!r} is declared with id {key} but would get id "
+                f"{backend.token_to_id(content)}"
+            )
     for content in _extra_special_tokens(tok_cfg):
         if backend.token_to_id(content) is None:
             backend.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
@@ -373,13 +399,24 @@ def _first_id(*values: Any) -> int | None:
 
 
 def _clean_up_tokenization(text: str) -> str:
-    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for old, new in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(old, new)
     return text
 
 
 # ---------------------------------------------------------------- chat templates
+
 
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag) renders its body."""
@@ -418,8 +455,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -428,8 +466,9 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_SafeNamespace)
     try:

@@ -1,5 +1,6 @@
 """Test-session settings: CPU runs Triton kernels in the interpreter; the demo model and other
 cached artefacts go to a per-session temporary folder unless MCL_CACHE is set."""
+
 import os
 import tempfile
 
@@ -45,15 +46,35 @@ ALL_PROJ = list(PROJECTION_NAMES)
 # Tiny model families: (arch, seed, tied embeddings, {adapter: (rank, alpha, targets, seed, rsLoRA)}).
 FAMILIES = {
     # rank 4 on q/v, rank 8 on everything, rank 16 rsLoRA on o/MLP
-    "qwen2": ("qwen2", 0, False, {"a4": (4, 8, ["q_proj", "v_proj"], 1, False), "a8": (8, 16, ALL_PROJ, 2, False),
-                                  "a16": (16, 32, ["o_proj", "gate_proj", "up_proj", "down_proj"], 3, True)}),
+    "qwen2": (
+        "qwen2",
+        0,
+        False,
+        {
+            "a4": (4, 8, ["q_proj", "v_proj"], 1, False),
+            "a8": (8, 16, ALL_PROJ, 2, False),
+            "a16": (16, 32, ["o_proj", "gate_proj", "up_proj", "down_proj"], 3, True),
+        },
+    ),
     # tied embeddings, two adapters of different target sets and alphas
-    "llama": ("llama", 5, True, {"l8": (8, 8, ["q_proj", "k_proj", "gate_proj", "down_proj"], 6, False),
-                                 "l16": (16, 64, ALL_PROJ, 7, False)}),
-    "qwen3": ("qwen3", 11, False, {"q8": (8, 16, ALL_PROJ, 12, False),
-                                   "q4": (4, 16, ["k_proj", "o_proj", "down_proj"], 13, True)}),
-    "mistral": ("mistral", 21, False, {"m8": (8, 16, ["q_proj", "v_proj", "up_proj"], 22, False),
-                                       "m16": (16, 32, ALL_PROJ, 23, True)}),
+    "llama": (
+        "llama",
+        5,
+        True,
+        {"l8": (8, 8, ["q_proj", "k_proj", "gate_proj", "down_proj"], 6, False), "l16": (16, 64, ALL_PROJ, 7, False)},
+    ),
+    "qwen3": (
+        "qwen3",
+        11,
+        False,
+        {"q8": (8, 16, ALL_PROJ, 12, False), "q4": (4, 16, ["k_proj", "o_proj", "down_proj"], 13, True)},
+    ),
+    "mistral": (
+        "mistral",
+        21,
+        False,
+        {"m8": (8, 16, ["q_proj", "v_proj", "up_proj"], 22, False), "m16": (16, 32, ALL_PROJ, 23, True)},
+    ),
 }
 
 
@@ -69,9 +90,15 @@ def model_family(tmp_path_factory):
             arch, seed, tie, specs = FAMILIES[name]
             root = tmp_path_factory.mktemp(name)
             base = make_model(root / "base", arch, seed=seed, tie=tie)
-            built[name] = base, {a: make_adapter(base, root / a, r, alpha, targets, seed=s, rslora=rs)
-                                 for a, (r, alpha, targets, s, rs) in specs.items()}
+            built[name] = (
+                base,
+                {
+                    a: make_adapter(base, root / a, r, alpha, targets, seed=s, rslora=rs)
+                    for a, (r, alpha, targets, s, rs) in specs.items()
+                },
+            )
         return built[name]
+
     return get
 
 

@@ -1,5 +1,6 @@
 """What the architecture registry derives from a config.json (golden equality per architecture is
 in test_engine_golden.py)."""
+
 import json
 import shutil
 
@@ -9,20 +10,30 @@ import torch
 from mcl_runtime import Engine, ModelLoadError
 from mcl_runtime.model.config import parse_config
 
-BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+BASE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (dict(model_type="qwen2"), dict(head_dim=16, qkv_bias=True, o_bias=False, qk_norm=False)),
-    (dict(model_type="llama", attention_bias=True, mlp_bias=True), dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
-    (dict(model_type="qwen3"), dict(head_dim=128, qkv_bias=False, qk_norm=True)),
-    (dict(model_type="qwen3", head_dim=32), dict(head_dim=32, q_size=128)),
-    (dict(model_type="mistral", attention_bias=True), dict(qkv_bias=False, o_bias=False, sliding_window=None)),
-    (dict(model_type="mistral", sliding_window=4096), dict(sliding_window=4096)),
-    (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=False), dict(sliding_window=None)),
-    (dict(model_type="qwen3", sliding_window=64, use_sliding_window=True), dict(sliding_window=64)),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (dict(model_type="qwen2"), dict(head_dim=16, qkv_bias=True, o_bias=False, qk_norm=False)),
+        (dict(model_type="llama", attention_bias=True, mlp_bias=True), dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
+        (dict(model_type="qwen3"), dict(head_dim=128, qkv_bias=False, qk_norm=True)),
+        (dict(model_type="qwen3", head_dim=32), dict(head_dim=32, q_size=128)),
+        (dict(model_type="mistral", attention_bias=True), dict(qkv_bias=False, o_bias=False, sliding_window=None)),
+        (dict(model_type="mistral", sliding_window=4096), dict(sliding_window=4096)),
+        (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=False), dict(sliding_window=None)),
+        (dict(model_type="qwen3", sliding_window=64, use_sliding_window=True), dict(sliding_window=64)),
+    ],
+)
 def test_config_flags(raw, expected):
     cfg = parse_config({**BASE, **raw})
     assert {k: getattr(cfg, k) for k in expected} == expected

@@ -7,6 +7,7 @@ itself). The other scripts run one by one. All run as subprocesses, a few at a t
 thread each), started together when the first test of this module asks; each test then waits for
 its own. Smoke output goes to a temporary folder; ``make_report.py --smoke`` then renders those JSONs.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 # Scripts this project has or expects; a missing one is skipped with a reason, any other
 # benchmarks/bench_*.py found is run too.
-EXPECTED = ["bench_engine_cpu", "bench_vs_32b", "bench_multi_lora", "bench_bandwidth", "bench_lora_kernels",
-            "bench_attention", "bench_serve", "bench_block_manager", "bench_pipeline"]
+EXPECTED = [
+    "bench_engine_cpu",
+    "bench_vs_32b",
+    "bench_multi_lora",
+    "bench_bandwidth",
+    "bench_lora_kernels",
+    "bench_attention",
+    "bench_serve",
+    "bench_block_manager",
+    "bench_pipeline",
+]
 GPU_RUN = ["bench_lora_kernels", "bench_attention", "bench_vs_32b", "bench_bandwidth", "bench_multi_lora"]
 SCRIPTS = [s for s in dict.fromkeys(EXPECTED + sorted(p.stem for p in BENCH.glob("bench_*.py"))) if s not in GPU_RUN]
 TIMEOUT_S = 150
@@ -38,8 +48,13 @@ def _run(args: list[str], timeout: float = TIMEOUT_S, **env: str) -> subprocess.
 
 
 def _preflight(out_dir: Path) -> subprocess.CompletedProcess:
-    return _run(["bash", str(BENCH / "run_gpu.sh"), "--cpu-preflight"], PREFLIGHT_TIMEOUT_S, OUT=str(out_dir),
-                PYTHON=sys.executable, SKIP_STEPS="pytest_cuda")
+    return _run(
+        ["bash", str(BENCH / "run_gpu.sh"), "--cpu-preflight"],
+        PREFLIGHT_TIMEOUT_S,
+        OUT=str(out_dir),
+        PYTHON=sys.executable,
+        SKIP_STEPS="pytest_cuda",
+    )
 
 
 def _command(script: str, out_dir: Path) -> list[str]:
@@ -61,8 +76,9 @@ def smoke_runs(tmp_path_factory) -> tuple[Path, dict[str, Future]]:
 
 
 def _check(proc: subprocess.CompletedProcess, name: str) -> None:
-    assert proc.returncode == 0, (f"{name} --smoke failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (
+        f"{name} --smoke failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 def test_run_gpu_cpu_preflight(smoke_runs) -> None:
@@ -71,16 +87,23 @@ def test_run_gpu_cpu_preflight(smoke_runs) -> None:
     _check(futures[PREFLIGHT].result(timeout=PREFLIGHT_TIMEOUT_S), "run_gpu.sh --cpu-preflight")
     files = sorted(p.name for p in (out_dir / PREFLIGHT).rglob("*") if p.is_file())
     assert len(files) <= 8, files
-    for kind in ("lora_kernels_smoke", "attention_smoke", "vs_32b_cpu", "bandwidth_cpu", "multi_lora_cpu",
-                 "host_overhead_cpu"):
+    for kind in (
+        "lora_kernels_smoke",
+        "attention_smoke",
+        "vs_32b_cpu",
+        "bandwidth_cpu",
+        "multi_lora_cpu",
+        "host_overhead_cpu",
+    ):
         assert f"{kind}.json" in files, files
     with tarfile.open(out_dir / PREFLIGHT / "run_gpu_phase1-phase2-phase3.tar.gz") as tar:
         names = tar.getnames()
     assert "./summary.txt" in names and "./report/README.preview.md" in names, names
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.server_stack) if s == "bench_serve" else s
-                                    for s in SCRIPTS])
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.server_stack) if s == "bench_serve" else s for s in SCRIPTS]
+)
 def test_benchmark_smoke(script: str, smoke_runs) -> None:
     _, futures = smoke_runs
     if script not in futures:

@@ -1,5 +1,6 @@
 """Block manager: semantics on both implementations, and a differential test that replays random
 traces through the C++ and the Python one and compares every output and the state after each step."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,9 @@ if HAVE_EXT:
 NO_EXT = "the C++ extension mcl_runtime._C is not built (or MCL_NO_EXT=1)"
 IMPLS = [
     pytest.param(PyBlockManager, id="py"),
-    pytest.param(_C.BlockManager if HAVE_EXT else None, id="cpp",
-                 marks=pytest.mark.skipif(not HAVE_EXT, reason=NO_EXT)),
+    pytest.param(
+        _C.BlockManager if HAVE_EXT else None, id="cpp", marks=pytest.mark.skipif(not HAVE_EXT, reason=NO_EXT)
+    ),
 ]
 
 
@@ -35,6 +37,7 @@ def filled(BM, num_blocks: int, block_size: int, seqs: dict[int, list[int]], ada
 
 
 # ---- semantics ---------------------------------------------------------------------------------
+
 
 def test_allocation_and_append_across_block_boundaries(BM):
     bm = BM(8, 4)
@@ -251,9 +254,16 @@ def test_errors(BM):
         bm.add_sequence(1, [], 0)
     with pytest.raises(ValueError, match="already exists"):
         bm.fork(9, 1)  # the existing child is reported before the unknown parent
-    for call in [lambda: bm.get_block_table(9), lambda: bm.get_num_tokens(9), lambda: bm.append_tokens(9, [1]),
-                 lambda: bm.blocks_needed(9, 1), lambda: bm.can_append(9, 1), lambda: bm.fork(9, 2),
-                 lambda: bm.free(9), lambda: bm.build_metadata([1, 9], [1, 1])]:
+    for call in [
+        lambda: bm.get_block_table(9),
+        lambda: bm.get_num_tokens(9),
+        lambda: bm.append_tokens(9, [1]),
+        lambda: bm.blocks_needed(9, 1),
+        lambda: bm.can_append(9, 1),
+        lambda: bm.fork(9, 2),
+        lambda: bm.free(9),
+        lambda: bm.build_metadata([1, 9], [1, 1]),
+    ]:
         with pytest.raises(KeyError, match="unknown sequence 9"):
             call()
     with pytest.raises(ValueError, match="differ in length"):
@@ -272,13 +282,20 @@ def test_errors(BM):
 def test_block_hash_is_bit_identical():
     rng = random.Random(0)
     cases = [(0, [], 0), ((1 << 64) - 1, [-1, (1 << 63) - 1, -(1 << 63)], -(1 << 63))]
-    cases += [(rng.getrandbits(64), [rng.randrange(-(1 << 40), 1 << 40) for _ in range(rng.randrange(20))],
-               rng.randrange(-5, 5)) for _ in range(200)]
+    cases += [
+        (
+            rng.getrandbits(64),
+            [rng.randrange(-(1 << 40), 1 << 40) for _ in range(rng.randrange(20))],
+            rng.randrange(-5, 5),
+        )
+        for _ in range(200)
+    ]
     for parent, tokens, adapter in cases:
         assert _C.block_hash(parent, tokens, adapter) == block_hash(parent, tokens, adapter)
 
 
 # ---- differential test ---------------------------------------------------------------------------
+
 
 def call(bm, op: tuple):
     """Apply one operation; returns a comparable result (numpy arrays as (dtype, shape, values))."""
@@ -293,8 +310,12 @@ def call(bm, op: tuple):
 
 
 def state(bm, seq_ids: list[int]) -> tuple:
-    return (bm.num_free_blocks, bm.num_cached_blocks, bm.ref_counts(),
-            [(bm.get_block_table(s), bm.get_num_tokens(s)) for s in seq_ids])
+    return (
+        bm.num_free_blocks,
+        bm.num_cached_blocks,
+        bm.ref_counts(),
+        [(bm.get_block_table(s), bm.get_num_tokens(s)) for s in seq_ids],
+    )
 
 
 def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -> dict[str, int]:
@@ -311,7 +332,7 @@ def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -
             r = 0.2  # at most 16 live sequences: free one instead of adding one
         if r < 0.15 or not live:
             base = rng.choice(bases)
-            prompt = base[:rng.randrange(len(base) + 1)] + [rng.randrange(6) for _ in range(rng.randrange(6))]
+            prompt = base[: rng.randrange(len(base) + 1)] + [rng.randrange(6) for _ in range(rng.randrange(6))]
             ops = [("add_sequence", next_id, prompt, rng.choice([0, 0, 1, 2, -1]))]
             live.append(next_id)
             next_id += 1
@@ -340,10 +361,21 @@ def random_trace(rng: random.Random, bms: list, num_ops: int, block_size: int) -
             n = rng.randrange(2 * block_size + 2)
             ops = [("blocks_needed", s, n), ("can_append", s, n)]
         else:  # errors: unknown sequences, existing ids, bad lengths
-            ops = [rng.choice([("free", next_id + 7), ("append_tokens", -3, [1]), ("fork", next_id + 1, live[0]),
-                               ("add_sequence", live[0], [1, 2], 0), ("build_metadata", live[:1], [1, 1]),
-                               ("build_metadata", live[:1], [10**6]), ("get_block_table", -1),
-                               ("append_one_each", live[:1], []), ("append_one_each", [live[0], -3], [1, 1])])]
+            ops = [
+                rng.choice(
+                    [
+                        ("free", next_id + 7),
+                        ("append_tokens", -3, [1]),
+                        ("fork", next_id + 1, live[0]),
+                        ("add_sequence", live[0], [1, 2], 0),
+                        ("build_metadata", live[:1], [1, 1]),
+                        ("build_metadata", live[:1], [10**6]),
+                        ("get_block_table", -1),
+                        ("append_one_each", live[:1], []),
+                        ("append_one_each", [live[0], -3], [1, 1]),
+                    ]
+                )
+            ]
         for op in ops:
             cached_before = ref.num_cached_blocks
             outs = [call(bm, op) for bm in bms]

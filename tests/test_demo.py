@@ -1,4 +1,5 @@
 """The embedded demo model: byte-identical builds, loadable by transformers + peft, adapters that matter."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,14 @@ import pytest
 import torch
 
 from mcl_runtime import demo
-from mcl_runtime.demo import ADAPTER_NAMES, ADAPTER_SPECS, DEMO_MODEL_NAME, build_demo_model, demo_adapter_dirs, \
-    demo_model_dir
+from mcl_runtime.demo import (
+    ADAPTER_NAMES,
+    ADAPTER_SPECS,
+    DEMO_MODEL_NAME,
+    build_demo_model,
+    demo_adapter_dirs,
+    demo_model_dir,
+)
 from mcl_runtime.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +49,12 @@ def input_ids(root):
 def test_layout(root):
     assert root == Path(os.environ["MCL_CACHE"]) / DEMO_MODEL_NAME
     assert {p.name for p in (root / "base").iterdir()} == {
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     dirs = demo_adapter_dirs()
     assert list(dirs) == list(ADAPTER_NAMES)
     for name, path in dirs.items():
@@ -64,8 +76,9 @@ def test_builds_are_byte_identical(root, tmp_path):
 def test_concurrent_first_builds(tmp_path):
     code = "from mcl_runtime.demo import demo_model_dir; print(demo_model_dir())"
     env = {**os.environ, "MCL_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs == [str(tmp_path / DEMO_MODEL_NAME)] * 3
@@ -102,7 +115,8 @@ def test_adapter_loads_with_peft_and_changes_logits(root, base_model, input_ids,
     with torch.no_grad():
         base_logits = base_model(input_ids).logits
     model = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(str(root / "base")), str(root / "adapters" / name)).eval()
+        transformers.AutoModelForCausalLM.from_pretrained(str(root / "base")), str(root / "adapters" / name)
+    ).eval()
     saved = safetensors_torch.load_file(str(root / "adapters" / name / "adapter_model.safetensors"))
     loaded = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
     assert set(saved) == set(loaded)

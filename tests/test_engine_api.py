@@ -1,11 +1,19 @@
 """Engine API behaviour on the demo model: sampling, n, stop conditions, streaming, errors."""
+
 import asyncio
 import json
 
 import pytest
 
-from mcl_runtime import (AdapterLoadError, AdapterNotFoundError, AsyncEngine, Engine, InvalidRequestError,
-                         ModelLoadError, SamplingParams)
+from mcl_runtime import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AsyncEngine,
+    Engine,
+    InvalidRequestError,
+    ModelLoadError,
+    SamplingParams,
+)
 from mcl_runtime.demo import demo_adapter_dirs, demo_engine, demo_model_dir
 
 
@@ -25,8 +33,9 @@ def test_model_is_required():
 def test_demo_defaults(engine):
     assert engine.model_name == "mcl-demo-tiny"
     assert sorted(engine.adapters) == ["coding", "debugging", "planning", "retrieval"]
-    outs = engine.generate([PROMPT] * 5, SamplingParams(max_tokens=8),
-                           adapter=["retrieval", "planning", "coding", "debugging", None])
+    outs = engine.generate(
+        [PROMPT] * 5, SamplingParams(max_tokens=8), adapter=["retrieval", "planning", "coding", "debugging", None]
+    )
     assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in outs)
     assert len({tuple(o.token_ids) for o in outs}) > 1
 
@@ -34,25 +43,30 @@ def test_demo_defaults(engine):
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([PROMPT], p, adapter=["coding"])[0]
-    crowd = engine.generate(["x = 1\n", PROMPT, "import os\n"], [SamplingParams(max_tokens=5, temperature=0.7), p,
-                                                                SamplingParams(max_tokens=20)],
-                            adapter=[None, "coding", "planning"])[1]
+    crowd = engine.generate(
+        ["x = 1\n", PROMPT, "import os\n"],
+        [SamplingParams(max_tokens=5, temperature=0.7), p, SamplingParams(max_tokens=20)],
+        adapter=[None, "coding", "planning"],
+    )[1]
     assert alone.token_ids == crowd.token_ids
-    other_seed = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True),
-                                 adapter=["coding"])[0]
+    other_seed = engine.generate(
+        [PROMPT], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True), adapter=["coding"]
+    )[0]
     assert other_seed.token_ids != alone.token_ids
 
 
 def test_top_k_one_is_greedy(engine):
     greedy = engine.generate([PROMPT], SamplingParams(max_tokens=10), adapter=["debugging"])[0]
-    k1 = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3),
-                         adapter=["debugging"])[0]
+    k1 = engine.generate(
+        [PROMPT], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=3), adapter=["debugging"]
+    )[0]
     assert greedy.token_ids == k1.token_ids
 
 
 def test_n_completions_share_the_prompt(engine):
-    out = engine.generate([PROMPT], SamplingParams(max_tokens=10, n=3, temperature=1.0, seed=7, ignore_eos=True),
-                          adapter=["coding"])[0]
+    out = engine.generate(
+        [PROMPT], SamplingParams(max_tokens=10, n=3, temperature=1.0, seed=7, ignore_eos=True), adapter=["coding"]
+    )[0]
     assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
     greedy = engine.generate([PROMPT], SamplingParams(max_tokens=10, n=2, ignore_eos=True), adapter=["coding"])[0]
@@ -63,14 +77,18 @@ def test_n_completions_share_the_prompt(engine):
 def test_step_finished_only_returns_the_ended_requests(engine):
     params = [SamplingParams(max_tokens=k, ignore_eos=True) for k in (3, 7)] + [SamplingParams(max_tokens=5, n=2)]
     expected = engine.generate([PROMPT, "x = 1\n", PROMPT], params, adapter=["coding", None, "planning"])
-    ids = [engine.add_request(None, p, sp, a) for p, sp, a in
-           zip([PROMPT, "x = 1\n", PROMPT], params, ["coding", None, "planning"])]
+    ids = [
+        engine.add_request(None, p, sp, a)
+        for p, sp, a in zip([PROMPT, "x = 1\n", PROMPT], params, ["coding", None, "planning"])
+    ]
     ended = {}
     while engine.has_unfinished_requests():
         for out in engine.step(finished_only=True):
             assert out.finished and out.request_id not in ended
             ended[out.request_id] = out
-    assert [[o.token_ids for o in ended[i].outputs] for i in ids] == [[o.token_ids for o in e.outputs] for e in expected]
+    assert [[o.token_ids for o in ended[i].outputs] for i in ids] == [
+        [o.token_ids for o in e.outputs] for e in expected
+    ]
 
 
 def test_n_is_bounded_by_max_num_seqs(engine):
@@ -91,11 +109,12 @@ def test_stop_strings_tokens_and_length(engine):
     assert base.text == engine.tokenizer.decode(base.token_ids)
     stop = base.text[5:8]
     cut = engine.generate([PROMPT], SamplingParams(max_tokens=24, stop=[stop], ignore_eos=True), adapter=["coding"])[0]
-    assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.find(stop)]
     tok = base.token_ids[3]
-    by_id = engine.generate([PROMPT], SamplingParams(max_tokens=24, stop_token_ids=[tok], ignore_eos=True),
-                            adapter=["coding"])[0]
-    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[:base.token_ids.index(tok) + 1]
+    by_id = engine.generate(
+        [PROMPT], SamplingParams(max_tokens=24, stop_token_ids=[tok], ignore_eos=True), adapter=["coding"]
+    )[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: base.token_ids.index(tok) + 1]
 
 
 def test_streamed_text_is_monotone_and_equals_final(engine):
@@ -134,10 +153,18 @@ def test_async_abort_frees_blocks(engine):
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-1), "max_tokens"), (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"), (dict(n=0), "n must"), (dict(stop=[""]), "stop"), (dict(top_k=-5), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(n=0), "n must"),
+        (dict(stop=[""]), "stop"),
+        (dict(top_k=-5), "top_k"),
+    ],
+)
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
         SamplingParams(**kwargs)

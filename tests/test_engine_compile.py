@@ -4,13 +4,14 @@ transformers + peft in fp32 greedy, with no graph break and no recompilation on 
 Most tests trace with dynamo's ``aot_eager`` backend (the same capture, without Inductor's C++
 code generation, which costs minutes on a 2-core CPU); one slow test runs Inductor itself.
 """
+
 import pytest
 import torch
+from tiny_models import hf_generate
 from torch._dynamo.utils import counters
 
 from mcl_runtime import Engine, SamplingParams
 from mcl_runtime.engine.model_runner import ModelRunner, batch_buckets
-from tiny_models import hf_generate
 
 MAX_NEW = 10
 LENGTHS = [5, 17, 9, 3, 12]  # 5 sequences: decode steps pad to the bucket of 8
@@ -41,8 +42,14 @@ def _generate(engine: Engine, prompts, names) -> list[list[int]]:
 
 
 def _engine(base, adapters, **kwargs) -> Engine:
-    return Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", dtype="float32",
-                  max_model_len=64, **kwargs)
+    return Engine(
+        str(base),
+        adapters={k: str(v) for k, v in adapters.items()},
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        **kwargs,
+    )
 
 
 def test_batch_buckets() -> None:
@@ -51,8 +58,11 @@ def test_batch_buckets() -> None:
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
-@pytest.mark.parametrize("knobs", [dict(), dict(block_size=4, kv_cache_blocks=14), dict(overlap=True)],
-                         ids=["plain", "preemption", "overlap"])
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(), dict(block_size=4, kv_cache_blocks=14), dict(overlap=True)],
+    ids=["plain", "preemption", "overlap"],
+)
 def test_compiled_decode_matches_hf(family, aot_eager, knobs):
     name, base, adapters = family
     prompts = _prompts()
@@ -72,9 +82,10 @@ def test_bucket_padding_never_changes_a_token(qwen_family, aot_eager):
     prompts, names = _prompts(), NAMES["qwen2"]
     eager = _generate(_engine(base, adapters, max_num_seqs=8), prompts, names)
     engine = _engine(base, adapters, compile=True, max_num_seqs=8)
-    outs = engine.generate(prompts, [SamplingParams(max_tokens=MAX_NEW - i, ignore_eos=True) for i in range(5)],
-                           adapter=names)
-    assert [o.token_ids for o in outs] == [t[:MAX_NEW - i] for i, t in enumerate(eager)]
+    outs = engine.generate(
+        prompts, [SamplingParams(max_tokens=MAX_NEW - i, ignore_eos=True) for i in range(5)], adapter=names
+    )
+    assert [o.token_ids for o in outs] == [t[: MAX_NEW - i] for i, t in enumerate(eager)]
 
 
 @pytest.mark.slow

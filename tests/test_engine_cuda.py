@@ -1,5 +1,6 @@
 """On a CUDA device: the Triton backend (compiled kernels) gives the torch backend's tokens and
 both equal transformers + peft in fp32; bf16 runs mixed batches end to end."""
+
 import pytest
 
 from mcl_runtime import Engine, SamplingParams
@@ -8,8 +9,17 @@ pytestmark = pytest.mark.cuda
 
 
 def _generate(base, adapters, backend, dtype, prompts, names, max_tokens=24, **knobs):
-    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cuda", dtype=dtype,
-                    backend=backend, kv_cache_blocks=1024, block_size=16, max_num_batched_tokens=64, **knobs)
+    engine = Engine(
+        str(base),
+        adapters={k: str(v) for k, v in adapters.items()},
+        device="cuda",
+        dtype=dtype,
+        backend=backend,
+        kv_cache_blocks=1024,
+        block_size=16,
+        max_num_batched_tokens=64,
+        **knobs,
+    )
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), adapter=names)
     return [o.token_ids for o in outs], engine
 

@@ -1,12 +1,13 @@
 """Golden equality with transformers + peft: fp32 greedy tokens, mixed adapters in one batch, and
 invariance under block size, chunked prefill, preemption, prefix caching and slot eviction."""
+
 import functools
 
 import pytest
 import torch
+from tiny_models import hf_generate
 
 from mcl_runtime import Engine, SamplingParams
-from tiny_models import hf_generate
 
 MAX_NEW = 32
 LENGTHS = [5, 17, 33, 3, 40, 9, 16, 25, 12, 12, 12]
@@ -20,13 +21,15 @@ def _prompts() -> list[list[int]]:
 
 
 PROMPTS = _prompts()
-NAMES = {"qwen2": ["a4", None, "a8", "a16", "a4", None, "a8", "a16", "a4", "a8", None],
-         "llama": ["l8", None, "l16", "l8", None, "l16", "l8", None, "l8", "l16", None],
-         "qwen3": ["q8", None, "q4", "q8", None, "q4", "q8", None, "q8", "q4", None],
-         "mistral": ["m8", "m16", None, "m8", "m16", None, "m8", None, "m8", "m16", None]}
+NAMES = {
+    "qwen2": ["a4", None, "a8", "a16", "a4", None, "a8", "a16", "a4", "a8", None],
+    "llama": ["l8", None, "l16", "l8", None, "l16", "l8", None, "l8", "l16", None],
+    "qwen3": ["q8", None, "q4", "q8", None, "q4", "q8", None, "q8", "q4", None],
+    "mistral": ["m8", "m16", None, "m8", "m16", None, "m8", None, "m8", "m16", None],
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(family: str, base, adapters_items) -> tuple[tuple[int, ...], ...]:
     outs = hf_generate(base, dict(adapters_items), PROMPTS, NAMES[family], MAX_NEW)
     return tuple(map(tuple, outs))
@@ -40,8 +43,9 @@ def family(request, model_family):
 
 
 def _run(base, adapters, names, **engine_kwargs):
-    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", dtype="float32",
-                    **engine_kwargs)
+    engine = Engine(
+        str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", dtype="float32", **engine_kwargs
+    )
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), adapter=names)
     return [o.token_ids for o in outs], engine
 
@@ -56,19 +60,33 @@ def test_golden_mixed_batch(family, overlap):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"], indirect=True)  # batching is architecture-blind
-@pytest.mark.parametrize("knobs", [
-    dict(block_size=1, kv_cache_blocks=4096),
-    dict(block_size=16, kv_cache_blocks=64),
-    dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256),      # chunked prefill
-    dict(block_size=4, max_num_seqs=2, kv_cache_blocks=256),                # small batches
-    dict(block_size=4, kv_cache_blocks=40),                                 # preemption
-    dict(block_size=8, max_loras=1, kv_cache_blocks=256),                   # slot eviction
-    dict(block_size=4, enable_prefix_caching=False, kv_cache_blocks=256),
-    dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256, overlap=True),
-    dict(block_size=4, kv_cache_blocks=40, overlap=True),
-    dict(block_size=8, max_loras=1, kv_cache_blocks=256, overlap=True),
-], ids=["bs1", "bs16", "chunked", "max2seqs", "preempt", "1slot", "nocache", "chunked-overlap", "preempt-overlap",
-        "1slot-overlap"])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(block_size=1, kv_cache_blocks=4096),
+        dict(block_size=16, kv_cache_blocks=64),
+        dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256),  # chunked prefill
+        dict(block_size=4, max_num_seqs=2, kv_cache_blocks=256),  # small batches
+        dict(block_size=4, kv_cache_blocks=40),  # preemption
+        dict(block_size=8, max_loras=1, kv_cache_blocks=256),  # slot eviction
+        dict(block_size=4, enable_prefix_caching=False, kv_cache_blocks=256),
+        dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256, overlap=True),
+        dict(block_size=4, kv_cache_blocks=40, overlap=True),
+        dict(block_size=8, max_loras=1, kv_cache_blocks=256, overlap=True),
+    ],
+    ids=[
+        "bs1",
+        "bs16",
+        "chunked",
+        "max2seqs",
+        "preempt",
+        "1slot",
+        "nocache",
+        "chunked-overlap",
+        "preempt-overlap",
+        "1slot-overlap",
+    ],
+)
 def test_tokens_do_not_depend_on_batching(family, knobs):
     name, base, adapters, ref = family
     tokens, engine = _run(base, adapters, NAMES[name], **knobs)
@@ -90,15 +108,18 @@ def test_torch_padded_attention_keeps_the_tokens(family, monkeypatch):
 
     monkeypatch.setattr(torch_backend, "HAS_CPU_ATTENTION", False)
     name, base, adapters, ref = family
-    splits = []   # (power, parts) of every split asked for
+    splits = []  # (power, parts) of every split asked for
     split = TorchBackend._split
-    monkeypatch.setattr(TorchBackend, "_split", classmethod(
-        lambda cls, lengths, power: splits.append((power, split(lengths, power))) or splits[-1][1]))
+    monkeypatch.setattr(
+        TorchBackend,
+        "_split",
+        classmethod(lambda cls, lengths, power: splits.append((power, split(lengths, power))) or splits[-1][1]),
+    )
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    for power in (1, 2):   # decodes, prompts
+    for power in (1, 2):  # decodes, prompts
         assert any(p == power and parts is not None and len(parts) > 1 for p, parts in splits)
     splits.clear()
-    monkeypatch.setattr(TorchBackend, "SPLIT_GAIN", 0.0)   # never worth splitting
+    monkeypatch.setattr(TorchBackend, "SPLIT_GAIN", 0.0)  # never worth splitting
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
     assert splits and all(parts is None for _, parts in splits)
 
@@ -113,7 +134,9 @@ def test_torch_layer_ops_keep_the_tokens(family, monkeypatch):
     monkeypatch.setattr(layers, "use_cpu_layer_ops", lambda t: False)
     tiles = []
     build = torch_backend.TorchBackend._lora_tiles
-    monkeypatch.setattr(torch_backend.TorchBackend, "_lora_tiles", lambda self, lora: tiles.append(1) or build(self, lora))
+    monkeypatch.setattr(
+        torch_backend.TorchBackend, "_lora_tiles", lambda self, lora: tiles.append(1) or build(self, lora)
+    )
     name, base, adapters, ref = family
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
     assert tiles
@@ -175,8 +198,14 @@ def test_single_request_equals_batched(qwen_family):
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family, overlap):
     base, adapters = qwen_family
-    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu",
-                    kv_cache_blocks=256, block_size=4, overlap=overlap)
+    engine = Engine(
+        str(base),
+        adapters={k: str(v) for k, v in adapters.items()},
+        device="cpu",
+        kv_cache_blocks=256,
+        block_size=4,
+        overlap=overlap,
+    )
     prefix = PROMPTS[4]  # 40 tokens
     prompts = [prefix + [7, 8, 9], prefix + [10]]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -189,16 +218,16 @@ def test_prefix_cache_hits_are_exact_and_per_adapter(qwen_family, overlap):
     before = engine.stats()["prefix_cache_hit_tokens"]
     other = engine.generate([prompts[0]], params, adapter=["a4"])[0]
     assert engine.stats()["prefix_cache_hit_tokens"] == before  # never shared across adapters
-    ref = hf_generate(base, {"a4": adapters["a4"], "a8": adapters["a8"]}, [prompts[0], prompts[0]],
-                      ["a4", "a8"], 12)
+    ref = hf_generate(base, {"a4": adapters["a4"], "a8": adapters["a8"]}, [prompts[0], prompts[0]], ["a4", "a8"], 12)
     assert other.token_ids == ref[0] and first[0].token_ids == ref[1]
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_load_and_unload_while_requests_run(qwen_family, overlap):
     base, adapters = qwen_family
-    engine = Engine(str(base), adapters={"a8": str(adapters["a8"])}, device="cpu", kv_cache_blocks=256, max_loras=2,
-                    overlap=overlap)
+    engine = Engine(
+        str(base), adapters={"a8": str(adapters["a8"])}, device="cpu", kv_cache_blocks=256, max_loras=2, overlap=overlap
+    )
     params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
     engine.add_request("r0", PROMPTS[2], params, "a8")
     engine.add_request("r1", PROMPTS[1], params, None)
@@ -214,7 +243,7 @@ def test_load_and_unload_while_requests_run(qwen_family, overlap):
     engine.load_adapter("a16", str(adapters["a16"]))
     engine.add_request("r2", PROMPTS[3], params, "a16")
     drain(2)
-    engine.unload_adapter("a8")            # r0 still running: finishes with a8's weights
+    engine.unload_adapter("a8")  # r0 still running: finishes with a8's weights
     assert "a8" not in engine.adapters
     with pytest.raises(ValueError, match="unknown adapter"):
         engine.add_request("r3", PROMPTS[0], params, "a8")
@@ -222,7 +251,9 @@ def test_load_and_unload_while_requests_run(qwen_family, overlap):
     engine.add_request("r4", PROMPTS[0], params, "a4")
     while engine.has_unfinished_requests():
         drain(1)
-    ref = hf_generate(base, adapters, [PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[0]], ["a8", None, "a16", "a4"], MAX_NEW)
+    ref = hf_generate(
+        base, adapters, [PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[0]], ["a8", None, "a16", "a4"], MAX_NEW
+    )
     assert [results[r] for r in ("r0", "r1", "r2", "r4")] == ref
     assert engine.stats()["kv_blocks_used"] == 0
 
@@ -230,8 +261,15 @@ def test_load_and_unload_while_requests_run(qwen_family, overlap):
 def test_golden_triton_backend(family):
     """The Triton kernels (interpreted on CPU) give the same tokens: decodes and chunked prefills mixed."""
     name, base, adapters, ref = family
-    engine = Engine(str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", backend="triton",
-                    kv_cache_blocks=128, block_size=4, max_num_batched_tokens=48)
+    engine = Engine(
+        str(base),
+        adapters={k: str(v) for k, v in adapters.items()},
+        device="cpu",
+        backend="triton",
+        kv_cache_blocks=128,
+        block_size=4,
+        max_num_batched_tokens=48,
+    )
     n = 6
     outs = engine.generate(PROMPTS[:8], SamplingParams(max_tokens=n, ignore_eos=True), adapter=NAMES[name][:8])
     assert [o.token_ids for o in outs] == [r[:n] for r in ref[:8]]

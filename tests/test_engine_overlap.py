@@ -1,5 +1,6 @@
 """The step loop: overlapped steps (launch N + 1, then process N) give exactly the tokens, text and
 finish reasons of synchronous steps; outputs are snapshots whose text is built when read."""
+
 import asyncio
 
 import numpy as np
@@ -12,15 +13,18 @@ from mcl_runtime.engine.seq_table import LENGTH, NOT_FINISHED, STOPPED, Sequence
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n", "x = 1\n", "class A:\n"] * 3
 ADAPTERS = ["coding", None, "planning", "debugging"] * 3
-PARAMS = [SamplingParams(max_tokens=30, ignore_eos=True),
-          SamplingParams(max_tokens=20, temperature=1.0, seed=5, n=3),
-          SamplingParams(max_tokens=25, stop=["e"]),
-          SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, stop=["in", "\n\n"], stop_token_ids=[10])] * 3
+PARAMS = [
+    SamplingParams(max_tokens=30, ignore_eos=True),
+    SamplingParams(max_tokens=20, temperature=1.0, seed=5, n=3),
+    SamplingParams(max_tokens=25, stop=["e"]),
+    SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, stop=["in", "\n\n"], stop_token_ids=[10]),
+] * 3
 
 
 def _engine(overlap: bool, **kwargs) -> Engine:
-    return Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu", overlap=overlap,
-                  **kwargs)
+    return Engine(
+        model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu", overlap=overlap, **kwargs
+    )
 
 
 def _results(outs):
@@ -32,10 +36,15 @@ def sync_results():
     return _results(_engine(False, kv_cache_blocks=512, block_size=4).generate(PROMPTS, PARAMS, adapter=ADAPTERS))
 
 
-@pytest.mark.parametrize("knobs", [dict(kv_cache_blocks=512, block_size=4),
-                                   dict(kv_cache_blocks=24, block_size=4),                   # preemption
-                                   dict(kv_cache_blocks=512, block_size=4, max_num_batched_tokens=5)],
-                         ids=["plain", "preempt", "chunked"])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(kv_cache_blocks=512, block_size=4),
+        dict(kv_cache_blocks=24, block_size=4),  # preemption
+        dict(kv_cache_blocks=512, block_size=4, max_num_batched_tokens=5),
+    ],
+    ids=["plain", "preempt", "chunked"],
+)
 def test_overlap_gives_the_same_outputs(sync_results, knobs):
     engine = _engine(True, **knobs)
     assert _results(engine.generate(PROMPTS, PARAMS, adapter=ADAPTERS)) == sync_results
@@ -59,7 +68,7 @@ def test_step_outputs_are_snapshots(overlap):
         assert final.finished and all(not o.finished for o in outs[:-1])
         lengths = [len(o.token_ids) for o in outs]
         assert lengths == list(range(1, len(outs) + 1))
-        assert all(final.token_ids[:len(o.token_ids)] == o.token_ids for o in outs)
+        assert all(final.token_ids[: len(o.token_ids)] == o.token_ids for o in outs)
         assert all(final.text.startswith(o.text) for o in outs)
         if rid == "a":
             assert final.text == engine.tokenizer.decode(final.token_ids)
@@ -157,9 +166,13 @@ def test_reused_running_state_equals_a_rebuild(overlap, monkeypatch):
 
 def test_sequence_table_finish_check():
     table = SequenceTable(vocab_size=100, eos_token_ids=[99], capacity=2)
-    rows = np.array([table.add(SP(max_tokens=3), 3, 0, False),
-                     table.add(SP(max_tokens=5, ignore_eos=True, stop_token_ids=[7, 8, 9]), 5, 1, False),
-                     table.add(SP(max_tokens=1), 1, 2, False)])   # grows past the capacity
+    rows = np.array(
+        [
+            table.add(SP(max_tokens=3), 3, 0, False),
+            table.add(SP(max_tokens=5, ignore_eos=True, stop_token_ids=[7, 8, 9]), 5, 1, False),
+            table.add(SP(max_tokens=1), 1, 2, False),
+        ]
+    )  # grows past the capacity
     assert table.record(rows, np.array([99, 99, 5])).tolist() == [STOPPED, NOT_FINISHED, LENGTH]
     assert table.record(rows[:2], np.array([1, 8])).tolist() == [NOT_FINISHED, STOPPED]
     table.free(int(rows[2]))

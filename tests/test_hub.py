@@ -1,5 +1,6 @@
 """Hub ids resolved offline from a cache laid out as huggingface_hub lays it out (blobs, snapshots,
 refs); a local folder wins; a repo that is not cached is a clear error, never a network wait."""
+
 import asyncio
 import hashlib
 import os
@@ -86,12 +87,13 @@ def test_missing_repo_offline_is_a_clear_error(hub_cache):
 
 def test_serve_cli_and_load_lora_adapter_take_hub_ids(hub_cache):
     serve = pytest.importorskip("mcl_runtime.serve.__main__")
-    args = serve.build_parser().parse_args(["--model", "tiny-org/qwen2", "--lora", "a8=tiny-org/a8",
-                                            "--device", "cpu", "--kv-cache-blocks", "32"])
+    args = serve.build_parser().parse_args(
+        ["--model", "tiny-org/qwen2", "--lora", "a8=tiny-org/a8", "--device", "cpu", "--kv-cache-blocks", "32"]
+    )
     aeng = AsyncEngine(serve.build_engine(args))
     try:
         assert aeng.engine.model_name == "tiny-org/qwen2" and aeng.adapters == ("a8",)
-        asyncio.run(aeng.load_adapter("again", "tiny-org/a8"))   # what /v1/load_lora_adapter calls
+        asyncio.run(aeng.load_adapter("again", "tiny-org/a8"))  # what /v1/load_lora_adapter calls
         assert "again" in aeng.adapters
         with pytest.raises(AdapterLoadError, match="tiny-org/absent"):
             asyncio.run(aeng.load_adapter("x", "tiny-org/absent"))

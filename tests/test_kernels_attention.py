@@ -7,6 +7,7 @@ most twice the error of the same-dtype torch reference against it, plus a small 
 that no sequence owns hold NaN, so reading past a context or through a padded block-table entry
 shows up as NaN.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,16 +16,24 @@ import random
 import pytest
 import torch
 
-from mcl_runtime.kernels import (HAS_CPU_ATTENTION, paged_attention_cpu, paged_decode_attention,
-                                 paged_decode_attention_ref, paged_prefill_attention, paged_prefill_attention_ref,
-                                 store_kv, store_kv_ref)
+from mcl_runtime.kernels import (
+    HAS_CPU_ATTENTION,
+    paged_attention_cpu,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+    store_kv,
+    store_kv_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_prefill(q, k_cache, v_cache, table, cu, ctx, scale, max_q_len):
-    return paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu.cpu(), ctx.cpu(),
-                               scale).to(q.device)
+    return paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu.cpu(), ctx.cpu(), scale).to(
+        q.device
+    )
 
 
 def cpu_decode(q, k_cache, v_cache, table, ctx, scale, max_context_len, num_splits=None):
@@ -33,10 +42,8 @@ def cpu_decode(q, k_cache, v_cache, table, ctx, scale, max_context_len, num_spli
 
 
 NO_CPU = pytest.mark.skipif(not HAS_CPU_ATTENTION, reason="the C++ extension mcl_runtime._C is not built")
-PREFILL_IMPLS = [pytest.param(paged_prefill_attention, id="triton"),
-                 pytest.param(cpu_prefill, id="cpu", marks=NO_CPU)]
-DECODE_IMPLS = [pytest.param(paged_decode_attention, id="triton"),
-                pytest.param(cpu_decode, id="cpu", marks=NO_CPU)]
+PREFILL_IMPLS = [pytest.param(paged_prefill_attention, id="triton"), pytest.param(cpu_prefill, id="cpu", marks=NO_CPU)]
+DECODE_IMPLS = [pytest.param(paged_decode_attention, id="triton"), pytest.param(cpu_decode, id="cpu", marks=NO_CPU)]
 
 
 def dtype_id(d: torch.dtype) -> str:
@@ -51,8 +58,15 @@ def check_rule(out: torch.Tensor, ref32: torch.Tensor, ref_lp: torch.Tensor, wha
     assert err <= 2 * base + atol, f"{what}: kernel error {err:.3g} > 2 x torch error {base:.3g} + {atol:.1g}"
 
 
-def make_cache(context_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-               seed: int, spare_blocks: int = 3):
+def make_cache(
+    context_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int,
+    spare_blocks: int = 3,
+):
     """Random cache whose blocks are handed out in shuffled order; free slots (and padding block 0) are NaN."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -75,12 +89,13 @@ def make_cache(context_lens: list[int], block_size: int, num_kv_heads: int, head
     return k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype), table.to(DEVICE), ctx.to(DEVICE)
 
 
-def decode_case(dtype, head_dim, block_size, num_heads, num_kv_heads, context_lens, num_splits, seed=0,
-                impl=paged_decode_attention):
+def decode_case(
+    dtype, head_dim, block_size, num_heads, num_kv_heads, context_lens, num_splits, seed=0, impl=paged_decode_attention
+):
     k_cache, v_cache, table, ctx = make_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(DEVICE, dtype)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = impl(q, k_cache, v_cache, table, ctx, scale, max(context_lens), num_splits=num_splits)
     ref32 = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, ctx, scale)
     ref_lp = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, scale, compute_dtype=dtype)
@@ -115,13 +130,14 @@ def test_decode_zero_context_gives_zeros(impl) -> None:
     torch.testing.assert_close(out[1], ref32[1], atol=1e-5, rtol=1e-5)
 
 
-def prefill_case(dtype, head_dim, block_size, num_heads, num_kv_heads, q_lens, context_lens, seed=0,
-                 impl=paged_prefill_attention):
+def prefill_case(
+    dtype, head_dim, block_size, num_heads, num_kv_heads, q_lens, context_lens, seed=0, impl=paged_prefill_attention
+):
     k_cache, v_cache, table, ctx = make_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(DEVICE, dtype)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = impl(q, k_cache, v_cache, table, cu, ctx, scale, max(q_lens))
     ref32 = paged_prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, cu, ctx, scale)
     ref_lp = paged_prefill_attention_ref(q, k_cache, v_cache, table, cu, ctx, scale, compute_dtype=dtype)
@@ -188,21 +204,34 @@ def test_store_kv_then_attend() -> None:
 def _decode_args():
     k_cache, v_cache, table, ctx = make_cache([3, 5], 4, 2, 32, torch.float32, seed=9)
     q = torch.randn(2, 4, 32).to(DEVICE)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=table, context_lens=ctx, scale=0.1,
-                max_context_len=5)
+    return dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=table, context_lens=ctx, scale=0.1, max_context_len=5
+    )
 
 
-@pytest.mark.parametrize("change,exc", [
-    (lambda a: a.update(q=a["q"].half()), TypeError),
-    (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
-    (lambda a: a.update(q=a["q"][:, :3]), ValueError),
-    (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError),
-    (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError),
-    (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
-    (lambda a: a.update(max_context_len=-3), ValueError),
-    (lambda a: a.update(scale=float("nan")), ValueError),
-], ids=["q-dtype", "head-dim", "heads-not-multiple", "block-tables-int64", "batch-mismatch", "cache-shapes",
-        "max-context-negative", "scale-nan"])
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (lambda a: a.update(q=a["q"].half()), TypeError),
+        (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
+        (lambda a: a.update(q=a["q"][:, :3]), ValueError),
+        (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError),
+        (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError),
+        (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
+        (lambda a: a.update(max_context_len=-3), ValueError),
+        (lambda a: a.update(scale=float("nan")), ValueError),
+    ],
+    ids=[
+        "q-dtype",
+        "head-dim",
+        "heads-not-multiple",
+        "block-tables-int64",
+        "batch-mismatch",
+        "cache-shapes",
+        "max-context-negative",
+        "scale-nan",
+    ],
+)
 def test_decode_bad_arguments_raise(change, exc) -> None:
     args = _decode_args()
     change(args)
@@ -214,17 +243,32 @@ def test_prefill_and_store_kv_bad_arguments_raise() -> None:
     args = _decode_args()
     q = args["q"]
     with pytest.raises(TypeError):
-        paged_prefill_attention(q, args["k_cache"], args["v_cache"], args["block_tables"],
-                                torch.tensor([0, 1, 2], device=DEVICE), args["context_lens"], 0.1, 1)
+        paged_prefill_attention(
+            q,
+            args["k_cache"],
+            args["v_cache"],
+            args["block_tables"],
+            torch.tensor([0, 1, 2], device=DEVICE),
+            args["context_lens"],
+            0.1,
+            1,
+        )
     with pytest.raises(ValueError):
-        paged_prefill_attention(q, args["k_cache"], args["v_cache"], args["block_tables"],
-                                torch.tensor([0, 2], dtype=torch.int32, device=DEVICE), args["context_lens"], 0.1, 2)
+        paged_prefill_attention(
+            q,
+            args["k_cache"],
+            args["v_cache"],
+            args["block_tables"],
+            torch.tensor([0, 2], dtype=torch.int32, device=DEVICE),
+            args["context_lens"],
+            0.1,
+            2,
+        )
     k = torch.zeros(2, 2, 32, device=DEVICE)
     with pytest.raises(TypeError):
         store_kv(k, k, args["k_cache"], args["v_cache"], torch.tensor([0, 1], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError):
-        store_kv(k[:, :, :16], k[:, :, :16], args["k_cache"], args["v_cache"],
-                 torch.tensor([0, 1], device=DEVICE))
+        store_kv(k[:, :, :16], k[:, :, :16], args["k_cache"], args["v_cache"], torch.tensor([0, 1], device=DEVICE))
 
 
 @pytest.mark.cuda
@@ -254,8 +298,9 @@ def test_prefill_large_cuda(dtype: torch.dtype) -> None:
 def test_cpu_block_sizes_and_head_dims(dtype: torch.dtype, block_size: int, head_dim: int) -> None:
     """Block sizes below, between and above the kernel's 16-key tiles; D = 40 (the kernel for any
     head dim: 16-wide chunks and a tail of 8) and two of the head dims compiled in."""
-    out, ref32, ref_lp = prefill_case(dtype, head_dim, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14,
-                                      impl=cpu_prefill)
+    out, ref32, ref_lp = prefill_case(
+        dtype, head_dim, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14, impl=cpu_prefill
+    )
     check_rule(out, ref32, ref_lp, f"cpu bs{block_size} D{head_dim}")
 
 
@@ -276,8 +321,9 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
     outs = []
     for threads in (1, 3):
         out = torch.full((T + 3, 4, 16), 7.0, dtype=dtype)
-        paged_attention_cpu(q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu, ctx.cpu(), 0.25,
-                            out=out[:T], num_threads=threads)
+        paged_attention_cpu(
+            q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu, ctx.cpu(), 0.25, out=out[:T], num_threads=threads
+        )
         assert torch.equal(out[T:], torch.full_like(out[T:], 7.0))
         outs.append(out[:T])
     check_rule(outs[0].to(DEVICE), ref32, ref_lp, "cpu strided")
@@ -285,26 +331,53 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
 
 
 @NO_CPU
-@pytest.mark.parametrize("change,exc", [
-    (lambda a: a.update(q=a["q"].half()), TypeError),
-    (lambda a: a.update(q=a["q"].double(), k_cache=a["k_cache"].double(), v_cache=a["v_cache"].double()), TypeError),
-    (lambda a: a.update(q=a["q"].bfloat16(), k_cache=a["k_cache"].half(), v_cache=a["v_cache"].half()), TypeError),
-    (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
-    (lambda a: a.update(q=a["q"][:, :3]), ValueError),
-    (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError),
-    (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError),
-    (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError),
-    (lambda a: a.update(context_lens=a["context_lens"] * 100), ValueError),
-    (lambda a: a.update(block_tables=a["block_tables"] + 1000), ValueError),
-    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32)), ValueError),
-    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError),
-    (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
-], ids=["q-dtype", "float64", "bf16-vs-f16", "head-dim", "heads-not-multiple", "q-strided-D", "block-tables-int64",
-        "batch-mismatch", "context-past-table", "block-out-of-cache", "cu-decreasing", "cu-past-q", "cache-shapes"])
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (lambda a: a.update(q=a["q"].half()), TypeError),
+        (
+            lambda a: a.update(q=a["q"].double(), k_cache=a["k_cache"].double(), v_cache=a["v_cache"].double()),
+            TypeError,
+        ),
+        (lambda a: a.update(q=a["q"].bfloat16(), k_cache=a["k_cache"].half(), v_cache=a["v_cache"].half()), TypeError),
+        (lambda a: a.update(q=a["q"][:, :, :16]), ValueError),
+        (lambda a: a.update(q=a["q"][:, :3]), ValueError),
+        (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError),
+        (lambda a: a.update(block_tables=a["block_tables"].long()), TypeError),
+        (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError),
+        (lambda a: a.update(context_lens=a["context_lens"] * 100), ValueError),
+        (lambda a: a.update(block_tables=a["block_tables"] + 1000), ValueError),
+        (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32)), ValueError),
+        (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError),
+        (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
+    ],
+    ids=[
+        "q-dtype",
+        "float64",
+        "bf16-vs-f16",
+        "head-dim",
+        "heads-not-multiple",
+        "q-strided-D",
+        "block-tables-int64",
+        "batch-mismatch",
+        "context-past-table",
+        "block-out-of-cache",
+        "cu-decreasing",
+        "cu-past-q",
+        "cache-shapes",
+    ],
+)
 def test_cpu_bad_arguments_raise(change, exc) -> None:
     k_cache, v_cache, table, ctx = make_cache([3, 5], 4, 2, 32, torch.float32, seed=9)
-    args = dict(q=torch.randn(2, 4, 32), k_cache=k_cache.cpu(), v_cache=v_cache.cpu(), block_tables=table.cpu(),
-                cu_seqlens_q=torch.arange(3, dtype=torch.int32), context_lens=ctx.cpu(), scale=0.1)
+    args = dict(
+        q=torch.randn(2, 4, 32),
+        k_cache=k_cache.cpu(),
+        v_cache=v_cache.cpu(),
+        block_tables=table.cpu(),
+        cu_seqlens_q=torch.arange(3, dtype=torch.int32),
+        context_lens=ctx.cpu(),
+        scale=0.1,
+    )
     change(args)
     with pytest.raises(exc):
         paged_attention_cpu(**args)
@@ -319,13 +392,23 @@ def test_cpu_16_bit_conversions_match_torch(dtype: torch.dtype) -> None:
     bits = torch.randint(-32768, 32768, (2, 1 << 14), generator=torch.Generator().manual_seed(13), dtype=torch.int32)
     a, b = bits.to(torch.int16).view(dtype)
     T = a.numel() // 16
-    v = torch.stack([a.view(T, 16), b.view(T, 16)], 1).view(T, 2, 1, 16)   # one block of two keys per row
+    v = torch.stack([a.view(T, 16), b.view(T, 16)], 1).view(T, 2, 1, 16)  # one block of two keys per row
     k = torch.zeros_like(v)
-    out = paged_attention_cpu(torch.zeros(T, 1, 16, dtype=dtype), k, v, torch.arange(T, dtype=torch.int32)[:, None],
-                              torch.arange(T + 1, dtype=torch.int32), torch.full((T,), 2, dtype=torch.int32), 1.0)
+    out = paged_attention_cpu(
+        torch.zeros(T, 1, 16, dtype=dtype),
+        k,
+        v,
+        torch.arange(T, dtype=torch.int32)[:, None],
+        torch.arange(T + 1, dtype=torch.int32),
+        torch.full((T,), 2, dtype=torch.int32),
+        1.0,
+    )
     expected = ((a.float() + b.float()) * 0.5).to(dtype).view(T, 1, 16)
-    same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan()) \
+    same = (
+        (out.view(torch.int16) == expected.view(torch.int16))
+        | (out.isnan() & expected.isnan())
         | ((out == 0) & (expected == 0))
+    )
     assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} differ"
 
 
@@ -336,8 +419,15 @@ def test_cpu_custom_op_for_compiled_graphs() -> None:
     from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 
     k_cache, v_cache, table, ctx = make_cache([7, 1, 20], 4, 2, 32, torch.float32, seed=15)
-    args = (torch.randn(3, 4, 32), k_cache.cpu(), v_cache.cpu(), table.cpu(), torch.arange(4, dtype=torch.int32),
-            ctx.cpu(), 0.2)
+    args = (
+        torch.randn(3, 4, 32),
+        k_cache.cpu(),
+        v_cache.cpu(),
+        table.cpu(),
+        torch.arange(4, dtype=torch.int32),
+        ctx.cpu(),
+        0.2,
+    )
     torch.library.opcheck(paged_attention_cpu_op, args)
     compiled = torch.compile(lambda *a: paged_attention_cpu_op(*a) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), paged_attention_cpu(*args) * 2, rtol=0, atol=0)

@@ -1,12 +1,13 @@
 """The interpreter never compiles the kernels: build every kernel variant for sm_90 (no GPU
 needed) so that GPU-only compile errors show up in CPU CI."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 
-GPU_COMPILE_SCRIPT = '''
+GPU_COMPILE_SCRIPT = """
 import sys
 import triton
 import triton.language as tl
@@ -36,7 +37,8 @@ for dt, prec, block_m, block_n in [("bf16", "tf32", 16, 128), ("bf16", "tf32", 6
     _common.compile_for_gpu(lora._sgmv_expand_kernel, ptrs, dict(
         SLICE_OFFSETS=(0, 3584, 4096, 4608), N_SLICES=3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, R_ALIGNED=True,
         PRECISION=prec, INTERPRET=False), num_warps=4 if block_m * block_n <= 4096 else 8)
-for dt, prec, block_g, head_dim, splits in [("bf16", "tf32", 16, 128, (False, True)), ("fp32", "ieee", 32, 64, (False,))]:
+CASES = [("bf16", "tf32", 16, 128, (False, True)), ("fp32", "ieee", 32, 64, (False,))]
+for dt, prec, block_g, head_dim, splits in CASES:
     ptrs = {"q_ptr": "*" + dt, "k_cache_ptr": "*" + dt, "v_cache_ptr": "*" + dt, "out_ptr": "*" + dt,
             "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}
     for split in splits:
@@ -50,7 +52,7 @@ _common.compile_for_gpu(attention._paged_prefill_kernel, {"q_ptr": "*bf16", "k_c
                                                          "v_cache_ptr": "*bf16", "out_ptr": "*bf16"}, dict(
     BLOCK_M=64, BLOCK_N=64, PAGE=16, HEAD_DIM=128, BLOCK_D=128, PRECISION="tf32", INTERPRET=False), num_warps=8)
 print("OK")
-'''
+"""
 
 
 def test_kernels_compile_for_sm90(tmp_path) -> None:

@@ -2,6 +2,7 @@
 fused residual add: the residual sum bit for bit, the normalised rows by the kernel rule, error
 against a float64 reference within 2x that of the same-dtype torch formula) and ``rope_cpu`` (bit for
 bit: it rounds where torch's ops round)."""
+
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_rms_norm_cpu_matches_the_formula(dtype: torch.dtype, with_residual: boo
     given = residual.clone() if with_residual else None
     out = rms_norm_cpu(x, weight, EPS, given)
     if with_residual:
-        assert torch.equal(given, h)   # the new residual, in place
+        assert torch.equal(given, h)  # the new residual, in place
     ref64 = formula(h.double(), weight.double(), torch.float64)
     err = (out.double() - ref64).abs().max().item()
     base = (formula(h, weight, dtype).double() - ref64).abs().max().item()
@@ -46,14 +47,18 @@ def test_rms_norm_cpu_strided_rows_and_empty() -> None:
     assert rms_norm_cpu(torch.empty(0, 64), weight, EPS).shape == (0, 64)
 
 
-@pytest.mark.parametrize("args,exc", [
-    (lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)), TypeError),
-    (lambda: (torch.randn(3, 8), torch.randn(8, dtype=torch.bfloat16)), TypeError),
-    (lambda: (torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16)), TypeError),
-    (lambda: (torch.randn(3, 8), torch.randn(9)), ValueError),
-    (lambda: (torch.randn(3, 8).t(), torch.randn(3)), ValueError),
-    (lambda: (torch.randn(2, 3, 8), torch.randn(8)), ValueError),
-], ids=["float64", "mixed-dtypes", "bf16-vs-f16", "weight-size", "column-stride", "3d"])
+@pytest.mark.parametrize(
+    "args,exc",
+    [
+        (lambda: (torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)), TypeError),
+        (lambda: (torch.randn(3, 8), torch.randn(8, dtype=torch.bfloat16)), TypeError),
+        (lambda: (torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16)), TypeError),
+        (lambda: (torch.randn(3, 8), torch.randn(9)), ValueError),
+        (lambda: (torch.randn(3, 8).t(), torch.randn(3)), ValueError),
+        (lambda: (torch.randn(2, 3, 8), torch.randn(8)), ValueError),
+    ],
+    ids=["float64", "mixed-dtypes", "bf16-vs-f16", "weight-size", "column-stride", "3d"],
+)
 def test_rms_norm_cpu_bad_arguments(args, exc) -> None:
     with pytest.raises(exc):
         rms_norm_cpu(*args(), EPS)
@@ -78,25 +83,35 @@ def test_rope_cpu_is_bit_identical_to_torch(dtype: torch.dtype, head_dim: int) -
     gen = torch.Generator().manual_seed(head_dim)
     T, Hq, Hkv = 9, 4, 2
     qkv = (4 * torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen)).to(dtype)
-    qk = qkv[:, :(Hq + Hkv) * head_dim].view(T, Hq + Hkv, head_dim)
+    qk = qkv[:, : (Hq + Hkv) * head_dim].view(T, Hq + Hkv, head_dim)
     positions = torch.tensor([0, 1, 2, 7, 100, 4095, 3, 3, 50000])
     cos, sin = rope_cos_sin(positions, rope_inv_freq(head_dim, 1e6, None), dtype)
-    expected, v = rope_torch(qk, cos, sin), qkv[:, (Hq + Hkv) * head_dim:].clone()
+    expected, v = rope_torch(qk, cos, sin), qkv[:, (Hq + Hkv) * head_dim :].clone()
     assert rope_cpu(qk, cos, sin) is qk
     assert torch.equal(qk, expected)
-    assert torch.equal(qkv[:, (Hq + Hkv) * head_dim:], v)   # the rest of the row untouched
+    assert torch.equal(qkv[:, (Hq + Hkv) * head_dim :], v)  # the rest of the row untouched
 
 
-@pytest.mark.parametrize("args,exc", [
-    (lambda: (torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(3, 8)), TypeError),
-    (lambda: (torch.randn(3, 2, 8), torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)), TypeError),
-    (lambda: (torch.randn(3, 2, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.float16),
-              torch.randn(3, 8, dtype=torch.float16)), TypeError),
-    (lambda: (torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)), ValueError),
-    (lambda: (torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8)), ValueError),
-    (lambda: (torch.randn(3, 8, 2).transpose(1, 2), torch.randn(3, 8), torch.randn(3, 8)), ValueError),
-    (lambda: (torch.randn(3, 2, 8), torch.randn(8, 3).t(), torch.randn(3, 8)), ValueError),
-], ids=["float64", "mixed-dtypes", "bf16-vs-f16", "odd-dim", "tokens", "dim-stride", "strided-cos"])
+@pytest.mark.parametrize(
+    "args,exc",
+    [
+        (lambda: (torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(3, 8)), TypeError),
+        (lambda: (torch.randn(3, 2, 8), torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)), TypeError),
+        (
+            lambda: (
+                torch.randn(3, 2, 8, dtype=torch.bfloat16),
+                torch.randn(3, 8, dtype=torch.float16),
+                torch.randn(3, 8, dtype=torch.float16),
+            ),
+            TypeError,
+        ),
+        (lambda: (torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7)), ValueError),
+        (lambda: (torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8)), ValueError),
+        (lambda: (torch.randn(3, 8, 2).transpose(1, 2), torch.randn(3, 8), torch.randn(3, 8)), ValueError),
+        (lambda: (torch.randn(3, 2, 8), torch.randn(8, 3).t(), torch.randn(3, 8)), ValueError),
+    ],
+    ids=["float64", "mixed-dtypes", "bf16-vs-f16", "odd-dim", "tokens", "dim-stride", "strided-cos"],
+)
 def test_rope_cpu_bad_arguments(args, exc) -> None:
     with pytest.raises(exc):
         rope_cpu(*args())

@@ -4,6 +4,7 @@ kernel ``lora_apply_cpu``.
 Tolerance rule (flash-attention style): the kernel's error against an fp32 reference must be at
 most twice the error of the same-dtype torch reference against that fp32 reference, plus a small atol.
 """
+
 from __future__ import annotations
 
 import random
@@ -12,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from mcl_runtime.kernels import (HAS_CPU_LAYER_OPS, LoRAWeightsCPU, lora_apply, lora_apply_cpu, lora_apply_ref,
-                                 lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref)
+from mcl_runtime.kernels import (
+    HAS_CPU_LAYER_OPS,
+    LoRAWeightsCPU,
+    lora_apply,
+    lora_apply_cpu,
+    lora_apply_ref,
+    lora_expand,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RANK_CHOICES = (8, 16, 32, 64)
@@ -27,8 +37,15 @@ def check_rule(out: torch.Tensor, ref32: torch.Tensor, ref_lp: torch.Tensor, wha
     assert err <= 2 * base + atol, f"{what}: kernel error {err:.3g} > 2 x torch error {base:.3g} + {atol:.1g}"
 
 
-def make_lora(num_slots: int, hidden: int, max_rank: int, slice_ns: tuple[int, ...], dtype: torch.dtype,
-              gen: torch.Generator, zero_slices: bool = True):
+def make_lora(
+    num_slots: int,
+    hidden: int,
+    max_rank: int,
+    slice_ns: tuple[int, ...],
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    zero_slices: bool = True,
+):
     """Adapter slots with ranks mixed from RANK_CHOICES (and one untargeted slice), padded to max_rank
     with zeros as the engine lays them out."""
     n_slices = len(slice_ns)
@@ -36,20 +53,21 @@ def make_lora(num_slots: int, hidden: int, max_rank: int, slice_ns: tuple[int, .
     for n in slice_ns:
         offsets.append(offsets[-1] + n)
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    ranks = torch.tensor([[rng.choice([r for r in RANK_CHOICES if r <= max_rank]) for _ in range(n_slices)]
-                          for _ in range(num_slots)], dtype=torch.int32)
+    ranks = torch.tensor(
+        [[rng.choice([r for r in RANK_CHOICES if r <= max_rank]) for _ in range(n_slices)] for _ in range(num_slots)],
+        dtype=torch.int32,
+    )
     if zero_slices and n_slices > 1:
         ranks[1, n_slices - 1] = 0
-    lora_a = torch.randn(num_slots, n_slices * max_rank, hidden, generator=gen) / hidden ** 0.5
+    lora_a = torch.randn(num_slots, n_slices * max_rank, hidden, generator=gen) / hidden**0.5
     lora_b = torch.randn(num_slots, offsets[-1], max_rank, generator=gen) / 4
     for w in range(num_slots):
         for j in range(n_slices):
             r = int(ranks[w, j])
-            lora_a[w, j * max_rank + r:(j + 1) * max_rank] = 0
-            lora_b[w, offsets[j]:offsets[j + 1], r:] = 0
+            lora_a[w, j * max_rank + r : (j + 1) * max_rank] = 0
+            lora_b[w, offsets[j] : offsets[j + 1], r:] = 0
     scaling = torch.rand(num_slots, generator=gen) * 2 + 0.25
-    return (lora_a.to(DEVICE, dtype), lora_b.to(DEVICE, dtype), ranks.to(DEVICE), scaling.to(DEVICE),
-            tuple(offsets))
+    return (lora_a.to(DEVICE, dtype), lora_b.to(DEVICE, dtype), ranks.to(DEVICE), scaling.to(DEVICE), tuple(offsets))
 
 
 def popularity_slots(pattern: str, num_requests: int, num_slots: int, rng: random.Random) -> list[int]:
@@ -71,8 +89,10 @@ def popularity_slots(pattern: str, num_requests: int, num_slots: int, rng: rando
 def make_segments(slots: list[int], lengths: list[int], num_decodes: int, empty_segment: bool = True):
     """Engine layout: decodes first, then prefill chunks, each group sorted by slot; one segment per
     run of equal slots. Returns (T, seg_starts, seg_slots, max_seg_len)."""
-    groups = [sorted(zip(slots[:num_decodes], lengths[:num_decodes])),
-              sorted(zip(slots[num_decodes:], lengths[num_decodes:]))]
+    groups = [
+        sorted(zip(slots[:num_decodes], lengths[:num_decodes])),
+        sorted(zip(slots[num_decodes:], lengths[num_decodes:])),
+    ]
     starts, seg_slots, pos = [0], [], 0
     for gi, group in enumerate(groups):
         prev = None
@@ -88,12 +108,17 @@ def make_segments(slots: list[int], lengths: list[int], num_decodes: int, empty_
             seg_slots.append(0)
             starts.append(pos)
     max_seg_len = max((b - a for a, b in zip(starts, starts[1:])), default=0)
-    return (pos, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-            torch.tensor(seg_slots, dtype=torch.int32, device=DEVICE), max_seg_len)
+    return (
+        pos,
+        torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        torch.tensor(seg_slots, dtype=torch.int32, device=DEVICE),
+        max_seg_len,
+    )
 
 
-def engine_batch(pattern: str, num_slots: int, seed: int, num_decodes: int = 4, num_prefills: int = 4,
-                 no_adapter_prob: float = 0.25):
+def engine_batch(
+    pattern: str, num_slots: int, seed: int, num_decodes: int = 4, num_prefills: int = 4, no_adapter_prob: float = 0.25
+):
     rng = random.Random(seed)
     n = num_decodes + num_prefills
     slots = popularity_slots(pattern, n, num_slots, rng)
@@ -115,9 +140,11 @@ def run_all(x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets
     return u, u_ref32, u_reflp, y_k, y_ref32, y_reflp
 
 
-@pytest.mark.parametrize("pattern,dtype", [(p, torch.bfloat16) for p in POPULARITY]
-                         + [("uniform", torch.float32), ("uniform", torch.float16)],
-                         ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1])
+@pytest.mark.parametrize(
+    "pattern,dtype",
+    [(p, torch.bfloat16) for p in POPULARITY] + [("uniform", torch.float32), ("uniform", torch.float16)],
+    ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1],
+)
 def test_sgmv_popularity_multislice(pattern: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(POPULARITY.index(pattern))
     num_slots, hidden, max_rank = 8, 96, 64
@@ -126,7 +153,8 @@ def test_sgmv_popularity_multislice(pattern: str, dtype: torch.dtype) -> None:
     x = torch.randn(T, hidden, generator=gen).to(DEVICE, dtype)
     y = torch.randn(T, offsets[-1], generator=gen).to(DEVICE, dtype)
     u, u_ref32, u_reflp, y_k, y_ref32, y_reflp = run_all(
-        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len)
+        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len
+    )
     assert u.dtype == torch.float32 and u.shape == (T, 3 * max_rank)
     check_rule(u, u_ref32, u_reflp, "shrink")
     check_rule(y_k, y_ref32, y_reflp, "expand")
@@ -149,7 +177,8 @@ def test_decode_many_single_token_segments(dtype: torch.dtype) -> None:
     x = torch.randn(len(slots), hidden, generator=gen).to(DEVICE, dtype)
     y = torch.randn(len(slots), offsets[-1], generator=gen).to(DEVICE, dtype)
     u, u_ref32, u_reflp, y_k, y_ref32, y_reflp = run_all(
-        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, 1)
+        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, 1
+    )
     check_rule(u, u_ref32, u_reflp, "shrink")
     check_rule(y_k, y_ref32, y_reflp, "expand")
 
@@ -166,7 +195,8 @@ def test_long_segments_and_trailing_rows(dtype: torch.dtype) -> None:
     x = torch.randn(T, 80, generator=gen).to(DEVICE, dtype)
     y = torch.randn(T, offsets[-1], generator=gen).to(DEVICE, dtype)
     u, u_ref32, u_reflp, y_k, y_ref32, y_reflp = run_all(
-        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, 37)
+        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, 37
+    )
     check_rule(u, u_ref32, u_reflp, "shrink")
     check_rule(y_k, y_ref32, y_reflp, "expand")
     assert torch.equal(y_k[39:], y[39:])
@@ -213,8 +243,8 @@ def test_apply_into_strided_output_view() -> None:
     x = torch.randn(T, 64, generator=gen).to(DEVICE)
     full = torch.randn(T, offsets[-1] + 10, generator=gen).to(DEVICE)
     expected = full.clone()
-    lora_apply_ref(x, expected[:, 5:5 + offsets[-1]], lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
-    view = full[:, 5:5 + offsets[-1]]
+    lora_apply_ref(x, expected[:, 5 : 5 + offsets[-1]], lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
+    view = full[:, 5 : 5 + offsets[-1]]
     assert lora_apply(x, view, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len) is view
     torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
 
@@ -226,8 +256,9 @@ def test_no_segments_is_a_no_op() -> None:
     y = torch.randn(3, 16).to(DEVICE)
     y0 = y.clone()
     empty = torch.zeros(0, dtype=torch.int32, device=DEVICE)
-    lora_apply(x, y, lora_a, lora_b, torch.zeros(1, dtype=torch.int32, device=DEVICE), empty, ranks, scaling,
-               offsets, 0)
+    lora_apply(
+        x, y, lora_a, lora_b, torch.zeros(1, dtype=torch.int32, device=DEVICE), empty, ranks, scaling, offsets, 0
+    )
     assert torch.equal(y, y0)
 
 
@@ -238,27 +269,53 @@ def _valid_args():
     seg_slots = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
     x = torch.randn(4, 32).to(DEVICE)
     y = torch.zeros(4, 24).to(DEVICE)
-    return dict(x=x, y=y, lora_a=lora_a, lora_b=lora_b, seg_starts=seg_starts, seg_slots=seg_slots,
-                ranks=ranks, scaling=scaling, slice_offsets=offsets, max_seg_len=2)
+    return dict(
+        x=x,
+        y=y,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        seg_starts=seg_starts,
+        seg_slots=seg_slots,
+        ranks=ranks,
+        scaling=scaling,
+        slice_offsets=offsets,
+        max_seg_len=2,
+    )
 
 
-@pytest.mark.parametrize("change,exc", [
-    (lambda a: a.update(seg_starts=a["seg_starts"].long()), TypeError),
-    (lambda a: a.update(seg_slots=a["seg_slots"][:1]), ValueError),
-    (lambda a: a.update(x=a["x"].half()), TypeError),
-    (lambda a: a.update(lora_a=a["lora_a"][:, :, :16]), ValueError),
-    (lambda a: a.update(ranks=a["ranks"][:, :1]), ValueError),
-    (lambda a: a.update(slice_offsets=(0, 16)), ValueError),
-    (lambda a: a.update(slice_offsets=(0, 20, 16)), ValueError),
-    (lambda a: a.update(slice_offsets=(0, 16, 30)), ValueError),
-    (lambda a: a.update(max_seg_len=-1), ValueError),
-    (lambda a: a.update(max_seg_len=2.0), ValueError),
-    (lambda a: a.update(scaling=a["scaling"].half()), TypeError),
-    (lambda a: a.update(y=a["y"].half()), TypeError),
-    (lambda a: a.update(y=a["y"][:, :20]), ValueError),
-], ids=["seg_starts-int64", "nseg-mismatch", "x-dtype", "lora_a-H", "ranks-shape", "offsets-count",
-        "offsets-order", "offsets-range", "max_seg_len-negative", "max_seg_len-float", "scaling-dtype",
-        "y-dtype", "y-shape"])
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (lambda a: a.update(seg_starts=a["seg_starts"].long()), TypeError),
+        (lambda a: a.update(seg_slots=a["seg_slots"][:1]), ValueError),
+        (lambda a: a.update(x=a["x"].half()), TypeError),
+        (lambda a: a.update(lora_a=a["lora_a"][:, :, :16]), ValueError),
+        (lambda a: a.update(ranks=a["ranks"][:, :1]), ValueError),
+        (lambda a: a.update(slice_offsets=(0, 16)), ValueError),
+        (lambda a: a.update(slice_offsets=(0, 20, 16)), ValueError),
+        (lambda a: a.update(slice_offsets=(0, 16, 30)), ValueError),
+        (lambda a: a.update(max_seg_len=-1), ValueError),
+        (lambda a: a.update(max_seg_len=2.0), ValueError),
+        (lambda a: a.update(scaling=a["scaling"].half()), TypeError),
+        (lambda a: a.update(y=a["y"].half()), TypeError),
+        (lambda a: a.update(y=a["y"][:, :20]), ValueError),
+    ],
+    ids=[
+        "seg_starts-int64",
+        "nseg-mismatch",
+        "x-dtype",
+        "lora_a-H",
+        "ranks-shape",
+        "offsets-count",
+        "offsets-order",
+        "offsets-range",
+        "max_seg_len-negative",
+        "max_seg_len-float",
+        "scaling-dtype",
+        "y-dtype",
+        "y-shape",
+    ],
+)
 def test_bad_arguments_raise(change, exc) -> None:
     args = _valid_args()
     change(args)
@@ -278,7 +335,8 @@ def test_sgmv_qwen_shapes_cuda(num_tokens: int, num_adapters: int) -> None:
     x = torch.randn(T, 3584, generator=gen).to(DEVICE, dtype)
     y = torch.randn(T, offsets[-1], generator=gen).to(DEVICE, dtype)
     u, u_ref32, u_reflp, y_k, y_ref32, y_reflp = run_all(
-        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len)
+        x, y, lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets, max_seg_len
+    )
     check_rule(u, u_ref32, u_reflp, "shrink")
     check_rule(y_k, y_ref32, y_reflp, "expand")
 
@@ -319,8 +377,9 @@ def test_split_k_rows_do_not_depend_on_the_batch() -> None:
     starts = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
     slot = torch.tensor([1], dtype=torch.int32, device=DEVICE)
     batch = lora_shrink(x, lora_a, starts, slot, ranks, 5, split_k=4)
-    alone = lora_shrink(x[2:3], lora_a, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), slot, ranks, 1,
-                        split_k=4)
+    alone = lora_shrink(
+        x[2:3], lora_a, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), slot, ranks, 1, split_k=4
+    )
     assert torch.equal(batch[2:3], alone)
 
 
@@ -341,11 +400,16 @@ def test_triton_backend_reuses_its_workspace() -> None:
     for T in (4, 4, 3):
         x = torch.randn(4, 64, generator=gen).to(DEVICE)[:T]
         y = torch.zeros(T, 48, device=DEVICE)
-        m = meta if T == 4 else LoRAMeta(starts[:2], slots[:1], 3, 16, starts[:2].cpu().numpy(), slots[:1].cpu().numpy())
+        m = (
+            meta
+            if T == 4
+            else LoRAMeta(starts[:2], slots[:1], 3, 16, starts[:2].cpu().numpy(), slots[:1].cpu().numpy())
+        )
         backend.apply_lora(x, y, mod, m)
         expected = torch.zeros_like(y)
-        lora_apply_ref(x, expected, mod.lora_a, mod.lora_b, m.seg_starts, m.seg_slots, mod.ranks, mod.scaling,
-                       mod.offsets)
+        lora_apply_ref(
+            x, expected, mod.lora_a, mod.lora_b, m.seg_starts, m.seg_slots, mod.ranks, mod.scaling, mod.offsets
+        )
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
         pointers.append(backend._workspace["shrink"].data_ptr())
     assert len(set(pointers)) == 1  # allocated once, reused by later (and smaller) steps
@@ -357,32 +421,39 @@ NO_CPU_KERNEL = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ 
 
 def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int, ...], seed: int):
     gen = torch.Generator().manual_seed(seed)
-    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
-                                               for t in make_lora(8, hidden, 64, slice_ns, dtype, gen))
+    lora_a, lora_b, ranks, scaling, offsets = (
+        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(8, hidden, 64, slice_ns, dtype, gen)
+    )
     T, seg_starts, seg_slots, _ = engine_batch(pattern, 8, seed=seed)
     seg_starts, seg_slots = seg_starts.cpu(), seg_slots.cpu()
     x = torch.randn(T, hidden, generator=gen).to(dtype)
     y = torch.randn(T, offsets[-1], generator=gen).to(dtype)
-    y_ref32 = lora_apply_ref(x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots,
-                             ranks, scaling, offsets)
+    y_ref32 = lora_apply_ref(
+        x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots, ranks, scaling, offsets
+    )
     y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
     weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
-    y_k, y_k3 = (lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads)
-                 for threads in (1, 3))
-    assert torch.equal(y_k, y_k3)   # the same bits on three threads
+    y_k, y_k3 = (
+        lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads)
+        for threads in (1, 3)
+    )
+    assert torch.equal(y_k, y_k3)  # the same bits on three threads
     return y, y_k, y_ref32, y_reflp, seg_starts, seg_slots
 
 
 @NO_CPU_KERNEL
 @pytest.mark.parametrize("hidden", [96, 100], ids=["in96", "in100"])
-@pytest.mark.parametrize("pattern,dtype", [(p, torch.bfloat16) for p in POPULARITY]
-                         + [("uniform", torch.float32), ("uniform", torch.float16)],
-                         ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1])
+@pytest.mark.parametrize(
+    "pattern,dtype",
+    [(p, torch.bfloat16) for p in POPULARITY] + [("uniform", torch.float32), ("uniform", torch.float16)],
+    ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1],
+)
 def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int) -> None:
     """Mixed ranks (8-64, one untargeted slice), rows without adapter, an empty segment; input
     widths a multiple of 16 and not; one thread and three give the same bits."""
-    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(pattern, dtype, hidden, (48, 20, 20),
-                                                               seed=POPULARITY.index(pattern))
+    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
+        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern)
+    )
     check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
     for i, w in enumerate(seg_slots.tolist()):
         if w < 0:
@@ -403,37 +474,69 @@ def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
 def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
     """Segments longer than the kernel's 16-token blocks, one slice, y a column slice of a wider tensor."""
     gen = torch.Generator().manual_seed(5)
-    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
-                                               for t in make_lora(3, 64, 16, (40,), torch.float32, gen))
+    lora_a, lora_b, ranks, scaling, offsets = (
+        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 64, 16, (40,), torch.float32, gen)
+    )
     seg_starts, seg_slots = np.array([0, 70, 75, 140], np.int32), np.array([2, -1, 0], np.int32)
     x = torch.randn(140, 64, generator=gen)
     wide = torch.randn(140, 50, generator=gen)
     expected = wide.clone()
-    lora_apply_ref(x, expected[:, 5:45], lora_a, lora_b, torch.from_numpy(seg_starts), torch.from_numpy(seg_slots),
-                   ranks, scaling, offsets)
+    lora_apply_ref(
+        x,
+        expected[:, 5:45],
+        lora_a,
+        lora_b,
+        torch.from_numpy(seg_starts),
+        torch.from_numpy(seg_slots),
+        ranks,
+        scaling,
+        offsets,
+    )
     lora_apply_cpu(x, wide[:, 5:45], LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets), seg_starts, seg_slots)
     torch.testing.assert_close(wide, expected)
 
 
 @NO_CPU_KERNEL
-@pytest.mark.parametrize("change,exc", [
-    (lambda a: a.update(x=a["x"].double()), TypeError),
-    (lambda a: a.update(x=a["x"].bfloat16(), y=a["y"].bfloat16(), lora_a=a["lora_a"].half(),
-                        lora_b=a["lora_b"].half()), TypeError),
-    (lambda a: a.update(offsets=(0, 10, 39)), ValueError),
-    (lambda a: a.update(seg_slots=np.array([5], np.int32)), ValueError),
-    (lambda a: a.update(seg_starts=np.array([0, 99], np.int32)), ValueError),
-    (lambda a: a.update(lora_a=a["lora_a"][:, :, :10]), ValueError),
-    (lambda a: a.update(ranks=a["ranks"] + 40), ValueError),
-], ids=["dtype", "x-vs-weights", "offsets", "slot", "rows", "in-features", "rank"])
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (lambda a: a.update(x=a["x"].double()), TypeError),
+        (
+            lambda a: a.update(
+                x=a["x"].bfloat16(), y=a["y"].bfloat16(), lora_a=a["lora_a"].half(), lora_b=a["lora_b"].half()
+            ),
+            TypeError,
+        ),
+        (lambda a: a.update(offsets=(0, 10, 39)), ValueError),
+        (lambda a: a.update(seg_slots=np.array([5], np.int32)), ValueError),
+        (lambda a: a.update(seg_starts=np.array([0, 99], np.int32)), ValueError),
+        (lambda a: a.update(lora_a=a["lora_a"][:, :, :10]), ValueError),
+        (lambda a: a.update(ranks=a["ranks"] + 40), ValueError),
+    ],
+    ids=["dtype", "x-vs-weights", "offsets", "slot", "rows", "in-features", "rank"],
+)
 def test_cpu_kernel_bad_arguments(change, exc) -> None:
     gen = torch.Generator().manual_seed(0)
-    lora_a, lora_b, ranks, scaling, offsets = (t.cpu() if isinstance(t, torch.Tensor) else t
-                                               for t in make_lora(3, 16, 16, (40,), torch.float32, gen))
-    args = dict(x=torch.randn(4, 16), y=torch.zeros(4, 40), lora_a=lora_a, lora_b=lora_b, scaling=scaling,
-                ranks=ranks, offsets=offsets, seg_starts=np.array([0, 4], np.int32),
-                seg_slots=np.array([1], np.int32))
+    lora_a, lora_b, ranks, scaling, offsets = (
+        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 16, 16, (40,), torch.float32, gen)
+    )
+    args = dict(
+        x=torch.randn(4, 16),
+        y=torch.zeros(4, 40),
+        lora_a=lora_a,
+        lora_b=lora_b,
+        scaling=scaling,
+        ranks=ranks,
+        offsets=offsets,
+        seg_starts=np.array([0, 4], np.int32),
+        seg_slots=np.array([1], np.int32),
+    )
     change(args)
     with pytest.raises(exc):
-        lora_apply_cpu(args["x"], args["y"], LoRAWeightsCPU(args["lora_a"], args["lora_b"], args["scaling"], args["ranks"],
-                                                            args["offsets"]), args["seg_starts"], args["seg_slots"])
+        lora_apply_cpu(
+            args["x"],
+            args["y"],
+            LoRAWeightsCPU(args["lora_a"], args["lora_b"], args["scaling"], args["ranks"], args["offsets"]),
+            args["seg_starts"],
+            args["seg_slots"],
+        )

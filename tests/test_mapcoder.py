@@ -1,5 +1,6 @@
 """The MapCoder protocol, evaluation and CLI, driven by a scripted fake LLM on small problems
 written here (never the benchmark files)."""
+
 import asyncio
 import json
 import socket
@@ -16,26 +17,57 @@ from mcl_runtime.agents.llm import ChatError, ChatReply, EngineChatClient, OpenA
 from mcl_runtime.agents.mapcoder import MapCoder, MapCoderConfig
 from mcl_runtime.agents.sandbox import Limits, Sandbox
 
-ADD = problem_from_record({
-    "task_id": "own/add", "entry_point": "add",
-    "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
-    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-4, 4) == 0\n",
-    "sample_io": ["assert add(1, 2) == 3"]})
-SQUARE = problem_from_record({
-    "name": "own_square", "entry_point": "square", "prompt": "def square(x: int) -> int:\n    pass\n",
-    "test": "def check(candidate):\n    assert candidate(3) == 9\n\ndef test_check():\n    check(square)\n\ntest_check()\n",
-    "sample_io": ["assert square(2) == 4"]})
-DOUBLE = problem_from_record({
-    "id": 90001, "name": "90001", "description": "Read an integer n and print 2n.", "difficulty": "introductory",
-    "starter_code": "", "sample_io": [{"input": "3\n", "output": ["6\n"]}],
-    "test_list": [{"input": "3\n", "output": ["6\n"]}, {"input": "-5\n", "output": ["-10\n"]}]})
-TRIPLE = problem_from_record({
-    "src_uid": "own-triple", "description": "Print three times the given integer.", "input_spec": "One integer.",
-    "output_spec": "One integer.", "notes": "", "sample_inputs": ["2"], "sample_outputs": ["6"],
-    "time_limit": "1 second", "memory_limit": "256 megabytes"})
-NO_SAMPLES = problem_from_record({
-    "id": 90002, "description": "Print 7.", "starter_code": "", "sample_io": [],
-    "test_list": [{"input": "", "output": ["7\n"]}]})
+ADD = problem_from_record(
+    {
+        "task_id": "own/add",
+        "entry_point": "add",
+        "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b."""\n',
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-4, 4) == 0\n",
+        "sample_io": ["assert add(1, 2) == 3"],
+    }
+)
+SQUARE = problem_from_record(
+    {
+        "name": "own_square",
+        "entry_point": "square",
+        "prompt": "def square(x: int) -> int:\n    pass\n",
+        "test": "def check(candidate):\n    assert candidate(3) == 9\n\ndef test_check():\n    check(square)\n\ntest_check()\n",  # noqa: E501
+        "sample_io": ["assert square(2) == 4"],
+    }
+)
+DOUBLE = problem_from_record(
+    {
+        "id": 90001,
+        "name": "90001",
+        "description": "Read an integer n and print 2n.",
+        "difficulty": "introductory",
+        "starter_code": "",
+        "sample_io": [{"input": "3\n", "output": ["6\n"]}],
+        "test_list": [{"input": "3\n", "output": ["6\n"]}, {"input": "-5\n", "output": ["-10\n"]}],
+    }
+)
+TRIPLE = problem_from_record(
+    {
+        "src_uid": "own-triple",
+        "description": "Print three times the given integer.",
+        "input_spec": "One integer.",
+        "output_spec": "One integer.",
+        "notes": "",
+        "sample_inputs": ["2"],
+        "sample_outputs": ["6"],
+        "time_limit": "1 second",
+        "memory_limit": "256 megabytes",
+    }
+)
+NO_SAMPLES = problem_from_record(
+    {
+        "id": 90002,
+        "description": "Print 7.",
+        "starter_code": "",
+        "sample_io": [],
+        "test_list": [{"input": "", "output": ["7\n"]}],
+    }
+)
 
 RIGHT_ADD = "def add(a, b):\n    return a + b\n"
 WRONG_ADD = "def add(a, b):\n    return a - b\n"
@@ -43,8 +75,11 @@ WORSE_ADD = "def add(a, b):\n    return a * b\n"
 
 
 def retrieval_answer(n: int) -> str:
-    probs = "".join(f"<problem><description>Recalled problem {i}</description><code>pass</code>"
-                    f"<planning>Recalled plan {i}</planning></problem>" for i in range(n))
+    probs = "".join(
+        f"<problem><description>Recalled problem {i}</description><code>pass</code>"
+        f"<planning>Recalled plan {i}</planning></problem>"
+        for i in range(n)
+    )
     return f"<root>{probs}<algorithm>Arithmetic.</algorithm></root>"
 
 
@@ -90,19 +125,39 @@ def solve(judge, client, problem, **config):
 
 
 def test_protocol_order_ranking_debugging_and_next_plan(judge):
-    client = ScriptedClient([
-        ("retrieval", retrieval_answer(2)),
-        ("planning", "PLAN-ALPHA"), ("planning", rating(30)),
-        ("planning", "PLAN-BETA"), ("planning", rating(90)),
-        ("coding", fenced(WRONG_ADD)),
-        ("debugging", "Revised: multiply.\n" + fenced(WORSE_ADD)),
-        ("coding", fenced(RIGHT_ADD)),
-    ])
+    client = ScriptedClient(
+        [
+            ("retrieval", retrieval_answer(2)),
+            ("planning", "PLAN-ALPHA"),
+            ("planning", rating(30)),
+            ("planning", "PLAN-BETA"),
+            ("planning", rating(90)),
+            ("coding", fenced(WRONG_ADD)),
+            ("debugging", "Revised: multiply.\n" + fenced(WORSE_ADD)),
+            ("coding", fenced(RIGHT_ADD)),
+        ]
+    )
     traj = solve(judge, client, ADD, k=2, t=1)
-    assert client.agents() == ["retrieval", "planning", "planning", "planning", "planning", "coding",
-                               "debugging", "coding"]
-    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "planning", "verification",
-                                            "coding", "debugging", "coding"]
+    assert client.agents() == [
+        "retrieval",
+        "planning",
+        "planning",
+        "planning",
+        "planning",
+        "coding",
+        "debugging",
+        "coding",
+    ]
+    assert [c.step for c in traj.calls] == [
+        "retrieval",
+        "planning",
+        "verification",
+        "planning",
+        "verification",
+        "coding",
+        "debugging",
+        "coding",
+    ]
     assert [(p.plan, p.confidence, p.exemplar) for p in traj.plans] == [("PLAN-BETA", 90, 1), ("PLAN-ALPHA", 30, 0)]
     assert "Recalled plan 0" in client.user_text(1) and "Recalled plan 1" in client.user_text(3)
     assert "PLAN-ALPHA" in client.user_text(2)
@@ -110,7 +165,7 @@ def test_protocol_order_ranking_debugging_and_next_plan(judge):
     report = client.user_text(6)
     assert "Test 1: failed (wrong answer)" in report and "Expected:\n3" in report and "Actual:\n-1" in report
     assert WRONG_ADD.strip() in report
-    assert [r.passed for r in traj.sample_runs] == [False, True]   # MapCoder's loop: the t-th fix is not run
+    assert [r.passed for r in traj.sample_runs] == [False, True]  # MapCoder's loop: the t-th fix is not run
     assert traj.final_code == RIGHT_ADD.rstrip() and traj.samples_passed and not traj.budget_exhausted
     assert traj.per_agent("calls") == {"retrieval": 1, "planning": 4, "coding": 2, "debugging": 1}
     assert traj.per_agent("format_failures") == {"retrieval": 0, "planning": 0, "coding": 0, "debugging": 0}
@@ -118,11 +173,17 @@ def test_protocol_order_ranking_debugging_and_next_plan(judge):
 
 
 def test_debugging_until_the_samples_pass_then_stop(judge):
-    client = ScriptedClient([
-        ("retrieval", retrieval_answer(1)), ("planning", "PLAN"), ("planning", rating(50)),
-        ("coding", fenced(WRONG_ADD)), ("debugging", fenced(WORSE_ADD)), ("debugging", fenced(RIGHT_ADD)),
-        ("debugging", fenced(WRONG_ADD)),
-    ])
+    client = ScriptedClient(
+        [
+            ("retrieval", retrieval_answer(1)),
+            ("planning", "PLAN"),
+            ("planning", rating(50)),
+            ("coding", fenced(WRONG_ADD)),
+            ("debugging", fenced(WORSE_ADD)),
+            ("debugging", fenced(RIGHT_ADD)),
+            ("debugging", fenced(WRONG_ADD)),
+        ]
+    )
     traj = solve(judge, client, ADD, k=1, t=3)
     assert client.agents() == ["retrieval", "planning", "planning", "coding", "debugging", "debugging"]
     assert traj.final_code == RIGHT_ADD.rstrip() and traj.samples_passed
@@ -130,17 +191,23 @@ def test_debugging_until_the_samples_pass_then_stop(judge):
 
 @pytest.mark.parametrize("test_last_fix", [False, True])
 def test_the_last_fix_is_tested_only_in_our_variant(judge, test_last_fix):
-    client = ScriptedClient([
-        ("retrieval", retrieval_answer(1)), ("planning", "PLAN"), ("planning", rating(50)),
-        ("coding", fenced(WRONG_ADD)), ("debugging", fenced(WORSE_ADD)), ("debugging", fenced(RIGHT_ADD)),
-    ])
+    client = ScriptedClient(
+        [
+            ("retrieval", retrieval_answer(1)),
+            ("planning", "PLAN"),
+            ("planning", rating(50)),
+            ("coding", fenced(WRONG_ADD)),
+            ("debugging", fenced(WORSE_ADD)),
+            ("debugging", fenced(RIGHT_ADD)),
+        ]
+    )
     traj = solve(judge, client, ADD, k=1, t=2, test_last_fix=test_last_fix)
-    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "coding", "debugging",
-                                            "debugging"]
-    assert traj.final_code == RIGHT_ADD.rstrip()                 # the last code written is final either way
-    assert [r.code for r in traj.sample_runs] == [WRONG_ADD.rstrip(), WORSE_ADD.rstrip()] + \
-        ([RIGHT_ADD.rstrip()] if test_last_fix else [])
-    assert traj.samples_passed == test_last_fix                  # untested, so not known to pass
+    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "coding", "debugging", "debugging"]
+    assert traj.final_code == RIGHT_ADD.rstrip()  # the last code written is final either way
+    assert [r.code for r in traj.sample_runs] == [WRONG_ADD.rstrip(), WORSE_ADD.rstrip()] + (
+        [RIGHT_ADD.rstrip()] if test_last_fix else []
+    )
+    assert traj.samples_passed == test_last_fix  # untested, so not known to pass
 
 
 def test_published_settings():
@@ -155,10 +222,21 @@ def test_published_settings():
 
 def test_exhausted_rounds_move_on_and_the_last_code_is_final(judge):
     wrong = [fenced(f"def add(a, b):\n    return {100 + i}\n") for i in range(20)]
-    script = [("retrieval", retrieval_answer(2)), ("planning", "P0"), ("planning", rating(10)),
-              ("planning", "P1"), ("planning", rating(20))]
-    script += [("coding", wrong[0]), ("debugging", wrong[1]), ("debugging", wrong[2]),
-               ("coding", wrong[3]), ("debugging", wrong[4]), ("debugging", wrong[5])]
+    script = [
+        ("retrieval", retrieval_answer(2)),
+        ("planning", "P0"),
+        ("planning", rating(10)),
+        ("planning", "P1"),
+        ("planning", rating(20)),
+    ]
+    script += [
+        ("coding", wrong[0]),
+        ("debugging", wrong[1]),
+        ("debugging", wrong[2]),
+        ("coding", wrong[3]),
+        ("debugging", wrong[4]),
+        ("debugging", wrong[5]),
+    ]
     client = ScriptedClient(script)
     config = MapCoderConfig(k=2, t=2)
     traj = asyncio.run(MapCoder(client, judge, config).solve(ADD))
@@ -169,16 +247,20 @@ def test_exhausted_rounds_move_on_and_the_last_code_is_final(judge):
     assert not traj.budget_exhausted
 
 
-@pytest.mark.parametrize("budget,steps", [
-    (1, ["retrieval"]),
-    (4, ["retrieval", "planning", "verification", "planning"]),
-    (7, ["retrieval", "planning", "verification", "coding", "debugging", "debugging", "debugging"]),
-])
+@pytest.mark.parametrize(
+    "budget,steps",
+    [
+        (1, ["retrieval"]),
+        (4, ["retrieval", "planning", "verification", "planning"]),
+        (7, ["retrieval", "planning", "verification", "coding", "debugging", "debugging", "debugging"]),
+    ],
+)
 def test_call_budget_is_respected(judge, budget, steps):
     k = 3 if budget == 4 else 1
     script = [("retrieval", retrieval_answer(k))] + [("planning", "P"), ("planning", rating(50))] * k
-    script += [("coding", fenced(WRONG_ADD))] + [("debugging", fenced(f"def add(a, b):\n    return {i}\n"))
-                                                for i in range(10)]
+    script += [("coding", fenced(WRONG_ADD))] + [
+        ("debugging", fenced(f"def add(a, b):\n    return {i}\n")) for i in range(10)
+    ]
     client = ScriptedClient(script)
     traj = solve(judge, client, ADD, k=k, t=5, max_calls=budget)
     assert [c.step for c in traj.calls] == steps and len(client.calls) == budget
@@ -187,25 +269,35 @@ def test_call_budget_is_respected(judge, budget, steps):
 
 
 def test_ties_keep_recall_order(judge):
-    client = ScriptedClient([("retrieval", retrieval_answer(3)),
-                             ("planning", "A"), ("planning", rating(50)), ("planning", "B"), ("planning", rating(80)),
-                             ("planning", "C"), ("planning", rating(50)), ("coding", fenced(RIGHT_ADD))])
+    client = ScriptedClient(
+        [
+            ("retrieval", retrieval_answer(3)),
+            ("planning", "A"),
+            ("planning", rating(50)),
+            ("planning", "B"),
+            ("planning", rating(80)),
+            ("planning", "C"),
+            ("planning", rating(50)),
+            ("coding", fenced(RIGHT_ADD)),
+        ]
+    )
     traj = solve(judge, client, ADD, k=3, t=0)
     assert [p.plan for p in traj.plans] == ["B", "A", "C"]
 
 
 def test_garbage_truncated_and_refused_answers_are_format_failures(judge):
-    client = ScriptedClient([
-        ("retrieval", "\x00\x01 <problem> <<garbage"),
-        ("planning", ""),
-        ("planning", "I am fairly sure."),
-        ("coding", ChatError("coding: request refused: prompt too long")),
-        ("debugging", "Let me think about loops and sums for a while."),
-        ("debugging", "```python\ndef add(a, b):\n    return a +"),
-    ])
+    client = ScriptedClient(
+        [
+            ("retrieval", "\x00\x01 <problem> <<garbage"),
+            ("planning", ""),
+            ("planning", "I am fairly sure."),
+            ("coding", ChatError("coding: request refused: prompt too long")),
+            ("debugging", "Let me think about loops and sums for a while."),
+            ("debugging", "```python\ndef add(a, b):\n    return a +"),
+        ]
+    )
     traj = solve(judge, client, ADD, k=3, t=2)
-    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "coding", "debugging",
-                                            "debugging"]
+    assert [c.step for c in traj.calls] == ["retrieval", "planning", "verification", "coding", "debugging", "debugging"]
     assert traj.per_agent("format_failures") == {"retrieval": 1, "planning": 2, "coding": 1, "debugging": 1}
     assert traj.calls[3].error.startswith("coding: request refused") and traj.calls[3].text == ""
     assert traj.plans[0].exemplar is None and traj.plans[0].confidence == 0
@@ -227,8 +319,14 @@ def test_every_answer_garbage_never_crashes(judge):
 
 
 def test_no_sample_tests_accepts_the_first_code(judge):
-    client = ScriptedClient([("retrieval", retrieval_answer(1)), ("planning", "P"), ("planning", rating(99)),
-                             ("coding", fenced("print(7)\n"))])
+    client = ScriptedClient(
+        [
+            ("retrieval", retrieval_answer(1)),
+            ("planning", "P"),
+            ("planning", rating(99)),
+            ("coding", fenced("print(7)\n")),
+        ]
+    )
     traj = solve(judge, client, NO_SAMPLES, k=1, t=5)
     assert len(traj.calls) == 4 and traj.samples_passed and traj.final_code == "print(7)"
 
@@ -242,9 +340,12 @@ def test_prompts_stay_bounded_and_follow_the_style():
     outcomes = [TestOutcome(Verdict.WRONG_ANSWER, huge, huge, huge, huge, 0.1)] * 50
     report = prompts.test_report(outcomes, "stdio")
     assert len(report) < prompts.MAX_REPORT + 100 and report.startswith("Test 1: failed (wrong answer)\nInput:")
-    for messages in (prompts.debugging_messages(DOUBLE, huge, huge, report, huge),
-                     prompts.planning_messages(DOUBLE, Exemplar(huge, huge, huge), huge),
-                     prompts.coding_messages(DOUBLE, huge, huge), prompts.verification_messages(DOUBLE, huge)):
+    for messages in (
+        prompts.debugging_messages(DOUBLE, huge, huge, report, huge),
+        prompts.planning_messages(DOUBLE, Exemplar(huge, huge, huge), huge),
+        prompts.coding_messages(DOUBLE, huge, huge),
+        prompts.verification_messages(DOUBLE, huge),
+    ):
         assert [m["role"] for m in messages] == ["system", "user"] and len(messages[1]["content"]) < 30_000
     assert "standard input" in prompts.coding_messages(DOUBLE, "p", "a")[1]["content"]
     assert "do not print" in prompts.coding_messages(ADD, "p", "a")[1]["content"]
@@ -261,8 +362,12 @@ def test_config_validation():
 
 # ---- evaluation over several problems
 
-SOLUTIONS = {"def add(": RIGHT_ADD, "def square(": "def square(x):\n    return x * x\n",
-             "print 2n": "print(2 * int(input()))\n", "three times": "print(3 * int(input()) + 1)\n"}
+SOLUTIONS = {
+    "def add(": RIGHT_ADD,
+    "def square(": "def square(x):\n    return x * x\n",
+    "print 2n": "print(2 * int(input()))\n",
+    "three times": "print(3 * int(input()) + 1)\n",
+}
 
 
 class ByContent:
@@ -290,13 +395,31 @@ def test_evaluate_writes_results_and_summary(judge, tmp_path):
     client = ByContent()
     solver = MapCoder(client, judge, MapCoderConfig(k=1, t=1))
     with open(tmp_path / "traj.jsonl", "w") as traj:
-        summary = asyncio.run(evaluate([ADD, SQUARE, DOUBLE, TRIPLE], solver, out, workers=4,
-                                       config={"dataset": "own"}, progress=False, trajectories=traj))
+        summary = asyncio.run(
+            evaluate(
+                [ADD, SQUARE, DOUBLE, TRIPLE],
+                solver,
+                out,
+                workers=4,
+                config={"dataset": "own"},
+                progress=False,
+                trajectories=traj,
+            )
+        )
     rows = {r["task_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"own/add", "own_square", "90001", "own-triple"}
     for r in rows.values():
-        assert {"task_id", "passed", "code", "verdict", "verdicts", "calls", "tokens", "format_failures",
-                "seconds"} <= set(r)
+        assert {
+            "task_id",
+            "passed",
+            "code",
+            "verdict",
+            "verdicts",
+            "calls",
+            "tokens",
+            "format_failures",
+            "seconds",
+        } <= set(r)
     assert rows["own/add"]["passed"] and rows["own_square"]["passed"] and rows["90001"]["passed"]
     assert rows["90001"]["verdicts"] == ["passed", "passed"]
     assert not rows["own-triple"]["passed"] and rows["own-triple"]["verdict"] == "wrong answer"
@@ -333,6 +456,7 @@ def test_evaluate_records_a_crashing_problem_and_goes_on(judge, tmp_path):
 
 # ---- datasets
 
+
 def test_builtin_datasets_ship_with_the_package():
     counts = {"humaneval": 164, "humaneval-et": 164, "mbpp": 397, "apps": 150, "xcodeeval": 106}
     for name, n in counts.items():
@@ -341,18 +465,22 @@ def test_builtin_datasets_ship_with_the_package():
     assert load_problems("humaneval", limit=1)[0].task_id == "HumanEval/0"
     assert load_problems("xcodeeval", limit=1)[0].hidden_are_samples
     et, plain = load_problems("humaneval-et", limit=1)[0], load_problems("humaneval", limit=1)[0]
-    assert et.sample_tests == plain.sample_tests and et.prefix == plain.prefix   # MapCoder's samples for ET
+    assert et.sample_tests == plain.sample_tests and et.prefix == plain.prefix  # MapCoder's samples for ET
     assert et.hidden_tests[0].source.startswith(plain.hidden_tests[0].source.rstrip("\n"))
     assert et.hidden_tests[0].source.count("assert has_close_elements(") > 10
 
 
 def test_extended_tests_join_the_hidden_test(judge):
-    rec = {"task_id": "own/abs", "entry_point": "my_abs", "prompt": "def my_abs(x: int) -> int:\n",
-           "test": "def check(candidate):\n    assert candidate(-2) == 2\n",
-           "test_case_list": ["assert my_abs(3) == 3", "assert my_abs(0) == 0"]}
+    rec = {
+        "task_id": "own/abs",
+        "entry_point": "my_abs",
+        "prompt": "def my_abs(x: int) -> int:\n",
+        "test": "def check(candidate):\n    assert candidate(-2) == 2\n",
+        "test_case_list": ["assert my_abs(3) == 3", "assert my_abs(0) == 0"],
+    }
     problem = problem_from_record(rec)
     assert problem.dataset == "humaneval-et" and problem.sample_tests == ()
-    right, wrong = "    return x if x >= 0 else -x\n", "    return 2 if x else 0\n"   # wrong passes ``test`` alone
+    right, wrong = "    return x if x >= 0 else -x\n", "    return 2 if x else 0\n"  # wrong passes ``test`` alone
     hidden = list(problem.hidden_tests)
     assert all(o.passed for o in judge.run_tests(problem.program(right), hidden))
     assert not any(o.passed for o in judge.run_tests(problem.program(wrong), hidden))
@@ -365,8 +493,15 @@ def test_problem_normalisation():
     assert TRIPLE.time_limit_s == 1.0 and TRIPLE.hidden_tests == TRIPLE.sample_tests
     program = ADD.program("from __future__ import annotations\nx = 1\n")
     assert program.startswith("from __future__ import annotations\nfrom typing import *\ndef add(")
-    apps_call = problem_from_record({"id": 1, "description": "d", "starter_code": "def f(x):\n\t",
-                                     "sample_io": [], "test_list": [{"input": "[1, 2]", "output": [[3, True]]}]})
+    apps_call = problem_from_record(
+        {
+            "id": 1,
+            "description": "d",
+            "starter_code": "def f(x):\n\t",
+            "sample_io": [],
+            "test_list": [{"input": "[1, 2]", "output": [[3, True]]}],
+        }
+    )
     assert apps_call.hidden_tests[0].expected == "[3, True]" and apps_call.starter_code == "def f(x):"
 
 
@@ -382,6 +517,7 @@ def test_bad_datasets_raise(tmp_path):
 
 
 # ---- backends
+
 
 @dataclass
 class FakeOut:
@@ -453,8 +589,10 @@ def fake_server():
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "test"}
-                                           for m in ["base", *agents.values(), "ret-v2"]]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "owned_by": "test"} for m in ["base", *agents.values(), "ret-v2"]],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -464,10 +602,14 @@ def fake_server():
         if "prompt too long" in body["messages"][-1]["content"]:
             return JSONResponse({"error": {"message": "too long", "type": "invalid_request_error"}}, 400)
         reply = await ByContent().chat(agent, body["messages"], body["max_tokens"], body["temperature"])
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": reply.text}}],
-                "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply.text}}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
+        }
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -487,33 +629,78 @@ def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys
 
     url, seen = fake_server
     data = tmp_path / "own.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
-        {"task_id": "own/add", "entry_point": "add", "prompt": "def add(a, b):\n    pass\n",
-         "test": "def check(candidate):\n    assert candidate(1, 1) == 2\n", "sample_io": ["assert add(1, 2) == 3"]},
-        {"id": 5, "description": "Read n and print 2n.", "starter_code": "", "sample_io": [],
-         "test_list": [{"input": "4", "output": ["8"]}]}]) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "task_id": "own/add",
+                    "entry_point": "add",
+                    "prompt": "def add(a, b):\n    pass\n",
+                    "test": "def check(candidate):\n    assert candidate(1, 1) == 2\n",
+                    "sample_io": ["assert add(1, 2) == 3"],
+                },
+                {
+                    "id": 5,
+                    "description": "Read n and print 2n.",
+                    "starter_code": "",
+                    "sample_io": [],
+                    "test_list": [{"input": "4", "output": ["8"]}],
+                },
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "res.jsonl"
     seen.clear()
-    assert main(["--dataset", str(data), "--endpoint", url, "--k", "1", "--t", "1", "--workers", "2",
-                 "--agent-model", "retrieval=ret-v2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                str(data),
+                "--endpoint",
+                url,
+                "--k",
+                "1",
+                "--t",
+                "1",
+                "--workers",
+                "2",
+                "--agent-model",
+                "retrieval=ret-v2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["task_id"] for r in rows) == ["5", "own/add"] and all(r["passed"] for r in rows)
     assert sorted(set(seen)) == ["coding", "planning", "ret-v2"]
     assert rows[0]["tokens"]["coding"] == {"prompt": 11, "completion": 3}
     summary = json.loads(summary_path(out).read_text())
     assert summary["pass@1"] == 1.0 and "pass@1" in capsys.readouterr().out
-    assert {k: summary[k] for k in ("dataset", "k", "t", "loop", "max_tokens", "distinct_problems",
-                                    "k_t_from")} == {"dataset": str(data), "k": 1, "t": 1, "loop": "mapcoder",
-                                                     "max_tokens": 4096, "distinct_problems": 2,
-                                                     "k_t_from": "command line"}
+    assert {k: summary[k] for k in ("dataset", "k", "t", "loop", "max_tokens", "distinct_problems", "k_t_from")} == {
+        "dataset": str(data),
+        "k": 1,
+        "t": 1,
+        "loop": "mapcoder",
+        "max_tokens": 4096,
+        "distinct_problems": 2,
+        "k_t_from": "command line",
+    }
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--dataset", "humaneval"], (5, 5, False, "MapCoder's published runs")),
-    (["--dataset", "humaneval-et"], (5, 5, False, "MapCoder's published runs")),
-    (["--dataset", "apps", "--test-last-fix"], (3, 5, True, "MapCoder's published runs")),
-    (["--dataset", "mbpp", "--k", "2"], (2, 5, False, "command line")),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--dataset", "humaneval"], (5, 5, False, "MapCoder's published runs")),
+        (["--dataset", "humaneval-et"], (5, 5, False, "MapCoder's published runs")),
+        (["--dataset", "apps", "--test-last-fix"], (3, 5, True, "MapCoder's published runs")),
+        (["--dataset", "mbpp", "--k", "2"], (2, 5, False, "command line")),
+    ],
+)
 def test_cli_protocol_defaults_are_mapcoders(argv, expected):
     from mcl_runtime.pipeline import apply_protocol_defaults, build_parser
 
@@ -526,16 +713,24 @@ def test_openai_client_turns_a_refused_request_into_chat_error(fake_server):
     url, _ = fake_server
     client = OpenAIChatClient(url, max_retries=0)
     with pytest.raises(ChatError):
-        asyncio.run(client.chat("coding", [{"role": "system", "content": "coding"},
-                                           {"role": "user", "content": "prompt too long"}], 8, 0.0))
+        asyncio.run(
+            client.chat(
+                "coding",
+                [{"role": "system", "content": "coding"}, {"role": "user", "content": "prompt too long"}],
+                8,
+                0.0,
+            )
+        )
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
     from mcl_runtime.pipeline import main
 
-    for argv in (["--dataset", "humaneval", "--out", "x", "--workers", "0"],
-                 ["--dataset", "humaneval", "--out", "x", "--endpoint", "http://h/v1", "--lora", "a=b"],
-                 ["--dataset", "humaneval", "--out", "x", "--endpoint", "http://h/v1", "--agent-model", "oops"]):
+    for argv in (
+        ["--dataset", "humaneval", "--out", "x", "--workers", "0"],
+        ["--dataset", "humaneval", "--out", "x", "--endpoint", "http://h/v1", "--lora", "a=b"],
+        ["--dataset", "humaneval", "--out", "x", "--endpoint", "http://h/v1", "--agent-model", "oops"],
+    ):
         with pytest.raises(SystemExit):
             main(argv)
 
@@ -543,10 +738,20 @@ def test_cli_rejects_bad_arguments(tmp_path):
 # ---- end to end with the demo model (answers are nonsense; the run must complete)
 
 OWN_PROBLEMS = [
-    {"task_id": "own/add", "entry_point": "add", "prompt": "def add(a, b):\n    pass\n",
-     "test": "def check(candidate):\n    assert candidate(1, 1) == 2\n", "sample_io": ["assert add(1, 2) == 3"]},
-    {"id": 5, "description": "Read n and print 2n.", "starter_code": "", "sample_io": [{"input": "1", "output": ["2"]}],
-     "test_list": [{"input": "4", "output": ["8"]}]},
+    {
+        "task_id": "own/add",
+        "entry_point": "add",
+        "prompt": "def add(a, b):\n    pass\n",
+        "test": "def check(candidate):\n    assert candidate(1, 1) == 2\n",
+        "sample_io": ["assert add(1, 2) == 3"],
+    },
+    {
+        "id": 5,
+        "description": "Read n and print 2n.",
+        "starter_code": "",
+        "sample_io": [{"input": "1", "output": ["2"]}],
+        "test_list": [{"input": "4", "output": ["8"]}],
+    },
 ]
 
 
@@ -571,8 +776,11 @@ def test_end_to_end_against_the_demo_server(tmp_path):
     from mcl_runtime.pipeline import main
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mcl_runtime.serve", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mcl_runtime.serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -586,8 +794,28 @@ def test_end_to_end_against_the_demo_server(tmp_path):
         data = tmp_path / "own.jsonl"
         data.write_text("\n".join(map(json.dumps, OWN_PROBLEMS)) + "\n")
         out = tmp_path / "res.jsonl"
-        assert main(["--dataset", str(data), "--endpoint", f"http://127.0.0.1:{port}/v1", "--k", "1", "--t", "1",
-                     "--max-tokens", "16", "--workers", "2", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "--dataset",
+                    str(data),
+                    "--endpoint",
+                    f"http://127.0.0.1:{port}/v1",
+                    "--k",
+                    "1",
+                    "--t",
+                    "1",
+                    "--max-tokens",
+                    "16",
+                    "--workers",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         _check_demo_run(out, 2)
     finally:
         server.kill()
@@ -601,6 +829,8 @@ def test_end_to_end_in_process_demo_engine(tmp_path):
     data = tmp_path / "own.jsonl"
     data.write_text(json.dumps(OWN_PROBLEMS[0]) + "\n")
     out = tmp_path / "res.jsonl"
-    assert main(["--dataset", str(data), "--k", "1", "--t", "1", "--max-tokens", "8", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["--dataset", str(data), "--k", "1", "--t", "1", "--max-tokens", "8", "--out", str(out), "--no-progress"])
+        == 0
+    )
     _check_demo_run(out, 1)

@@ -1,10 +1,17 @@
 """The agents' answer parsers: well-formed, sloppy, truncated and garbage answers."""
+
 import time
 
 import pytest
 
-from mcl_runtime.agents.parsers import (extract_tag, parse_code, parse_debugging, parse_plan, parse_retrieval,
-                                        parse_verification)
+from mcl_runtime.agents.parsers import (
+    extract_tag,
+    parse_code,
+    parse_debugging,
+    parse_plan,
+    parse_retrieval,
+    parse_verification,
+)
 
 GOOD_RETRIEVAL = """Sure! Here are the problems.
 ```xml
@@ -45,29 +52,38 @@ def test_retrieval_keeps_at_most_k():
 
 
 def test_retrieval_missing_closing_tags_and_root():
-    text = ("<problem><description>Reverse a list<code>xs[::-1]<planning>slice it</problem>"
-            "<problem><description>Second one<planning>do it<algorithm>slicing")
+    text = (
+        "<problem><description>Reverse a list<code>xs[::-1]<planning>slice it</problem>"
+        "<problem><description>Second one<planning>do it<algorithm>slicing"
+    )
     r = parse_retrieval(text)
     assert r.ok
     assert [(e.description, e.code, e.planning) for e in r.exemplars] == [
-        ("Reverse a list", "xs[::-1]", "slice it"), ("Second one", "", "do it")]
+        ("Reverse a list", "xs[::-1]", "slice it"),
+        ("Second one", "", "do it"),
+    ]
     assert r.algorithm == "slicing"
 
 
 def test_retrieval_xml_entities_are_unescaped():
-    r = parse_retrieval("<root><problem><description>a &lt; b</description><planning>p</planning>"
-                        "</problem><algorithm>x &amp; y</algorithm></root>")
+    r = parse_retrieval(
+        "<root><problem><description>a &lt; b</description><planning>p</planning>"
+        "</problem><algorithm>x &amp; y</algorithm></root>"
+    )
     assert r.exemplars[0].description == "a < b" and r.algorithm == "x & y"
 
 
-@pytest.mark.parametrize("text,why", [
-    ("", "recalled problems and algorithm"),
-    ("I cannot help with that.", "recalled problems and algorithm"),
-    ("<root><algorithm>greedy</algorithm></root>", "recalled problems"),
-    ("<root><problem><description>d</description><planning>p</planning></problem>", "algorithm"),
-    ("<problem><code>only code</code></problem><algorithm>x</algorithm>", "recalled problems"),
-    ("\x00\x01 <<<>>> </problem> <problem", "recalled problems and algorithm"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("", "recalled problems and algorithm"),
+        ("I cannot help with that.", "recalled problems and algorithm"),
+        ("<root><algorithm>greedy</algorithm></root>", "recalled problems"),
+        ("<root><problem><description>d</description><planning>p</planning></problem>", "algorithm"),
+        ("<problem><code>only code</code></problem><algorithm>x</algorithm>", "recalled problems"),
+        ("\x00\x01 <<<>>> </problem> <problem", "recalled problems and algorithm"),
+    ],
+)
 def test_retrieval_format_failures(text, why):
     r = parse_retrieval(text)
     assert not r.ok and why in r.error
@@ -80,15 +96,18 @@ def test_plan():
     assert not empty.ok and empty.plan == ""
 
 
-@pytest.mark.parametrize("text,confidence", [
-    ("<root><explanation>fine</explanation><confidence>85</confidence></root>", 85),
-    ("```xml\n<root>\n<explanation>ok</explanation>\n<confidence> 70 </confidence>\n</root>\n```", 70),
-    ("<confidence>150</confidence>", 100),
-    ("<confidence>-4</confidence>", 0),
-    ("<confidence>about 62.5 percent", 62),
-    ("The plan works. Confidence: 90", 90),
-    ("<explanation>unclosed explanation <confidence>40", 40),
-])
+@pytest.mark.parametrize(
+    "text,confidence",
+    [
+        ("<root><explanation>fine</explanation><confidence>85</confidence></root>", 85),
+        ("```xml\n<root>\n<explanation>ok</explanation>\n<confidence> 70 </confidence>\n</root>\n```", 70),
+        ("<confidence>150</confidence>", 100),
+        ("<confidence>-4</confidence>", 0),
+        ("<confidence>about 62.5 percent", 62),
+        ("The plan works. Confidence: 90", 90),
+        ("<explanation>unclosed explanation <confidence>40", 40),
+    ],
+)
 def test_verification(text, confidence):
     v = parse_verification(text)
     assert v.ok and v.confidence == confidence
@@ -102,8 +121,10 @@ def test_verification_explanation_and_failures():
 
 
 def test_code_last_fenced_python_block():
-    text = ("Idea:\n```python\ndef f():\n    return 1\n```\nthen better:\n```python\ndef f():\n    return 2\n```\n"
-            "Output:\n```text\n2\n```\n")
+    text = (
+        "Idea:\n```python\ndef f():\n    return 1\n```\nthen better:\n```python\ndef f():\n    return 2\n```\n"
+        "Output:\n```text\n2\n```\n"
+    )
     c = parse_code(text)
     assert c.ok and c.code == "def f():\n    return 2"
     assert "then better:" in c.notes
@@ -139,15 +160,24 @@ def test_extract_tag_is_case_insensitive_and_none_when_absent():
     assert extract_tag("no tags here", "confidence") is None
 
 
-@pytest.mark.parametrize("garbage", ["", "\x00" * 50, "<" * 1000, "```" * 99, "é漢字🙂" * 100,
-                                     "<root>" + "<problem>" * 500, "x" * 200_000])
+@pytest.mark.parametrize(
+    "garbage", ["", "\x00" * 50, "<" * 1000, "```" * 99, "é漢字🙂" * 100, "<root>" + "<problem>" * 500, "x" * 200_000]
+)
 def test_no_parser_crashes_on_garbage(garbage):
     for parse in (parse_retrieval, parse_plan, parse_verification, parse_code, parse_debugging):
         assert isinstance(parse(garbage).ok, bool)
 
 
-@pytest.mark.parametrize("hostile", ["<algorithm" * 20_000, "<code>" + "```" * 20_000, "```x" * 20_000,
-                                     "<problem><description>" * 5_000, "<confidence>" * 20_000])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "<algorithm" * 20_000,
+        "<code>" + "```" * 20_000,
+        "```x" * 20_000,
+        "<problem><description>" * 5_000,
+        "<confidence>" * 20_000,
+    ],
+)
 def test_parsers_stay_linear_on_pathological_answers(hostile):
     start = time.monotonic()
     for parse in (parse_retrieval, parse_verification, parse_code):

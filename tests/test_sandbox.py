@@ -4,6 +4,7 @@ Limits are small (2-3 s, 1 GiB address space, 32 processes, 1 MiB output) so the
 well under a minute on a busy two-core machine. The fork bomb is bounded (10,000 fork attempts by
 one process) and each test checks afterwards that nothing it started is still alive.
 """
+
 import os
 import socket
 import sys
@@ -78,8 +79,9 @@ def test_function_style_wrong_fails_with_values(judge):
 def test_function_style_errors(judge):
     crash = judge.run_test("def square(x):\n    return 1 / 0\n", FunctionTest("assert square(1) == 1"))
     assert crash.verdict is Verdict.RUNTIME_ERROR and "ZeroDivisionError" in crash.error
-    assert judge.run_test("def square(x) return", FunctionTest("assert square(1) == 1")).verdict \
-        is Verdict.RUNTIME_ERROR
+    assert (
+        judge.run_test("def square(x) return", FunctionTest("assert square(1) == 1")).verdict is Verdict.RUNTIME_ERROR
+    )
     missing = judge.run_test(SQUARE_OK, FunctionTest(CHECK, entry_point="cube"))
     assert missing.verdict is Verdict.RUNTIME_ERROR
 
@@ -97,43 +99,48 @@ def test_function_style_main_block_does_not_run_and_early_exit_is_no_pass(judge)
 FAKE_REPORT = '{"status": "ok"}'
 FORGERIES = {
     "write to argv descriptors": "import os, sys\nfor a in sys.argv[1:]:\n    try:\n"
-                                 f"        os.write(int(a), b'{FAKE_REPORT}\\n')\n    except (OSError, ValueError):\n"
-                                 "        pass\nos._exit(0)\n",
+    f"        os.write(int(a), b'{FAKE_REPORT}\\n')\n    except (OSError, ValueError):\n"
+    "        pass\nos._exit(0)\n",
     "write to every descriptor": "import os\nfor fd in range(64):\n    try:\n"
-                                 f"        os.write(fd, b'{FAKE_REPORT}\\n' + b'0' * 128)\n    except OSError:\n"
-                                 "        pass\nos._exit(0)\n",
-    "fake hello then exit": "import os, sys\nos.write(int(sys.argv[2]), b'{\"ready\": {\"calls\": [], "
-                            "\"imports\": {}, \"values\": {\"check\": 0}}}\\n')\nos._exit(0)\n",
+    f"        os.write(fd, b'{FAKE_REPORT}\\n' + b'0' * 128)\n    except OSError:\n"
+    "        pass\nos._exit(0)\n",
+    "fake hello then exit": 'import os, sys\nos.write(int(sys.argv[2]), b\'{"ready": {"calls": [], '
+    '"imports": {}, "values": {"check": 0}}}\\n\')\nos._exit(0)\n',
     "look-alike report on stdout and stderr": f"import sys\nprint('{FAKE_REPORT}')\n"
-                                              f"print('{FAKE_REPORT}', file=sys.stderr)\n",
+    f"print('{FAKE_REPORT}', file=sys.stderr)\n",
     "overwrite the report file": "import os\nfor p in ('../report', 'report'):\n    try:\n"
-                                 f"        open(p, 'w').write('{FAKE_REPORT}\\n' + '0' * 128)\n    except OSError:\n"
-                                 "        pass\n",
+    f"        open(p, 'w').write('{FAKE_REPORT}\\n' + '0' * 128)\n    except OSError:\n"
+    "        pass\n",
     "sys.exit(0)": "import sys\nsys.exit(0)\n",
     "os._exit(0)": "import os\nos._exit(0)\n",
     "SystemExit in atexit": "import atexit\ndef bye():\n    raise SystemExit(0)\natexit.register(bye)\n",
     "os._exit in atexit": "import atexit, os\natexit.register(os._exit, 0)\n",
     "patch builtins": "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = type('A', (), {})\n"
-                      "builtins.isinstance = lambda *a: True\n",
+    "builtins.isinstance = lambda *a: True\n",
     "shadow a builtin": "def abs(x):\n    return 0\n",
     "monkeypatch the checker": "import __main__, sys\nfor m in list(sys.modules.values()):\n"
-                               "    for name in ('check', 'run_test', 'run_job', 'failure', 'split_assert_eq'):\n"
-                               "        if hasattr(m, name):\n            try:\n"
-                               "                setattr(m, name, lambda *a, **k: {'status': 'ok'})\n"
-                               "            except (AttributeError, TypeError):\n                pass\n",
+    "    for name in ('check', 'run_test', 'run_job', 'failure', 'split_assert_eq'):\n"
+    "        if hasattr(m, name):\n            try:\n"
+    "                setattr(m, name, lambda *a, **k: {'status': 'ok'})\n"
+    "            except (AttributeError, TypeError):\n                pass\n",
     "always-equal result": "class Eq:\n    def __eq__(self, other):\n        return True\n"
-                           "def square(x):\n    return Eq()\n",
+    "def square(x):\n    return Eq()\n",
     "always-equal int subclass": "class I(int):\n    def __eq__(self, other):\n        return True\n"
-                                 "    __hash__ = int.__hash__\ndef square(x):\n    return I(0)\n",
+    "    __hash__ = int.__hash__\ndef square(x):\n    return I(0)\n",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
 }
-OTHER_PROCESSES_FORGERY = ("import os\nfor pid in os.listdir('/proc'):\n"
-        "    if not pid.isdigit() or int(pid) == os.getpid():\n        continue\n"
-        "    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        continue\n"
-        "    for fd in fds:\n        try:\n            with open(f'/proc/{pid}/fd/{fd}', 'w') as f:\n"
-        f"                f.write('{FAKE_REPORT}\\n')\n        except OSError:\n            pass\n")
-FORGED_TESTS = [FunctionTest(CHECK, entry_point="square"), FunctionTest("assert square(3) == 9"),
-                FunctionTest("assert abs(square(3) - 9) < 1e-9")]
+OTHER_PROCESSES_FORGERY = (
+    "import os\nfor pid in os.listdir('/proc'):\n"
+    "    if not pid.isdigit() or int(pid) == os.getpid():\n        continue\n"
+    "    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        continue\n"
+    "    for fd in fds:\n        try:\n            with open(f'/proc/{pid}/fd/{fd}', 'w') as f:\n"
+    f"                f.write('{FAKE_REPORT}\\n')\n        except OSError:\n            pass\n"
+)
+FORGED_TESTS = [
+    FunctionTest(CHECK, entry_point="square"),
+    FunctionTest("assert square(3) == 9"),
+    FunctionTest("assert abs(square(3) - 9) < 1e-9"),
+]
 
 
 @pytest.fixture(scope="module", params=["auto", "basic"])
@@ -188,13 +195,17 @@ def test_correct_solution_still_passes_next_to_look_alikes(any_judge):
 
 
 def test_solution_names_and_values_reach_the_test(judge):
-    program = ("import math\nfrom math import sqrt\nLIMIT = (3, {'a': [1.5, None]})\n"
-               "def helper(x):\n    return {x: (x, x + 0.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
-               "def boom():\n    raise ValueError('bad')\ndef same(x):\n    return x\n")
-    test = ("assert helper(2) == {2: (2, 2.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
-            "assert LIMIT == (3, {'a': [1.5, None]}) and math.sqrt(4) == sqrt(4) == 2\n"
-            "assert same(10**5000) == 10**5000 and same(x=float('inf')) == float('inf')\n"
-            "try:\n    boom()\nexcept ValueError as e:\n    assert 'bad' in str(e)\nelse:\n    assert False\n")
+    program = (
+        "import math\nfrom math import sqrt\nLIMIT = (3, {'a': [1.5, None]})\n"
+        "def helper(x):\n    return {x: (x, x + 0.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
+        "def boom():\n    raise ValueError('bad')\ndef same(x):\n    return x\n"
+    )
+    test = (
+        "assert helper(2) == {2: (2, 2.5), 'z': {1, 2}, 'b': b'hi', 'c': 1j}\n"
+        "assert LIMIT == (3, {'a': [1.5, None]}) and math.sqrt(4) == sqrt(4) == 2\n"
+        "assert same(10**5000) == 10**5000 and same(x=float('inf')) == float('inf')\n"
+        "try:\n    boom()\nexcept ValueError as e:\n    assert 'bad' in str(e)\nelse:\n    assert False\n"
+    )
     out = judge.run_test(program, FunctionTest(test))
     assert out.verdict is Verdict.PASSED, out.error
 
@@ -219,8 +230,7 @@ def test_stdio_whitespace_tolerant(judge):
 
 def test_stdio_numbers_within_tolerance_pass(judge):
     assert run_script(judge, "print(1 / 3)\nprint(4.0)\n", "", "0.333333333\n4").verdict is Verdict.PASSED
-    assert judge.run_test("print(0.3334)\n", IOTest("", "0.333333333", tolerance=1e-6)).verdict \
-        is Verdict.WRONG_ANSWER
+    assert judge.run_test("print(0.3334)\n", IOTest("", "0.333333333", tolerance=1e-6)).verdict is Verdict.WRONG_ANSWER
 
 
 def test_stdio_exit_status_is_runtime_error(judge):
@@ -228,6 +238,7 @@ def test_stdio_exit_status_is_runtime_error(judge):
 
 
 # ---- limits and hostile programs
+
 
 def test_infinite_loop_times_out(judge):
     out = run_script(judge, "while True:\n    pass\n")
@@ -263,8 +274,10 @@ def test_100mb_of_output_is_an_output_limit(judge):
 def test_deep_recursion_is_a_runtime_error(judge):
     out = run_script(judge, "def f(n):\n    return f(n + 1)\nf(0)\n")
     assert out.verdict is Verdict.RUNTIME_ERROR and "RecursionError" in out.error
-    deeper = ("import sys\nsys.setrecursionlimit(10**9)\nimport json\n"
-              "x = []\nfor _ in range(10**6):\n    x = [x]\nprint(len(json.dumps(x)))\n")
+    deeper = (
+        "import sys\nsys.setrecursionlimit(10**9)\nimport json\n"
+        "x = []\nfor _ in range(10**6):\n    x = [x]\nprint(len(json.dumps(x)))\n"
+    )
     assert run_script(judge, deeper).verdict in (Verdict.RUNTIME_ERROR, Verdict.MEMORY_LIMIT)
 
 
@@ -426,6 +439,5 @@ def test_strict_isolation_is_refused_or_given():
 
 
 def test_signal_verdicts(judge):
-    for prog in ("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
-                 "import ctypes\nctypes.string_at(0)\n"):
+    for prog in ("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n", "import ctypes\nctypes.string_at(0)\n"):
         assert run_script(judge, prog).verdict is Verdict.RUNTIME_ERROR, prog

@@ -4,6 +4,7 @@ official ``openai`` client and raw HTTP, checked against ``Engine.generate`` run
 One server subprocess serves the whole module (bound to 127.0.0.1, port picked by the OS); the last
 test stops it with SIGTERM.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,13 @@ MODELS = [DEMO_MODEL_NAME, *ADAPTERS]
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 PROMPTS = {m: f"def solve_{i}(nums: list[int]) -> int:\n    " for i, m in enumerate(MODELS)}
-MESSAGES = {m: [{"role": "system", "content": "You are a careful programmer."},
-                {"role": "user", "content": f"Task {i}: reverse a linked list."}] for i, m in enumerate(MODELS)}
+MESSAGES = {
+    m: [
+        {"role": "system", "content": "You are a careful programmer."},
+        {"role": "user", "content": f"Task {i}: reverse a linked list."},
+    ]
+    for i, m in enumerate(MODELS)
+}
 
 
 class ServerProcess:
@@ -91,8 +97,9 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def expected(ref: Engine) -> dict[tuple[str, str], object]:
     """Greedy reference outputs per (model, "completion" | "chat"), in one engine run."""
     keys = [(m, kind) for m in MODELS for kind in ("completion", "chat")]
-    prompts = [PROMPTS[m] if kind == "completion" else ref.tokenizer.apply_chat_template(MESSAGES[m])
-               for m, kind in keys]
+    prompts = [
+        PROMPTS[m] if kind == "completion" else ref.tokenizer.apply_chat_template(MESSAGES[m]) for m, kind in keys
+    ]
     adapters = [None if m == DEMO_MODEL_NAME else m for m, _ in keys]
     return dict(zip(keys, ref.generate(prompts, GREEDY, adapter=adapters)))
 
@@ -152,8 +159,9 @@ def test_completion_streamed_and_not_equal_engine(client: openai.OpenAI, expecte
     assert out.choices[0].text == want.text
     assert out.choices[0].finish_reason == want.finish_reason
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(want.prompt_token_ids), len(want.token_ids))
-    texts, reasons, usage = stream_completion(client, model=model, prompt=PROMPTS[model], max_tokens=MAX_TOKENS,
-                                              temperature=0)
+    texts, reasons, usage = stream_completion(
+        client, model=model, prompt=PROMPTS[model], max_tokens=MAX_TOKENS, temperature=0
+    )
     assert texts == {0: want.text} and reasons == {0: want.finish_reason}
     assert usage.model_dump() == out.usage.model_dump()
 
@@ -161,14 +169,14 @@ def test_completion_streamed_and_not_equal_engine(client: openai.OpenAI, expecte
 @pytest.mark.parametrize("model", MODELS)
 def test_chat_streamed_and_not_equal_engine(client: openai.OpenAI, expected, model: str) -> None:
     want = expected[(model, "chat")]
-    out = client.chat.completions.create(model=model, messages=MESSAGES[model], max_tokens=MAX_TOKENS,
-                                         temperature=0)
+    out = client.chat.completions.create(model=model, messages=MESSAGES[model], max_tokens=MAX_TOKENS, temperature=0)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == want.text
     assert out.choices[0].finish_reason == want.finish_reason
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(want.prompt_token_ids), len(want.token_ids))
-    text, reason, usage = stream_chat(client, model=model, messages=MESSAGES[model], max_tokens=MAX_TOKENS,
-                                      temperature=0)
+    text, reason, usage = stream_chat(
+        client, model=model, messages=MESSAGES[model], max_tokens=MAX_TOKENS, temperature=0
+    )
     assert (text, reason) == (want.text, want.finish_reason)
     assert usage.model_dump() == out.usage.model_dump()
 
@@ -178,19 +186,22 @@ def test_prompt_forms_echo_and_stop(client: openai.OpenAI, ref: Engine, expected
     ids = ref.tokenizer.encode(PROMPTS["coding"])
     by_ids = client.completions.create(model="coding", prompt=ids, max_tokens=MAX_TOKENS, temperature=0)
     assert by_ids.choices[0].text == want.text
-    pair = client.completions.create(model="coding", prompt=[PROMPTS["coding"], PROMPTS["planning"]],
-                                     max_tokens=MAX_TOKENS, temperature=0, echo=True)
+    pair = client.completions.create(
+        model="coding", prompt=[PROMPTS["coding"], PROMPTS["planning"]], max_tokens=MAX_TOKENS, temperature=0, echo=True
+    )
     assert [c.index for c in pair.choices] == [0, 1]
     assert pair.choices[0].text == PROMPTS["coding"] + want.text
     stop = next((ch for ch in want.text[1:] if ch.isalnum()), None)
     if stop is None:
         pytest.skip("no stop character in the reference text")
     stopped = ref.generate([PROMPTS["coding"]], SamplingParams(max_tokens=MAX_TOKENS, stop=[stop]), adapter="coding")[0]
-    out = client.completions.create(model="coding", prompt=PROMPTS["coding"], max_tokens=MAX_TOKENS, temperature=0,
-                                    stop=stop)
+    out = client.completions.create(
+        model="coding", prompt=PROMPTS["coding"], max_tokens=MAX_TOKENS, temperature=0, stop=stop
+    )
     assert (out.choices[0].text, out.choices[0].finish_reason) == (stopped.text, "stop")
-    texts, reasons, _ = stream_completion(client, model="coding", prompt=PROMPTS["coding"], max_tokens=MAX_TOKENS,
-                                          temperature=0, stop=[stop])
+    texts, reasons, _ = stream_completion(
+        client, model="coding", prompt=PROMPTS["coding"], max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
+    )
     assert (texts[0], reasons[0]) == (stopped.text, "stop")
 
 
@@ -215,8 +226,12 @@ def test_32_concurrent_requests_over_4_adapters_are_batched(server: ServerProces
     async def run() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         async with aclient:
-            outs = await asyncio.gather(*(aclient.completions.create(model=a, prompt=p, max_tokens=12, temperature=0)
-                                          for p, a in zip(prompts, adapters)))
+            outs = await asyncio.gather(
+                *(
+                    aclient.completions.create(model=a, prompt=p, max_tokens=12, temperature=0)
+                    for p, a in zip(prompts, adapters)
+                )
+            )
         return [o.choices[0].text for o in outs]
 
     assert asyncio.run(run()) == [w.text for w in want]
@@ -256,8 +271,7 @@ HOSTILE: dict[str, tuple[str, bytes | dict, int]] = {  # case: (path, body, expe
 def test_hostile_input_gets_error_and_server_lives(server: ServerProcess, client: openai.OpenAI, case: str) -> None:
     path, body, status = HOSTILE[case]
     if isinstance(body, bytes):
-        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"},
-                              timeout=60)
+        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
     else:
         response = httpx.post(server.url + path, json=body, timeout=60)
     assert response.status_code == status, response.text
@@ -304,8 +318,9 @@ def test_disconnect_aborts_and_frees_kv(server: ServerProcess, client: openai.Op
 def _mismatched_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     weights = load_file(str(dst / "adapter_model.safetensors"))
-    save_file({k: np.concatenate([v, v[:, :1]], axis=1) for k, v in weights.items()},
-              str(dst / "adapter_model.safetensors"))
+    save_file(
+        {k: np.concatenate([v, v[:, :1]], axis=1) for k, v in weights.items()}, str(dst / "adapter_model.safetensors")
+    )
 
 
 def test_load_and_unload_adapters(server: ServerProcess, client: openai.OpenAI, expected, tmp_path: Path) -> None:
@@ -332,18 +347,32 @@ def test_load_and_unload_adapters(server: ServerProcess, client: openai.OpenAI, 
 
 def test_metrics_exposition(server: ServerProcess) -> None:
     m = wait_idle(server.url)
-    for name in ("mcl_num_requests_running", "mcl_num_requests_waiting", "mcl_kv_blocks_free", "mcl_kv_blocks_used",
-                 "mcl_prompt_tokens_total", "mcl_generation_tokens_total", "mcl_batch_size_max",
-                 "mcl_batch_size_mean", "mcl_time_to_first_token_seconds_count{model=coding}",
-                 "mcl_requests_total{model=" + DEMO_MODEL_NAME + "}"):
+    for name in (
+        "mcl_num_requests_running",
+        "mcl_num_requests_waiting",
+        "mcl_kv_blocks_free",
+        "mcl_kv_blocks_used",
+        "mcl_prompt_tokens_total",
+        "mcl_generation_tokens_total",
+        "mcl_batch_size_max",
+        "mcl_batch_size_mean",
+        "mcl_time_to_first_token_seconds_count{model=coding}",
+        "mcl_requests_total{model=" + DEMO_MODEL_NAME + "}",
+    ):
         assert name in m, name
     assert m["mcl_kv_blocks_free"] == m["mcl_kv_blocks_total"] > 0
 
 
 def test_sigterm_finishes_in_flight_and_exits_0(server: ServerProcess) -> None:
     """Stops the module's server: keep it after every test that uses it."""
-    body = {"model": "retrieval", "prompt": "for i in range(10):", "max_tokens": 150, "ignore_eos": True,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": "retrieval",
+        "prompt": "for i in range(10):",
+        "max_tokens": 150,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     lines: list[str] = []
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         it = r.iter_lines()
@@ -360,8 +389,12 @@ def test_sigterm_finishes_in_flight_and_exits_0(server: ServerProcess) -> None:
 
 def test_bench_serve_smoke(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_serve.py"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / f"serve_cpu_{DEMO_MODEL_NAME}.json").read_text())
     assert [row["concurrency"] for row in report["levels"]] == [1, 8, 32]

@@ -1,6 +1,7 @@
 """Server: response_format / structured_outputs constrain the output (streamed and not), every field
 the server does not implement is a 400 naming it, hostile inputs get 4xx answers, and a bounded
 schemathesis run against /openapi.json finds no 5xx and no undocumented answer."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,14 +16,21 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from test_server import ServerProcess, client, server  # noqa: F401  (module-scoped fixtures: a server of our own)
 
-SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10},
-                                           "ok": {"type": "boolean"}},
-          "required": ["answer", "ok"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"}},
+    "required": ["answer", "ok"],
+    "additionalProperties": False,
+}
 USER = [{"role": "user", "content": "Reply in JSON."}]
 
 
 def post(server: ServerProcess, route: str, body: dict | bytes) -> httpx.Response:
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     return httpx.post(server.url + route, timeout=120, **kw)
 
 
@@ -32,8 +40,9 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "s
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("model", ["mcl-demo-tiny", "planning"])
 def test_chat_json_schema(client, model, stream):
-    kw = dict(model=model, messages=USER, max_tokens=120, temperature=0.8, seed=3, n=2,
-              response_format=JSON_SCHEMA_FORMAT)
+    kw = dict(
+        model=model, messages=USER, max_tokens=120, temperature=0.8, seed=3, n=2, response_format=JSON_SCHEMA_FORMAT
+    )
     if stream:
         texts = {0: "", 1: ""}
         for chunk in client.chat.completions.create(stream=True, **kw):
@@ -46,21 +55,34 @@ def test_chat_json_schema(client, model, stream):
 
 
 def test_json_object_and_structured_outputs(client):
-    out = client.chat.completions.create(model="coding", messages=USER, max_tokens=60, temperature=0,
-                                         response_format={"type": "json_object"})
+    out = client.chat.completions.create(
+        model="coding", messages=USER, max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )
     if out.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(out.choices[0].message.content), dict)
-    cases = [({"regex": "[a-z]{3}[0-9]{2}"}, lambda t: re.fullmatch("[a-z]{3}[0-9]{2}", t)),
-             ({"choice": ["left", "right"]}, lambda t: t in ("left", "right")),
-             ({"grammar": 'root ::= "x" [0-9] [0-9]?'}, lambda t: re.fullmatch("x[0-9]{1,2}", t)),
-             ({"json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None)]
+    cases = [
+        ({"regex": "[a-z]{3}[0-9]{2}"}, lambda t: re.fullmatch("[a-z]{3}[0-9]{2}", t)),
+        ({"choice": ["left", "right"]}, lambda t: t in ("left", "right")),
+        ({"grammar": 'root ::= "x" [0-9] [0-9]?'}, lambda t: re.fullmatch("x[0-9]{1,2}", t)),
+        ({"json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ]
     for spec, check in cases:
-        out = client.completions.create(model="retrieval", prompt=["a", "b"], max_tokens=80, temperature=1.0,
-                                        extra_body={"structured_outputs": spec})
+        out = client.completions.create(
+            model="retrieval",
+            prompt=["a", "b"],
+            max_tokens=80,
+            temperature=1.0,
+            extra_body={"structured_outputs": spec},
+        )
         assert all(check(c.text) for c in out.choices), (spec, [c.text for c in out.choices])
-    plain = client.completions.create(model="coding", prompt="x", max_tokens=4,
-                                      extra_body={"min_tokens": 4, "repetition_penalty": 1.2, "min_p": 0.05},
-                                      presence_penalty=0.5, frequency_penalty=0.5)
+    plain = client.completions.create(
+        model="coding",
+        prompt="x",
+        max_tokens=4,
+        extra_body={"min_tokens": 4, "repetition_penalty": 1.2, "min_p": 0.05},
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+    )
     assert plain.usage.completion_tokens == 4
 
 
@@ -81,7 +103,9 @@ def test_agent_client_sends_structured_outputs(server):
 
 
 BAD = {
-    "bad_schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+    "bad_schema": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    },
     "schema_missing": {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
     "bad_regex": {"structured_outputs": {"regex": "a("}},
     "bad_grammar": {"structured_outputs": {"grammar": "root ::= undefined_rule"}},
@@ -90,9 +114,18 @@ BAD = {
     "unknown_constraint": {"structured_outputs": {"structural_tag": "x"}},
     "bad_format_type": {"response_format": {"type": "yaml"}},
 }
-UNSUPPORTED = {"functions": [{"name": "f"}], "function_call": "auto", "tool_choice": "auto",
-               "tools": [{"type": "function"}], "top_logprobs": 2, "logprobs": True, "logit_bias": {"1": 2.0},
-               "parallel_tool_calls": True, "prediction": {"type": "content"}, "guided_json": {}}
+UNSUPPORTED = {
+    "functions": [{"name": "f"}],
+    "function_call": "auto",
+    "tool_choice": "auto",
+    "tools": [{"type": "function"}],
+    "top_logprobs": 2,
+    "logprobs": True,
+    "logit_bias": {"1": 2.0},
+    "parallel_tool_calls": True,
+    "prediction": {"type": "content"},
+    "guided_json": {},
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -115,12 +148,18 @@ def test_hostile_inputs(server):
     assert post(server, "/v1/completions", surrogate).status_code == 400
     chat = b'{"model": "coding", "messages": [{"role": "user", "content": "\\udfff"}]}'
     assert post(server, "/v1/chat/completions", chat).status_code == 400
-    for body in ({"prompt": [1, True]}, {"prompt": [True]}, {"prompt": "x", "stop_token_ids": [False]},
-                 {"prompt": "x", "max_tokens": True}):
+    for body in (
+        {"prompt": [1, True]},
+        {"prompt": [True]},
+        {"prompt": "x", "stop_token_ids": [False]},
+        {"prompt": "x", "max_tokens": True},
+    ):
         assert post(server, "/v1/completions", {"model": "coding", **body}).status_code == 400, body
     r = post(server, "/v1/chat/completions", {"model": "coding", "messages": USER, "top_logprobs": True})
     assert r.status_code == 400
-    codes = {post(server, "/v1/completions", {"model": "coding", "prompt": p}).json()["error"]["code"] for p in ("", [])}
+    codes = {
+        post(server, "/v1/completions", {"model": "coding", "prompt": p}).json()["error"]["code"] for p in ("", [])
+    }
     assert len(codes) == 1
     r = httpx.get(server.url + "/v1/completions")
     assert r.status_code == 405 and "POST" in r.headers["allow"]
@@ -148,23 +187,34 @@ def test_schemathesis_finds_no_server_errors(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     failures: list[str] = []
     calls: list[str] = []
-    for route in ("/v1/completions", "/v1/chat/completions", "/v1/models/{model}", "/v1/models", "/health",
-                  "/metrics", "/v1/unload_lora_adapter"):
+    for route in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models/{model}",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/v1/unload_lora_adapter",
+    ):
         operation = next(iter(schema[route].values()))
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=8, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         def check(case) -> None:
             _bounded(case)
-            calls.append(route)
+            calls.append(route)  # noqa: B023 (the test runs inside this iteration)
             case.call_and_validate(checks=checks, timeout=60)
 
         try:

@@ -1,4 +1,5 @@
 """Persistent step buffers: fields round-trip at fixed addresses, 64-bit fields stay 64-bit."""
+
 import numpy as np
 import torch
 
@@ -9,7 +10,7 @@ def test_fields_round_trip_at_fixed_addresses() -> None:
     buf = StepBuffers(metadata_fields(max_tokens=8, max_seqs=3, max_blocks=4), torch.device("cpu"))
     pointers = None
     for step in range(2):
-        slots = np.array([5, 2 ** 40 + step, 7], dtype=np.int64)
+        slots = np.array([5, 2**40 + step, 7], dtype=np.int64)
         tables = np.array([[1, 2], [3, 4 + step]], dtype=np.int32)
         buf.write("slot_mapping", slots)
         buf.write("block_tables", tables)
@@ -26,7 +27,7 @@ def test_fields_round_trip_at_fixed_addresses() -> None:
 
 def test_sampling_fields_keep_their_dtypes() -> None:
     buf = StepBuffers(sampling_fields(4), torch.device("cpu"))
-    temps, seeds = np.array([0.0, 0.7, 1.5], dtype=np.float32), np.array([-1, 2 ** 62, 3], dtype=np.int64)
+    temps, seeds = np.array([0.0, 0.7, 1.5], dtype=np.float32), np.array([-1, 2**62, 3], dtype=np.int64)
     buf.write("temperatures", temps)
     buf.write("seeds", seeds)
     buf.write("top_ks", np.array([5, 6, 7]))

@@ -1,6 +1,7 @@
 """Structured outputs (xgrammar) and the extra sampling knobs on the demo model: every constrained
 output parses and matches its constraint, for each adapter, greedy and sampled; unconstrained rows
 of a mixed batch keep their tokens; penalties, min_tokens and min_p against per-row references."""
+
 import json
 import re
 
@@ -17,10 +18,16 @@ from mcl_runtime.engine.sampler import Penalties, SamplingBatch, apply_penalties
 from mcl_runtime.engine.structured import tokenizer_info
 
 ADAPTERS = [None, "retrieval", "planning", "coding", "debugging"]
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "score": {"type": "integer", "minimum": 0, "maximum": 100},
-                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
-          "required": ["name", "score", "tags"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "score", "tags"],
+    "additionalProperties": False,
+}
 REGEX = r"[a-z]{2,6}-[0-9]{1,4}"
 CHOICES = ["yes", "no", "it depends"]
 GRAMMAR = 'root ::= "(" num ("+" num){0,3} ")"\nnum ::= [1-9] [0-9]?'
@@ -40,8 +47,13 @@ def valid(kind: str, text: str) -> bool:
     return re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?){0,3}\)", text) is not None
 
 
-SPECS = {"json": {"json": SCHEMA}, "json_object": {"json_object": True}, "regex": {"regex": REGEX},
-         "choice": {"choice": CHOICES}, "grammar": {"grammar": GRAMMAR}}
+SPECS = {
+    "json": {"json": SCHEMA},
+    "json_object": {"json_object": True},
+    "regex": {"regex": REGEX},
+    "choice": {"choice": CHOICES},
+    "grammar": {"grammar": GRAMMAR},
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +62,13 @@ def engine():
 
 
 def params(kind: str, sampled: bool, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=kw.pop("max_tokens", 400), structured=SPECS[kind],
-                          temperature=0.9 if sampled else 0.0, seed=11 if sampled else None, **kw)
+    return SamplingParams(
+        max_tokens=kw.pop("max_tokens", 400),
+        structured=SPECS[kind],
+        temperature=0.9 if sampled else 0.0,
+        seed=11 if sampled else None,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
@@ -64,12 +81,16 @@ def test_constrained_outputs_validate_for_every_adapter(engine, kind, sampled):
 
 
 def test_mixed_batch_keeps_unconstrained_tokens(engine):
-    free = [SamplingParams(max_tokens=24, ignore_eos=True),
-            SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)]
+    free = [
+        SamplingParams(max_tokens=24, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True),
+    ]
     alone = engine.generate(["def f(x):", "import os"], free, adapter=["coding", None])
-    mixed = engine.generate(["def f(x):", "Q:", "import os", "R:"],
-                            [free[0], params("json", True), free[1], params("regex", False)],
-                            adapter=["coding", "planning", None, "retrieval"])
+    mixed = engine.generate(
+        ["def f(x):", "Q:", "import os", "R:"],
+        [free[0], params("json", True), free[1], params("regex", False)],
+        adapter=["coding", "planning", None, "retrieval"],
+    )
     assert [o.token_ids for o in alone] == [mixed[0].token_ids, mixed[2].token_ids]
     assert valid("json", mixed[1].text) and valid("regex", mixed[3].text)
 
@@ -84,10 +105,19 @@ def test_n_and_stop_strings(engine):
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_matcher_survives_preemption(overlap):
-    small = Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu",
-                   kv_cache_blocks=24, block_size=4, overlap=overlap)
-    outs = small.generate(["Answer with JSON please:"] * 6, params("json", True, max_tokens=60, ignore_eos=False),
-                          adapter=ADAPTERS + ["coding"])
+    small = Engine(
+        model=demo_model_dir() / "base",
+        adapters=demo_adapter_dirs(),
+        device="cpu",
+        kv_cache_blocks=24,
+        block_size=4,
+        overlap=overlap,
+    )
+    outs = small.generate(
+        ["Answer with JSON please:"] * 6,
+        params("json", True, max_tokens=60, ignore_eos=False),
+        adapter=ADAPTERS + ["coding"],
+    )
     assert small.stats()["num_preemptions"] > 0
     for out in outs:
         assert out.finish_reason == "length" or valid("json", out.text)
@@ -107,15 +137,29 @@ def test_grammars_compile_once_and_bad_ones_are_invalid_requests(engine):
     engine.generate(["a", "b"], params("choice", False, max_tokens=8))
     engine.generate(["c"], params("choice", True, max_tokens=8))
     assert engine.grammars.num_compiled - before <= 1
-    for spec, needle in (({"json": "{not json"}, "JSON"), ({"regex": "a("}, "parenthesis"),
-                         ({"grammar": "root ::= missing"}, "missing")):
+    for spec, needle in (
+        ({"json": "{not json"}, "JSON"),
+        ({"regex": "a("}, "parenthesis"),
+        ({"grammar": "root ::= missing"}, "missing"),
+    ):
         with pytest.raises(InvalidRequestError, match=needle):
             engine.add_request(None, "x", SamplingParams(structured=spec))
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("spec", [{}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"choice": "ab"},
-                                  {"json": 3}, {"regex": ""}, {"nope": 1}, "regex"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"regex": "a", "choice": ["a"]},
+        {"choice": []},
+        {"choice": "ab"},
+        {"json": 3},
+        {"regex": ""},
+        {"nope": 1},
+        "regex",
+    ],
+)
 def test_malformed_specs(spec):
     with pytest.raises(InvalidRequestError):
         SamplingParams(structured=spec)
@@ -130,8 +174,10 @@ def test_json_is_compact_by_default(engine):
 def test_tokenizer_info_matches_the_tokenizers(engine, qwen_family):
     from mcl_runtime.tokenizer import Tokenizer
 
-    for tok, vocab in ((engine.tokenizer, engine.model.config.vocab_size),
-                       (Tokenizer.from_pretrained(qwen_family[0]), Tokenizer.from_pretrained(qwen_family[0]).vocab_size + 5)):
+    for tok, vocab in (
+        (engine.tokenizer, engine.model.config.vocab_size),
+        (Tokenizer.from_pretrained(qwen_family[0]), Tokenizer.from_pretrained(qwen_family[0]).vocab_size + 5),
+    ):
         info = tokenizer_info(tok, vocab)
         assert info.vocab_type.name == "BYTE_LEVEL" and info.vocab_size == vocab
         specials = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
@@ -144,10 +190,18 @@ def test_tokenizer_info_matches_the_tokenizers(engine, qwen_family):
 
 # ---------------------------------------------------------------- sampler knobs
 
+
 def _batch(n: int, v: int, **kw) -> SamplingBatch:
-    return SamplingBatch(temperatures=torch.full((n,), kw.pop("temperature", 0.0)), top_ks=torch.full((n,), v),
-                         top_ps=torch.ones(n), seeds=torch.arange(n), steps=torch.zeros(n, dtype=torch.int64),
-                         all_greedy=kw.pop("all_greedy", True), any_top_k_or_p=False, **kw)
+    return SamplingBatch(
+        temperatures=torch.full((n,), kw.pop("temperature", 0.0)),
+        top_ks=torch.full((n,), v),
+        top_ps=torch.ones(n),
+        seeds=torch.arange(n),
+        steps=torch.zeros(n, dtype=torch.int64),
+        all_greedy=kw.pop("all_greedy", True),
+        any_top_k_or_p=False,
+        **kw,
+    )
 
 
 def test_penalties_match_a_per_row_reference():
@@ -161,9 +215,11 @@ def test_penalties_match_a_per_row_reference():
     ids = torch.full((n, width), v)
     is_out = torch.zeros(n, width, dtype=torch.bool)
     for r, (p, o) in enumerate(zip(prompts, outputs)):
-        ids[r, :len(p) + len(o)] = torch.tensor(p + o)
-        is_out[r, len(p):len(p) + len(o)] = True
-    got = apply_penalties(logits.clone(), Penalties(ids, is_out, torch.tensor(rep), torch.tensor(pres), torch.tensor(freq)))
+        ids[r, : len(p) + len(o)] = torch.tensor(p + o)
+        is_out[r, len(p) : len(p) + len(o)] = True
+    got = apply_penalties(
+        logits.clone(), Penalties(ids, is_out, torch.tensor(rep), torch.tensor(pres), torch.tensor(freq))
+    )
     want = logits.clone()
     for r in range(n):
         for t in set(prompts[r] + outputs[r]):
@@ -187,10 +243,18 @@ def test_engine_knobs(engine):
     out = engine.generate("x", SamplingParams(max_tokens=12, min_tokens=12, stop_token_ids=[0]))[0]
     assert len(out.token_ids) == 12
     base = engine.generate("def f(x):", SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
-    pen = engine.generate("def f(x):", SamplingParams(max_tokens=30, ignore_eos=True, frequency_penalty=2.0))[0].token_ids
+    pen = engine.generate("def f(x):", SamplingParams(max_tokens=30, ignore_eos=True, frequency_penalty=2.0))[
+        0
+    ].token_ids
     assert len(set(pen)) >= len(set(base))
-    for bad in ({"min_tokens": -1}, {"repetition_penalty": 0}, {"presence_penalty": 3}, {"min_p": 1.5},
-                {"min_tokens": 20, "max_tokens": 10}, {"stop_token_ids": [True]}):
+    for bad in (
+        {"min_tokens": -1},
+        {"repetition_penalty": 0},
+        {"presence_penalty": 3},
+        {"min_p": 1.5},
+        {"min_tokens": 20, "max_tokens": 10},
+        {"stop_token_ids": [True]},
+    ):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**bad)
 
@@ -198,12 +262,17 @@ def test_engine_knobs(engine):
 def test_overlap_gives_the_same_tokens(engine):
     """Constrained rows make their steps synchronous; unconstrained and penalized rows overlap. Either
     way an overlapped engine gives the synchronous engine's tokens, mixed batches and n > 1 included."""
-    overlapped = Engine(model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu",
-                        kv_cache_blocks=512, overlap=True)
+    overlapped = Engine(
+        model=demo_model_dir() / "base", adapters=demo_adapter_dirs(), device="cpu", kv_cache_blocks=512, overlap=True
+    )
     prompts = ["def f(x):", "Q:", "import os", "R:", "Pick:"]
-    batch = [SamplingParams(max_tokens=24, ignore_eos=True, frequency_penalty=1.5, repetition_penalty=1.3),
-             params("json", True, max_tokens=60), SamplingParams(max_tokens=24, temperature=1.0, seed=5, min_tokens=20),
-             params("regex", False), params("choice", True, n=3)]
+    batch = [
+        SamplingParams(max_tokens=24, ignore_eos=True, frequency_penalty=1.5, repetition_penalty=1.3),
+        params("json", True, max_tokens=60),
+        SamplingParams(max_tokens=24, temperature=1.0, seed=5, min_tokens=20),
+        params("regex", False),
+        params("choice", True, n=3),
+    ]
     adapters = ["coding", "planning", None, "retrieval", "debugging"]
     sync, over = (e.generate(prompts, batch, adapter=adapters) for e in (engine, overlapped))
     assert [[o.token_ids for o in r.outputs] for r in over] == [[o.token_ids for o in r.outputs] for r in sync]

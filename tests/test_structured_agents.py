@@ -1,5 +1,6 @@
 """--structured-output: every agent answer parses, on the random demo model, for real HumanEval and
 APPS problems, through the in-process engine and through the server's structured_outputs."""
+
 import asyncio
 
 import pytest
@@ -17,8 +18,13 @@ from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
 from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
 
-PARSERS = {"retrieval": lambda t: parse_retrieval(t, 2), "planning": parse_plan, "verification": parse_verification,
-           "coding": parse_code, "debugging": parse_code}
+PARSERS = {
+    "retrieval": lambda t: parse_retrieval(t, 2),
+    "planning": parse_plan,
+    "verification": parse_verification,
+    "coding": parse_code,
+    "debugging": parse_code,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,9 @@ def test_zero_format_failures_on_the_demo_model(aengine, dataset):
     for traj in asyncio.run(run()):
         assert {c.agent for c in traj.calls} >= {"retrieval", "planning", "coding"}
         assert all(c.error is None and c.finish_reason == "stop" for c in traj.calls)
-        assert traj.per_agent("format_failures") == {a: 0 for a in AGENTS}, \
-            [(c.step, c.text, c.parsed) for c in traj.calls if not c.ok]
+        assert traj.per_agent("format_failures") == {a: 0 for a in AGENTS}, [
+            (c.step, c.text, c.parsed) for c in traj.calls if not c.ok
+        ]
 
 
 @pytest.mark.parametrize("step", STEPS)

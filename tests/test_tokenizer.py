@@ -1,4 +1,5 @@
 """mcl_runtime.tokenizer against transformers' tokenizer on the demo model and on written templates."""
+
 import json
 import random
 import shutil
@@ -22,8 +23,12 @@ TEXTS = [
 
 CHATS = [
     [{"role": "user", "content": "Write a function that adds two numbers."}],
-    [{"role": "system", "content": "You are a coder."}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "日本 🙂\n  indented"}],
+    [
+        {"role": "system", "content": "You are a coder."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "日本 🙂\n  indented"},
+    ],
 ]
 
 # Exercises bos/eos variables, loop controls, namespace, tojson and raise_exception.
@@ -116,7 +121,8 @@ def test_written_templates_like_transformers(base_dir, tmp_path, template):
     ours, theirs = Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
     for messages in CHATS:
         assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True)
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_missing_template_gets_default_chatml(base_dir, tmp_path):
@@ -163,7 +169,7 @@ def _stream(tok, prompt_ids, output_ids, chunk_sizes):
     detok = IncrementalDetokenizer(tok, prompt_ids)
     deltas, i = [], 0
     for size in chunk_sizes:
-        deltas.append(detok.add(output_ids[i:i + size]))
+        deltas.append(detok.add(output_ids[i : i + size]))
         i += size
     return deltas, detok.flush()
 
@@ -242,7 +248,7 @@ def test_token_bytes_decode_like_the_tokenizer(tmp_path):
     assert len(table) == tok.vocab_size
     for i in range(tok.vocab_size):
         assert table[i].decode("utf-8", "replace") == tok.decode([i]), i
-    texts = tok.token_texts   # a token of whole characters has its text; one of a character's bytes has none
+    texts = tok.token_texts  # a token of whole characters has its text; one of a character's bytes has none
     for i, text in enumerate(texts):
         assert text == (None if REPLACEMENT_CHAR in tok.decode([i]) else tok.decode([i])), i
     assert texts.count(None) > 0

@@ -13,6 +13,7 @@ self-written function problems whose outcome the stubs fix in advance (k=1, t=1)
 The stubs run in process (injected clients) and behind a local HTTP server (the command line, whose
 output then trains one LoRA per agent).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,10 +51,12 @@ PROBLEMS = {
     "div": ("a, b", ("6, 3", 2), [("7, 2", 3)], False, "return a * b", "return a * b"),
     "garb": ("x", ("2", 4), [("3", 6)], True, "return 0", "return 0"),
 }
-NAME = re.compile(r"def (%s)\(" % "|".join(PROBLEMS))
-GOOD_RETRIEVAL = ("<root>\n<problem>\n<description>Combine two numbers.</description>\n<code>def f(a, b):\n"
-                  "    return a + b</code>\n<planning>1. Combine them.</planning>\n</problem>\n"
-                  "<algorithm>Arithmetic: apply the operation directly.</algorithm>\n</root>")
+NAME = re.compile(rf"def ({'|'.join(PROBLEMS)})\(")
+GOOD_RETRIEVAL = (
+    "<root>\n<problem>\n<description>Combine two numbers.</description>\n<code>def f(a, b):\n"
+    "    return a + b</code>\n<planning>1. Combine them.</planning>\n</problem>\n"
+    "<algorithm>Arithmetic: apply the operation directly.</algorithm>\n</root>"
+)
 FIXED_PLAN = "1. If x is NEGATIVE, return -x.\n2. Otherwise return x."
 SUPERVISOR_MODEL = "boss"
 
@@ -61,9 +64,13 @@ SUPERVISOR_MODEL = "boss"
 def _record(name: str) -> dict:
     args, (sample_args, sample_result), hidden, *_ = PROBLEMS[name]
     checks = "".join(f"    assert candidate({a}) == {r}\n" for a, r in hidden)
-    return {"task_id": f"T/{name}", "prompt": f'def {name}({args}):\n    """Compute {name}."""\n',
-            "entry_point": name, "test": f"def check(candidate):\n{checks}",
-            "sample_io": [f"assert {name}({sample_args}) == {sample_result}"]}
+    return {
+        "task_id": f"T/{name}",
+        "prompt": f'def {name}({args}):\n    """Compute {name}."""\n',
+        "entry_point": name,
+        "test": f"def check(candidate):\n{checks}",
+        "sample_io": [f"assert {name}({sample_args}) == {sample_result}"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +147,25 @@ TEACHER_LABELS = {a: f"stub-{a}" for a in AGENTS}
 
 
 def _collect(problems, out: Path, teacher: StubTeacher, workers: int = 1, **options) -> dict:
-    return asyncio.run(collect(problems, TolerantClient(teacher), out, TEACHER_LABELS,
-                               CollectOptions(PROTOCOL, workers=workers, **options)))
+    return asyncio.run(
+        collect(
+            problems, TolerantClient(teacher), out, TEACHER_LABELS, CollectOptions(PROTOCOL, workers=workers, **options)
+        )
+    )
 
 
 def _correct(problems, collected: Path, out: Path, supervisor: StubSupervisor, workers: int = 1) -> dict:
-    return asyncio.run(correct(problems, collected, TolerantClient(StubTeacher()), TolerantClient(supervisor), out,
-                               "stub-supervisor", CorrectOptions(workers=workers)))
+    return asyncio.run(
+        correct(
+            problems,
+            collected,
+            TolerantClient(StubTeacher()),
+            TolerantClient(supervisor),
+            out,
+            "stub-supervisor",
+            CorrectOptions(workers=workers),
+        )
+    )
 
 
 def _outputs(folder: Path) -> dict[str, str]:
@@ -167,14 +186,17 @@ def corrected(problems, collected, tmp_path_factory) -> tuple[Path, dict]:
 
 # ---------------------------------------------------------------- collect
 
+
 def test_collect_keeps_passing_trajectories_only(collected) -> None:
     out, stats = collected
     assert stats["errors"] == [] and stats["pending"] == 0
     assert (stats["trajectories"], stats["passed"], stats["failed"]) == (8, 4, 4)
     agents = stats["agents"]
     assert {a: agents[a]["kept"] for a in AGENTS} == {"retrieval": 3, "planning": 7, "coding": 4, "debugging": 1}
-    assert agents["retrieval"]["discarded"] == {"failed trajectory": 4,
-                                                "format failure: missing recalled problems and algorithm": 1}
+    assert agents["retrieval"]["discarded"] == {
+        "failed trajectory": 4,
+        "format failure: missing recalled problems and algorithm": 1,
+    }
     assert agents["planning"]["discarded"] == {"failed trajectory": 8, "refused request": 1}
     assert agents["debugging"]["discarded"] == {"failed trajectory": 3}
     examples = {a: read_examples(out / f"{a}.jsonl") for a in AGENTS}
@@ -186,8 +208,12 @@ def test_collect_keeps_passing_trajectories_only(collected) -> None:
     first = examples["coding"][0]
     assert first["messages"][0] == {"role": "system", "content": SYSTEM["coding"]}
     assert first["messages"][-1]["role"] == "assistant" and "return a + b" in first["messages"][-1]["content"]
-    assert (first["trajectory_id"], first["round"], first["teacher"], first["source"]) == \
-        ("T/add#0", 0, "stub-coding", "collect")
+    assert (first["trajectory_id"], first["round"], first["teacher"], first["source"]) == (
+        "T/add#0",
+        0,
+        "stub-coding",
+        "collect",
+    )
 
 
 def test_collect_drop_failed_code(problems, collected, tmp_path) -> None:
@@ -215,11 +241,19 @@ def test_collect_resume_after_interruption_gives_the_same_files(problems, collec
 
 def test_collect_refuses_to_resume_with_other_settings(problems, collected) -> None:
     with pytest.raises(ValueError, match="other settings"):
-        asyncio.run(collect(problems, StubTeacher(), collected[0], TEACHER_LABELS,
-                            CollectOptions(MapCoderConfig(k=2, t=1, test_last_fix=True))))
+        asyncio.run(
+            collect(
+                problems,
+                StubTeacher(),
+                collected[0],
+                TEACHER_LABELS,
+                CollectOptions(MapCoderConfig(k=2, t=1, test_last_fix=True)),
+            )
+        )
 
 
 # ---------------------------------------------------------------- correct
+
 
 def test_correct_keeps_a_corrected_step_only_when_the_rerun_passes(corrected, collected) -> None:
     out, stats = corrected
@@ -229,14 +263,18 @@ def test_correct_keeps_a_corrected_step_only_when_the_rerun_passes(corrected, co
     assert agents["debugging"] == {"kept": 1, "discarded": {"supervisor answer did not parse": 1}}
     assert agents["planning"] == {"kept": 1, "discarded": {}}
     assert agents["retrieval"] == {"kept": 0, "discarded": {"re-run failed": 1}}
-    fix, = read_examples(out / "debugging.jsonl")
+    (fix,) = read_examples(out / "debugging.jsonl")
     assert fix["task_id"] == "T/sub" and "return a - b" in fix["messages"][-1]["content"]
-    assert (fix["source"], fix["supervisor"], fix["teacher"], fix["call_index"]) == \
-        ("correct", "stub-supervisor", "stub-debugging", 4)
+    assert (fix["source"], fix["supervisor"], fix["teacher"], fix["call_index"]) == (
+        "correct",
+        "stub-supervisor",
+        "stub-debugging",
+        4,
+    )
     original = [json.loads(line) for line in (collected[0] / "trajectories.jsonl").read_text().splitlines()]
     sub = next(r for r in original if r["task_id"] == "T/sub")
     assert fix["messages"][:-1] == sub["trajectory"]["calls"][4]["messages"]
-    plan, = read_examples(out / "planning.jsonl")
+    (plan,) = read_examples(out / "planning.jsonl")
     assert (plan["task_id"], plan["step"], plan["messages"][-1]["content"]) == ("T/absval", "planning", FIXED_PLAN)
     records = {r["task_id"]: r for r in map(json.loads, (out / "corrections.jsonl").read_text().splitlines())}
     assert "passes the sample tests but fails the hidden tests" in records["T/absval"]["feedback"]
@@ -256,6 +294,7 @@ def test_correct_resume_after_interruption_gives_the_same_files(problems, collec
 
 
 # ---------------------------------------------------------------- over HTTP, from the command line
+
 
 class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
@@ -278,10 +317,16 @@ class _Handler(BaseHTTPRequestHandler):
         text = supervisor_answer(messages) if model == SUPERVISOR_MODEL else teacher_answer(model, messages)
         if text is None:
             return self._send({"id": "x", "object": "chat.completion", "model": model})  # no choices
-        self._send({"id": "x", "object": "chat.completion", "created": 0, "model": model,
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}})
+        self._send(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
+            }
+        )
 
 
 @pytest.fixture(scope="module")
@@ -294,24 +339,92 @@ def stub_server():
 
 def test_cli_collect_correct_sft_over_http(stub_server, problem_file, collected, corrected, tmp_path, capsys) -> None:
     common = ["--workers", "2", "--no-progress"]
-    assert main(["collect", "--problems", str(problem_file), "--teacher", stub_server, "--out", str(tmp_path / "c"),
-                 "--k", "1", "--t", "1", "--max-tokens", "256", *common]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--problems",
+                str(problem_file),
+                "--teacher",
+                stub_server,
+                "--out",
+                str(tmp_path / "c"),
+                "--k",
+                "1",
+                "--t",
+                "1",
+                "--max-tokens",
+                "256",
+                *common,
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "c" / "stats.json").read_text())
     assert stats == {k: v for k, v in collected[1].items() if k != "errors"}
     example = read_examples(tmp_path / "c" / "coding.jsonl")[0]
     assert example["teacher"] == f"coding@{stub_server}"
-    assert main(["correct", "--collected", str(tmp_path / "c"), "--supervisor", stub_server,
-                 "--supervisor-model", SUPERVISOR_MODEL, "--out", str(tmp_path / "f"), *common]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                "--collected",
+                str(tmp_path / "c"),
+                "--supervisor",
+                stub_server,
+                "--supervisor-model",
+                SUPERVISOR_MODEL,
+                "--out",
+                str(tmp_path / "f"),
+                *common,
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "f" / "stats.json").read_text())
     assert stats == {k: v for k, v in corrected[1].items() if k != "errors"}
-    assert main(["sft", "--base", str(demo_model_dir() / "base"), "--data-dir", str(tmp_path / "c"), "--data-dir",
-                 str(tmp_path / "f"), "--out", str(tmp_path / "lora"), "--max-steps", "1", "--batch-size", "2",
-                 "--rank", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--base",
+                str(demo_model_dir() / "base"),
+                "--data-dir",
+                str(tmp_path / "c"),
+                "--data-dir",
+                str(tmp_path / "f"),
+                "--out",
+                str(tmp_path / "lora"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--rank",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     adapters = {a: str(tmp_path / "lora" / a) for a in AGENTS}
     assert sorted(Engine(str(demo_model_dir() / "base"), adapters=adapters, device="cpu").adapters) == sorted(AGENTS)
     capsys.readouterr()
-    assert main(["correct", "--collected", str(tmp_path / "nowhere"), "--supervisor", stub_server,
-                 "--supervisor-model", SUPERVISOR_MODEL, "--out", str(tmp_path / "g")]) == 2
+    assert (
+        main(
+            [
+                "correct",
+                "--collected",
+                str(tmp_path / "nowhere"),
+                "--supervisor",
+                stub_server,
+                "--supervisor-model",
+                SUPERVISOR_MODEL,
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "not a collect output folder" in capsys.readouterr().err
 
 
@@ -335,12 +448,29 @@ def test_a_problem_whose_teacher_fails_is_left_for_the_next_run(problems, tmp_pa
 def test_teacher_endpoints_per_agent_from_the_command_line() -> None:
     from mcl_runtime.train.__main__ import build_parser, endpoints_from_args
 
-    args = build_parser().parse_args(["collect", "--problems", "p.jsonl", "--out", "o", "--teacher", "http://a/v1",
-                                      "--teacher-model", "big", "--agent-teacher", "debugging=http://b/v1",
-                                      "--agent-model", "debugging=fixer"])
+    args = build_parser().parse_args(
+        [
+            "collect",
+            "--problems",
+            "p.jsonl",
+            "--out",
+            "o",
+            "--teacher",
+            "http://a/v1",
+            "--teacher-model",
+            "big",
+            "--agent-teacher",
+            "debugging=http://b/v1",
+            "--agent-model",
+            "debugging=fixer",
+        ]
+    )
     endpoints = endpoints_from_args(args)
     assert endpoints["coding"].label("coding") == "big@http://a/v1"
     assert endpoints["debugging"].label("debugging") == "fixer@http://b/v1"
     with pytest.raises(SystemExit, match="unknown agent"):
-        endpoints_from_args(build_parser().parse_args(["collect", "--problems", "p", "--out", "o", "--teacher",
-                                                       "http://a/v1", "--agent-model", "judge=x"]))
+        endpoints_from_args(
+            build_parser().parse_args(
+                ["collect", "--problems", "p", "--out", "o", "--teacher", "http://a/v1", "--agent-model", "judge=x"]
+            )
+        )

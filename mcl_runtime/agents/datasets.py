@@ -9,6 +9,7 @@ stdin/stdout pairs whose output is a one-element list) and xCodeEval (src_uid, d
 input_spec, output_spec, notes, sample_inputs, sample_outputs, time_limit; no hidden tests ship,
 so its samples are also its hidden tests).
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,16 +33,16 @@ FUNCTION_PREAMBLE = "from typing import *\n"
 
 @dataclass(frozen=True)
 class Problem:
-    task_id: str                       # the dataset's own id
-    dataset: str                       # humaneval | humaneval-et | mbpp | apps | xcodeeval
-    style: str                         # "function" or "stdio"
-    statement: str                     # the problem as the agents see it
-    sample_tests: tuple[Test, ...]     # visible to the agents; drive debugging
-    hidden_tests: tuple[Test, ...]     # judge the final program
-    prefix: str = ""                   # put before the generated code to form the program
+    task_id: str  # the dataset's own id
+    dataset: str  # humaneval | humaneval-et | mbpp | apps | xcodeeval
+    style: str  # "function" or "stdio"
+    statement: str  # the problem as the agents see it
+    sample_tests: tuple[Test, ...]  # visible to the agents; drive debugging
+    hidden_tests: tuple[Test, ...]  # judge the final program
+    prefix: str = ""  # put before the generated code to form the program
     starter_code: str = ""
     time_limit_s: float | None = None
-    hidden_are_samples: bool = False   # True when only sample tests exist (xCodeEval here)
+    hidden_are_samples: bool = False  # True when only sample tests exist (xCodeEval here)
 
     def program(self, code: str) -> str:
         """The program that is run: ``prefix`` + ``code``, with __future__ imports kept first."""
@@ -76,8 +77,7 @@ def _read_lines(name_or_path: str) -> list[str]:
         return ref.read_text(encoding="utf-8").splitlines()
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"no dataset named {name_or_path!r} (built-in: {', '.join(BUILTIN)}) "
-                                f"and no such file")
+        raise FileNotFoundError(f"no dataset named {name_or_path!r} (built-in: {', '.join(BUILTIN)}) and no such file")
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -104,8 +104,9 @@ def _function_problem(rec: dict) -> Problem:
     hidden = FunctionTest(test, None if calls_check else rec["entry_point"])
     sample_io = rec["sample_io"] if "sample_io" in rec else _humaneval_samples().get(task_id, []) if extended else []
     samples = tuple(FunctionTest(s) for s in sample_io or [] if isinstance(s, str))
-    return Problem(task_id, dataset, "function", rec["prompt"], samples, (hidden,),
-                   prefix=FUNCTION_PREAMBLE + rec["prompt"] + "\n")
+    return Problem(
+        task_id, dataset, "function", rec["prompt"], samples, (hidden,), prefix=FUNCTION_PREAMBLE + rec["prompt"] + "\n"
+    )
 
 
 @functools.cache
@@ -129,8 +130,11 @@ def distinct(problems: list[Problem]) -> tuple[list[Problem], list[str]]:
     return kept, dropped
 
 
-TOLERANCE = re.compile(r"(?:absolute|relative)\s+(?:or|and|and/or)\s+(?:absolute|relative)\s+error"
-                       r"[^.]{0,80}?(?:10\s*\^?\s*\{?\s*[-\u2212]\s*(\d+)|1e-(\d+))", re.IGNORECASE)
+TOLERANCE = re.compile(
+    r"(?:absolute|relative)\s+(?:or|and|and/or)\s+(?:absolute|relative)\s+error"
+    r"[^.]{0,80}?(?:10\s*\^?\s*\{?\s*[-\u2212]\s*(\d+)|1e-(\d+))",
+    re.IGNORECASE,
+)
 
 
 def stated_tolerance(statement: str) -> float | None:
@@ -153,9 +157,15 @@ def _io_tests(pairs, tolerance: float | None) -> tuple[IOTest, ...]:
 def _apps(rec: dict) -> Problem:
     starter = (rec.get("starter_code") or "").strip()
     tolerance = stated_tolerance(rec["description"])
-    return Problem(str(rec["id"] if "id" in rec else rec["name"]), "apps", "stdio", rec["description"],
-                   _io_tests(rec.get("sample_io"), tolerance), _io_tests(rec["test_list"], tolerance),
-                   starter_code=starter)
+    return Problem(
+        str(rec["id"] if "id" in rec else rec["name"]),
+        "apps",
+        "stdio",
+        rec["description"],
+        _io_tests(rec.get("sample_io"), tolerance),
+        _io_tests(rec["test_list"], tolerance),
+        starter_code=starter,
+    )
 
 
 def _xcodeeval(rec: dict) -> Problem:
@@ -166,8 +176,16 @@ def _xcodeeval(rec: dict) -> Problem:
     statement = "\n\n".join(parts + (["\n".join(limits)] if limits else []))
     tolerance = stated_tolerance(statement)
     samples = tuple(IOTest(i, o, tolerance) for i, o in zip(rec["sample_inputs"], rec["sample_outputs"]))
-    return Problem(rec["src_uid"], "xcodeeval", "stdio", statement, samples, samples,
-                   time_limit_s=_seconds(rec.get("time_limit")), hidden_are_samples=True)
+    return Problem(
+        rec["src_uid"],
+        "xcodeeval",
+        "stdio",
+        statement,
+        samples,
+        samples,
+        time_limit_s=_seconds(rec.get("time_limit")),
+        hidden_are_samples=True,
+    )
 
 
 def _seconds(text: str | None) -> float | None:

@@ -1,5 +1,6 @@
 """Run the pipeline over a problem set with N problems in flight, judge the final code on the
 hidden tests, and write one JSON line per problem plus ``<out>.summary.json``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,10 +18,14 @@ from mcl_runtime.agents.judge import TestOutcome, Verdict
 from mcl_runtime.agents.mapcoder import MapCoder, Trajectory
 from mcl_runtime.agents.prompts import AGENTS
 
-DUPLICATES_NOTE = ("{dropped} of the {rows} rows repeat an earlier problem id ({ids}); each problem is "
-                   "solved and counted once, so pass@1 is over {distinct} distinct problems.")
-SAMPLES_ONLY_NOTE = ("xCodeEval ships only its sample tests here, so its problems are judged on those "
-                     "sample tests, not on the full hidden test suite: its pass@1 is an upper bound.")
+DUPLICATES_NOTE = (
+    "{dropped} of the {rows} rows repeat an earlier problem id ({ids}); each problem is "
+    "solved and counted once, so pass@1 is over {distinct} distinct problems."
+)
+SAMPLES_ONLY_NOTE = (
+    "xCodeEval ships only its sample tests here, so its problems are judged on those "
+    "sample tests, not on the full hidden test suite: its pass@1 is an upper bound."
+)
 
 
 @dataclass
@@ -29,8 +34,8 @@ class ProblemResult:
     dataset: str
     passed: bool
     code: str
-    verdict: str                      # "passed" or the first failing hidden test's verdict
-    verdicts: list[str]               # per hidden test run (judging stops at the first failure)
+    verdict: str  # "passed" or the first failing hidden test's verdict
+    verdicts: list[str]  # per hidden test run (judging stops at the first failure)
     samples_passed: bool
     calls: dict
     tokens: dict
@@ -54,21 +59,47 @@ def verdict_of(outcomes: list[TestOutcome]) -> str:
 async def solve_and_judge(solver: MapCoder, problem: Problem) -> ProblemResult:
     start = time.monotonic()
     traj = await solver.solve(problem)
-    hidden = await solver.judge.arun_tests(problem.program(traj.final_code), list(problem.hidden_tests),
-                                           stop_on_failure=True, limits=solver.limits_for(problem))
+    hidden = await solver.judge.arun_tests(
+        problem.program(traj.final_code),
+        list(problem.hidden_tests),
+        stop_on_failure=True,
+        limits=solver.limits_for(problem),
+    )
     verdict = verdict_of(hidden)
     return ProblemResult(
-        problem.task_id, problem.dataset, verdict == Verdict.PASSED.value, traj.final_code, verdict,
-        [o.verdict.value for o in hidden], traj.samples_passed, traj.per_agent("calls"),
-        traj.per_agent("tokens"), traj.per_agent("format_failures"), time.monotonic() - start,
-        problem.hidden_are_samples, trajectory=traj)
+        problem.task_id,
+        problem.dataset,
+        verdict == Verdict.PASSED.value,
+        traj.final_code,
+        verdict,
+        [o.verdict.value for o in hidden],
+        traj.samples_passed,
+        traj.per_agent("calls"),
+        traj.per_agent("tokens"),
+        traj.per_agent("format_failures"),
+        time.monotonic() - start,
+        problem.hidden_are_samples,
+        trajectory=traj,
+    )
 
 
 def _failed_result(problem: Problem, exc: BaseException, seconds: float) -> ProblemResult:
     zero = {a: 0 for a in AGENTS}
-    return ProblemResult(problem.task_id, problem.dataset, False, "", "error", [], False, dict(zero),
-                         {a: {"prompt": 0, "completion": 0} for a in AGENTS}, dict(zero), seconds,
-                         problem.hidden_are_samples, error=f"{type(exc).__name__}: {exc}")
+    return ProblemResult(
+        problem.task_id,
+        problem.dataset,
+        False,
+        "",
+        "error",
+        [],
+        False,
+        dict(zero),
+        {a: {"prompt": 0, "completion": 0} for a in AGENTS},
+        dict(zero),
+        seconds,
+        problem.hidden_are_samples,
+        error=f"{type(exc).__name__}: {exc}",
+    )
 
 
 async def _guarded(solver: MapCoder, problem: Problem, slots: asyncio.Semaphore) -> ProblemResult:
@@ -85,11 +116,14 @@ def summarize(results: list[ProblemResult], wall_seconds: float, config: dict) -
     passed = sum(r.passed for r in results)
     summary = {
         **config,
-        "problems": n, "passed": passed, "pass@1": passed / n if n else 0.0,
+        "problems": n,
+        "passed": passed,
+        "pass@1": passed / n if n else 0.0,
         "format_failures": {a: sum(r.format_failures[a] for r in results) for a in AGENTS},
         "calls": {a: sum(r.calls[a] for r in results) for a in AGENTS},
-        "tokens": {a: {kind: sum(r.tokens[a][kind] for r in results) for kind in ("prompt", "completion")}
-                   for a in AGENTS},
+        "tokens": {
+            a: {kind: sum(r.tokens[a][kind] for r in results) for kind in ("prompt", "completion")} for a in AGENTS
+        },
         "verdicts": dict(Counter(r.verdict for r in results)),
         "errors": sum(r.error is not None for r in results),
         "wall_seconds": wall_seconds,
@@ -109,14 +143,19 @@ def _duplicates(rows: int, kept: list[Problem], dropped: list[str]) -> dict:
     info = {"dataset_rows": rows, "distinct_problems": len(kept)}
     if dropped:
         ids = ", ".join(sorted(set(dropped))[:8]) + (", ..." if len(set(dropped)) > 8 else "")
-        info["duplicates_note"] = DUPLICATES_NOTE.format(dropped=len(dropped), rows=rows, ids=ids,
-                                                         distinct=len(kept))
+        info["duplicates_note"] = DUPLICATES_NOTE.format(dropped=len(dropped), rows=rows, ids=ids, distinct=len(kept))
     return info
 
 
-async def evaluate(problems: list[Problem], solver: MapCoder, out: Path, workers: int = 1,
-                   config: dict | None = None, progress: bool = True,
-                   trajectories: IO[str] | None = None) -> dict:
+async def evaluate(
+    problems: list[Problem],
+    solver: MapCoder,
+    out: Path,
+    workers: int = 1,
+    config: dict | None = None,
+    progress: bool = True,
+    trajectories: IO[str] | None = None,
+) -> dict:
     """Solve and judge ``problems`` (a repeated problem id once), ``workers`` at a time; write
     results as they finish."""
     if workers < 1:
@@ -134,8 +173,10 @@ async def evaluate(problems: list[Problem], solver: MapCoder, out: Path, workers
             f.write(json.dumps(result.to_json()) + "\n")
             f.flush()
             if trajectories is not None and result.trajectory is not None:
-                trajectories.write(json.dumps({"task_id": result.task_id, "passed": result.passed,
-                                               **result.trajectory.to_dict()}) + "\n")
+                trajectories.write(
+                    json.dumps({"task_id": result.task_id, "passed": result.passed, **result.trajectory.to_dict()})
+                    + "\n"
+                )
             bar.update(1)
             bar.set_postfix(passed=f"{sum(r.passed for r in results)}/{len(results)}")
     summary = summarize(results, time.monotonic() - start, {**(config or {}), **_duplicates(rows, problems, dropped)})

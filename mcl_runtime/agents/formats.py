@@ -7,14 +7,15 @@ without ``<`` and backticks (so they cannot close a tag or a fence early), start
 character (so they are never blank) and have length caps: every token is at least one byte, so
 an answer of at most ``max_tokens - 1`` bytes closes inside the token budget, EOS included.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-_TEXT = r"[\n\x20-\x3b\x3d-\x5f\x61-\x7e]"      # printable ASCII and newline, no '<' or '`'
+_TEXT = r"[\n\x20-\x3b\x3d-\x5f\x61-\x7e]"  # printable ASCII and newline, no '<' or '`'
 _TEXT_START = r"[\x21-\x3b\x3d-\x5f\x61-\x7e]"
-_CODE = r"[\t\n\x20-\x5f\x61-\x7e]"             # code may hold '<', not a backtick
+_CODE = r"[\t\n\x20-\x5f\x61-\x7e]"  # code may hold '<', not a backtick
 _CODE_START = r"[\x21-\x5f\x61-\x7e]"
 _CONFIDENCE = '("100" | [1-9]? [0-9])'
 _CONFIDENCE_BYTES = 3
@@ -23,25 +24,32 @@ _CONFIDENCE_BYTES = 3
 @dataclass(frozen=True)
 class Field:
     """A capped free-text field; ``weight`` is its share of the bytes left after the literals."""
+
     weight: int
     code: bool = False
 
 
-CONFIDENCE = object()   # the verification's 0-100 number
+CONFIDENCE = object()  # the verification's 0-100 number
 STEPS = ("retrieval", "planning", "verification", "coding", "debugging")
 
 
 def _shape(step: str, k: int) -> list:
     """The answer of ``step`` as literals, ``Field``s and ``CONFIDENCE``."""
     if step == "retrieval":
-        problem = ["<problem>\n<description>", Field(1), "</description>\n<code>\n```python\n", Field(2),
-                   "\n```\n</code>\n<planning>", Field(1), "</planning>\n</problem>\n"]
+        problem = [
+            "<problem>\n<description>",
+            Field(1),
+            "</description>\n<code>\n```python\n",
+            Field(2),
+            "\n```\n</code>\n<planning>",
+            Field(1),
+            "</planning>\n</problem>\n",
+        ]
         return ["<root>\n", *problem * k, "<algorithm>", Field(1), "</algorithm>\n</root>"]
     if step == "planning":
         return ["1. ", Field(1)]
     if step == "verification":
-        return ["<root>\n<explanation>", Field(1), "</explanation>\n<confidence>", CONFIDENCE,
-                "</confidence>\n</root>"]
+        return ["<root>\n<explanation>", Field(1), "</explanation>\n<confidence>", CONFIDENCE, "</confidence>\n</root>"]
     if step == "coding":
         return ["```python\n", Field(1, code=True), "\n```"]
     if step == "debugging":
@@ -56,8 +64,10 @@ def answer_grammar(step: str, max_tokens: int, k: int = 1) -> str:
     fields = [p for p in shape if isinstance(p, Field)]
     room = max_tokens - 1 - fixed
     if room < 2 * len(fields):
-        raise ValueError(f"max_tokens {max_tokens} is too small for a structured {step} answer "
-                         f"(needs at least {fixed + 1 + 2 * len(fields)})")
+        raise ValueError(
+            f"max_tokens {max_tokens} is too small for a structured {step} answer "
+            f"(needs at least {fixed + 1 + 2 * len(fields)})"
+        )
     total = sum(f.weight for f in fields)
     rules, body = [], []
     for part in shape:

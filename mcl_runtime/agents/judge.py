@@ -19,6 +19,7 @@ the solution's process, or raising in atexit all end as failures. (Under ``basic
 program runs as the caller's own user, which the kernel may let it trace: the guarantee needs the
 uid drop, i.e. root on Linux.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,20 +34,23 @@ import signal
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Union
 
 from mcl_runtime.agents.sandbox import Companion, Limits, RunResult, Sandbox
 
 DRIVER = Path(__file__).with_name("sandbox_driver.py")
 DRIVER_CODE = compile(DRIVER.read_text(), str(DRIVER), "exec")
 # the program side runs it as a .pyc (unchecked hash-based), so no run pays for compiling it
-DRIVER_PYC = (importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
-              + importlib.util.source_hash(DRIVER.read_bytes()) + marshal.dumps(DRIVER_CODE))
+DRIVER_PYC = (
+    importlib.util.MAGIC_NUMBER
+    + (1).to_bytes(4, "little")
+    + importlib.util.source_hash(DRIVER.read_bytes())
+    + marshal.dumps(DRIVER_CODE)
+)
 MAX_FIELD = 4000
 EFBIG_TEXT = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
 
 
-class Verdict(str, Enum):
+class Verdict(str, Enum):  # noqa: UP042 (str() keeps the member name; StrEnum would change it)
     PASSED = "passed"
     WRONG_ANSWER = "wrong answer"
     RUNTIME_ERROR = "runtime error"
@@ -58,26 +62,26 @@ class Verdict(str, Enum):
 @dataclass(frozen=True)
 class FunctionTest:
     source: str
-    entry_point: str | None = None   # when set, ``check(entry_point)`` runs after ``source``
+    entry_point: str | None = None  # when set, ``check(entry_point)`` runs after ``source``
 
 
 @dataclass(frozen=True)
 class IOTest:
     input: str
     expected: str
-    tolerance: float | None = None   # absolute-or-relative error the statement allows (see outputs_match)
+    tolerance: float | None = None  # absolute-or-relative error the statement allows (see outputs_match)
 
 
-Test = Union[FunctionTest, IOTest]
+Test = FunctionTest | IOTest
 
 
 @dataclass
 class TestOutcome:
     verdict: Verdict
-    input: str          # the test's source (function style) or its stdin
+    input: str  # the test's source (function style) or its stdin
     expected: str
-    actual: str         # the value computed (function style) or the stdout
-    error: str          # traceback or stderr tail; empty when none
+    actual: str  # the value computed (function style) or the stdout
+    error: str  # traceback or stderr tail; empty when none
     seconds: float
 
     @property
@@ -90,8 +94,8 @@ class TestOutcome:
         return d
 
 
-APPS_RTOL, APPS_ATOL = 1e-5, 1e-8   # numpy.allclose's defaults, which APPS's checker calls
-APPS_ROUND_DIGITS = 3              # APPS's last check: numbers rounded to 3 decimals
+APPS_RTOL, APPS_ATOL = 1e-5, 1e-8  # numpy.allclose's defaults, which APPS's checker calls
+APPS_ROUND_DIGITS = 3  # APPS's last check: numbers rounded to 3 decimals
 
 
 def outputs_match(actual: str, expected: str, tolerance: float | None = None) -> bool:
@@ -115,8 +119,8 @@ def outputs_match(actual: str, expected: str, tolerance: float | None = None) ->
     """
     got, want = _lines(actual), _lines(expected)
     return len(got) == len(want) and all(
-        len(g) == len(w) and all(_tokens_match(a, b, tolerance) for a, b in zip(g, w))
-        for g, w in zip(got, want))
+        len(g) == len(w) and all(_tokens_match(a, b, tolerance) for a, b in zip(g, w)) for g, w in zip(got, want)
+    )
 
 
 def _lines(text: str) -> list[list[str]]:
@@ -183,13 +187,18 @@ class Judge:
             raise TypeError(f"expected a FunctionTest or IOTest, got {type(test).__name__}")
         secret = os.urandom(32)
         job = json.dumps({"test": test.source, "entry_point": test.entry_point, "secret": secret.hex()})
-        run = self.sandbox.run({"solution.py": program, "driver.pyc": DRIVER_PYC},
-                               ["driver.pyc", "{from_companion}", "{to_companion}"], "", limits,
-                               Companion(DRIVER_CODE, "check", job.encode()))
+        run = self.sandbox.run(
+            {"solution.py": program, "driver.pyc": DRIVER_PYC},
+            ["driver.pyc", "{from_companion}", "{to_companion}"],
+            "",
+            limits,
+            Companion(DRIVER_CODE, "check", job.encode()),
+        )
         return _outcome(test, run, _parse_report(run, secret), limits)
 
-    def run_tests(self, program: str, tests: list[Test], stop_on_failure: bool = False,
-                  limits: Limits | None = None) -> list[TestOutcome]:
+    def run_tests(
+        self, program: str, tests: list[Test], stop_on_failure: bool = False, limits: Limits | None = None
+    ) -> list[TestOutcome]:
         outcomes = []
         for test in tests:
             outcomes.append(self.run_test(program, test, limits))
@@ -197,8 +206,9 @@ class Judge:
                 break
         return outcomes
 
-    async def arun_tests(self, program: str, tests: list[Test], stop_on_failure: bool = False,
-                         limits: Limits | None = None) -> list[TestOutcome]:
+    async def arun_tests(
+        self, program: str, tests: list[Test], stop_on_failure: bool = False, limits: Limits | None = None
+    ) -> list[TestOutcome]:
         return await asyncio.to_thread(self.run_tests, program, tests, stop_on_failure, limits)
 
 
@@ -207,15 +217,24 @@ def _outcome(test: Test, run: RunResult, report: dict | None, limits: Limits) ->
     error = (report or {}).get("error") or run.stderr[-MAX_FIELD:]
     if isinstance(test, IOTest):
         if verdict is None:
-            verdict = Verdict.PASSED if outputs_match(run.stdout, test.expected, test.tolerance) else Verdict.WRONG_ANSWER
-        return TestOutcome(verdict, _clip(test.input), _clip(test.expected), _clip(run.stdout),
-                           _clip(error), run.seconds)
+            verdict = (
+                Verdict.PASSED if outputs_match(run.stdout, test.expected, test.tolerance) else Verdict.WRONG_ANSWER
+            )
+        return TestOutcome(
+            verdict, _clip(test.input), _clip(test.expected), _clip(run.stdout), _clip(error), run.seconds
+        )
     if verdict is None:
         verdict = _function_verdict(report)
         if verdict is Verdict.RUNTIME_ERROR and report is None:
             error = "the test did not report (the checker was killed or its report was not authentic)\n" + error
-    return TestOutcome(verdict, _clip(test.source), (report or {}).get("expected", ""),
-                       (report or {}).get("actual", ""), _clip(error), run.seconds)
+    return TestOutcome(
+        verdict,
+        _clip(test.source),
+        (report or {}).get("expected", ""),
+        (report or {}).get("actual", ""),
+        _clip(error),
+        run.seconds,
+    )
 
 
 def _function_verdict(report: dict | None) -> Verdict:

@@ -6,6 +6,7 @@
 A request the backend refuses (prompt too long, bad parameters) raises ``ChatError``, which the
 pipeline records as a failed call; anything else (server unreachable) propagates.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ class ChatReply:
 
 
 class ChatClient(Protocol):
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int,
-                   temperature: float, structured: dict | None = None) -> ChatReply: ...
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply: ...
+
     # ``structured``: a constraint on the answer, as vLLM's ``structured_outputs`` (e.g. {"grammar": ...})
 
 
@@ -41,13 +44,18 @@ class OpenAIChatClient:
     """Chat completions against ``base_url``; ``models`` maps an agent to the served model name
     (default: the agent's own name, i.e. its adapter)."""
 
-    def __init__(self, base_url: str, models: dict[str, str] | None = None, api_key: str = "EMPTY",
-                 timeout_s: float = 600.0, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        models: dict[str, str] | None = None,
+        api_key: str = "EMPTY",
+        timeout_s: float = 600.0,
+        max_retries: int = 2,
+    ) -> None:
         import openai
 
         self._openai = openai
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s,
-                                         max_retries=max_retries)
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
         self.models = dict(models or {})
 
     def model_for(self, agent: str) -> str:
@@ -57,20 +65,25 @@ class OpenAIChatClient:
         page = await self.client.models.list()
         return [m.id for m in page.data]
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float,
-                   structured: dict | None = None) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply:
         _check_request(messages, max_tokens, temperature)
         extra = {"extra_body": {"structured_outputs": structured}} if structured else {}
         try:
             resp = await self.client.chat.completions.create(
-                model=self.model_for(agent), messages=messages, max_tokens=max_tokens, temperature=temperature,
-                **extra)
+                model=self.model_for(agent), messages=messages, max_tokens=max_tokens, temperature=temperature, **extra
+            )
         except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as exc:
             raise ChatError(f"{agent}: request refused: {exc}") from exc
         choice = resp.choices[0]
         usage = resp.usage
-        return ChatReply(choice.message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
-                         getattr(usage, "completion_tokens", 0) or 0, choice.finish_reason)
+        return ChatReply(
+            choice.message.content or "",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+            choice.finish_reason,
+        )
 
     async def close(self) -> None:
         await self.client.close()
@@ -89,8 +102,9 @@ class EngineChatClient:
             return self.adapters[agent]
         return agent if agent in self.aengine.engine.adapters else None
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float,
-                   structured: dict | None = None) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply:
         from mcl_runtime import SamplingParams
 
         _check_request(messages, max_tokens, temperature)

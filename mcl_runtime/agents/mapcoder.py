@@ -12,21 +12,30 @@
 The hidden tests are not run here (see ``evaluate.py``). Every call is kept in a ``Trajectory``
 (messages, answer text, parse result, tokens), which is what the training module collects.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 from mcl_runtime.agents import formats, prompts
 from mcl_runtime.agents.datasets import Problem
 from mcl_runtime.agents.judge import Judge, TestOutcome
 from mcl_runtime.agents.llm import ChatClient, ChatError, ChatReply
-from mcl_runtime.agents.parsers import (CodeParse, Exemplar, Parsed, RetrievalParse, parse_code,
-                                        parse_debugging, parse_plan, parse_retrieval, parse_verification)
+from mcl_runtime.agents.parsers import (
+    CodeParse,
+    Exemplar,
+    Parsed,
+    RetrievalParse,
+    parse_code,
+    parse_debugging,
+    parse_plan,
+    parse_retrieval,
+    parse_verification,
+)
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits
-
 
 # (k, t) of MapCoder's published runs (Islam et al., ACL 2024, and its repository's run scripts):
 # HumanEval k=5; every other dataset k=3; t=5 everywhere. HumanEval-ET is the HumanEval run judged
@@ -43,13 +52,13 @@ def published_k_t(dataset: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class MapCoderConfig:
-    k: int = 3                       # recalled problems, hence plans
-    t: int = 5                       # debugging rounds per plan
-    max_tokens: int = MAPCODER_MAX_TOKENS   # per call
+    k: int = 3  # recalled problems, hence plans
+    t: int = 5  # debugging rounds per plan
+    max_tokens: int = MAPCODER_MAX_TOKENS  # per call
     temperature: float = 0.0
-    max_calls: int | None = None     # default: the protocol's own maximum, 1 + 2k + k(1 + t)
+    max_calls: int | None = None  # default: the protocol's own maximum, 1 + 2k + k(1 + t)
     structured_output: bool = False  # constrain every answer to its format (agents/formats.py)
-    test_last_fix: bool = False      # our variant of the debugging loop (see the module docstring)
+    test_last_fix: bool = False  # our variant of the debugging loop (see the module docstring)
 
     @property
     def loop(self) -> str:
@@ -72,16 +81,17 @@ class MapCoderConfig:
 @dataclass
 class AgentCall:
     """One model call: what the trainer keeps."""
-    agent: str                 # the adapter: retrieval | planning | coding | debugging
-    step: str                  # retrieval | planning | verification | coding | debugging
+
+    agent: str  # the adapter: retrieval | planning | coding | debugging
+    step: str  # retrieval | planning | verification | coding | debugging
     messages: list[dict]
     text: str
-    parsed: dict               # the parser's result as a dict (``ok`` False = format failure)
+    parsed: dict  # the parser's result as a dict (``ok`` False = format failure)
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
     seconds: float
-    error: str | None = None   # the backend refused the request
+    error: str | None = None  # the backend refused the request
 
     @property
     def ok(self) -> bool:
@@ -90,7 +100,7 @@ class AgentCall:
 
 @dataclass
 class SampleRun:
-    after_call: int            # index in ``calls`` of the call that produced the code
+    after_call: int  # index in ``calls`` of the call that produced the code
     code: str
     outcomes: list[TestOutcome]
 
@@ -103,7 +113,7 @@ class SampleRun:
 class RankedPlan:
     plan: str
     confidence: int
-    exemplar: int | None       # index of the recalled problem it came from
+    exemplar: int | None  # index of the recalled problem it came from
 
 
 @dataclass
@@ -119,9 +129,13 @@ class Trajectory:
     def per_agent(self, what: str) -> dict:
         """``calls``, ``format_failures`` or ``tokens`` ({"prompt", "completion"}) per agent."""
         if what == "tokens":
-            return {a: {"prompt": sum(c.prompt_tokens for c in self.calls if c.agent == a),
-                        "completion": sum(c.completion_tokens for c in self.calls if c.agent == a)}
-                    for a in AGENTS}
+            return {
+                a: {
+                    "prompt": sum(c.prompt_tokens for c in self.calls if c.agent == a),
+                    "completion": sum(c.completion_tokens for c in self.calls if c.agent == a),
+                }
+                for a in AGENTS
+            }
         if what == "calls":
             return {a: sum(c.agent == a for c in self.calls) for a in AGENTS}
         if what == "format_failures":
@@ -165,26 +179,47 @@ class MapCoder:
         traj.samples_passed = last is not None and last.code == traj.final_code and last.passed
         return traj
 
-    async def _call(self, traj: Trajectory, agent: str, step: str, messages: list[dict],
-                    parser: Callable[[str], Parsed]) -> Parsed:
+    async def _call(
+        self, traj: Trajectory, agent: str, step: str, messages: list[dict], parser: Callable[[str], Parsed]
+    ) -> Parsed:
         if len(traj.calls) >= self.config.call_budget:
             raise BudgetExhausted
         start, error = time.monotonic(), None
         try:
-            extra = {"structured": formats.structured_output(step, self.config.max_tokens, self.config.k)} \
-                if self.config.structured_output else {}
+            extra = (
+                {"structured": formats.structured_output(step, self.config.max_tokens, self.config.k)}
+                if self.config.structured_output
+                else {}
+            )
             reply = await self.client.chat(agent, messages, self.config.max_tokens, self.config.temperature, **extra)
         except ChatError as exc:
             reply, error = ChatReply("", 0, 0, None), str(exc)
         parsed = parser(reply.text)
-        traj.calls.append(AgentCall(agent, step, messages, reply.text, parsed.to_dict(), reply.prompt_tokens,
-                                    reply.completion_tokens, reply.finish_reason, time.monotonic() - start, error))
+        traj.calls.append(
+            AgentCall(
+                agent,
+                step,
+                messages,
+                reply.text,
+                parsed.to_dict(),
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                reply.finish_reason,
+                time.monotonic() - start,
+                error,
+            )
+        )
         return parsed
 
     async def _retrieve(self, problem: Problem, traj: Trajectory) -> RetrievalParse:
         k = self.config.k
-        return await self._call(traj, "retrieval", "retrieval", prompts.retrieval_messages(problem, k),
-                                lambda text: parse_retrieval(text, k))
+        return await self._call(
+            traj,
+            "retrieval",
+            "retrieval",
+            prompts.retrieval_messages(problem, k),
+            lambda text: parse_retrieval(text, k),
+        )
 
     async def _plan(self, problem: Problem, retrieved: RetrievalParse, traj: Trajectory) -> list[RankedPlan]:
         exemplars: list[Exemplar | None] = list(retrieved.exemplars) or [None]
@@ -193,8 +228,9 @@ class MapCoder:
             for index, exemplar in enumerate(exemplars):
                 messages = prompts.planning_messages(problem, exemplar, retrieved.algorithm)
                 plan = (await self._call(traj, "planning", "planning", messages, parse_plan)).plan
-                rating = await self._call(traj, "planning", "verification",
-                                          prompts.verification_messages(problem, plan), parse_verification)
+                rating = await self._call(
+                    traj, "planning", "verification", prompts.verification_messages(problem, plan), parse_verification
+                )
                 plans.append(RankedPlan(plan, rating.confidence, None if exemplar is None else index))
         finally:
             plans.sort(key=lambda p: -p.confidence)
@@ -214,8 +250,9 @@ class MapCoder:
             run = await self._test_samples(problem, traj.final_code, traj)
             if run.passed:
                 return True
-            messages = prompts.debugging_messages(problem, plan, traj.final_code,
-                                                  prompts.test_report(run.outcomes, problem.style), algorithm)
+            messages = prompts.debugging_messages(
+                problem, plan, traj.final_code, prompts.test_report(run.outcomes, problem.style), algorithm
+            )
             fix: CodeParse = await self._call(traj, "debugging", "debugging", messages, parse_debugging)
             traj.final_code, plan = fix.code or traj.final_code, fix.notes or plan
         if self.config.test_last_fix:
@@ -227,8 +264,9 @@ class MapCoder:
         if earlier:
             outcomes = earlier[-1].outcomes
         else:
-            outcomes = await self.judge.arun_tests(problem.program(code), list(problem.sample_tests),
-                                                   limits=self.limits_for(problem))
+            outcomes = await self.judge.arun_tests(
+                problem.program(code), list(problem.sample_tests), limits=self.limits_for(problem)
+            )
         run = SampleRun(len(traj.calls) - 1, code, outcomes)
         traj.sample_runs.append(run)
         return run

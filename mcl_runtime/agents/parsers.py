@@ -11,6 +11,7 @@ tolerated. What counts as a failure:
   coding        no code: neither a fenced block nor an answer that is valid Python as a whole
   debugging     as coding
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 SECTION_TAGS = ("root", "problem", "description", "code", "planning", "algorithm", "explanation", "confidence")
-_NEXT_TAG = re.compile(r"</?(?:%s)\b[^<>]*>" % "|".join(SECTION_TAGS), re.IGNORECASE)
+_NEXT_TAG = re.compile(rf"</?(?:{'|'.join(SECTION_TAGS)})\b[^<>]*>", re.IGNORECASE)
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n`]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("", "python", "python3", "py", "py3")
 
@@ -60,7 +61,7 @@ class VerificationParse(Parsed):
 @dataclass
 class CodeParse(Parsed):
     code: str = ""
-    notes: str = ""     # the text before the code (the debugging agent's revised plan)
+    notes: str = ""  # the text before the code (the debugging agent's revised plan)
 
 
 def _clean(text: str) -> str:
@@ -75,12 +76,12 @@ def extract_tag(text: str, name: str) -> str | None:
     m = re.search(rf"<{name}\b[^<>]*>", text, re.IGNORECASE)
     if not m:
         return None
-    rest = text[m.end():]
+    rest = text[m.end() :]
     close = re.search(rf"</{name}\s*>", rest, re.IGNORECASE)
     if close:
-        return _clean(rest[:close.start()])
+        return _clean(rest[: close.start()])
     nxt = _NEXT_TAG.search(rest)
-    return _clean(rest[:nxt.start()] if nxt else rest)
+    return _clean(rest[: nxt.start()] if nxt else rest)
 
 
 def _strip_fence(text: str) -> str:
@@ -95,8 +96,11 @@ def parse_retrieval(text: str, k: int | None = None) -> RetrievalParse:
     exemplars = []
     for chunk in chunks:
         chunk = re.split(r"</problem\s*>|<algorithm\b", chunk, flags=re.IGNORECASE)[0]
-        ex = Exemplar(extract_tag(chunk, "description") or "", _strip_fence(extract_tag(chunk, "code") or ""),
-                      extract_tag(chunk, "planning") or "")
+        ex = Exemplar(
+            extract_tag(chunk, "description") or "",
+            _strip_fence(extract_tag(chunk, "code") or ""),
+            extract_tag(chunk, "planning") or "",
+        )
         if ex.description or ex.planning:
             exemplars.append(ex)
     exemplars = exemplars[:k] if k else exemplars
@@ -140,7 +144,7 @@ def parse_code(text: str) -> CodeParse:
     if block is not None:
         code = block.group(2).strip("\n")
         ok = bool(code.strip())
-        return CodeParse(ok, "" if ok else "empty code block", code, text[:block.start()].strip())
+        return CodeParse(ok, "" if ok else "empty code block", code, text[: block.start()].strip())
     if "```" in text:
         notes, _, tail = text.rpartition("```")
         code = tail.split("\n", 1)[1].strip("\n") if "\n" in tail else ""

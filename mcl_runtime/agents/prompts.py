@@ -6,6 +6,7 @@ and an algorithm; ``planning`` writes a plan from one recalled problem and also 
 sample-test report. Every inserted piece of model output is cut to a bounded length so prompts
 stay bounded however long (or nonsensical) earlier answers were.
 """
+
 from __future__ import annotations
 
 from mcl_runtime.agents.datasets import Problem
@@ -22,14 +23,14 @@ MAX_REPORT = 4000
 
 SYSTEM = {
     "retrieval": "You are the retrieval agent of a team that writes Python programs. You recall "
-                 "programming problems similar to a given one, solve them, and name the algorithmic "
-                 "technique they share.",
+    "programming problems similar to a given one, solve them, and name the algorithmic "
+    "technique they share.",
     "planning": "You are the planning agent of a team that writes Python programs. You write concrete "
-                "step-by-step plans for programming problems and judge how likely a plan is to work.",
+    "step-by-step plans for programming problems and judge how likely a plan is to work.",
     "coding": "You are the coding agent of a team that writes Python programs. You turn a plan into "
-              "correct, complete Python 3 code.",
+    "correct, complete Python 3 code.",
     "debugging": "You are the debugging agent of a team that writes Python programs. You find why code "
-                 "fails its tests and return a corrected version.",
+    "fails its tests and return a corrected version.",
 }
 
 
@@ -42,8 +43,10 @@ def problem_text(problem: Problem) -> str:
         return f"Complete this Python function:\n```python\n{problem.statement.rstrip()}\n```"
     text = problem.statement.rstrip()
     if problem.starter_code:
-        text += ("\n\nThe task was first posed as this function, which shows the parameters:\n"
-                 f"```python\n{problem.starter_code}\n```")
+        text += (
+            "\n\nThe task was first posed as this function, which shows the parameters:\n"
+            f"```python\n{problem.starter_code}\n```"
+        )
     return text
 
 
@@ -61,12 +64,16 @@ def samples_text(problem: Problem) -> str:
 
 def style_rules(problem: Problem) -> str:
     if problem.style == "function":
-        return ("Define the function exactly as named and typed in the problem (helpers are allowed). "
-                "The tests import nothing and call it directly, so do not read input, do not print, "
-                "and do not add example calls or tests.")
-    return ("Write a complete program that reads the input from standard input and writes the answer "
-            "to standard output in exactly the required format, with no prompts or extra messages. "
-            "If you write a function, the program must also read the input, call it and print the result.")
+        return (
+            "Define the function exactly as named and typed in the problem (helpers are allowed). "
+            "The tests import nothing and call it directly, so do not read input, do not print, "
+            "and do not add example calls or tests."
+        )
+    return (
+        "Write a complete program that reads the input from standard input and writes the answer "
+        "to standard output in exactly the required format, with no prompts or extra messages. "
+        "If you write a function, the program must also read the input, call it and print the result."
+    )
 
 
 def _messages(agent: str, user: str) -> list[dict]:
@@ -98,8 +105,10 @@ def planning_messages(problem: Problem, exemplar: Exemplar | None, algorithm: st
     if exemplar is None:
         example = "# A similar problem\n(none recalled)\n"
     else:
-        example = (f"# A similar problem\n{clip(exemplar.description, MAX_EXEMPLAR_FIELD)}\n\n"
-                   f"# How that problem was planned\n{clip(exemplar.planning, MAX_EXEMPLAR_FIELD)}\n")
+        example = (
+            f"# A similar problem\n{clip(exemplar.description, MAX_EXEMPLAR_FIELD)}\n\n"
+            f"# How that problem was planned\n{clip(exemplar.planning, MAX_EXEMPLAR_FIELD)}\n"
+        )
     user = f"""{example}
 # A technique that may help
 {clip(algorithm, MAX_ALGORITHM) or "(none named)"}

@@ -23,6 +23,7 @@ A run may have a ``Companion``: trusted code in a second child, under another un
 not dumpable, joined to the program by two pipes and alone holding a report descriptor; the
 judge runs function tests there so that the solution never shares a process with its verdict.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,8 @@ class Companion:
     than the program's, makes itself not dumpable, and calls ``function(job, from_program_fd,
     to_program_fd, report_fd)``. The two pipes join it to the program; ``report_fd`` is its alone.
     """
-    code: types.CodeType      # a module defining ``function``, compiled by this interpreter
+
+    code: types.CodeType  # a module defining ``function``, compiled by this interpreter
     function: str
     job: bytes
 
@@ -69,10 +71,10 @@ class Companion:
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 5.0
-    cpu_s: int | None = None          # default: ceil(timeout_s)
-    memory_bytes: int = 2 << 30       # address space
+    cpu_s: int | None = None  # default: ceil(timeout_s)
+    memory_bytes: int = 2 << 30  # address space
     max_processes: int = 64
-    max_file_bytes: int = 16 << 20    # any file the program writes, stdout and stderr included
+    max_file_bytes: int = 16 << 20  # any file the program writes, stdout and stderr included
     max_open_files: int = 64
 
     def __post_init__(self) -> None:
@@ -89,10 +91,11 @@ class Limits:
 @dataclass(frozen=True)
 class Isolation:
     """Which mechanisms are in effect (see the module docstring)."""
+
     uid_drop: bool = False
     namespaces: bool = False
     readonly_root: bool = False
-    pids_cgroup: str | None = None    # the cgroup root directory used
+    pids_cgroup: str | None = None  # the cgroup root directory used
     python: str = os.path.realpath(sys.executable)
 
     def describe(self) -> str:
@@ -110,15 +113,15 @@ class Isolation:
 
 @dataclass
 class RunResult:
-    exit_code: int | None             # None when killed by a signal
+    exit_code: int | None  # None when killed by a signal
     signal: int | None
     timed_out: bool
-    output_exceeded: bool             # stdout or stderr reached max_file_bytes
+    output_exceeded: bool  # stdout or stderr reached max_file_bytes
     stdout: str
     stderr: str
     seconds: float
     cpu_seconds: float
-    report: bytes = b""               # what the companion wrote on its report fd (see run())
+    report: bytes = b""  # what the companion wrote on its report fd (see run())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -177,10 +180,10 @@ def _find_pids_cgroup_base() -> str | None:
         mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
     except OSError:
         return None
-    for dev, mnt, fstype, opts, *_ in mounts:
+    for _dev, mnt, fstype, opts, *_ in mounts:
         if fstype == "cgroup" and "pids" in opts.split(","):
             return mnt
-    for dev, mnt, fstype, *_ in mounts:
+    for _dev, mnt, fstype, *_ in mounts:
         if fstype == "cgroup2" and _enable_v2_pids(Path(mnt)):
             return mnt
     return None
@@ -255,19 +258,27 @@ class Sandbox:
     ``max_concurrent`` bounds simultaneous runs across threads (default: the CPU count).
     """
 
-    def __init__(self, limits: Limits | None = None, isolation: str = "auto",
-                 max_concurrent: int | None = None) -> None:
+    def __init__(
+        self, limits: Limits | None = None, isolation: str = "auto", max_concurrent: int | None = None
+    ) -> None:
         if isolation not in ("auto", "strict", "basic"):
             raise ValueError(f"isolation must be 'auto', 'strict' or 'basic', got {isolation!r}")
         self.limits = limits or Limits()
         self._slots = threading.BoundedSemaphore(max_concurrent or os.cpu_count() or 1)
         self.isolation = current_isolation() if isolation != "basic" else Isolation()
-        if isolation == "strict" and not (self.isolation.namespaces and self.isolation.readonly_root
-                                          and self.isolation.uid_drop):
+        if isolation == "strict" and not (
+            self.isolation.namespaces and self.isolation.readonly_root and self.isolation.uid_drop
+        ):
             raise SandboxError(f"strict isolation unavailable here; in effect: {self.isolation.describe()}")
 
-    def run(self, files: dict[str, str | bytes], args: list[str], stdin: str = "",
-            limits: Limits | None = None, companion: Companion | None = None) -> RunResult:
+    def run(
+        self,
+        files: dict[str, str | bytes],
+        args: list[str],
+        stdin: str = "",
+        limits: Limits | None = None,
+        companion: Companion | None = None,
+    ) -> RunResult:
         """Write ``files`` into a fresh working directory and run ``python -I -B *args`` there.
 
         With a ``companion``, its function runs next to the program in a process of its own
@@ -281,8 +292,15 @@ class Sandbox:
         return _run_isolated(self.isolation, limits or self.limits, files, args, stdin, self._slots, companion)
 
 
-def _run_isolated(iso: Isolation, limits: Limits, files: dict[str, str | bytes], args: list[str], stdin: str,
-                  slots: threading.BoundedSemaphore, companion: Companion | None = None) -> RunResult:
+def _run_isolated(
+    iso: Isolation,
+    limits: Limits,
+    files: dict[str, str | bytes],
+    args: list[str],
+    stdin: str,
+    slots: threading.BoundedSemaphore,
+    companion: Companion | None = None,
+) -> RunResult:
     with slots, tempfile.TemporaryDirectory(prefix="mcl_sbx_") as tmp:
         uid = _fresh_uid() if iso.uid_drop else None
         paths = _prepare(Path(tmp), files, stdin, uid)
@@ -303,8 +321,9 @@ def _fresh_uid(avoid: int | None = None) -> int:
 
 
 def _prepare(root: Path, files: dict[str, str | bytes], stdin: str, uid: int | None) -> _Paths:
-    paths = _Paths(root, root / "work", root / "stage", root / "stdin", root / "stdout",
-                   root / "stderr", root / "report")
+    paths = _Paths(
+        root, root / "work", root / "stage", root / "stdin", root / "stdout", root / "stderr", root / "report"
+    )
     root.chmod(0o711)
     paths.work.mkdir(mode=0o700)
     paths.stage.mkdir(mode=0o700)
@@ -320,17 +339,37 @@ def _prepare(root: Path, files: dict[str, str | bytes], stdin: str, uid: int | N
     return paths
 
 
-def _launcher_config(iso: Isolation, limits: Limits, paths: _Paths, argv: list[str], uid: int | None,
-                     cgroup: _PidsCgroup | None, pid_fd: int) -> dict:
+def _launcher_config(
+    iso: Isolation,
+    limits: Limits,
+    paths: _Paths,
+    argv: list[str],
+    uid: int | None,
+    cgroup: _PidsCgroup | None,
+    pid_fd: int,
+) -> dict:
     nproc = limits.max_processes + (0 if uid is not None or os.geteuid() == 0 else _user_process_count())
     cpu = limits.cpu_seconds
-    rl = {"RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [limits.memory_bytes] * 2,
-          "RLIMIT_NPROC": [nproc] * 2, "RLIMIT_FSIZE": [limits.max_file_bytes] * 2,
-          "RLIMIT_NOFILE": [limits.max_open_files] * 2, "RLIMIT_CORE": [0, 0]}
-    return {"argv": argv, "workdir": str(paths.work), "rlimits": rl, "uid": uid,
-            "namespaces": iso.namespaces, "readonly_root": iso.readonly_root,
-            "expose": _exposed_dirs(iso) if iso.namespaces else [], "stage": str(paths.stage),
-            "cgroup_procs": cgroup.procs_file if cgroup else None, "pid_fd": pid_fd}
+    rl = {
+        "RLIMIT_CPU": [cpu, cpu + 1],
+        "RLIMIT_AS": [limits.memory_bytes] * 2,
+        "RLIMIT_NPROC": [nproc] * 2,
+        "RLIMIT_FSIZE": [limits.max_file_bytes] * 2,
+        "RLIMIT_NOFILE": [limits.max_open_files] * 2,
+        "RLIMIT_CORE": [0, 0],
+    }
+    return {
+        "argv": argv,
+        "workdir": str(paths.work),
+        "rlimits": rl,
+        "uid": uid,
+        "namespaces": iso.namespaces,
+        "readonly_root": iso.readonly_root,
+        "expose": _exposed_dirs(iso) if iso.namespaces else [],
+        "stage": str(paths.stage),
+        "cgroup_procs": cgroup.procs_file if cgroup else None,
+        "pid_fd": pid_fd,
+    }
 
 
 class _CompanionLink:
@@ -350,13 +389,16 @@ class _CompanionLink:
         return [self.to_program_r, self.from_program_w]
 
     def config(self) -> dict:
-        return {"function": self.companion.function,
-                "job_fd": self.job.fileno(), "fds": [self.from_program_r, self.to_program_w],
-                "report_fd": self.report.fileno(), "uid": None if self.uid is None else _fresh_uid(self.uid)}
+        return {
+            "function": self.companion.function,
+            "job_fd": self.job.fileno(),
+            "fds": [self.from_program_r, self.to_program_w],
+            "report_fd": self.report.fileno(),
+            "uid": None if self.uid is None else _fresh_uid(self.uid),
+        }
 
     def all_fds(self) -> list[int]:
-        return self.program_fds() + [self.from_program_r, self.to_program_w, self.job.fileno(),
-                                     self.report.fileno()]
+        return self.program_fds() + [self.from_program_r, self.to_program_w, self.job.fileno(), self.report.fileno()]
 
     def close(self) -> None:
         for fd in (self.to_program_r, self.to_program_w, self.from_program_r, self.from_program_w):
@@ -365,8 +407,15 @@ class _CompanionLink:
         self.report.close()
 
 
-def _execute(iso: Isolation, limits: Limits, paths: _Paths, args: list[str], uid: int | None,
-             cgroup: _PidsCgroup | None, companion: Companion | None) -> RunResult:
+def _execute(
+    iso: Isolation,
+    limits: Limits,
+    paths: _Paths,
+    args: list[str],
+    uid: int | None,
+    cgroup: _PidsCgroup | None,
+    companion: Companion | None,
+) -> RunResult:
     pid_r, pid_w = os.pipe()
     link = _CompanionLink(companion, paths.report, uid) if companion else None
     fds = link.program_fds() if link else []
@@ -377,10 +426,17 @@ def _execute(iso: Isolation, limits: Limits, paths: _Paths, args: list[str], uid
             cfg.update(program_fds=fds, companion=link.config())
         start = time.monotonic()
         try:
-            proc = subprocess.Popen([_interpreter(), "-I", "-S", "-B", str(LAUNCHER), json.dumps(cfg)],
-                                    stdin=fin, stdout=fout, stderr=ferr, env={}, cwd=paths.work,
-                                    start_new_session=True, close_fds=True,
-                                    pass_fds=[pid_w] + (link.all_fds() if link else []))
+            proc = subprocess.Popen(
+                [_interpreter(), "-I", "-S", "-B", str(LAUNCHER), json.dumps(cfg)],
+                stdin=fin,
+                stdout=fout,
+                stderr=ferr,
+                env={},
+                cwd=paths.work,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=[pid_w] + (link.all_fds() if link else []),
+            )
         finally:
             os.close(pid_w)
             if link:
@@ -433,8 +489,9 @@ def _kill_program(launcher_pid: int, pid_r: int) -> None:
     _killpg(launcher_pid)
 
 
-def _collect(paths: _Paths, limits: Limits, status: int, usage: resource.struct_rusage,
-             timed_out: bool, seconds: float) -> RunResult:
+def _collect(
+    paths: _Paths, limits: Limits, status: int, usage: resource.struct_rusage, timed_out: bool, seconds: float
+) -> RunResult:
     cap = limits.max_file_bytes
     stderr = _read_capped(paths.stderr, cap)
     if SETUP_ERROR in stderr[:4096] and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 126:
@@ -447,8 +504,14 @@ def _collect(paths: _Paths, limits: Limits, status: int, usage: resource.struct_
     return RunResult(
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        timed_out=timed_out, output_exceeded=exceeded, stdout=_read_capped(paths.stdout, cap),
-        stderr=stderr, seconds=seconds, cpu_seconds=usage.ru_utime + usage.ru_stime, report=report)
+        timed_out=timed_out,
+        output_exceeded=exceeded,
+        stdout=_read_capped(paths.stdout, cap),
+        stderr=stderr,
+        seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        report=report,
+    )
 
 
 _DETECTED: Isolation | None = None
@@ -461,8 +524,12 @@ def _probe() -> Isolation:
     cgroup = _find_pids_cgroup_base()
     if cgroup:
         _remove_stale_cgroups(Path(cgroup))
-    candidates = [Isolation(True, True, True, cgroup), Isolation(True, True, False, cgroup),
-                  Isolation(True, False, False, cgroup), Isolation(False, False, False, cgroup)]
+    candidates = [
+        Isolation(True, True, True, cgroup),
+        Isolation(True, True, False, cgroup),
+        Isolation(True, False, False, cgroup),
+        Isolation(False, False, False, cgroup),
+    ]
     for iso in candidates:
         for attempt in (iso, replace(iso, pids_cgroup=None)) if iso.pids_cgroup else (iso,):
             if _probe_one(attempt):
@@ -472,8 +539,9 @@ def _probe() -> Isolation:
 
 def _probe_one(iso: Isolation) -> bool:
     try:
-        res = _run_isolated(iso, Limits(timeout_s=20), {"p.py": "print(6 * 7)"}, ["p.py"], "",
-                            threading.BoundedSemaphore(1))
+        res = _run_isolated(
+            iso, Limits(timeout_s=20), {"p.py": "print(6 * 7)"}, ["p.py"], "", threading.BoundedSemaphore(1)
+        )
     except (SandboxError, OSError):
         return False
     return res.exit_code == 0 and res.stdout.strip() == "42"
@@ -487,5 +555,3 @@ def current_isolation() -> Isolation:
         if _DETECTED is None:
             _DETECTED = _probe()
         return _DETECTED
-
-

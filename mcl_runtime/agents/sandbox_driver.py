@@ -26,6 +26,7 @@ imported from the standard library are imported by the checker itself.
 Modules only one end or only a failure needs are imported where they are used: both ends start
 in every function test, so their start-up time is judging time.
 """
+
 import builtins
 import json
 import os
@@ -35,12 +36,13 @@ import types
 MAX_REPR = 2000
 MAX_TRACE = 3000
 MAX_LINE = 64 << 20
-BIG_INT_BITS = 10_000   # above this an int travels in hex (decimal conversion of huge ints is capped)
+BIG_INT_BITS = 10_000  # above this an int travels in hex (decimal conversion of huge ints is capped)
 CONTAINERS = {tuple: "tuple", set: "set", frozenset: "frozenset"}
 TAGGED = {v: k for k, v in CONTAINERS.items()}
 
 
 # ---- values on the wire
+
 
 def encode(value):
     if value is None or isinstance(value, bool):
@@ -87,17 +89,25 @@ def trace_of(exc: BaseException, filename: str) -> str:
     import traceback
 
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
-    text = "".join((["Traceback (most recent call last):\n"] if frames else []) + traceback.format_list(frames)
-                   + traceback.format_exception_only(exc))
+    text = "".join(
+        (["Traceback (most recent call last):\n"] if frames else [])
+        + traceback.format_list(frames)
+        + traceback.format_exception_only(exc)
+    )
     return text[-MAX_TRACE:]
 
 
 def raised(exc: BaseException) -> dict:
-    return {"type": type(exc).__name__, "message": str(exc)[:MAX_REPR], "errno": getattr(exc, "errno", None),
-            "trace": trace_of(exc, "solution.py")}
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc)[:MAX_REPR],
+        "errno": getattr(exc, "errno", None),
+        "trace": trace_of(exc, "solution.py"),
+    }
 
 
 # ---- the program's end
+
 
 def describe(ns: dict) -> dict:
     """What the test may use of the solution: functions to call, names to import, plain values."""
@@ -150,6 +160,7 @@ def serve(in_fd: int, out_fd: int) -> None:
 
 # ---- the checker's end
 
+
 class ProtocolError(Exception):
     """The program broke off or answered something that is not an answer."""
 
@@ -171,8 +182,7 @@ class Channel:
         return message
 
     def call(self, name: str, args: tuple, kwargs: dict):
-        self.tx.write(json.dumps({"call": name, "args": encode(list(args)), "kwargs": encode(kwargs)}).encode()
-                      + b"\n")
+        self.tx.write(json.dumps({"call": name, "args": encode(list(args)), "kwargs": encode(kwargs)}).encode() + b"\n")
         self.tx.flush()
         reply = self.receive()
         if "return" in reply:
@@ -203,6 +213,7 @@ def as_exception(info: dict) -> BaseException:
 def remote(channel: Channel, name: str):
     def call(*args, **kwargs):
         return channel.call(name, args, kwargs)
+
     call.__name__ = call.__qualname__ = name
     return call
 
@@ -288,8 +299,12 @@ def failure(exc: BaseException, test_source: str) -> dict:
     if info.get("trace"):
         called = "Traceback" in trace
         trace = info["trace"] + ("\n(called from the test)\n" + trace if called else "")
-    return {"status": status, "error_type": info.get("type", type(exc).__name__),
-            "errno": info.get("errno", getattr(exc, "errno", None)), "error": trace[-MAX_TRACE:]}
+    return {
+        "status": status,
+        "error_type": info.get("type", type(exc).__name__),
+        "errno": info.get("errno", getattr(exc, "errno", None)),
+        "error": trace[-MAX_TRACE:],
+    }
 
 
 def run_job(job: dict, channel: Channel) -> dict:

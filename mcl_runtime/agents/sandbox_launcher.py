@@ -35,6 +35,7 @@ is written to stderr prefixed with SETUP_ERROR and exits with status 126. When t
 killed by a signal the launcher dies of the same signal, so the parent can tell a signal from an
 exit status.
 """
+
 import ctypes
 import json
 import marshal
@@ -58,8 +59,12 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 
 class MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def check(ret: int, what: str) -> None:
@@ -69,16 +74,17 @@ def check(ret: int, what: str) -> None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
-    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-          f"mount {target}")
+    enc = lambda s: None if s is None else s.encode()
+    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
 def set_readonly(path: str, readonly: bool, recursive: bool) -> None:
     attr = MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
-    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(attr),
-                       ctypes.sizeof(attr)), f"mount_setattr {path}")
+    check(
+        libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr)),
+        f"mount_setattr {path}",
+    )
 
 
 def closed_ancestor(path: str) -> str | None:
@@ -163,8 +169,8 @@ def load_companion(cfg: dict) -> tuple | None:
         data = f.read()
     size = int.from_bytes(data[:8], "little")
     ns = {"__name__": "mcl_companion"}
-    exec(marshal.loads(data[8:8 + size]), ns)
-    return ns[spec["function"]], data[8 + size:]
+    exec(marshal.loads(data[8 : 8 + size]), ns)
+    return ns[spec["function"]], data[8 + size :]
 
 
 def run_companion(cfg: dict, companion: tuple) -> None:

@@ -4,6 +4,7 @@ A slot is pinned while sequences that use it are running; a pinned slot is never
 adapter unloaded while in use stops taking new requests at once and is dropped when its last
 sequence finishes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,9 +25,9 @@ class AdapterManager:
         self.max_rank = max_rank
         self._adapters: dict[str, LoRAAdapter] = {}
         self._uids: dict[str, int] = {}
-        self._next_uid = itertools.count(1)        # 0 is the base model in prefix-cache keys
+        self._next_uid = itertools.count(1)  # 0 is the base model in prefix-cache keys
         self._slot_of: dict[str, int] = {}
-        self._lru: OrderedDict[int, str] = OrderedDict()   # resident slots, least recent first
+        self._lru: OrderedDict[int, str] = OrderedDict()  # resident slots, least recent first
         self._pins = [0] * num_slots
         self.slot_ranks = np.zeros(num_slots, dtype=np.int64)  # largest rank of each slot's adapter
         self._unloading: set[str] = set()
@@ -46,8 +47,9 @@ class AdapterManager:
         if not isinstance(name, str) or not name:
             raise AdapterLoadError("an adapter needs a non-empty name")
         if name in self._unloading:
-            raise AdapterLoadError(f"adapter {name!r} is still being unloaded (its requests are running); "
-                                   "load it again when they finish")
+            raise AdapterLoadError(
+                f"adapter {name!r} is still being unloaded (its requests are running); load it again when they finish"
+            )
         if name in self._adapters:
             raise AdapterLoadError(f"an adapter named {name!r} is already loaded; unload it first")
         self._adapters[name] = load_peft_adapter(name, path, self.model.config, self.max_rank)

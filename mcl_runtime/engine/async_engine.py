@@ -4,6 +4,7 @@ coroutines submit work to it and receive each request's outputs as they are prod
 Outputs are the engine's snapshots, handed over as they are (no copies): their text is built
 incrementally on the engine thread (requests are added with ``stream=True``) and joined only
 when a reader asks for it, on the reader's thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_args(cls, **engine_kwargs: Any) -> "AsyncEngine":
+    def from_args(cls, **engine_kwargs: Any) -> AsyncEngine:
         return cls(Engine(**engine_kwargs))
 
     # ---- engine thread -------------------------------------------------------------------------
@@ -97,8 +98,13 @@ class AsyncEngine:
         return future
 
     # ---- coroutine API -------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       adapter: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; the first iteration raises if the request is invalid.
         Closing or cancelling the iterator aborts the request and frees its KV blocks."""
         if self._stopped.is_set():
@@ -133,6 +139,7 @@ class AsyncEngine:
         def abort() -> None:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
+
         self._call(abort)
 
     @property

@@ -24,6 +24,7 @@ Determinism (relied on by the differential test): the free list starts as ``0..n
 and is FIFO; ``free`` releases a sequence's blocks last-to-first; evictable blocks are evicted in
 the order they became evictable.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict, deque
@@ -56,7 +57,7 @@ class _Seq:
         self.blocks: list[int] = []
         self.num_tokens = 0
         self.last_tokens: list[int] = []  # tokens of the partially filled last block
-        self.last_hash = 0                # hash of the last full block (0: none yet)
+        self.last_hash = 0  # hash of the last full block (0: none yet)
         self.adapter_id = adapter_id
 
 
@@ -81,8 +82,8 @@ class PyBlockManager:
         self._ref = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._cached: dict[int, int] = {}                  # hash -> block id
-        self._block_info: dict[int, _CachedBlock] = {}     # block id -> registration
+        self._cached: dict[int, int] = {}  # hash -> block id
+        self._block_info: dict[int, _CachedBlock] = {}  # block id -> registration
         self._seqs: dict[int, _Seq] = {}
         self._copies: list[tuple[int, int]] = []
 
@@ -134,7 +135,7 @@ class PyBlockManager:
         bs = self.block_size
         parent = 0
         for i in range((len(token_ids) - 1) // bs):
-            tokens = list(token_ids[i * bs:(i + 1) * bs])
+            tokens = list(token_ids[i * bs : (i + 1) * bs])
             h = block_hash(parent, tokens, adapter_id)
             block = self._lookup(h, parent, adapter_id, tokens)
             if block is None:
@@ -235,7 +236,7 @@ class PyBlockManager:
         cu = np.zeros(len(seqs) + 1, dtype=np.int32)
         t = 0
         for i, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
-            tables[i, :len(seq.blocks)] = seq.blocks
+            tables[i, : len(seq.blocks)] = seq.blocks
             ctx[i] = seq.num_tokens
             for p in range(seq.num_tokens - n, seq.num_tokens):
                 positions[t] = p
@@ -267,8 +268,7 @@ class PyBlockManager:
         seq.last_hash = h
         block = seq.blocks[-1]
         parent_registered = len(seq.blocks) == 1 or self._cached.get(parent) == seq.blocks[-2]
-        if (self.enable_prefix_caching and parent_registered and h not in self._cached
-                and block not in self._block_info):
+        if self.enable_prefix_caching and parent_registered and h not in self._cached and block not in self._block_info:
             self._cached[h] = block
             self._block_info[block] = _CachedBlock(h, parent, seq.adapter_id, tokens)
 

@@ -1,4 +1,5 @@
 """Command-line flags for the engine's execution mode, shared by the server and pipeline CLIs."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,10 +7,14 @@ import argparse
 
 def add_execution_mode_args(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--compile", action="store_true",
-                      help="torch.compile the decode step (one graph per batch-size bucket)")
-    mode.add_argument("--enforce-eager", action="store_true",
-                      help="no torch.compile and no CUDA graphs (CUDA graphs are on by default on CUDA)")
+    mode.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (one graph per batch-size bucket)"
+    )
+    mode.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no torch.compile and no CUDA graphs (CUDA graphs are on by default on CUDA)",
+    )
 
 
 def execution_mode_options(args: argparse.Namespace) -> dict[str, bool]:

@@ -6,9 +6,10 @@ graph recorded for the bucket is the step. Capture happens after one eager run o
 (Triton JIT, workspace sizing), all graphs share one memory pool, and the output tensor of each
 graph is reused by every replay.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,13 +1,14 @@
 """The engine: requests in, one batched step at a time, outputs out. Knows no HTTP and no agents."""
+
 from __future__ import annotations
 
 import itertools
 import logging
 import math
 from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING
-from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -39,21 +40,42 @@ CPU_KV_CACHE_BYTES = 256 << 20
 class Engine:
     """Multi-LoRA generation over a shared paged KV cache. See docs/internals.md for the API."""
 
-    def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None,
-                 device: str | None = None, dtype: str | None = None, backend: str | None = None,
-                 max_loras: int = 8, max_lora_rank: int = 64, kv_cache_blocks: int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 served_model_name: str | None = None, load_format: str = "auto", revision: str | None = None,
-                 overlap: bool | None = None, compile: bool = False, cuda_graphs: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        adapters: dict[str, str | Path] | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        backend: str | None = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        kv_cache_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        served_model_name: str | None = None,
+        load_format: str = "auto",
+        revision: str | None = None,
+        overlap: bool | None = None,
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
+    ) -> None:
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        for knob, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank), ("block_size", block_size),
-                            ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        for knob, value in (
+            ("max_loras", max_loras),
+            ("max_lora_rank", max_lora_rank),
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{knob} must be a positive integer, got {value!r}")
         self.dtype = _DTYPES[dtype]
@@ -64,23 +86,40 @@ class Engine:
         self.block_size = block_size
         num_blocks = kv_cache_blocks or self._default_kv_blocks(max_num_seqs)
         # One block more than the block manager hands out: the scratch block of padded decode rows.
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(
+            cfg.num_layers,
+            2,
+            num_blocks + 1,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.adapter_manager = AdapterManager(self.model, max_loras, max_lora_rank)
         self.table = SequenceTable(cfg.vocab_size, self.tokenizer.eos_token_ids, max_num_seqs)
-        self.scheduler = Scheduler(self.block_manager, self.adapter_manager, self.table, max_num_seqs,
-                                   max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, self.adapter_manager, self.table, max_num_seqs, max_num_batched_tokens
+        )
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.backend.name == "triton"
         elif cuda_graphs and (self.device.type != "cuda" or self.backend.name != "triton"):
             raise ValueError("cuda_graphs=True needs device='cuda' and the triton backend")
-        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.block_manager,
-                                  self.adapter_manager.slot_ranks, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-                                  compile=compile, cuda_graphs=cuda_graphs)
-        self._grammars = None   # structured.Grammars, built with the first constrained request
+        self.runner = ModelRunner(
+            self.model,
+            self.backend,
+            self.kv_cache,
+            self.block_manager,
+            self.adapter_manager.slot_ranks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
+        self._grammars = None  # structured.Grammars, built with the first constrained request
         # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens), except
         # after a step that forks or masks a constrained row (see step()).
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
@@ -88,9 +127,15 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
-        self._stats = {"steps": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0,
-                       "max_batch_size_seen": 0, "requests_total": 0, "batched_tokens_total": 0,
-                       "batched_seqs_total": 0}
+        self._stats = {
+            "steps": 0,
+            "prompt_tokens_total": 0,
+            "generation_tokens_total": 0,
+            "max_batch_size_seen": 0,
+            "requests_total": 0,
+            "batched_tokens_total": 0,
+            "batched_seqs_total": 0,
+        }
         self.requests_per_adapter: dict[str, int] = {}
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
@@ -118,14 +163,16 @@ class Engine:
         self.adapter_manager.unload(name)
 
     @property
-    def grammars(self) -> "Grammars":
+    def grammars(self) -> Grammars:
         """The compiler of structured-output constraints for this engine's tokenizer (built on first
         use: xgrammar is imported only by engines that serve a constrained request)."""
         if self._grammars is None:
             try:
                 from mcl_runtime.engine.structured import GrammarMasker, Grammars
             except ImportError as exc:
-                raise InvalidRequestError(f"structured outputs need xgrammar, which could not be imported ({exc})") from exc
+                raise InvalidRequestError(
+                    f"structured outputs need xgrammar, which could not be imported ({exc})"
+                ) from exc
             self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
             self.runner.grammar = GrammarMasker(self.model.config.vocab_size)
         return self._grammars
@@ -145,20 +192,30 @@ class Engine:
         capacity = self.block_manager.num_blocks * self.block_size
         if len(ids) >= min(self.max_model_len, capacity):
             limit = min(self.max_model_len, capacity)
-            raise ContextLengthError(f"This model's maximum context length is {limit} tokens, but the prompt has "
-                                     f"{len(ids)} tokens (it needs room for at least one generated token)")
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{len(ids)} tokens (it needs room for at least one generated token)"
+            )
         return ids
 
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None, stream: bool = False) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        stream: bool = False,
+    ) -> str:
         """Queue a request; raises ``InvalidRequestError``/``AdapterNotFoundError`` for bad input.
         ``stream=True``: its text is built every step (incrementally), for a reader of every output."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         if params.n > self.scheduler.max_num_seqs:
-            raise InvalidRequestError(f"n={params.n} completions exceed max_num_seqs={self.scheduler.max_num_seqs}, "
-                                      "the sequences one step can hold")
+            raise InvalidRequestError(
+                f"n={params.n} completions exceed max_num_seqs={self.scheduler.max_num_seqs}, "
+                "the sequences one step can hold"
+            )
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -222,7 +279,7 @@ class Engine:
         prev = self._inflight.tokens if self._inflight is not None else None
         sampled = self.runner.run(batch, prev)
         num_new = sampled.num_new
-        if len(sampled.seqs) < len(batch.seqs):   # mid-prefill chunks sample nothing
+        if len(sampled.seqs) < len(batch.seqs):  # mid-prefill chunks sample nothing
             for seq, n in zip(batch.seqs, batch.num_new):
                 seq.num_computed += n
             num_new = itertools.repeat(0)
@@ -246,10 +303,15 @@ class Engine:
             seqs, positions = self._fork(sampled)
             rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
             seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
-        live = self.table.seq_id[rows] == seq_ids   # a sequence that ended after the launch freed its row
+        live = self.table.seq_id[rows] == seq_ids  # a sequence that ended after the launch freed its row
         if not live.all():
             keep = np.flatnonzero(live).tolist()
-            seqs, positions, tokens, rows = [seqs[i] for i in keep], [positions[i] for i in keep], tokens[keep], rows[keep]
+            seqs, positions, tokens, rows = (
+                [seqs[i] for i in keep],
+                [positions[i] for i in keep],
+                tokens[keep],
+                rows[keep],
+            )
         if not seqs:
             return []
         values = tokens.tolist()
@@ -257,7 +319,7 @@ class Engine:
             seq.token_ids[p] = t
         codes = self.table.record(rows, tokens)
         for i in np.flatnonzero(self.table.constrained[rows]).tolist():
-            if self._grammars.accept(seqs[i].matcher, values[i]):   # the grammar is complete (or rejected the token)
+            if self._grammars.accept(seqs[i].matcher, values[i]):  # the grammar is complete (or rejected the token)
                 codes[i] = STOPPED
         for i in np.flatnonzero(self.table.detok[rows]).tolist():
             if seqs[i].text.add(values[i]):
@@ -266,13 +328,13 @@ class Engine:
         ended = np.flatnonzero(codes).tolist()
         for i in ended:
             seq = seqs[i]
-            del seq.token_ids[positions[i] + 1:]   # a token launched after the end is dropped
+            del seq.token_ids[positions[i] + 1 :]  # a token launched after the end is dropped
             if seq.text is not None:
                 seq.text.finish()
             self._finish(seq, FINISH_REASONS[int(codes[i])])
         if finished_only:
             reqs = dict.fromkeys(req for req in (seqs[i].request for i in ended) if req.finished)
-        elif (self.table.n[rows] > 1).any():   # a request's completions share its output
+        elif (self.table.n[rows] > 1).any():  # a request's completions share its output
             reqs = dict.fromkeys(s.request for s in seqs)
         else:
             reqs = [s.request for s in seqs]
@@ -313,8 +375,13 @@ class Engine:
         return self._outputs([seq.request])
 
     # ---- batch API -----------------------------------------------------------------------------
-    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 adapter: str | None | Seq[str | None] = None, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        adapter: str | None | Seq[str | None] = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (batched together); outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -322,13 +389,15 @@ class Engine:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         if len(params_list) != n or len(adapters) != n:
-            raise InvalidRequestError(f"{n} prompts need as many params and adapters "
-                                      f"(got {len(params_list)} and {len(adapters)})")
+            raise InvalidRequestError(
+                f"{n} prompts need as many params and adapters (got {len(params_list)} and {len(adapters)})"
+            )
         ids = [self.add_request(None, p, sp, a) for p, sp, a in zip(prompts, params_list, adapters)]
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
+
             bar = tqdm(total=n, desc="generate")
         try:
             while len(results) < n:
@@ -348,12 +417,15 @@ class Engine:
 
     def stats(self) -> dict:
         bm = self.block_manager
-        return {**self._stats,
-                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "kv_blocks_total": bm.num_blocks, "kv_blocks_free": bm.num_free_blocks,
-                "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-                "prefix_cache_hit_tokens": self.scheduler.num_cached_tokens,
-                "num_preemptions": self.scheduler.num_preemptions,
-                "adapter_slot_loads": self.adapter_manager.num_slot_loads,
-                "requests_per_adapter": dict(self.requests_per_adapter)}
-
+        return {
+            **self._stats,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "prefix_cache_hit_tokens": self.scheduler.num_cached_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "adapter_slot_loads": self.adapter_manager.num_slot_loads,
+            "requests_per_adapter": dict(self.requests_per_adapter),
+        }

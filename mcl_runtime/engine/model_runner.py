@@ -14,6 +14,7 @@ out); their outputs are dropped.
 Between ``compute_logits`` and sampling, the rows of constrained sequences are masked by their
 grammar matchers in one batched call.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,22 +39,34 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager": same tracing, no C++ code generation
 
-    def __init__(self, model: DecoderLM, backend: Backend, kv_cache: torch.Tensor, block_manager,
-                 slot_ranks: np.ndarray, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 compile: bool = False, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: DecoderLM,
+        backend: Backend,
+        kv_cache: torch.Tensor,
+        block_manager,
+        slot_ranks: np.ndarray,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+    ) -> None:
         """``kv_cache`` has one block more than the block manager: the scratch block of padded rows."""
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
-        self.kv_caches = [(layer[0], layer[1]) for layer in kv_cache]   # views, made once: not per layer and step
+        self.kv_caches = [(layer[0], layer[1]) for layer in kv_cache]  # views, made once: not per layer and step
         self.bm = block_manager
-        self.slot_ranks = slot_ranks    # largest rank of the adapter in each slot (kept by the adapter manager)
+        self.slot_ranks = slot_ranks  # largest rank of the adapter in each slot (kept by the adapter manager)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
         self.max_rank = model.lora_modules(0)["qkv_proj"].max_rank
         max_blocks = -(-max_model_len // block_manager.block_size)
-        self.buffers = StepBuffers(metadata_fields(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks),
-                                   self.device)
+        self.buffers = StepBuffers(
+            metadata_fields(max(max_num_batched_tokens, max_num_seqs), max_num_seqs, max_blocks), self.device
+        )
         # A step samples at most max_num_seqs tokens: the scheduler admits a request only when all
         # n of its completions fit in max_num_seqs.
         self.sampling_buffers = StepBuffers(sampling_fields(max_num_seqs), self.device)
@@ -66,8 +79,8 @@ class ModelRunner:
             torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets))
             self.forward = torch.compile(self.model, backend=self.COMPILE_BACKEND, fullgraph=True, dynamic=False)
         self.graphs = DecodeGraphs(self._static_forward) if cuda_graphs else None
-        self.grammar = None     # a structured.GrammarMasker once a constrained request arrives
-        self._segments: tuple[tuple[bytes, bytes], tuple] | None = None   # the last step's LoRA segments, by key
+        self.grammar = None  # a structured.GrammarMasker once a constrained request arrives
+        self._segments: tuple[tuple[bytes, bytes], tuple] | None = None  # the last step's LoRA segments, by key
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -104,13 +117,20 @@ class ModelRunner:
         self._copy_blocks()
         bucket = self._bucket(num_new)
         first_tokens = np.array(batch.first_tokens, dtype=np.int64)[order]
-        cu, ctx, input_ids, positions, num_pending = self._prepare(seqs, batch.table.seq_id[rows], num_new[order],
-                                                                   slots[order], first_tokens,
-                                                                   np.bincount(kinds, minlength=3), bucket)
+        cu, ctx, input_ids, positions, num_pending = self._prepare(
+            seqs,
+            batch.table.seq_id[rows],
+            num_new[order],
+            slots[order],
+            first_tokens,
+            np.bincount(kinds, minlength=3),
+            bucket,
+        )
         if num_pending:  # tokens not yet read back from the device: taken from the last step's samples
             buf = self.buffers
-            input_ids.index_copy_(0, buf.view("pending_dst", num_pending),
-                                  prev.index_select(0, buf.view("pending_src", num_pending)))
+            input_ids.index_copy_(
+                0, buf.view("pending_dst", num_pending), prev.index_select(0, buf.view("pending_src", num_pending))
+            )
         if bucket is None:
             self.backend.prepare(ctx.attn, ctx.lora)
             hidden = self.model(input_ids, positions, ctx)
@@ -121,8 +141,16 @@ class ModelRunner:
         return self._sample(hidden, batch, order, seqs, rows, cu, prev)
 
     # ---- after the forward pass --------------------------------------------------------------
-    def _sample(self, hidden: torch.Tensor, batch: ScheduledBatch, order: np.ndarray, seqs: list[Sequence],
-                seq_rows: np.ndarray, cu: np.ndarray, prev: torch.Tensor | None) -> SampledTokens:
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        batch: ScheduledBatch,
+        order: np.ndarray,
+        seqs: list[Sequence],
+        seq_rows: np.ndarray,
+        cu: np.ndarray,
+        prev: torch.Tensor | None,
+    ) -> SampledTokens:
         """``seq_rows``: the SequenceTable rows of ``seqs``."""
         samples = np.array(batch.samples, dtype=np.int64)[order]
         which = np.flatnonzero(samples)
@@ -131,7 +159,7 @@ class ModelRunner:
         if not samplers:
             return SampledTokens(samplers, np.zeros(0, np.int64), np.zeros(0, np.int64), counts, [], None)
         rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
-        last = hidden[:len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
+        last = hidden[: len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
         logits = self.model.compute_logits(last)
         table_rows = seq_rows[which]
         constrained = np.flatnonzero(np.repeat(batch.table.constrained[table_rows], counts))
@@ -139,15 +167,30 @@ class ModelRunner:
             owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
             self.grammar(logits, constrained.tolist(), [samplers[i].matcher for i in owners])
         tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts, prev))
-        return SampledTokens(samplers, table_rows, batch.table.seq_id[table_rows], counts, np.diff(cu)[which].tolist(),
-                             tokens, bool(len(constrained)))
+        return SampledTokens(
+            samplers,
+            table_rows,
+            batch.table.seq_id[table_rows],
+            counts,
+            np.diff(cu)[which].tolist(),
+            tokens,
+            bool(len(constrained)),
+        )
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)
         return self.forward(input_ids, positions, ctx)
 
-    def _prepare(self, seqs: list[Sequence], seq_ids: np.ndarray, num_new: np.ndarray, slots: np.ndarray,
-                 first_tokens: np.ndarray, kind_counts: np.ndarray, bucket: int | None):
+    def _prepare(
+        self,
+        seqs: list[Sequence],
+        seq_ids: np.ndarray,
+        num_new: np.ndarray,
+        slots: np.ndarray,
+        first_tokens: np.ndarray,
+        kind_counts: np.ndarray,
+        bucket: int | None,
+    ):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
         returns (host cu_seqlens_q, ForwardContext, input ids, positions, number of PENDING ids).
         ``seqs`` are ordered by kind (``kind_counts`` of each) and slot; ``seq_ids``, ``num_new``,
@@ -157,13 +200,15 @@ class ModelRunner:
         if len(positions) == len(seqs):  # one token each (decodes)
             input_ids = first_tokens
         else:
-            input_ids = np.fromiter((t for s, n in zip(seqs, num_new.tolist())
-                                     for t in s.token_ids[s.num_computed:s.num_computed + n]),
-                                    dtype=np.int64, count=len(positions))
+            input_ids = np.fromiter(
+                (t for s, n in zip(seqs, num_new.tolist()) for t in s.token_ids[s.num_computed : s.num_computed + n]),
+                dtype=np.int64,
+                count=len(positions),
+            )
         B = len(seqs)
         token_slots = np.repeat(slots, num_new)
         key = (slots.tobytes(), num_new.tobytes())
-        if self._segments is None or self._segments[0] != key:   # decode steps over the same sequences keep them
+        if self._segments is None or self._segments[0] != key:  # decode steps over the same sequences keep them
             self._segments = (key, lora_segments(slots, num_new))
         seg_starts, seg_slots, max_seg_len = self._segments[1]
         if bucket is not None:  # pad: base rows of context 1 writing into the scratch block
@@ -182,53 +227,89 @@ class ModelRunner:
         if len(pending):
             owners = np.searchsorted(cu, pending, side="right") - 1
             buf.write("pending_dst", pending)
-            buf.write("pending_src", np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64,
-                                                 count=len(owners)))
-        for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
-                             ("token_slots", token_slots), ("context_lens", ctx_lens), ("cu_seqlens_q", cu),
-                             ("seg_starts", seg_starts), ("seg_slots", seg_slots), ("block_tables", tables)):
+            buf.write(
+                "pending_src", np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64, count=len(owners))
+            )
+        for name, values in (
+            ("input_ids", input_ids),
+            ("positions", positions),
+            ("slot_mapping", slot_mapping),
+            ("token_slots", token_slots),
+            ("context_lens", ctx_lens),
+            ("cu_seqlens_q", cu),
+            ("seg_starts", seg_starts),
+            ("seg_slots", seg_slots),
+            ("block_tables", tables),
+        ):
             buf.write(name, values)
         buf.commit()
         T, nb, nseg = len(input_ids), len(ctx_lens), len(seg_slots)
         static = bucket is not None
         attn = AttentionMeta(
-            slot_mapping=buf.view("slot_mapping", T), block_tables=buf.view("block_tables", nb),
-            context_lens=buf.view("context_lens", nb), cu_seqlens_q=buf.view("cu_seqlens_q", nb + 1),
-            group_bounds=[0] + np.cumsum(kind_counts).tolist(), max_q_len=int(num_new.max()),
-            max_context_len=int(ctx_lens.max()), block_size=self.bm.block_size,
-            context_lens_host=ctx_lens, cu_seqlens_q_host=cu, static=static)
+            slot_mapping=buf.view("slot_mapping", T),
+            block_tables=buf.view("block_tables", nb),
+            context_lens=buf.view("context_lens", nb),
+            cu_seqlens_q=buf.view("cu_seqlens_q", nb + 1),
+            group_bounds=[0] + np.cumsum(kind_counts).tolist(),
+            max_q_len=int(num_new.max()),
+            max_context_len=int(ctx_lens.max()),
+            block_size=self.bm.block_size,
+            context_lens_host=ctx_lens,
+            cu_seqlens_q_host=cu,
+            static=static,
+        )
         lora = None
         if static or (slots >= 0).any():
-            lora = LoRAMeta(buf.view("seg_starts", nseg + 1), buf.view("seg_slots", nseg),
-                            bucket if static else max_seg_len,
-                            self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
-                            seg_starts, seg_slots, token_slots=buf.view("token_slots", T) if static else None)
+            lora = LoRAMeta(
+                buf.view("seg_starts", nseg + 1),
+                buf.view("seg_slots", nseg),
+                bucket if static else max_seg_len,
+                self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
+                seg_starts,
+                seg_slots,
+                token_slots=buf.view("token_slots", T) if static else None,
+            )
         ctx = ForwardContext(self.backend, self.kv_caches, attn, lora)
-        return cu[:B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), len(pending)
+        return cu[: B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), len(pending)
 
-    def _sampling_batch(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray,
-                        counts: np.ndarray, prev: torch.Tensor | None) -> SamplingBatch:
+    def _sampling_batch(
+        self,
+        table: SequenceTable,
+        samplers: list[Sequence],
+        rows: np.ndarray,
+        counts: np.ndarray,
+        prev: torch.Tensor | None,
+    ) -> SamplingBatch:
         """Per-sample parameters gathered from the table rows (repeated ``counts`` times); an
         all-greedy step needs only its penalties and banned ids."""
         rep = np.repeat(rows, counts)
         which, banned_ids = table.banned(rep)
         all_greedy = not table.temperature[rep].any()
         return SamplingBatch(
-            all_greedy=all_greedy, **({} if all_greedy else self._sampling_tensors(table, samplers, rep, counts)),
+            all_greedy=all_greedy,
+            **({} if all_greedy else self._sampling_tensors(table, samplers, rep, counts)),
             penalties=self._penalties(table, samplers, rows, counts, prev) if table.penalized(rows) else None,
-            banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None)
+            banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None,
+        )
 
-    def _sampling_tensors(self, table: SequenceTable, samplers: list[Sequence], rep: np.ndarray,
-                          counts: np.ndarray) -> dict:
+    def _sampling_tensors(
+        self, table: SequenceTable, samplers: list[Sequence], rep: np.ndarray, counts: np.ndarray
+    ) -> dict:
         """Temperatures, top-k/p, min-p, seeds and sample indices through the sampling buffers (one
         copy); the n samples of a request's first step each get their completion's seed."""
         seeds = table.seed[rep]
         if len(rep) > len(samplers):
             for s, k, c in zip(samplers, np.cumsum(counts) - counts, counts):
                 if c > 1:
-                    seeds[k:k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
-        columns = dict(temperatures=table.temperature[rep], top_ps=table.top_p[rep], min_ps=table.min_p[rep],
-                       top_ks=table.top_k[rep], seeds=seeds, steps=table.num_sampled[rep])
+                    seeds[k : k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
+        columns = dict(
+            temperatures=table.temperature[rep],
+            top_ps=table.top_p[rep],
+            min_ps=table.min_p[rep],
+            top_ks=table.top_k[rep],
+            seeds=seeds,
+            steps=table.num_sampled[rep],
+        )
         buf = self.sampling_buffers
         for name, column in columns.items():
             buf.write(name, column)
@@ -240,15 +321,21 @@ class ModelRunner:
         tensors["any_top_k_or_p"] = bool((top_ps < 1).any() or (top_ks < self.vocab_size).any())
         return tensors
 
-    def _penalties(self, table: SequenceTable, samplers: list[Sequence], rows: np.ndarray, counts: np.ndarray,
-                   prev: torch.Tensor | None) -> Penalties:
+    def _penalties(
+        self,
+        table: SequenceTable,
+        samplers: list[Sequence],
+        rows: np.ndarray,
+        counts: np.ndarray,
+        prev: torch.Tensor | None,
+    ) -> Penalties:
         """Each sampler's prompt + output ids; a PENDING last token (overlap) is taken from ``prev``."""
         width = max(s.num_tokens for s in samplers)
         ids = np.full((len(samplers), width), self.vocab_size, dtype=np.int64)
         is_output = np.zeros((len(samplers), width), dtype=bool)
         for i, s in enumerate(samplers):
-            ids[i, :s.num_tokens] = s.token_ids
-            is_output[i, s.request.num_prompt_tokens:s.num_tokens] = True
+            ids[i, : s.num_tokens] = s.token_ids
+            is_output[i, s.request.num_prompt_tokens : s.num_tokens] = True
         r, c = np.nonzero(ids == PENDING)
         ids, is_output = self._to_device(ids), self._to_device(is_output)
         if len(r):
@@ -256,8 +343,13 @@ class ModelRunner:
             ids[self._to_device(r), self._to_device(c)] = prev[self._to_device(src)]
         rep = self._to_device(np.repeat(np.arange(len(samplers)), counts))
         per_sample = lambda column: self._to_device(np.repeat(column[rows], counts))
-        return Penalties(ids[rep], is_output[rep], per_sample(table.repetition), per_sample(table.presence),
-                         per_sample(table.frequency))
+        return Penalties(
+            ids[rep],
+            is_output[rep],
+            per_sample(table.repetition),
+            per_sample(table.presence),
+            per_sample(table.frequency),
+        )
 
 
 class SampledTokens:
@@ -265,12 +357,20 @@ class SampledTokens:
     row ``rows[i]`` holding sequence ``seq_ids[i]``, ``num_new[i]`` tokens computed this step), in
     order. On CUDA they are copied to the host without blocking; ``host()`` waits for that copy."""
 
-    def __init__(self, seqs: list[Sequence], rows: np.ndarray, seq_ids: np.ndarray, counts: np.ndarray,
-                 num_new: list[int], tokens: torch.Tensor | None, constrained: bool = False) -> None:
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        rows: np.ndarray,
+        seq_ids: np.ndarray,
+        counts: np.ndarray,
+        num_new: list[int],
+        tokens: torch.Tensor | None,
+        constrained: bool = False,
+    ) -> None:
         self.seqs, self.rows, self.seq_ids, self.counts, self.num_new = seqs, rows, seq_ids, counts, num_new
         self.tokens = tokens
-        self.constrained = constrained   # a row was masked by a grammar: processed before the next launch
-        self.positions: list[int] = []   # where each sequence's PENDING token is (set by the engine)
+        self.constrained = constrained  # a row was masked by a grammar: processed before the next launch
+        self.positions: list[int] = []  # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -6,6 +6,7 @@ sequence has a ``TextStream``: incremental detokenization into an append-only li
 snapshot is a piece count and a character limit, and never copies the text. Other sequences build
 their text from their token ids when ``CompletionOutput.text`` is first read (one decode).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stops: tuple[str, ...]) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = stops
-        self._keep = max(map(len, stops), default=1) - 1   # tail chars a stop may start in
+        self._keep = max(map(len, stops), default=1) - 1  # tail chars a stop may start in
         self.pieces: list[str] = []
         self.num_chars = 0
         self._tail = ""
@@ -51,7 +52,7 @@ class TextStream:
             if at >= 0:
                 self.final = self.text(len(self.pieces), start + at)
                 return True
-        self._tail = window[-self._keep:] if self._keep else ""
+        self._tail = window[-self._keep :] if self._keep else ""
         return False
 
     def finish(self) -> None:
@@ -111,7 +112,7 @@ class _Snapshot(CompletionOutput):
     @property
     def token_ids(self) -> list[int]:
         if self._token_ids is None:
-            self._token_ids = self._seq.token_ids[self._seq.request.num_prompt_tokens:self._end]
+            self._token_ids = self._seq.token_ids[self._seq.request.num_prompt_tokens : self._end]
         return self._token_ids
 
     @token_ids.setter
@@ -142,8 +143,12 @@ def request_outputs(reqs: Iterable[Request], tokenizer: Tokenizer) -> list[Reque
     outs = []
     for req in reqs:
         seqs = req.seqs
-        snaps = [_Snapshot(seqs[0], tokenizer)] if len(seqs) == 1 else \
-            [_Snapshot(s, tokenizer) for s in sorted(seqs, key=_by_index)]
-        outs.append(RequestOutput(req.request_id, req.prompt_token_ids, snaps, req.num_finished == req.params.n,
-                                  req.adapter))
+        snaps = (
+            [_Snapshot(seqs[0], tokenizer)]
+            if len(seqs) == 1
+            else [_Snapshot(s, tokenizer) for s in sorted(seqs, key=_by_index)]
+        )
+        outs.append(
+            RequestOutput(req.request_id, req.prompt_token_ids, snaps, req.num_finished == req.params.n, req.adapter)
+        )
     return outs

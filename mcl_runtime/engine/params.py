@@ -1,4 +1,5 @@
 """Request parameters and outputs of the public API."""
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,23 @@ class StructuredOutput:
             if value is not None and (not isinstance(value, str) or not value):
                 raise bad(f"{name} must be a non-empty string")
         if self.choice is not None:
-            if isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice \
-                    or any(not isinstance(c, str) or not c for c in self.choice):
+            if (
+                isinstance(self.choice, str)
+                or not isinstance(self.choice, (list, tuple))
+                or not self.choice
+                or any(not isinstance(c, str) or not c for c in self.choice)
+            ):
                 raise bad("choice must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choice", tuple(self.choice))
 
     @classmethod
-    def of(cls, spec: "StructuredOutput | dict[str, Any]") -> "StructuredOutput":
+    def of(cls, spec: StructuredOutput | dict[str, Any]) -> StructuredOutput:
         if isinstance(spec, cls):
             return spec
         if not isinstance(spec, dict):
-            raise InvalidRequestError("structured must be a StructuredOutput or a dict with one of "
-                                      f"the keys {', '.join(_STRUCTURED_KINDS)}")
+            raise InvalidRequestError(
+                f"structured must be a StructuredOutput or a dict with one of the keys {', '.join(_STRUCTURED_KINDS)}"
+            )
         unknown = set(spec) - set(_STRUCTURED_KINDS) - {"any_whitespace"}
         if unknown:
             raise InvalidRequestError(f"invalid structured output: unknown keys {sorted(unknown)}")
@@ -63,8 +69,11 @@ class StructuredOutput:
         """(kind, source text, any_whitespace): what identifies the compiled grammar."""
         kind = next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
         value = getattr(self, kind)
-        text = json.dumps(value, sort_keys=True) if kind in ("json", "choice") and not isinstance(value, str) \
+        text = (
+            json.dumps(value, sort_keys=True)
+            if kind in ("json", "choice") and not isinstance(value, str)
             else str(value)
+        )
         return kind, text, self.any_whitespace
 
 
@@ -151,7 +160,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # None while running, then "stop" | "length" | "abort"
+    finish_reason: str | None = None  # None while running, then "stop" | "length" | "abort"
 
 
 @dataclass(slots=True)

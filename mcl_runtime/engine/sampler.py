@@ -6,6 +6,7 @@ Randomness is counter-based: the Gumbel noise for row ``i`` and vocabulary entry
 of (seed_i, step_i, v), so a seeded request samples the same tokens whatever shares its batch,
 and after a preemption, with no per-request generator objects and no loop over rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,18 +43,20 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
 @dataclass
 class Penalties:
     """Repetition/presence/frequency penalties of a step's rows (neutral rows: 1, 0, 0)."""
-    token_ids: torch.Tensor      # [N, L] int64: prompt then output ids, padded with the vocab size
-    is_output: torch.Tensor      # [N, L] bool: the id is an output token (False on padding)
-    repetition: torch.Tensor     # [N] float32
-    presence: torch.Tensor       # [N] float32
-    frequency: torch.Tensor      # [N] float32
+
+    token_ids: torch.Tensor  # [N, L] int64: prompt then output ids, padded with the vocab size
+    is_output: torch.Tensor  # [N, L] bool: the id is an output token (False on padding)
+    repetition: torch.Tensor  # [N] float32
+    presence: torch.Tensor  # [N] float32
+    frequency: torch.Tensor  # [N] float32
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     n, vocab = logits.shape
     counts = torch.zeros(n, vocab + 1, device=logits.device).scatter_add_(1, p.token_ids, p.is_output.float())
     seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device).scatter_(
-        1, p.token_ids, torch.ones_like(p.token_ids, dtype=torch.bool))
+        1, p.token_ids, torch.ones_like(p.token_ids, dtype=torch.bool)
+    )
     counts, seen = counts[:, :vocab], seen[:, :vocab]
     rep = p.repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -72,16 +75,17 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 class SamplingBatch:
     """Per-row sampling parameters of a step, built once on the host. An all-greedy batch carries
     only what greedy decoding reads (penalties and banned ids)."""
+
     all_greedy: bool
-    temperatures: torch.Tensor | None = None    # [N] float32
-    top_ks: torch.Tensor | None = None          # [N] int64, vocab size when off
-    top_ps: torch.Tensor | None = None          # [N] float32
-    seeds: torch.Tensor | None = None           # [N] int64
-    steps: torch.Tensor | None = None           # [N] int64: output tokens so far (the sample's index)
+    temperatures: torch.Tensor | None = None  # [N] float32
+    top_ks: torch.Tensor | None = None  # [N] int64, vocab size when off
+    top_ps: torch.Tensor | None = None  # [N] float32
+    seeds: torch.Tensor | None = None  # [N] int64
+    steps: torch.Tensor | None = None  # [N] int64: output tokens so far (the sample's index)
     any_top_k_or_p: bool = False
-    min_ps: torch.Tensor | None = None          # [N] float32 when some row has min_p > 0
-    penalties: Penalties | None = None          # when some row is penalized
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids) set to -inf: min_tokens
+    min_ps: torch.Tensor | None = None  # [N] float32 when some row has min_p > 0
+    penalties: Penalties | None = None  # when some row is penalized
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf: min_tokens
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

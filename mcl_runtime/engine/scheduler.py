@@ -7,6 +7,7 @@ budget, the sequence limit, KV blocks and adapter slots allow. A preempted seque
 blocks and goes back to the front of the queue; it is recomputed later (the prefix cache usually
 makes that cheap), never lost.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -24,11 +25,11 @@ class ScheduledBatch:
     table: SequenceTable
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)      # each sequence's SequenceTable row
-    slots: list[int] = field(default_factory=list)     # each sequence's adapter slot (-1: base model)
-    first_tokens: list[int] = field(default_factory=list)   # each sequence's first token computed now
-    samples: list[int] = field(default_factory=list)   # tokens each sequence samples: 0 (mid-prefill),
-                                                       # 1, or n at the first sample of an n > 1 request
+    rows: list[int] = field(default_factory=list)  # each sequence's SequenceTable row
+    slots: list[int] = field(default_factory=list)  # each sequence's adapter slot (-1: base model)
+    first_tokens: list[int] = field(default_factory=list)  # each sequence's first token computed now
+    # tokens each sequence samples: 0 (mid-prefill), 1, or n at the first sample of an n > 1 request
+    samples: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -61,8 +62,14 @@ class ScheduledBatch:
 class Scheduler:
     """Owns the sequences from admission to the end: batching, preemption, forking, finishing."""
 
-    def __init__(self, block_manager, adapters: AdapterManager, table: SequenceTable, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager,
+        adapters: AdapterManager,
+        table: SequenceTable,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
         self.bm = block_manager
         self.adapters = adapters
         self.table = table
@@ -70,7 +77,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # see _running_state
+        self._state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _running_state
         self.num_preemptions = 0
         self.num_cached_tokens = 0
 
@@ -117,8 +124,9 @@ class Scheduler:
                 budget -= n
         no_slot: list[Sequence] = []
         # A sequence that forks at its first sample needs room for all n completions.
-        seats = len(self.running) + sum(int(table.completions(s.row)) - 1 for s in unsampled
-                                        if s.status is Status.RUNNING)
+        seats = len(self.running) + sum(
+            int(table.completions(s.row)) - 1 for s in unsampled if s.status is Status.RUNNING
+        )
         while self.waiting and budget > 0 and seats + table.completions(self.waiting[0].row) <= self.max_num_seqs:
             n = self._admit(self.waiting[0], budget)
             if n is None:  # every adapter slot is pinned: requests for resident adapters go first
@@ -141,10 +149,11 @@ class Scheduler:
         pending): decode steps reuse the arrays."""
         if self._state is None or not (self._state[2] == 1).all():
             running = self.running
-            self._state = (np.fromiter((s.row for s in running), dtype=np.int64, count=len(running)),
-                           np.fromiter((s.slot for s in running), dtype=np.int64, count=len(running)),
-                           np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64,
-                                       count=len(running)))
+            self._state = (
+                np.fromiter((s.row for s in running), dtype=np.int64, count=len(running)),
+                np.fromiter((s.slot for s in running), dtype=np.int64, count=len(running)),
+                np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64, count=len(running)),
+            )
         return self._state
 
     def _run(self, seq: Sequence) -> None:
@@ -164,8 +173,9 @@ class Scheduler:
         tokens: list[int] = []
         todo = np.arange(len(decodes))
         while len(todo):
-            last = [s.token_ids[-1] for s in (decodes if len(todo) == len(decodes) else
-                                               [decodes[i] for i in todo.tolist()])]
+            last = [
+                s.token_ids[-1] for s in (decodes if len(todo) == len(decodes) else [decodes[i] for i in todo.tolist()])
+            ]
             k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(), last)
             kept.append(todo[:k])
             tokens += last[:k]
@@ -173,15 +183,15 @@ class Scheduler:
                 break
             scheduled = set(self.table.seq_id[rows[np.concatenate(kept)]].tolist())
             if self._reserve(decodes[todo[k]], 1, scheduled):
-                kept.append(todo[k:k + 1])
+                kept.append(todo[k : k + 1])
                 tokens.append(last[k])
-            todo = np.array([i for i in todo[k + 1:].tolist() if decodes[i].status is Status.RUNNING], dtype=np.int64)
+            todo = np.array([i for i in todo[k + 1 :].tolist() if decodes[i].status is Status.RUNNING], dtype=np.int64)
         return (np.concatenate(kept) if kept else todo), tokens
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently
         admitted sequences not yet scheduled this step. False if ``seq`` itself was preempted."""
-        tokens = seq.token_ids[seq.num_computed:seq.num_computed + n]
+        tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
         while not self.bm.append_tokens(seq.seq_id, tokens):
             victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
             if victim is None:
@@ -199,7 +209,7 @@ class Scheduler:
             return None
         cached = self.bm.add_sequence(seq.seq_id, seq.token_ids, seq.request.adapter_uid)
         n = min(seq.num_tokens - cached, budget)
-        if not self.bm.append_tokens(seq.seq_id, seq.token_ids[cached:cached + n]):
+        if not self.bm.append_tokens(seq.seq_id, seq.token_ids[cached : cached + n]):
             self.bm.free(seq.seq_id)
             self.adapters.release(slot)
             return 0

@@ -6,6 +6,7 @@ over the rows of the step's samplers: the sampling parameters of the batch (pena
 min_p included), the count of sampled and recorded tokens, and the finish check (EOS / stop token
 ids, max tokens). ``constrained`` marks the rows with a grammar matcher: only those pay for it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,14 +41,14 @@ class SequenceTable:
         grow("repetition", (rows,), np.float32, 1)
         grow("presence", (rows,), np.float32, 0)
         grow("frequency", (rows,), np.float32, 0)
-        grow("min_out", (rows,), np.int64, 0)      # min_tokens: stop ids are banned below it
-        grow("max_out", (rows,), np.int64, 0)      # output tokens allowed (max_tokens and the context)
+        grow("min_out", (rows,), np.int64, 0)  # min_tokens: stop ids are banned below it
+        grow("max_out", (rows,), np.int64, 0)  # output tokens allowed (max_tokens and the context)
         grow("num_sampled", (rows,), np.int64, 0)  # samples launched (the next sample's index)
-        grow("num_out", (rows,), np.int64, 0)      # tokens recorded
-        grow("detok", (rows,), bool, False)        # text is built every step (stop strings or streaming)
+        grow("num_out", (rows,), np.int64, 0)  # tokens recorded
+        grow("detok", (rows,), bool, False)  # text is built every step (stop strings or streaming)
         grow("constrained", (rows,), bool, False)  # has a grammar matcher (structured output)
-        grow("n", (rows,), np.int64, 1)            # completions of the request (it forks at its first sample)
-        grow("seq_id", (rows,), np.int64, -1)      # the row's Sequence.seq_id (the block manager's key)
+        grow("n", (rows,), np.int64, 1)  # completions of the request (it forks at its first sample)
+        grow("seq_id", (rows,), np.int64, -1)  # the row's Sequence.seq_id (the block manager's key)
         grow("stop_ids", (rows, stop_width), np.int64, -1)  # EOS (unless ignored) and stop_token_ids
 
     def add(self, params: SamplingParams, max_out: int, seed: int, detok: bool, constrained: bool = False) -> int:
@@ -71,7 +72,7 @@ class SequenceTable:
         self.detok[row] = detok
         self.constrained[row] = constrained
         self.stop_ids[row] = -1
-        self.stop_ids[row, :len(stops)] = stops
+        self.stop_ids[row, : len(stops)] = stops
         return row
 
     def _take(self) -> int:
@@ -83,8 +84,23 @@ class SequenceTable:
     def copy(self, src: int, seed: int) -> int:
         """A new row with ``src``'s state (an ``n > 1`` child), its own seed."""
         row = self._free.pop() if self._free else self._take()
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition", "presence", "frequency", "min_out",
-                     "max_out", "num_sampled", "num_out", "detok", "constrained", "n", "stop_ids"):
+        for name in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition",
+            "presence",
+            "frequency",
+            "min_out",
+            "max_out",
+            "num_sampled",
+            "num_out",
+            "detok",
+            "constrained",
+            "n",
+            "stop_ids",
+        ):
             getattr(self, name)[row] = getattr(self, name)[src]
         self.seed[row] = np.uint64(seed).view(np.int64)
         return row

@@ -11,6 +11,7 @@ slots, per-token adapter slots, where PENDING input ids come from, context lengt
 LoRA segments, block tables) and
 the sampling parameters of its samples (``sampling_fields``), copied once each per step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,19 +22,31 @@ _NUMPY = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float3
 
 
 def metadata_fields(max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, Field]:
-    return {"input_ids": ((max_tokens,), torch.int64), "positions": ((max_tokens,), torch.int64),
-            "slot_mapping": ((max_tokens,), torch.int64), "token_slots": ((max_tokens,), torch.int32),
-            "pending_dst": ((max_tokens,), torch.int64), "pending_src": ((max_tokens,), torch.int64),
-            "context_lens": ((max_seqs,), torch.int32), "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
-            "seg_starts": ((max_seqs + 1,), torch.int32), "seg_slots": ((max_seqs,), torch.int32),
-            "block_tables": ((max_seqs, max_blocks), torch.int32)}
+    return {
+        "input_ids": ((max_tokens,), torch.int64),
+        "positions": ((max_tokens,), torch.int64),
+        "slot_mapping": ((max_tokens,), torch.int64),
+        "token_slots": ((max_tokens,), torch.int32),
+        "pending_dst": ((max_tokens,), torch.int64),
+        "pending_src": ((max_tokens,), torch.int64),
+        "context_lens": ((max_seqs,), torch.int32),
+        "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
+        "seg_starts": ((max_seqs + 1,), torch.int32),
+        "seg_slots": ((max_seqs,), torch.int32),
+        "block_tables": ((max_seqs, max_blocks), torch.int32),
+    }
 
 
 def sampling_fields(max_samples: int) -> dict[str, Field]:
     """One entry per sample (a request's first step samples its ``n`` completions)."""
-    return {"temperatures": ((max_samples,), torch.float32), "top_ps": ((max_samples,), torch.float32),
-            "min_ps": ((max_samples,), torch.float32), "top_ks": ((max_samples,), torch.int64),
-            "seeds": ((max_samples,), torch.int64), "steps": ((max_samples,), torch.int64)}
+    return {
+        "temperatures": ((max_samples,), torch.float32),
+        "top_ps": ((max_samples,), torch.float32),
+        "min_ps": ((max_samples,), torch.float32),
+        "top_ks": ((max_samples,), torch.int64),
+        "seeds": ((max_samples,), torch.int64),
+        "steps": ((max_samples,), torch.int64),
+    }
 
 
 class StepBuffers:
@@ -49,15 +62,16 @@ class StepBuffers:
         self.host = torch.zeros(offset, dtype=torch.int32, pin_memory=cuda)
         self.device_buf = torch.zeros(offset, dtype=torch.int32, device=device) if cuda else self.host
         host_np = self.host.numpy()
-        self._host_regions = {name: self._region(host_np, name, lambda a, dtype: a.view(_NUMPY[dtype]))
-                              for name in fields}
-        self._views: dict[str, tuple[int, torch.Tensor]] = {}   # each field's last device view: sizes repeat
-        self._copied: torch.cuda.Event | None = None   # the last commit's copy, which reads the host buffer
+        self._host_regions = {
+            name: self._region(host_np, name, lambda a, dtype: a.view(_NUMPY[dtype])) for name in fields
+        }
+        self._views: dict[str, tuple[int, torch.Tensor]] = {}  # each field's last device view: sizes repeat
+        self._copied: torch.cuda.Event | None = None  # the last commit's copy, which reads the host buffer
 
     def _region(self, buf, name: str, view):
         off, words = self._regions[name]
         shape, dtype = self.fields[name]
-        return view(buf[off:off + words], dtype).reshape(shape)
+        return view(buf[off : off + words], dtype).reshape(shape)
 
     def write(self, name: str, values: np.ndarray) -> None:
         """``values`` into the start of field ``name`` (2-D fields: the leading rows and columns). With
@@ -67,9 +81,9 @@ class StepBuffers:
             self._copied = None
         region = self._host_regions[name]
         if region.ndim == 1:
-            region[:len(values)] = values
+            region[: len(values)] = values
         else:
-            region[:values.shape[0], :values.shape[1]] = values
+            region[: values.shape[0], : values.shape[1]] = values
 
     def commit(self) -> None:
         if self.device_buf is not self.host:

@@ -6,6 +6,7 @@ row of a step in one batched (multi-threaded) call and applies it to the logits 
 Rows without a matcher are neither filled nor masked, so their logits are untouched. The engine
 accepts each sampled token into its sequence's matcher when it processes the step's tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
 
     with warnings.catch_warnings():  # it warns when it has to guess stop ids, which are not used here
         warnings.simplefilter("ignore")
-        detected = xgr.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend),
-                                                      vocab_size=vocab_size)
+        detected = xgr.TokenizerInfo.from_huggingface(
+            PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend), vocab_size=vocab_size
+        )
     encoded = [""] * vocab_size
     for token, idx in tokenizer.backend.get_vocab(with_added_tokens=True).items():
         if idx < vocab_size:
@@ -44,9 +46,13 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     for idx, added in tokenizer.backend.get_added_tokens_decoder().items():
         if added.special and idx < vocab_size:
             encoded[idx] = ""
-    return xgr.TokenizerInfo(encoded, detected.vocab_type, vocab_size=vocab_size,
-                             stop_token_ids=tokenizer.eos_token_ids or None,
-                             add_prefix_space=detected.add_prefix_space)
+    return xgr.TokenizerInfo(
+        encoded,
+        detected.vocab_type,
+        vocab_size=vocab_size,
+        stop_token_ids=tokenizer.eos_token_ids or None,
+        add_prefix_space=detected.add_prefix_space,
+    )
 
 
 class Grammars:
@@ -78,14 +84,16 @@ class Grammars:
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         if spec.json is not None or spec.json_object:
             schema = spec.json if spec.json is not None else {"type": "object"}
-            grammar = xgr.Grammar.from_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
-                                                   any_whitespace=spec.any_whitespace)
+            grammar = xgr.Grammar.from_json_schema(
+                schema if isinstance(schema, str) else json.dumps(schema), any_whitespace=spec.any_whitespace
+            )
             return self.compiler.compile_grammar(_strict_strings(str(grammar)))
         if spec.regex is not None:
             return self.compiler.compile_regex(spec.regex)
         if spec.choice is not None:
             return self.compiler.compile_grammar(
-                "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice))
+                "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+            )
         return self.compiler.compile_grammar(spec.grammar)
 
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
@@ -107,8 +115,8 @@ def _strict_strings(ebnf: str) -> str:
     return ebnf.replace(_LOOSE_STRING_CHAR, _STRICT_STRING_CHAR)
 
 
-_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
-_STRICT_STRING_CHAR = r'[^\0-\x1f\"\\]'
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_STRICT_STRING_CHAR = r"[^\0-\x1f\"\\]"
 
 
 def _compiler_message(exc: BaseException) -> str:
@@ -131,14 +139,15 @@ class GrammarMasker:
 
     def __call__(self, logits: torch.Tensor, rows: list[int], matchers: list[xgr.GrammarMatcher]) -> None:
         """Mask ``logits [N, V]`` in place: row ``rows[i]`` follows ``matchers[i]``; other rows are untouched."""
-        first: dict[int, int] = {}   # an n > 1 request's first sample repeats its matcher: fill it once
+        first: dict[int, int] = {}  # an n > 1 request's first sample repeats its matcher: fill it once
         unique = [(r, m) for r, m in zip(rows, matchers) if first.setdefault(id(m), r) == r]
         if self._bitmask.shape[0] < len(logits):
             self._bitmask = xgr.allocate_token_bitmask(max(len(logits), 2 * self._bitmask.shape[0]), self.vocab_size)
-        bitmask = self._bitmask[:len(logits)]
+        bitmask = self._bitmask[: len(logits)]
         self._filler.batch_fill_next_token_bitmask([m for _, m in unique], bitmask, indices=[r for r, _ in unique])
         if len(unique) < len(rows):
             copies = [(r, first[id(m)]) for r, m in zip(rows, matchers) if first[id(m)] != r]
             bitmask[[r for r, _ in copies]] = bitmask[[f for _, f in copies]]
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=self.vocab_size, indices=rows)
+        xgr.apply_token_bitmask_inplace(
+            logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self.vocab_size, indices=rows
+        )

@@ -6,6 +6,7 @@ metadata, never requests. Two backends implement the protocol: ``torch`` (plain 
 reference and the CPU path, ``torch_backend.py``) and ``triton`` (the kernels of
 ``mcl_runtime.kernels``, ``triton_backend.py``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,12 +19,13 @@ import torch
 
 @dataclass
 class AttentionMeta:
-    slot_mapping: torch.Tensor   # [T] int64
-    block_tables: torch.Tensor   # [B, M] int32
-    context_lens: torch.Tensor   # [B] int32, new tokens included
-    cu_seqlens_q: torch.Tensor   # [B + 1] int32
-    group_bounds: list[int]      # [0, d, d + p, B]: decodes (one query token each) | prefill chunks
-                                 # without cached context | prefill chunks with cached context
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, M] int32
+    context_lens: torch.Tensor  # [B] int32, new tokens included
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    # [0, d, d + p, B]: decodes (one query token each) | prefill chunks without cached context |
+    # prefill chunks with cached context
+    group_bounds: list[int]
     max_q_len: int
     max_context_len: int
     block_size: int
@@ -41,10 +43,10 @@ class AttentionMeta:
 
 @dataclass
 class LoRAMeta:
-    seg_starts: torch.Tensor     # [nseg + 1] int32 token offsets of same-slot runs
-    seg_slots: torch.Tensor      # [nseg] int32, -1 = no adapter
+    seg_starts: torch.Tensor  # [nseg + 1] int32 token offsets of same-slot runs
+    seg_slots: torch.Tensor  # [nseg] int32, -1 = no adapter
     max_seg_len: int
-    max_rank: int                # largest rank among the step's adapters
+    max_rank: int  # largest rank among the step's adapters
     seg_starts_host: np.ndarray  # host copies of seg_starts / seg_slots
     seg_slots_host: np.ndarray
     token_slots: torch.Tensor | None = None  # [T] int32 slot of each token (static steps)
@@ -61,12 +63,21 @@ class Backend(Protocol):
         """Once per step, before the forward: backend-specific metadata into ``attn.extra`` /
         ``lora.extra``."""
 
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 attn: AttentionMeta) -> None:
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMeta
+    ) -> None:
         """This step's keys/values ``[T, Hkv, D]`` into the paged cache at ``attn.slot_mapping``."""
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                  attn: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        attn: AttentionMeta,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
         """``q [T, Hq, D]`` over the cache (``k``/``v``: the step's new keys/values, already
         stored); returns ``[T, Hq, D]``."""
 
@@ -78,9 +89,9 @@ class Backend(Protocol):
 @dataclass
 class ForwardContext:
     backend: Backend
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer (k_cache, v_cache) [num_blocks, block_size, Hkv, D]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache) [num_blocks, block_size, Hkv, D]
     attn: AttentionMeta
-    lora: LoRAMeta | None        # None when no token of the step has an adapter
+    lora: LoRAMeta | None  # None when no token of the step has an adapter
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 

@@ -1,4 +1,5 @@
 """Model configuration read from a Hugging Face ``config.json`` (the architectures of ``arch.py``)."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"this {self.model_type} model uses sliding-window attention over {self.sliding_window} tokens, "
                 f"which the engine does not implement, and the context would be {context} tokens: pass "
-                f"max_model_len={self.sliding_window} (--max-model-len) or less to serve it exactly")
+                f"max_model_len={self.sliding_window} (--max-model-len) or less to serve it exactly"
+            )
         return context
 
 
@@ -88,8 +90,9 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
     """A ``ModelConfig`` from the contents of a ``config.json`` (``where`` names it in errors)."""
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ModelLoadError(f"{where}: model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ModelLoadError(
+            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     arch = ARCHITECTURES[model_type]
     hidden_act = raw.get("hidden_act", "silu")
     if hidden_act != "silu":

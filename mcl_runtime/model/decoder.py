@@ -3,6 +3,7 @@
 ``forward(input_ids [T], ctx)`` runs every token of a step (prefill chunks and decodes of all
 adapters together); ``ctx`` carries the step's metadata and the backend (torch or triton).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,21 +15,30 @@ from mcl_runtime.model.config import ModelConfig
 from mcl_runtime.model.layers import LinearWithLoRA, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
-def fused_linear(cfg: ModelConfig, fused: str, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> LinearWithLoRA:
+def fused_linear(
+    cfg: ModelConfig, fused: str, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+) -> LinearWithLoRA:
     """The fused module ``fused`` of ``arch.FUSED``: its slices' sizes and bias from the config."""
     parts = FUSED[fused]
-    return LinearWithLoRA(getattr(cfg, parts[0].fan_in), [getattr(cfg, p.fan_out) for p in parts],
-                          getattr(cfg, parts[0].bias), num_slots, max_rank, dtype, device)
+    return LinearWithLoRA(
+        getattr(cfg, parts[0].fan_in),
+        [getattr(cfg, p.fan_out) for p in parts],
+        getattr(cfg, parts[0].bias),
+        num_slots,
+        max_rank,
+        dtype,
+        device,
+    )
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.qkv_proj = fused_linear(cfg, "qkv_proj", num_slots, max_rank, dtype, device)
         self.o_proj = fused_linear(cfg, "o_proj", num_slots, max_rank, dtype, device)
         self.q_norm = self.k_norm = None
@@ -39,11 +49,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x, ctx)
-        qk = qkv[:, :(Hq + Hkv) * D].view(T, Hq + Hkv, D)   # q and k heads side by side: one rotation
+        qk = qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D)  # q and k heads side by side: one rotation
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])), dim=1)
         qk = apply_rope(qk, ctx.cos, ctx.sin)
-        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
         o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v)
@@ -51,7 +61,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.gate_up_proj = fused_linear(cfg, "gate_up_proj", num_slots, max_rank, dtype, device)
         self.down_proj = fused_linear(cfg, "down_proj", num_slots, max_rank, dtype, device)
@@ -62,8 +74,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = Attention(cfg, layer_idx, num_slots, max_rank, dtype, device)
@@ -81,19 +94,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, num_slots, max_rank, dtype, device)
-                                    for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, num_slots, max_rank, dtype, device) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head_weight = self.embed_tokens.weight
         else:
-            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
-                                               requires_grad=False)
+            self.lm_head_weight = nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+            )
         # cos/sin of every position, computed once (vLLM's cos_sin_cache): a step indexes its rows.
         # torch's cos/sin give the same value for an element whatever the tensor's shape, so these are
         # bit for bit the per-step tables.
@@ -110,8 +127,10 @@ class DecoderLM(nn.Module):
     def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
         """Checkpoint tensor name -> the parameter it fills (and the rows of a fused one)."""
         table: dict[str, tuple[torch.Tensor, slice | None]] = {
-            f"model.{name}.weight": (module.weight, None) for name, module in self.named_modules()
-            if isinstance(module, (RMSNorm, nn.Embedding))}
+            f"model.{name}.weight": (module.weight, None)
+            for name, module in self.named_modules()
+            if isinstance(module, (RMSNorm, nn.Embedding))
+        }
         if not self.config.tie_word_embeddings:
             table["lm_head.weight"] = (self.lm_head_weight, None)
         for i in range(len(self.layers)):

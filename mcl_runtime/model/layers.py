@@ -3,6 +3,7 @@
 Numerics follow Hugging Face transformers (Qwen2/Llama) so that fp32 greedy decoding matches it
 token for token.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     raise ModelLoadError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[T, head_dim]`` of ``positions`` (the decoder computes them once, for every position)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -93,8 +96,16 @@ class LinearWithLoRA(nn.Module):
         ranks   [S, n_slices]           0 where the adapter does not target the slice
     """
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: list[int],
+        bias: bool,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         out = sum(out_sizes)
         self.in_features = in_features
@@ -131,8 +142,8 @@ class LinearWithLoRA(nn.Module):
                 continue
             a, b = ab
             r = a.shape[0]
-            self.lora_a[slot, j * R:j * R + r].copy_(a)
-            self.lora_b[slot, self.offsets[j]:self.offsets[j + 1], :r].copy_(b)
+            self.lora_a[slot, j * R : j * R + r].copy_(a)
+            self.lora_b[slot, self.offsets[j] : self.offsets[j + 1], :r].copy_(b)
             self.ranks[slot, j] = r
 
     def clear_slot(self, slot: int) -> None:

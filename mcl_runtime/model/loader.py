@@ -1,4 +1,5 @@
 """Load a Hugging Face model folder (config.json + model.safetensors or sharded safetensors)."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     shards = sorted(model_dir.glob("*.safetensors"))
     if shards:
         return shards
-    raise ModelLoadError(f"{model_dir} has no model.safetensors (or index); *.bin checkpoints are not "
-                         "supported, convert them to safetensors")
+    raise ModelLoadError(
+        f"{model_dir} has no model.safetensors (or index); *.bin checkpoints are not "
+        "supported, convert them to safetensors"
+    )
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -46,8 +49,14 @@ def fill_dummy_weights(model: DecoderLM, seed: int = 0, bound: float = 1e-3) -> 
             param.data.uniform_(-bound, bound, generator=gen)
 
 
-def load_model(model_dir: str | Path, num_slots: int, max_rank: int, dtype: torch.dtype,
-               device: torch.device, load_format: str = "auto") -> DecoderLM:
+def load_model(
+    model_dir: str | Path,
+    num_slots: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+) -> DecoderLM:
     """``load_format="auto"`` reads the safetensors; ``"dummy"`` needs only config.json and fills
     the weights with random values (like vLLM's ``--load-format dummy``)."""
     model_dir = Path(model_dir)
@@ -74,8 +83,10 @@ def load_model(model_dir: str | Path, num_slots: int, max_rank: int, dtype: torc
                     tensor = f.get_tensor(name)
                     dst = param.data if rows is None else param.data[rows]
                     if tuple(dst.shape) != tuple(tensor.shape):
-                        raise ModelLoadError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
-                                             f"config.json implies {tuple(dst.shape)}")
+                        raise ModelLoadError(
+                            f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(dst.shape)}"
+                        )
                     dst.copy_(tensor.to(dtype))
                     seen.add(name)
         except ModelLoadError:

@@ -3,6 +3,7 @@
 An adapter is read into host memory once, validated against the base model, and then copied
 into a slot of the stacked per-layer buffers (``LinearWithLoRA.set_slot``) when it is needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ ModuleLoRA = tuple[list[tuple[torch.Tensor, torch.Tensor] | None], float]
 class LoRAAdapter:
     name: str
     path: Path
-    rank: int                                   # largest rank over modules
-    layers: list[dict[str, ModuleLoRA]]         # per layer: fused module name -> slices
+    rank: int  # largest rank over modules
+    layers: list[dict[str, ModuleLoRA]]  # per layer: fused module name -> slices
 
 
 def _read_config(path: Path) -> dict:
@@ -76,8 +77,10 @@ def load_peft_adapter(name: str, path: str | Path, model_cfg: ModelConfig, max_r
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if not m or m.group(3) not in BY_NAME or BY_NAME[m.group(3)].parent != m.group(2):
-            raise AdapterLoadError(f"{path}: weight {key!r} is not a LoRA of a q/k/v/o/gate/up/down "
-                                   f"projection of a {model_cfg.model_type} decoder")
+            raise AdapterLoadError(
+                f"{path}: weight {key!r} is not a LoRA of a q/k/v/o/gate/up/down "
+                f"projection of a {model_cfg.model_type} decoder"
+            )
         pairs.setdefault((int(m.group(1)), m.group(3)), {})[m.group(4)] = tensor
     if not pairs:
         raise AdapterLoadError(f"{path}: the adapter has no LoRA weights")
@@ -88,16 +91,20 @@ def load_peft_adapter(name: str, path: str | Path, model_cfg: ModelConfig, max_r
     for (layer, proj), ab in sorted(pairs.items()):
         where = f"{path}: layer {layer} {proj}"
         if layer >= model_cfg.num_layers:
-            raise AdapterLoadError(f"{where}: the base model has only {model_cfg.num_layers} layers "
-                                   "(adapter trained for another base model?)")
+            raise AdapterLoadError(
+                f"{where}: the base model has only {model_cfg.num_layers} layers "
+                "(adapter trained for another base model?)"
+            )
         if set(ab) != {"A", "B"}:
             raise AdapterLoadError(f"{where}: lora_A or lora_B is missing")
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
         fan_in, fan_out = shapes[proj]
         if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
-            raise AdapterLoadError(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
-                                   f"base projection ({fan_in} -> {fan_out}): adapter trained for another base model?")
+            raise AdapterLoadError(
+                f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
+                f"base projection ({fan_in} -> {fan_out}): adapter trained for another base model?"
+            )
         if r > max_rank:
             raise AdapterLoadError(f"{where}: rank {r} exceeds max_lora_rank={max_rank}")
         target = BY_NAME[proj]
@@ -108,9 +115,15 @@ def load_peft_adapter(name: str, path: str | Path, model_cfg: ModelConfig, max_r
         slices[j] = (a.float(), b.float())
         scalings.setdefault((layer, fused), [0.0] * n_slices)[j] = scaling
         top_rank = max(top_rank, r)
-    return LoRAAdapter(name, path, top_rank, [
-        {fused: _fold_scaling(slices, scalings[(i, fused)]) for fused, slices in layer.items()}
-        for i, layer in enumerate(layers)])
+    return LoRAAdapter(
+        name,
+        path,
+        top_rank,
+        [
+            {fused: _fold_scaling(slices, scalings[(i, fused)]) for fused, slices in layer.items()}
+            for i, layer in enumerate(layers)
+        ],
+    )
 
 
 def _fold_scaling(slices: list, scalings: list[float]) -> ModuleLoRA:

@@ -7,6 +7,7 @@ is outgrown is kept alive: a captured CUDA graph may still point at it.
 While dynamo traces (``Engine(compile=True)``) the kernels are called as the custom ops of
 ``mcl_runtime.kernels.ops`` (same names and arguments), so the forward is one graph.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ class TritonBackend:
         if buf is None or buf.numel() < numel or buf.device != device:
             if buf is not None:
                 self._outgrown.append(buf)
-            buf = self._workspace[name] = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
-                                                      dtype=torch.float32, device=device)
+            buf = self._workspace[name] = torch.empty(
+                max(numel, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.float32, device=device
+            )
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
@@ -55,17 +57,27 @@ class TritonBackend:
         # Static steps size the decode grid by the block-table width, so that it never changes.
         max_ctx = attn.block_tables.shape[1] * attn.block_size if attn.static else attn.max_context_len
         if nd == B:
-            return _kernels().paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
-                                                  scale, max_ctx)
+            return _kernels().paged_decode_attention(
+                q, k_cache, v_cache, attn.block_tables, attn.context_lens, scale, max_ctx
+            )
         if nd == 0:
-            return _kernels().paged_prefill_attention(q, k_cache, v_cache, attn.block_tables, attn.cu_seqlens_q,
-                                                   attn.context_lens, scale, attn.max_q_len)
+            return _kernels().paged_prefill_attention(
+                q, k_cache, v_cache, attn.block_tables, attn.cu_seqlens_q, attn.context_lens, scale, attn.max_q_len
+            )
         out = torch.empty_like(q)
-        out[:nd] = _kernels().paged_decode_attention(q[:nd], k_cache, v_cache, attn.block_tables[:nd],
-                                                  attn.context_lens[:nd], scale, max_ctx)
-        out[nd:] = _kernels().paged_prefill_attention(q[nd:], k_cache, v_cache, attn.block_tables[nd:],
-                                                   attn.extra["cu_prefill"], attn.context_lens[nd:], scale,
-                                                   attn.max_q_len)
+        out[:nd] = _kernels().paged_decode_attention(
+            q[:nd], k_cache, v_cache, attn.block_tables[:nd], attn.context_lens[:nd], scale, max_ctx
+        )
+        out[nd:] = _kernels().paged_prefill_attention(
+            q[nd:],
+            k_cache,
+            v_cache,
+            attn.block_tables[nd:],
+            attn.extra["cu_prefill"],
+            attn.context_lens[nd:],
+            scale,
+            attn.max_q_len,
+        )
         return out
 
     def apply_lora(self, x, y, mod, lora: LoRAMeta) -> None:
@@ -76,7 +88,25 @@ class TritonBackend:
             u = self._scratch("shrink", (T, cols), x.device)
             split_k = kernels.shrink_split_k(x, mod.lora_a, mod.n_slices, lora.seg_slots.shape[0], lora.max_seg_len)
             partials = self._scratch("partials", (split_k, T, cols), x.device) if split_k > 1 else None
-        _kernels().lora_shrink(x, mod.lora_a, lora.seg_starts, lora.seg_slots, mod.ranks, lora.max_seg_len,
-                               out=u, split_k=split_k, partials=partials)
-        _kernels().lora_expand(u, mod.lora_b, y, lora.seg_starts, lora.seg_slots, mod.ranks, mod.scaling,
-                               list(mod.offsets), lora.max_seg_len)
+        _kernels().lora_shrink(
+            x,
+            mod.lora_a,
+            lora.seg_starts,
+            lora.seg_slots,
+            mod.ranks,
+            lora.max_seg_len,
+            out=u,
+            split_k=split_k,
+            partials=partials,
+        )
+        _kernels().lora_expand(
+            u,
+            mod.lora_b,
+            y,
+            lora.seg_starts,
+            lora.seg_slots,
+            mod.ranks,
+            mod.scaling,
+            list(mod.offsets),
+            lora.max_seg_len,
+        )

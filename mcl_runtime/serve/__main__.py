@@ -1,10 +1,12 @@
 """``python -m mcl_runtime.serve``: the OpenAI-compatible server.
 
 Without ``--model`` it serves the embedded demo model ``mcl-demo-tiny`` and its four adapters
-(``--lora`` adds more). ``--model`` and ``--lora`` take folders or Hugging Face hub ids. Once listening it prints one line naming what is served where.
+(``--lora`` adds more). ``--model`` and ``--lora`` take folders or Hugging Face hub ids. Once listening it
+prints one line naming what is served where.
 SIGINT or SIGTERM: stop accepting connections, let in-flight requests finish for up to
 ``--shutdown-timeout`` seconds, abort the rest, exit 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +33,19 @@ logger = logging.getLogger("mcl_runtime.serve")
 _ABORT_GRACE = 10.0
 
 # Engine keyword arguments set from the command line when given (the engine's defaults otherwise).
-_ENGINE_OPTIONS = ("device", "dtype", "backend", "max_loras", "max_lora_rank", "kv_cache_blocks", "block_size",
-                   "max_num_seqs", "max_num_batched_tokens", "max_model_len", "seed")
+_ENGINE_OPTIONS = (
+    "device",
+    "dtype",
+    "backend",
+    "max_loras",
+    "max_lora_rank",
+    "kv_cache_blocks",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "seed",
+)
 
 
 def _lora(spec: str) -> tuple[str, str]:
@@ -43,13 +56,22 @@ def _lora(spec: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mcl_runtime.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF model folder or hub id, e.g. Qwen/Qwen2.5-Coder-7B-Instruct "
-                                   "(default: the embedded demo model)")
+    p = argparse.ArgumentParser(
+        prog="python -m mcl_runtime.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        help="HF model folder or hub id, e.g. Qwen/Qwen2.5-Coder-7B-Instruct (default: the embedded demo model)",
+    )
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
-    p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=DIR",
-                   help="PEFT adapter folder or hub id served as model NAME (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=_lora,
+        default=[],
+        metavar="NAME=DIR",
+        help="PEFT adapter folder or hub id served as model NAME (repeatable)",
+    )
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the engine's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
@@ -66,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     add_execution_mode_args(p)
     p.add_argument("--seed", type=int)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may take to finish after SIGINT/SIGTERM")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGINT/SIGTERM",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     return p
@@ -93,8 +119,13 @@ class _Server(uvicorn.Server):
     with an error response rather than a cut connection), and exits 0 (uvicorn would re-raise the
     signal after its graceful shutdown)."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[str, int], None],
-                 abort_all: Callable[[], None], drain_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[str, int], None],
+        abort_all: Callable[[], None],
+        drain_timeout: float,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._abort_all = abort_all
@@ -137,8 +168,12 @@ def _announce(engine: Engine, name: str, args: argparse.Namespace) -> Callable[[
     dtype = str(getattr(engine, "dtype", args.dtype or "auto")).removeprefix("torch.")
 
     def announce(host: str, port: int) -> None:
-        print(f"mcl_runtime.serve: serving {name} with adapters [{adapters}] at http://{host}:{port}/v1 "
-              f"(device {device}, dtype {dtype}, max_model_len {engine.max_model_len})", flush=True)
+        print(
+            f"mcl_runtime.serve: serving {name} with adapters [{adapters}] at http://{host}:{port}/v1 "
+            f"(device {device}, dtype {dtype}, max_model_len {engine.max_model_len})",
+            flush=True,
+        )
+
     return announce
 
 
@@ -162,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         app.state.server.shutting_down = True
         aeng.shutdown()
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=args.shutdown_timeout + _ABORT_GRACE,
+    )
     try:
         _Server(config, _announce(engine, name, args), abort_all, args.shutdown_timeout).run()
     finally:

@@ -19,6 +19,7 @@ Request semantics beyond OpenAI's:
   has none). Prompts are tokenized here with ``engine.tokenizer`` and passed on as token ids.
 - A client that disconnects has its requests aborted at once (their KV blocks are freed).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,17 +38,45 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mcl_runtime import AsyncEngine, RequestOutput, SamplingParams
 from mcl_runtime.engine.params import StructuredOutput
-from mcl_runtime.errors import (AdapterLoadError, AdapterNotFoundError, ContextLengthError, InvalidRequestError,
-                                MCLError, ModelLoadError)
+from mcl_runtime.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ContextLengthError,
+    InvalidRequestError,
+    MCLError,
+    ModelLoadError,
+)
 from mcl_runtime.serve.metrics import CONTENT_TYPE, ServerMetrics
 from mcl_runtime.serve.openapi import documented, without_422
 from mcl_runtime.serve.protocol import (
-    AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
-    CompletionChoice, CompletionRequest, CompletionResponse, ErrorInfo, ErrorResponse,
-    LoadLoraRequest, ModelCard, ModelList, UnloadLoraRequest,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    LoadLoraRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoraRequest,
 )
-from mcl_runtime.serve.streaming import (SSE_HEADERS, ChatChunks, ChunkWriter, ClientGone, CompletionChunks,
-                                         SSEResponse, last_outputs, merge, sse_events, until_disconnect, usage)
+from mcl_runtime.serve.streaming import (
+    SSE_HEADERS,
+    ChatChunks,
+    ChunkWriter,
+    ClientGone,
+    CompletionChunks,
+    SSEResponse,
+    last_outputs,
+    merge,
+    sse_events,
+    until_disconnect,
+    usage,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -97,7 +126,6 @@ class _Job:
     echo: str = ""
 
 
-
 def _message_text(message: ChatMessage) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
@@ -118,8 +146,12 @@ def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if present:
             raise APIError(400, f"`{name}` is not supported by this server", code="unsupported", param=name)
     if req.response_format is not None and req.structured_outputs is not None:
-        raise APIError(400, "give either response_format or structured_outputs, not both", code="invalid_value",
-                       param="structured_outputs")
+        raise APIError(
+            400,
+            "give either response_format or structured_outputs, not both",
+            code="invalid_value",
+            param="structured_outputs",
+        )
 
 
 def _structured(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutput | dict | None:
@@ -131,8 +163,12 @@ def _structured(req: CompletionRequest | ChatCompletionRequest) -> StructuredOut
         return StructuredOutput(json_object=True)
     if fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise APIError(400, "response_format json_schema needs json_schema.schema", code="invalid_value",
-                           param="response_format")
+            raise APIError(
+                400,
+                "response_format json_schema needs json_schema.schema",
+                code="invalid_value",
+                param="response_format",
+            )
         return StructuredOutput(json=fmt.json_schema.schema_)
     return None
 
@@ -177,16 +213,23 @@ class OpenAIServer:
 
     def models(self) -> ModelList:
         base = ModelCard(id=self.base_name, root=self.base_name, max_model_len=self.max_model_len)
-        adapters = [ModelCard(id=name, root=name, parent=self.base_name, max_model_len=self.max_model_len)
-                    for name in self.aeng.adapters]
+        adapters = [
+            ModelCard(id=name, root=name, parent=self.base_name, max_model_len=self.max_model_len)
+            for name in self.aeng.adapters
+        ]
         return ModelList(data=[base, *adapters])
+
     async def _offload(self, fn: Callable[[], T], size: int) -> T:
         return await asyncio.to_thread(fn) if size > _LONG_TEXT else fn()
 
     def _check_max_tokens(self, requested: int | None) -> None:
         if requested is not None and requested > self.max_model_len:
-            raise APIError(400, f"max_tokens ({requested}) exceeds the model's context length "
-                           f"({self.max_model_len} tokens)", code="invalid_value", param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens ({requested}) exceeds the model's context length ({self.max_model_len} tokens)",
+                code="invalid_value",
+                param="max_tokens",
+            )
 
     def _encode(self, text: str, param: str) -> list[int]:
         """Token ids of ``text``; a text far beyond the context is refused from a prefix, without
@@ -194,8 +237,12 @@ class OpenAIServer:
         tokenizer = self.aeng.engine.tokenizer
         cut = _PREFIX_CHARS_PER_TOKEN * self.max_model_len
         if len(text) > cut and len(tokenizer.encode(text[:cut])) > self.max_model_len + _PREFIX_SLACK:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                           f"prompt has more.", code="context_length_exceeded", param=param)
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has more.",
+                code="context_length_exceeded",
+                param=param,
+            )
         return tokenizer.encode(text)
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
@@ -203,16 +250,27 @@ class OpenAIServer:
         return SamplingParams(
             max_tokens=self.max_model_len if max_tokens is None else max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
-            min_p=req.min_p or 0.0, stop=req.stop or None, stop_token_ids=req.stop_token_ids or None,
-            seed=req.seed, n=req.n, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens or 0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            min_p=req.min_p or 0.0,
+            stop=req.stop or None,
+            stop_token_ids=req.stop_token_ids or None,
+            seed=req.seed,
+            n=req.n,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens or 0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            structured=_structured(req))
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            structured=_structured(req),
+        )
 
     async def _completion_job(self, req: CompletionRequest, prompt: str | list[int], params: SamplingParams) -> _Job:
-        ids = prompt if isinstance(prompt, list) else await self._offload(lambda: self._encode(prompt, "prompt"),
-                                                                           len(prompt))
+        ids = (
+            prompt
+            if isinstance(prompt, list)
+            else await self._offload(lambda: self._encode(prompt, "prompt"), len(prompt))
+        )
         echo = "" if not req.echo else prompt if isinstance(prompt, str) else self.aeng.engine.tokenizer.decode(prompt)
         return _Job(ids, params, echo)
 
@@ -230,8 +288,9 @@ class OpenAIServer:
         try:
             text = self.aeng.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as exc:  # a template may reject a conversation (roles, order) in its own way
-            raise APIError(400, f"cannot apply the chat template: {exc}", code="invalid_value",
-                           param="messages") from exc
+            raise APIError(
+                400, f"cannot apply the chat template: {exc}", code="invalid_value", param="messages"
+            ) from exc
         return self._encode(text, "messages")
 
     async def _chat_job(self, req: ChatCompletionRequest) -> _Job:
@@ -242,8 +301,9 @@ class OpenAIServer:
         size = sum(len(_message_text(m)) for m in req.messages)
         return _Job(await self._offload(lambda: self._render_chat(req), size), params)
 
-    async def _generate(self, job: _Job, adapter: str | None, model: str, request_id: str,
-                        arrival: float) -> AsyncIterator[RequestOutput]:
+    async def _generate(
+        self, job: _Job, adapter: str | None, model: str, request_id: str, arrival: float
+    ) -> AsyncIterator[RequestOutput]:
         gen = self.aeng.generate(job.prompt, job.params, adapter=adapter, request_id=request_id)
         accepted = answered = False
         async with aclosing(gen) as outs:
@@ -259,13 +319,15 @@ class OpenAIServer:
                         self.metrics.finished.labels(model, o.finish_reason or "none").inc()
                 yield out
 
-    def _run(self, jobs: list[_Job], adapter: str | None, model: str, request_id: str,
-             arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def _run(
+        self, jobs: list[_Job], adapter: str | None, model: str, request_id: str, arrival: float
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         ids = [request_id] if len(jobs) == 1 else [f"{request_id}-{i}" for i in range(len(jobs))]
         return merge([self._generate(job, adapter, model, rid, arrival) for job, rid in zip(jobs, ids)])
 
-    async def _stream(self, request: Request, outs: AsyncIterator[tuple[int, RequestOutput]],
-                      writer: ChunkWriter, include_usage: bool) -> Response:
+    async def _stream(
+        self, request: Request, outs: AsyncIterator[tuple[int, RequestOutput]], writer: ChunkWriter, include_usage: bool
+    ) -> Response:
         # The first output comes before the 200, so that requests the engine refuses get a proper error.
         first = await until_disconnect(request, anext(outs, None))
         return SSEResponse(sse_events(first, outs, writer, include_usage, self._error_event), headers=SSE_HEADERS)
@@ -277,8 +339,9 @@ class OpenAIServer:
         self.metrics.errors.labels(str(error.status)).inc()
         return error.body()
 
-    async def _collect(self, request: Request,
-                       outs: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+    async def _collect(
+        self, request: Request, outs: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> dict[int, RequestOutput]:
         try:
             return await until_disconnect(request, last_outputs(outs))
         except Exception as exc:
@@ -296,9 +359,11 @@ class OpenAIServer:
             writer = CompletionChunks(request_id, req.model, req.n, [j.echo for j in jobs])
             return await self._stream(request, outs, writer, _includeusage(req))
         finals = await self._collect(request, outs)
-        choices = [CompletionChoice(index=p * req.n + o.index, text=jobs[p].echo + o.text,
-                                    finish_reason=o.finish_reason)
-                   for p, out in sorted(finals.items()) for o in out.outputs]
+        choices = [
+            CompletionChoice(index=p * req.n + o.index, text=jobs[p].echo + o.text, finish_reason=o.finish_reason)
+            for p, out in sorted(finals.items())
+            for o in out.outputs
+        ]
         body = CompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage(finals.values()))
         return JSONResponse(body.model_dump())
 
@@ -312,20 +377,22 @@ class OpenAIServer:
             writer = ChatChunks(request_id, req.model, req.n)
             return await self._stream(request, outs, writer, _includeusage(req))
         out = (await self._collect(request, outs))[0]
-        choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
-                   for o in out.outputs]
+        choices = [
+            ChatChoice(index=o.index, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+            for o in out.outputs
+        ]
         body = ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage([out]))
         return JSONResponse(body.model_dump())
 
     async def load_adapter(self, req: LoadLoraRequest) -> dict[str, Any]:
         if req.lora_name == self.base_name:
-            raise APIError(400, f"`{req.lora_name}` is the base model's name", code="invalid_value",
-                           param="lora_name")
+            raise APIError(400, f"`{req.lora_name}` is the base model's name", code="invalid_value", param="lora_name")
         try:
             await self.aeng.load_adapter(req.lora_name, req.lora_path)
         except OSError as exc:
-            raise APIError(400, f"cannot load adapter from {req.lora_path}: {exc}", code="adapter_load_error",
-                           param="lora_path") from exc
+            raise APIError(
+                400, f"cannot load adapter from {req.lora_path}: {exc}", code="adapter_load_error", param="lora_path"
+            ) from exc
         return {"object": "lora_adapter", "id": req.lora_name, "parent": self.base_name, "status": "loaded"}
 
     async def unload_adapter(self, req: UnloadLoraRequest) -> dict[str, Any]:

@@ -7,6 +7,7 @@ recorded by the server as requests arrive and produce their first token.
 Batching is shown by ``mcl_batch_size_max`` (most sequences in one engine step so far) and
 ``mcl_batch_size_mean`` (sequences per engine step on average).
 """
+
 from __future__ import annotations
 
 import re
@@ -56,14 +57,20 @@ def _derived(stats: dict[str, Any]) -> Iterator[Metric]:
     if isinstance(total, int) and isinstance(free, int):
         if "kv_blocks_used" not in stats:
             yield GaugeMetricFamily("mcl_kv_blocks_used", "KV-cache blocks in use.", value=total - free)
-        yield GaugeMetricFamily("mcl_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
-                                value=(total - free) / total if total else 0.0)
+        yield GaugeMetricFamily(
+            "mcl_kv_cache_usage_ratio",
+            "Fraction of KV-cache blocks in use.",
+            value=(total - free) / total if total else 0.0,
+        )
     steps = stats.get("steps")
     # Sequences per step when the engine counts them, else generated tokens per step (one per decode).
     batched = stats.get("batched_seqs_total")
     if isinstance(steps, int) and isinstance(batched, int):
-        yield GaugeMetricFamily("mcl_batch_size_mean", "Mean number of sequences per engine step so far.",
-                                value=batched / steps if steps else 0.0)
+        yield GaugeMetricFamily(
+            "mcl_batch_size_mean",
+            "Mean number of sequences per engine step so far.",
+            value=batched / steps if steps else 0.0,
+        )
 
 
 def _extra(stats: dict[str, Any]) -> Iterator[Metric]:
@@ -82,15 +89,28 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._engine = _EngineCollector()
         self.registry.register(self._engine)
-        self.requests = Counter("mcl_requests", "Requests accepted, per model (base or adapter).",
-                                ["model"], registry=self.registry)
-        self.finished = Counter("mcl_requests_finished", "Requests finished, per model and reason.",
-                                ["model", "finish_reason"], registry=self.registry)
-        self.errors = Counter("mcl_request_errors", "Requests answered with an error, per HTTP status.",
-                              ["status"], registry=self.registry)
-        self.ttft = Histogram("mcl_time_to_first_token_seconds",
-                              "Seconds from a request's arrival to its first generated token.",
-                              ["model"], buckets=TTFT_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "mcl_requests", "Requests accepted, per model (base or adapter).", ["model"], registry=self.registry
+        )
+        self.finished = Counter(
+            "mcl_requests_finished",
+            "Requests finished, per model and reason.",
+            ["model", "finish_reason"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "mcl_request_errors",
+            "Requests answered with an error, per HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "mcl_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
 
     def render(self, engine_stats: dict[str, Any]) -> bytes:
         self._engine.stats = engine_stats

@@ -1,5 +1,6 @@
 """What the OpenAPI schema (``/openapi.json``) says each route answers: the real status codes
 (bad requests are 400, never FastAPI's default 422), their error body, and the media types."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,20 +10,25 @@ from pydantic import BaseModel
 
 from mcl_runtime.serve.protocol import ErrorResponse
 
-_ERRORS = {400: "Invalid request", 404: "Unknown model or adapter", 500: "Internal error",
-           503: "Shutting down"}
+_ERRORS = {400: "Invalid request", 404: "Unknown model or adapter", 500: "Internal error", 503: "Shutting down"}
 
 
-def documented(ok: type[BaseModel] | None = None, *, errors: tuple[int, ...] = (400, 500),
-               stream: bool = False, media_type: str | None = None) -> dict[str, Any]:
+def documented(
+    ok: type[BaseModel] | None = None,
+    *,
+    errors: tuple[int, ...] = (400, 500),
+    stream: bool = False,
+    media_type: str | None = None,
+) -> dict[str, Any]:
     """``route(..., **documented(...))``: response model and ``responses`` of one route."""
     ok_response: dict[str, Any] = {"description": "Success"}
     if media_type:
         ok_response["content"] = {media_type: {"schema": {"type": "string"}}}
     elif stream:
-        ok_response["content"] = {"application/json": {},
-                                  "text/event-stream": {"schema": {"type": "string",
-                                                                   "description": "server-sent events"}}}
+        ok_response["content"] = {
+            "application/json": {},
+            "text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}},
+        }
     responses: dict[int | str, Any] = {200: ok_response}
     for status in errors:
         responses[status] = {"model": ErrorResponse, "description": _ERRORS[status]}

@@ -6,6 +6,7 @@ vLLM's ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``stop_toke
 ``ignore_eos`` and ``structured_outputs`` are accepted (with the ``openai`` client pass them through
 ``extra_body``). Values are checked by the engine's ``SamplingParams``, once.
 """
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """Streaming plumbing of the server: server-sent events, merging the outputs of a request's
 prompts, aborting when the client disconnects, and the chunk shapes of streamed responses."""
+
 from __future__ import annotations
 
 import asyncio
@@ -124,7 +125,7 @@ class _Choice:
         self.sent, self.done = 0, False
 
     def delta(self, text: str, finished: bool) -> str:
-        piece = text[self.sent:]
+        piece = text[self.sent :]
         self.sent = max(self.sent, len(text))
         self.done = finished
         return piece
@@ -142,8 +143,14 @@ class ChunkWriter:
         self.latest: dict[int, RequestOutput] = {}
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.request_id, "object": self.object_name, "created": self.created,
-                "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.request_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def _choice(self, index: int, piece: str, finish_reason: str | None) -> dict[str, Any]:
         raise NotImplementedError
@@ -179,8 +186,12 @@ class CompletionChunks(ChunkWriter):
         return {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}
 
     def opening(self) -> list[dict[str, Any]]:
-        return [self._chunk([self._choice(p * self.n + i, echo, None)])
-                for p, echo in enumerate(self.echoes) if echo for i in range(self.n)]
+        return [
+            self._chunk([self._choice(p * self.n + i, echo, None)])
+            for p, echo in enumerate(self.echoes)
+            if echo
+            for i in range(self.n)
+        ]
 
 
 class ChatChunks(ChunkWriter):
@@ -191,14 +202,21 @@ class ChatChunks(ChunkWriter):
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     def opening(self) -> list[dict[str, Any]]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(self.n)]
+        return [
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i in range(self.n)
+        ]
 
 
-
-async def sse_events(first: tuple[int, RequestOutput] | None, outs: AsyncIterator[tuple[int, RequestOutput]],
-                     writer: ChunkWriter, include_usage: bool,
-                     error_event: Callable[[Exception], dict[str, Any]]) -> AsyncIterator[str]:
+async def sse_events(
+    first: tuple[int, RequestOutput] | None,
+    outs: AsyncIterator[tuple[int, RequestOutput]],
+    writer: ChunkWriter,
+    include_usage: bool,
+    error_event: Callable[[Exception], dict[str, Any]],
+) -> AsyncIterator[str]:
     """The events of a streamed response; an error while streaming becomes one error event."""
     try:
         for chunk in writer.opening():

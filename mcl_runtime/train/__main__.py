@@ -10,6 +10,7 @@ Endpoints are OpenAI base URLs (``http://127.0.0.1:8000/v1``). A teacher's model
 ``--agent-model AGENT=NAME``, else ``--teacher-model``, else the agent's own name (its adapter on
 our server).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,19 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _teacher_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--teacher", required=required, metavar="URL", help="teacher endpoint for every agent"
-                   + ("" if required else " (default: the collect run's)"))
+    p.add_argument(
+        "--teacher",
+        required=required,
+        metavar="URL",
+        help="teacher endpoint for every agent" + ("" if required else " (default: the collect run's)"),
+    )
     p.add_argument("--teacher-model", help="teacher model name for every agent (default: the agent's name)")
-    p.add_argument("--agent-teacher", action="append", default=[], metavar="AGENT=URL",
-                   help="a different endpoint for one agent")
-    p.add_argument("--agent-model", action="append", default=[], metavar="AGENT=NAME",
-                   help="a different model name for one agent")
+    p.add_argument(
+        "--agent-teacher", action="append", default=[], metavar="AGENT=URL", help="a different endpoint for one agent"
+    )
+    p.add_argument(
+        "--agent-model", action="append", default=[], metavar="AGENT=NAME", help="a different model name for one agent"
+    )
     p.add_argument("--api-key", default="EMPTY")
 
 
@@ -63,8 +70,11 @@ def _collect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-calls", type=int)
     p.add_argument("--rounds", type=int, default=1, help="attempts per problem until one passes")
-    p.add_argument("--drop-failed-code", action="store_true",
-                   help="also drop coding/debugging answers whose code failed the sample tests")
+    p.add_argument(
+        "--drop-failed-code",
+        action="store_true",
+        help="also drop coding/debugging answers whose code failed the sample tests",
+    )
 
 
 def _correct_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,8 +94,12 @@ def _sft_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, type=Path, help="HF base model folder or hub id (org/name)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", action="append", type=Path, help="training JSONL (repeatable): one adapter")
-    data.add_argument("--data-dir", action="append", type=Path,
-                      help="folder with <agent>.jsonl files (repeatable): one adapter per agent, in OUT/<agent>")
+    data.add_argument(
+        "--data-dir",
+        action="append",
+        type=Path,
+        help="folder with <agent>.jsonl files (repeatable): one adapter per agent, in OUT/<agent>",
+    )
     p.add_argument("--out", required=True, type=Path, help="adapter folder (with --data-dir: their parent)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=64.0)
@@ -117,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- commands
 
+
 def endpoints_from_args(args: argparse.Namespace, default: dict[str, dict] | None = None) -> dict[str, Endpoint]:
     """Each agent's teacher endpoint from the flags, or ``default`` (a collect run's) without ``--teacher``."""
     if args.teacher is None:
@@ -140,8 +155,11 @@ def _report(stats: dict, what: str) -> int:
     print(json.dumps(stats, indent=2))
     left = stats["pending"]
     if left or stats["errors"]:
-        print(f"{PROG} {what}: {left} left unfinished ({len(stats['errors'])} errors); run the same command "
-              "again to resume", file=sys.stderr)
+        print(
+            f"{PROG} {what}: {left} left unfinished ({len(stats['errors'])} errors); run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -151,16 +169,33 @@ async def _collect(args: argparse.Namespace) -> int:
 
     problems = load_problems(args.problems, args.limit)
     endpoints = endpoints_from_args(args)
-    options = CollectOptions(MapCoderConfig(args.k, args.t, args.max_tokens, args.temperature, args.max_calls,
-                                            test_last_fix=True),  # correct needs every fix's sample run
-                             args.rounds, args.workers, args.drop_failed_code, not args.no_progress)
+    options = CollectOptions(
+        MapCoderConfig(
+            args.k, args.t, args.max_tokens, args.temperature, args.max_calls, test_last_fix=True
+        ),  # correct needs every fix's sample run
+        args.rounds,
+        args.workers,
+        args.drop_failed_code,
+        not args.no_progress,
+    )
     timeout = args.timeout or 5.0
-    settings = {"problems": args.problems, "limit": args.limit, "timeout": timeout,
-                "teacher_endpoints": {a: e.to_dict() for a, e in endpoints.items()}}
+    settings = {
+        "problems": args.problems,
+        "limit": args.limit,
+        "timeout": timeout,
+        "teacher_endpoints": {a: e.to_dict() for a, e in endpoints.items()},
+    }
     client = TolerantClient(RoutedClient(endpoints, api_key=args.api_key))
     try:
-        stats = await collect(problems, client, args.out, {a: e.label(a) for a, e in endpoints.items()}, options,
-                              _judge(timeout), settings)
+        stats = await collect(
+            problems,
+            client,
+            args.out,
+            {a: e.label(a) for a, e in endpoints.items()},
+            options,
+            _judge(timeout),
+            settings,
+        )
     finally:
         await client.close()
     return _report(stats, "collect")
@@ -174,15 +209,25 @@ async def _correct(args: argparse.Namespace) -> int:
     if source is None:
         raise SystemExit("--problems is required: the collect run recorded no problem source")
     problems = load_problems(source, earlier.get("limit") if args.problems is None else None)
-    teacher = TolerantClient(RoutedClient(endpoints_from_args(args, earlier.get("teacher_endpoints")),
-                                          api_key=args.api_key))
+    teacher = TolerantClient(
+        RoutedClient(endpoints_from_args(args, earlier.get("teacher_endpoints")), api_key=args.api_key)
+    )
     supervisor_endpoint = Endpoint(args.supervisor, args.supervisor_model)
     supervisor = TolerantClient(RoutedClient({SUPERVISOR: supervisor_endpoint}, api_key=args.api_key))
     options = CorrectOptions(args.workers, args.max_tokens, args.temperature, not args.no_progress)
     timeout = args.timeout or earlier.get("timeout") or 5.0
     try:
-        stats = await correct(problems, args.collected, teacher, supervisor, args.out,
-                              supervisor_endpoint.label(SUPERVISOR), options, _judge(timeout), {"problems": source})
+        stats = await correct(
+            problems,
+            args.collected,
+            teacher,
+            supervisor,
+            args.out,
+            supervisor_endpoint.label(SUPERVISOR),
+            options,
+            _judge(timeout),
+            {"problems": source},
+        )
     finally:
         await teacher.close()
         await supervisor.close()
@@ -192,12 +237,25 @@ async def _correct(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from mcl_runtime.train.sft import LORA_TARGETS, SFTConfig, train_adapter, train_agents
 
-    config = SFTConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                       target_modules=tuple(args.target_modules or LORA_TARGETS), lr=args.lr, epochs=args.epochs,
-                       max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_length=args.max_length,
-                       seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, device=args.device,
-                       dtype=args.dtype, progress=not args.no_progress)
+    config = SFTConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(args.target_modules or LORA_TARGETS),
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_length=args.max_length,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
     if args.data:
         logs = {args.out.name: train_adapter(args.base, args.data, args.out, config)}
         folders = {args.out.name: args.out}
@@ -205,8 +263,10 @@ def _sft(args: argparse.Namespace) -> int:
         logs = train_agents(args.base, args.data_dir, args.out, config)
         folders = {agent: args.out / agent for agent in logs}
     for name, log in logs.items():
-        print(f"{name}: {log['examples']} examples, {log['total_steps']} steps, loss {log['first_loss']:.4f} -> "
-              f"{log['final_loss']:.4f}; adapter in {folders[name]}")
+        print(
+            f"{name}: {log['examples']} examples, {log['total_steps']} steps, loss {log['first_loss']:.4f} -> "
+            f"{log['final_loss']:.4f}; adapter in {folders[name]}"
+        )
     return 0
 
 

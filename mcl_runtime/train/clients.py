@@ -11,6 +11,7 @@
   a replacement, and asks the live client from then on; the protocol is deterministic given the
   answers, so the pipeline walks the recorded prefix again and continues from the replaced step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,8 +60,14 @@ class RoutedClient:
 def _transport_errors() -> tuple[type[BaseException], ...]:
     import openai
 
-    return (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError,
-            openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+    return (
+        openai.APIConnectionError,
+        openai.InternalServerError,
+        openai.RateLimitError,
+        openai.AuthenticationError,
+        openai.PermissionDeniedError,
+        openai.NotFoundError,
+    )
 
 
 class TolerantClient:
@@ -114,5 +121,6 @@ class ReplayClient:
             return ChatReply(self.replacement, 0, 0, "stop")
         if rec.get("error"):
             raise ChatError(rec["error"])
-        return ChatReply(rec["text"], rec.get("prompt_tokens", 0), rec.get("completion_tokens", 0),
-                         rec.get("finish_reason"))
+        return ChatReply(
+            rec["text"], rec.get("prompt_tokens", 0), rec.get("completion_tokens", 0), rec.get("finish_reason")
+        )

@@ -18,6 +18,7 @@ the backend answered it, the answer parsed and was not cut by the token limit; w
 too. The agent files and stats are rebuilt from ``trajectories.jsonl`` at the end of every run, so
 an interrupted run, resumed, writes the same files as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -58,9 +59,15 @@ def trajectory_id(task_id: str, round_: int) -> str:
     return f"{task_id}#{round_}"
 
 
-async def collect(problems: list[Problem], client: ChatClient, out_dir: str | Path, teacher: dict[str, str],
-                  options: CollectOptions | None = None, judge: Judge | None = None,
-                  settings: dict | None = None) -> dict:
+async def collect(
+    problems: list[Problem],
+    client: ChatClient,
+    out_dir: str | Path,
+    teacher: dict[str, str],
+    options: CollectOptions | None = None,
+    judge: Judge | None = None,
+    settings: dict | None = None,
+) -> dict:
     """Collect trajectories into ``out_dir`` (resuming what is there) and return the stats.
 
     ``teacher`` names the teacher of each agent (provenance); ``settings`` are extra entries for
@@ -71,9 +78,11 @@ async def collect(problems: list[Problem], client: ChatClient, out_dir: str | Pa
     if len(set(ids)) != len(ids):
         raise ValueError(f"the problem set repeats task ids: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir / SETTINGS, {**(settings or {}), "mapcoder": asdict(options.mapcoder),
-                                        "teacher": dict(teacher), "rounds": options.rounds},
-                   ("problems", "mapcoder", "teacher"))
+    check_settings(
+        out_dir / SETTINGS,
+        {**(settings or {}), "mapcoder": asdict(options.mapcoder), "teacher": dict(teacher), "rounds": options.rounds},
+        ("problems", "mapcoder", "teacher"),
+    )
     store = out_dir / TRAJECTORIES
     solver = MapCoder(client, judge or Judge(), options.mapcoder)
     errors: list[str] = []
@@ -83,8 +92,9 @@ async def collect(problems: list[Problem], client: ChatClient, out_dir: str | Pa
         async def work(problem: Problem, round_: int = round_) -> dict:
             return await _attempt(solver, problem, round_, teacher)
 
-        errors += await run_all(todo, work, store, options.workers, options.progress,
-                                f"collect round {round_}", lambda p: p.task_id)
+        errors += await run_all(
+            todo, work, store, options.workers, options.progress, f"collect round {round_}", lambda p: p.task_id
+        )
     stats = export(problems, read_records(store), out_dir, options)
     return {**stats, "errors": errors}
 
@@ -93,28 +103,43 @@ def pending(problems: list[Problem], records: list[dict], round_: int) -> list[P
     """The problems round ``round_`` still has to attempt."""
     done = {r["trajectory_id"] for r in records}
     solved_before = {r["task_id"] for r in records if r["passed"] and r["round"] < round_}
-    return [p for p in problems
-            if trajectory_id(p.task_id, round_) not in done and p.task_id not in solved_before]
+    return [p for p in problems if trajectory_id(p.task_id, round_) not in done and p.task_id not in solved_before]
 
 
 async def _attempt(solver: MapCoder, problem: Problem, round_: int, teacher: dict[str, str]) -> dict:
     result = await solve_and_judge(solver, problem)
-    return {"trajectory_id": trajectory_id(problem.task_id, round_), "task_id": problem.task_id,
-            "dataset": problem.dataset, "round": round_, "passed": result.passed, "verdict": result.verdict,
-            "teacher": dict(teacher), "trajectory": result.trajectory.to_dict()}
+    return {
+        "trajectory_id": trajectory_id(problem.task_id, round_),
+        "task_id": problem.task_id,
+        "dataset": problem.dataset,
+        "round": round_,
+        "passed": result.passed,
+        "verdict": result.verdict,
+        "teacher": dict(teacher),
+        "trajectory": result.trajectory.to_dict(),
+    }
 
 
 # ---------------------------------------------------------------- examples and stats
+
 
 def example(record: dict, index: int, source: str, answer: str | None = None, **provenance: str) -> dict:
     """The training example of call ``index`` of a trajectory record (its answer, or ``answer``)."""
     call = record["trajectory"]["calls"][index]
     text = call["text"] if answer is None else answer
-    return {"messages": [*call["messages"], {"role": "assistant", "content": text}],
-            "agent": call["agent"], "step": call["step"], "task_id": record["task_id"],
-            "dataset": record.get("dataset"), "trajectory_id": record["trajectory_id"],
-            "round": record["round"], "call_index": index, "teacher": record["teacher"].get(call["agent"]),
-            "source": source, **provenance}
+    return {
+        "messages": [*call["messages"], {"role": "assistant", "content": text}],
+        "agent": call["agent"],
+        "step": call["step"],
+        "task_id": record["task_id"],
+        "dataset": record.get("dataset"),
+        "trajectory_id": record["trajectory_id"],
+        "round": record["round"],
+        "call_index": index,
+        "teacher": record["teacher"].get(call["agent"]),
+        "source": source,
+        **provenance,
+    }
 
 
 def discard_reason(record: dict, index: int, drop_failed_code: bool = False) -> str | None:
@@ -166,10 +191,15 @@ def export(problems: list[Problem], records: list[dict], out_dir: Path, options:
                 per_agent[call["agent"]]["discarded"][reason] += 1
     for agent, examples in kept.items():
         write_jsonl(agent_file(out_dir, agent), examples)
-    stats = {"problems": len(problems), "rounds": options.rounds, "trajectories": len(records),
-             "passed": sum(r["passed"] for r in records), "failed": sum(not r["passed"] for r in records),
-             "problems_solved": len({r["task_id"] for r in records if r["passed"]}),
-             "pending": sum(len(pending(problems, records, r)) for r in range(options.rounds)),
-             "agents": finish_stats(per_agent)}
+    stats = {
+        "problems": len(problems),
+        "rounds": options.rounds,
+        "trajectories": len(records),
+        "passed": sum(r["passed"] for r in records),
+        "failed": sum(not r["passed"] for r in records),
+        "problems_solved": len({r["task_id"] for r in records if r["passed"]}),
+        "pending": sum(len(pending(problems, records, r)) for r in range(options.rounds)),
+        "agents": finish_stats(per_agent),
+    }
     write_json(out_dir / STATS, stats)
     return stats

@@ -12,13 +12,15 @@ end-of-sequence token. ``input_ids = prompt + answer``, ``labels = [-100] * len(
 This module also holds the JSONL helpers the collectors share: append-only record files that
 survive a kill mid-write (a torn last line is dropped on reading) and atomic rewrites.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mcl_runtime.tokenizer import Tokenizer
 
@@ -29,7 +31,7 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True)
 class EncodedExample:
     input_ids: list[int]
-    labels: list[int]           # IGNORE_INDEX on prompt tokens
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
 
     @property
     def num_target_tokens(self) -> int:
@@ -47,8 +49,9 @@ def check_example(example: Any) -> dict:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.200}")
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"the last message is the target and must be the assistant's, "
-                         f"got role {messages[-1]['role']!r}")
+        raise ValueError(
+            f"the last message is the target and must be the assistant's, got role {messages[-1]['role']!r}"
+        )
     return example
 
 
@@ -74,20 +77,21 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict]) -> EncodedExample
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     if full.startswith(prompt):
-        answer = full[len(prompt):]
+        answer = full[len(prompt) :]
     else:  # a template whose rendering is not prefix-stable: the answer plus the end-of-turn token
         eos = tokenizer.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else ""
         answer = messages[-1]["content"] + (eos or "")
     prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
     ends = [i for i, t in enumerate(answer_ids) if t in tokenizer.eos_token_ids]
     if ends:
-        answer_ids = answer_ids[:ends[0] + 1]
+        answer_ids = answer_ids[: ends[0] + 1]
     if not answer_ids:
         raise ValueError("the assistant's answer renders to no tokens")
     return EncodedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 
 # ---------------------------------------------------------------- record files
+
 
 def read_records(path: Path) -> list[dict]:
     """The records of an append-only JSONL file. A torn last line (no newline yet: a kill

@@ -1,12 +1,14 @@
 """What collection and correction share: the run folder's settings file, and running one coroutine
 per item with N in flight, appending each finished record to an append-only file."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -22,14 +24,23 @@ def check_settings(path: Path, settings: dict, fixed: Sequence[str]) -> None:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         changed = [k for k in fixed if earlier.get(k) != settings.get(k)]
         if changed:
-            raise ValueError(f"{path.parent} was made with other settings ({', '.join(changed)} differ: "
-                             f"{[earlier.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
-                             "use a new output folder")
+            raise ValueError(
+                f"{path.parent} was made with other settings ({', '.join(changed)} differ: "
+                f"{[earlier.get(k) for k in changed]} vs {[settings.get(k) for k in changed]}); "
+                "use a new output folder"
+            )
     write_json(path, settings)
 
 
-async def run_all(items: Sequence[T], work: Callable[[T], Awaitable[dict]], store: Path, workers: int,
-                  progress: bool, desc: str, name: Callable[[T], str]) -> list[str]:
+async def run_all(
+    items: Sequence[T],
+    work: Callable[[T], Awaitable[dict]],
+    store: Path,
+    workers: int,
+    progress: bool,
+    desc: str,
+    name: Callable[[T], str],
+) -> list[str]:
     """``work(item)`` for every item, ``workers`` at a time; each record is appended to ``store``
     as soon as it is done. An item whose work raises is reported and left undone (its error is
     returned), so a later run retries it; ``BaseException`` (an interrupt) stops the run."""

@@ -13,6 +13,7 @@
 - Output folder: the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), the
   JSON training log ``train_log.json`` (config, data counts, loss per step) and ``loss_curve.png``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,9 @@ import itertools
 import math
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class SFTConfig:
     target_modules: tuple[str, ...] = LORA_TARGETS
     lr: float = 2e-4
     epochs: int = 1
-    max_steps: int | None = None        # overrides epochs: the data is cycled until reached
+    max_steps: int | None = None  # overrides epochs: the data is cycled until reached
     batch_size: int = 4
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -56,8 +57,8 @@ class SFTConfig:
     max_length: int = 4096
     seed: int = 0
     gradient_checkpointing: bool = False
-    device: str | None = None           # default: cuda when available, else cpu
-    dtype: str | None = None            # default: bfloat16 on cuda, float32 on cpu
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -71,13 +72,16 @@ class SFTConfig:
             raise ValueError("need lr > 0, alpha > 0, 0 <= dropout < 1 and 0 <= warmup_ratio < 1")
         unknown = set(self.target_modules) - set(LORA_TARGETS)
         if not self.target_modules or unknown:
-            raise ValueError(f"target_modules must be a non-empty subset of {LORA_TARGETS} (the projections "
-                             f"the engine serves); got unknown {sorted(unknown)}")
+            raise ValueError(
+                f"target_modules must be a non-empty subset of {LORA_TARGETS} (the projections "
+                f"the engine serves); got unknown {sorted(unknown)}"
+            )
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 # ---------------------------------------------------------------- data
+
 
 def encode_all(tokenizer: Tokenizer, examples: list[dict], max_length: int) -> tuple[list[EncodedExample], int]:
     """The examples that fit in ``max_length`` tokens, and how many did not."""
@@ -93,8 +97,8 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random
     group = batch_size * BUCKET_BATCHES
     batches = []
     for start in range(0, len(order), group):
-        by_length = sorted(order[start:start + group], key=lambda i: lengths[i])
-        batches += [by_length[j:j + batch_size] for j in range(0, len(by_length), batch_size)]
+        by_length = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [by_length[j : j + batch_size] for j in range(0, len(by_length), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -122,6 +126,7 @@ def collate(examples: list[EncodedExample], pad_id: int, device: torch.device) -
 
 # ---------------------------------------------------------------- model
 
+
 def resolve_device(config: SFTConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.dtype is not None:
@@ -142,8 +147,14 @@ def lora_model(base: Path, config: SFTConfig, device: torch.device, dtype: torch
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora).to(device)
 
 
@@ -158,8 +169,9 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 def answer_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens; the LM head runs on those positions only."""
     inner = model.get_base_model()
-    hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+    hidden = inner.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -168,8 +180,10 @@ def answer_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 # ---------------------------------------------------------------- training
 
-def train_adapter(base: str | Path, data: Sequence[str | Path], out: str | Path,
-                  config: SFTConfig | None = None) -> dict:
+
+def train_adapter(
+    base: str | Path, data: Sequence[str | Path], out: str | Path, config: SFTConfig | None = None
+) -> dict:
     """Train one LoRA adapter on the JSONL files ``data``; write it, its log and loss curve to ``out``."""
     config = config or SFTConfig()
     base, out = resolve_path(base), Path(out)
@@ -179,8 +193,9 @@ def train_adapter(base: str | Path, data: Sequence[str | Path], out: str | Path,
     examples = [e for path in data for e in read_examples(path)]
     encoded, skipped = encode_all(tokenizer, examples, config.max_length)
     if not encoded:
-        raise ValueError(f"no training examples in {[str(p) for p in data]} "
-                         f"({skipped} longer than max_length={config.max_length})")
+        raise ValueError(
+            f"no training examples in {[str(p) for p in data]} ({skipped} longer than max_length={config.max_length})"
+        )
     device, dtype = resolve_device(config)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -191,11 +206,21 @@ def train_adapter(base: str | Path, data: Sequence[str | Path], out: str | Path,
     steps = _optimize(model, encoded, config, total, device, _pad_id(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, save_embedding_layers=False)
-    log = {"base": str(base), "data": [str(p) for p in data], "config": asdict(config), "device": str(device),
-           "dtype": str(dtype).removeprefix("torch."), "examples": len(encoded), "skipped_too_long": skipped,
-           "answer_tokens": sum(e.num_target_tokens for e in encoded), "total_steps": total,
-           "seconds": time.monotonic() - start, "steps": steps,
-           "first_loss": steps[0]["loss"], "final_loss": steps[-1]["loss"]}
+    log = {
+        "base": str(base),
+        "data": [str(p) for p in data],
+        "config": asdict(config),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "examples": len(encoded),
+        "skipped_too_long": skipped,
+        "answer_tokens": sum(e.num_target_tokens for e in encoded),
+        "total_steps": total,
+        "seconds": time.monotonic() - start,
+        "steps": steps,
+        "first_loss": steps[0]["loss"],
+        "final_loss": steps[-1]["loss"],
+    }
     write_json(out / LOG_NAME, log)
     plot_losses(steps, out / PLOT_NAME, f"LoRA r={config.rank} on {base.name}: {out.name}")
     return log
@@ -208,16 +233,25 @@ def _pad_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def _optimize(model: torch.nn.Module, encoded: list[EncodedExample], config: SFTConfig, total: int,
-              device: torch.device, pad_id: int) -> list[dict]:
+def _optimize(
+    model: torch.nn.Module,
+    encoded: list[EncodedExample],
+    config: SFTConfig,
+    total: int,
+    device: torch.device,
+    pad_id: int,
+) -> list[dict]:
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total)
     stream = batch_stream([len(e.input_ids) for e in encoded], config.batch_size, config.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                and next(model.parameters()).dtype == torch.bfloat16 else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+        else contextlib.nullcontext()
+    )
     model.train()
     steps = []
     with tqdm(total=total, disable=not config.progress, desc="sft") as bar:
@@ -230,8 +264,9 @@ def _optimize(model: torch.nn.Module, encoded: list[EncodedExample], config: SFT
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            steps.append({"step": step, "epoch": micro[-1][0], "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": tokens})
+            steps.append(
+                {"step": step, "epoch": micro[-1][0], "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
     model.eval()
@@ -264,8 +299,9 @@ def plot_losses(steps: list[dict], path: Path, title: str) -> None:
     fig.savefig(path)
 
 
-def train_agents(base: str | Path, data_dirs: Sequence[str | Path], out_root: str | Path,
-                 config: SFTConfig | None = None) -> dict[str, dict]:
+def train_agents(
+    base: str | Path, data_dirs: Sequence[str | Path], out_root: str | Path, config: SFTConfig | None = None
+) -> dict[str, dict]:
     """One adapter per agent that has examples in ``<data_dir>/<agent>.jsonl`` (files of several
     folders, e.g. collected and corrected, are concatenated), into ``<out_root>/<agent>/``."""
     logs = {}

@@ -10,6 +10,7 @@ allocates its partial sums when given none), which is what traced code cannot do
 Eager code calls the wrappers directly (it needs no tracing, so it skips the dispatcher's per-call work);
 the Triton backend switches to these ops while dynamo traces.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,17 @@ from .lora import lora_expand, lora_shrink
 
 
 @torch.library.custom_op("mcl::lora_shrink", mutates_args=("out", "partials"))
-def lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                   ranks: torch.Tensor, max_seg_len: int, out: torch.Tensor, split_k: int | None = None,
-                   partials: torch.Tensor | None = None) -> None:
+def lora_shrink_op(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    max_seg_len: int,
+    out: torch.Tensor,
+    split_k: int | None = None,
+    partials: torch.Tensor | None = None,
+) -> None:
     lora_shrink(x, lora_a, seg_starts, seg_slots, ranks, max_seg_len, out=out, split_k=split_k, partials=partials)
 
 
@@ -31,9 +40,17 @@ def _(x, lora_a, seg_starts, seg_slots, ranks, max_seg_len, out, split_k=None, p
 
 
 @torch.library.custom_op("mcl::lora_expand", mutates_args=("y",))
-def lora_expand_op(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor,
-                   seg_slots: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor, slice_offsets: list[int],
-                   max_seg_len: int) -> None:
+def lora_expand_op(
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    y: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scaling: torch.Tensor,
+    slice_offsets: list[int],
+    max_seg_len: int,
+) -> None:
     lora_expand(u, lora_b, y, seg_starts, seg_slots, ranks, scaling, slice_offsets, max_seg_len)
 
 
@@ -43,8 +60,9 @@ def _(u, lora_b, y, seg_starts, seg_slots, ranks, scaling, slice_offsets, max_se
 
 
 @torch.library.custom_op("mcl::store_kv", mutates_args=("k_cache", "v_cache"))
-def store_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
+def store_kv_op(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -54,9 +72,15 @@ def _(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 @torch.library.custom_op("mcl::paged_decode_attention", mutates_args=())
-def paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                              max_context_len: int) -> torch.Tensor:
+def paged_decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int,
+) -> torch.Tensor:
     return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
 
 
@@ -66,9 +90,16 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len) -
 
 
 @torch.library.custom_op("mcl::paged_prefill_attention", mutates_args=())
-def paged_prefill_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                               context_lens: torch.Tensor, scale: float, max_q_len: int) -> torch.Tensor:
+def paged_prefill_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_q_len: int,
+) -> torch.Tensor:
     return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_q_len)
 
 

@@ -10,17 +10,27 @@ Layouts (docs/internals.md, "Model layers and kernels"):
 Padding (rows of A / columns of B beyond a slot's rank) and segments without adapter cost no
 memory traffic: tiles past the rank exit early or are masked, and loop bounds come from ranks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (FLOAT_DTYPES, check_dim, check_dtype, check_same_device, dot_precision,
-                      interpreting, mma, cast, num_sms)
+from ._common import (
+    FLOAT_DTYPES,
+    cast,
+    check_dim,
+    check_dtype,
+    check_same_device,
+    dot_precision,
+    interpreting,
+    mma,
+    num_sms,
+)
 
 
 @triton.jit
@@ -31,8 +41,20 @@ def _segment_tile(seg_starts_ptr, seg_slots_ptr, seg, m_tile, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _shrink_tile(acc, x_rows, a_cols, k0, H, m_mask, r_mask, stride_xh, stride_ah,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+def _shrink_tile(
+    acc,
+    x_rows,
+    a_cols,
+    k0,
+    H,
+    m_mask,
+    r_mask,
+    stride_xh,
+    stride_ah,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < H
     xt = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -42,11 +64,31 @@ def _shrink_tile(acc, x_rows, a_cols, k0, H, m_mask, r_mask, stride_xh, stride_a
 
 @triton.jit(do_not_specialize=["m_tiles", "split_k", "k_per_split"])
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
-    H, R, n_slices, m_tiles, split_k, k_per_split,
-    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_oc, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    seg_starts_ptr,
+    seg_slots_ptr,
+    ranks_ptr,
+    H,
+    R,
+    n_slices,
+    m_tiles,
+    split_k,
+    k_per_split,
+    stride_xt,
+    stride_xh,
+    stride_as,
+    stride_ar,
+    stride_ah,
+    stride_ot,
+    stride_oc,
+    stride_os,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One (segment, row tile, rank tile) per program along axis 0, (slice, K split) along axis 1.
     With split-K, split s writes its partial sum to ``out + s * stride_os`` (reduced in order by
@@ -65,36 +107,73 @@ def _sgmv_shrink_kernel(
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
         m_mask = offs_m < end
-        out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_ot
-                    + (slice_id * R + offs_r)[None, :] * stride_oc)
+        out_ptrs = (
+            out_ptr
+            + split.to(tl.int64) * stride_os
+            + offs_m.to(tl.int64)[:, None] * stride_ot
+            + (slice_id * R + offs_r)[None, :] * stride_oc
+        )
         out_mask = m_mask[:, None] & (offs_r < R)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r_tile * BLOCK_R < rank:
             r_mask = offs_r < rank
             k_lo = split * k_per_split
             x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xt
-            a_cols = (a_ptr + slot.to(tl.int64) * stride_as
-                      + (slice_id * R + offs_r)[None, :] * stride_ar)
+            a_cols = a_ptr + slot.to(tl.int64) * stride_as + (slice_id * R + offs_r)[None, :] * stride_ar
             # The Triton 3.6 interpreter cannot run `range` to a tensor bound: a while loop there.
             if INTERPRET:
                 k = 0
                 while k < k_per_split:
-                    acc = _shrink_tile(acc, x_rows, a_cols, k_lo + k, H, m_mask, r_mask, stride_xh, stride_ah,
-                                       BLOCK_K, PRECISION, INTERPRET)
+                    acc = _shrink_tile(
+                        acc,
+                        x_rows,
+                        a_cols,
+                        k_lo + k,
+                        H,
+                        m_mask,
+                        r_mask,
+                        stride_xh,
+                        stride_ah,
+                        BLOCK_K,
+                        PRECISION,
+                        INTERPRET,
+                    )
                     k += BLOCK_K
             else:
                 for k in range(0, k_per_split, BLOCK_K):
-                    acc = _shrink_tile(acc, x_rows, a_cols, k_lo + k, H, m_mask, r_mask, stride_xh, stride_ah,
-                                       BLOCK_K, PRECISION, INTERPRET)
+                    acc = _shrink_tile(
+                        acc,
+                        x_rows,
+                        a_cols,
+                        k_lo + k,
+                        H,
+                        m_mask,
+                        r_mask,
+                        stride_xh,
+                        stride_ah,
+                        BLOCK_K,
+                        PRECISION,
+                        INTERPRET,
+                    )
         # Columns past the rank are written as zeros, so no buffer ever needs zero-filling.
         tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["m_tiles", "split_k"])
 def _sgmv_split_reduce_kernel(
-    part_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, cols, m_tiles, split_k,
-    stride_ps, stride_pt, stride_ot, stride_oc,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr,
+    out_ptr,
+    seg_starts_ptr,
+    seg_slots_ptr,
+    cols,
+    m_tiles,
+    split_k,
+    stride_ps,
+    stride_pt,
+    stride_ot,
+    stride_oc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """``out = sum_s partials[s]`` in the fixed order s = 0, 1, ... over the rows of segments with
     an adapter (the rows the shrink wrote)."""
@@ -115,8 +194,21 @@ def _sgmv_split_reduce_kernel(
 
 
 @triton.jit
-def _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
-                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+def _expand_tile(
+    acc,
+    u_rows,
+    b_cols,
+    r0,
+    rank,
+    r_pad,
+    m_mask,
+    n_mask,
+    stride_uc,
+    stride_br,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     offs_r = r0 + tl.arange(0, BLOCK_R)
     ut = tl.load(u_rows + offs_r[None, :] * stride_uc, mask=m_mask[:, None] & (offs_r < rank)[None, :], other=0.0)
     bt = tl.load(b_cols + offs_r[:, None] * stride_br, mask=(offs_r < r_pad)[:, None] & n_mask[None, :], other=0.0)
@@ -125,12 +217,32 @@ def _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc
 
 @triton.jit(do_not_specialize=["m_tiles"])
 def _sgmv_expand_kernel(
-    u_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr, scaling_ptr,
-    R, n_slices, m_tiles, n_tiles,
-    stride_ut, stride_uc, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
-    SLICE_OFFSETS: tl.constexpr, N_SLICES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_ALIGNED: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    u_ptr,
+    b_ptr,
+    y_ptr,
+    seg_starts_ptr,
+    seg_slots_ptr,
+    ranks_ptr,
+    scaling_ptr,
+    R,
+    n_slices,
+    m_tiles,
+    n_tiles,
+    stride_ut,
+    stride_uc,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_yt,
+    stride_yn,
+    SLICE_OFFSETS: tl.constexpr,
+    N_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R_ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = pid // (m_tiles * n_tiles)
@@ -164,13 +276,39 @@ def _sgmv_expand_kernel(
             if INTERPRET:  # (see _sgmv_shrink_kernel)
                 r0 = 0
                 while r0 < rank:
-                    acc = _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
-                                       BLOCK_R, PRECISION, INTERPRET)
+                    acc = _expand_tile(
+                        acc,
+                        u_rows,
+                        b_cols,
+                        r0,
+                        rank,
+                        r_pad,
+                        m_mask,
+                        n_mask,
+                        stride_uc,
+                        stride_br,
+                        BLOCK_R,
+                        PRECISION,
+                        INTERPRET,
+                    )
                     r0 += BLOCK_R
             else:
                 for r0 in range(0, rank, BLOCK_R):
-                    acc = _expand_tile(acc, u_rows, b_cols, r0, rank, r_pad, m_mask, n_mask, stride_uc, stride_br,
-                                       BLOCK_R, PRECISION, INTERPRET)
+                    acc = _expand_tile(
+                        acc,
+                        u_rows,
+                        b_cols,
+                        r0,
+                        rank,
+                        r_pad,
+                        m_mask,
+                        n_mask,
+                        stride_uc,
+                        stride_br,
+                        BLOCK_R,
+                        PRECISION,
+                        INTERPRET,
+                    )
             scale = tl.load(scaling_ptr + slot)
             y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yt + offs_n[None, :] * stride_yn
             y_mask = m_mask[:, None] & n_mask[None, :]
@@ -186,8 +324,15 @@ def _block_m(max_seg_len: int) -> int:
     return 64
 
 
-def _check_segments(name: str, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                    ranks: torch.Tensor, num_slots: int, n_slices: int, max_seg_len: int) -> int:
+def _check_segments(
+    name: str,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    num_slots: int,
+    n_slices: int,
+    max_seg_len: int,
+) -> int:
     check_dtype(name, "seg_starts", seg_starts, (torch.int32,))
     check_dtype(name, "seg_slots", seg_slots, (torch.int32,))
     check_dtype(name, "ranks", ranks, (torch.int32,))
@@ -195,11 +340,13 @@ def _check_segments(name: str, seg_starts: torch.Tensor, seg_slots: torch.Tensor
     check_dim(name, "seg_starts", seg_starts, 1)
     nseg = seg_slots.shape[0]
     if seg_starts.shape[0] != nseg + 1:
-        raise ValueError(f"{name}: seg_starts must have len(seg_slots) + 1 = {nseg + 1} entries, "
-                         f"got {seg_starts.shape[0]}")
+        raise ValueError(
+            f"{name}: seg_starts must have len(seg_slots) + 1 = {nseg + 1} entries, got {seg_starts.shape[0]}"
+        )
     if tuple(ranks.shape) != (num_slots, n_slices):
-        raise ValueError(f"{name}: ranks must have shape (S, n_slices) = {(num_slots, n_slices)}, "
-                         f"got {tuple(ranks.shape)}")
+        raise ValueError(
+            f"{name}: ranks must have shape (S, n_slices) = {(num_slots, n_slices)}, got {tuple(ranks.shape)}"
+        )
     if not seg_starts.is_contiguous() or not seg_slots.is_contiguous() or not ranks.is_contiguous():
         raise ValueError(f"{name}: seg_starts, seg_slots and ranks must be contiguous")
     if not isinstance(max_seg_len, int) or max_seg_len < 0:
@@ -218,8 +365,9 @@ class _ShrinkPlan:
     k_per_split: int
 
 
-def _shrink_plan(H: int, R: int, n_slices: int, nseg: int, max_seg_len: int, device: torch.device,
-                 split_k: int | None) -> _ShrinkPlan:
+def _shrink_plan(
+    H: int, R: int, n_slices: int, nseg: int, max_seg_len: int, device: torch.device, split_k: int | None
+) -> _ShrinkPlan:
     block_m = _block_m(max_seg_len)
     block_r = min(64, max(16, triton.next_power_of_2(R)))
     block_k = 64 if block_m == 64 or interpreting() else 128
@@ -232,8 +380,7 @@ def _shrink_plan(H: int, R: int, n_slices: int, nseg: int, max_seg_len: int, dev
         if not interpreting() and programs * n_slices < target:
             split_k = max(1, min(triton.cdiv(target, programs * n_slices), H // (4 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(H, 1), split_k), block_k) * block_k
-    return _ShrinkPlan(block_m, block_r, block_k, m_tiles, programs, triton.cdiv(max(H, 1), k_per_split),
-                       k_per_split)
+    return _ShrinkPlan(block_m, block_r, block_k, m_tiles, programs, triton.cdiv(max(H, 1), k_per_split), k_per_split)
 
 
 def shrink_split_k(x: torch.Tensor, lora_a: torch.Tensor, n_slices: int, nseg: int, max_seg_len: int) -> int:
@@ -244,10 +391,18 @@ def shrink_split_k(x: torch.Tensor, lora_a: torch.Tensor, n_slices: int, nseg: i
     return _shrink_plan(H, lora_a.shape[1] // n_slices, n_slices, nseg, min(max_seg_len, T), x.device, None).split_k
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
-                seg_slots: torch.Tensor, ranks: torch.Tensor, max_seg_len: int,
-                out: torch.Tensor | None = None, *, split_k: int | None = None,
-                partials: torch.Tensor | None = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    max_seg_len: int,
+    out: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+    partials: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SGMV shrink: ``u = x @ A.T`` per segment and slice, in float32.
 
     For each segment i with ``w = seg_slots[i] >= 0`` and each slice j, with ``r = ranks[w, j]``::
@@ -278,8 +433,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
         raise ValueError(f"{name}: ranks must be [S, n_slices], got shape {tuple(ranks.shape)}")
     n_slices = ranks.shape[1]
     if h_a != H or rows % n_slices:
-        raise ValueError(f"{name}: lora_a must be [S, n_slices*R, H] with H={H}, n_slices={n_slices}; "
-                         f"got {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"{name}: lora_a must be [S, n_slices*R, H] with H={H}, n_slices={n_slices}; got {tuple(lora_a.shape)}"
+        )
     R = rows // n_slices
     nseg = _check_segments(name, seg_starts, seg_slots, ranks, S, n_slices, max_seg_len)
     device = check_same_device(name, x, lora_a, seg_starts, seg_slots, ranks)
@@ -303,35 +459,79 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
         _check_f32_buffer(name, "partials", partials, shape)
         target = partials
     _sgmv_shrink_kernel[(plan.programs, n_slices * plan.split_k)](
-        x, lora_a, target, seg_starts, seg_slots, ranks,
-        H, R, n_slices, plan.m_tiles, plan.split_k, plan.k_per_split,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        target.stride(-2), target.stride(-1), target.stride(0) if plan.split_k > 1 else 0,
-        BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
-        PRECISION=dot_precision(x.dtype), INTERPRET=interpreting(),
-        num_warps=4, num_stages=3,
+        x,
+        lora_a,
+        target,
+        seg_starts,
+        seg_slots,
+        ranks,
+        H,
+        R,
+        n_slices,
+        plan.m_tiles,
+        plan.split_k,
+        plan.k_per_split,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        target.stride(-2),
+        target.stride(-1),
+        target.stride(0) if plan.split_k > 1 else 0,
+        BLOCK_M=plan.block_m,
+        BLOCK_R=plan.block_r,
+        BLOCK_K=plan.block_k,
+        PRECISION=dot_precision(x.dtype),
+        INTERPRET=interpreting(),
+        num_warps=4,
+        num_stages=3,
     )
     if plan.split_k > 1:
         cols = n_slices * R
         block_c = min(128, max(16, triton.next_power_of_2(cols)))
         _sgmv_split_reduce_kernel[(nseg * plan.m_tiles, triton.cdiv(cols, block_c))](
-            partials, out, seg_starts, seg_slots, cols, plan.m_tiles, plan.split_k,
-            partials.stride(0), partials.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=plan.block_m, BLOCK_C=block_c, num_warps=4,
+            partials,
+            out,
+            seg_starts,
+            seg_slots,
+            cols,
+            plan.m_tiles,
+            plan.split_k,
+            partials.stride(0),
+            partials.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BLOCK_M=plan.block_m,
+            BLOCK_C=block_c,
+            num_warps=4,
         )
     return out
 
 
 def _check_f32_buffer(name: str, what: str, buf: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if buf.dtype != torch.float32 or tuple(buf.shape) != shape or buf.stride(-1) != 1 \
-            or (buf.dim() == 3 and not buf.is_contiguous()):
-        raise ValueError(f"{name}: {what} must be float32 of shape {shape} with contiguous rows, "
-                         f"got {buf.dtype} {tuple(buf.shape)}")
+    if (
+        buf.dtype != torch.float32
+        or tuple(buf.shape) != shape
+        or buf.stride(-1) != 1
+        or (buf.dim() == 3 and not buf.is_contiguous())
+    ):
+        raise ValueError(
+            f"{name}: {what} must be float32 of shape {shape} with contiguous rows, got {buf.dtype} {tuple(buf.shape)}"
+        )
 
 
-def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor,
-                seg_slots: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor,
-                slice_offsets: Sequence[int], max_seg_len: int) -> None:
+def lora_expand(
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    y: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scaling: torch.Tensor,
+    slice_offsets: Sequence[int],
+    max_seg_len: int,
+) -> None:
     """SGMV expand, added in place into ``y`` (the add into the base layer's output is fused).
 
     For each segment i with ``w = seg_slots[i] >= 0`` and each slice j, with ``r = ranks[w, j]``
@@ -361,16 +561,23 @@ def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_star
     n_slices = ranks.shape[1]
     T = y.shape[0]
     if tuple(y.shape) != (T, N_total) or tuple(u.shape) != (T, n_slices * R):
-        raise ValueError(f"{name}: expected y [T, N_total] = {(T, N_total)} and u [T, n_slices*R] = "
-                         f"{(T, n_slices * R)}, got y {tuple(y.shape)}, u {tuple(u.shape)}")
+        raise ValueError(
+            f"{name}: expected y [T, N_total] = {(T, N_total)} and u [T, n_slices*R] = "
+            f"{(T, n_slices * R)}, got y {tuple(y.shape)}, u {tuple(u.shape)}"
+        )
     if tuple(scaling.shape) != (S,) or not scaling.is_contiguous():
         raise ValueError(f"{name}: scaling must be a contiguous [S] = [{S}] tensor, got {tuple(scaling.shape)}")
     offsets = tuple(slice_offsets)
-    if (len(offsets) != n_slices + 1 or not all(isinstance(o, int) for o in offsets)
-            or offsets[0] < 0 or offsets[-1] > N_total
-            or any(a > b for a, b in zip(offsets, offsets[1:]))):
-        raise ValueError(f"{name}: slice_offsets must be {n_slices + 1} non-decreasing ints in "
-                         f"[0, {N_total}], got {slice_offsets!r}")
+    if (
+        len(offsets) != n_slices + 1
+        or not all(isinstance(o, int) for o in offsets)
+        or offsets[0] < 0
+        or offsets[-1] > N_total
+        or any(a > b for a, b in zip(offsets, offsets[1:]))
+    ):
+        raise ValueError(
+            f"{name}: slice_offsets must be {n_slices + 1} non-decreasing ints in [0, {N_total}], got {slice_offsets!r}"
+        )
     nseg = _check_segments(name, seg_starts, seg_slots, ranks, S, n_slices, max_seg_len)
     check_same_device(name, u, lora_b, y, seg_starts, seg_slots, ranks, scaling)
     max_seg_len = min(max_seg_len, T)
@@ -384,21 +591,50 @@ def lora_expand(u: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor, seg_star
     n_tiles = triton.cdiv(max_n, block_n)
     grid = (nseg * m_tiles * n_tiles, n_slices)
     _sgmv_expand_kernel[grid](
-        u, lora_b, y, seg_starts, seg_slots, ranks, scaling,
-        R, n_slices, m_tiles, n_tiles,
-        u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        y.stride(0), y.stride(1),
-        SLICE_OFFSETS=offsets, N_SLICES=n_slices,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, R_ALIGNED=R % 16 == 0,
-        PRECISION=dot_precision(lora_b.dtype), INTERPRET=interpreting(),
-        num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=2,
+        u,
+        lora_b,
+        y,
+        seg_starts,
+        seg_slots,
+        ranks,
+        scaling,
+        R,
+        n_slices,
+        m_tiles,
+        n_tiles,
+        u.stride(0),
+        u.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        lora_b.stride(2),
+        y.stride(0),
+        y.stride(1),
+        SLICE_OFFSETS=offsets,
+        N_SLICES=n_slices,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=16,
+        R_ALIGNED=R % 16 == 0,
+        PRECISION=dot_precision(lora_b.dtype),
+        INTERPRET=interpreting(),
+        num_warps=4 if block_m * block_n <= 4096 else 8,
+        num_stages=2,
     )
 
 
-def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
-               scaling: torch.Tensor, slice_offsets: Sequence[int], max_seg_len: int,
-               buffer: torch.Tensor | None = None) -> torch.Tensor:
+def lora_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scaling: torch.Tensor,
+    slice_offsets: Sequence[int],
+    max_seg_len: int,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``lora_shrink`` then ``lora_expand``: for each segment i with ``w = seg_slots[i] >= 0``
     and slice j (``r = ranks[w, j]``)::
 

@@ -1,4 +1,5 @@
 """Helpers shared by the Triton kernels: device checks, launch heuristics inputs, the dot wrapper."""
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,8 @@ def check_same_device(name: str, *tensors: torch.Tensor) -> torch.device:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             f"{name}: Triton kernels need CUDA tensors; on CPU use the torch backend "
-            "(mcl_runtime.kernels.reference) or set TRITON_INTERPRET=1 (slow, for tests)")
+            "(mcl_runtime.kernels.reference) or set TRITON_INTERPRET=1 (slow, for tests)"
+        )
     return device
 
 
@@ -42,7 +44,7 @@ def check_dim(name: str, what: str, t: torch.Tensor, ndim: int) -> None:
         raise ValueError(f"{name}: {what} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms_cuda(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -82,8 +84,9 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return x.to(dtype)
 
 
-def compile_for_gpu(kernel, pointer_dtypes: dict[str, str], constexprs: dict, *, arch: int = 90,
-                    num_warps: int = 4, num_stages: int = 2):
+def compile_for_gpu(
+    kernel, pointer_dtypes: dict[str, str], constexprs: dict, *, arch: int = 90, num_warps: int = 4, num_stages: int = 2
+):
     """Compiles a ``@triton.jit`` kernel to a cubin for NVIDIA ``sm_<arch>`` without a GPU (a check
     for CPU-only CI, where the kernels otherwise only run in the interpreter; needs a process
     without ``TRITON_INTERPRET=1``). Argument types follow the kernel's parameter names: names in
@@ -105,5 +108,6 @@ def compile_for_gpu(kernel, pointer_dtypes: dict[str, str], constexprs: dict, *,
         else:
             signature[name] = "fp32" if "scale" in name else "i32"
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )

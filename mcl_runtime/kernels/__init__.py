@@ -7,27 +7,62 @@ embedding of a decoder layer (``rms_norm_cpu``, ``rope_cpu``), of the ``mcl_runt
 Without Triton the package still imports; ``HAS_TRITON`` is then False and calling a Triton kernel
 raises a RuntimeError (the torch references keep working).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .cpu import (HAS_CPU_ATTENTION, HAS_CPU_LAYER_OPS, LoRAWeightsCPU, PagedAttentionCPU, lora_apply_cpu,
-                  paged_attention_cpu, rms_norm_cpu, rope_cpu, use_cpu_layer_ops)
-from .reference import (lora_apply_ref, lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref,
-                        paged_prefill_attention_ref, store_kv_ref)
+from .cpu import (
+    HAS_CPU_ATTENTION,
+    HAS_CPU_LAYER_OPS,
+    LoRAWeightsCPU,
+    PagedAttentionCPU,
+    lora_apply_cpu,
+    paged_attention_cpu,
+    rms_norm_cpu,
+    rope_cpu,
+    use_cpu_layer_ops,
+)
+from .reference import (
+    lora_apply_ref,
+    lora_expand_ref,
+    lora_shrink_ref,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    store_kv_ref,
+)
 
 __all__ = [
-    "HAS_TRITON", "HAS_CPU_ATTENTION", "HAS_CPU_LAYER_OPS", "PagedAttentionCPU", "paged_attention_cpu",
-    "LoRAWeightsCPU", "lora_apply_cpu", "rms_norm_cpu", "rope_cpu", "use_cpu_layer_ops",
-    "lora_shrink", "lora_expand", "lora_apply", "shrink_split_k",
-    "paged_decode_attention", "paged_prefill_attention", "store_kv",
-    "lora_shrink_ref", "lora_expand_ref", "lora_apply_ref",
-    "paged_decode_attention_ref", "paged_prefill_attention_ref", "store_kv_ref",
+    "HAS_TRITON",
+    "HAS_CPU_ATTENTION",
+    "HAS_CPU_LAYER_OPS",
+    "PagedAttentionCPU",
+    "paged_attention_cpu",
+    "LoRAWeightsCPU",
+    "lora_apply_cpu",
+    "rms_norm_cpu",
+    "rope_cpu",
+    "use_cpu_layer_ops",
+    "lora_shrink",
+    "lora_expand",
+    "lora_apply",
+    "shrink_split_k",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "store_kv",
+    "lora_shrink_ref",
+    "lora_expand_ref",
+    "lora_apply_ref",
+    "paged_decode_attention_ref",
+    "paged_prefill_attention_ref",
+    "store_kv_ref",
 ]
 
 try:
     from .attention import paged_decode_attention, paged_prefill_attention, store_kv
     from .lora import lora_apply, lora_expand, lora_shrink, shrink_split_k
+
     HAS_TRITON = True
 except ImportError as _exc:
     if not (_exc.name or "").startswith("triton"):
@@ -37,8 +72,11 @@ except ImportError as _exc:
 
     def _missing(fn_name: str) -> Callable[..., Any]:
         def fn(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError(f"mcl_runtime.kernels.{fn_name} needs Triton, which could not be imported "
-                               f"({_IMPORT_ERROR}); install triton or use the torch backend")
+            raise RuntimeError(
+                f"mcl_runtime.kernels.{fn_name} needs Triton, which could not be imported "
+                f"({_IMPORT_ERROR}); install triton or use the torch backend"
+            )
+
         fn.__name__ = fn_name
         return fn
 

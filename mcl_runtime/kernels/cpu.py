@@ -4,6 +4,7 @@ context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cp
 elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm and
 the rotary embedding in place. Each tensor reaches C++ as its DLPack capsule (``to_dlpack``, about
 0.5 us), which checks devices, dtypes, shapes and strides itself."""
+
 from __future__ import annotations
 
 import warnings
@@ -17,10 +18,14 @@ from mcl_runtime.extension import EXT
 
 _CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 2
 if EXT is not None and not _CURRENT:
-    warnings.warn("mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
-                  "using torch's ops on the CPU. Rebuild with `pip install -e .`", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        "mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
+        "using torch's ops on the CPU. Rebuild with `pip install -e .`",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
-HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")   # lora_apply_cpu, rms_norm_cpu, rope_cpu
+HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")  # lora_apply_cpu, rms_norm_cpu, rope_cpu
 
 
 def use_cpu_layer_ops(t: torch.Tensor) -> bool:
@@ -47,33 +52,61 @@ class PagedAttentionCPU:
     OpenMP, on threads of its own). Bad arguments raise ValueError / TypeError.
     """
 
-    def __init__(self, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                 block_size: int) -> None:
+    def __init__(
+        self, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_size: int
+    ) -> None:
         if not HAS_CPU_ATTENTION:
-            raise RuntimeError("paged_attention_cpu needs the C++ extension mcl_runtime._C (built by "
-                               "`pip install -e .`; MCL_NO_EXT=1 disables it)")
-        self._plan = EXT.PagedAttentionPlan(to_dlpack(block_tables), to_dlpack(context_lens), to_dlpack(cu_seqlens_q),
-                                            int(block_size))
+            raise RuntimeError(
+                "paged_attention_cpu needs the C++ extension mcl_runtime._C (built by "
+                "`pip install -e .`; MCL_NO_EXT=1 disables it)"
+            )
+        self._plan = EXT.PagedAttentionPlan(
+            to_dlpack(block_tables), to_dlpack(context_lens), to_dlpack(cu_seqlens_q), int(block_size)
+        )
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
-                 out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        *,
+        out: torch.Tensor | None = None,
+        num_threads: int = 1,
+    ) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
         self._plan.run(to_dlpack(out), to_dlpack(q), to_dlpack(k_cache), to_dlpack(v_cache), float(scale), num_threads)
         return out
 
 
-def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                        scale: float, *, out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_threads: int = 1,
+) -> torch.Tensor:
     """One call of ``PagedAttentionCPU`` (which see): the metadata checked and applied once."""
     plan = PagedAttentionCPU(block_tables, cu_seqlens_q, context_lens, k_cache.shape[1] if k_cache.dim() == 4 else 0)
     return plan(q, k_cache, v_cache, scale, out=out, num_threads=num_threads)
 
 
 @torch.library.custom_op("mcl::paged_attention_cpu", mutates_args=())
-def paged_attention_cpu_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_attention_cpu_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """``paged_attention_cpu`` as an opaque op of a ``torch.compile`` graph (the compiled decode);
     returns a new contiguous ``[T, Hq, D]``."""
     return paged_attention_cpu(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
@@ -84,8 +117,9 @@ def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> t
     return q.new_empty(q.shape)
 
 
-def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row of ``x [T, N]``: ``weight * (h / sqrt(mean(h^2) + eps))`` with ``h = x``, or with
     ``residual [T, N]`` ``h = x + residual``, which is also written into ``residual`` (in place: the
     layer's new residual). Statistics in float32; in float16/bfloat16, ``h`` and the normalised row
@@ -93,8 +127,13 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
     throughout, unit stride along N. Returns a new ``[T, N]``."""
     out = torch.empty_like(x)
     if x.numel():
-        EXT.rms_norm(to_dlpack(out), to_dlpack(x), None if residual is None else to_dlpack(residual), to_dlpack(weight),
-                     float(eps))
+        EXT.rms_norm(
+            to_dlpack(out),
+            to_dlpack(x),
+            None if residual is None else to_dlpack(residual),
+            to_dlpack(weight),
+            float(eps),
+        )
     return out
 
 
@@ -114,8 +153,14 @@ class LoRAWeightsCPU:
     int32, the slices' output offsets. The capsules follow the tensors' contents (``set_slot``
     writes in place); ``matches`` says whether they are still these tensors."""
 
-    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
-                 slice_offsets: Sequence[int]) -> None:
+    def __init__(
+        self,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: torch.Tensor,
+        ranks: torch.Tensor,
+        slice_offsets: Sequence[int],
+    ) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
         self.args = tuple(to_dlpack(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
 
@@ -124,8 +169,14 @@ class LoRAWeightsCPU:
         return mine[0] is lora_a and mine[1] is lora_b and mine[2] is scaling and mine[3] is ranks
 
 
-def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, weights: LoRAWeightsCPU, seg_starts: np.ndarray,
-                   seg_slots: np.ndarray, num_threads: int = 1) -> torch.Tensor:
+def lora_apply_cpu(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: LoRAWeightsCPU,
+    seg_starts: np.ndarray,
+    seg_slots: np.ndarray,
+    num_threads: int = 1,
+) -> torch.Tensor:
     """``lora_apply``'s semantics on CPU tensors, every segment in one call: for segment i (tokens
     ``s[i]:s[i+1]``, slot ``w = seg_slots[i]``, -1 = no adapter) and slice j (rank ``r = ranks[w, j]``)
     ``y[s[i]:s[i+1], off_j:off_{j+1}] += scaling[w] * x[..] @ A[w, jR:jR+r].T @ B[w, off_j:off_{j+1}, :r].T``
