@@ -2,7 +2,11 @@
 
 
 class MCLError(Exception):
-    """Base class of the runtime's errors."""
+    """Base class of the runtime's errors. ``param``: the request field at fault, when one is."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(MCLError, ValueError):
@@ -16,9 +20,15 @@ class InvalidRequestError(MCLError, ValueError):
 class ContextLengthError(InvalidRequestError):
     """A prompt does not fit in the model's context (with room for one generated token)."""
 
+    def __init__(self, message: str = "", param: str | None = "prompt") -> None:
+        super().__init__(message, param)
+
 
 class AdapterNotFoundError(InvalidRequestError):
     """A request or call names an adapter that is not loaded."""
+
+    def __init__(self, message: str = "", param: str | None = "model") -> None:
+        super().__init__(message, param)
 
 
 class AdapterLoadError(MCLError, ValueError):

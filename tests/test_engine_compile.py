@@ -11,7 +11,7 @@ from tiny_models import hf_generate
 from torch._dynamo.utils import counters
 
 from mcl_runtime import Engine, SamplingParams
-from mcl_runtime.engine.model_runner import ModelRunner, batch_buckets
+from mcl_runtime.engine.model_runner import batch_buckets
 
 MAX_NEW = 10
 LENGTHS = [5, 17, 9, 3, 12]  # 5 sequences: decode steps pad to the bucket of 8
@@ -30,10 +30,11 @@ def family(request, qwen_family, llama_family):
 
 
 @pytest.fixture
-def aot_eager(monkeypatch):
-    monkeypatch.setattr(ModelRunner, "COMPILE_BACKEND", "aot_eager")
+def aot_eager():
+    """Engines made with ``compile=True`` trace with aot_eager: the same graph, no generated code."""
     torch._dynamo.reset()
     counters.clear()
+    return {"compile_backend": "aot_eager"}
 
 
 def _generate(engine: Engine, prompts, names) -> list[list[int]]:
@@ -67,7 +68,7 @@ def test_compiled_decode_matches_hf(family, aot_eager, knobs):
     name, base, adapters = family
     prompts = _prompts()
     ref = hf_generate(base, adapters, prompts, NAMES[name], MAX_NEW)
-    engine = _engine(base, adapters, compile=True, max_num_seqs=8, **knobs)
+    engine = _engine(base, adapters, compile=True, max_num_seqs=8, **knobs, **aot_eager)
     assert _generate(engine, prompts, NAMES[name]) == [list(r) for r in ref]
     assert not counters["graph_break"]
     graphs = counters["stats"]["unique_graphs"]
@@ -81,7 +82,7 @@ def test_bucket_padding_never_changes_a_token(qwen_family, aot_eager):
     base, adapters = qwen_family
     prompts, names = _prompts(), NAMES["qwen2"]
     eager = _generate(_engine(base, adapters, max_num_seqs=8), prompts, names)
-    engine = _engine(base, adapters, compile=True, max_num_seqs=8)
+    engine = _engine(base, adapters, compile=True, max_num_seqs=8, **aot_eager)
     outs = engine.generate(
         prompts, [SamplingParams(max_tokens=MAX_NEW - i, ignore_eos=True) for i in range(5)], adapter=names
     )
@@ -107,7 +108,7 @@ def test_compiled_triton_backend_is_one_graph(qwen_family, aot_eager):
     base, adapters = qwen_family
     prompts, names = _prompts()[:3], NAMES["qwen2"][:3]
     ref = hf_generate(base, adapters, prompts, names, 4)
-    engine = _engine(base, adapters, compile=True, backend="triton", max_num_seqs=4)
+    engine = _engine(base, adapters, compile=True, backend="triton", max_num_seqs=4, **aot_eager)
     outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), adapter=names)
     assert [o.token_ids for o in outs] == [list(r) for r in ref]
     assert not counters["graph_break"]

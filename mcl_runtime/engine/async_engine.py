@@ -105,7 +105,8 @@ class AsyncEngine:
         adapter: str | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request; the first iteration raises if the request is invalid.
+        """Outputs of one request as ``params.output_kind`` asks (cumulative by default, text built
+        incrementally); the first iteration raises if the request is invalid.
         Closing or cancelling the iterator aborts the request and frees its KV blocks."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
@@ -114,7 +115,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
 
         def add() -> None:
-            self.engine.add_request(rid, prompt, params, adapter, stream=True)
+            stream = params is None or params.output_kind != "final_only"
+            self.engine.add_request(rid, prompt, params, adapter, stream=stream)
             self._streams[rid] = (loop, q)
 
         finished = False

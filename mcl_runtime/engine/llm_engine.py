@@ -1,4 +1,11 @@
-"""The engine: requests in, one batched step at a time, outputs out. Knows no HTTP and no agents."""
+"""The engine: requests in, one batched step at a time, outputs out. Knows no HTTP and no agents.
+
+``add_request`` validates a request (every check a request gets is made here, once) and hands it
+to the scheduler, which owns it from then on. ``step`` is schedule -> run -> postprocess: the
+scheduler picks the step's work, the model runner launches the forward pass and the sampling, and
+the scheduler records the sampled tokens. With ``overlap`` the step launched now is postprocessed
+by the next ``step`` call, after that one has launched its own (one step of lag; the same tokens).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +25,9 @@ from mcl_runtime.engine.block_manager import BlockManager
 from mcl_runtime.engine.model_runner import ModelRunner, SampledTokens
 from mcl_runtime.engine.outputs import TextStream, request_outputs
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
-from mcl_runtime.engine.scheduler import ScheduledBatch, Scheduler
-from mcl_runtime.engine.seq_table import FINISH_REASONS, STOPPED, SequenceTable
-from mcl_runtime.engine.sequence import PENDING, Request, Sequence
+from mcl_runtime.engine.scheduler import Scheduler
+from mcl_runtime.engine.seq_table import SequenceTable
+from mcl_runtime.engine.sequence import Request, Sequence
 from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import make_backend
@@ -35,10 +42,14 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_KV_CACHE_BYTES = 256 << 20
+# A text prompt longer than this many characters per context token is first measured by a prefix
+# of that length, so that a huge prompt is refused without tokenizing all of it.
+_PREFIX_CHARS_PER_TOKEN = 8
+_PREFIX_SLACK = 64  # tokens a cut in mid-word may add
 
 
 class Engine:
-    """Multi-LoRA generation over a shared paged KV cache. See docs/internals.md for the API."""
+    """Multi-LoRA generation over a shared paged KV cache. See docs/architecture.md."""
 
     def __init__(
         self,
@@ -61,8 +72,11 @@ class Engine:
         revision: str | None = None,
         overlap: bool | None = None,
         compile: bool = False,
+        compile_backend: str = "inductor",
         cuda_graphs: bool | None = None,
     ) -> None:
+        """``compile_backend``: torch.compile's backend for ``compile=True`` ("aot_eager" traces the
+        same graph without generating code)."""
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,19 +126,20 @@ class Engine:
             self.backend,
             self.kv_cache,
             self.block_manager,
+            self.table,
             self.adapter_manager.slot_ranks,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len,
             compile=compile,
+            compile_backend=compile_backend,
             cuda_graphs=cuda_graphs,
         )
         self._grammars = None  # structured.Grammars, built with the first constrained request
-        # Launch step N + 1 before processing step N's tokens (one step of lag; same tokens), except
+        # Launch step N + 1 before postprocessing step N (one step of lag; same tokens), except
         # after a step that forks or masks a constrained row (see step()).
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._inflight: SampledTokens | None = None
-        self._requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._stats = {
@@ -178,25 +193,70 @@ class Engine:
         return self._grammars
 
     # ---- requests ----------------------------------------------------------------------------
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt; a text far beyond the context is refused from a prefix,
+        without tokenizing all of it (``add_request`` checks the exact length). Safe to call from
+        any thread."""
+        if not isinstance(text, str):
+            raise InvalidRequestError("a prompt is a string or a list of token ids", param="prompt")
+        cut = _PREFIX_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) > cut and len(self.tokenizer.encode(text[:cut])) > self.max_model_len + _PREFIX_SLACK:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has more."
+            )
+        return self.tokenizer.encode(text)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenize(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             if ids and not 0 <= min(ids) <= max(ids) < self.model.config.vocab_size:
-                raise InvalidRequestError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {self.model.config.vocab_size})", param="prompt"
+                )
         else:
-            raise InvalidRequestError("a prompt is a string or a list of token ids")
+            raise InvalidRequestError("a prompt is a string or a list of token ids", param="prompt")
         if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        capacity = self.block_manager.num_blocks * self.block_size
-        if len(ids) >= min(self.max_model_len, capacity):
-            limit = min(self.max_model_len, capacity)
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        limit = min(self.max_model_len, self.block_manager.num_blocks * self.block_size)
+        if len(ids) >= limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
                 f"{len(ids)} tokens (it needs room for at least one generated token)"
             )
         return ids
+
+    def _request(
+        self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None, adapter: str | None
+    ) -> Request:
+        """The validated request: every check a request gets is made here."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequestError(
+                f"n={params.n} completions exceed max_num_seqs={self.scheduler.max_num_seqs}, "
+                "the sequences one step can hold",
+                param="n",
+            )
+        if params.max_tokens is not None and params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens ({params.max_tokens}) exceeds the model's context length ({self.max_model_len} tokens)",
+                param="max_tokens",
+            )
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        uid = 0 if adapter is None else self.adapter_manager.uid(adapter)
+        ids = self._prompt_ids(prompt)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.seed is None:
+            seeds = [int(s) for s in self._rng.integers(0, 2**63, size=params.n)]
+        else:
+            seeds = [(params.seed * 0x9E3779B97F4A7C15 + i) % 2**64 for i in range(params.n)]
+        return Request(request_id, ids, params, adapter, uid, max_tokens, seeds)
 
     def add_request(
         self,
@@ -206,173 +266,68 @@ class Engine:
         adapter: str | None = None,
         stream: bool = False,
     ) -> str:
-        """Queue a request; raises ``InvalidRequestError``/``AdapterNotFoundError`` for bad input.
-        ``stream=True``: its text is built every step (incrementally), for a reader of every output."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params must be a SamplingParams")
-        if params.n > self.scheduler.max_num_seqs:
-            raise InvalidRequestError(
-                f"n={params.n} completions exceed max_num_seqs={self.scheduler.max_num_seqs}, "
-                "the sequences one step can hold"
-            )
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        uid = 0 if adapter is None else self.adapter_manager.uid(adapter)
-        ids = self._tokenize(prompt)
+        """Queue a request; raises ``InvalidRequestError`` (``ContextLengthError``,
+        ``AdapterNotFoundError``) for bad input. ``stream=True``: its text is built every step
+        (incrementally), for a reader of every output; ``output_kind="delta"`` implies it."""
+        req = self._request(request_id, prompt, params, adapter)
+        params = req.params
         matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        if params.seed is None:
-            seeds = [int(s) for s in self._rng.integers(0, 2**63, size=params.n)]
-        else:
-            seeds = [(params.seed * 0x9E3779B97F4A7C15 + i) % 2**64 for i in range(params.n)]
-        req = Request(request_id, ids, params, adapter, uid, max_tokens, seeds, stream)
-        detok = stream or bool(params.stop_strings)
-        seq = self.scheduler.add(req, detok, matcher)
-        if detok:
-            seq.text = TextStream(self.tokenizer, ids, params.stop_strings)
-        self._requests[request_id] = req
+        detok = stream or params.output_kind == "delta" or bool(params.stop_strings)
+        text = TextStream(self.tokenizer, req.prompt_token_ids, params.stop_strings) if detok else None
+        self.scheduler.add(req, text, matcher)
         self._stats["requests_total"] += 1
-        self._stats["prompt_tokens_total"] += len(ids)
+        self._stats["prompt_tokens_total"] += req.num_prompt_tokens
         key = adapter or self.model_name
         self.requests_per_adapter[key] = self.requests_per_adapter.get(key, 0) + 1
-        return request_id
+        return req.request_id
 
     def abort_request(self, request_id: str) -> None:
-        req = self._requests.pop(str(request_id), None)
-        if req is None:
-            return
-        for seq in req.seqs:
-            self.scheduler.finish(seq, "abort")
+        self.scheduler.abort(str(request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or self._inflight is not None
+        return bool(self.scheduler.requests) or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Schedule and launch a step, then process the tokens of the step before it (overlap) or
-        of this one; returns the requests that progressed (cheap snapshots, text built when read),
-        or with ``finished_only`` only those that ended (what ``generate`` reads).
+        """Schedule and launch a step, then postprocess the step before it (overlap) or this one;
+        returns the outputs of the requests that progressed (cheap snapshots, text built when
+        read), or with ``finished_only`` only of those that ended (what ``generate`` reads).
 
         A step that forks (its sequences multiply) or that masks a constrained row (the next mask
-        depends on the token its matcher accepts) is processed at once, before the next step is
-        scheduled: such a step is synchronous, whatever ``overlap`` says. Unconstrained steps overlap."""
+        depends on the token its matcher accepts) is postprocessed at once, before the next step is
+        scheduled: such a step is synchronous, whatever ``overlap`` says."""
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if batch.seqs else None
+        launched = None
+        if batch.num_seqs:
+            prev = self._inflight.tokens if self._inflight is not None else None
+            launched = self.runner.run(batch, prev)
+            self._count(batch)
         previous, self._inflight = self._inflight, launched
-        outs = self._process(previous, finished_only) if previous is not None else []
+        done = [previous] if previous is not None else []
         if launched is not None and (not self.overlap or batch.forks or launched.constrained):
+            done.append(launched)
             self._inflight = None
-            outs += self._process(launched, finished_only)
-        if not self._requests:  # whatever is still in flight belongs to ended requests
+        progressed: list[Sequence] = list(batch.finished)
+        for sampled in done:
+            seqs = self.scheduler.postprocess(sampled.rows, sampled.seq_ids, sampled.counts, sampled.host())
+            self._stats["generation_tokens_total"] += len(seqs)
+            progressed += seqs
+        if not self.scheduler.requests:  # whatever is still in flight belongs to ended requests
             self._inflight = None
-        if launched is None and previous is None:
-            return self._unstick()
-        return outs
-
-    def _launch(self, batch: ScheduledBatch) -> SampledTokens:
-        self._stats["steps"] += 1
-        self._stats["batched_tokens_total"] += batch.num_tokens
-        self._stats["batched_seqs_total"] += len(batch.seqs)
-        self._stats["max_batch_size_seen"] = max(self._stats["max_batch_size_seen"], len(batch.seqs))
-        prev = self._inflight.tokens if self._inflight is not None else None
-        sampled = self.runner.run(batch, prev)
-        num_new = sampled.num_new
-        if len(sampled.seqs) < len(batch.seqs):  # mid-prefill chunks sample nothing
-            for seq, n in zip(batch.seqs, batch.num_new):
-                seq.num_computed += n
-            num_new = itertools.repeat(0)
-        positions = sampled.positions
-        for k, n, seq in zip((np.cumsum(sampled.counts) - sampled.counts).tolist(), num_new, sampled.seqs):
-            seq.num_computed += n
-            ids = seq.token_ids
-            positions.append(len(ids))
-            ids.append(PENDING)
-            seq.pending_row = k
-        self.table.num_sampled[sampled.rows] += 1
-        return sampled
-
-    def _process(self, sampled: SampledTokens, finished_only: bool = False) -> list[RequestOutput]:
-        """Record a launched step's tokens: values, finish checks (vectorised), grammar matchers and
-        text only for the rows that have them."""
-        tokens = sampled.host()
-        seqs, positions, rows = sampled.seqs, sampled.positions, sampled.rows
-        seq_ids = sampled.seq_ids
-        if len(tokens) > len(seqs):
-            seqs, positions = self._fork(sampled)
-            rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-            seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
-        live = self.table.seq_id[rows] == seq_ids  # a sequence that ended after the launch freed its row
-        if not live.all():
-            keep = np.flatnonzero(live).tolist()
-            seqs, positions, tokens, rows = (
-                [seqs[i] for i in keep],
-                [positions[i] for i in keep],
-                tokens[keep],
-                rows[keep],
-            )
-        if not seqs:
-            return []
-        values = tokens.tolist()
-        for seq, p, t in zip(seqs, positions, values):
-            seq.token_ids[p] = t
-        codes = self.table.record(rows, tokens)
-        for i in np.flatnonzero(self.table.constrained[rows]).tolist():
-            if self._grammars.accept(seqs[i].matcher, values[i]):  # the grammar is complete (or rejected the token)
-                codes[i] = STOPPED
-        for i in np.flatnonzero(self.table.detok[rows]).tolist():
-            if seqs[i].text.add(values[i]):
-                codes[i] = STOPPED
-        self._stats["generation_tokens_total"] += len(seqs)
-        ended = np.flatnonzero(codes).tolist()
-        for i in ended:
-            seq = seqs[i]
-            del seq.token_ids[positions[i] + 1 :]  # a token launched after the end is dropped
-            if seq.text is not None:
-                seq.text.finish()
-            self._finish(seq, FINISH_REASONS[int(codes[i])])
         if finished_only:
-            reqs = dict.fromkeys(req for req in (seqs[i].request for i in ended) if req.finished)
-        elif (self.table.n[rows] > 1).any():  # a request's completions share its output
-            reqs = dict.fromkeys(s.request for s in seqs)
+            reqs: Iterable[Request] = dict.fromkeys(s.request for s in progressed if s.request.finished)
+        elif len(progressed) > 1:  # a request's completions share its output
+            reqs = dict.fromkeys(s.request for s in progressed)
         else:
-            reqs = [s.request for s in seqs]
-        return self._outputs(reqs)
-
-    def _fork(self, sampled: SampledTokens) -> tuple[list[Sequence], list[int]]:
-        """Sequences and token positions of each sample; a request's n first samples fork it."""
-        seqs, positions = [], []
-        for seq, p, c in zip(sampled.seqs, sampled.positions, sampled.counts.tolist()):
-            positions += [p] * c
-            if c == 1 or seq.finished:
-                seqs += [seq] * c
-                continue
-            children = self.scheduler.fork(seq)
-            if seq.text is not None:
-                for child in children:
-                    child.text = TextStream(self.tokenizer, seq.request.prompt_token_ids, seq.text.stops)
-            seqs += [seq] + children
-        return seqs, positions
-
-    def _outputs(self, reqs: Iterable[Request]) -> list[RequestOutput]:
+            reqs = [s.request for s in progressed]
         return request_outputs(reqs, self.tokenizer)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        if seq.request.finished:
-            self._requests.pop(seq.request.request_id, None)
-
-    def _unstick(self) -> list[RequestOutput]:
-        """Nothing could be scheduled although work waits: the head sequence needs more KV blocks
-        than the whole cache holds. It ends with finish_reason "length"."""
-        if not self.scheduler.waiting:
-            return []
-        seq = self.scheduler.waiting[0]
-        if seq.text is not None:
-            seq.text.finish()
-        self._finish(seq, "length")
-        return self._outputs([seq.request])
+    def _count(self, batch) -> None:
+        stats = self._stats
+        stats["steps"] += 1
+        stats["batched_tokens_total"] += batch.num_tokens
+        stats["batched_seqs_total"] += batch.num_seqs
+        stats["max_batch_size_seen"] = max(stats["max_batch_size_seen"], batch.num_seqs)
 
     # ---- batch API -----------------------------------------------------------------------------
     def generate(
@@ -402,10 +357,9 @@ class Engine:
         try:
             while len(results) < n:
                 for out in self.step(finished_only=True):
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar:
-                            bar.update(1)
+                    results[out.request_id] = out
+                    if bar:
+                        bar.update(1)
         except BaseException:
             for rid in ids:
                 self.abort_request(rid)
@@ -416,16 +370,16 @@ class Engine:
         return [results[rid] for rid in ids]
 
     def stats(self) -> dict:
-        bm = self.block_manager
+        bm, scheduler = self.block_manager, self.scheduler
         return {
             **self._stats,
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_free": bm.num_free_blocks,
             "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-            "prefix_cache_hit_tokens": self.scheduler.num_cached_tokens,
-            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": scheduler.num_cached_tokens,
+            "num_preemptions": scheduler.num_preemptions,
             "adapter_slot_loads": self.adapter_manager.num_slot_loads,
             "requests_per_adapter": dict(self.requests_per_adapter),
         }

@@ -1,10 +1,12 @@
 """One forward pass per step over every scheduled token, then sampling.
 
-The batch is ordered decodes first, then prefill chunks, each group sorted by adapter slot, so
-adapters form contiguous segments. All metadata is built once on the host (block tables and slot
-mapping in the C++ block manager), written into persistent buffers, moved to the device in one
-copy, and shared by every layer; the only device-to-host transfer of a step is the sampled token ids,
-which ``run`` does not wait for (so the engine can launch the next step first).
+The scheduler hands over the batch in the forward's order (decodes, then prefill chunks, by adapter
+slot within each, so adapters form contiguous segments) with its input token ids; the runner reads
+the block manager's metadata for it and the table's sampling parameters, nothing of a request. All
+metadata is built once on the host (block tables and slot mapping in the C++ block manager), written
+into persistent buffers, moved to the device in one copy, and shared by every layer; the only
+device-to-host transfer of a step is the sampled token ids, which ``run`` does not wait for (so the
+engine can launch the next step first).
 
 Decode-only steps can run *static*: padded to a batch-size bucket (1, 2, 4, 8, ..., max_num_seqs)
 with every shape fixed by the bucket, so that one compiled graph (``compile=True``) or one captured
@@ -24,7 +26,6 @@ from mcl_runtime.engine.cuda_graphs import DecodeGraphs
 from mcl_runtime.engine.sampler import Penalties, SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.seq_table import SequenceTable
-from mcl_runtime.engine.sequence import PENDING, Sequence
 from mcl_runtime.engine.step_buffers import StepBuffers, metadata_fields, sampling_fields
 from mcl_runtime.model.backends import AttentionMeta, Backend, ForwardContext, LoRAMeta, lora_segments
 from mcl_runtime.model.decoder import DecoderLM
@@ -37,28 +38,30 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager": same tracing, no C++ code generation
-
     def __init__(
         self,
         model: DecoderLM,
         backend: Backend,
         kv_cache: torch.Tensor,
         block_manager,
+        table: SequenceTable,
         slot_ranks: np.ndarray,
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
         compile: bool = False,
+        compile_backend: str = "inductor",
         cuda_graphs: bool = False,
     ) -> None:
-        """``kv_cache`` has one block more than the block manager: the scratch block of padded rows."""
+        """``kv_cache`` has one block more than the block manager: the scratch block of padded rows.
+        ``table`` (the scheduler's) is read for the sampling parameters of the step's rows."""
         self.model = model
         self.backend = backend
         self.kv_cache = kv_cache
         self.kv_caches = [(layer[0], layer[1]) for layer in kv_cache]  # views, made once: not per layer and step
         self.bm = block_manager
+        self.table = table
         self.slot_ranks = slot_ranks  # largest rank of the adapter in each slot (kept by the adapter manager)
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
@@ -74,10 +77,16 @@ class ModelRunner:
         self.scratch_block = kv_cache.shape[2] - 1
         self.forward = self.model
         if compile:
-            # One specialisation per bucket of the same forward: allow that many before dynamo gives up.
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets))
-            self.forward = torch.compile(self.model, backend=self.COMPILE_BACKEND, fullgraph=True, dynamic=False)
+            compiled = torch.compile(self.model, backend=compile_backend, fullgraph=True, dynamic=False)
+            # One specialisation per bucket of the same forward: dynamo's recompile limit is raised
+            # for these calls only (its config is process-wide).
+            limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets))
+
+            def forward(*args):
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return compiled(*args)
+
+            self.forward = forward
         self.graphs = DecodeGraphs(self._static_forward) if cuda_graphs else None
         self.grammar = None  # a structured.GrammarMasker once a constrained request arrives
         self._segments: tuple[tuple[bytes, bytes], tuple] | None = None  # the last step's LoRA segments, by key
@@ -103,34 +112,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, prev: torch.Tensor | None = None) -> SampledTokens:
         """Launch the step: forward, then sampling for the sequences with ``batch.samples > 0``.
-        ``PENDING`` input tokens are taken from ``prev`` (the last step's ``SampledTokens.tokens``)
-        at each sequence's ``pending_row``. Nothing waits for the device."""
-        # decodes | prefills without cached context | prefills with cached context; by slot within each
-        num_new = np.array(batch.num_new, dtype=np.int64)
-        kinds = (num_new != 1).astype(np.int64)
-        for i in np.flatnonzero(kinds).tolist():
-            kinds[i] += batch.seqs[i].num_computed > 0
-        slots = np.array(batch.slots, dtype=np.int64)
-        order = np.lexsort((slots, kinds))
-        seqs = [batch.seqs[i] for i in order.tolist()]
-        rows = np.array(batch.rows, dtype=np.int64)[order]
+        In-flight input tokens are taken from ``prev`` (the last step's ``SampledTokens.tokens``).
+        Nothing waits for the device."""
         self._copy_blocks()
-        bucket = self._bucket(num_new)
-        first_tokens = np.array(batch.first_tokens, dtype=np.int64)[order]
-        cu, ctx, input_ids, positions, num_pending = self._prepare(
-            seqs,
-            batch.table.seq_id[rows],
-            num_new[order],
-            slots[order],
-            first_tokens,
-            np.bincount(kinds, minlength=3),
-            bucket,
-        )
-        if num_pending:  # tokens not yet read back from the device: taken from the last step's samples
+        bucket = self._bucket(batch.num_new)
+        cu, ctx, input_ids, positions = self._prepare(batch, bucket)
+        if len(batch.pending_dst):
             buf = self.buffers
-            input_ids.index_copy_(
-                0, buf.view("pending_dst", num_pending), prev.index_select(0, buf.view("pending_src", num_pending))
-            )
+            n = len(batch.pending_dst)
+            input_ids.index_copy_(0, buf.view("pending_dst", n), prev.index_select(0, buf.view("pending_src", n)))
         if bucket is None:
             self.backend.prepare(ctx.attn, ctx.lora)
             hidden = self.model(input_ids, positions, ctx)
@@ -138,74 +128,45 @@ class ModelRunner:
             hidden = self.graphs.run(bucket, input_ids, positions, ctx)
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
-        return self._sample(hidden, batch, order, seqs, rows, cu, prev)
+        return self._sample(hidden, batch, cu, input_ids)
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(
-        self,
-        hidden: torch.Tensor,
-        batch: ScheduledBatch,
-        order: np.ndarray,
-        seqs: list[Sequence],
-        seq_rows: np.ndarray,
-        cu: np.ndarray,
-        prev: torch.Tensor | None,
+        self, hidden: torch.Tensor, batch: ScheduledBatch, cu: np.ndarray, input_ids: torch.Tensor
     ) -> SampledTokens:
-        """``seq_rows``: the SequenceTable rows of ``seqs``."""
-        samples = np.array(batch.samples, dtype=np.int64)[order]
-        which = np.flatnonzero(samples)
-        counts = samples[which]
-        samplers = seqs if len(which) == len(seqs) else [seqs[i] for i in which.tolist()]
-        if not samplers:
-            return SampledTokens(samplers, np.zeros(0, np.int64), np.zeros(0, np.int64), counts, [], None)
-        rows = np.repeat(cu[which + 1] - 1, counts).astype(np.int64)
-        last = hidden[: len(rows)] if np.array_equal(rows, np.arange(len(rows))) else hidden[self._to_device(rows)]
-        logits = self.model.compute_logits(last)
-        table_rows = seq_rows[which]
-        constrained = np.flatnonzero(np.repeat(batch.table.constrained[table_rows], counts))
-        if len(constrained):
-            owners = np.repeat(np.arange(len(samplers)), counts)[constrained]
-            self.grammar(logits, constrained.tolist(), [samplers[i].matcher for i in owners])
-        tokens = sample(logits, self._sampling_batch(batch.table, samplers, table_rows, counts, prev))
-        return SampledTokens(
-            samplers,
-            table_rows,
-            batch.table.seq_id[table_rows],
-            counts,
-            np.diff(cu)[which].tolist(),
-            tokens,
-            bool(len(constrained)),
+        """Logits of each sampling sequence's last token, grammar masks, then one sample each
+        (``n`` at an n > 1 request's first sample)."""
+        which = np.flatnonzero(batch.samples)
+        counts = batch.samples[which]
+        rows, seq_ids = batch.rows[which], batch.seq_ids[which]
+        if not len(which):
+            return SampledTokens(rows, seq_ids, counts, None)
+        last_tokens = cu[which + 1] - 1
+        picks = np.repeat(last_tokens, counts)
+        logits_in = (
+            hidden[: len(picks)] if np.array_equal(picks, np.arange(len(picks))) else hidden[self._to_device(picks)]
         )
+        logits = self.model.compute_logits(logits_in)
+        table = self.table
+        constrained = np.flatnonzero(np.repeat(table.constrained[rows], counts))
+        if len(constrained):
+            owners = np.repeat(rows, counts)[constrained]
+            self.grammar(logits, constrained.tolist(), [table.seqs[r].matcher for r in owners.tolist()])
+        steps = batch.steps[which]
+        tokens = sample(logits, self._sampling_batch(rows, counts, steps, last_tokens, input_ids))
+        return SampledTokens(rows, seq_ids, counts, tokens, bool(len(constrained)))
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)
         return self.forward(input_ids, positions, ctx)
 
-    def _prepare(
-        self,
-        seqs: list[Sequence],
-        seq_ids: np.ndarray,
-        num_new: np.ndarray,
-        slots: np.ndarray,
-        first_tokens: np.ndarray,
-        kind_counts: np.ndarray,
-        bucket: int | None,
-    ):
+    def _prepare(self, batch: ScheduledBatch, bucket: int | None):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
-        returns (host cu_seqlens_q, ForwardContext, input ids, positions, number of PENDING ids).
-        ``seqs`` are ordered by kind (``kind_counts`` of each) and slot; ``seq_ids``, ``num_new``,
-        ``slots`` and ``first_tokens`` are theirs. A PENDING id's row and its owner's
-        ``pending_row`` go to ``pending_dst`` / ``pending_src``."""
+        returns (host cu_seqlens_q, ForwardContext, input ids, positions)."""
+        seq_ids, num_new, slots = batch.seq_ids, batch.num_new, batch.slots
         positions, slot_mapping, tables, ctx_lens, cu = self.bm.build_metadata(seq_ids.tolist(), num_new.tolist())
-        if len(positions) == len(seqs):  # one token each (decodes)
-            input_ids = first_tokens
-        else:
-            input_ids = np.fromiter(
-                (t for s, n in zip(seqs, num_new.tolist()) for t in s.token_ids[s.num_computed : s.num_computed + n]),
-                dtype=np.int64,
-                count=len(positions),
-            )
-        B = len(seqs)
+        input_ids, kind_counts = batch.input_ids, batch.kind_counts
+        B = batch.num_seqs
         token_slots = np.repeat(slots, num_new)
         key = (slots.tobytes(), num_new.tobytes())
         if self._segments is None or self._segments[0] != key:  # decode steps over the same sequences keep them
@@ -223,24 +184,20 @@ class ModelRunner:
             seg_slots = np.r_[seg_slots, np.full(bucket - len(seg_slots), -1, np.int32)]
             kind_counts = np.array([bucket, 0, 0])
         buf = self.buffers
-        pending = np.flatnonzero(input_ids == PENDING)
-        if len(pending):
-            owners = np.searchsorted(cu, pending, side="right") - 1
-            buf.write("pending_dst", pending)
-            buf.write(
-                "pending_src", np.fromiter((seqs[i].pending_row for i in owners), dtype=np.int64, count=len(owners))
-            )
-        for name, values in (
-            ("input_ids", input_ids),
-            ("positions", positions),
-            ("slot_mapping", slot_mapping),
-            ("token_slots", token_slots),
-            ("context_lens", ctx_lens),
-            ("cu_seqlens_q", cu),
-            ("seg_starts", seg_starts),
-            ("seg_slots", seg_slots),
-            ("block_tables", tables),
-        ):
+        columns = {
+            "input_ids": input_ids,
+            "positions": positions,
+            "slot_mapping": slot_mapping,
+            "token_slots": token_slots,
+            "context_lens": ctx_lens,
+            "cu_seqlens_q": cu,
+            "seg_starts": seg_starts,
+            "seg_slots": seg_slots,
+            "block_tables": tables,
+        }
+        if len(batch.pending_dst):
+            columns.update(pending_dst=batch.pending_dst, pending_src=batch.pending_src)
+        for name, values in columns.items():
             buf.write(name, values)
         buf.commit()
         T, nb, nseg = len(input_ids), len(ctx_lens), len(seg_slots)
@@ -270,45 +227,41 @@ class ModelRunner:
                 token_slots=buf.view("token_slots", T) if static else None,
             )
         ctx = ForwardContext(self.backend, self.kv_caches, attn, lora)
-        return cu[: B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T), len(pending)
+        return cu[: B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T)
 
     def _sampling_batch(
-        self,
-        table: SequenceTable,
-        samplers: list[Sequence],
-        rows: np.ndarray,
-        counts: np.ndarray,
-        prev: torch.Tensor | None,
+        self, rows: np.ndarray, counts: np.ndarray, steps: np.ndarray, last_tokens: np.ndarray, input_ids: torch.Tensor
     ) -> SamplingBatch:
-        """Per-sample parameters gathered from the table rows (repeated ``counts`` times); an
-        all-greedy step needs only its penalties and banned ids."""
+        """Per-sample parameters gathered from the table rows (repeated ``counts`` times); ``steps``:
+        each row's sample index. An all-greedy step needs only its penalties and banned ids."""
+        table = self.table
         rep = np.repeat(rows, counts)
-        which, banned_ids = table.banned(rep)
+        rep_steps = np.repeat(steps, counts)
+        which, banned_ids = table.banned(rep, rep_steps)
         all_greedy = not table.temperature[rep].any()
         return SamplingBatch(
             all_greedy=all_greedy,
-            **({} if all_greedy else self._sampling_tensors(table, samplers, rep, counts)),
-            penalties=self._penalties(table, samplers, rows, counts, prev) if table.penalized(rows) else None,
+            **({} if all_greedy else self._sampling_tensors(rows, rep, counts, rep_steps)),
+            penalties=self._penalties(rows, counts, last_tokens, input_ids) if table.penalized(rows) else None,
             banned=(self._to_device(which), self._to_device(banned_ids)) if len(which) else None,
         )
 
-    def _sampling_tensors(
-        self, table: SequenceTable, samplers: list[Sequence], rep: np.ndarray, counts: np.ndarray
-    ) -> dict:
+    def _sampling_tensors(self, rows: np.ndarray, rep: np.ndarray, counts: np.ndarray, steps: np.ndarray) -> dict:
         """Temperatures, top-k/p, min-p, seeds and sample indices through the sampling buffers (one
         copy); the n samples of a request's first step each get their completion's seed."""
+        table = self.table
         seeds = table.seed[rep]
-        if len(rep) > len(samplers):
-            for s, k, c in zip(samplers, np.cumsum(counts) - counts, counts):
+        if len(rep) > len(rows):
+            for row, k, c in zip(rows.tolist(), (np.cumsum(counts) - counts).tolist(), counts.tolist()):
                 if c > 1:
-                    seeds[k : k + c] = np.array(s.request.seeds, dtype=np.uint64).view(np.int64)
+                    seeds[k : k + c] = np.array(table.seqs[row].request.seeds, dtype=np.uint64).view(np.int64)
         columns = dict(
             temperatures=table.temperature[rep],
             top_ps=table.top_p[rep],
             min_ps=table.min_p[rep],
             top_ks=table.top_k[rep],
             seeds=seeds,
-            steps=table.num_sampled[rep],
+            steps=steps,
         )
         buf = self.sampling_buffers
         for name, column in columns.items():
@@ -322,26 +275,25 @@ class ModelRunner:
         return tensors
 
     def _penalties(
-        self,
-        table: SequenceTable,
-        samplers: list[Sequence],
-        rows: np.ndarray,
-        counts: np.ndarray,
-        prev: torch.Tensor | None,
+        self, rows: np.ndarray, counts: np.ndarray, last_tokens: np.ndarray, input_ids: torch.Tensor
     ) -> Penalties:
-        """Each sampler's prompt + output ids; a PENDING last token (overlap) is taken from ``prev``."""
-        width = max(s.num_tokens for s in samplers)
-        ids = np.full((len(samplers), width), self.vocab_size, dtype=np.int64)
-        is_output = np.zeros((len(samplers), width), dtype=bool)
-        for i, s in enumerate(samplers):
-            ids[i, : s.num_tokens] = s.token_ids
-            is_output[i, s.request.num_prompt_tokens : s.num_tokens] = True
-        r, c = np.nonzero(ids == PENDING)
+        """Each sampler's prompt + output ids so far. A token still in flight is its sequence's last
+        input token of this step (``input_ids[last_tokens[i]]``, already read from the last step)."""
+        table = self.table
+        seqs = [table.seqs[r] for r in rows.tolist()]
+        lengths = table.num_tokens(rows) - 1  # this step's own sample excluded
+        ids = np.full((len(seqs), int(lengths.max())), self.vocab_size, dtype=np.int64)
+        is_output = np.zeros(ids.shape, dtype=bool)
+        for i, (seq, n) in enumerate(zip(seqs, lengths.tolist())):
+            recorded = seq.token_ids[:n]
+            ids[i, : len(recorded)] = recorded
+            is_output[i, seq.request.num_prompt_tokens : n] = True
+        in_flight = np.flatnonzero(np.array([len(s.token_ids) for s in seqs]) < lengths)
         ids, is_output = self._to_device(ids), self._to_device(is_output)
-        if len(r):
-            src = np.fromiter((samplers[i].pending_row for i in r), dtype=np.int64, count=len(r))
-            ids[self._to_device(r), self._to_device(c)] = prev[self._to_device(src)]
-        rep = self._to_device(np.repeat(np.arange(len(samplers)), counts))
+        if len(in_flight):
+            src = self._to_device(last_tokens[in_flight])
+            ids[self._to_device(in_flight), self._to_device(lengths[in_flight] - 1)] = input_ids[src]
+        rep = self._to_device(np.repeat(np.arange(len(seqs)), counts))
         per_sample = lambda column: self._to_device(np.repeat(column[rows], counts))
         return Penalties(
             ids[rep],
@@ -353,24 +305,21 @@ class ModelRunner:
 
 
 class SampledTokens:
-    """The sampled tokens of a launched step: ``counts[i]`` tokens for ``seqs[i]`` (``SequenceTable``
-    row ``rows[i]`` holding sequence ``seq_ids[i]``, ``num_new[i]`` tokens computed this step), in
-    order. On CUDA they are copied to the host without blocking; ``host()`` waits for that copy."""
+    """The sampled tokens of a launched step: ``counts[i]`` tokens for ``SequenceTable`` row
+    ``rows[i]`` (holding sequence ``seq_ids[i]`` at the launch), in order. On CUDA they are copied to
+    the host without blocking; ``host()`` waits for that copy."""
 
     def __init__(
         self,
-        seqs: list[Sequence],
         rows: np.ndarray,
         seq_ids: np.ndarray,
         counts: np.ndarray,
-        num_new: list[int],
         tokens: torch.Tensor | None,
         constrained: bool = False,
     ) -> None:
-        self.seqs, self.rows, self.seq_ids, self.counts, self.num_new = seqs, rows, seq_ids, counts, num_new
+        self.rows, self.seq_ids, self.counts = rows, seq_ids, counts
         self.tokens = tokens
         self.constrained = constrained  # a row was masked by a grammar: processed before the next launch
-        self.positions: list[int] = []  # where each sequence's PENDING token is (set by the engine)
         self._host, self._ready = None, None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -1,69 +1,86 @@
 """What a step hands back: cheap snapshots of each progressed request, text built when read.
 
 A sequence's text is built every step only when it must be: its request has stop strings (the
-engine has to find them) or streams (``add_request(stream=True)``, as ``AsyncEngine`` does). Such a
-sequence has a ``TextStream``: incremental detokenization into an append-only list of pieces, so a
-snapshot is a piece count and a character limit, and never copies the text. Other sequences build
-their text from their token ids when ``CompletionOutput.text`` is first read (one decode).
+scheduler has to find them) or is streamed (``add_request(stream=True)`` or ``output_kind="delta"``).
+Such a sequence has a ``TextStream``: incremental detokenization into an append-only list of pieces.
+A snapshot holds character offsets into it and joins only its own range when read, so a delta
+output costs what its new text costs, whatever the length so far. Other sequences build their text
+from their token ids when ``CompletionOutput.text`` is first read (one decode).
+
+Per request, ``SamplingParams.output_kind`` says what a step's output holds (vLLM's kinds):
+``"cumulative"`` everything so far, ``"delta"`` what is new since the request's last output (token
+ids and text), ``"final_only"`` nothing until the request ends, then everything.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from mcl_runtime.engine.params import CompletionOutput, RequestOutput
-from mcl_runtime.engine.sequence import PENDING, Request, Sequence
+from mcl_runtime.engine.sequence import Request, Sequence
 from mcl_runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:
     """Incremental text of one sequence, with stop-string search over the new characters.
 
-    Appended to by the engine thread only; ``text(k, limit)`` may be read from any thread
-    (pieces are never changed once appended, and the join cache is one tuple swapped atomically).
+    Appended to by the engine thread only; ``text(start, end)`` may be read from any thread for
+    offsets up to a ``visible()`` taken earlier (pieces and their end offsets are append-only).
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stops: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = stops
         self._keep = max(map(len, stops), default=1) - 1  # tail chars a stop may start in
-        self.pieces: list[str] = []
-        self.num_chars = 0
+        self._pieces: list[str] = []
+        self._ends: list[int] = []  # offset after each piece
         self._tail = ""
-        self.final: str | None = None
-        self._joined: tuple[int, str] = (0, "")
+        self.num_chars = 0
+        self.final_len: int | None = None  # set when the sequence ends (cut before a stop string)
+
+    def fork(self) -> TextStream:
+        """An empty stream for another completion of the same prompt."""
+        return TextStream(self._tokenizer, self._prompt_ids, self.stops)
 
     def add(self, token: int) -> bool:
-        """Append one token's text; True if a stop string now occurs (the final text is cut before it)."""
-        return self._append(self._detok.add_token(token))
-
-    def _append(self, delta: str) -> bool:
+        """Append one token's text; True if a stop string now occurs (the text ends before it)."""
+        delta = self._detok.add_token(token)
         if not delta:
             return False
-        self.pieces.append(delta)
-        if not self.stops:
-            self.num_chars += len(delta)
-            return False
         start = self.num_chars - len(self._tail)
-        self.num_chars += len(delta)
+        self._append(delta)
+        if not self.stops:
+            return False
         window = self._tail + delta
         for stop in self.stops:
             at = window.find(stop)
             if at >= 0:
-                self.final = self.text(len(self.pieces), start + at)
+                self.final_len = start + at
                 return True
         self._tail = window[-self._keep :] if self._keep else ""
         return False
 
-    def finish(self) -> None:
-        """The sequence ended without a stop string: flush the held-back bytes."""
-        if self.final is None:
-            self._append(self._detok.flush())
-            if self.final is None:
-                self.final = self.text(len(self.pieces), self.num_chars)
+    def _append(self, delta: str) -> None:
+        self._pieces.append(delta)
+        self.num_chars += len(delta)
+        self._ends.append(self.num_chars)
 
-    def safe_len(self) -> int:
-        """Characters that can be shown while running: a tail that may begin a stop string is held back."""
+    def finish(self) -> None:
+        """The sequence ended: flush the held-back bytes unless a stop string ended it."""
+        if self.final_len is None:
+            delta = self._detok.flush()
+            if delta:
+                self._append(delta)
+            self.final_len = self.num_chars
+
+    def visible(self) -> int:
+        """Characters that can be shown: all of them once ended; while running, a tail that may
+        begin a stop string is held back."""
+        if self.final_len is not None:
+            return self.final_len
         hold = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(self._tail)), hold, -1):
@@ -72,47 +89,42 @@ class TextStream:
                     break
         return self.num_chars - hold
 
-    def text(self, num_pieces: int, limit: int) -> str:
-        k, joined = self._joined
-        if k < num_pieces:
-            joined += self.pieces[k] if k + 1 == num_pieces else "".join(self.pieces[k:num_pieces])
-            self._joined = (num_pieces, joined)
-        elif k > num_pieces:
-            joined = "".join(self.pieces[:num_pieces])
-        return joined[:limit]
+    def text(self, start: int, end: int) -> str:
+        """Characters ``start:end`` of the text."""
+        if start >= end:
+            return ""
+        first = bisect_right(self._ends, start)
+        last = bisect_left(self._ends, end)
+        base = self._ends[first] - len(self._pieces[first])
+        if first == last:
+            return self._pieces[first][start - base : end - base]
+        return "".join(self._pieces[first : last + 1])[start - base : end - base]
 
 
 class _Snapshot(CompletionOutput):
-    """A ``CompletionOutput`` whose token ids and text are taken from its sequence when first read."""
+    """A ``CompletionOutput`` whose token ids and text are taken from its sequence when first read:
+    tokens ``[first_token, end_token)`` and characters ``[first_char, end_char)`` of its text."""
 
-    __slots__ = ("_seq", "_tokenizer", "_end", "_text", "_pieces", "_chars", "_token_ids")
+    __slots__ = ("_seq", "_tokenizer", "_text", "_token_ids", "_range")
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer) -> None:
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer, delta: bool) -> None:
         self.index = seq.index
         self.finish_reason = seq.finish_reason
         self._seq = seq
         self._tokenizer = tokenizer
-        self._token_ids = None
-        ids = seq.token_ids
-        end = len(ids)
-        while ids[end - 1] == PENDING:
-            end -= 1
-        self._end = end
-        stream = seq.text
-        if stream is None:
-            self._text = None
-            self._pieces = -1
-        elif stream.final is not None:
-            self._text = stream.final
-        else:
-            self._text = None
-            self._pieces = len(stream.pieces)
-            self._chars = stream.safe_len() if stream.stops else stream.num_chars
+        self._text = self._token_ids = None
+        end_token = len(seq.token_ids)
+        first_token = seq.sent_tokens if delta else seq.request.num_prompt_tokens
+        end_char = seq.text.visible() if seq.text is not None else -1
+        first_char = seq.sent_chars if delta else 0
+        self._range = (first_token, end_token, first_char, end_char)
+        if delta:
+            seq.sent_tokens, seq.sent_chars = end_token, end_char
 
     @property
     def token_ids(self) -> list[int]:
         if self._token_ids is None:
-            self._token_ids = self._seq.token_ids[self._seq.request.num_prompt_tokens : self._end]
+            self._token_ids = self._seq.token_ids[self._range[0] : self._range[1]]
         return self._token_ids
 
     @token_ids.setter
@@ -122,8 +134,9 @@ class _Snapshot(CompletionOutput):
     @property
     def text(self) -> str:
         if self._text is None:
-            if self._pieces >= 0:
-                self._text = self._seq.text.text(self._pieces, self._chars)
+            _, _, first_char, end_char = self._range
+            if end_char >= 0:
+                self._text = self._seq.text.text(first_char, end_char)
             else:
                 text = self._tokenizer.decode(self.token_ids)
                 self._text = text if self.finish_reason else text.rstrip(REPLACEMENT_CHAR)
@@ -139,16 +152,21 @@ def _by_index(seq: Sequence) -> int:
 
 
 def request_outputs(reqs: Iterable[Request], tokenizer: Tokenizer) -> list[RequestOutput]:
-    """Each request's outputs as of now (O(number of completions), nothing copied)."""
+    """Each request's output as of now, as its ``output_kind`` asks (O(completions), nothing copied)."""
     outs = []
     for req in reqs:
+        kind = req.params.output_kind
+        finished = req.finished
+        if kind == "final_only" and not finished:
+            continue
         seqs = req.seqs
+        delta = kind == "delta"
         snaps = (
-            [_Snapshot(seqs[0], tokenizer)]
+            [_Snapshot(seqs[0], tokenizer, delta)]
             if len(seqs) == 1
-            else [_Snapshot(s, tokenizer) for s in sorted(seqs, key=_by_index)]
+            else [_Snapshot(s, tokenizer, delta) for s in sorted(seqs, key=_by_index)]
         )
         outs.append(
-            RequestOutput(req.request_id, req.prompt_token_ids, snaps, req.num_finished == req.params.n, req.adapter)
+            RequestOutput(req.request_id, req.prompt_token_ids, snaps, finished, req.adapter, req.first_token_time)
         )
     return outs

@@ -9,6 +9,7 @@ from typing import Any
 from mcl_runtime.errors import InvalidRequestError
 
 _STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,12 @@ class SamplingParams:
     ``repetition_penalty`` divides positive (multiplies negative) logits of tokens seen in the prompt
     or output; ``presence_penalty``/``frequency_penalty`` subtract from the logits of output tokens
     once / per occurrence; ``min_p`` drops tokens below ``min_p`` times the top probability.
-    ``structured`` constrains the output (a ``StructuredOutput`` or a dict with one key)."""
+    ``structured`` constrains the output (a ``StructuredOutput`` or a dict with one key).
+    ``max_tokens=None`` allows the rest of the context. ``output_kind``: what each output of a
+    request holds while it runs (``engine/outputs.py``): ``"cumulative"``, ``"delta"`` or
+    ``"final_only"``."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = -1
@@ -104,13 +108,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_p: float = 0.0
     structured: StructuredOutput | dict | None = None
+    output_kind: str = "cumulative"
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> InvalidRequestError:
             return InvalidRequestError(f"invalid sampling parameters: {msg}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1
+        ):
             raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
             raise bad(f"temperature must be in [0, 100], got {self.temperature!r}")
@@ -130,7 +137,7 @@ class SamplingParams:
             raise bad("stop_token_ids must be non-negative integers")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
             raise bad(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty!r}")
@@ -141,6 +148,8 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.structured is not None:
             self.structured = StructuredOutput.of(self.structured)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise bad(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
@@ -170,6 +179,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     adapter: str | None = None
+    first_token_time: float | None = None  # time.monotonic() when its first token was recorded
 
     @property
     def text(self) -> str:

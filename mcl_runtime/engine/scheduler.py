@@ -1,67 +1,74 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill and preemption by recompute; the one owner of the
+state of every request and sequence.
 
-Each step: (1) running sequences that decode get one token each, preempting the most recently
-admitted running sequences when the KV cache is full; (2) running sequences still in prefill get
-their next chunk; (3) waiting sequences are admitted first-come first-served while the token
-budget, the sequence limit, KV blocks and adapter slots allow. A preempted sequence frees its
-blocks and goes back to the front of the queue; it is recomputed later (the prefix cache usually
-makes that cheap), never lost.
+A step is ``schedule`` -> the model runner -> ``postprocess``:
+
+- ``schedule`` picks the step's work: (1) running sequences that decode get one token each,
+  preempting the most recently admitted running sequences when the KV cache is full; (2) running
+  sequences still in prefill get their next chunk; (3) waiting sequences are admitted first-come
+  first-served while the token budget, the sequence limit, KV blocks and adapter slots allow. A
+  preempted sequence frees its blocks and goes back to the front of the queue; it is recomputed
+  later (the prefix cache usually makes that cheap), never lost. The launch is recorded in the
+  table at once: the step's tokens count as computed and its samples as launched (in flight).
+- ``postprocess`` records a launched step's sampled tokens: appends them, checks the finish
+  conditions (vectorised), advances grammar matchers and text only for the rows that have them,
+  forks a request into its ``n`` completions at its first sample, and frees what ended.
+
+With overlap the engine schedules and launches step N + 1 before it postprocesses step N: a
+decode's input token may then still be in flight, and the runner takes it from step N's samples.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mcl_runtime.engine.adapter_manager import AdapterManager
-from mcl_runtime.engine.seq_table import SequenceTable
+from mcl_runtime.engine.seq_table import FINISH_REASONS, NOT_FINISHED, PENDING, STOPPED, SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence, Status
 
 
 @dataclass
 class ScheduledBatch:
-    table: SequenceTable
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)  # each sequence's SequenceTable row
-    slots: list[int] = field(default_factory=list)  # each sequence's adapter slot (-1: base model)
-    first_tokens: list[int] = field(default_factory=list)  # each sequence's first token computed now
-    # tokens each sequence samples: 0 (mid-prefill), 1, or n at the first sample of an n > 1 request
-    samples: list[int] = field(default_factory=list)
+    """One step's work in the order of the forward pass: decodes (one new token each), prompts
+    without cached context, then chunks after cached context (``kind_counts`` of each), by adapter
+    slot within each kind, so that adapters form contiguous segments."""
 
-    def add(self, seq: Sequence, n: int) -> None:
-        self.seqs.append(seq)
-        self.num_new.append(n)
-        self.rows.append(seq.row)
-        self.slots.append(seq.slot)
-        self.first_tokens.append(seq.token_ids[seq.num_computed])
-        self.samples.append(0 if seq.num_computed + n < len(seq.token_ids) else int(self.table.completions(seq.row)))
+    rows: np.ndarray  # [B] SequenceTable rows
+    seq_ids: np.ndarray  # [B] block-manager keys
+    num_new: np.ndarray  # [B] tokens computed this step
+    slots: np.ndarray  # [B] adapter slot, -1 = base model
+    kind_counts: np.ndarray  # [3]
+    input_ids: np.ndarray  # [T] PENDING where the token is still in flight
+    pending_dst: np.ndarray  # positions in input_ids of in-flight tokens ...
+    pending_src: np.ndarray  # ... and their indices in the last launched step's samples
+    samples: np.ndarray  # [B] tokens sampled: 0 mid-prefill, 1, or n at an n > 1 request's first sample
+    steps: np.ndarray  # [B] index of each sequence's (first) sample among its samples
+    finished: list[Sequence] = field(default_factory=list)  # ended while scheduling
 
-    def add_decodes(self, seqs: list[Sequence], rows: np.ndarray, slots: np.ndarray, tokens: list[int]) -> None:
-        """``add(seq, 1)`` for each of ``seqs`` (table rows ``rows``, adapter slots ``slots``),
-        sequences with one pending token ``tokens`` (each samples)."""
-        self.seqs += seqs
-        self.num_new += [1] * len(seqs)
-        self.rows += rows.tolist()
-        self.slots += slots.tolist()
-        self.first_tokens += tokens
-        self.samples += self.table.completions(rows).tolist()
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rows)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.num_new)
+        return len(self.input_ids)
 
     @property
     def forks(self) -> bool:
-        """True if a sequence forks into n completions after this step (so it must be processed at once)."""
-        return any(k > 1 for k in self.samples)
+        """A request forks into its n completions after this step (it is processed at once)."""
+        return bool((self.samples > 1).any())
+
+
+def _empty(finished: list[Sequence]) -> ScheduledBatch:
+    z = np.zeros(0, np.int64)
+    return ScheduledBatch(z, z, z, z, np.zeros(3, np.int64), z, z, z, z, z, finished)
 
 
 class Scheduler:
-    """Owns the sequences from admission to the end: batching, preemption, forking, finishing."""
-
     def __init__(
         self,
         block_manager,
@@ -75,193 +82,284 @@ class Scheduler:
         self.table = table
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _running_state
+        self.running: list[int] = []  # table rows, in admission order (the last is preempted first)
         self.num_preemptions = 0
         self.num_cached_tokens = 0
 
-    def add(self, req: Request, detok: bool, matcher=None) -> Sequence:
-        """Queue a request's first sequence (it forks into ``n`` at its first sample); ``matcher``
-        is its grammar matcher (structured output) or None."""
-        row = self.table.add(req.params, req.max_tokens, req.seeds[0], detok, matcher is not None)
-        seq = Sequence(req, 0, list(req.prompt_token_ids), row)
-        self.table.seq_id[row] = seq.seq_id
-        seq.matcher = matcher
+    # ---- requests ------------------------------------------------------------------------------
+    def add(self, req: Request, text, matcher) -> None:
+        """Queue a request's first sequence (it forks into ``n`` at its first sample). ``text``: its
+        TextStream or None; ``matcher``: its grammar constraint or None."""
+        seq = Sequence(req, 0, list(req.prompt_token_ids), text, matcher)
+        seq.row = self.table.add(req.params, req.max_tokens, req.seeds[0], text is not None, matcher is not None)
+        self.table.attach(seq.row, seq)
         req.seqs.append(seq)
+        self.requests[req.request_id] = req
         self.waiting.append(seq)
-        return seq
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+    def abort(self, request_id: str) -> Request | None:
+        """End every sequence of a request (finish reason "abort"); None if there is no such request."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            for seq in req.seqs:
+                self.finish(seq, "abort")
+        return req
 
+    # ---- schedule ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(self.table)
+        t = self.table
         budget = self.max_num_batched_tokens
-        running, table = list(self.running), self.table
-        rows, slots, pending = self._running_state()
-        # A decode whose request has all its tokens launched waits for its last one to be processed.
-        decoding = np.flatnonzero((pending == 1) & (table.num_sampled[rows] < table.max_out[rows]))[:budget]
-        decodes = running if len(decoding) == len(running) else [running[i] for i in decoding]
-        prefills = [running[i] for i in np.flatnonzero(pending != 1)]
-        unsampled = [running[i] for i in np.flatnonzero(table.num_sampled[rows] == 0)]
-        kept, tokens = self._reserve_decodes(decodes, rows[decoding])
-        if len(kept) < len(decodes):
-            decodes = [decodes[i] for i in kept.tolist()]
-        decode_rows = rows[decoding][kept]
-        batch.add_decodes(decodes, decode_rows, slots[decoding][kept], tokens)
+        running = np.array(self.running, dtype=np.int64)
+        pending = t.num_tokens(running) - t.num_computed[running]
+        # A decode whose samples are all launched waits for its last one to be processed.
+        decodes = running[(pending == 1) & (t.num_sampled[running] < t.max_out[running])][:budget]
+        decodes = self._reserve_decodes(decodes)
         budget -= len(decodes)
-        scheduled = set(table.seq_id[decode_rows].tolist()) if prefills else set()
-        for seq in prefills:
+        chunks: list[tuple[int, int]] = []  # (row, tokens) of prefill chunks
+        prefills = pending > 1
+        scheduled = set(t.seq_id[decodes].tolist()) if prefills.any() else set()
+        for row, left in zip(running[prefills].tolist(), pending[prefills].tolist()):
             if budget <= 0:
                 break
-            if seq.status is not Status.RUNNING:
+            if t.seqs[row].status is not Status.RUNNING:  # preempted by a reservation above
                 continue
-            n = min(seq.num_pending, budget)
-            if self._reserve(seq, n, scheduled):
-                batch.add(seq, n)
-                scheduled.add(seq.seq_id)
+            n = min(left, budget)
+            if self._reserve(row, n, scheduled):
+                chunks.append((row, n))
+                scheduled.add(int(t.seq_id[row]))
                 budget -= n
+        finished: list[Sequence] = []
         no_slot: list[Sequence] = []
+        run = np.array(self.running, dtype=np.int64)
         # A sequence that forks at its first sample needs room for all n completions.
-        seats = len(self.running) + sum(
-            int(table.completions(s.row)) - 1 for s in unsampled if s.status is Status.RUNNING
-        )
-        while self.waiting and budget > 0 and seats + table.completions(self.waiting[0].row) <= self.max_num_seqs:
-            n = self._admit(self.waiting[0], budget)
+        seats = len(run) + int((t.n[run] - 1)[t.num_sampled[run] == 0].sum())
+        while self.waiting and budget > 0 and seats + t.completions(self.waiting[0].row) <= self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
             if n is None:  # every adapter slot is pinned: requests for resident adapters go first
                 no_slot.append(self.waiting.popleft())
                 continue
             if n == 0:
+                if not self.running:  # it needs more KV blocks than the whole cache holds
+                    self.finish(seq, "length")
+                    finished.append(seq)
+                    continue
                 break
-            seq = self.waiting.popleft()
-            self._run(seq)
-            batch.add(seq, n)
+            self.waiting.popleft()
+            chunks.append((seq.row, n))
             budget -= n
-            seats += int(table.completions(seq.row))
+            seats += int(t.completions(seq.row))
         self.waiting.extendleft(reversed(no_slot))
-        return batch
+        if not len(decodes) and not chunks:
+            return _empty(finished)
+        return self._launch(decodes, chunks, finished)
 
-    def _running_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Table rows, adapter slots and pending token counts of the running sequences, rebuilt from
-        them after the running set changes (``_run``, ``_stop``) or while one is mid-prefill. Once
-        each has one pending token, every step keeps it so (a launched decode's next token is
-        pending): decode steps reuse the arrays."""
-        if self._state is None or not (self._state[2] == 1).all():
-            running = self.running
-            self._state = (
-                np.fromiter((s.row for s in running), dtype=np.int64, count=len(running)),
-                np.fromiter((s.slot for s in running), dtype=np.int64, count=len(running)),
-                np.fromiter((len(s.token_ids) - s.num_computed for s in running), dtype=np.int64, count=len(running)),
+    def _launch(self, decodes: np.ndarray, chunks: list[tuple[int, int]], finished: list[Sequence]) -> ScheduledBatch:
+        """The batch of ``decodes`` and prefill ``chunks`` in forward order, recorded as launched."""
+        t = self.table
+        rows = np.concatenate([decodes, np.array([r for r, _ in chunks], dtype=np.int64)])
+        num_new = np.concatenate([np.ones(len(decodes), np.int64), np.array([n for _, n in chunks], dtype=np.int64)])
+        computed = t.num_computed[rows]
+        # decodes | prompts without cached context | chunks after cached context (a one-token chunk is a decode)
+        kinds = np.where(num_new == 1, 0, np.where(computed == 0, 1, 2))
+        slots = t.slot[rows]
+        order = np.lexsort((slots, kinds))
+        if not np.array_equal(order, np.arange(len(order))):
+            rows, num_new, computed, kinds, slots = (
+                rows[order],
+                num_new[order],
+                computed[order],
+                kinds[order],
+                slots[order],
             )
-        return self._state
+        num_tokens = t.num_tokens(rows)
+        if len(chunks):
+            input_ids = np.concatenate([self._tokens(r, c, n) for r, c, n in zip(rows, computed, num_new)])
+        else:
+            input_ids = t.last_token[rows]
+        pending_dst = np.flatnonzero(input_ids == PENDING)
+        pending_src = t.pending[np.repeat(rows, num_new)[pending_dst]] if len(pending_dst) else pending_dst
+        samples = np.where(computed + num_new < num_tokens, 0, t.completions(rows))
+        steps = t.num_sampled[rows]
+        # the launch: this step's tokens are computed and its samples in flight
+        t.num_computed[rows] += num_new
+        sampling = samples > 0
+        samplers = rows[sampling]
+        t.num_sampled[samplers] += 1
+        t.last_token[samplers] = PENDING
+        t.pending[samplers] = (np.cumsum(samples) - samples)[sampling]
+        return ScheduledBatch(
+            rows=rows,
+            seq_ids=t.seq_id[rows],
+            num_new=num_new,
+            slots=slots,
+            kind_counts=np.bincount(kinds, minlength=3),
+            input_ids=input_ids,
+            pending_dst=pending_dst,
+            pending_src=pending_src,
+            samples=samples,
+            steps=steps,
+            finished=finished,
+        )
 
-    def _run(self, seq: Sequence) -> None:
-        self.running.append(seq)
-        self._state = None
+    def _tokens(self, row: int, start: int, n: int) -> np.ndarray | list[int]:
+        """Tokens ``start:start + n`` of a row's sequence; PENDING for one still in flight."""
+        ids = self.table.seqs[row].token_ids[start : start + n]
+        return ids + [PENDING] * (n - len(ids))
 
-    def _stop(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._state = None
-
-    def _reserve_decodes(self, decodes: list[Sequence], rows: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """One KV slot for each decode (table rows ``rows``), in order (one block-manager call while
-        they fit); a decode that does not fit preempts as ``_reserve`` does. Returns the indices
-        into ``decodes`` of those still running, in order (all of them unless the cache was full),
-        and their pending tokens."""
+    def _reserve_decodes(self, rows: np.ndarray) -> np.ndarray:
+        """One KV slot for each decode, in order (one block-manager call while they fit); a decode
+        that does not fit preempts as ``_reserve`` does. Returns the rows still running, in order."""
+        t = self.table
         kept: list[np.ndarray] = []
-        tokens: list[int] = []
-        todo = np.arange(len(decodes))
+        todo = rows
         while len(todo):
-            last = [
-                s.token_ids[-1] for s in (decodes if len(todo) == len(decodes) else [decodes[i] for i in todo.tolist()])
-            ]
-            k = self.bm.append_one_each(self.table.seq_id[rows[todo]].tolist(), last)
+            k = self.bm.append_one_each(t.seq_id[todo].tolist(), t.last_token[todo].tolist())
             kept.append(todo[:k])
-            tokens += last[:k]
             if k == len(todo):
                 break
-            scheduled = set(self.table.seq_id[rows[np.concatenate(kept)]].tolist())
-            if self._reserve(decodes[todo[k]], 1, scheduled):
+            if self._reserve(int(todo[k]), 1, set(t.seq_id[np.concatenate(kept)].tolist())):
                 kept.append(todo[k : k + 1])
-                tokens.append(last[k])
-            todo = np.array([i for i in todo[k + 1 :].tolist() if decodes[i].status is Status.RUNNING], dtype=np.int64)
-        return (np.concatenate(kept) if kept else todo), tokens
+            todo = np.array([r for r in todo[k + 1 :].tolist() if t.seqs[r].status is Status.RUNNING], dtype=np.int64)
+        return np.concatenate(kept) if len(kept) > 1 else kept[0] if kept else rows
 
-    def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
-        """Reserve KV slots for ``n`` tokens of a running sequence, preempting the most recently
-        admitted sequences not yet scheduled this step. False if ``seq`` itself was preempted."""
-        tokens = seq.token_ids[seq.num_computed : seq.num_computed + n]
-        while not self.bm.append_tokens(seq.seq_id, tokens):
-            victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+    def _reserve(self, row: int, n: int, scheduled: set[int]) -> bool:
+        """Reserve KV slots for the next ``n`` tokens of a running sequence, preempting the most
+        recently admitted sequences not yet scheduled this step. False if it was preempted itself."""
+        t = self.table
+        tokens = self._tokens(row, int(t.num_computed[row]), n)
+        while not self.bm.append_tokens(int(t.seq_id[row]), tokens):
+            victim = next((r for r in reversed(self.running) if t.seq_id[r] not in scheduled), None)
             if victim is None:
                 return False
-            self.preempt(victim)
-            if victim is seq:
+            self.preempt(t.seqs[victim])
+            if victim == row:
                 return False
         return True
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Admit a waiting sequence with its first chunk; returns the chunk size, 0 if the KV cache
         is full, None if no adapter slot is free."""
+        t, row = self.table, seq.row
         slot = self.adapters.acquire(seq.request.adapter)
         if slot is None:
             return None
-        cached = self.bm.add_sequence(seq.seq_id, seq.token_ids, seq.request.adapter_uid)
-        n = min(seq.num_tokens - cached, budget)
-        if not self.bm.append_tokens(seq.seq_id, seq.token_ids[cached : cached + n]):
+        tokens = self._tokens(row, 0, int(t.num_tokens(row)))
+        cached = self.bm.add_sequence(seq.seq_id, tokens, seq.request.adapter_uid)
+        n = min(len(tokens) - cached, budget)
+        if not self.bm.append_tokens(seq.seq_id, tokens[cached : cached + n]):
             self.bm.free(seq.seq_id)
             self.adapters.release(slot)
             return 0
-        seq.slot, seq.num_computed, seq.status = slot, cached, Status.RUNNING
+        t.slot[row], t.num_computed[row] = slot, cached
+        seq.status = Status.RUNNING
+        self.running.append(row)
         self.num_cached_tokens += cached
         return n
 
     def preempt(self, seq: Sequence) -> None:
-        self._stop(seq)
+        self.running.remove(seq.row)
         self._release(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def fork(self, parent: Sequence) -> list[Sequence]:
-        """The other ``n - 1`` completions of a running ``parent``'s request, right after its first
-        sample (the step that forks is processed before the next one is scheduled): they share its
-        KV blocks (copy-on-write) and hold its adapter slot too. A constrained parent's matcher is
-        forked before any sample is accepted, so each completion accepts its own first token."""
+    # ---- postprocess ---------------------------------------------------------------------------
+    def postprocess(
+        self, rows: np.ndarray, seq_ids: np.ndarray, counts: np.ndarray, tokens: np.ndarray
+    ) -> list[Sequence]:
+        """Record a launched step's samples: ``counts[i]`` tokens for table row ``rows[i]`` (which
+        held sequence ``seq_ids[i]`` at the launch), in order. Returns the sequences that got one
+        (those that ended included, finished)."""
+        t = self.table
+        if len(tokens) > len(rows):  # a request's first sample forks it into its n completions
+            rows, seq_ids = self._fork_all(rows, seq_ids, counts)
+        live = t.seq_id[rows] == seq_ids  # a sequence that ended after the launch freed its row
+        if not live.all():
+            rows, tokens = rows[live], tokens[live]
+        if not len(rows):
+            return []
+        seqs = [t.seqs[r] for r in rows.tolist()]
+        values = tokens.tolist()
+        for seq, token in zip(seqs, values):
+            seq.token_ids.append(token)
+        codes = t.record(rows, tokens)
+        for i in np.flatnonzero(t.num_out[rows] == 1).tolist():
+            req = seqs[i].request
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+        for i in np.flatnonzero(t.constrained[rows]).tolist():
+            if seqs[i].matcher.accept(values[i]):  # the grammar is complete (or rejected the token)
+                codes[i] = STOPPED
+        for i in np.flatnonzero(t.detok[rows]).tolist():
+            if seqs[i].text.add(values[i]):  # a stop string
+                codes[i] = STOPPED
+        for i in np.flatnonzero(codes != NOT_FINISHED).tolist():
+            self.finish(seqs[i], FINISH_REASONS[int(codes[i])])
+        return seqs
+
+    def _fork_all(self, rows: np.ndarray, seq_ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and sequence ids of each sample, forking the rows that sampled ``n > 1``."""
+        out_rows: list[int] = []
+        out_ids: list[int] = []
+        for row, seq_id, count in zip(rows.tolist(), seq_ids.tolist(), counts.tolist()):
+            if count > 1 and self.table.seq_id[row] == seq_id:
+                forked = self._fork(row)
+                out_rows += forked
+                out_ids += self.table.seq_id[forked].tolist()
+            else:  # one sample, or a request that ended since (its samples are dropped)
+                out_rows += [row] * count
+                out_ids += [seq_id] * count
+        return np.array(out_rows, dtype=np.int64), np.array(out_ids, dtype=np.int64)
+
+    def _fork(self, row: int) -> list[int]:
+        """The row of a request's first sequence and of its other ``n - 1`` completions, made right
+        after its first sample (a forking step is processed before the next is scheduled): they
+        share its KV blocks (copy-on-write) and pin its adapter slot too. A constrained parent's
+        matcher is forked before any sample is accepted, so each completion accepts its own."""
+        t = self.table
+        parent = t.seqs[row]
         req = parent.request
-        children = []
+        rows = [row]
         for i in range(1, req.params.n):
-            child = Sequence(req, i, list(parent.token_ids), self.table.copy(parent.row, req.seeds[i]))
-            self.table.seq_id[child.row] = child.seq_id
-            child.num_computed = parent.num_computed
-            child.matcher = parent.matcher.fork() if parent.matcher is not None else None
-            child.slot = self.adapters.acquire(req.adapter)
+            text = parent.text.fork() if parent.text is not None else None
+            matcher = parent.matcher.fork() if parent.matcher is not None else None
+            child = Sequence(req, i, list(parent.token_ids), text, matcher)
+            child.row = t.copy(row, child, req.seeds[i])
+            t.slot[child.row] = self.adapters.acquire(req.adapter)
             child.status = Status.RUNNING
             self.bm.fork(parent.seq_id, child.seq_id)
-            self._run(child)
+            self.running.append(child.row)
             req.seqs.append(child)
-            children.append(child)
-        return children
+            rows.append(child.row)
+        return rows
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a running or waiting sequence (finished or aborted) and free its resources."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
-            self._stop(seq)
+            self.running.remove(seq.row)
             self._release(seq)
         else:
             self.waiting.remove(seq)
+        if seq.text is not None:
+            seq.text.finish()
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.table.free(seq.row)
         req = seq.request
-        req.num_finished = req.num_finished + 1 if req.forked else req.params.n
+        # A request that ends before its first sample ends all n of its completions.
+        req.num_finished = req.num_finished + 1 if len(req.seqs) == req.params.n else req.params.n
+        if req.finished:
+            self.requests.pop(req.request_id, None)
 
     def _release(self, seq: Sequence) -> None:
+        t = self.table
         if self.bm.has_sequence(seq.seq_id):
             self.bm.free(seq.seq_id)
-        self.adapters.release(seq.slot)
-        seq.slot = -1
-        seq.num_computed = 0
+        self.adapters.release(int(t.slot[seq.row]))
+        t.slot[seq.row] = -1
+        t.num_computed[seq.row] = 0

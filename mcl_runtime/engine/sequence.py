@@ -1,14 +1,20 @@
-"""Requests and their sequences (one per completion when ``n > 1``)."""
+"""Requests and their sequences (one per completion when ``n > 1``).
+
+Every field of a ``Sequence`` and every per-sequence column of the ``SequenceTable`` is written by
+the scheduler, except the output marks (``sent_*``), written by the output builder (``outputs.py``).
+"""
 
 from __future__ import annotations
 
 import enum
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 from mcl_runtime.engine.params import SamplingParams
 
-PENDING = -1  # a sampled token not yet read back from the device (overlapped steps)
+if TYPE_CHECKING:
+    from mcl_runtime.engine.outputs import TextStream
 
 
 class Status(enum.Enum):
@@ -18,12 +24,10 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    """Token ids (prompt + output) and how many of them have KV in the cache.
+    """A completion's token ids (prompt, then the recorded outputs) and its table row.
 
-    A step computes ``token_ids[num_computed:num_computed + n]``; when that reaches the end of
-    ``token_ids`` the step also samples the next token. Prefill and decode differ only in ``n``.
-    A sampled token is appended as ``PENDING`` when its step is launched and gets its value when the
-    step's tokens are processed (at once, or one step later with overlap).
+    ``token_ids`` holds only recorded tokens: a sample in flight (launched, not yet read back) is
+    counted in its row's ``num_sampled`` and appended when its step is processed.
     """
 
     __slots__ = (
@@ -31,42 +35,28 @@ class Sequence:
         "request",
         "index",
         "token_ids",
-        "num_computed",
         "row",
-        "pending_row",
         "status",
         "finish_reason",
         "text",
-        "slot",
         "matcher",
+        "sent_tokens",
+        "sent_chars",
     )
     _ids = itertools.count()
 
-    def __init__(self, request: Request, index: int, token_ids: list[int], row: int) -> None:
+    def __init__(self, request: Request, index: int, token_ids: list[int], text: TextStream | None, matcher) -> None:
         self.seq_id = next(Sequence._ids)
         self.request = request
         self.index = index
         self.token_ids = token_ids
-        self.num_computed = 0
-        self.row = row  # in the scheduler's SequenceTable
-        self.pending_row = -1  # where the PENDING token is in the last launched step's samples
+        self.row = -1  # in the scheduler's SequenceTable
         self.status = Status.WAITING
         self.finish_reason: str | None = None
-        self.text = None  # TextStream when the text is built every step, else None
-        self.slot = -1  # adapter slot while running, -1 = base model
-        self.matcher = None  # GrammarMatcher of a constrained request (survives preemption)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.request.num_prompt_tokens
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        self.text = text  # TextStream when the text is built every step, else None
+        self.matcher = matcher  # GrammarMatcher of a constrained request (survives preemption)
+        self.sent_tokens = request.num_prompt_tokens  # output marks of delta outputs (outputs.py)
+        self.sent_chars = 0
 
     @property
     def finished(self) -> bool:
@@ -74,6 +64,8 @@ class Sequence:
 
 
 class Request:
+    """What was asked (validated by the engine) and the sequences answering it."""
+
     def __init__(
         self,
         request_id: str,
@@ -83,7 +75,6 @@ class Request:
         adapter_uid: int,
         max_tokens: int,
         seeds: list[int],
-        stream: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -93,14 +84,10 @@ class Request:
         self.adapter_uid = adapter_uid
         self.max_tokens = max_tokens
         self.seeds = seeds  # one per completion
-        self.stream = stream  # a reader wants the text while it grows
         self.seqs: list[Sequence] = []
         self.num_finished = 0
         self.arrival_time = time.monotonic()
-
-    @property
-    def forked(self) -> bool:
-        return len(self.seqs) == self.params.n
+        self.first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -96,17 +96,29 @@ class Grammars:
             )
         return self.compiler.compile_grammar(spec.grammar)
 
-    def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(spec))
+    def matcher(self, spec: StructuredOutput) -> Constraint:
+        return Constraint(xgr.GrammarMatcher(self.compile(spec)))
 
-    @staticmethod
-    def accept(matcher: xgr.GrammarMatcher, token: int) -> bool:
-        """Advance ``matcher`` by the sampled ``token``; True when the constrained output is over
-        (its stop token accepted, or a token it cannot accept)."""
-        if not matcher.accept_token(token):
+
+class Constraint:
+    """One constrained sequence's grammar state: the masker fills its next-token mask from
+    ``matcher``; each sampled token advances it."""
+
+    __slots__ = ("matcher",)
+
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self.matcher = matcher
+
+    def fork(self) -> Constraint:
+        return Constraint(self.matcher.fork())
+
+    def accept(self, token: int) -> bool:
+        """Advance by the sampled ``token``; True when the constrained output is over (its stop
+        token accepted, or a token it cannot accept)."""
+        if not self.matcher.accept_token(token):
             logger.warning("grammar matcher rejected token %d; ending the constrained sequence", token)
             return True
-        return matcher.is_terminated()
+        return self.matcher.is_terminated()
 
 
 def _strict_strings(ebnf: str) -> str:
@@ -137,8 +149,9 @@ class GrammarMasker:
         self._filler = xgr.BatchGrammarMatcher()
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
-    def __call__(self, logits: torch.Tensor, rows: list[int], matchers: list[xgr.GrammarMatcher]) -> None:
-        """Mask ``logits [N, V]`` in place: row ``rows[i]`` follows ``matchers[i]``; other rows are untouched."""
+    def __call__(self, logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
+        """Mask ``logits [N, V]`` in place: row ``rows[i]`` follows ``constraints[i]``; other rows are untouched."""
+        matchers = [c.matcher for c in constraints]
         first: dict[int, int] = {}  # an n > 1 request's first sample repeats its matcher: fill it once
         unique = [(r, m) for r, m in zip(rows, matchers) if first.setdefault(id(m), r) == r]
         if self._bitmask.shape[0] < len(logits):
