@@ -126,7 +126,7 @@ def step_context(shape: dict, decode_steps: int, tmp: Path):
     params = SamplingParams(max_tokens=decode_steps + 8, ignore_eos=True)
     for i in range(n):
         engine.add_request(None, torch.randint(0, 500, (plen,), generator=gen).tolist(), params, names[i % len(names)])
-    while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
+    while engine.scheduler.waiting or (engine.table.num_computed[engine.scheduler.running] == 0).any():
         engine.step()
     for _ in range(decode_steps):
         engine.step()

@@ -1,4 +1,4 @@
-"""Issue #12: host overhead of one decode step (everything but the model's arithmetic).
+"""Host overhead of one decode step (everything but the model's arithmetic).
 
     python benchmarks/bench_host_overhead.py [--device cpu|cuda] [--seqs 1 32 256] [--compare REF] [--repeat K]
                                              [--smoke] [--out-dir DIR]
@@ -11,7 +11,8 @@ consumers: ``generate`` reads nothing until a request ends (what ``Engine.genera
 like it asks ``step(finished_only=True)`` where the engine has that argument), ``step`` calls a
 plain ``step()`` (outputs of every request that progressed) and reads only the ended ones,
 ``stream`` reads every output's text after every step (what a streaming server does; its requests
-are added with ``stream=True`` where the engine has that argument).
+are added with ``stream=True`` where the engine has that argument, and ask for delta outputs where
+the engine has ``SamplingParams.output_kind``, as the server does).
 
 A second, profiled pass splits the step: scheduling (``scheduler.schedule``), runner metadata
 (``runner.run`` up to the model's forward), forward, LM head (``model.compute_logits``), sampling
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -176,11 +178,11 @@ class Profile:
             patch(engine.scheduler, "schedule", self._timed(engine.scheduler.schedule, "scheduling")),
             patch(runner, "run", self._timed(runner.run, "run")),
         ]
-        self._undo += [
-            patch(engine, name, self._timed(getattr(engine, name), "outputs"))
-            for name in OUTPUT_METHODS
-            if hasattr(engine, name)
-        ]
+        methods = [name for name in OUTPUT_METHODS if hasattr(engine, name)]
+        self._undo += [patch(engine, name, self._timed(getattr(engine, name), "outputs")) for name in methods]
+        module = sys.modules[type(engine).__module__]
+        if not methods and hasattr(module, "request_outputs"):  # the engine calls the builder directly
+            self._undo.append(patch(module, "request_outputs", self._timed(module.request_outputs, "outputs")))
         if hasattr(engine.model, "compute_logits"):
             self._undo.append(
                 patch(engine.model, "compute_logits", self._timed(engine.model.compute_logits, "lm_head"))
@@ -275,6 +277,18 @@ def dense_ms(engine: Engine, n: int, reps: int = 30) -> float:
     return 1e3 * statistics.median(times[3:])
 
 
+def prefilling(engine: Engine) -> bool:
+    """A request waits or has not started its prefill (engines whose scheduler runs rows of a
+    table, and older ones whose scheduler runs Sequence objects)."""
+    scheduler = engine.scheduler
+    if scheduler.waiting:
+        return True
+    table = getattr(engine, "table", None)
+    if table is not None and hasattr(table, "num_computed"):
+        return bool((table.num_computed[scheduler.running] == 0).any())
+    return any(s.num_computed == 0 for s in scheduler.running)
+
+
 def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, profile: bool) -> dict:
     """Median ms per decode step (and mean parts when profiling) with ``n`` running sequences."""
     from mcl_runtime import SamplingParams
@@ -282,6 +296,8 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
     names = [f"a{i}" for i in range(NUM_ADAPTERS)] + [None]
     gen = torch.Generator().manual_seed(n)
     params = SamplingParams(max_tokens=args.warmup + args.steps + 8, ignore_eos=True)
+    if consumer == "stream" and "output_kind" in {f.name for f in dataclasses.fields(SamplingParams)}:
+        params = dataclasses.replace(params, output_kind="delta")  # what the server streams from
     stream = (
         {"stream": True}
         if consumer == "stream" and "stream" in inspect.signature(engine.add_request).parameters
@@ -300,7 +316,7 @@ def measure(engine: Engine, n: int, consumer: str, args: argparse.Namespace, pro
     # generate asks for the finished requests only, as Engine.generate does (where the engine can)
     finished_only = consumer == "generate" and "finished_only" in inspect.signature(engine.step).parameters
     step_kwargs = {"finished_only": True} if finished_only else {}
-    while engine.scheduler.waiting or any(s.num_computed == 0 for s in engine.scheduler.running):
+    while prefilling(engine):
         consume(engine.step(**step_kwargs), consumer)
     for _ in range(args.warmup + 1):  # + 1: the step that samples after the last prefill
         consume(engine.step(**step_kwargs), consumer)

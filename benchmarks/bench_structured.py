@@ -47,8 +47,10 @@ class GrammarClock:
 
     def __init__(self, engine) -> None:
         self.seconds = np.zeros(2)
-        grammars = engine.grammars
-        masker, accept = engine.runner.grammar, grammars.accept
+        from mcl_runtime.engine.structured import Constraint
+
+        engine.grammars  # noqa: B018 - built on first use, with the runner's masker
+        masker = engine.runner.grammar
 
         def timed(fn):
             def wrapper(*args):
@@ -61,7 +63,7 @@ class GrammarClock:
             return wrapper
 
         engine.runner.grammar = timed(masker)
-        grammars.accept = timed(accept)
+        Constraint.accept = timed(Constraint.accept)  # the class's: each request's constraint is new
 
 
 def decode_steps(engine, batch: int, steps: int, constrained: bool, rng: np.random.Generator) -> list[np.ndarray]:
@@ -77,7 +79,7 @@ def decode_steps(engine, batch: int, steps: int, constrained: bool, rng: np.rand
     vocab = engine.tokenizer.vocab_size - 8
     for i in range(batch):
         engine.add_request(None, rng.integers(0, vocab, 16).tolist(), params, adapter=AGENTS[i % len(AGENTS)])
-    while any(s.num_output_tokens == 0 for s in engine.scheduler.running + list(engine.scheduler.waiting)):
+    while engine.scheduler.waiting or (engine.table.num_out[engine.scheduler.running] == 0).any():
         engine.step()
     times = []
     for _ in range(steps):

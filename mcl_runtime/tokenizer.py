@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -158,6 +159,15 @@ class Tokenizer:
         return table
 
     @functools.cached_property
+    def byte_fallback(self) -> frozenset[int]:
+        """Ids of SentencePiece byte-fallback tokens (``<0x00>`` ... ``<0xFF>``). A ``ByteFallback``
+        decoder decodes each run of them as one UTF-8 string, or, when the run is not valid UTF-8,
+        as one U+FFFD per byte: the text of a run is known only once it ends."""
+        return frozenset(
+            i for token, i in self.backend.get_vocab().items() if len(token) == 6 and _BYTE_TOKEN.fullmatch(token)
+        )
+
+    @functools.cached_property
     def token_texts(self) -> list[str | None] | None:
         """Each id's text when its ``token_bytes`` are whole UTF-8 characters on their own (most
         tokens), else None; None when there are no ``token_bytes``."""
@@ -201,15 +211,19 @@ class IncrementalDetokenizer:
     The window of ids kept (``_ids``) is decoded at each step; its first ``_read`` ids are context whose
     text was already emitted (a few ids, so decoders that depend on neighbours, like SentencePiece's
     leading space, see them). Text is held back while the window's text ends with U+FFFD (a UTF-8
-    character split across tokens, possibly completed by the next token); everything before that
-    run is emitted. When the text ends cleanly and ``SLIDE_EVERY`` ids were added since the last
+    character split across tokens, possibly completed by the next token), and while it ends in a
+    run of byte-fallback tokens (whose text changes as the run grows): everything before is emitted,
+    and emitted text never changes, so the deltas always add up to the text of the whole. A prompt
+    that ends in a byte-fallback run gives no context (the run ends where the output begins).
+    When the text ends cleanly and ``SLIDE_EVERY`` ids were added since the last
     slide, the window slides forward (one more decode), so a step costs one decode of a short
     window, 1 + 1 / SLIDE_EVERY on average, except during a run of undecodable bytes.
     A byte-level tokenizer (``Tokenizer.token_bytes``) with ``skip_special_tokens`` needs none of
     this: each id's bytes go through an incremental UTF-8 decoder, which holds back only an
     unfinished character (no decode call, no window).
-    ``"".join(add(...) deltas) + flush()`` equals ``tokenizer.decode(all_output_ids)``; call
-    ``flush()`` when the sequence ends.
+    ``"".join(add(...) deltas) + flush()`` is the text the output ids add to the prompt's
+    (``decode(prompt + output)`` past ``decode(prompt)``; ``decode(output)`` for a byte-level
+    tokenizer, or without context); call ``flush()`` when the sequence ends.
     """
 
     CONTEXT_TOKENS = 5
@@ -224,9 +238,10 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._vocab = tokenizer.vocab_size  # ids past it decode to nothing: they are dropped on the way in
+        self._byte_ids = tokenizer.byte_fallback
         self._ids = _in_vocab(prompt_ids, self._vocab)[-self.CONTEXT_TOKENS :]
         context = self._decode(self._ids)
-        if context.endswith(REPLACEMENT_CHAR):  # the prompt ends inside a character: no context
+        if context.endswith(REPLACEMENT_CHAR) or (self._ids and self._ids[-1] in self._byte_ids):
             self._ids, context = [], ""
         self._read = len(self._ids)
         self._sent = len(context)  # characters of the window's text already emitted
@@ -237,6 +252,8 @@ class IncrementalDetokenizer:
             table = self._bytes
             return self._utf8(b"".join([table[i] for i in new_ids if 0 <= i < len(table)]))
         self._ids.extend(_in_vocab(new_ids, self._vocab))
+        if self._ids and self._ids[-1] in self._byte_ids:  # a byte-fallback run may go on
+            return ""
         text = self._decode(self._ids)
         stable = len(text.rstrip(REPLACEMENT_CHAR))
         delta = text[self._sent : stable]
@@ -283,6 +300,9 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode_known(ids, skip_special_tokens=self._skip) if ids else ""
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @functools.cache

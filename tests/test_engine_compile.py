@@ -113,3 +113,12 @@ def test_compiled_triton_backend_is_one_graph(qwen_family, aot_eager):
     assert [o.token_ids for o in outs] == [list(r) for r in ref]
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] >= 1
+
+
+def test_a_compiled_engine_changes_no_process_wide_setting(qwen_family, aot_eager):
+    """The recompile limit the buckets need is raised around the engine's own compiled calls only."""
+    base, adapters = qwen_family
+    before = torch._dynamo.config.recompile_limit
+    engine = _engine(base, adapters, compile=True, max_num_seqs=8, **aot_eager)
+    _generate(engine, _prompts(), NAMES["qwen2"])
+    assert torch._dynamo.config.recompile_limit == before

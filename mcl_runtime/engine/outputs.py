@@ -5,7 +5,9 @@ scheduler has to find them) or is streamed (``add_request(stream=True)`` or ``ou
 Such a sequence has a ``TextStream``: incremental detokenization into an append-only list of pieces.
 A snapshot holds character offsets into it and joins only its own range when read, so a delta
 output costs what its new text costs, whatever the length so far. Other sequences build their text
-from their token ids when ``CompletionOutput.text`` is first read (one decode).
+when ``CompletionOutput.text`` is first read, by the same incremental detokenization replayed over
+their token ids: every output's text comes from one path, so a request's text does not depend on
+whether it was streamed.
 
 Per request, ``SamplingParams.output_kind`` says what a step's output holds (vLLM's kinds):
 ``"cumulative"`` everything so far, ``"delta"`` what is new since the request's last output (token
@@ -19,7 +21,7 @@ from collections.abc import Iterable
 
 from mcl_runtime.engine.params import CompletionOutput, RequestOutput
 from mcl_runtime.engine.sequence import Request, Sequence
-from mcl_runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, Tokenizer
+from mcl_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:
@@ -137,9 +139,10 @@ class _Snapshot(CompletionOutput):
             _, _, first_char, end_char = self._range
             if end_char >= 0:
                 self._text = self._seq.text.text(first_char, end_char)
-            else:
-                text = self._tokenizer.decode(self.token_ids)
-                self._text = text if self.finish_reason else text.rstrip(REPLACEMENT_CHAR)
+            else:  # the same detokenization, replayed over the tokens
+                detok = IncrementalDetokenizer(self._tokenizer, self._seq.request.prompt_token_ids)
+                text = "".join([detok.add_token(t) for t in self.token_ids])
+                self._text = text + detok.flush() if self.finish_reason else text
         return self._text
 
     @text.setter

@@ -4,19 +4,23 @@ Request semantics beyond OpenAI's:
 
 - ``model`` is the base model's name or a loaded adapter's name (404 otherwise).
 - ``max_tokens`` defaults to 16 for completions and to the rest of the context for chat; a value
-  below 1 or above the model's context length is a 400; a value that does not fit after the
-  prompt is lowered to what fits. A prompt that fills the context is a 400.
+  below 1 or above the model's context length is a 400 (the engine's check); a value that does not
+  fit after the prompt is lowered to what fits. A prompt that fills the context is a 400.
 - ``temperature`` defaults to 1.0 and ``top_p`` to 1.0, as in OpenAI's API.
 - ``response_format`` (``json_object``, ``json_schema``) and vLLM's ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar``) constrain the output (the engine's xgrammar path).
 - ``logprobs``, ``top_logprobs``, ``best_of`` (other than ``n``), ``suffix``, ``logit_bias`` and
   ``tools`` are not supported, and every field the protocol does not declare (``functions``,
   ``tool_choice``, ...) is refused: a 400 naming the field.
-- Values are validated once, by the engine (``SamplingParams``, prompt length); the server maps
-  its typed errors to HTTP answers.
+- Values are validated once, by the engine (``SamplingParams``, ``Engine.add_request``: prompt,
+  context length, adapter); the server maps its typed errors to HTTP answers and checks nothing
+  itself but the HTTP shape of a body.
+- Streamed responses are written from the engine's delta outputs (``output_kind="delta"``: the
+  text new since the last event); other responses ask for the final output only.
 - Chat prompts are rendered with the tokenizer's chat template (the model folder's
   tokenizer_config.json, or ``mcl_runtime.tokenizer.DEFAULT_CHAT_TEMPLATE``, plain ChatML, when it
-  has none). Prompts are tokenized here with ``engine.tokenizer`` and passed on as token ids.
+  has none). Text prompts are tokenized by ``engine.tokenize`` (off the event loop when long) and
+  passed on as token ids.
 - A client that disconnects has its requests aborted at once (their KV blocks are freed).
 """
 
@@ -84,10 +88,6 @@ logger = logging.getLogger(__name__)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 256  # prompts x n in one request
 _LONG_TEXT = 16384  # characters; longer prompts are tokenized off the event loop
-# A text prompt longer than this many characters per context token is first measured by a prefix
-# of that length, so a huge prompt is refused without tokenizing all of it.
-_PREFIX_CHARS_PER_TOKEN = 8
-_PREFIX_SLACK = 64  # tokens a cut in mid-word may add
 
 
 class APIError(Exception):
@@ -106,14 +106,15 @@ class APIError(Exception):
 def _from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
+    param = getattr(exc, "param", None)
     if isinstance(exc, AdapterNotFoundError):
-        return APIError(404, str(exc), code="model_not_found", param="model")
+        return APIError(404, str(exc), code="model_not_found", param=param)
     if isinstance(exc, AdapterLoadError):
-        return APIError(400, str(exc), code="adapter_load_error")
+        return APIError(400, str(exc), code="adapter_load_error", param=param)
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), code="context_length_exceeded")
+        return APIError(400, str(exc), code="context_length_exceeded", param=param)
     if isinstance(exc, (InvalidRequestError, ModelLoadError)):
-        return APIError(400, str(exc), code="invalid_request")
+        return APIError(400, str(exc), code="invalid_request", param=param)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
@@ -203,13 +204,10 @@ class OpenAIServer:
     def max_model_len(self) -> int:
         return self.aeng.engine.max_model_len
 
-    def resolve(self, model: str) -> str | None:
-        """The adapter a ``model`` field names (``None`` for the base model)."""
-        if model == self.base_name:
-            return None
-        if model in self.aeng.adapters:
-            return model
-        raise APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+    def adapter(self, model: str) -> str | None:
+        """The adapter a ``model`` field names: ``None`` for the base model (the engine refuses an
+        unknown one)."""
+        return None if model == self.base_name else model
 
     def models(self) -> ModelList:
         base = ModelCard(id=self.base_name, root=self.base_name, max_model_len=self.max_model_len)
@@ -222,33 +220,11 @@ class OpenAIServer:
     async def _offload(self, fn: Callable[[], T], size: int) -> T:
         return await asyncio.to_thread(fn) if size > _LONG_TEXT else fn()
 
-    def _check_max_tokens(self, requested: int | None) -> None:
-        if requested is not None and requested > self.max_model_len:
-            raise APIError(
-                400,
-                f"max_tokens ({requested}) exceeds the model's context length ({self.max_model_len} tokens)",
-                code="invalid_value",
-                param="max_tokens",
-            )
-
-    def _encode(self, text: str, param: str) -> list[int]:
-        """Token ids of ``text``; a text far beyond the context is refused from a prefix, without
-        tokenizing all of it (the engine checks the exact length)."""
-        tokenizer = self.aeng.engine.tokenizer
-        cut = _PREFIX_CHARS_PER_TOKEN * self.max_model_len
-        if len(text) > cut and len(tokenizer.encode(text[:cut])) > self.max_model_len + _PREFIX_SLACK:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has more.",
-                code="context_length_exceeded",
-                param=param,
-            )
-        return tokenizer.encode(text)
-
     def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
         """The engine validates every value (``InvalidRequestError`` answers 400)."""
         return SamplingParams(
-            max_tokens=self.max_model_len if max_tokens is None else max_tokens,
+            max_tokens=max_tokens,
+            output_kind="delta" if req.stream else "final_only",
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=-1 if req.top_k is None else req.top_k,
@@ -269,14 +245,13 @@ class OpenAIServer:
         ids = (
             prompt
             if isinstance(prompt, list)
-            else await self._offload(lambda: self._encode(prompt, "prompt"), len(prompt))
+            else await self._offload(lambda: self.aeng.engine.tokenize(prompt), len(prompt))
         )
         echo = "" if not req.echo else prompt if isinstance(prompt, str) else self.aeng.engine.tokenizer.decode(prompt)
         return _Job(ids, params, echo)
 
     async def _completion_jobs(self, req: CompletionRequest) -> list[_Job]:
         _reject_unsupported(req)
-        self._check_max_tokens(req.max_tokens)
         prompts = _prompt_list(req.prompt)
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", code="invalid_value")
@@ -291,12 +266,11 @@ class OpenAIServer:
             raise APIError(
                 400, f"cannot apply the chat template: {exc}", code="invalid_value", param="messages"
             ) from exc
-        return self._encode(text, "messages")
+        return self.aeng.engine.tokenize(text)
 
     async def _chat_job(self, req: ChatCompletionRequest) -> _Job:
         _reject_unsupported(req)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        self._check_max_tokens(requested)
         params = self._params(req, requested)
         size = sum(len(_message_text(m)) for m in req.messages)
         return _Job(await self._offload(lambda: self._render_chat(req), size), params)
@@ -311,9 +285,9 @@ class OpenAIServer:
                 if not accepted:
                     accepted = True
                     self.metrics.requests.labels(model).inc()
-                if not answered and any(o.token_ids for o in out.outputs):
+                if not answered and out.first_token_time is not None:
                     answered = True
-                    self.metrics.ttft.labels(model).observe(time.monotonic() - arrival)
+                    self.metrics.ttft.labels(model).observe(out.first_token_time - arrival)
                 if out.finished:
                     for o in out.outputs:
                         self.metrics.finished.labels(model, o.finish_reason or "none").inc()
@@ -351,7 +325,7 @@ class OpenAIServer:
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        adapter = self.resolve(req.model)
+        adapter = self.adapter(req.model)
         jobs = await self._completion_jobs(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outs = self._run(jobs, adapter, req.model, request_id, arrival)
@@ -369,7 +343,7 @@ class OpenAIServer:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        adapter = self.resolve(req.model)
+        adapter = self.adapter(req.model)
         job = await self._chat_job(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outs = self._run([job], adapter, req.model, request_id, arrival)

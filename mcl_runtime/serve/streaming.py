@@ -111,36 +111,25 @@ async def last_outputs(stream: AsyncIterator[tuple[int, RequestOutput]]) -> dict
 
 
 def usage(outs: Iterable[RequestOutput]) -> Usage:
+    """Token counts of a request's final (whole) outputs."""
     outs = list(outs)
     prompt = sum(len(out.prompt_token_ids) for out in outs)
     completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-class _Choice:
-    """Turns one choice's cumulative text into the increments a stream sends. The engine's text of
-    a running request only grows: it holds back split UTF-8 characters and stop-string prefixes."""
-
-    def __init__(self) -> None:
-        self.sent, self.done = 0, False
-
-    def delta(self, text: str, finished: bool) -> str:
-        piece = text[self.sent :]
-        self.sent = max(self.sent, len(text))
-        self.done = finished
-        return piece
-
-
 class ChunkWriter:
-    """Server-sent event payloads of one streamed request; subclasses give the chunk shape."""
+    """Server-sent event payloads of one streamed request, from the engine's delta outputs (each
+    holds the text and token ids new since the last one); subclasses give the chunk shape."""
 
     object_name = ""
 
     def __init__(self, request_id: str, model: str, n: int) -> None:
         self.request_id, self.model, self.n = request_id, model, n
         self.created = int(time.time())
-        self.choices: dict[int, _Choice] = {}
-        self.latest: dict[int, RequestOutput] = {}
+        self.done: set[int] = set()  # choices whose finish reason was sent
+        self.prompt_tokens: dict[int, int] = {}  # per prompt
+        self.completion_tokens = 0
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -159,20 +148,25 @@ class ChunkWriter:
         return []
 
     def update(self, prompt_index: int, out: RequestOutput) -> list[dict[str, Any]]:
-        self.latest[prompt_index] = out
+        self.prompt_tokens[prompt_index] = len(out.prompt_token_ids)
         chunks = []
         for o in out.outputs:
             index = prompt_index * self.n + o.index
-            choice = self.choices.setdefault(index, _Choice())
-            if choice.done:
+            if index in self.done:
                 continue
-            piece = choice.delta(o.text, o.finish_reason is not None)
-            if piece or o.finish_reason is not None:
-                chunks.append(self._chunk([self._choice(index, piece, o.finish_reason)]))
+            self.completion_tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                self.done.add(index)
+            if o.text or o.finish_reason is not None:
+                chunks.append(self._chunk([self._choice(index, o.text, o.finish_reason)]))
         return chunks
 
     def usage_chunk(self) -> dict[str, Any]:
-        return self._chunk([], usage=usage(self.latest.values()).model_dump())
+        prompt = sum(self.prompt_tokens.values())
+        counts = Usage(
+            prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens
+        )
+        return self._chunk([], usage=counts.model_dump())
 
 
 class CompletionChunks(ChunkWriter):
