@@ -326,7 +326,7 @@ class StepComposition:
 
     def _wrapped(self) -> ScheduledBatch:
         batch = self._schedule()
-        decode = sum(1 for s, n in zip(batch.seqs, batch.num_new) if n == 1 and s.num_output_tokens > 0)
+        decode = int(((batch.num_new == 1) & (batch.steps > 0)).sum())  # one token of a sequence with outputs
         self.last = (batch.num_tokens - decode, decode)
         return batch
 

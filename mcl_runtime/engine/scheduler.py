@@ -109,17 +109,28 @@ class Scheduler:
 
     # ---- schedule ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        t = self.table
         budget = self.max_num_batched_tokens
+        decodes, chunks, budget = self._schedule_running(budget)
+        finished = self._admit_waiting(chunks, budget)
+        if not len(decodes) and not chunks:
+            return _empty(finished)
+        return self._launch(decodes, chunks, finished)
+
+    def _schedule_running(self, budget: int) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+        """The running sequences' work: one token for each decode (rows), then the next chunk of
+        each in prefill ((row, tokens) pairs), within ``budget`` tokens; returns what is left of it."""
+        t = self.table
         running = np.array(self.running, dtype=np.int64)
         pending = t.num_tokens(running) - t.num_computed[running]
         # A decode whose samples are all launched waits for its last one to be processed.
         decodes = running[(pending == 1) & (t.num_sampled[running] < t.max_out[running])][:budget]
         decodes = self._reserve_decodes(decodes)
         budget -= len(decodes)
-        chunks: list[tuple[int, int]] = []  # (row, tokens) of prefill chunks
+        chunks: list[tuple[int, int]] = []
         prefills = pending > 1
-        scheduled = set(t.seq_id[decodes].tolist()) if prefills.any() else set()
+        if not prefills.any():
+            return decodes, chunks, budget
+        scheduled = set(t.seq_id[decodes].tolist())
         for row, left in zip(running[prefills].tolist(), pending[prefills].tolist()):
             if budget <= 0:
                 break
@@ -130,11 +141,18 @@ class Scheduler:
                 chunks.append((row, n))
                 scheduled.add(int(t.seq_id[row]))
                 budget -= n
+        return decodes, chunks, budget
+
+    def _admit_waiting(self, chunks: list[tuple[int, int]], budget: int) -> list[Sequence]:
+        """Admit waiting sequences, first come first served, with their first chunks (appended to
+        ``chunks``) while the token budget, the sequence limit, KV blocks and adapter slots allow.
+        Returns the sequences ended instead: one that needs more KV blocks than the whole cache."""
+        t = self.table
         finished: list[Sequence] = []
         no_slot: list[Sequence] = []
-        run = np.array(self.running, dtype=np.int64)
+        running = np.array(self.running, dtype=np.int64)
         # A sequence that forks at its first sample needs room for all n completions.
-        seats = len(run) + int((t.n[run] - 1)[t.num_sampled[run] == 0].sum())
+        seats = len(running) + int((t.n[running] - 1)[t.num_sampled[running] == 0].sum())
         while self.waiting and budget > 0 and seats + t.completions(self.waiting[0].row) <= self.max_num_seqs:
             seq = self.waiting[0]
             n = self._admit(seq, budget)
@@ -142,19 +160,17 @@ class Scheduler:
                 no_slot.append(self.waiting.popleft())
                 continue
             if n == 0:
-                if not self.running:  # it needs more KV blocks than the whole cache holds
-                    self.finish(seq, "length")
-                    finished.append(seq)
-                    continue
-                break
+                if self.running:  # the KV cache is full: wait for blocks to be freed
+                    break
+                self.finish(seq, "length")  # nothing runs, and it still does not fit
+                finished.append(seq)
+                continue
             self.waiting.popleft()
             chunks.append((seq.row, n))
             budget -= n
             seats += int(t.completions(seq.row))
         self.waiting.extendleft(reversed(no_slot))
-        if not len(decodes) and not chunks:
-            return _empty(finished)
-        return self._launch(decodes, chunks, finished)
+        return finished
 
     def _launch(self, decodes: np.ndarray, chunks: list[tuple[int, int]], finished: list[Sequence]) -> ScheduledBatch:
         """The batch of ``decodes`` and prefill ``chunks`` in forward order, recorded as launched."""
