@@ -220,7 +220,7 @@ class Scheduler:
             finished=finished,
         )
 
-    def _tokens(self, row: int, start: int, n: int) -> np.ndarray | list[int]:
+    def _tokens(self, row: int, start: int, n: int) -> list[int]:
         """Tokens ``start:start + n`` of a row's sequence; PENDING for one still in flight."""
         ids = self.table.seqs[row].token_ids[start : start + n]
         return ids + [PENDING] * (n - len(ids))
