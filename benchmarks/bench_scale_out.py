@@ -122,6 +122,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--t", type=int, default=3, help="debugging rounds per problem")
     p.add_argument("--max-tokens", type=int, default=96, help="per model call")
     p.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/results)")
+    p.add_argument("--note", default="", help="how the machine was during the run (recorded in the JSON)")
     args = p.parse_args()
     if args.smoke:
         args.problems, args.workers, args.t, args.max_tokens = 2, 2, 1, 16
@@ -166,9 +167,12 @@ def main() -> None:
             "prefix_cache_hit_rate_session_routing": two["prefix_cache_hit_rate"],
             "prefix_cache_hit_rate_random_routing": random_two["prefix_cache_hit_rate"],
         },
-        "cores": cores,
-        "note": "one CPU per replica; the client and its sandbox share the machine"
-        + ("" if cores >= 4 else f" (only {cores} cores here: the replicas compete with the client)"),
+        "conditions": {
+            "cores": cores,
+            "placement": "one CPU per replica; the client and its sandbox run on the same machine"
+            + ("" if cores >= 4 else f" (only {cores} cores here: the replicas compete with the client)"),
+            "note": args.note,
+        },
         "environment": environment("cpu"),
     }
     print(
@@ -195,7 +199,8 @@ def plot(report: dict, png: Path) -> None:
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=8)
     env = report["environment"]
-    fig.suptitle(f"Ray Serve replicas of mcl-demo-tiny, one CPU each ({env['cpu']}, {report['cores']} cores)")
+    cores = report["conditions"]["cores"]
+    fig.suptitle(f"Ray Serve replicas of mcl-demo-tiny, one CPU each ({env['cpu']}, {cores} cores)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
