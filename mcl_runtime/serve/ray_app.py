@@ -445,5 +445,5 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if local:
             serve.shutdown()
-            ray.shutdown()
+        ray.shutdown()  # stops the Ray started here; leaves a cluster at --ray-address running
     return 0
