@@ -57,6 +57,9 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j2"], cwd=build_dir)
 
 
+# Replicas behind one endpoint (python -m mcl_runtime.serve --replicas N). The floor is the version tested:
+# its request-router API (alpha), consistent-hash router and DeploymentHandle.broadcast are used.
+CLUSTER = ["ray[serve]>=2.60"]
 packages = find_packages(include=["mcl_runtime", "mcl_runtime.*"])
 # Floors: the oldest version of each that the test suite (CI's Python 3.11 environment) or the GPU
 # run's CPU preflight (benchmarks/run_gpu.sh --cpu-preflight in the device image's versions: Python
@@ -94,7 +97,9 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "test": ["pytest>=9.0.3", "pytest-timeout>=2.4", "jsonschema>=4.26", "schemathesis", "ruff>=0.17.5"],
+        "cluster": CLUSTER,
+        # the tests cover the replicas too (marked ray: pytest -m "not ray" leaves them out)
+        "test": ["pytest>=9.0.3", "pytest-timeout>=2.4", "jsonschema>=4.26", "schemathesis", "ruff>=0.17.5", *CLUSTER],
     },
     entry_points={
         "console_scripts": [

@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
-CPU_RESULTS = {"engine_cpu", "block_manager"}  # benchmarks whose issue asks for CPU numbers
+CPU_RESULTS = {"engine_cpu", "block_manager", "scale_out"}  # benchmarks whose issue asks for CPU numbers
 GIB = 1 << 30
 
 
@@ -389,6 +389,7 @@ TITLES = {
     "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
     "multi_lora": "Throughput vs number of adapters (issue #8.2)",
     "bandwidth": "Batch-1 decode bandwidth (issue #8.3)",
+    "scale_out": "Replicas on Ray Serve: 1 vs 2, session vs random routing (issue #30)",
 }
 ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
 

@@ -4,6 +4,11 @@ Backends: ``--endpoint URL`` (any OpenAI-compatible server; each agent's ``model
 name unless ``--agent-model AGENT=NAME`` says otherwise), ``--model DIR --lora NAME=DIR ...``
 (the in-process engine), or neither (the in-process engine with the embedded demo model).
 
+With ``--endpoint``, each call carries its problem's id as ``X-Session-ID`` (a replicated server keeps
+a problem on one replica), and calls that fail with a connection error or a 5xx are retried with
+backoff (``--retries``). ``--out`` is also the resume point: a run over an existing results file skips
+the problems it holds and redoes those that ended in an error, so every problem is written once.
+
 Defaults are MapCoder's published settings: k and t per dataset (HumanEval and HumanEval-ET k=5,
 t=5; the others k=3, t=5), 4096 tokens per call, MapCoder's debugging loop (the t-th fix is not
 tested); ``--test-last-fix`` is our variant. Differences from MapCoder: docs/mapcoder_differences.md.
@@ -20,9 +25,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mcl_runtime.agents.datasets import BUILTIN, load_problems
-from mcl_runtime.agents.evaluate import evaluate, summary_path
+from mcl_runtime.agents.evaluate import ResumeMismatch, evaluate, summary_path
 from mcl_runtime.agents.judge import Judge
-from mcl_runtime.agents.llm import EngineChatClient, OpenAIChatClient
+from mcl_runtime.agents.llm import DEFAULT_RETRIES, EngineChatClient, OpenAIChatClient
 from mcl_runtime.agents.mapcoder import MAPCODER_MAX_TOKENS, MapCoder, MapCoderConfig, published_k_t
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
@@ -93,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="in-process engine dtype")
     add_execution_mode_args(p)
     p.add_argument("--api-key", default="EMPTY", help="for --endpoint")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="retries of a call that fails with a connection error, a timeout, a 429 or a 5xx (--endpoint)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -104,7 +115,7 @@ def _check_agent_names(names: dict[str, str]) -> None:
 
 
 async def _endpoint_client(args: argparse.Namespace, names: dict[str, str]) -> OpenAIChatClient:
-    client = OpenAIChatClient(args.endpoint, names, api_key=args.api_key)
+    client = OpenAIChatClient(args.endpoint, names, api_key=args.api_key, max_retries=args.retries)
     served = await client.served_models()
     missing = sorted({client.model_for(a) for a in AGENTS} - set(served))
     if missing:
@@ -170,7 +181,7 @@ async def _run(args: argparse.Namespace, names: dict[str, str]) -> dict:
             traj = None
             if args.trajectories:
                 args.trajectories.parent.mkdir(parents=True, exist_ok=True)
-                traj = stack.enter_context(open(args.trajectories, "w"))
+                traj = stack.enter_context(open(args.trajectories, "a" if args.out.exists() else "w"))
             return await evaluate(
                 problems,
                 MapCoder(client, judge, config),
@@ -201,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("k", "workers", "max_tokens", "timeout"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
-    if args.t < 0 or (args.limit is not None and args.limit < 0):
-        raise SystemExit("--t and --limit must not be negative")
+    if args.t < 0 or args.retries < 0 or (args.limit is not None and args.limit < 0):
+        raise SystemExit("--t, --retries and --limit must not be negative")
     names = parse_pairs(args.agent_model, "--agent-model")
     _check_agent_names(names)
     parse_pairs(args.lora, "--lora")
-    summary = asyncio.run(_run(args, names))
+    try:
+        summary = asyncio.run(_run(args, names))
+    except ResumeMismatch as exc:
+        raise SystemExit(f"mcl_runtime.pipeline: {exc}") from None
     print(json.dumps(summary, indent=2))
     print(
         f"pass@1 {summary['pass@1']:.4f} ({summary['passed']}/{summary['problems']}); "

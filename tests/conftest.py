@@ -18,12 +18,15 @@ SERVER_STACK = ("fastapi", "uvicorn", "pydantic", "openai")
 
 def pytest_runtest_setup(item):
     """Tests marked ``server_stack`` (they start the OpenAI-compatible server or use the openai client)
-    are skipped where one of its modules is missing: the GPU image has none of them."""
+    are skipped where one of its modules is missing: the GPU image has none of them. Tests marked
+    ``ray`` are skipped without Ray Serve (the cluster extra)."""
     import pytest
 
     if item.get_closest_marker("server_stack"):
         for module in SERVER_STACK:
             pytest.importorskip(module)
+    if item.get_closest_marker("ray"):
+        pytest.importorskip("ray.serve", reason="Ray Serve is the cluster extra: pip install -e '.[cluster]'")
 
 
 def pytest_collection_modifyitems(config, items):

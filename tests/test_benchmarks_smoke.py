@@ -10,6 +10,7 @@ its own. Smoke output goes to a temporary folder; ``make_report.py --smoke`` the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ EXPECTED = [
 GPU_RUN = ["bench_lora_kernels", "bench_attention", "bench_vs_32b", "bench_bandwidth", "bench_multi_lora"]
 SCRIPTS = [s for s in dict.fromkeys(EXPECTED + sorted(p.stem for p in BENCH.glob("bench_*.py"))) if s not in GPU_RUN]
 TIMEOUT_S = 150
+SLOW = {"bench_scale_out": 420}  # starts Ray and deploys three applications
 PREFLIGHT_TIMEOUT_S = 900
 PARALLEL = 3
 PREFLIGHT = "run_gpu_preflight"
@@ -65,12 +67,36 @@ def _command(script: str, out_dir: Path) -> list[str]:
     return cmd
 
 
+# Scripts that need an optional extra, with the marker their test carries (deselectable, skipped without it).
+MARKS = {"bench_serve": pytest.mark.server_stack, "bench_scale_out": pytest.mark.ray}
+
+
+def _selected(session: pytest.Session) -> set[str]:
+    """The scripts whose smoke test runs in this session (after ``-m``/``-k`` deselection and skips)."""
+    selected = set()
+    for item in session.items:
+        if getattr(item, "originalname", None) != "test_benchmark_smoke":
+            continue
+        mark = MARKS.get(item.callspec.params["script"])
+        if mark is not None and mark.name == "ray" and importlib.util.find_spec("ray") is None:
+            continue
+        selected.add(item.callspec.params["script"])
+    return selected
+
+
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory) -> tuple[Path, dict[str, Future]]:
+def smoke_runs(request, tmp_path_factory) -> tuple[Path, dict[str, Future]]:
     out_dir = tmp_path_factory.mktemp("bench_smoke")
     pool = ThreadPoolExecutor(PARALLEL)
     futures = {PREFLIGHT: pool.submit(_preflight, out_dir / PREFLIGHT)}
-    futures.update({s: pool.submit(_run, _command(s, out_dir)) for s in SCRIPTS if (BENCH / f"{s}.py").is_file()})
+    selected = _selected(request.session)
+    futures.update(
+        {
+            s: pool.submit(_run, _command(s, out_dir), SLOW.get(s, TIMEOUT_S))
+            for s in SCRIPTS
+            if s in selected and (BENCH / f"{s}.py").is_file()
+        }
+    )
     yield out_dir, futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -101,14 +127,12 @@ def test_run_gpu_cpu_preflight(smoke_runs) -> None:
     assert "./summary.txt" in names and "./report/README.preview.md" in names, names
 
 
-@pytest.mark.parametrize(
-    "script", [pytest.param(s, marks=pytest.mark.server_stack) if s == "bench_serve" else s for s in SCRIPTS]
-)
+@pytest.mark.parametrize("script", [pytest.param(s, marks=MARKS[s]) if s in MARKS else s for s in SCRIPTS])
 def test_benchmark_smoke(script: str, smoke_runs) -> None:
     _, futures = smoke_runs
     if script not in futures:
         pytest.skip(f"benchmarks/{script}.py does not exist yet (another engineer's part)")
-    _check(futures[script].result(timeout=TIMEOUT_S * len(futures)), script)
+    _check(futures[script].result(timeout=TIMEOUT_S * len(futures) + max(SLOW.values())), script)
 
 
 def test_make_report_smoke(smoke_runs, tmp_path) -> None:

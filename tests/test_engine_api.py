@@ -151,6 +151,23 @@ def test_async_abort_frees_blocks(engine):
 
     stats = asyncio.run(run())
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+    assert stats["lora_running"] == stats["lora_waiting"] == {} and "coding" in stats["lora_resident"]
+
+
+def test_lora_stats_count_requests_per_adapter(engine):
+    """What a router reads: device slots, resident adapters, running and waiting requests per adapter."""
+    for i, adapter in enumerate(["coding", "planning", None]):
+        engine.add_request(f"lora-stats-{i}", PROMPT, SamplingParams(max_tokens=4, n=2), adapter)
+    try:
+        waiting = engine.lora_stats()
+        assert waiting["lora_waiting"] == {"coding": 1, "planning": 1} and waiting["lora_running"] == {}
+        engine.step()
+        running = engine.lora_stats()
+        assert running["lora_running"] == {"coding": 1, "planning": 1} and running["lora_waiting"] == {}
+        assert {"coding", "planning"} <= set(running["lora_resident"]) and running["max_loras"] >= 2
+    finally:
+        for i in range(3):
+            engine.abort_request(f"lora-stats-{i}")
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,7 @@ class ScriptedClient:
         self.script = list(script)
         self.calls = []
 
-    async def chat(self, agent, messages, max_tokens, temperature):
+    async def chat(self, agent, messages, max_tokens, temperature, session=None):
         self.calls.append((agent, messages))
         expected_agent, answer = self.script.pop(0) if self.script else (agent, "")
         if expected_agent != agent:
@@ -308,7 +308,7 @@ def test_garbage_truncated_and_refused_answers_are_format_failures(judge):
 
 def test_every_answer_garbage_never_crashes(judge):
     class Garbage:
-        async def chat(self, agent, messages, max_tokens, temperature):
+        async def chat(self, agent, messages, max_tokens, temperature, session=None):
             return ChatReply("<root><problem>\x00```" * 3, 5, 5, "length")
 
     config = MapCoderConfig(k=3, t=2)
@@ -376,7 +376,7 @@ class ByContent:
     def __init__(self):
         self.in_flight = self.max_in_flight = 0
 
-    async def chat(self, agent, messages, max_tokens, temperature):
+    async def chat(self, agent, messages, max_tokens, temperature, session=None):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await asyncio.sleep(0.01)
@@ -446,7 +446,7 @@ def test_repeated_problem_ids_are_solved_and_counted_once(judge, tmp_path):
 
 def test_evaluate_records_a_crashing_problem_and_goes_on(judge, tmp_path):
     class Down:
-        async def chat(self, agent, messages, max_tokens, temperature):
+        async def chat(self, agent, messages, max_tokens, temperature, session=None):
             raise ConnectionError("server unreachable")
 
     summary = asyncio.run(evaluate([ADD], MapCoder(Down(), judge), tmp_path / "r.jsonl", progress=False))
@@ -577,14 +577,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class FakeServer:
+    url: str
+    seen: list  # the model of each call
+    sessions: list  # (X-Session-ID, model) of each call
+    fail_every: int = 0  # answer every n-th call with a 503 (0: never)
+    down_for: str | None = None  # answer 503 to every call whose prompt has this text
+    calls: int = 0
+
+
 @pytest.fixture(scope="module")
 def fake_server():
-    """An OpenAI-compatible server answering like ByContent; it records the model of each call."""
+    """An OpenAI-compatible server answering like ByContent; it records each call, and fails calls as told."""
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     app, seen = FastAPI(), []
+    state = FakeServer("", seen, [])
     agents = {"retrieval": "retrieval", "planning": "planning", "coding": "coding", "debugging": "debugging"}
 
     @app.get("/v1/models")
@@ -597,7 +608,12 @@ def fake_server():
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()
+        state.calls += 1
+        prompt = body["messages"][-1]["content"]
+        if (state.fail_every and state.calls % state.fail_every == 0) or (state.down_for or "\0") in prompt:
+            return JSONResponse({"error": {"message": "replica gone", "type": "server_error"}}, 503)
         seen.append(body["model"])
+        state.sessions.append((request.headers.get("x-session-id"), body["model"]))
         agent = next(a for a in agents if a in body["messages"][0]["content"])
         if "prompt too long" in body["messages"][-1]["content"]:
             return JSONResponse({"error": {"message": "too long", "type": "invalid_request_error"}}, 400)
@@ -618,7 +634,8 @@ def fake_server():
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", seen
+    state.url = f"http://127.0.0.1:{port}/v1"
+    yield state
     server.should_exit = True
     thread.join(10)
 
@@ -627,7 +644,7 @@ def fake_server():
 def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys):
     from mcl_runtime.pipeline import main
 
-    url, seen = fake_server
+    url, seen = fake_server.url, fake_server.seen
     data = tmp_path / "own.jsonl"
     data.write_text(
         "\n".join(
@@ -692,6 +709,55 @@ def test_cli_against_an_openai_compatible_endpoint(fake_server, tmp_path, capsys
     }
 
 
+def _write_problems(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _rows(out) -> dict:
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len({r["task_id"] for r in rows}), "a problem was written twice"
+    return {r["task_id"]: r for r in rows}
+
+
+@pytest.mark.server_stack
+def test_cli_session_per_problem_retries_and_resume(fake_server, tmp_path):
+    """Each call carries its problem's id as X-Session-ID; 503s are retried; a problem that still fails
+    is recorded with its error and done again, once, by the resumed run, which skips the others."""
+    from mcl_runtime.pipeline import main
+
+    records = [{**OWN_PROBLEMS[0], "task_id": f"own/add{i}"} for i in range(3)] + [OWN_PROBLEMS[1]]
+    data, out = tmp_path / "own.jsonl", tmp_path / "res.jsonl"
+    _write_problems(data, records)
+    argv = ["--dataset", str(data), "--endpoint", fake_server.url, "--k", "1", "--t", "1", "--workers", "2"]
+    argv += ["--out", str(out), "--no-progress", "--retries", "2"]
+    fake_server.sessions.clear()
+    fake_server.fail_every, fake_server.down_for = 4, "Read n and print 2n."
+    try:
+        assert main(argv) == 0
+    finally:
+        fake_server.fail_every = 0
+    first = _rows(out)
+    assert "replica gone" in first["5"]["error"] and json.loads(summary_path(out).read_text())["errors"] == 1
+    assert all(first[f"own/add{i}"]["passed"] and first[f"own/add{i}"]["error"] is None for i in range(3))
+    sessions = [sid for sid, _ in fake_server.sessions]
+    for task_id, row in first.items():
+        assert sessions.count(task_id) == sum(row["calls"].values()), task_id
+    assert set(sessions) == {f"own/add{i}" for i in range(3)}
+
+    with open(out, "a") as f:
+        f.write('{"task_id": "torn')  # a line cut by a kill mid-write
+    fake_server.sessions.clear()
+    fake_server.down_for = None
+    assert main(argv) == 0
+    second = _rows(out)
+    assert set(second) == set(first) and second["5"]["passed"] and second["5"]["error"] is None
+    assert {sid for sid, _ in fake_server.sessions} == {"5"}  # the others were not asked again
+    summary = json.loads(summary_path(out).read_text())
+    assert (summary["problems"], summary["resumed"], summary["errors"], summary["pass@1"]) == (4, 3, 0, 1.0)
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*argv, "--max-tokens", "64"])
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [
@@ -710,7 +776,7 @@ def test_cli_protocol_defaults_are_mapcoders(argv, expected):
 
 @pytest.mark.server_stack
 def test_openai_client_turns_a_refused_request_into_chat_error(fake_server):
-    url, _ = fake_server
+    url = fake_server.url
     client = OpenAIChatClient(url, max_retries=0)
     with pytest.raises(ChatError):
         asyncio.run(

@@ -47,6 +47,8 @@ MESSAGES = {
 class ServerProcess:
     """``python -m mcl_runtime.serve`` in a subprocess; ``url`` waits for its startup line."""
 
+    startup_timeout = 120.0
+
     def __init__(self, *args: str) -> None:
         cmd = [sys.executable, "-m", "mcl_runtime.serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +67,7 @@ class ServerProcess:
     def url(self) -> str:
         if self._base is None:
             try:
-                self._base = self._url.get(timeout=120)
+                self._base = self._url.get(timeout=self.startup_timeout)
             except queue.Empty:
                 pytest.fail("server did not start:\n" + "".join(self.lines))
         return self._base
@@ -267,14 +269,20 @@ HOSTILE: dict[str, tuple[str, bytes | dict, int]] = {  # case: (path, body, expe
 }
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_input_gets_error_and_server_lives(server: ServerProcess, client: openai.OpenAI, case: str) -> None:
+def post_hostile(url: str, case: str) -> httpx.Response:
+    """The ``HOSTILE`` request ``case`` sent to the server at ``url``; its expected status is checked."""
     path, body, status = HOSTILE[case]
     if isinstance(body, bytes):
-        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+        response = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
     else:
-        response = httpx.post(server.url + path, json=body, timeout=60)
+        response = httpx.post(url + path, json=body, timeout=60)
     assert response.status_code == status, response.text
+    return response
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_input_gets_error_and_server_lives(server: ServerProcess, client: openai.OpenAI, case: str) -> None:
+    response = post_hostile(server.url, case)
     error = response.json()["error"]
     assert error["message"] and error["type"] and "code" in error
     well_formed_request_works(client)
@@ -358,8 +366,13 @@ def test_metrics_exposition(server: ServerProcess) -> None:
         "mcl_batch_size_mean",
         "mcl_time_to_first_token_seconds_count{model=coding}",
         "mcl_requests_total{model=" + DEMO_MODEL_NAME + "}",
+        "vllm:num_requests_running{model_name=" + DEMO_MODEL_NAME + "}",
+        "vllm:num_requests_waiting{model_name=" + DEMO_MODEL_NAME + "}",
+        "vllm:kv_cache_usage_perc{model_name=" + DEMO_MODEL_NAME + "}",
     ):
         assert name in m, name
+    (lora,) = [k for k in m if k.startswith("vllm:lora_requests_info{")]
+    assert "max_lora=8" in lora
     assert m["mcl_kv_blocks_free"] == m["mcl_kv_blocks_total"] > 0
 
 

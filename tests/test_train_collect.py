@@ -124,7 +124,9 @@ class StubTeacher:
     def __init__(self, interrupt_at: int | None = None) -> None:
         self.calls, self.interrupt_at = 0, interrupt_at
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise Interrupted
@@ -136,7 +138,9 @@ class StubTeacher:
 
 
 class StubSupervisor(StubTeacher):
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise Interrupted
@@ -431,7 +435,9 @@ def test_cli_collect_correct_sft_over_http(stub_server, problem_file, collected,
 class FlakyTeacher(StubTeacher):
     """Unreachable for one problem (a transport failure, not a malformed answer)."""
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         if "def add(" in messages[-1]["content"]:
             raise ConnectionError("teacher unreachable")
         return await super().chat(agent, messages, max_tokens, temperature)

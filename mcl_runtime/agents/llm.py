@@ -5,6 +5,12 @@
 ``EngineChatClient`` (the in-process ``AsyncEngine``; the prompt is the tokenizer's chat template).
 A request the backend refuses (prompt too long, bad parameters) raises ``ChatError``, which the
 pipeline records as a failed call; anything else (server unreachable) propagates.
+
+``session`` names the problem a call belongs to: ``OpenAIChatClient`` sends it as the ``X-Session-ID``
+header, which keeps all of a problem's calls on one replica of a replicated server (and so in one
+prefix cache). ``OpenAIChatClient`` retries a call that fails with a connection error, a timeout, a
+408/409/429 or a 5xx up to ``max_retries`` times, with the openai client's exponential backoff (0.5 s
+doubling to 8 s, jittered, or the server's ``Retry-After``): agent calls are idempotent.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ class ChatReply:
 
 class ChatClient(Protocol):
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,
     ) -> ChatReply: ...
 
     # ``structured``: a constraint on the answer, as vLLM's ``structured_outputs`` (e.g. {"grammar": ...})
@@ -40,6 +52,9 @@ def _check_request(messages: list[dict], max_tokens: int, temperature: float) ->
         raise ValueError(f"need max_tokens >= 1 and temperature >= 0, got {max_tokens}, {temperature}")
 
 
+DEFAULT_RETRIES = 6  # about 24 s of backoff in all: time for a replicated server to route around a dead replica
+
+
 class OpenAIChatClient:
     """Chat completions against ``base_url``; ``models`` maps an agent to the served model name
     (default: the agent's own name, i.e. its adapter)."""
@@ -50,7 +65,7 @@ class OpenAIChatClient:
         models: dict[str, str] | None = None,
         api_key: str = "EMPTY",
         timeout_s: float = 600.0,
-        max_retries: int = 2,
+        max_retries: int = DEFAULT_RETRIES,
     ) -> None:
         import openai
 
@@ -66,10 +81,18 @@ class OpenAIChatClient:
         return [m.id for m in page.data]
 
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,
     ) -> ChatReply:
         _check_request(messages, max_tokens, temperature)
-        extra = {"extra_body": {"structured_outputs": structured}} if structured else {}
+        extra: dict = {"extra_body": {"structured_outputs": structured}} if structured else {}
+        if session is not None:
+            extra["extra_headers"] = {"X-Session-ID": session}
         try:
             resp = await self.client.chat.completions.create(
                 model=self.model_for(agent), messages=messages, max_tokens=max_tokens, temperature=temperature, **extra
@@ -103,7 +126,13 @@ class EngineChatClient:
         return agent if agent in self.aengine.engine.adapters else None
 
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,  # one engine: nothing to route
     ) -> ChatReply:
         from mcl_runtime import SamplingParams
 

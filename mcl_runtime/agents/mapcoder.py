@@ -191,7 +191,9 @@ class MapCoder:
                 if self.config.structured_output
                 else {}
             )
-            reply = await self.client.chat(agent, messages, self.config.max_tokens, self.config.temperature, **extra)
+            reply = await self.client.chat(
+                agent, messages, self.config.max_tokens, self.config.temperature, session=traj.task_id, **extra
+            )
         except ChatError as exc:
             reply, error = ChatReply("", 0, 0, None), str(exc)
         parsed = parser(reply.text)

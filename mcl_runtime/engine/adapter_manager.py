@@ -37,6 +37,11 @@ class AdapterManager:
     def names(self) -> list[str]:
         return [n for n in self._adapters if n not in self._unloading]
 
+    @property
+    def resident(self) -> list[str]:
+        """Adapters in a device slot now, least recently used first."""
+        return list(self._lru.values())
+
     def uid(self, name: str) -> int:
         if name not in self._adapters or name in self._unloading:
             known = ", ".join(sorted(self.names)) or "none"

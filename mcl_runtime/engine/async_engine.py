@@ -168,7 +168,8 @@ class AsyncEngine:
         return dict(self._stats)
 
     async def fresh_stats(self) -> dict:
-        return await asyncio.wrap_future(self._call(self.engine.stats))
+        """Counters now, asked of the engine thread, with the adapter state (``Engine.lora_stats``)."""
+        return await asyncio.wrap_future(self._call(lambda: {**self.engine.stats(), **self.engine.lora_stats()}))
 
     def shutdown(self) -> None:
         """Abort everything in flight and stop the engine thread."""

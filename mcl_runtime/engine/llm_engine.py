@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -382,4 +383,18 @@ class Engine:
             "num_preemptions": scheduler.num_preemptions,
             "adapter_slot_loads": self.adapter_manager.num_slot_loads,
             "requests_per_adapter": dict(self.requests_per_adapter),
+        }
+
+    def lora_stats(self) -> dict:
+        """Adapter state for routers, computed on demand (not every step): the number of device slots,
+        the adapters resident in them, and the running and waiting requests per adapter."""
+        running = Counter(
+            req.adapter for req in {self.table.seqs[row].request for row in self.scheduler.running} if req.adapter
+        )
+        waiting = Counter(req.adapter for req in {seq.request for seq in self.scheduler.waiting} if req.adapter)
+        return {
+            "max_loras": self.adapter_manager.num_slots,
+            "lora_resident": self.adapter_manager.resident,
+            "lora_running": dict(running),
+            "lora_waiting": dict(waiting),
         }

@@ -5,6 +5,10 @@ Without ``--model`` it serves the embedded demo model ``mcl-demo-tiny`` and its 
 prints one line naming what is served where.
 SIGINT or SIGTERM: stop accepting connections, let in-flight requests finish for up to
 ``--shutdown-timeout`` seconds, abort the rest, exit 0.
+
+``--replicas N`` (N > 1), ``--max-replicas M`` or ``--ray-address ADDR`` run the same server as a Ray
+Serve application of several engine replicas behind this one endpoint (``ray_app.py``; Ray is the
+``cluster`` extra): Ray is started here unless ``--ray-address`` names a running cluster.
 """
 
 from __future__ import annotations
@@ -46,6 +50,22 @@ _ENGINE_OPTIONS = (
     "max_model_len",
     "seed",
 )
+
+
+CLUSTER_EXTRA = "pip install 'mcl_runtime[cluster]'"
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _lora(spec: str) -> tuple[str, str]:
@@ -96,7 +116,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    cluster = p.add_argument_group("replicas on Ray Serve (the cluster extra)")
+    cluster.add_argument(
+        "--replicas", type=_positive(int), default=1, help="engine replicas behind the endpoint (more than 1: Ray)"
+    )
+    cluster.add_argument("--ray-address", help="a running Ray cluster to deploy on (default: start Ray here)")
+    cluster.add_argument(
+        "--max-replicas", type=_positive(int), help="autoscale between --replicas and this many (Ray Serve autoscaling)"
+    )
+    cluster.add_argument(
+        "--target-ongoing-requests",
+        type=_positive(int),
+        default=32,
+        help="requests per replica the autoscaler aims at (with --max-replicas)",
+    )
+    cluster.add_argument(
+        "--max-ongoing-requests",
+        type=_positive(int),
+        default=256,
+        help="requests one replica takes at once; more wait in Ray Serve's router",
+    )
+    cluster.add_argument("--cpus-per-replica", type=_positive(float), help="CPUs reserved per replica (default 1)")
+    cluster.add_argument(
+        "--gpus-per-replica", type=_positive(float), help="GPUs per replica (default 1 with --device cuda)"
+    )
     return p
+
+
+def uses_ray(args: argparse.Namespace) -> bool:
+    return args.replicas > 1 or args.ray_address is not None or (args.max_replicas or 0) > args.replicas
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: the replica options need replicas, GPUs need ``--device cuda``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        parser.error(f"--max-replicas ({args.max_replicas}) is below --replicas ({args.replicas})")
+    if not uses_ray(args):
+        given = [f for f in ("cpus_per_replica", "gpus_per_replica") if getattr(args, f) is not None]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} needs --replicas above 1 or --ray-address")
+    if args.gpus_per_replica is not None and args.device != "cuda":
+        parser.error("--gpus-per-replica needs --device cuda")
+    return args
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -178,7 +241,14 @@ def _announce(engine: Engine, name: str, args: argparse.Namespace) -> Callable[[
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if uses_ray(args):
+        try:
+            from mcl_runtime.serve import ray_app
+        except ImportError as exc:
+            print(f"mcl_runtime.serve: error: replicas run on Ray Serve ({exc}): {CLUSTER_EXTRA}", file=sys.stderr)
+            return 2
+        return ray_app.main(args)
     try:
         engine = build_engine(args)
     except (MCLError, ValueError, OSError) as exc:

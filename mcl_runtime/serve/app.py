@@ -186,7 +186,7 @@ class OpenAIServer:
     def __init__(self, async_engine: AsyncEngine, base_name: str) -> None:
         self.aeng = async_engine
         self.base_name = base_name
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(base_name)
         self.shutting_down = False  # set when in-flight requests are being aborted for a shutdown
 
     def error_for(self, exc: BaseException) -> APIError:

@@ -46,11 +46,13 @@ class RoutedClient:
             models = {a: e.model_for(a) for a, e in endpoints.items() if e.url == url}
             self._clients[url] = OpenAIChatClient(url, models, api_key=api_key, timeout_s=timeout_s)
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         endpoint = self.endpoints.get(agent)
         if endpoint is None:
             raise ValueError(f"no endpoint for agent {agent!r} (known: {sorted(self.endpoints)})")
-        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature)
+        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature, session=session)
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -76,11 +78,13 @@ class TolerantClient:
     def __init__(self, client: ChatClient) -> None:
         self.client = client
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         import openai
 
         try:
-            reply = await self.client.chat(agent, messages, max_tokens, temperature)
+            reply = await self.client.chat(agent, messages, max_tokens, temperature, session=session)
         except (ChatError, *_transport_errors()):
             raise
         except (openai.APIError, TypeError, AttributeError, IndexError, KeyError, ValueError) as exc:
@@ -110,10 +114,12 @@ class ReplayClient:
         self.live, self.recorded, self.index, self.replacement = live, recorded, index, replacement
         self.calls = 0
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+    ) -> ChatReply:
         i, self.calls = self.calls, self.calls + 1
         if i > self.index:
-            return await self.live.chat(agent, messages, max_tokens, temperature)
+            return await self.live.chat(agent, messages, max_tokens, temperature, session=session)
         rec = self.recorded[i]
         if rec["agent"] != agent or rec["messages"] != messages:
             raise ReplayDiverged(f"call {i} ({agent}) differs from the recorded {rec['agent']} call")

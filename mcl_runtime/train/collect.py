@@ -31,7 +31,7 @@ from mcl_runtime.agents.judge import Judge
 from mcl_runtime.agents.llm import ChatClient
 from mcl_runtime.agents.mapcoder import MapCoder, MapCoderConfig
 from mcl_runtime.agents.prompts import AGENTS
-from mcl_runtime.train.data import read_records, write_json, write_jsonl
+from mcl_runtime.agents.records import read_records, write_json, write_jsonl
 from mcl_runtime.train.runner import check_settings, run_all
 
 SETTINGS, TRAJECTORIES, STATS = "collect.json", "trajectories.jsonl", "stats.json"

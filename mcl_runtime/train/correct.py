@@ -42,6 +42,7 @@ from mcl_runtime.agents.parsers import (
     parse_verification,
 )
 from mcl_runtime.agents.prompts import AGENTS, MAX_CODE, clip, test_report
+from mcl_runtime.agents.records import read_records, write_json, write_jsonl
 from mcl_runtime.train.clients import ReplayClient, ReplayDiverged
 from mcl_runtime.train.collect import (
     SETTINGS as COLLECT_SETTINGS,
@@ -54,7 +55,6 @@ from mcl_runtime.train.collect import (
     finish_stats,
     sort_records,
 )
-from mcl_runtime.train.data import read_records, write_json, write_jsonl
 from mcl_runtime.train.runner import check_settings, run_all
 
 SETTINGS, CORRECTIONS, STATS = "correct.json", "corrections.jsonl", "stats.json"

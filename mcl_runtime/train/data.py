@@ -9,15 +9,13 @@ tokenizer's chat template and a generation prompt, encoded on its own; the answe
 full conversation's rendering (the content and the end-of-turn token), cut after the first
 end-of-sequence token. ``input_ids = prompt + answer``, ``labels = [-100] * len(prompt) + answer``.
 
-This module also holds the JSONL helpers the collectors share: append-only record files that
-survive a kill mid-write (a torn last line is dropped on reading) and atomic rewrites.
+The record files the collectors write (append-only JSONL, atomic rewrites) are the pipeline's:
+``mcl_runtime.agents.records``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,49 +86,3 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict]) -> EncodedExample
     if not answer_ids:
         raise ValueError("the assistant's answer renders to no tokens")
     return EncodedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-
-
-# ---------------------------------------------------------------- record files
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of an append-only JSONL file. A torn last line (no newline yet: a kill
-    mid-write) is cut off the file; a bad complete line is corruption and raises ``ValueError``."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-    records = []
-    for number, line in enumerate(data[:cut].splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}: line {number} is not JSON ({exc}); the file is corrupt") from exc
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line and make it durable before returning."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Replace ``path`` atomically with ``records``, one JSON line each."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from mcl_runtime.train.data import append_record, write_json
+from mcl_runtime.agents.records import append_record, write_json
 
 T = TypeVar("T")
 

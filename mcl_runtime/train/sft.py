@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mcl_runtime.agents.prompts import AGENTS
+from mcl_runtime.agents.records import write_json
 from mcl_runtime.hub import resolve_path
 from mcl_runtime.model.arch import PROJECTION_NAMES
 from mcl_runtime.tokenizer import Tokenizer
-from mcl_runtime.train.data import IGNORE_INDEX, EncodedExample, encode_example, read_examples, write_json
+from mcl_runtime.train.data import IGNORE_INDEX, EncodedExample, encode_example, read_examples
 
 LORA_TARGETS = PROJECTION_NAMES
 BUCKET_BATCHES = 64
