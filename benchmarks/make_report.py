@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
-CPU_RESULTS = {"engine_cpu", "block_manager"}  # benchmarks whose issue asks for CPU numbers
+CPU_RESULTS = {"engine_cpu", "block_manager", "train"}  # benchmarks whose issue asks for CPU numbers
 GIB = 1 << 30
 
 
@@ -389,6 +389,7 @@ TITLES = {
     "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
     "multi_lora": "Throughput vs number of adapters (issue #8.2)",
     "bandwidth": "Batch-1 decode bandwidth (issue #8.3)",
+    "train": "Training: TRL's SFTTrainer vs the hand-written loop on the demo model, CPU (issue #31)",
 }
 ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
 

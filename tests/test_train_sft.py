@@ -381,6 +381,19 @@ def test_two_processes_under_accelerate_match_one_with_the_same_global_batch(bas
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.01 * 2e-4 * 3
 
 
+def test_the_accelerate_configs_of_the_training_docs_load(tmp_path) -> None:
+    """docs/training.md's FSDP and DeepSpeed ZeRO-3 files are configs accelerate reads (they cannot run here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    blocks = [b.split("```", 1)[0] for b in (ROOT / "docs" / "training.md").read_text().split("```yaml\n")[1:]]
+    kinds = []
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.yaml").write_text(block)
+        config = load_config_from_file(str(tmp_path / f"{i}.yaml"))
+        kinds.append((str(config.distributed_type), config.num_processes, str(config.mixed_precision)))
+    assert kinds == [("DistributedType.FSDP", 8, "bf16"), ("DistributedType.DEEPSPEED", 8, "bf16")], kinds
+
+
 # ---------------------------------------------------------------- serving
 
 

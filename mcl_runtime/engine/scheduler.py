@@ -89,6 +89,7 @@ class Scheduler:
         self.table.seq_id[row] = seq.seq_id
         seq.matcher = matcher
         req.seqs.append(seq)
+        self.adapters.hold(req.adapter_uid)
         self.waiting.append(seq)
         return seq
 
@@ -204,7 +205,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Admit a waiting sequence with its first chunk; returns the chunk size, 0 if the KV cache
         is full, None if no adapter slot is free."""
-        slot = self.adapters.acquire(seq.request.adapter)
+        slot = self.adapters.acquire(seq.request.adapter_uid)
         if slot is None:
             return None
         cached = self.bm.add_sequence(seq.seq_id, seq.token_ids, seq.request.adapter_uid)
@@ -236,7 +237,8 @@ class Scheduler:
             self.table.seq_id[child.row] = child.seq_id
             child.num_computed = parent.num_computed
             child.matcher = parent.matcher.fork() if parent.matcher is not None else None
-            child.slot = self.adapters.acquire(req.adapter)
+            self.adapters.hold(req.adapter_uid)
+            child.slot = self.adapters.acquire(req.adapter_uid)
             child.status = Status.RUNNING
             self.bm.fork(parent.seq_id, child.seq_id)
             self._run(child)
@@ -255,6 +257,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        self.adapters.unhold(seq.request.adapter_uid)
         self.table.free(seq.row)
         req = seq.request
         req.num_finished = req.num_finished + 1 if req.forked else req.params.n

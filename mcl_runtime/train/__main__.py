@@ -74,6 +74,12 @@ def _collect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-calls", type=int)
     p.add_argument("--rounds", type=int, default=1, help="attempts per problem until one passes")
     p.add_argument(
+        "--structured-output",
+        action="store_true",
+        help="constrain every teacher answer to its agent's format (vLLM's structured_outputs grammar), "
+        "as the pipeline's --structured-output does",
+    )
+    p.add_argument(
         "--drop-failed-code",
         action="store_true",
         help="also drop coding/debugging answers whose code failed the sample tests",
@@ -192,8 +198,14 @@ async def _collect(args: argparse.Namespace) -> int:
     endpoints = endpoints_from_args(args)
     options = CollectOptions(
         MapCoderConfig(
-            args.k, args.t, args.max_tokens, args.temperature, args.max_calls, test_last_fix=True
-        ),  # correct needs every fix's sample run
+            args.k,
+            args.t,
+            args.max_tokens,
+            args.temperature,
+            args.max_calls,
+            structured_output=args.structured_output,
+            test_last_fix=True,  # correct needs every fix's sample run
+        ),
         args.rounds,
         args.workers,
         args.drop_failed_code,

@@ -2,7 +2,8 @@
 
 - ``Endpoint``: an OpenAI base URL and a served model name (``None``: the agent's own name, i.e.
   its adapter, as the pipeline addresses our server); ``label`` is the provenance string.
-- ``RoutedClient``: one endpoint per agent (a teacher, optionally per agent), one HTTP client per URL.
+- ``RoutedClient``: one endpoint per agent (a teacher, optionally per agent), one HTTP client per URL;
+  a call's ``structured`` constraint goes out as vLLM's ``structured_outputs`` extra body.
 - ``TolerantClient``: turns a reply the client cannot read (no choices, not JSON, a 4xx refusal)
   into ``ChatError``, which the pipeline records as a failed call, so a malformed answer never
   stops a run. Transport and set-up failures (connection, timeout, 5xx, rate limits, bad key,
@@ -46,11 +47,13 @@ class RoutedClient:
             models = {a: e.model_for(a) for a, e in endpoints.items() if e.url == url}
             self._clients[url] = OpenAIChatClient(url, models, api_key=api_key, timeout_s=timeout_s)
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply:
         endpoint = self.endpoints.get(agent)
         if endpoint is None:
             raise ValueError(f"no endpoint for agent {agent!r} (known: {sorted(self.endpoints)})")
-        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature)
+        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature, structured)
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -76,11 +79,13 @@ class TolerantClient:
     def __init__(self, client: ChatClient) -> None:
         self.client = client
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply:
         import openai
 
         try:
-            reply = await self.client.chat(agent, messages, max_tokens, temperature)
+            reply = await self.client.chat(agent, messages, max_tokens, temperature, structured)
         except (ChatError, *_transport_errors()):
             raise
         except (openai.APIError, TypeError, AttributeError, IndexError, KeyError, ValueError) as exc:
@@ -110,10 +115,12 @@ class ReplayClient:
         self.live, self.recorded, self.index, self.replacement = live, recorded, index, replacement
         self.calls = 0
 
-    async def chat(self, agent: str, messages: list[dict], max_tokens: int, temperature: float) -> ChatReply:
+    async def chat(
+        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, structured: dict | None = None
+    ) -> ChatReply:
         i, self.calls = self.calls, self.calls + 1
         if i > self.index:
-            return await self.live.chat(agent, messages, max_tokens, temperature)
+            return await self.live.chat(agent, messages, max_tokens, temperature, structured)
         rec = self.recorded[i]
         if rec["agent"] != agent or rec["messages"] != messages:
             raise ReplayDiverged(f"call {i} ({agent}) differs from the recorded {rec['agent']} call")
