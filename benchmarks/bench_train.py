@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 from bench_judge import export_ref, machine
+from common import RESULTS_DIR, save_result
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_REF = "11676f1"  # the last commit with the hand-written loop
 LORA = {"rank": 32, "alpha": 64.0, "dropout": 0.05, "lr": 2e-4, "epochs": 1, "seed": 0, "progress": False}
 WORDS = "def return for while list dict sorted range len print if else input split int str max min sum".split()
@@ -191,7 +191,6 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in keys}
     payload = {
         "benchmark": "train",
-        "smoke": args.smoke,
         "machine": machine(),
         "note": args.note,
         "ref_loop": args.ref,
@@ -211,13 +210,7 @@ def main() -> None:
             f"TRL / old loop: {res['trl_over_loop_loop_tokens_per_s']:.2f}x training, "
             f"{res['trl_over_loop_total_tokens_per_s']:.2f}x end to end"
         )
-    if args.smoke and args.out_dir is None:
-        return
-    out_dir = args.out_dir or RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "train_cpu.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    save_result("train_cpu", payload, args.out_dir, args.smoke)
 
 
 if __name__ == "__main__":

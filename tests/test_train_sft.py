@@ -6,6 +6,7 @@ loss mask TRL trains on equals the hand-written loop's; resume, packing, eval sp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -258,8 +259,22 @@ def _not_a_checkpoint(tmp_path: Path, base: Path) -> tuple[dict, list[str], str]
     return {}, ["--resume", str(tmp_path)], f"{tmp_path} is not a training checkpoint"
 
 
+def _eval_steps_without_a_split(tmp_path: Path, base: Path) -> tuple[dict, list[str], str]:
+    return {}, ["--eval-steps", "2"], "eval_steps needs an eval split"
+
+
 @pytest.mark.parametrize(
-    "case", [_not_a_model, _bad_config, _empty, _malformed, _missing, _no_checkpoint, _not_a_checkpoint]
+    "case",
+    [
+        _not_a_model,
+        _bad_config,
+        _empty,
+        _malformed,
+        _missing,
+        _no_checkpoint,
+        _not_a_checkpoint,
+        _eval_steps_without_a_split,
+    ],
 )
 def test_bad_input_is_one_clear_line_naming_the_file(base, data, tmp_path, capsys, case) -> None:
     paths, extra, message = case(tmp_path, base)
@@ -268,6 +283,13 @@ def test_bad_input_is_one_clear_line_naming_the_file(base, data, tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_report_to_tensorboard_without_it_is_a_clear_error(base, data, tmp_path, capsys) -> None:
+    argv = ["sft", "--base", str(base), "--data", str(data), "--out", str(tmp_path), "--report-to", "tensorboard"]
+    assert main([*argv, *QUIET]) == 2
+    assert "needs the tensorboard package" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- training

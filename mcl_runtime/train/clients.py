@@ -20,6 +20,12 @@ from dataclasses import dataclass
 from mcl_runtime.agents.llm import ChatClient, ChatError, ChatReply, OpenAIChatClient
 
 
+def _constraint(structured: dict | None) -> dict:
+    """``structured`` as keyword arguments of a ``ChatClient.chat`` call: none without a constraint,
+    so that clients that take none (as the pipeline allows) work unconstrained."""
+    return {"structured": structured} if structured else {}
+
+
 @dataclass(frozen=True)
 class Endpoint:
     url: str
@@ -53,7 +59,9 @@ class RoutedClient:
         endpoint = self.endpoints.get(agent)
         if endpoint is None:
             raise ValueError(f"no endpoint for agent {agent!r} (known: {sorted(self.endpoints)})")
-        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature, structured)
+        return await self._clients[endpoint.url].chat(
+            agent, messages, max_tokens, temperature, **_constraint(structured)
+        )
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -85,7 +93,7 @@ class TolerantClient:
         import openai
 
         try:
-            reply = await self.client.chat(agent, messages, max_tokens, temperature, structured)
+            reply = await self.client.chat(agent, messages, max_tokens, temperature, **_constraint(structured))
         except (ChatError, *_transport_errors()):
             raise
         except (openai.APIError, TypeError, AttributeError, IndexError, KeyError, ValueError) as exc:
@@ -120,7 +128,7 @@ class ReplayClient:
     ) -> ChatReply:
         i, self.calls = self.calls, self.calls + 1
         if i > self.index:
-            return await self.live.chat(agent, messages, max_tokens, temperature, structured)
+            return await self.live.chat(agent, messages, max_tokens, temperature, **_constraint(structured))
         rec = self.recorded[i]
         if rec["agent"] != agent or rec["messages"] != messages:
             raise ReplayDiverged(f"call {i} ({agent}) differs from the recorded {rec['agent']} call")

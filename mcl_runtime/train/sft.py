@@ -150,6 +150,8 @@ def trl_arguments(config: SFTConfig, out: Path, has_eval: bool) -> Any:
     import torch
     import trl
 
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
     cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
     bf16 = cuda if config.bf16 is None else config.bf16
     dtype = config.dtype or ("bfloat16" if bf16 else "float32")
@@ -235,6 +237,8 @@ def sft_trainer(
         raise TypeError("data must be a list of JSONL paths, not one path")
     if eval_data and config.eval_fraction:
         raise ValueError("give either eval_data or eval_fraction, not both")
+    if config.eval_steps and not (eval_data or config.eval_fraction):
+        raise ValueError("eval_steps needs an eval split (eval_fraction or eval_data)")
     check_base(base)
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
