@@ -12,7 +12,8 @@ Both train on the same tokens (``tests/test_train_sft.py`` checks that the masks
 
 Figures per side (medians over the rounds): the training loop's seconds (the old ``_optimize``; the
 TRL trainer's ``train()``, both with optimizer set-up) and the whole ``train_adapter`` call's (model
-load, data preparation, training, saving the adapter, log and plot), as tokens per second
+load, data preparation, training, saving the adapter, log and plot; the libraries are imported
+before the clock starts), as tokens per second
 (prompt + answer tokens of every example, once per epoch). The ratio is TRL / old (above 1: TRL is
 faster).
 
@@ -83,6 +84,10 @@ def train_side(base: str, data: str, out: str, batch_size: int, threads: int | N
                 loop.append(time.perf_counter() - start)
 
         return run
+
+    import matplotlib.figure  # noqa: F401  (both sides import these lazily: not timed)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
 
     if hasattr(sft, "sft_trainer"):
         import trl

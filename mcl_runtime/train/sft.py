@@ -241,7 +241,7 @@ def sft_trainer(
         raise ValueError("eval_steps needs an eval split (eval_fraction or eval_data)")
     check_base(base)
     if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
+        raise ValueError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
     tokenizer, hf_tokenizer = Tokenizer.from_pretrained(base), load_hf_tokenizer(base)
     examples = [e for path in data for e in read_examples(path)]
     held_out = [e for path in eval_data for e in read_examples(path)]
