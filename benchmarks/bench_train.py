@@ -194,9 +194,11 @@ def main() -> None:
         args.examples, args.rounds, args.batch_size = 8, 1, 4
     keys = ("examples", "prompt_chars", "answer_chars", "batch_size", "rounds", "threads")
     settings = {k: getattr(args, k) for k in keys}
+    host = machine()
     payload = {
         "benchmark": "train",
-        "machine": machine(),
+        "device": f"cpu ({host['cpu']}, {host['cpu_count']} cores)",
+        "machine": host,
         "note": args.note,
         "ref_loop": args.ref,
         "config": {**LORA, **settings},
