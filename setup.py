@@ -94,6 +94,9 @@ setup(
         "tqdm>=4.70.1",
         "matplotlib>=3.11.2",
         "xgrammar>=0.2.9",
+        "trl>=1.16",  # train sft: SFTTrainer
+        "datasets>=5.2",  # its data sets
+        "accelerate>=1.16",  # train sft on several processes or GPUs (accelerate launch)
     ],
     extras_require={
         "flash": ["flash-attn"],

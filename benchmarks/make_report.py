@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_ONLY = {"vs_32b", "multi_lora", "bandwidth"}
-CPU_RESULTS = {"engine_cpu", "block_manager", "scale_out"}  # benchmarks whose issue asks for CPU numbers
+CPU_RESULTS = {"engine_cpu", "block_manager", "scale_out", "train"}  # benchmarks reported from CPU runs
 GIB = 1 << 30
 
 
@@ -348,6 +348,28 @@ def render_bandwidth(d: dict, path: Path, base: Path) -> str:
 
 
 # ---- anything else -----------------------------------------------------------------------------
+def render_train(d: dict, path: Path, base: Path) -> str:
+    res, cfg = d["results"], d.get("config", {})
+    rows = [
+        [side, num(r.get("loop_tokens_per_s"), ".0f"), num(r.get("total_tokens_per_s"), ".0f"), str(r.get("steps"))]
+        for side, r in (
+            ("hand-written loop (" + d.get("ref_loop", "?") + ")", res["loop"]),
+            ("TRL SFTTrainer", res["trl"]),
+        )
+    ]
+    lines = [
+        f"{cfg.get('examples')} examples, batch {cfg.get('batch_size')}, one epoch of {res.get('tokens_per_epoch')} "
+        f"tokens, rank {cfg.get('rank')}, medians of {cfg.get('rounds')} alternated rounds, "
+        f"{cfg.get('threads') or 'default'} torch thread(s).",
+        table(["", "training tokens/s", "end-to-end tokens/s", "steps"], rows),
+        f"TRL / hand-written loop: **{times(res.get('trl_over_loop_loop_tokens_per_s'))}** training, "
+        f"**{times(res.get('trl_over_loop_total_tokens_per_s'))}** end to end.",
+    ]
+    if d.get("note"):
+        lines.append(f"Conditions: {d['note']}.")
+    return "\n\n".join(lines)
+
+
 def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -383,6 +405,7 @@ RENDERERS: dict[str, Callable[[dict, Path, Path], str]] = {
     "vs_32b": render_vs_32b,
     "multi_lora": render_multi_lora,
     "bandwidth": render_bandwidth,
+    "train": render_train,
 }
 TITLES = {
     "engine_cpu": "Engine vs transformers+peft on the CPU (issue #3)",
@@ -390,6 +413,7 @@ TITLES = {
     "multi_lora": "Throughput vs number of adapters (issue #8.2)",
     "bandwidth": "Batch-1 decode bandwidth (issue #8.3)",
     "scale_out": "Replicas on Ray Serve: 1 vs 2, session vs random routing (issue #30)",
+    "train": "Training: TRL's SFTTrainer vs the hand-written loop on the demo model, CPU (issue #31)",
 }
 ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
 

@@ -258,6 +258,54 @@ def test_load_and_unload_while_requests_run(qwen_family, overlap):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_replace_swaps_an_adapter_in_place(qwen_family, overlap):
+    """``load_adapter(name, path, replace=True)`` while requests of ``name`` run and wait: requests added
+    before the swap finish on the old weights (a waiting one still hits the old prefix-cache blocks),
+    requests after it get the new weights, and no prefix-cache lookup crosses the swap. A replaced or
+    unloaded adapter that waiting requests still use stays until they finish."""
+    base, adapters = qwen_family
+    engine = Engine(
+        str(base),
+        adapters={"x": str(adapters["a8"]), "y": str(adapters["a4"])},
+        device="cpu",
+        kv_cache_blocks=256,
+        block_size=4,
+        max_num_seqs=1,
+        overlap=overlap,
+    )
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    prompt = PROMPTS[2]
+    engine.add_request("old_running", prompt, params, "x")
+    engine.add_request("y_waiting", PROMPTS[0], params, "y")
+    results = {}
+
+    def drain(steps=None):
+        while engine.has_unfinished_requests() and (steps is None or steps > 0):
+            steps = None if steps is None else steps - 1
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out.token_ids
+
+    drain(3)
+    old_uid = engine.adapter_manager.uid("x")
+    engine.add_request("old_waiting", prompt, params, "x")  # max_num_seqs=1: waits for old_running
+    engine.load_adapter("x", str(adapters["a16"]), replace=True)
+    engine.unload_adapter("y")  # its only request still waits
+    new_uid = engine.adapter_manager.uid("x")
+    assert new_uid != old_uid and engine.adapters == ["x"]
+    engine.add_request("new", prompt, params, "x")
+    drain()
+    ref_old, ref_y, ref_new = hf_generate(base, adapters, [prompt, PROMPTS[0], prompt], ["a8", "a4", "a16"], MAX_NEW)
+    assert results == {"old_running": ref_old, "old_waiting": ref_old, "y_waiting": ref_y, "new": ref_new}
+    # Only old_waiting found cached blocks (old_running's prompt); new, admitted last, found none of
+    # the blocks of the same prompt computed with the old weights.
+    assert engine.scheduler.num_cached_tokens == len(prompt) // 4 * 4
+    with pytest.raises(ValueError, match="already loaded"):
+        engine.load_adapter("x", str(adapters["a8"]))
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_golden_triton_backend(family):
     """The Triton kernels (interpreted on CPU) give the same tokens: decodes and chunked prefills mixed."""
     name, base, adapters, ref = family

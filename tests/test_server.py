@@ -346,6 +346,14 @@ def test_load_and_unload_adapters(server: ServerProcess, client: openai.OpenAI, 
     assert {m.id: m.parent for m in client.models.list().data}["coding2"] == DEMO_MODEL_NAME
     out = client.completions.create(model="coding2", prompt=PROMPTS["coding"], max_tokens=MAX_TOKENS, temperature=0)
     assert out.choices[0].text == expected[("coding", "completion")].text
+    # In place, under vLLM's field name: coding2 now answers as planning does; "replace" is not ours.
+    planning = demo_adapter_dirs()["planning"]
+    refused = post("/v1/load_lora_adapter", {"lora_name": "coding2", "lora_path": str(planning), "replace": True})
+    assert refused.status_code == 400 and "replace" in refused.json()["error"]["message"]
+    swap = {"lora_name": "coding2", "lora_path": str(planning), "load_inplace": True}
+    assert post("/v1/load_lora_adapter", swap).status_code == 200
+    out = client.completions.create(model="coding2", prompt=PROMPTS["planning"], max_tokens=MAX_TOKENS, temperature=0)
+    assert out.choices[0].text == expected[("planning", "completion")].text
     assert post("/v1/unload_lora_adapter", {"lora_name": "coding2"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="coding2", prompt="x", max_tokens=1)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from mcl_runtime import Engine
+from mcl_runtime.agents import formats
 from mcl_runtime.agents.datasets import load_problems
 from mcl_runtime.agents.llm import ChatReply
 from mcl_runtime.agents.mapcoder import MapCoderConfig
@@ -301,6 +302,8 @@ def test_correct_resume_after_interruption_gives_the_same_files(problems, collec
 
 
 class _Handler(BaseHTTPRequestHandler):
+    bodies: list[dict] = []  # every chat request received
+
     def log_message(self, *args) -> None:
         pass
 
@@ -317,6 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(request)
         model, messages = request["model"], request["messages"]
         text = supervisor_answer(messages) if model == SUPERVISOR_MODEL else teacher_answer(model, messages)
         if text is None:
@@ -430,6 +434,22 @@ def test_cli_collect_correct_sft_over_http(stub_server, problem_file, collected,
         == 2
     )
     assert "not a collect output folder" in capsys.readouterr().err
+
+
+def test_cli_collect_structured_output_sends_each_step_its_grammar(stub_server, problem_file, tmp_path) -> None:
+    """``--structured-output``: every teacher call carries vLLM's ``structured_outputs`` with the grammar
+    of its step's format (the pipeline's), and the run records it so that a resume must match."""
+    args = ["collect", "--problems", str(problem_file), "--teacher", stub_server, "--out", str(tmp_path / "c")]
+    args += ["--k", "1", "--t", "1", "--max-tokens", "256", "--no-progress", "--limit", "2"]
+    _Handler.bodies.clear()
+    assert main([*args, "--structured-output"]) == 0
+    grammars = {formats.structured_output(step, 256, 1)["grammar"] for step in formats.STEPS}
+    sent = [body.get("structured_outputs", {}).get("grammar") for body in _Handler.bodies]
+    assert sent and all(g in grammars for g in sent), sent
+    assert len(set(sent)) >= 4  # retrieval, planning, verification, coding at least
+    settings = json.loads((tmp_path / "c" / "collect.json").read_text())
+    assert settings["mapcoder"]["structured_output"] is True
+    assert main(args) == 2  # resuming without the flag is another protocol
 
 
 class FlakyTeacher(StubTeacher):

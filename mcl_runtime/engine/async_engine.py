@@ -149,10 +149,10 @@ class AsyncEngine:
         """Adapter names as of the last step or load/unload (safe to read from any thread)."""
         return self._adapters
 
-    async def load_adapter(self, name: str, path: str | Path) -> None:
+    async def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
         # Resolved off the engine thread, so that a hub download does not stall the running requests.
         path = await asyncio.to_thread(resolve_path, path, AdapterLoadError, "adapter")
-        await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.load_adapter, name, path)))
+        await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.load_adapter, name, path, replace)))
 
     async def unload_adapter(self, name: str) -> None:
         await asyncio.wrap_future(self._call(lambda: self._adapter_call(self.engine.unload_adapter, name)))

@@ -172,8 +172,10 @@ class Engine:
     def adapters(self) -> list[str]:
         return self.adapter_manager.names
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        self.adapter_manager.load(name, path)
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
+        """``replace``: swap an adapter of that name in place (new requests get the new weights,
+        running ones finish on the old; the prefix cache never mixes them)."""
+        self.adapter_manager.load(name, path, replace)
 
     def unload_adapter(self, name: str) -> None:
         self.adapter_manager.unload(name)

@@ -97,6 +97,7 @@ class Scheduler:
         self.table.attach(seq.row, seq)
         req.seqs.append(seq)
         self.requests[req.request_id] = req
+        self.adapters.hold(req.adapter_uid)
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Request | None:
@@ -259,7 +260,7 @@ class Scheduler:
         """Admit a waiting sequence with its first chunk; returns the chunk size, 0 if the KV cache
         is full, None if no adapter slot is free."""
         t, row = self.table, seq.row
-        slot = self.adapters.acquire(seq.request.adapter)
+        slot = self.adapters.acquire(seq.request.adapter_uid)
         if slot is None:
             return None
         tokens = self._tokens(row, 0, int(t.num_tokens(row)))
@@ -344,7 +345,8 @@ class Scheduler:
             matcher = parent.matcher.fork() if parent.matcher is not None else None
             child = Sequence(req, i, list(parent.token_ids), text, matcher)
             child.row = t.copy(row, child, req.seeds[i])
-            t.slot[child.row] = self.adapters.acquire(req.adapter)
+            self.adapters.hold(req.adapter_uid)
+            t.slot[child.row] = self.adapters.acquire(req.adapter_uid)
             child.status = Status.RUNNING
             self.bm.fork(parent.seq_id, child.seq_id)
             self.running.append(child.row)
@@ -365,6 +367,7 @@ class Scheduler:
             seq.text.finish()
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        self.adapters.unhold(seq.request.adapter_uid)
         self.table.free(seq.row)
         req = seq.request
         # A request that ends before its first sample ends all n of its completions.

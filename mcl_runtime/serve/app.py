@@ -362,7 +362,7 @@ class OpenAIServer:
         if req.lora_name == self.base_name:
             raise APIError(400, f"`{req.lora_name}` is the base model's name", code="invalid_value", param="lora_name")
         try:
-            await self.aeng.load_adapter(req.lora_name, req.lora_path)
+            await self.aeng.load_adapter(req.lora_name, req.lora_path, replace=req.load_inplace)
         except OSError as exc:
             raise APIError(
                 400, f"cannot load adapter from {req.lora_path}: {exc}", code="adapter_load_error", param="lora_path"

@@ -95,6 +95,8 @@ class ChatCompletionRequest(_SamplingFields):
 class LoadLoraRequest(_Request):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
+    # vLLM's name: swap an adapter of this name in place (new requests get the new weights)
+    load_inplace: bool = False
 
 
 class UnloadLoraRequest(_Request):

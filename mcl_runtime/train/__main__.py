@@ -4,7 +4,9 @@
             parsed answers of trajectories that pass the hidden tests (resumable)
   correct   repair one step of each failed trajectory with a supervisor endpoint; keep the
             corrected answer when the re-run trajectory passes (resumable)
-  sft       fine-tune one LoRA adapter (``--data``) or one per agent (``--data-dir``) with peft
+  sft       fine-tune one LoRA adapter (``--data``) or one per agent (``--data-dir``) with TRL's
+            SFTTrainer and peft; ``accelerate launch -m mcl_runtime.train sft ...`` for several
+            processes or GPUs
 
 Endpoints are OpenAI base URLs (``http://127.0.0.1:8000/v1``). A teacher's model for an agent is
 ``--agent-model AGENT=NAME``, else ``--teacher-model``, else the agent's own name (its adapter on
@@ -26,6 +28,7 @@ from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
 from mcl_runtime.pipeline import parse_pairs
 from mcl_runtime.train.clients import Endpoint, RoutedClient, TolerantClient
+from mcl_runtime.train.sft import REPORT_TO
 
 PROG = "python -m mcl_runtime.train"
 
@@ -71,6 +74,12 @@ def _collect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-calls", type=int)
     p.add_argument("--rounds", type=int, default=1, help="attempts per problem until one passes")
     p.add_argument(
+        "--structured-output",
+        action="store_true",
+        help="constrain every teacher answer to its agent's format (vLLM's structured_outputs grammar), "
+        "as the pipeline's --structured-output does",
+    )
+    p.add_argument(
         "--drop-failed-code",
         action="store_true",
         help="also drop coding/debugging answers whose code failed the sample tests",
@@ -113,9 +122,27 @@ def _sft_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=4096, help="longer examples are skipped")
+    p.add_argument("--packing", action="store_true", help="padding-free packing of each batch (TRL's bfd)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, metavar="N", help="a checkpoint in OUT/checkpoint-N every N steps")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="DIR",
+        help="continue from the last checkpoint in --out (or from checkpoint folder DIR)",
+    )
+    held_out = p.add_mutually_exclusive_group()
+    held_out.add_argument("--eval-fraction", type=float, default=0.0, metavar="F", help="hold out F of the data")
+    held_out.add_argument("--eval-data", action="append", type=Path, metavar="FILE", help="eval JSONL (repeatable)")
+    p.add_argument("--eval-steps", type=int, metavar="N", help="default: at each checkpoint and at the end")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none")
     p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="base weights (default: bf16 with --bf16)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -171,8 +198,14 @@ async def _collect(args: argparse.Namespace) -> int:
     endpoints = endpoints_from_args(args)
     options = CollectOptions(
         MapCoderConfig(
-            args.k, args.t, args.max_tokens, args.temperature, args.max_calls, test_last_fix=True
-        ),  # correct needs every fix's sample run
+            args.k,
+            args.t,
+            args.max_tokens,
+            args.temperature,
+            args.max_calls,
+            structured_output=args.structured_output,
+            test_last_fix=True,  # correct needs every fix's sample run
+        ),
         args.rounds,
         args.workers,
         args.drop_failed_code,
@@ -237,6 +270,12 @@ async def _correct(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from mcl_runtime.train.sft import LORA_TARGETS, SFTConfig, train_adapter, train_agents
 
+    if args.no_progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     config = SFTConfig(
         rank=args.rank,
         alpha=args.alpha,
@@ -252,21 +291,32 @@ def _sft(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        packing=args.packing,
+        save_steps=args.save_steps,
+        eval_fraction=args.eval_fraction,
+        eval_steps=args.eval_steps,
+        report_to=args.report_to,
         device=args.device,
+        bf16=args.bf16,
         dtype=args.dtype,
         progress=not args.no_progress,
     )
     if args.data:
-        logs = {args.out.name: train_adapter(args.base, args.data, args.out, config)}
+        logs = {args.out.name: train_adapter(args.base, args.data, args.out, config, args.eval_data or (), args.resume)}
         folders = {args.out.name: args.out}
     else:
-        logs = train_agents(args.base, args.data_dir, args.out, config)
+        if args.eval_data or args.resume not in (True, False):
+            raise ValueError("--eval-data and --resume DIR name one adapter's files: use them with --data")
+        logs = train_agents(args.base, args.data_dir, args.out, config, args.resume)
         folders = {agent: args.out / agent for agent in logs}
-    for name, log in logs.items():
-        print(
-            f"{name}: {log['examples']} examples, {log['total_steps']} steps, loss {log['first_loss']:.4f} -> "
-            f"{log['final_loss']:.4f}; adapter in {folders[name]}"
-        )
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for name, log in logs.items():
+            print(
+                f"{name}: {log['examples']} examples, {log['total_steps']} steps on {log['processes']} process(es), "
+                f"loss {log['first_loss']:.4f} -> {log['final_loss']:.4f}; adapter in {folders[name]}"
+            )
     return 0
 
 

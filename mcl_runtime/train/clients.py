@@ -2,7 +2,8 @@
 
 - ``Endpoint``: an OpenAI base URL and a served model name (``None``: the agent's own name, i.e.
   its adapter, as the pipeline addresses our server); ``label`` is the provenance string.
-- ``RoutedClient``: one endpoint per agent (a teacher, optionally per agent), one HTTP client per URL.
+- ``RoutedClient``: one endpoint per agent (a teacher, optionally per agent), one HTTP client per URL;
+  a call's ``structured`` constraint goes out as vLLM's ``structured_outputs`` extra body.
 - ``TolerantClient``: turns a reply the client cannot read (no choices, not JSON, a 4xx refusal)
   into ``ChatError``, which the pipeline records as a failed call, so a malformed answer never
   stops a run. Transport and set-up failures (connection, timeout, 5xx, rate limits, bad key,
@@ -17,6 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mcl_runtime.agents.llm import ChatClient, ChatError, ChatReply, OpenAIChatClient
+
+
+def _constraint(structured: dict | None) -> dict:
+    """``structured`` as keyword arguments of a ``ChatClient.chat`` call: none without a constraint,
+    so that clients that take none (as the pipeline allows) work unconstrained."""
+    return {"structured": structured} if structured else {}
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,20 @@ class RoutedClient:
             self._clients[url] = OpenAIChatClient(url, models, api_key=api_key, timeout_s=timeout_s)
 
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,
     ) -> ChatReply:
         endpoint = self.endpoints.get(agent)
         if endpoint is None:
             raise ValueError(f"no endpoint for agent {agent!r} (known: {sorted(self.endpoints)})")
-        return await self._clients[endpoint.url].chat(agent, messages, max_tokens, temperature, session=session)
+        return await self._clients[endpoint.url].chat(
+            agent, messages, max_tokens, temperature, **_constraint(structured), session=session
+        )
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -79,12 +94,20 @@ class TolerantClient:
         self.client = client
 
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,
     ) -> ChatReply:
         import openai
 
         try:
-            reply = await self.client.chat(agent, messages, max_tokens, temperature, session=session)
+            reply = await self.client.chat(
+                agent, messages, max_tokens, temperature, **_constraint(structured), session=session
+            )
         except (ChatError, *_transport_errors()):
             raise
         except (openai.APIError, TypeError, AttributeError, IndexError, KeyError, ValueError) as exc:
@@ -115,11 +138,19 @@ class ReplayClient:
         self.calls = 0
 
     async def chat(
-        self, agent: str, messages: list[dict], max_tokens: int, temperature: float, session: str | None = None
+        self,
+        agent: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        structured: dict | None = None,
+        session: str | None = None,
     ) -> ChatReply:
         i, self.calls = self.calls, self.calls + 1
         if i > self.index:
-            return await self.live.chat(agent, messages, max_tokens, temperature, session=session)
+            return await self.live.chat(
+                agent, messages, max_tokens, temperature, **_constraint(structured), session=session
+            )
         rec = self.recorded[i]
         if rec["agent"] != agent or rec["messages"] != messages:
             raise ReplayDiverged(f"call {i} ({agent}) differs from the recorded {rec['agent']} call")

@@ -4,10 +4,11 @@ One example a JSONL line: ``{"messages": [{"role": "system"|"user"|"assistant", 
 ...}``. The last message is the assistant's answer and the only part the loss is taken on; extra
 keys carry provenance and are ignored by training.
 
-Tokens are what the engine sees at inference: the prompt is ``messages[:-1]`` rendered with the
-tokenizer's chat template and a generation prompt, encoded on its own; the answer is the rest of the
-full conversation's rendering (the content and the end-of-turn token), cut after the first
-end-of-sequence token. ``input_ids = prompt + answer``, ``labels = [-100] * len(prompt) + answer``.
+An example becomes a prompt and a completion, each tokenized on its own, as the engine sees them at
+inference: the prompt is ``messages[:-1]`` rendered with the tokenizer's chat template and a
+generation prompt; the completion is the rest of the full conversation's rendering (the content and
+the end-of-turn token), cut after the first end-of-sequence token. The trainer takes the loss on the
+completion only.
 
 The record files the collectors write (append-only JSONL, atomic rewrites) are the pipeline's:
 ``mcl_runtime.agents.records``.
@@ -16,24 +17,12 @@ The record files the collectors write (append-only JSONL, atomic rewrites) are t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mcl_runtime.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class EncodedExample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens
-
-    @property
-    def num_target_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
 
 
 def check_example(example: Any) -> dict:
@@ -70,8 +59,8 @@ def read_examples(path: str | Path) -> list[dict]:
     return examples
 
 
-def encode_example(tokenizer: Tokenizer, messages: list[dict]) -> EncodedExample:
-    """Prompt and answer tokens of one conversation, the prompt masked out of the labels."""
+def prompt_completion(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The prompt and completion tokens of one conversation (``check_example``'s ``messages``)."""
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     if full.startswith(prompt):
@@ -79,10 +68,11 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict]) -> EncodedExample
     else:  # a template whose rendering is not prefix-stable: the answer plus the end-of-turn token
         eos = tokenizer.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else ""
         answer = messages[-1]["content"] + (eos or "")
-    prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
-    ends = [i for i, t in enumerate(answer_ids) if t in tokenizer.eos_token_ids]
+    ends = [(answer.find(token), token) for token in map(tokenizer.id_to_token, tokenizer.eos_token_ids) if token]
+    ends = [(at, token) for at, token in ends if at >= 0]
     if ends:
-        answer_ids = answer_ids[: ends[0] + 1]
-    if not answer_ids:
+        at, token = min(ends)
+        answer = answer[: at + len(token)]
+    if not answer:
         raise ValueError("the assistant's answer renders to no tokens")
-    return EncodedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+    return tokenizer.encode(prompt), tokenizer.encode(answer)
