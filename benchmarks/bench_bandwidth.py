@@ -1,4 +1,4 @@
-"""Issue #8.3: batch-1 decode as a fraction of the device's memory bandwidth.
+"""Batch-1 decode as a fraction of the device's memory bandwidth.
 
     python benchmarks/bench_bandwidth.py [--smoke] [--out-dir DIR]
 

@@ -6,7 +6,7 @@
    prefixes, decode appends, fork, free, build_metadata, pop_block_copies) replayed on each.
 2. metadata: build_metadata for a decode step of 256 sequences of 1-2k tokens (one new token each).
 
-Targets (issue): C++ >= 10x faster on the trace, metadata for 256 sequences <= 100 us.
+Targets: C++ >= 10x faster on the trace, metadata for 256 sequences <= 100 us.
 Writes benchmarks/results/block_manager_cpu.json (--smoke: a tiny run that writes only with --out).
 """
 

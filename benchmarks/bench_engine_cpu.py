@@ -1,4 +1,4 @@
-"""Issue #3: the engine against transformers + peft on the CPU, demo model, four agent adapters.
+"""The engine against transformers + peft on the CPU, demo model, four agent adapters.
 
     python benchmarks/bench_engine_cpu.py [--smoke] [--out-dir DIR]
 
@@ -12,7 +12,7 @@ the step profiler records where the step time goes. Each round also runs ours wi
 CPU attention (``TorchBackend.cpu_attention``: the C++ kernel where the default is the padded
 path, and the other way round) on the same prompts with another first token (no prefix-cache
 reuse): the kernel-vs-padded ratio that ``TorchBackend.KERNEL_MAX_THREADS`` rests on.
-Target (issue #3): ours >= 3x the baseline's output tokens/s.
+Target: ours >= 3x the baseline's output tokens/s.
 Writes benchmarks/results/engine_cpu.json (--smoke: only with --out-dir).
 """
 

@@ -1,4 +1,4 @@
-"""Issue #8.2: throughput as the number of distinct adapters in the batch grows.
+"""Throughput as the number of distinct adapters in the batch grows.
 
     python benchmarks/bench_multi_lora.py [--smoke] [--out-dir DIR]
 

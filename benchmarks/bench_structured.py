@@ -1,4 +1,4 @@
-"""Issue #15: what grammar-constrained decoding costs per decode step (demo model, four adapters).
+"""What grammar-constrained decoding costs per decode step (demo model, four adapters).
 
     python benchmarks/bench_structured.py [--smoke] [--out-dir DIR] [--batches 1 32 256]
 
@@ -8,7 +8,7 @@ at least 400 characters, so no row can finish early) and once with none (EOS ign
 batch shapes, side by side, alternating for ``--rounds`` rounds; the median step time of each
 mode is kept. Also timed: the grammar's own share of a constrained step (batched bitmask fill +
 apply, and the matchers' token accepts). Wall and process CPU time are both recorded (on a
-shared machine the CPU time is the steadier). Goal (issue #15): <= 5% of the step at batch 32.
+shared machine the CPU time is the steadier). Goal: <= 5% of the step at batch 32.
 Writes benchmarks/results/structured_<device>.json (--smoke: only with --out-dir).
 """
 

@@ -1,4 +1,4 @@
-"""Issue #8.1: Qwen2.5-7B-Instruct + four rank-32 agent LoRAs against Qwen2.5-32B-Instruct, same engine.
+"""Qwen2.5-7B-Instruct + four rank-32 agent LoRAs against Qwen2.5-32B-Instruct, same engine.
 
     python benchmarks/bench_vs_32b.py [--smoke] [--out-dir DIR] [--batches 1 4 16]
 

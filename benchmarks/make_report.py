@@ -408,12 +408,12 @@ RENDERERS: dict[str, Callable[[dict, Path, Path], str]] = {
     "train": render_train,
 }
 TITLES = {
-    "engine_cpu": "Engine vs transformers+peft on the CPU (issue #3)",
-    "vs_32b": "7B + four agent LoRAs vs 32B (issue #8.1)",
-    "multi_lora": "Throughput vs number of adapters (issue #8.2)",
-    "bandwidth": "Batch-1 decode bandwidth (issue #8.3)",
-    "scale_out": "Replicas on Ray Serve: 1 vs 2, session vs random routing (issue #30)",
-    "train": "Training: TRL's SFTTrainer vs the hand-written loop on the demo model, CPU (issue #31)",
+    "engine_cpu": "Engine vs transformers+peft on the CPU",
+    "vs_32b": "7B + four agent LoRAs vs 32B",
+    "multi_lora": "Throughput vs number of adapters",
+    "bandwidth": "Batch-1 decode bandwidth",
+    "scale_out": "Replicas on Ray Serve: 1 vs 2, session vs random routing",
+    "train": "Training: TRL's SFTTrainer vs the hand-written loop on the demo model, CPU",
 }
 ORDER = ["vs_32b", "multi_lora", "bandwidth", "engine_cpu"]
 
@@ -424,7 +424,7 @@ hand. Every number below is read from the JSON linked in its section, which name
 versions and the commit. Performance claims about mcl_runtime link here and to those files only.
 
 Rules: each comparison is measured side by side in one run on the machine named; absolute times are
-shown from GPU runs (the CPU benchmark of issue #3 is the one CPU result, as that issue asks); the
+shown from GPU runs (CPU results are shown for the benchmarks whose subject is the CPU); the
 `--smoke` runs that CI does on a CPU are never shown as results.
 
 How to run: `benchmarks/run_gpu.sh phase1` and `benchmarks/run_gpu.sh phase2` (one H100/H200, under 4
