@@ -396,7 +396,7 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = payload["cases"]
-    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(6 * len(cases), 9), 4.6), squeeze=False)
     for ax, case in zip(axes[0], cases):
         names = list(case["scenarios"])
         x = np.arange(len(names))
@@ -412,7 +412,10 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("output tokens/s (median of rounds)")
         ax.set_title(f"{payload['shape']} {case['dtype']}")
         ax.legend()
-    fig.suptitle(f"{payload['machine']['device']}; KV {payload['kv_cache_memory']}; {payload['workload_text']}")
+    title = f"{payload['machine']['device']}; KV {payload['kv_cache_memory']}\n{payload['workload_text']}"
+    if payload["note"]:
+        title += f"\n{payload['note'][:110]}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

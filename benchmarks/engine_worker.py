@@ -120,6 +120,8 @@ def vllm(spec: dict) -> tuple[Run, dict]:
         llm.stop_profile()
         for table in Path(out_dir).glob("*.profiler_out.txt"):
             table.rename(Path(out_dir) / f"vllm_{name}.txt")
+        for trace in Path(out_dir).glob("rank*.pt.trace.json.gz"):
+            trace.rename(Path(out_dir) / f"vllm_{name}.trace.json.gz")
         return tokens
 
     run.profiled = run_profiled

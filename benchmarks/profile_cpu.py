@@ -5,17 +5,18 @@
 
 Per dtype and engine, one process (``engine_worker.py`` with a ``profile_dir``) runs the four-adapter
 mixed workload twice under a profiler: ``prefill`` (one new token per request: the prompt steps) and
-``full`` (``--max-tokens``). Ours: the step profiler (``step_profile.py``: ms per decode step and per
-prefill step in scheduling, metadata, attention, base GEMMs, LoRA, the rest of the forward, sampling and
-engine bookkeeping) and torch.profiler (self time per op and input shapes); vLLM: its own torch profiler.
-The op tables are sorted into categories (``CATEGORIES``: the LM head is the matmul whose shapes name the
-vocabulary); decode = full - prefill. Profilers slow both engines down: read shares, not absolute times.
-Writes ``benchmarks/results/profile_cpu_<shape>.json``; ``--keep DIR`` keeps the raw tables.
+``full`` (``--max-tokens``; the same prompt lengths, other ids). Ours: the step profiler
+(``step_profile.py``: ms per decode step and per prefill step in scheduling, metadata, attention, base
+GEMMs, LoRA, the rest of the forward, sampling and engine bookkeeping) and torch.profiler (self time per
+op and input shapes); vLLM: its own torch profiler. The op tables are sorted into categories
+(``categorize``); decode = full - prefill. Profilers slow both engines down: read shares, not absolute
+times. Writes ``benchmarks/results/profile_cpu_<shape>.json``; ``--keep DIR`` keeps the raw tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import sys
@@ -40,13 +41,18 @@ CATEGORIES = [
 ]
 
 
-def categorize(rows: list[dict], vocab: int) -> dict[str, float]:
-    """Self milliseconds per category of op rows ``{op, shapes, self_us}``."""
+def categorize(rows: list[dict], vocab: int, rank: int) -> dict[str, float]:
+    """Self milliseconds per category of op rows ``{op, shapes, self_us}``. Besides the names: the LM head
+    is the matmul whose shapes name the vocabulary; a gather or batched matmul with a dimension of the
+    adapters' rank last or next to last (vLLM's CPU LoRA: per-token weight gathers and ``bmm``) is LoRA."""
     out: dict[str, float] = defaultdict(float)
+    lora_shape = re.compile(rf"(, {rank}\]|\[\d+, 1, (\d+, )?{rank}(, \d+)?\])")
     for row in rows:
         op, shapes = row["op"], row["shapes"]
         if str(vocab) in shapes and re.search(CATEGORIES[2][1], op):
             name = "lm_head"
+        elif op in ("aten::index", "aten::bmm") and lora_shape.search(shapes):
+            name = "lora"
         else:
             name = next((c for c, pattern in CATEGORIES if re.search(pattern, op, re.IGNORECASE)), "other_ops")
         out[name] += row["self_us"] / 1e3
@@ -80,14 +86,61 @@ def parse_table(text: str) -> list[dict]:
     return rows
 
 
-def engine_profile(engine: str, folder: Path, wall: dict[str, float], vocab: int) -> dict:
+_STEP = re.compile(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
+
+
+def trace_steps(path: Path, vocab: int, rank: int) -> dict:
+    """vLLM's steps from its trace (each step is a ``execute_context_N(tokens)_generation_M(tokens)``
+    range): per decode-only step and per step with prompt tokens, the mean wall ms and the mean self ms
+    per category of the ops inside (self = an op's time less its children's)."""
+    events = json.loads(gzip.open(path).read())["traceEvents"]
+    events = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: (e["ts"], -e["dur"]))
+    steps = [(e, _STEP.fullmatch(e["name"])) for e in events if _STEP.fullmatch(e["name"])]
+    tids = {e["tid"] for e, _ in steps}
+    ops = [e for e in events if e.get("cat") == "cpu_op" and e["tid"] in tids]
+    # self time of each op: its duration less that of the ops directly inside it (the steps' thread)
+    self_us, stack = {}, []
+    for e in ops:
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+            stack.pop()
+        if stack:
+            self_us[id(stack[-1])] -= e["dur"]
+        self_us[id(e)] = e["dur"]
+        stack.append(e)
+    out = {}
+    for kind in ("decode", "prefill"):
+        chosen = [
+            e
+            for e, m in steps
+            if (int(m.group(2)) == 0) == (kind == "decode") and int(m.group(2)) + int(m.group(4)) > 0
+        ]
+        if not chosen:
+            continue
+        rows = [
+            {"op": o["name"], "shapes": str(o["args"].get("Input Dims", "")), "self_us": self_us[id(o)]}
+            for o in ops
+            if any(s["ts"] <= o["ts"] < s["ts"] + s["dur"] for s in chosen)
+        ]
+        cats = categorize(rows, vocab, rank)
+        wall = sum(s["dur"] for s in chosen) / 1e3
+        cats["unattributed (host)"] = wall - sum(cats.values())
+        out[kind] = {
+            "steps": len(chosen),
+            "step_ms": wall / len(chosen),
+            "tokens_per_step": sum(int(m.group(2)) + int(m.group(4)) for e, m in steps if e in chosen) / len(chosen),
+            "ms_per_step": {k: v / len(chosen) for k, v in cats.items()},
+        }
+    return out
+
+
+def engine_profile(engine: str, folder: Path, wall: dict[str, float], vocab: int, rank: int) -> dict:
     rows = {}
     for name in ("prefill", "full"):
         if engine == "ours":
             rows[name] = json.loads((folder / f"ours_{name}.json").read_text())
         else:
             rows[name] = parse_table((folder / f"vllm_{name}.txt").read_text())
-    cats = {name: categorize(r, vocab) for name, r in rows.items()}
+    cats = {name: categorize(r, vocab, rank) for name, r in rows.items()}
     names = set(cats["full"]) | set(cats["prefill"])
     decode = {c: cats["full"].get(c, 0.0) - cats["prefill"].get(c, 0.0) for c in names}
     out = {
@@ -100,6 +153,8 @@ def engine_profile(engine: str, folder: Path, wall: dict[str, float], vocab: int
     }
     if engine == "ours":
         out["steps"] = {n: json.loads((folder / f"ours_{n}_steps.json").read_text()) for n in ("prefill", "full")}
+    elif (folder / "vllm_full.trace.json.gz").exists():
+        out["steps"] = {n: trace_steps(folder / f"vllm_{n}.trace.json.gz", vocab, rank) for n in ("prefill", "full")}
     return out
 
 
@@ -130,10 +185,14 @@ def main() -> None:
         pythons["vllm"] = env.python
     envs = engine_envs(args)
     mixed = scenario_adapters("mixed")
-    wls = {
-        "prefill": workload(args.requests, args.prompt_len, 1, mixed, 1, cfg["bos_token_id"]),
-        "full": workload(args.requests, args.prompt_len, args.max_tokens, mixed, 2, cfg["bos_token_id"]),
+    # The same prompt lengths in both (decode = full - prefill), other ids (no prefix-cache hit in "full").
+    prefill = workload(args.requests, args.prompt_len, 1, mixed, 1, cfg["bos_token_id"])
+    full = {
+        "prompts": [[(t + 1) % cfg["bos_token_id"] for t in p] for p in prefill["prompts"]],
+        "max_tokens": [args.max_tokens] * args.requests,
+        "adapters": prefill["adapters"],
     }
+    wls = {"prefill": prefill, "full": full}
     payload = {"machine": environment("cpu"), "args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
     keep = args.keep or Path(tempfile.mkdtemp(prefix="profile_cpu_"))
     for dtype in args.dtype:
@@ -161,7 +220,7 @@ def main() -> None:
                 payload["cases"][f"{engine}_{dtype}"] = res
                 continue
             wall = {k: v["wall_s"] for k, v in res["scenarios"].items()}
-            payload["cases"][f"{engine}_{dtype}"] = engine_profile(engine, folder, wall, vocab)
+            payload["cases"][f"{engine}_{dtype}"] = engine_profile(engine, folder, wall, vocab, args.rank)
             out = args.out_dir / f"profile_cpu_{args.shape}.json"
             out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out_dir / f'profile_cpu_{args.shape}.json'}; raw tables in {keep}")
