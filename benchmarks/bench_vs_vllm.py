@@ -222,9 +222,10 @@ def run_engine(engine: str, spec: dict, python: str, env: dict, workdir: Path, t
             sampler.join()
     elapsed = time.perf_counter() - t0
     if rc != 0 or not out_path.exists():
-        tail = log_path.read_text()[-4000:]
-        print(f"  {tag}: FAILED (exit {rc}); log tail:\n{tail[-1500:]}", flush=True)
-        return {"error": f"exit {rc}", "log_tail": tail, "process_s": elapsed}
+        log_text = log_path.read_text()
+        errors = [line for line in log_text.splitlines() if "Error" in line][:10]
+        print(f"  {tag}: FAILED (exit {rc}):\n" + "\n".join(errors), flush=True)
+        return {"error": f"exit {rc}", "error_lines": errors, "log_tail": log_text[-4000:], "process_s": elapsed}
     result = json.loads(out_path.read_text())
     result.update(peak_rss_bytes=peak[0], process_s=elapsed)
     return result
