@@ -103,8 +103,30 @@ QWEN3_8B = {
     "use_sliding_window": False,
     "vocab_size": 151936,
 }
+# config.json of Qwen/Qwen2.5-0.5B-Instruct and Qwen/Qwen2.5-1.5B-Instruct, as published (tied embeddings).
+QWEN25_05B_INSTRUCT = {
+    **QWEN25_7B_INSTRUCT,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "max_window_layers": 21,
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
+}
+QWEN25_15B_INSTRUCT = {
+    **QWEN25_05B_INSTRUCT,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 28,
+}
 # Shapes the load_format="dummy" benchmarks take (``--shape``).
 MODEL_SHAPES = {
+    "qwen2.5-0.5b-instruct": QWEN25_05B_INSTRUCT,
+    "qwen2.5-1.5b-instruct": QWEN25_15B_INSTRUCT,
     "qwen2.5-7b-instruct": QWEN25_7B_INSTRUCT,
     "qwen2.5-coder-7b-instruct": QWEN25_CODER_7B_INSTRUCT,
     "qwen3-8b": QWEN3_8B,
@@ -147,6 +169,86 @@ def write_model_folder(folder: Path, cfg: dict) -> Path:
     demo = demo_model_dir() / "base"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo / name, folder / name)
+    return folder
+
+
+def write_full_vocab_tokenizer(folder: Path, vocab_size: int, endoftext_id: int) -> None:
+    """The demo model's byte-level BPE tokenizer stretched over ``vocab_size`` ids, laid out as Qwen2.5's:
+    BPE tokens below ``endoftext_id``, then the special tokens (``<|endoftext|>``, ``<|im_start|>``,
+    ``<|im_end|>``) as added tokens, and every other id a filler token (``<f123>``) that encoding of
+    ordinary text never produces. So any id a random-weight model samples decodes, in our tokenizer
+    and in transformers' alike (``tokenizers`` numbers added tokens from the end of the BPE vocabulary,
+    so the fillers above the specials are added tokens too)."""
+    from mcl_runtime.demo import SPECIAL_TOKENS, demo_model_dir
+
+    demo = demo_model_dir() / "base"
+    tok = json.loads((demo / "tokenizer.json").read_text())
+    tok_config = json.loads((demo / "tokenizer_config.json").read_text())
+    vocab = tok["model"]["vocab"]
+    if len(vocab) > endoftext_id or endoftext_id + len(SPECIAL_TOKENS) > vocab_size:
+        raise ValueError(f"specials at {endoftext_id} do not fit between {len(vocab)} BPE tokens and {vocab_size}")
+    fillers = {f"<f{i}>": i for i in [*range(len(vocab), endoftext_id), *range(endoftext_id + 3, vocab_size)]}
+    if fillers.keys() & vocab.keys():
+        raise ValueError("a filler token is a BPE token of the demo tokenizer")
+    vocab.update({name: i for name, i in fillers.items() if i < endoftext_id})
+    added = [(endoftext_id + i, content, True) for i, content in enumerate(SPECIAL_TOKENS)]
+    added += [(i, name, False) for name, i in fillers.items() if i > endoftext_id]
+    tok["added_tokens"] = [
+        {**_ADDED_TOKEN, "id": i, "content": content, "special": special} for i, content, special in added
+    ]
+    tok_config["added_tokens_decoder"] = {
+        str(i): {**_ADDED_TOKEN, "content": content, "special": special} for i, content, special in added
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+
+_ADDED_TOKEN = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_random_weights(folder: Path, cfg: dict, seed: int = 0, std: float = 0.02) -> None:
+    """``model.safetensors`` of a Qwen2 config: every matrix and bias drawn N(0, std) (as
+    ``initializer_range`` says), norms one, in the config's ``torch_dtype``."""
+    from safetensors.torch import save_file
+
+    from mcl_runtime.model.arch import BY_NAME
+
+    if cfg["model_type"] != "qwen2":
+        raise ValueError(f"random weights are written for qwen2 configs, not {cfg['model_type']!r}")
+    dtype = getattr(torch, cfg.get("torch_dtype", "float32"))
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).mul_(std).to(dtype)
+
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    tensors = {"model.embed_tokens.weight": draw(vocab, h), "model.norm.weight": torch.ones(h, dtype=dtype)}
+    if not cfg.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = draw(vocab, h)
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{prefix}.{norm}.weight"] = torch.ones(h, dtype=dtype)
+        for proj, (fan_in, fan_out) in lora_shapes(cfg).items():
+            key = f"{prefix}.{BY_NAME[proj].parent}.{proj}"
+            tensors[f"{key}.weight"] = draw(fan_out, fan_in)
+            if proj in ("q_proj", "k_proj", "v_proj"):
+                tensors[f"{key}.bias"] = draw(fan_out)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_hf_model(folder: Path, cfg: dict, seed: int = 0) -> Path:
+    """A real Hugging Face folder in ``cfg``'s shapes that any engine loads as it is: config.json,
+    generation_config.json, random weights (``write_random_weights``) and a tokenizer covering the
+    whole vocabulary (``write_full_vocab_tokenizer``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    eos = [cfg["eos_token_id"], cfg["bos_token_id"]]
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "do_sample": False}, indent=2)
+    )
+    write_full_vocab_tokenizer(folder, cfg["vocab_size"], cfg["bos_token_id"])
+    write_random_weights(folder, cfg, seed)
     return folder
 
 

@@ -31,7 +31,12 @@ from mcl_runtime.agents.llm import DEFAULT_RETRIES, EngineChatClient, OpenAIChat
 from mcl_runtime.agents.mapcoder import MAPCODER_MAX_TOKENS, MapCoder, MapCoderConfig, published_k_t
 from mcl_runtime.agents.prompts import AGENTS
 from mcl_runtime.agents.sandbox import Limits, Sandbox
-from mcl_runtime.engine.cli_args import add_execution_mode_args, execution_mode_options
+from mcl_runtime.engine.cli_args import (
+    add_execution_mode_args,
+    add_kv_cache_args,
+    execution_mode_options,
+    kv_cache_options,
+)
 
 
 def parse_pairs(values: list[str], flag: str, names: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="in-process engine device (cpu, cuda)")
     p.add_argument("--dtype", help="in-process engine dtype")
     add_execution_mode_args(p)
+    add_kv_cache_args(p)
     p.add_argument("--api-key", default="EMPTY", help="for --endpoint")
     p.add_argument(
         "--retries",
@@ -127,15 +133,14 @@ def _engine_client(args: argparse.Namespace, names: dict[str, str]):
     from mcl_runtime import AsyncEngine, Engine
 
     adapters = parse_pairs(args.lora, "--lora")
+    options = {"device": args.device, "dtype": args.dtype, **execution_mode_options(args), **kv_cache_options(args)}
     if args.model:
-        engine = Engine(
-            model=args.model, adapters=adapters, device=args.device, dtype=args.dtype, **execution_mode_options(args)
-        )
+        engine = Engine(model=args.model, adapters=adapters, **options)
     else:
         from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 
         adapters = {**demo_adapter_dirs(), **adapters}
-        engine = demo_engine(adapters=adapters, device=args.device, dtype=args.dtype, **execution_mode_options(args))
+        engine = demo_engine(adapters=adapters, **options)
     missing = sorted({names.get(a, a) for a in AGENTS} - set(engine.adapters))
     if missing and (names or adapters):
         warnings.warn(f"no adapter named {missing}; those agents use the base model", stacklevel=2)

@@ -34,6 +34,8 @@ EXPECTED = [
     "bench_serve",
     "bench_block_manager",
     "bench_pipeline",
+    "bench_vs_vllm",
+    "bench_pipeline_vs_vllm",
 ]
 GPU_RUN = ["bench_lora_kernels", "bench_attention", "bench_vs_32b", "bench_bandwidth", "bench_multi_lora"]
 SCRIPTS = [s for s in dict.fromkeys(EXPECTED + sorted(p.stem for p in BENCH.glob("bench_*.py"))) if s not in GPU_RUN]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import Counter
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -23,6 +22,7 @@ import torch
 
 from mcl_runtime.engine.adapter_manager import AdapterManager
 from mcl_runtime.engine.block_manager import BlockManager
+from mcl_runtime.engine.kv_cache import KVCachePlan, allocate_kv_cache, log_kv_cache, parse_bytes, plan_kv_cache
 from mcl_runtime.engine.model_runner import ModelRunner, SampledTokens
 from mcl_runtime.engine.outputs import TextStream, request_outputs
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CPU_KV_CACHE_BYTES = 256 << 20
 # A text prompt longer than this many characters per context token is first measured by a prefix
 # of that length, so that a huge prompt is refused without tokenizing all of it.
 _PREFIX_CHARS_PER_TOKEN = 8
@@ -62,6 +61,8 @@ class Engine:
         max_loras: int = 8,
         max_lora_rank: int = 64,
         kv_cache_blocks: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        kv_cache_memory_fraction: float | None = None,
         block_size: int = 16,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
@@ -99,17 +100,11 @@ class Engine:
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
         self.block_size = block_size
-        num_blocks = kv_cache_blocks or self._default_kv_blocks(max_num_seqs)
+        self.kv_plan = self._kv_cache_plan(max_num_seqs, kv_cache_blocks, kv_cache_memory, kv_cache_memory_fraction)
+        num_blocks = self.kv_plan.num_blocks
         # One block more than the block manager hands out: the scratch block of padded decode rows.
-        self.kv_cache = torch.zeros(
-            cfg.num_layers,
-            2,
-            num_blocks + 1,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            dtype=self.dtype,
-            device=self.device,
+        self.kv_cache = allocate_kv_cache(
+            (cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim), self.dtype, self.device
         )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.adapter_manager = AdapterManager(self.model, max_loras, max_lora_rank)
@@ -156,16 +151,28 @@ class Engine:
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
 
-    def _default_kv_blocks(self, max_num_seqs: int) -> int:
+    def _kv_cache_plan(
+        self,
+        max_num_seqs: int,
+        blocks: int | None,
+        memory: int | str | None,
+        fraction: float | None,
+    ) -> KVCachePlan:
+        """The KV cache's size (``kv_cache.plan_kv_cache``), logged with a warning when it bounds the batch."""
         cfg = self.model.config
         block_bytes = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.9) - (2 << 30)
-        else:
-            budget = CPU_KV_CACHE_BYTES
-        wanted = max_num_seqs * math.ceil(self.max_model_len / self.block_size)
-        return max(min(budget // block_bytes, wanted), 16)
+        plan = plan_kv_cache(
+            block_bytes,
+            self.block_size,
+            self.device,
+            max_num_seqs,
+            self.max_model_len,
+            kv_cache_blocks=blocks,
+            kv_cache_memory=None if memory is None else parse_bytes(memory),
+            kv_cache_memory_fraction=fraction,
+        )
+        log_kv_cache(plan, max_num_seqs, self.max_model_len)
+        return plan
 
     # ---- adapters ----------------------------------------------------------------------------
     @property

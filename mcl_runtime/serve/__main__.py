@@ -27,7 +27,12 @@ from typing import Any
 import uvicorn
 
 from mcl_runtime import AsyncEngine, Engine
-from mcl_runtime.engine.cli_args import add_execution_mode_args, execution_mode_options
+from mcl_runtime.engine.cli_args import (
+    add_execution_mode_args,
+    add_kv_cache_args,
+    execution_mode_options,
+    kv_cache_options,
+)
 from mcl_runtime.errors import MCLError
 from mcl_runtime.serve.app import build_app
 
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int)
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--kv-cache-blocks", type=int)
+    add_kv_cache_args(p)
     p.add_argument("--block-size", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
@@ -169,6 +175,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
     options.update(execution_mode_options(args))
+    options.update(kv_cache_options(args))
     if args.model is None:
         from mcl_runtime.demo import demo_adapter_dirs, demo_engine
 
@@ -233,7 +240,8 @@ def _announce(engine: Engine, name: str, args: argparse.Namespace) -> Callable[[
     def announce(host: str, port: int) -> None:
         print(
             f"mcl_runtime.serve: serving {name} with adapters [{adapters}] at http://{host}:{port}/v1 "
-            f"(device {device}, dtype {dtype}, max_model_len {engine.max_model_len})",
+            f"(device {device}, dtype {dtype}, max_model_len {engine.max_model_len}, "
+            f"KV cache {engine.kv_plan.num_tokens:,} tokens)",
             flush=True,
         )
 
