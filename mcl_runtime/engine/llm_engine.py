@@ -102,7 +102,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, self.adapter_manager, self.table, max_num_seqs, max_num_batched_tokens
         )
-        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
+        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.backend.name == "triton"
         elif cuda_graphs and (self.device.type != "cuda" or self.backend.name != "triton"):
