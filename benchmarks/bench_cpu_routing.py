@@ -1,27 +1,33 @@
 """The crossovers behind the cpu backend's routing thresholds, each route timed side by side.
 
-    python benchmarks/bench_cpu_routing.py [--smoke] [--out-dir DIR] [--reps N] [--max-threads N]
+    python benchmarks/bench_cpu_routing.py [--smoke] [--out-dir DIR] [--shapes demo qwen7b] [--reps N]
+                                           [--max-threads N] [--threads N]
 
-Synthetic steps (random KV cache, shuffled blocks of 16, float32) in the attention shape of
-Qwen2.5-7B (28 query heads, 4 KV heads of 128) and its qkv projection (3584 -> 3 slices, rank-32
-adapters). Each figure is the median per-call time of one layer's ``CPUBackend.attention`` or
-``apply_lora`` (``prepare`` runs once per step, outside the timing), the routes timed in alternating
-blocks of calls. For each threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``):
+Synthetic steps (random KV cache, shuffled blocks of 16, float32) in the attention and qkv shapes of
+two models: ``demo`` (mcl-demo-tiny: 4 query heads, 2 KV heads of 32, hidden 128) and ``qwen7b``
+(Qwen2.5-7B: 28 query heads, 4 KV heads of 128, hidden 3584), rank-32 adapters. Each figure is the
+median per-call time of one layer's ``CPUBackend.attention`` or ``apply_lora`` (``prepare`` runs
+once per step, outside the timing), the routes timed in alternating blocks of calls. For each
+threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 
 * ``KERNEL_MAX_THREADS``: decodes, and a small prefill group, through the attention kernel vs the
   padded path at each torch thread count up to ``--max-threads`` (default: the machine's cores);
   ``measured``: the largest count up to which the kernel is faster in every case.
 * ``PADDED_SMALL``: prompts without cached context and chunks after cached context, four per
   group, of growing padded size (sequences x longest query x longest context), kernel vs padded;
-  ``measured``: the largest size up to which the kernel is faster (for both kinds).
+  ``measured``: the largest size up to which the kernel is faster (for both kinds; also as the
+  multiply-adds of ``q @ k.T``, ``measured_multiply_adds``, a unit that carries across shapes).
 * ``SPLIT_GAIN``: on the padded path, decodes whose contexts are half short, half long, and prompts
   of two lengths, split by length vs one padded group; ``measured``: the largest ratio of padded
   work (split / one group, the cost ``CPUBackend._split`` computes) up to which the split is faster.
 * ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
-  ``measured``: the fastest.
+  ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
 
 ``crossover_found`` is False where one route won at every point measured (``measured`` is then the
-last point). ``in_code`` is the constant's value in this tree, printed next to ``measured``.
+last point; 0 where it lost at the first). ``in_code`` is the constant's value in this tree, printed
+next to ``measured``. These measurements run ``--threads`` torch threads (default torch's); on a
+machine shared with other processes, OpenMP regions wait for a core and penalise the route with
+more torch ops, so ``load_average`` is recorded with the figures.
 Writes benchmarks/results/cpu_routing.json (--smoke: only with --out-dir).
 """
 
@@ -40,14 +46,31 @@ from mcl_runtime.model.cpu_backend import CPUBackend
 from mcl_runtime.model.layers import LinearWithLoRA
 
 BLOCK_SIZE = 16
-FULL = dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], rank=32)
-SMOKE = dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)
+# Attention heads, and the qkv projection with its adapters' rank, of the models measured.
+SHAPES = {
+    "demo": dict(heads=4, kv_heads=2, head_dim=32, hidden=128, qkv=[128, 64, 64], rank=32),  # mcl-demo-tiny
+    "qwen7b": dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], rank=32),
+}
+SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)}
+# Step sizes: decodes and their contexts, small prompts, the prefill lengths swept, the longest
+# context / prompt of the split cases, the LoRA segments.
+SIZES = dict(
+    decodes=32, decode_ctx=(256, 1024), prompts=[64, 48], prefill=[8, 16, 32, 64, 128, 256], longest=(1024, 512)
+)
+SIZES["lora"] = [300, 200, 150, 350]
+SMOKE_SIZES = dict(
+    decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
+)
 
 
 def parse_args() -> argparse.Namespace:
     p = base_parser(__doc__)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--reps", type=int, default=40, help="calls of each route per point (in blocks of 5)")
     p.add_argument("--max-threads", type=int, default=os.cpu_count(), help="KERNEL_MAX_THREADS: threads up to")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the other measurements (default torch's)"
+    )
     return parse_with_smoke(p, dict(reps=5, max_threads=1))
 
 
@@ -126,11 +149,11 @@ def report(name: str, measured: float, found: bool, points: list[dict], rule: st
     return dict(in_code=in_code, measured=measured, crossover_found=found, rule=rule, points=points)
 
 
-def kernel_max_threads(shape: dict, args: argparse.Namespace) -> dict:
-    full = shape is FULL
+def kernel_max_threads(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    n = sizes["decodes"]
     cases = {
-        "decodes": Step([1] * 32, np.linspace(256, 1024, 32).astype(int).tolist() if full else [40] * 32, 0, shape),
-        "prompts": Step([64, 48] if full else [8, 6], [64, 48] if full else [8, 6], 1, shape),
+        "decodes": Step([1] * n, np.linspace(*sizes["decode_ctx"], n).astype(int).tolist(), 0, shape),
+        "prompts": Step(sizes["prompts"], sizes["prompts"], 1, shape),
     }
     routes = {"kernel": cpu(attention_kernel=True, PADDED_SMALL=float("inf")), "padded": cpu(attention_kernel=False)}
     threads, points = torch.get_num_threads(), []
@@ -149,17 +172,17 @@ def kernel_max_threads(shape: dict, args: argparse.Namespace) -> dict:
     return report("KERNEL_MAX_THREADS", measured, found, points, "kernel faster in every case")
 
 
-def padded_small(shape: dict, args: argparse.Namespace) -> dict:
+def padded_small(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     routes = {"kernel": cpu(attention_kernel=True, PADDED_SMALL=float("inf")), "padded": cpu(attention_kernel=False)}
-    lengths = [16, 32, 64, 128, 256] if shape is FULL else [4, 8]
     points = []
-    for q in lengths:
+    for q in sizes["prefill"]:
         point = {}
         for kind, ctx in (("prompts", q), ("chunks", 4 * q)):
             step = Step([q] * 4, [ctx] * 4, 1 if kind == "prompts" else 2, shape)
             us = race(step, routes, args.reps)
             point[kind] = {
                 "pairs": 4 * q * ctx,
+                "multiply_adds": 4 * q * ctx * shape["heads"] * shape["head_dim"],  # of q @ k.T, as many of p @ v
                 **{f"{r}_us": t for r, t in us.items()},
                 "kernel_speedup": us["padded"] / us["kernel"],
             }
@@ -168,13 +191,14 @@ def padded_small(shape: dict, args: argparse.Namespace) -> dict:
     # Both kinds, ordered by size: the largest size below the first at which the padded path wins.
     flat = sorted((p[kind] for p in points for kind in p), key=lambda p: p["pairs"])
     measured, found = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "pairs")
-    return report("PADDED_SMALL", measured, found, points, "kernel faster for every group of at most this many pairs")
+    multiply_adds = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "multiply_adds")[0]
+    rule = "kernel faster for every group of at most this many pairs"
+    return {**report("PADDED_SMALL", measured, found, points, rule), "measured_multiply_adds": multiply_adds}
 
 
-def split_gain(shape: dict, args: argparse.Namespace) -> dict:
+def split_gain(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     routes = {"split": cpu(attention_kernel=False, SPLIT_GAIN=1.0), "one": cpu(attention_kernel=False, SPLIT_GAIN=0.0)}
-    full = shape is FULL
-    long_ctx, long_prompt = (1024, 512) if full else (32, 16)
+    long_ctx, long_prompt = sizes["longest"]
     points = []
     for frac in (0.1, 0.25, 0.5, 0.75, 0.9):
         for kind, n, longest, power in (("decodes", 32, long_ctx, 1), ("prompts", 8, long_prompt, 2)):
@@ -197,7 +221,7 @@ def split_gain(shape: dict, args: argparse.Namespace) -> dict:
     return report("SPLIT_GAIN", measured, found, points, "split faster at every work ratio up to this")
 
 
-def lora_tile(shape: dict, args: argparse.Namespace) -> dict:
+def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     mod = LinearWithLoRA(shape["hidden"], shape["qkv"], True, 4, shape["rank"], torch.float32, torch.device("cpu"))
     for slot in range(4):
@@ -206,7 +230,7 @@ def lora_tile(shape: dict, args: argparse.Namespace) -> dict:
             for n in shape["qkv"]
         ]
         mod.set_slot(slot, slices, 0.5)
-    q_lens = np.array([300, 200, 150, 350] if shape is FULL else [30, 20, 15, 35])
+    q_lens = np.array(sizes["lora"])
     slots = np.arange(4)
     seg_starts, seg_slots, max_seg = lora_segments(slots, q_lens)
     x = torch.randn(int(q_lens.sum()), shape["hidden"], generator=gen)
@@ -226,16 +250,22 @@ def lora_tile(shape: dict, args: argparse.Namespace) -> dict:
     best = min(points, key=lambda p: p["us"])
     for p in points:
         print(f"  tile {p['tile']}: {p['us']:.0f} us ({p['us'] / best['us']:.2f}x the fastest)")
-    return report("LORA_TILE", best["tile"], True, points, "the fastest tile size")
+    near = [p["tile"] for p in points if p["us"] <= 1.05 * best["us"]]
+    return {**report("LORA_TILE", best["tile"], True, points, "the fastest tile size"), "within_5_percent": near}
 
 
 def main() -> None:
     args = parse_args()
-    shape = SMOKE if args.smoke else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    sizes = SMOKE_SIZES if args.smoke else SIZES
     results, load_before = {}, os.getloadavg()
     with torch.inference_mode():
-        for measure in (kernel_max_threads, padded_small, split_gain, lora_tile):
-            results[measure.__name__.upper()] = measure(shape, args)
+        for shape_name, shape in shapes.items():
+            print(f"\n{shape_name}: {shape}")
+            for measure in (kernel_max_threads, padded_small, split_gain, lora_tile):
+                results.setdefault(measure.__name__.upper(), {})[shape_name] = measure(shape, sizes, args)
     save_result(
         "cpu_routing",
         {
@@ -244,7 +274,8 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "config": {
                 "dtype": "float32",
-                "shape": shape,
+                "shapes": shapes,
+                "sizes": sizes,
                 "block_size": BLOCK_SIZE,
                 "reps": args.reps,
                 "timing": "alternating blocks of 5 calls, median per call; prepare() excluded",

@@ -230,9 +230,9 @@ class CPUBackend:
     # Past this many torch threads the padded path replaces the attention kernel.
     KERNEL_MAX_THREADS = 2  # cpu_routing.json: KERNEL_MAX_THREADS
     # Prefill groups of at most this many padded (query, key) pairs go to the attention kernel.
-    PADDED_SMALL = 1 << 16  # cpu_routing.json: PADDED_SMALL
+    PADDED_SMALL = 1 << 12  # cpu_routing.json: PADDED_SMALL, demo
     # Decodes (prompts) are split by length when that leaves at most this share of the padded work.
-    SPLIT_GAIN = 0.8  # cpu_routing.json: SPLIT_GAIN
+    SPLIT_GAIN = 0.9  # cpu_routing.json: SPLIT_GAIN
     # Tokens per tile of the gather + bmm LoRA path.
     LORA_TILE = 128  # cpu_routing.json: LORA_TILE
 
