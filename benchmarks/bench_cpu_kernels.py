@@ -2,17 +2,17 @@
 
     python benchmarks/bench_cpu_kernels.py [--smoke] [--out-dir DIR] [--shapes micro qwen7b] [--reps 200]
 
-For each shape, an engine (torch backend, float32, 4 LoRA adapters + base, dummy weights) admits that
+For each shape, an engine (cpu backend, float32, 4 LoRA adapters + base, dummy weights) admits that
 many requests (adapters in turn), prefills them and decodes a few steps; the next decode step's
 metadata (``ForwardContext``, as ``backend.prepare`` left it) is taken from its forward call. Then,
 per call of one layer, on random inputs of that step's shapes:
 
-* ``attention``: ``TorchBackend.attention`` through the C++ paged-attention kernel (the default at
-  <= 2 torch threads) vs ``TorchBackend(cpu_attention=False)``'s padded path (its own ``prepare`` on
-  the same metadata), over the engine's KV cache;
-* ``lora_<proj>``: ``apply_lora`` through ``lora_apply_cpu`` vs ``cpu_lora=False``'s gather + bmm;
+* ``attention``: ``CPUBackend.attention`` through the C++ paged-attention kernel (the default at
+  <= ``CPUBackend.KERNEL_MAX_THREADS`` torch threads) vs ``CPUBackend(attention_kernel=False)``'s
+  padded path (its own ``prepare`` on the same metadata), over the engine's KV cache;
+* ``lora_<proj>``: ``apply_lora`` through ``lora_apply_cpu`` vs ``layer_kernels=False``'s gather + bmm;
 * ``rms_norm_residual``: ``rms_norm_cpu`` with the residual vs ``F.rms_norm(x + residual)``;
-* ``rope``: ``rope_cpu`` (in place on the q/k heads of a fused qkv) vs ``layers.rope_torch``.
+* ``rope``: ``rope_cpu`` (in place on the q/k heads of a fused qkv) vs ``rope_torch``.
 
 Both paths are timed in alternating blocks of calls (so both see the same machine); the figure is
 the median per-call time over blocks, and ``speedup`` = torch / kernel. ``max_abs_diff`` compares
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from common import (
     SMOKE_VOCAB,
     base_parser,
     environment,
+    interleaved,
     parse_with_smoke,
     save_result,
     write_model_folder,
@@ -114,7 +113,7 @@ def step_context(shape: dict, decode_steps: int, tmp: Path):
         adapters=adapters,
         device="cpu",
         dtype="float32",
-        backend="torch",
+        backend="cpu",
         max_loras=NUM_ADAPTERS,
         max_lora_rank=shape["rank"],
         max_num_seqs=n,
@@ -137,30 +136,16 @@ def step_context(shape: dict, decode_steps: int, tmp: Path):
     return engine, captured["ctx"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, block: int = 10) -> dict[str, float]:
-    """Median per-call microseconds of each function, timed in alternating blocks of ``block`` calls."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(1, reps // block)):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(block):
-                fn()
-            times[name].append(1e6 * (time.perf_counter() - t0) / block)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
     """Case name -> (kernel path, torch path), each returning its output."""
     from mcl_runtime.kernels import rms_norm_cpu, rope_cpu
-    from mcl_runtime.model.layers import rope_torch
-    from mcl_runtime.model.torch_backend import TorchBackend
+    from mcl_runtime.model.cpu_backend import CPUBackend
+    from mcl_runtime.model.reference_backend import rope_torch
 
     cfg, layer = engine.model.config, engine.model.layers[0]
     kernel = engine.backend
-    padded = TorchBackend(cpu_attention=False, cpu_lora=False)
-    attn, lora = dataclasses.replace(ctx.attn, extra={}), dataclasses.replace(ctx.lora, extra={})
+    padded = CPUBackend(attention_kernel=False, layer_kernels=False)
+    attn, lora = dataclasses.replace(ctx.attn, plan=None), dataclasses.replace(ctx.lora, plan=None)
     padded.prepare(attn, lora)
     T, Hq, Hkv, D = len(ctx.attn.slot_mapping), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     gen = torch.Generator().manual_seed(1)

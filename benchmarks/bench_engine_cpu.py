@@ -9,9 +9,10 @@ batch mixing all adapters). Baseline: transformers + peft the way a user batches
 prompts; the rounds alternate the two and use fresh prompts each round (no prefix-cache reuse).
 Engine: 4 adapter slots of rank 32 (the demo adapters' largest); a last, untimed run of ours under
 the step profiler records where the step time goes. Each round also runs ours with the other
-CPU attention (``TorchBackend.cpu_attention``: the C++ kernel where the default is the padded
+CPU attention (``CPUBackend.attention_kernel``: the C++ kernel where the default is the padded
 path, and the other way round) on the same prompts with another first token (no prefix-cache
-reuse): the kernel-vs-padded ratio that ``TorchBackend.KERNEL_MAX_THREADS`` rests on.
+reuse): the kernel-vs-padded ratio of whole runs (``bench_cpu_routing.py`` measures the crossovers
+behind ``CPUBackend``'s thresholds).
 Target: ours >= 3x the baseline's output tokens/s.
 Writes benchmarks/results/engine_cpu.json (--smoke: only with --out-dir).
 """
@@ -69,16 +70,16 @@ def attention_rounds(engine: Engine, wl: Workload, ours_s: float) -> dict:
     """Seconds of ``wl`` with the C++ CPU attention kernel and with the padded path: ``ours_s`` for
     the engine's default, one more run for the other ({} without the kernel)."""
     backend = engine.backend
-    if getattr(backend, "cpu_attention", False) is False:
+    if getattr(backend, "attention_kernel", False) is False:
         return {}
     default = "kernel" if torch.get_num_threads() <= backend.KERNEL_MAX_THREADS else "padded"
     other = "padded" if default == "kernel" else "kernel"
     shifted = dataclasses.replace(wl, prompts=[[(p[0] + 1) % 509] + p[1:] for p in wl.prompts])
-    backend.cpu_attention = other == "kernel"
+    backend.attention_kernel = other == "kernel"
     try:
         other_s = engine_round(engine, shifted)[0]
     finally:
-        backend.cpu_attention = None
+        backend.attention_kernel = None
     return {f"{default}_s": ours_s, f"{other}_s": other_s}
 
 

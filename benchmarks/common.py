@@ -629,6 +629,20 @@ def device_slug(device: torch.device | str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")[:40]
 
 
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, block: int = 10) -> dict[str, float]:
+    """Median per-call microseconds of each function, timed in alternating blocks of ``block`` calls."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, reps // block)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[name].append(1e6 * (time.perf_counter() - t0) / block)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def save_result(name: str, payload: dict, out_dir: Path | None, smoke: bool, announce: bool = True) -> Path | None:
     """Write ``<out_dir>/<name>.json``. A smoke run writes only where ``--out-dir`` says, marked smoke."""
     if smoke and out_dir is None:
@@ -648,7 +662,12 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (CI); numbers are not results")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--backend", default=None, choices=["torch", "triton"], help="default: triton on cuda, torch on cpu")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["cpu", "reference", "torch", "triton"],
+        help="default: triton on cuda, cpu on cpu",
+    )
     p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
     return p
 

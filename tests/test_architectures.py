@@ -3,6 +3,7 @@ in test_engine_golden.py)."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,18 +56,20 @@ def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, model_fami
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rms_norm_torch_path_is_bit_identical_to_the_transformers_formula(dtype, monkeypatch):
-    """The torch path (CUDA, compiled graphs, no extension); the CPU kernel is held to the
-    kernel rule against the same formula in tests/test_kernels_norm.py."""
+def test_rms_norm_torch_path_is_bit_identical_to_the_transformers_formula(dtype):
+    """The reference backend's RMSNorm (also the torch path of the cpu and triton backends: CUDA,
+    compiled graphs, no extension); the CPU kernel is held to the kernel rule against the same
+    formula in tests/test_kernels_layer_ops.py."""
     from mcl_runtime.model import layers
+    from mcl_runtime.model.reference_backend import ReferenceBackend
 
-    monkeypatch.setattr(layers, "use_cpu_layer_ops", lambda t: False)
+    ctx = SimpleNamespace(backend=ReferenceBackend())
     torch.manual_seed(0)
     norm = layers.RMSNorm(96, 1e-6, dtype, torch.device("cpu"))
     norm.weight.copy_(torch.randn(96))
     x, residual = (3 * torch.randn(37, 96)).to(dtype), torch.randn(37, 96).to(dtype)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    assert torch.equal(norm(x), norm.weight * h.to(dtype))
-    normed, new_residual = norm(x, residual)
-    assert torch.equal(new_residual, x + residual) and torch.equal(normed, norm(x + residual))
+    assert torch.equal(norm(x, ctx), norm.weight * h.to(dtype))
+    normed, new_residual = norm(x, ctx, residual)
+    assert torch.equal(new_residual, x + residual) and torch.equal(normed, norm(x + residual, ctx))

@@ -102,13 +102,16 @@ def test_inductor_decode_matches_hf(qwen_family):
     assert not counters["graph_break"]
 
 
-def test_compiled_triton_backend_is_one_graph(qwen_family, aot_eager):
-    """The Triton kernels enter the compiled forward as custom ops (kernels/ops.py): no graph break,
-    and the tokens of transformers + peft (the kernels run in Triton's interpreter on the CPU)."""
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiled_backend_is_one_graph(qwen_family, aot_eager, backend):
+    """The Triton kernels enter the compiled forward as custom ops (kernels/ops.py; they run in
+    Triton's interpreter on the CPU); the reference backend's static steps pad keys to the block
+    table's width and mask every slot's LoRA per token. Either way: no graph break, and the tokens
+    of transformers + peft."""
     base, adapters = qwen_family
     prompts, names = _prompts()[:3], NAMES["qwen2"][:3]
     ref = hf_generate(base, adapters, prompts, names, 4)
-    engine = _engine(base, adapters, compile=True, backend="triton", max_num_seqs=4, **aot_eager)
+    engine = _engine(base, adapters, compile=True, backend=backend, max_num_seqs=4, **aot_eager)
     outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), adapter=names)
     assert [o.token_ids for o in outs] == [list(r) for r in ref]
     assert not counters["graph_break"]

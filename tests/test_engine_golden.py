@@ -8,6 +8,8 @@ import torch
 from tiny_models import hf_generate
 
 from mcl_runtime import Engine, SamplingParams
+from mcl_runtime.kernels import HAS_CPU_ATTENTION
+from mcl_runtime.model.cpu_backend import CPUBackend, KernelGroup
 
 MAX_NEW = 32
 LENGTHS = [5, 17, 33, 3, 40, 9, 16, 25, 12, 12, 12]
@@ -97,92 +99,97 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
         assert engine.stats()["adapter_slot_loads"] >= len(adapters)
 
 
+class RecordingCPUBackend(CPUBackend):
+    """The cpu backend, recording its choices: each step's set of attention group kinds (kernel or
+    not), every length split asked for (power, parts), and how often LoRA tiles were built."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.kinds: list[set[bool]] = []
+        self.splits: list[tuple[int, list | None]] = []
+        self.tiles = 0
+
+    def prepare(self, attn, lora) -> None:
+        super().prepare(attn, lora)
+        self.kinds.append({isinstance(g, KernelGroup) for g in attn.plan})
+
+    def _split(self, lengths, power):
+        parts = super()._split(lengths, power)
+        self.splits.append((power, parts))
+        return parts
+
+    def _lora_tiles(self, lora):
+        self.tiles += 1
+        return super()._lora_tiles(lora)
+
+
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
-def test_torch_padded_attention_keeps_the_tokens(family, monkeypatch):
-    """Without the C++ CPU attention (the case past ``KERNEL_MAX_THREADS`` torch threads) the torch backend
+def test_cpu_padded_attention_keeps_the_tokens(family):
+    """Without the C++ CPU attention (the case past ``KERNEL_MAX_THREADS`` torch threads) the cpu backend
     attends in padded groups and splits decodes of spread-out context lengths, and prompts of spread-out
     lengths, into groups (LENGTHS spread from 3 to 40): the golden tokens, and with splitting off (one
     padded group of each kind) the same."""
-    from mcl_runtime.model import torch_backend
-    from mcl_runtime.model.torch_backend import TorchBackend
-
-    monkeypatch.setattr(torch_backend, "HAS_CPU_ATTENTION", False)
     name, base, adapters, ref = family
-    splits = []  # (power, parts) of every split asked for
-    split = TorchBackend._split
-    monkeypatch.setattr(
-        TorchBackend,
-        "_split",
-        classmethod(lambda cls, lengths, power: splits.append((power, split(lengths, power))) or splits[-1][1]),
-    )
-    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
+    backend = RecordingCPUBackend(attention_kernel=False)
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    assert backend.kinds and all(kinds == {False} for kinds in backend.kinds)
     for power in (1, 2):  # decodes, prompts
-        assert any(p == power and parts is not None and len(parts) > 1 for p, parts in splits)
-    splits.clear()
-    monkeypatch.setattr(TorchBackend, "SPLIT_GAIN", 0.0)  # never worth splitting
-    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    assert splits and all(parts is None for _, parts in splits)
+        assert any(p == power and parts is not None and len(parts) > 1 for p, parts in backend.splits)
+    backend = RecordingCPUBackend(attention_kernel=False)
+    backend.SPLIT_GAIN = 0.0  # never worth splitting
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    assert backend.splits and all(parts is None for _, parts in backend.splits)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"], indirect=True)
-def test_torch_layer_ops_keep_the_tokens(family, monkeypatch):
-    """Without the C++ layer ops (LoRA, RMSNorm, rotary embedding: the torch paths that CUDA and a
-    build without the extension take) the golden tokens; LoRA then goes through gather + bmm tiles."""
-    from mcl_runtime.model import layers, torch_backend
-
-    monkeypatch.setattr(torch_backend, "use_cpu_layer_ops", lambda t: False)
-    monkeypatch.setattr(layers, "use_cpu_layer_ops", lambda t: False)
-    tiles = []
-    build = torch_backend.TorchBackend._lora_tiles
-    monkeypatch.setattr(
-        torch_backend.TorchBackend, "_lora_tiles", lambda self, lora: tiles.append(1) or build(self, lora)
-    )
+def test_cpu_torch_layer_ops_keep_the_tokens(family):
+    """Without the C++ layer ops (LoRA, RMSNorm, rotary embedding: the torch paths that a build
+    without the extension takes) the golden tokens; LoRA then goes through gather + bmm tiles."""
     name, base, adapters, ref = family
-    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    assert tiles
+    backend = RecordingCPUBackend(layer_kernels=False)
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    assert backend.tiles
+
+
+def test_golden_reference_backend(family):
+    """The reference backend (plain torch, the semantics the others are tested against) gives the
+    tokens of transformers + peft."""
+    name, base, adapters, ref = family
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend="reference")[0] == ref
 
 
 @pytest.fixture
-def kernel_groups(monkeypatch):
-    """One torch thread (the torch backend then attends through the C++ CPU kernel); yields the
-    set of group kinds ("kernel" or not) of every step."""
-    from mcl_runtime.model.torch_backend import HAS_CPU_ATTENTION, TorchBackend
-
+def one_thread():
+    """One torch thread: the cpu backend then attends through the C++ CPU kernel."""
     if not HAS_CPU_ATTENTION:
         pytest.skip("the C++ extension mcl_runtime._C is not built")
-    kinds, threads = [], torch.get_num_threads()
-    groups = TorchBackend._kernel_groups
-
-    def recorded(self, attn):
-        out = groups(self, attn)
-        kinds.append({"kernel" in g for g in out})
-        return out
-
-    monkeypatch.setattr(TorchBackend, "_kernel_groups", recorded)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield kinds
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def test_golden_through_the_cpu_attention_kernel(family, kernel_groups):
+def test_golden_through_the_cpu_attention_kernel(family, one_thread):
     name, base, adapters, ref = family
-    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512)[0] == ref
-    assert kernel_groups and all(True in kinds for kinds in kernel_groups)
+    backend = RecordingCPUBackend()
+    backend.PADDED_SMALL = 1 << 16  # every prefill group of these prompts through the kernel too
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    assert backend.kinds and all(True in kinds for kinds in backend.kinds)
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
-def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, kernel_groups, monkeypatch):
+def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, one_thread):
     """The decodes go to the C++ kernel and each prefill group to it or to the padded path by size;
     with the threshold moved so that both kinds meet in steps (chunked prefill over cached
     prefixes), the golden tokens."""
-    from mcl_runtime.model.torch_backend import TorchBackend
-
     name, base, adapters, ref = family
-    monkeypatch.setattr(TorchBackend, "PADDED_SMALL", 150)
-    assert _run(base, adapters, NAMES[name], block_size=4, max_num_batched_tokens=23, kv_cache_blocks=256)[0] == ref
-    assert {True, False} in kernel_groups
+    backend = RecordingCPUBackend()
+    backend.PADDED_SMALL = 150
+    knobs = dict(block_size=4, max_num_batched_tokens=23, kv_cache_blocks=256, backend=backend)
+    assert _run(base, adapters, NAMES[name], **knobs)[0] == ref
+    assert {True, False} in backend.kinds
 
 
 def test_single_request_equals_batched(qwen_family):

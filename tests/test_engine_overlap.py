@@ -8,6 +8,7 @@ import pytest
 
 from mcl_runtime import AsyncEngine, Engine, SamplingParams
 from mcl_runtime.demo import demo_adapter_dirs, demo_model_dir
+from mcl_runtime.engine.adapter_manager import BASE_UID
 from mcl_runtime.engine.params import SamplingParams as SP
 from mcl_runtime.engine.seq_table import LENGTH, NOT_FINISHED, STOPPED, SequenceTable
 
@@ -151,8 +152,8 @@ def test_the_table_agrees_with_the_sequences_at_every_step(overlap):
             assert 0 <= table.num_sampled[row] - table.num_out[row] <= (1 if overlap else 0)
             assert table.num_computed[row] <= table.num_tokens(row)
         for s in running:
-            adapter = s.request.adapter
-            slot = -1 if adapter is None else engine.adapter_manager._slot_of[adapter]
+            uid = s.request.adapter_uid
+            slot = -1 if uid == BASE_UID else engine.adapter_manager._slot_of[uid]
             assert table.slot[s.row] == slot
             assert bm.get_num_tokens(s.seq_id) == table.num_computed[s.row]
 

@@ -3,6 +3,8 @@ fused residual add: the residual sum bit for bit, the normalised rows by the ker
 against a float64 reference within 2x that of the same-dtype torch formula) and ``rope_cpu`` (bit for
 bit: it rounds where torch's ops round)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -118,14 +120,16 @@ def test_rope_cpu_bad_arguments(args, exc) -> None:
 
 
 def test_layers_keep_torch_ops_under_autograd() -> None:
-    """The kernels record no autograd history: with gradients on, the layers use torch's ops."""
-    from mcl_runtime.model.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+    """The kernels record no autograd history: with gradients on, the cpu backend uses torch's ops."""
+    from mcl_runtime.model.cpu_backend import CPUBackend
+    from mcl_runtime.model.layers import RMSNorm, rope_cos_sin, rope_inv_freq
 
+    ctx = SimpleNamespace(backend=CPUBackend())
     norm = RMSNorm(32, EPS, torch.float32, torch.device("cpu"))
     x = torch.randn(3, 32, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(3), rope_inv_freq(16, 1e4, None), torch.float32)
-    h, residual = norm(x, torch.zeros(3, 32))
-    (h.sum() + apply_rope(residual.view(3, 2, 16), cos, sin).sum()).backward()
+    h, residual = norm(x, ctx, torch.zeros(3, 32))
+    (h.sum() + ctx.backend.rope(residual.view(3, 2, 16), cos, sin).sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 

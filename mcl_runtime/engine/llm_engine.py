@@ -31,7 +31,7 @@ from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence
 from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
-from mcl_runtime.model.backends import make_backend
+from mcl_runtime.model.backends import Backend, make_backend
 from mcl_runtime.model.config import load_config
 from mcl_runtime.model.loader import load_model
 from mcl_runtime.tokenizer import Tokenizer
@@ -57,7 +57,7 @@ class Engine:
         adapters: dict[str, str | Path] | None = None,
         device: str | None = None,
         dtype: str | None = None,
-        backend: str | None = None,
+        backend: str | Backend | None = None,
         max_loras: int = 8,
         max_lora_rank: int = 64,
         kv_cache_blocks: int | None = None,
@@ -112,7 +112,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, self.adapter_manager, self.table, max_num_seqs, max_num_batched_tokens
         )
-        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "torch"))
+        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.backend.name == "triton"
         elif cuda_graphs and (self.device.type != "cuda" or self.backend.name != "triton"):

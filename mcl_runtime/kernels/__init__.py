@@ -22,7 +22,6 @@ from .cpu import (
     paged_attention_cpu,
     rms_norm_cpu,
     rope_cpu,
-    use_cpu_layer_ops,
 )
 from .reference import (
     lora_apply_ref,
@@ -43,7 +42,6 @@ __all__ = [
     "lora_apply_cpu",
     "rms_norm_cpu",
     "rope_cpu",
-    "use_cpu_layer_ops",
     "lora_shrink",
     "lora_expand",
     "lora_apply",
@@ -74,7 +72,7 @@ except ImportError as _exc:
         def fn(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError(
                 f"mcl_runtime.kernels.{fn_name} needs Triton, which could not be imported "
-                f"({_IMPORT_ERROR}); install triton or use the torch backend"
+                f"({_IMPORT_ERROR}); install triton or use the cpu or reference backend"
             )
 
         fn.__name__ = fn_name

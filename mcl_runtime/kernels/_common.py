@@ -28,8 +28,8 @@ def check_same_device(name: str, *tensors: torch.Tensor) -> torch.device:
             raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
-            f"{name}: Triton kernels need CUDA tensors; on CPU use the torch backend "
-            "(mcl_runtime.kernels.reference) or set TRITON_INTERPRET=1 (slow, for tests)"
+            f"{name}: Triton kernels need CUDA tensors; on CPU use the cpu or reference backend, "
+            "or set TRITON_INTERPRET=1 (slow, for tests)"
         )
     return device
 

@@ -28,13 +28,6 @@ HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
 HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")  # lora_apply_cpu, rms_norm_cpu, rope_cpu
 
 
-def use_cpu_layer_ops(t: torch.Tensor) -> bool:
-    """Whether ``t``'s op may go to the C++ layer kernels (``lora_apply_cpu``, ``rms_norm_cpu``,
-    ``rope_cpu``): built, a CPU tensor, eager inference (a compiled graph keeps torch's ops, which
-    Inductor fuses; the kernels record no autograd history)."""
-    return HAS_CPU_LAYER_OPS and t.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
 class PagedAttentionCPU:
     """``paged_prefill_attention``'s semantics on CPU tensors, for one step's metadata checked once
     (every block-table entry a sequence uses included) and applied per layer: sequence b owns query

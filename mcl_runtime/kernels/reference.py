@@ -1,9 +1,9 @@
 """Plain torch references for the Triton kernels (same signatures and semantics).
 
-They loop over segments / sequences on the host and are meant for tests, the CPU backend and
-debugging, not for speed. LoRA references compute in the inputs' dtype (pass fp32 copies for an
-fp32 reference); attention references compute in ``compute_dtype`` (default float32) with the
-softmax always in float32.
+They loop over segments / sequences on the host and are meant for tests and debugging, not for
+speed (the reference backend, ``mcl_runtime/model/reference_backend.py``, runs whole steps). LoRA
+references compute in the inputs' dtype (pass fp32 copies for an fp32 reference); attention
+references compute in ``compute_dtype`` (default float32) with the softmax always in float32.
 """
 
 from __future__ import annotations

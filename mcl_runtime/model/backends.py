@@ -1,17 +1,22 @@
 """Per-step batch metadata, the backend protocol and the backend registry.
 
 A step's metadata is built once (by the model runner, then ``backend.prepare``) and shared by every
-layer. Layers call ``ctx.backend.store_kv / attention / apply_lora``; backends see tensors and
-metadata, never requests. Two backends implement the protocol: ``torch`` (plain torch, the
-reference and the CPU path, ``torch_backend.py``) and ``triton`` (the kernels of
-``mcl_runtime.kernels``, ``triton_backend.py``).
+layer. Layers call ``ctx.backend.store_kv / attention / apply_lora / rms_norm / rope``; backends see
+tensors and metadata, never requests. Three backends implement the protocol:
+
+* ``reference`` (``reference_backend.py``): plain torch, one obvious way per op; the semantics the
+  other backends are tested against.
+* ``cpu`` (``cpu_backend.py``, the default on the CPU): the C++ kernels of ``mcl_runtime._C`` and the
+  rules that route each part of a step to them or to a faster torch path. ``torch`` is another name
+  for it.
+* ``triton`` (``triton_backend.py``, the default on CUDA): the Triton kernels of ``mcl_runtime.kernels``.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ class AttentionMeta:
     # Shapes fixed by a batch-size bucket (compiled / CUDA-graph decode): every sequence is a
     # decode, B and M are the bucket's, and no host value that changes per step sizes a tensor.
     static: bool = False
-    extra: dict = field(default_factory=dict)  # backend-specific tensors built in prepare()
+    plan: Any = None  # what the backend's prepare() built for this step's attention
 
     @property
     def num_decodes(self) -> int:
@@ -50,7 +55,7 @@ class LoRAMeta:
     seg_starts_host: np.ndarray  # host copies of seg_starts / seg_slots
     seg_slots_host: np.ndarray
     token_slots: torch.Tensor | None = None  # [T] int32 slot of each token (static steps)
-    extra: dict = field(default_factory=dict)
+    plan: Any = None  # what the backend's prepare() built for this step's LoRA
 
 
 @runtime_checkable
@@ -60,8 +65,8 @@ class Backend(Protocol):
     name: str
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
-        """Once per step, before the forward: backend-specific metadata into ``attn.extra`` /
-        ``lora.extra``."""
+        """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /
+        ``lora.plan``."""
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMeta
@@ -79,11 +84,25 @@ class Backend(Protocol):
         v: torch.Tensor,
     ) -> torch.Tensor:
         """``q [T, Hq, D]`` over the cache (``k``/``v``: the step's new keys/values, already
-        stored); returns ``[T, Hq, D]``."""
+        stored); returns ``[T, Hq, D]``. Query row ``i`` of a sequence with ``q_len`` new tokens and
+        context ``ctx`` sits at position ``ctx - q_len + i`` and sees the keys at positions up to
+        its own; the ``G = Hq // Hkv`` query heads ``h`` with ``h // G == j`` share KV head ``j``."""
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
         """``y += LoRA(x)`` in place, per token with that token's adapter slot (``mod``: a
-        ``LinearWithLoRA``)."""
+        ``LinearWithLoRA``; the layout of its buffers is described there)."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """transformers' RMSNorm of the last axis: ``weight * (h / sqrt(mean(h^2) + eps))``,
+        normalised in float32 and rounded to the dtype before the weight. ``h = x``, or, given the
+        layer's ``residual``, ``h = x + residual`` and the result is ``(normed, h)`` (``h``, the new
+        residual, may be ``residual`` itself, written in place)."""
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x [T, heads, D]`` rotated with transformers' half-split convention by ``cos``/``sin``
+        ``[T, D]``: ``x * cos + rotate_half(x) * sin``. May rotate ``x`` in place; returns the result."""
 
 
 @dataclass
@@ -112,7 +131,9 @@ def lora_segments(slots: np.ndarray, q_lens: np.ndarray) -> tuple[np.ndarray, np
 
 # name -> "module:class"; modules are imported on first use (the triton one needs Triton).
 BACKENDS: dict[str, str] = {
-    "torch": "mcl_runtime.model.torch_backend:TorchBackend",
+    "reference": "mcl_runtime.model.reference_backend:ReferenceBackend",
+    "cpu": "mcl_runtime.model.cpu_backend:CPUBackend",
+    "torch": "mcl_runtime.model.cpu_backend:CPUBackend",  # another name of "cpu"
     "triton": "mcl_runtime.model.triton_backend:TritonBackend",
 }
 
@@ -122,9 +143,15 @@ def register_backend(name: str, target: str) -> None:
     BACKENDS[name] = target
 
 
-def make_backend(name: str) -> Backend:
-    target = BACKENDS.get(name)
+def make_backend(backend: str | Backend) -> Backend:
+    """The registered backend ``backend`` (built with its defaults), or ``backend`` itself when it
+    is already a backend object (one built with other options, e.g. ``CPUBackend(layer_kernels=False)``)."""
+    if not isinstance(backend, str):
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a name or a Backend, got {type(backend).__name__}")
+        return backend
+    target = BACKENDS.get(backend)
     if target is None:
-        raise ValueError(f"unknown backend {name!r} (choose one of {', '.join(sorted(BACKENDS))})")
+        raise ValueError(f"unknown backend {backend!r} (choose one of {', '.join(sorted(BACKENDS))})")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)()

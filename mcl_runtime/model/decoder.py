@@ -1,7 +1,8 @@
 """Qwen2 / Llama / Qwen3 / Mistral decoder over a flattened batch with a paged KV cache and per-token LoRA.
 
-``forward(input_ids [T], ctx)`` runs every token of a step (prefill chunks and decodes of all
-adapters together); ``ctx`` carries the step's metadata and the backend (torch or triton).
+``forward(input_ids [T], positions [T], ctx)`` runs every token of a step (prefill chunks and decodes
+of all adapters together); ``ctx`` carries the step's metadata and the backend that computes
+attention, LoRA, RMSNorm and the rotary embedding (``backends.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from mcl_runtime.model.arch import FUSED
 from mcl_runtime.model.config import ModelConfig
-from mcl_runtime.model.layers import LinearWithLoRA, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from mcl_runtime.model.layers import LinearWithLoRA, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 def fused_linear(
@@ -51,8 +52,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, ctx)
         qk = qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D)  # q and k heads side by side: one rotation
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])), dim=1)
-        qk = apply_rope(qk, ctx.cos, ctx.sin)
+            qk = torch.cat((self.q_norm(qk[:, :Hq], ctx), self.k_norm(qk[:, Hq:], ctx)), dim=1)
+        qk = ctx.backend.rope(qk, ctx.cos, ctx.sin)
         q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
@@ -86,10 +87,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mlp output, residual)``: the residual stream is added in the next norm (fused there)."""
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, ctx), x
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, ctx), residual)
+            h, residual = self.input_layernorm(x, ctx, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, ctx), ctx, residual)
         return self.mlp(h, ctx), residual
 
 
@@ -150,7 +151,7 @@ class DecoderLM(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
-        return self.norm(x, residual)[0]
+        return self.norm(x, ctx, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()

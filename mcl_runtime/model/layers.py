@@ -1,7 +1,8 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, and linear layers with per-slot LoRA.
+"""Building blocks of the decoder: RMSNorm, rotary embedding tables, and linear layers with per-slot LoRA.
 
-Numerics follow Hugging Face transformers (Qwen2/Llama) so that fp32 greedy decoding matches it
-token for token.
+The arithmetic of RMSNorm, the rotation and the LoRA products is the step's backend's
+(``ctx.backend``, see ``backends.py``); numerics follow Hugging Face transformers (Qwen2/Llama) so
+that fp32 greedy decoding matches it token for token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.errors import ModelLoadError
-from mcl_runtime.kernels import rms_norm_cpu, rope_cpu, use_cpu_layer_ops
 
 
 class RMSNorm(nn.Module):
@@ -22,23 +22,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``weight * (h / sqrt(mean(h^2) + eps))``, normalised in float32 and cast back before the
-        weight as transformers does, with ``h = x``; or, given the layer's ``residual``,
-        ``h = x + residual``, returning ``(normed, h)`` (h: the new residual). Rows of a CPU tensor
-        go through the C++ kernel (one pass, no temporaries); elsewhere torch's ops."""
-        kernel = x.dim() == 2 and use_cpu_layer_ops(x)
-        if residual is not None:
-            if kernel:
-                return rms_norm_cpu(x, self.weight, self.eps, residual), residual
-            residual = x + residual
-            return self._torch(residual), residual
-        return rms_norm_cpu(x, self.weight, self.eps) if kernel else self._torch(x)
-
-    def _torch(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, ctx, residual: torch.Tensor | None = None):
+        """``ctx.backend.rms_norm``: the normalised ``x``, or, given the layer's ``residual``,
+        ``(normed, h)`` with ``h = x + residual`` (the new residual)."""
+        return ctx.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -69,19 +56,6 @@ def rope_cos_sin(
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [T, heads, D]`` rotated with the half-split convention of transformers (on the CPU in
-    place, by the C++ kernel: the same values bit for bit)."""
-    return rope_cpu(x, cos, sin) if use_cpu_layer_ops(x) else rope_torch(x, cos, sin)
-
-
-def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``apply_rope`` in torch's ops (a new tensor)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class LinearWithLoRA(nn.Module):

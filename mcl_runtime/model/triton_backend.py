@@ -1,4 +1,5 @@
-"""The Triton backend: SGMV LoRA and paged attention through the kernels in ``mcl_runtime.kernels``.
+"""The Triton backend: SGMV LoRA and paged attention through the kernels in ``mcl_runtime.kernels``;
+the KV store too, and RMSNorm and the rotary embedding in torch's ops (the reference backend's).
 
 Kernel scratch (the LoRA shrink output and its split-K partial sums) comes from one workspace per
 backend, i.e. per engine, grown rarely and reused by every projection of every step. A buffer that
@@ -14,6 +15,7 @@ import torch
 
 from mcl_runtime import kernels
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
+from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch
 
 
 def _kernels():
@@ -44,9 +46,10 @@ class TritonBackend:
         return buf[:numel].view(shape)
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
+        """The plan of a step of decodes and prefills: the prefills' query offsets from 0."""
         nd = attn.num_decodes
         if 0 < nd < attn.context_lens.shape[0]:
-            attn.extra["cu_prefill"] = attn.cu_seqlens_q[nd:] - nd
+            attn.plan = attn.cu_seqlens_q[nd:] - nd
 
     def store_kv(self, k, v, k_cache, v_cache, attn: AttentionMeta) -> None:
         _kernels().store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
@@ -73,7 +76,7 @@ class TritonBackend:
             k_cache,
             v_cache,
             attn.block_tables[nd:],
-            attn.extra["cu_prefill"],
+            attn.plan,
             attn.context_lens[nd:],
             scale,
             attn.max_q_len,
@@ -110,3 +113,6 @@ class TritonBackend:
             list(mod.offsets),
             lora.max_seg_len,
         )
+
+    rms_norm = staticmethod(rms_norm_torch)
+    rope = staticmethod(rope_torch)

@@ -34,6 +34,7 @@ from mcl_runtime.engine.cli_args import (
     kv_cache_options,
 )
 from mcl_runtime.errors import MCLError
+from mcl_runtime.model.backends import BACKENDS
 from mcl_runtime.serve.app import build_app
 
 logger = logging.getLogger("mcl_runtime.serve")
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--backend", choices=("torch", "triton"))
+    p.add_argument("--backend", choices=sorted(BACKENDS), help="default: triton on cuda, cpu on cpu")
     p.add_argument("--max-loras", type=int)
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--kv-cache-blocks", type=int)

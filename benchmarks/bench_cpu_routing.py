@@ -1,0 +1,294 @@
+"""The crossovers behind the cpu backend's routing thresholds, each route timed side by side.
+
+    python benchmarks/bench_cpu_routing.py [--smoke] [--out-dir DIR] [--shapes demo qwen7b] [--reps N]
+                                           [--max-threads N] [--threads N]
+
+Synthetic steps (random KV cache, shuffled blocks of 16, float32) in the attention and qkv shapes of
+two models: ``demo`` (mcl-demo-tiny: 4 query heads, 2 KV heads of 32, hidden 128) and ``qwen7b``
+(Qwen2.5-7B: 28 query heads, 4 KV heads of 128, hidden 3584), rank-32 adapters. Each figure is the
+median per-call time of one layer's ``CPUBackend.attention`` or ``apply_lora`` (``prepare`` runs
+once per step, outside the timing), the routes timed in alternating blocks of calls. For each
+threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
+
+* ``KERNEL_MAX_THREADS``: decodes, and a small prefill group, through the attention kernel vs the
+  padded path at each torch thread count up to ``--max-threads`` (default: the machine's cores);
+  ``measured``: the largest count up to which the kernel is faster in every case.
+* ``PADDED_SMALL``: prompts without cached context and chunks after cached context, four per
+  group, of growing padded size (sequences x longest query x longest context), kernel vs padded;
+  ``measured``: the largest size up to which the kernel is faster (for both kinds; also as the
+  multiply-adds of ``q @ k.T``, ``measured_multiply_adds``, a unit that carries across shapes).
+* ``SPLIT_GAIN``: on the padded path, decodes whose contexts are half short, half long, and prompts
+  of two lengths, split by length vs one padded group; ``measured``: the largest ratio of padded
+  work (split / one group, the cost ``CPUBackend._split`` computes) up to which the split is faster.
+* ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
+  ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
+
+``crossover_found`` is False where one route won at every point measured (``measured`` is then the
+last point; 0 where it lost at the first). ``in_code`` is the constant's value in this tree, printed
+next to ``measured``. These measurements run ``--threads`` torch threads (default torch's); on a
+machine shared with other processes, OpenMP regions wait for a core and penalise the route with
+more torch ops, so ``load_average`` is recorded with the figures.
+Writes benchmarks/results/cpu_routing.json (--smoke: only with --out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from common import base_parser, environment, interleaved, parse_with_smoke, save_result
+
+from mcl_runtime.model.backends import AttentionMeta, LoRAMeta, lora_segments
+from mcl_runtime.model.cpu_backend import CPUBackend
+from mcl_runtime.model.layers import LinearWithLoRA
+
+BLOCK_SIZE = 16
+# Attention heads, and the qkv projection with its adapters' rank, of the models measured.
+SHAPES = {
+    "demo": dict(heads=4, kv_heads=2, head_dim=32, hidden=128, qkv=[128, 64, 64], rank=32),  # mcl-demo-tiny
+    "qwen7b": dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], rank=32),
+}
+SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)}
+# Step sizes: decodes and their contexts, small prompts, the prefill lengths swept, the longest
+# context / prompt of the split cases, the LoRA segments.
+SIZES = dict(
+    decodes=32, decode_ctx=(256, 1024), prompts=[64, 48], prefill=[8, 16, 32, 64, 128, 256], longest=(1024, 512)
+)
+SIZES["lora"] = [300, 200, 150, 350]
+SMOKE_SIZES = dict(
+    decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = base_parser(__doc__)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--reps", type=int, default=40, help="calls of each route per point (in blocks of 5)")
+    p.add_argument("--max-threads", type=int, default=os.cpu_count(), help="KERNEL_MAX_THREADS: threads up to")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the other measurements (default torch's)"
+    )
+    return parse_with_smoke(p, dict(reps=5, max_threads=1))
+
+
+class Step:
+    """A synthetic step: sequences with ``q_lens`` new tokens and ``ctx_lens`` context (one kind of
+    sequence: ``kind`` 0 decodes, 1 prompts, 2 chunks), their blocks shuffled over a random cache,
+    random queries and new keys/values."""
+
+    def __init__(self, q_lens: list[int], ctx_lens: list[int], kind: int, shape: dict, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.q_lens, self.ctx_lens = np.array(q_lens), np.array(ctx_lens, dtype=np.int32)
+        blocks = -(-self.ctx_lens // BLOCK_SIZE)
+        ids = rng.permutation(int(blocks.sum())).astype(np.int32)
+        self.tables = np.zeros((len(q_lens), int(blocks.max())), np.int32)
+        for b, start in enumerate(np.cumsum(blocks) - blocks):
+            self.tables[b, : blocks[b]] = ids[start : start + blocks[b]]
+        self.kind_counts = [len(q_lens) if k == kind else 0 for k in range(3)]
+        T, Hq, Hkv, D = int(self.q_lens.sum()), shape["heads"], shape["kv_heads"], shape["head_dim"]
+        self.q, self.k, self.v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+        self.k_cache, self.v_cache = torch.randn(2, len(ids), BLOCK_SIZE, Hkv, D, generator=gen)
+        self.scale = D**-0.5
+
+    def meta(self) -> AttentionMeta:
+        cu = np.zeros(len(self.q_lens) + 1, np.int32)
+        cu[1:] = np.cumsum(self.q_lens)
+        pos = np.concatenate([np.arange(c - q, c) for q, c in zip(self.q_lens, self.ctx_lens)])
+        seq = np.repeat(np.arange(len(self.q_lens)), self.q_lens)
+        slots = self.tables[seq, pos // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        return AttentionMeta(
+            torch.from_numpy(slots),
+            torch.from_numpy(self.tables),
+            torch.from_numpy(self.ctx_lens),
+            torch.from_numpy(cu),
+            [0] + np.cumsum(self.kind_counts).tolist(),
+            int(self.q_lens.max()),
+            int(self.ctx_lens.max()),
+            BLOCK_SIZE,
+            self.ctx_lens,
+            cu,
+        )
+
+    def attention(self, backend: CPUBackend) -> Callable[[], torch.Tensor]:
+        """One layer's attention call on ``backend`` (prepared for the step now)."""
+        attn = self.meta()
+        backend.prepare(attn, None)
+        return lambda: backend.attention(self.q, self.k_cache, self.v_cache, self.scale, attn, self.k, self.v)
+
+
+def cpu(**options) -> CPUBackend:
+    """``CPUBackend(attention_kernel, layer_kernels)`` with the other options as its thresholds."""
+    backend = CPUBackend(options.pop("attention_kernel", None), options.pop("layer_kernels", True))
+    for name, value in options.items():
+        setattr(backend, name, value)
+    return backend
+
+
+def race(step: Step, routes: dict[str, CPUBackend], reps: int) -> dict[str, float]:
+    return interleaved({name: step.attention(backend) for name, backend in routes.items()}, reps, block=5)
+
+
+def crossover(points: list[dict], first_wins: Callable[[dict], bool], key: str) -> tuple[float, bool]:
+    """The last point's ``key`` up to which ``first_wins`` holds at every point (ordered by it; 0
+    when it fails at the first), and whether it stops holding within the points."""
+    last = 0
+    for p in points:
+        if not first_wins(p):
+            return last, True
+        last = p[key]
+    return last, False
+
+
+def report(name: str, measured: float, found: bool, points: list[dict], rule: str) -> dict:
+    in_code = getattr(CPUBackend, name)
+    print(f"{name}: measured {measured:g}{'' if found else ' (no crossover measured)'}, in code {in_code:g}")
+    return dict(in_code=in_code, measured=measured, crossover_found=found, rule=rule, points=points)
+
+
+def kernel_max_threads(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    n = sizes["decodes"]
+    cases = {
+        "decodes": Step([1] * n, np.linspace(*sizes["decode_ctx"], n).astype(int).tolist(), 0, shape),
+        "prompts": Step(sizes["prompts"], sizes["prompts"], 1, shape),
+    }
+    routes = {"kernel": cpu(attention_kernel=True, PADDED_SMALL=float("inf")), "padded": cpu(attention_kernel=False)}
+    threads, points = torch.get_num_threads(), []
+    try:
+        for n in range(1, args.max_threads + 1):
+            torch.set_num_threads(n)
+            point = {"threads": n}
+            for case, step in cases.items():
+                us = race(step, routes, args.reps)
+                point[case] = {**{f"{r}_us": t for r, t in us.items()}, "kernel_speedup": us["padded"] / us["kernel"]}
+                print(f"  {n} threads, {case}: kernel {point[case]['kernel_speedup']:.2f}x the padded path")
+            points.append(point)
+    finally:
+        torch.set_num_threads(threads)
+    measured, found = crossover(points, lambda p: all(p[c]["kernel_speedup"] >= 1 for c in cases), "threads")
+    return report("KERNEL_MAX_THREADS", measured, found, points, "kernel faster in every case")
+
+
+def padded_small(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    routes = {"kernel": cpu(attention_kernel=True, PADDED_SMALL=float("inf")), "padded": cpu(attention_kernel=False)}
+    points = []
+    for q in sizes["prefill"]:
+        point = {}
+        for kind, ctx in (("prompts", q), ("chunks", 4 * q)):
+            step = Step([q] * 4, [ctx] * 4, 1 if kind == "prompts" else 2, shape)
+            us = race(step, routes, args.reps)
+            point[kind] = {
+                "pairs": 4 * q * ctx,
+                "multiply_adds": 4 * q * ctx * shape["heads"] * shape["head_dim"],  # of q @ k.T, as many of p @ v
+                **{f"{r}_us": t for r, t in us.items()},
+                "kernel_speedup": us["padded"] / us["kernel"],
+            }
+            print(f"  {kind} of {q} after {ctx - q}: {4 * q * ctx} pairs, kernel {point[kind]['kernel_speedup']:.2f}x")
+        points.append(point)
+    # Both kinds, ordered by size: the largest size below the first at which the padded path wins.
+    flat = sorted((p[kind] for p in points for kind in p), key=lambda p: p["pairs"])
+    measured, found = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "pairs")
+    multiply_adds = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "multiply_adds")[0]
+    rule = "kernel faster for every group of at most this many pairs"
+    return {**report("PADDED_SMALL", measured, found, points, rule), "measured_multiply_adds": multiply_adds}
+
+
+def split_gain(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    routes = {"split": cpu(attention_kernel=False, SPLIT_GAIN=1.0), "one": cpu(attention_kernel=False, SPLIT_GAIN=0.0)}
+    long_ctx, long_prompt = sizes["longest"]
+    points = []
+    for frac in (0.1, 0.25, 0.5, 0.75, 0.9):
+        for kind, n, longest, power in (("decodes", 32, long_ctx, 1), ("prompts", 8, long_prompt, 2)):
+            lengths = [max(2, int(frac * longest))] * (n // 2) + [longest] * (n // 2)
+            parts = routes["split"]._split(np.array(lengths), power)
+            cost = sum(len(p) * max(lengths[i] for i in p) ** power for p in parts) / (n * longest**power)
+            step = Step([1] * n if kind == "decodes" else lengths, lengths, 0 if kind == "decodes" else 1, shape)
+            us = race(step, routes, args.reps)
+            points.append(
+                {
+                    "kind": kind,
+                    "work_ratio": cost,
+                    **{f"{r}_us": t for r, t in us.items()},
+                    "split_speedup": us["one"] / us["split"],
+                }
+            )
+            print(f"  {kind}, padded work ratio {cost:.2f}: split {points[-1]['split_speedup']:.2f}x one group")
+    points.sort(key=lambda p: p["work_ratio"])
+    measured, found = crossover(points, lambda p: p["split_speedup"] >= 1, "work_ratio")
+    return report("SPLIT_GAIN", measured, found, points, "split faster at every work ratio up to this")
+
+
+def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    mod = LinearWithLoRA(shape["hidden"], shape["qkv"], True, 4, shape["rank"], torch.float32, torch.device("cpu"))
+    for slot in range(4):
+        slices = [
+            (torch.randn(shape["rank"], shape["hidden"], generator=gen), torch.randn(n, shape["rank"], generator=gen))
+            for n in shape["qkv"]
+        ]
+        mod.set_slot(slot, slices, 0.5)
+    q_lens = np.array(sizes["lora"])
+    slots = np.arange(4)
+    seg_starts, seg_slots, max_seg = lora_segments(slots, q_lens)
+    x = torch.randn(int(q_lens.sum()), shape["hidden"], generator=gen)
+    y = torch.zeros(len(x), sum(shape["qkv"]))
+
+    def call(tile: int) -> Callable[[], None]:
+        backend = cpu(layer_kernels=False, LORA_TILE=tile)
+        lora = LoRAMeta(
+            torch.from_numpy(seg_starts), torch.from_numpy(seg_slots), max_seg, shape["rank"], seg_starts, seg_slots
+        )
+        backend.prepare(Step([1], [1], 0, shape).meta(), lora)
+        return lambda: backend.apply_lora(x, y, mod, lora)
+
+    tiles = [32, 64, 128, 256, 512]
+    us = interleaved({str(t): call(t) for t in tiles}, args.reps, block=5)
+    points = [{"tile": t, "us": us[str(t)]} for t in tiles]
+    best = min(points, key=lambda p: p["us"])
+    for p in points:
+        print(f"  tile {p['tile']}: {p['us']:.0f} us ({p['us'] / best['us']:.2f}x the fastest)")
+    near = [p["tile"] for p in points if p["us"] <= 1.05 * best["us"]]
+    return {**report("LORA_TILE", best["tile"], True, points, "the fastest tile size"), "within_5_percent": near}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    results, load_before = {}, os.getloadavg()
+    with torch.inference_mode():
+        for shape_name, shape in shapes.items():
+            print(f"\n{shape_name}: {shape}")
+            for measure in (kernel_max_threads, padded_small, split_gain, lora_tile):
+                results.setdefault(measure.__name__.upper(), {})[shape_name] = measure(shape, sizes, args)
+    save_result(
+        "cpu_routing",
+        {
+            "benchmark": "cpu_routing",
+            "env": environment("cpu"),
+            "torch_threads": torch.get_num_threads(),
+            "config": {
+                "dtype": "float32",
+                "shapes": shapes,
+                "sizes": sizes,
+                "block_size": BLOCK_SIZE,
+                "reps": args.reps,
+                "timing": "alternating blocks of 5 calls, median per call; prepare() excluded",
+            },
+            # Other processes' load (1-minute average, before and after): the figures are only as
+            # good as the machine was quiet.
+            "load_average": [load_before[0], os.getloadavg()[0]],
+            "thresholds": results,
+        },
+        args.out_dir,
+        args.smoke,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""The cpu backend: the C++ kernels of ``mcl_runtime._C`` (``kernels/cpu.py``) and the rules that send
+each part of a step to them or to a torch path. No Python loop over requests or adapters.
+
+Routing (each threshold is a class constant; ``benchmarks/bench_cpu_routing.py`` measures the
+crossover behind it into ``benchmarks/results/cpu_routing.json``, under the constant's name):
+
+* attention: with at most ``KERNEL_MAX_THREADS`` torch threads, the decodes and every prefill group
+  of at most ``PADDED_SMALL`` padded (query, key) pairs go to ``paged_attention_cpu`` (on torch's
+  threads), which reads the paged cache in place; the other groups, and all of them past
+  ``KERNEL_MAX_THREADS`` threads, attend as padded groups of torch ops. Static steps (the compiled
+  decode) use the kernel as the custom op ``torch.ops.mcl.paged_attention_cpu``, which reads each
+  sequence's context length from the tensor, so the bucket's shapes need no mask.
+* padded groups: one kind of sequence each (decodes; prompts without cached context; chunks after
+  cached context). Decodes, and prompts, of spread-out lengths are split into up to three groups
+  of similar length when that leaves at most ``SPLIT_GAIN`` of the padded work. Keys come from the
+  paged cache through ``index_select`` into reused buffers; prompts attend to their own new keys
+  through SDPA's causal path. The query heads sharing a KV head are folded into the query axis
+  (prompts: SDPA's ``enable_gqa``), so K/V are never repeated for GQA.
+* LoRA: eager steps make one ``lora_apply_cpu`` call per projection over every adapter segment.
+  Without it (``layer_kernels=False``) the tokens of each adapter segment are cut into tiles of at
+  most ``LORA_TILE`` tokens, and one gather + ``bmm`` per projection covers every tile of every
+  adapter (punica's "gather + bmm"); static steps make each token its own tile (base rows get gain
+  0), so nothing sized by a per-step host value enters the graph.
+* RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
+  ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
+  The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
+  their torch paths.
+
+Off the CPU, or where the extension is not built, every part takes its torch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcl_runtime.kernels import (
+    HAS_CPU_ATTENTION,
+    HAS_CPU_LAYER_OPS,
+    LoRAWeightsCPU,
+    PagedAttentionCPU,
+    lora_apply_cpu,
+    rms_norm_cpu,
+    rope_cpu,
+)
+from mcl_runtime.kernels.cpu import paged_attention_cpu_op
+from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
+from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, store_kv_torch
+
+Rows = slice | torch.Tensor  # a group's token rows: contiguous, or gathered (int64 indices)
+
+
+def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+class Workspace:
+    """Named buffers reused from step to step: on the CPU a fresh multi-MB tensor per layer costs
+    more in page faults than the gather that fills it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            grown = max(numel, int(buf.numel() * 1.5) if buf is not None else 0)  # contexts grow every step
+            buf = self._buffers[name] = torch.empty(grown, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
+# ---- attention groups: one step's plan is a list of them, together covering every token --------
+class _Group:
+    """A group writes the attention of its token rows ``rows``."""
+
+    rows: Rows
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> torch.Tensor:
+        """The output rows of the group's tokens."""
+        raise NotImplementedError
+
+    def attend_into(self, out: torch.Tensor, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> None:
+        o = self.attend(q, k, v, k_cache, v_cache, scale, ws)
+        if isinstance(self.rows, slice):
+            out[self.rows] = o
+        else:
+            out.index_copy_(0, self.rows, o)
+
+
+@dataclass
+class KernelGroup(_Group):
+    """Consecutive sequences through ``paged_attention_cpu``: its plan (their metadata, checked once
+    per step) and, for the compiled graph's custom op, the metadata tensors."""
+
+    rows: slice
+    plan: PagedAttentionCPU
+    threads: int
+    block_tables: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    context_lens: torch.Tensor
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a static step: the whole batch
+            return paged_attention_cpu_op(
+                q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q, self.context_lens, scale
+            )
+        return self.plan(q, k_cache, v_cache, scale, num_threads=self.threads)
+
+    def attend_into(self, out: torch.Tensor, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> None:
+        self.plan(q, k_cache, v_cache, scale, out=out, num_threads=self.threads)  # writes only its rows
+
+
+def _gather_heads_first(cache: torch.Tensor, kv_index: torch.Tensor, b: int, ws: Workspace, name: str):
+    """The keys (or values) at flat cache slots ``kv_index [b * L]`` as ``[Hkv * b, L, D]``: one
+    gather per KV head, straight into the heads-first layout of a reused buffer."""
+    Hkv, D = cache.shape[2:]
+    n = kv_index.shape[0]
+    flat = cache.view(-1, Hkv, D)
+    if torch.compiler.is_compiling():  # Inductor plans a compiled graph's memory itself
+        return flat.index_select(0, kv_index).transpose(0, 1).reshape(Hkv * b, n // b, D)
+    heads_first = ws.get(name, (Hkv, n, D), cache)
+    for h in range(Hkv):
+        torch.index_select(flat[:, h], 0, kv_index, out=heads_first[h])
+    return heads_first.view(Hkv * b, n // b, D)
+
+
+@dataclass
+class DecodeGroup(_Group):
+    """Decodes as a padded batch: one query row each, keys gathered up to the longest context
+    (static steps: the block table's width), those past each one's context masked."""
+
+    rows: Rows
+    kv_index: torch.Tensor  # [b * L] flat cache slots of each sequence's first L positions
+    masked: torch.Tensor  # [1, b, 1, L] True past the context
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> torch.Tensor:
+        """Two small GEMMs per (KV head, sequence), which beat SDPA's CPU kernel on one query row."""
+        Hkv, D = k_cache.shape[2:]
+        q = _take(q, self.rows)
+        B, G = q.shape[0], q.shape[1] // Hkv
+        keys = _gather_heads_first(k_cache, self.kv_index, B, ws, "k")
+        values = _gather_heads_first(v_cache, self.kv_index, B, ws, "v")
+        q_heads = q.view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
+        scores = torch.bmm(q_heads, keys.transpose(1, 2)).float().mul_(scale)
+        scores.view(Hkv, B, G, -1).masked_fill_(self.masked, float("-inf"))
+        o = torch.bmm(scores.softmax(dim=-1).to(q.dtype), values)  # [Hkv * B, G, D]
+        return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, Hkv * G, D)
+
+
+@dataclass
+class PromptGroup(_Group):
+    """Prompts without cached context, right-padded to the longest: under the causal mask a real
+    query never sees a padding key (each lies past every real query of its sequence), so SDPA needs
+    no mask and skips the keys above the diagonal. Token ``t`` is query ``idx_in_seq[t]`` of the
+    group's sequence ``seq_of_token[t]``."""
+
+    rows: Rows
+    num_seqs: int
+    max_q: int
+    seq_of_token: torch.Tensor
+    idx_in_seq: torch.Tensor
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> torch.Tensor:
+        where = (self.seq_of_token, self.idx_in_seq)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [b, H, max_q, D]
+            x = _take(x, self.rows)
+            return x.new_zeros(self.num_seqs, self.max_q, *x.shape[1:]).index_put_(where, x).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            padded(q), padded(k), padded(v), is_causal=True, scale=scale, enable_gqa=True
+        )
+        return o.transpose(1, 2)[where]
+
+
+@dataclass
+class ChunkGroup(_Group):
+    """Prefill chunks after cached context: queries padded to the longest chunk, keys gathered up to
+    the longest context; query ``i`` of a chunk of ``q_len`` tokens sits at ``ctx - q_len + i``."""
+
+    rows: slice
+    num_seqs: int
+    max_q: int
+    seq_of_token: torch.Tensor
+    idx_in_seq: torch.Tensor
+    kv_index: torch.Tensor  # [b * L]
+    mask: torch.Tensor  # [b, max_q, L] True where a query sees a key (padding queries: key 0)
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float, ws: Workspace) -> torch.Tensor:
+        Hkv, D = k_cache.shape[2:]
+        B, M = self.num_seqs, self.max_q
+        G = q.shape[1] // Hkv
+        keys = _gather_heads_first(k_cache, self.kv_index, B, ws, "k")
+        values = _gather_heads_first(v_cache, self.kv_index, B, ws, "v")
+        where = (self.seq_of_token, self.idx_in_seq)
+        # Query heads of one KV head are folded into the query axis: [Hkv * B, G * M, D].
+        q_pad = q.new_zeros(B, M, Hkv, G, D).index_put_(where, q[self.rows].view(-1, Hkv, G, D))
+        q_pad = q_pad.permute(2, 0, 3, 1, 4).reshape(Hkv * B, G * M, D)
+        mask = self.mask[:, None].expand(B, G, M, -1).reshape(1, B, G * M, -1)
+        o = F.scaled_dot_product_attention(
+            q_pad.view(Hkv, B, G * M, D),
+            keys.view(Hkv, B, -1, D),
+            values.view(Hkv, B, -1, D),
+            attn_mask=mask,
+            scale=scale,
+        )
+        o = o.view(Hkv, B, G, M, D).permute(1, 3, 0, 2, 4)  # [B, M, Hkv, G, D]
+        return o[where].reshape(-1, Hkv * G, D)
+
+
+@dataclass
+class LoRATiles:
+    """Tiles of at most ``LORA_TILE`` tokens of one adapter each: token indices padded with the
+    tile's first token, a 0/1 weight per entry (0 on the padding, whose delta then adds nothing;
+    None when no tile is padded), and each tile's slot: a slice when the tiles' slots are
+    consecutive (one tile per adapter, in slot order: the weights are then a view, not a gather)."""
+
+    index: torch.Tensor  # [tiles * width] int64
+    weight: torch.Tensor | None  # [tiles, width, 1] float32
+    slots: torch.Tensor | slice
+    shape: tuple[int, int]  # (tiles, width)
+
+
+class CPUBackend:
+    name = "cpu"
+    # Past this many torch threads the padded path replaces the attention kernel.
+    KERNEL_MAX_THREADS = 2  # cpu_routing.json: KERNEL_MAX_THREADS
+    # Prefill groups of at most this many padded (query, key) pairs go to the attention kernel.
+    PADDED_SMALL = 1 << 12  # cpu_routing.json: PADDED_SMALL, demo
+    # Decodes (prompts) are split by length when that leaves at most this share of the padded work.
+    SPLIT_GAIN = 0.9  # cpu_routing.json: SPLIT_GAIN
+    # Tokens per tile of the gather + bmm LoRA path.
+    LORA_TILE = 128  # cpu_routing.json: LORA_TILE
+
+    def __init__(self, attention_kernel: bool | None = None, layer_kernels: bool = True) -> None:
+        """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
+        thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
+        RoPE on their torch paths. Both are off where the extension is not built."""
+        self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
+        self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
+        self._workspace = Workspace()
+        self._tiles: tuple[tuple[bytes, bytes], LoRATiles] | None = None  # the last step's, by segments
+        self._lora_weights: dict[int, LoRAWeightsCPU] = {}  # per LinearWithLoRA (by id; it holds the tensors)
+
+    def _layer_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``x``'s layer op goes to the C++ kernel: a CPU tensor, inference (the kernels record
+        no autograd history), outside a compiled graph."""
+        return self.layer_kernels and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    # ---- per step -----------------------------------------------------------------------------
+    def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
+        kernel = (
+            self.attention_kernel is not False
+            and attn.context_lens.is_cpu
+            and (attn.static or self.attention_kernel or torch.get_num_threads() <= self.KERNEL_MAX_THREADS)
+        )
+        attn.plan = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
+        if lora is not None and lora.token_slots is None and not self._layer_kernel(lora.seg_starts):
+            key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
+            if self._tiles is None or self._tiles[0] != key:  # decode steps over the same sequences keep theirs
+                self._tiles = (key, self._lora_tiles(lora))
+            lora.plan = self._tiles[1]
+
+    def _kernel_groups(self, attn: AttentionMeta) -> list[_Group]:
+        """The decodes and each small prefill kind through the kernel (one group per run of
+        consecutive such sequences); the other prefill kinds padded."""
+        bounds, groups, lo = attn.group_bounds, [], 0
+        for i, (b0, b1) in enumerate(zip(bounds, bounds[1:])):
+            if i == 0 or self._small(attn, b0, b1):
+                continue
+            if lo < b0:
+                groups.append(self._kernel_group(attn, lo, b0))
+            groups += self._prefill_groups(attn, b0, b1)
+            lo = b1
+        if lo < bounds[-1]:
+            groups.append(self._kernel_group(attn, lo, bounds[-1]))
+        return groups
+
+    def _small(self, attn: AttentionMeta, b0: int, b1: int) -> bool:
+        if b0 == b1:
+            return True
+        q = np.diff(attn.cu_seqlens_q_host[b0 : b1 + 1])
+        ctx = attn.context_lens_host[b0:b1]
+        max_q = int(q.max())
+        return (b1 - b0) * max_q * (max_q if (q == ctx).all() else int(ctx.max())) <= self.PADDED_SMALL
+
+    @staticmethod
+    def _kernel_group(attn: AttentionMeta, b0: int, b1: int) -> KernelGroup:
+        tables, ctx, cu = attn.block_tables[b0:b1], attn.context_lens[b0:b1], attn.cu_seqlens_q[b0 : b1 + 1]
+        rows = slice(int(attn.cu_seqlens_q_host[b0]), int(attn.cu_seqlens_q_host[b1]))
+        plan = PagedAttentionCPU(tables, cu, ctx, attn.block_size)
+        return KernelGroup(rows, plan, torch.get_num_threads(), tables, cu, ctx)
+
+    def _padded_groups(self, attn: AttentionMeta) -> list[_Group]:
+        d = attn.num_decodes
+        parts = None if attn.static else self._split(attn.context_lens_host[:d], power=1)
+        if parts:
+            groups = [self._decode_group(attn, part) for part in parts]
+        else:
+            groups = [self._decode_group(attn, np.arange(d))] if d else []
+        bounds = attn.group_bounds
+        return groups + [g for b0, b1 in zip(bounds[1:], bounds[2:]) for g in self._prefill_groups(attn, b0, b1)]
+
+    def _prefill_groups(self, attn: AttentionMeta, b0: int, b1: int) -> list[_Group]:
+        """Prefill sequences ``b0:b1`` of one kind as padded groups: prompts without cached context
+        split by length when worth it, chunks after cached context as one group."""
+        if b0 == b1:
+            return []
+        q_lens = np.diff(attn.cu_seqlens_q_host[b0 : b1 + 1])
+        if not (q_lens == attn.context_lens_host[b0:b1]).all():
+            return [self._chunk_group(attn, b0, b1)]
+        parts = self._split(q_lens, power=2) or [np.arange(b1 - b0)]
+        return [self._prompt_group(attn, b0 + part) for part in parts]
+
+    def _split(self, lengths: np.ndarray, power: int) -> list[np.ndarray] | None:
+        """Indices of ``lengths`` as two or three sets of similar length, or None when one padded
+        group costs little more. A set's cost: its size times its longest length to ``power``
+        (decodes: 1, the keys gathered and multiplied; prompts under the causal mask: 2)."""
+        if len(lengths) < 2 or lengths.max() <= 1:
+            return None
+        order = np.argsort(lengths, kind="stable")
+        cost = lambda parts: sum(len(p) * int(lengths[p[-1]]) ** power for p in parts)  # noqa: E731
+        parts = min((np.array_split(order, k) for k in range(2, min(3, len(lengths)) + 1)), key=cost)
+        if cost(parts) > self.SPLIT_GAIN * len(lengths) * int(lengths.max()) ** power:
+            return None
+        return [np.sort(p) for p in parts]
+
+    @staticmethod
+    def _decode_group(attn: AttentionMeta, seqs: np.ndarray) -> DecodeGroup:
+        """The decodes ``seqs`` (sorted; decode ``i``'s token is row ``i``)."""
+        dev = attn.context_lens.device
+        if len(seqs) == attn.num_decodes:  # all of them: rows 0:d, no gather
+            rows: Rows = slice(0, len(seqs))
+            ctx, tables = attn.context_lens[rows], attn.block_tables[rows]
+        else:
+            rows = torch.from_numpy(seqs.astype(np.int64)).to(dev)
+            ctx, tables = attn.context_lens.index_select(0, rows), attn.block_tables.index_select(0, rows)
+        L = tables.shape[1] * attn.block_size if attn.static else int(attn.context_lens_host[seqs].max())
+        return DecodeGroup(rows, _kv_index(tables, L, attn.block_size), _decode_mask(ctx, L))
+
+    @staticmethod
+    def _token_layout(attn: AttentionMeta, seqs: np.ndarray) -> tuple[Rows, int, torch.Tensor, torch.Tensor]:
+        """The tokens of the prefill sequences ``seqs`` (sorted): their rows (a slice when ``seqs``
+        are consecutive), the longest, and each token's sequence in the group and index in it."""
+        cu = attn.cu_seqlens_q_host
+        q_lens = cu[seqs + 1] - cu[seqs]
+        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+        idx_in_seq = np.arange(len(seq_of_token)) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens)
+        dev = attn.context_lens.device
+        index = lambda a: torch.from_numpy(a.astype(np.int64)).to(dev)  # noqa: E731
+        if seqs[-1] - seqs[0] == len(seqs) - 1:
+            rows: Rows = slice(int(cu[seqs[0]]), int(cu[seqs[-1] + 1]))
+        else:
+            rows = index(cu[seqs][seq_of_token] + idx_in_seq)
+        return rows, int(q_lens.max()), index(seq_of_token), index(idx_in_seq)
+
+    @classmethod
+    def _prompt_group(cls, attn: AttentionMeta, seqs: np.ndarray) -> PromptGroup:
+        rows, max_q, seq_of_token, idx_in_seq = cls._token_layout(attn, seqs)
+        return PromptGroup(rows, len(seqs), max_q, seq_of_token, idx_in_seq)
+
+    @classmethod
+    def _chunk_group(cls, attn: AttentionMeta, b0: int, b1: int) -> ChunkGroup:
+        rows, max_q, seq_of_token, idx_in_seq = cls._token_layout(attn, np.arange(b0, b1))
+        dev = attn.context_lens.device
+        L = int(attn.context_lens_host[b0:b1].max())
+        cu = attn.cu_seqlens_q[b0 : b1 + 1].long()
+        q_lens, ctx = cu[1:] - cu[:-1], attn.context_lens[b0:b1].long()
+        key_pos, arange_q = torch.arange(L, device=dev), torch.arange(max_q, device=dev)
+        allowed = key_pos[None, None, :] <= (ctx[:, None] - q_lens[:, None] + arange_q)[:, :, None]
+        q_valid = arange_q[None, :] < q_lens[:, None]
+        mask = torch.where(q_valid[:, :, None], allowed, key_pos[None, None, :] == 0)
+        kv_index = _kv_index(attn.block_tables[b0:b1], L, attn.block_size)
+        return ChunkGroup(rows, b1 - b0, max_q, seq_of_token, idx_in_seq, kv_index, mask)
+
+    # ---- per layer ----------------------------------------------------------------------------
+    store_kv = staticmethod(store_kv_torch)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        attn: AttentionMeta,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """``q [T, Hq, D]`` over the cache; ``k``/``v`` are this step's new keys and values
+        (already stored), which prompts without cached context attend to directly."""
+        groups = attn.plan  # at most five: decodes (up to three), two kinds of prefill
+        if len(groups) == 1:  # it covers every token
+            return groups[0].attend(q, k, v, k_cache, v_cache, scale, self._workspace)
+        out = torch.empty_like(q)
+        for g in groups:
+            g.attend_into(out, q, k, v, k_cache, v_cache, scale, self._workspace)
+        return out
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The kernel writes the new residual into ``residual`` in place."""
+        if x.dim() != 2 or not self._layer_kernel(x):
+            return rms_norm_torch(x, weight, eps, residual)
+        if residual is None:
+            return rms_norm_cpu(x, weight, eps)
+        return rms_norm_cpu(x, weight, eps, residual), residual
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The kernel rotates ``x`` in place, rounding where torch's ops do (the same bits)."""
+        return rope_cpu(x, cos, sin) if self._layer_kernel(x) else rope_torch(x, cos, sin)
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+    def _lora_tiles(self, lora: LoRAMeta) -> LoRATiles:
+        keep = lora.seg_slots_host >= 0
+        a, b = lora.seg_starts_host[:-1][keep], lora.seg_starts_host[1:][keep]
+        n_tiles = -(-(b - a) // self.LORA_TILE)
+        seg = np.repeat(np.arange(len(a)), n_tiles)
+        k = np.arange(len(seg)) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
+        first = a[seg] + k * self.LORA_TILE
+        length = np.minimum(first + self.LORA_TILE, b[seg]) - first
+        offs = np.arange(int(length.max()))
+        valid = offs[None, :] < length[:, None]
+        index = np.where(valid, first[:, None] + offs[None, :], first[:, None])
+        dev = lora.seg_starts.device
+        slots = lora.seg_slots_host[keep][seg].astype(np.int64)
+        consecutive = bool((np.diff(slots) == 1).all())
+        return LoRATiles(
+            index=torch.from_numpy(index.reshape(-1).astype(np.int64)).to(dev),
+            weight=None if valid.all() else torch.from_numpy(valid[:, :, None].astype(np.float32)).to(dev),
+            slots=slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else torch.from_numpy(slots).to(dev),
+            shape=(len(seg), len(offs)),
+        )
+
+    def _kernel_weights(self, mod) -> LoRAWeightsCPU:
+        """``mod``'s LoRA buffers as the kernel reads them, converted once per buffer tensor."""
+        weights = self._lora_weights.get(id(mod))
+        if weights is None or not weights.matches(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks):
+            weights = self._lora_weights[id(mod)] = LoRAWeightsCPU(
+                mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets
+            )
+        return weights
+
+    def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
+        """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``: one
+        kernel call over the segments, or one gather + ``bmm`` over tiles:
+        ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
+        if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
+            slots = lora.token_slots.clamp(min=0).long()
+            weight = (lora.token_slots >= 0).to(torch.float32)[:, None, None]
+            y += self._lora_delta(x[:, None], slots, weight, mod.max_rank, mod).view(y.shape)
+            return
+        tiles: LoRATiles | None = lora.plan
+        if tiles is None:
+            threads = torch.get_num_threads()
+            lora_apply_cpu(x, y, self._kernel_weights(mod), lora.seg_starts_host, lora.seg_slots_host, threads)
+            return
+        n_tiles, width = tiles.shape
+        xt = x.index_select(0, tiles.index).view(n_tiles, width, -1)
+        delta = self._lora_delta(xt, tiles.slots, tiles.weight, lora.max_rank, mod)
+        y.index_add_(0, tiles.index, delta.view(n_tiles * width, -1))
+
+    @staticmethod
+    def _lora_delta(
+        xt: torch.Tensor, slots: torch.Tensor | slice, weight: torch.Tensor | None, r: int, mod
+    ) -> torch.Tensor:
+        """``scaling[slot] * weight * xt @ A[slot].T @ B[slot].T`` as ``[tiles, width, out]`` for tiles
+        ``xt [tiles, width, in]`` of adapter ``slots [tiles]`` (or a slice of consecutive slots), each
+        slice's rank cut at ``r``."""
+        n, R = mod.n_slices, mod.max_rank
+        pick = (lambda t: t[slots]) if isinstance(slots, slice) else (lambda t: t.index_select(0, slots))
+        a, b = pick(mod.lora_a), pick(mod.lora_b)
+        if r < R:
+            a, b = a.view(len(a), n, R, -1)[:, :, :r].reshape(len(a), n * r, -1), b[:, :, :r]
+        u = torch.bmm(xt, a.transpose(1, 2))
+        scale = pick(mod.scaling).view(-1, 1, 1)  # float32, as the weights
+        u.mul_((scale if weight is None else scale * weight).to(xt.dtype))
+        b = b.transpose(1, 2)  # [tiles, rank, out]
+        if n == 1:
+            return torch.bmm(u, b)
+        return torch.cat(
+            [torch.bmm(u[:, :, j * r : (j + 1) * r], b[:, :, mod.offsets[j] : mod.offsets[j + 1]]) for j in range(n)],
+            dim=-1,
+        )
+
+
+def _kv_index(block_tables: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
+    """Flat cache slots of the first ``L`` positions of each row's block table, ``[B * L]``."""
+    blocks = -(-L // block_size)
+    slots = block_tables[:, :blocks].long().mul_(block_size)[:, :, None] + torch.arange(
+        block_size, device=block_tables.device
+    )
+    return slots.view(len(block_tables), blocks * block_size)[:, :L].reshape(-1)
+
+
+def _decode_mask(ctx: torch.Tensor, L: int) -> torch.Tensor:
+    """``[1, B, 1, L]`` True at the key positions past each decode's context ``ctx [B]``."""
+    return (torch.arange(L, device=ctx.device)[None, :] >= ctx[:, None])[None, :, None]

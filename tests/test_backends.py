@@ -1,0 +1,313 @@
+"""The cpu backend against the reference backend on random mixed batches: decodes, prompts without
+cached context and chunks after cached context, adapters of different ranks and base rows in one
+step. Flash-attention's rule, per op (attention, LoRA, RMSNorm, RoPE) and for a whole forward: the
+error of the cpu backend against the reference backend in float64 is within twice the error of the
+reference backend in the same dtype. Every route of the cpu backend is held to it: the C++
+kernels, the padded torch groups (prompts split by length), and the torch layer paths."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
+from mcl_runtime.model.config import parse_config
+from mcl_runtime.model.cpu_backend import CPUBackend
+from mcl_runtime.model.decoder import DecoderLM
+from mcl_runtime.model.layers import LinearWithLoRA, rope_cos_sin, rope_inv_freq
+from mcl_runtime.model.reference_backend import ReferenceBackend
+
+SEEDS = [0, 1, 2]
+DTYPES = [torch.float32, torch.bfloat16]
+BLOCK_SIZE = 4
+RANKS = [4, 16, 8]  # adapter slots 0..2; slot 3 stays empty; -1: the base model
+MAX_RANK = 16
+CFG = parse_config(
+    dict(
+        model_type="qwen3",  # per-head q/k norms: the 3-D RMSNorm path too
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+)
+
+
+def _cpu(**thresholds) -> CPUBackend:
+    backend = CPUBackend(attention_kernel=True)
+    for name, value in thresholds.items():
+        setattr(backend, name, value)
+    return backend
+
+
+# The cpu backend's routes: everything through the C++ kernels; decodes through the attention
+# kernel and every prefill group padded (prompts split by length); every torch path.
+CPU_ROUTES = {
+    "kernels": lambda: _cpu(),
+    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0),
+    "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False),
+}
+
+
+@dataclass
+class Batch:
+    """One step's sequences, ordered decodes | prompts | chunks after cached context, each kind by slot."""
+
+    q_lens: np.ndarray
+    ctx_lens: np.ndarray
+    slots: np.ndarray
+    kind_counts: list[int]
+    block_tables: np.ndarray  # [B, M]
+    num_blocks: int
+    static: bool = False
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.concatenate([np.arange(c - q, c) for q, c in zip(self.q_lens, self.ctx_lens)])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.q_lens.sum())
+
+
+def random_batch(seed: int, static: bool = False) -> Batch:
+    """Decodes (a 1-token prompt among them), prompts, chunks after cached context, mixed slots."""
+    rng = np.random.default_rng(seed)
+    kinds = []
+    kinds.append([(1, int(c)) for c in rng.integers(1, 60, 5)] + [(1, 1)])
+    if not static:
+        kinds.append([(int(q), int(q)) for q in rng.integers(2, 40, 4)])
+        kinds.append([(int(q), int(q + c)) for q, c in zip(rng.integers(2, 20, 3), rng.integers(1, 50, 3))])
+    seqs, counts = [], []
+    for kind in kinds:
+        slots = rng.choice([-1, 0, 1, 2], len(kind))
+        order = np.argsort(slots, kind="stable")
+        seqs += [(*kind[i], int(slots[i])) for i in order]
+        counts.append(len(kind))
+    counts += [0] * (3 - len(counts))
+    q_lens, ctx_lens, slots = (np.array(col) for col in zip(*seqs))
+    blocks = -(-ctx_lens // BLOCK_SIZE)
+    ids = rng.permutation(int(blocks.sum()) + 3) + 1  # blocks of all sequences, shuffled; 0 pads the tables
+    tables = np.zeros((len(seqs), int(blocks.max())), np.int32)
+    for b, start in enumerate(np.cumsum(blocks) - blocks):
+        tables[b, : blocks[b]] = ids[start : start + blocks[b]]
+    return Batch(q_lens, ctx_lens, slots, counts, tables, int(ids.max()) + 1, static)
+
+
+def metadata(batch: Batch) -> tuple[AttentionMeta, LoRAMeta]:
+    """What the model runner builds for the batch (fresh objects: a backend's plan is per step)."""
+    cu = np.zeros(len(batch.q_lens) + 1, np.int32)
+    cu[1:] = np.cumsum(batch.q_lens)
+    pos = batch.positions
+    seq_of_token = np.repeat(np.arange(len(batch.q_lens)), batch.q_lens)
+    slot_mapping = batch.block_tables[seq_of_token, pos // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    ctx = batch.ctx_lens.astype(np.int32)
+    attn = AttentionMeta(
+        slot_mapping=torch.from_numpy(slot_mapping),
+        block_tables=torch.from_numpy(batch.block_tables),
+        context_lens=torch.from_numpy(ctx),
+        cu_seqlens_q=torch.from_numpy(cu),
+        group_bounds=[0] + np.cumsum(batch.kind_counts).tolist(),
+        max_q_len=int(batch.q_lens.max()),
+        max_context_len=int(ctx.max()),
+        block_size=BLOCK_SIZE,
+        context_lens_host=ctx,
+        cu_seqlens_q_host=cu,
+        static=batch.static,
+    )
+    seg_starts, seg_slots, max_seg_len = lora_segments(batch.slots, batch.q_lens)
+    token_slots = np.repeat(batch.slots, batch.q_lens).astype(np.int32)
+    lora = LoRAMeta(
+        torch.from_numpy(seg_starts),
+        torch.from_numpy(seg_slots),
+        max_seg_len,
+        MAX_RANK if batch.static else max(RANKS[s] for s in batch.slots if s >= 0),
+        seg_starts,
+        seg_slots,
+        token_slots=torch.from_numpy(token_slots) if batch.static else None,
+    )
+    return attn, lora
+
+
+def check_rule(name: str, out: torch.Tensor, ref: torch.Tensor, gold: torch.Tensor) -> None:
+    """Flash-attention's rule: ``max |out - gold| <= 2 max |ref - gold|``, with ``gold`` the reference
+    backend in float64 and ``ref`` the reference backend in ``out``'s dtype."""
+    err = (out.double() - gold).abs().max().item()
+    ref_err = (ref.double() - gold).abs().max().item()
+    assert err <= 2 * ref_err, f"{name}: error {err:.3g} > 2 x the reference's {ref_err:.3g}"
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy in ``dtype``; the LoRA scalings stay float32 as the engine keeps them (float64 for the gold)."""
+    module = copy.deepcopy(module).to(dtype)
+    for mod in module.modules():
+        if isinstance(mod, LinearWithLoRA) and dtype != torch.float64:
+            mod.scaling = mod.scaling.float()
+    return module
+
+
+def random(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(*shape, generator=gen)
+
+
+def each_batch(test):
+    """Parametrized over the cpu backend's routes, the dtypes, the seeds, and mixed or static batches."""
+    for name, values, ids in (
+        ("static", [False, True], ["mixed", "static"]),
+        ("seed", SEEDS, None),
+        ("dtype", DTYPES, str),
+        ("route", list(CPU_ROUTES), None),
+    ):
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
+def each_backend(run, dtype: torch.dtype, route: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``run(backend, dtype)`` for the cpu backend and the reference in ``dtype``, and the reference in float64."""
+    return (
+        run(CPU_ROUTES[route](), dtype),
+        run(ReferenceBackend(), dtype),
+        run(ReferenceBackend(), torch.float64),
+    )
+
+
+@each_batch
+def test_attention(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
+    batch = random_batch(seed, static)
+    gen = torch.Generator().manual_seed(seed)
+    Hq, Hkv, D, T = CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, batch.num_tokens
+    q, k, v = random(gen, T, Hq, D), random(gen, T, Hkv, D), random(gen, T, Hkv, D)
+    cache = random(gen, 2, batch.num_blocks, BLOCK_SIZE, Hkv, D)  # the cached context (and stale slots)
+    q, k, v, cache = (t.to(dtype) for t in (q, k, v, cache))  # the same values in every dtype
+
+    def run(backend, dt: torch.dtype) -> torch.Tensor:
+        attn, lora = metadata(batch)
+        k_cache, v_cache = cache.to(dt).clone()
+        backend.prepare(attn, lora)
+        backend.store_kv(k.to(dt), v.to(dt), k_cache, v_cache, attn)
+        return backend.attention(q.to(dt), k_cache, v_cache, D**-0.5, attn, k.to(dt), v.to(dt))
+
+    check_rule("attention", *each_backend(run, dtype, route))
+
+
+def set_adapters(gen: torch.Generator, mod: LinearWithLoRA, scale: float, untargeted: bool = False) -> None:
+    """Slot s of ``mod``: a random adapter of rank RANKS[s] (``untargeted``: leaving slice s out)."""
+    for slot, r in enumerate(RANKS):
+        slices = [(random(gen, r, mod.in_features, scale=scale), random(gen, n, r, scale=scale)) for n in mod.out_sizes]
+        if untargeted:
+            slices[slot] = None
+        mod.set_slot(slot, slices, 2.0 / r)
+
+
+def lora_module(gen: torch.Generator, dtype: torch.dtype) -> LinearWithLoRA:
+    """A fused projection of three slices; slot s holds an adapter of rank RANKS[s] that leaves one
+    slice untargeted (a different one per slot)."""
+    mod = LinearWithLoRA(48, [32, 16, 16], False, 4, MAX_RANK, dtype, torch.device("cpu"))
+    set_adapters(gen, mod, scale=0.3, untargeted=True)
+    return mod
+
+
+@each_batch
+def test_lora(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
+    batch = random_batch(seed, static)
+    gen = torch.Generator().manual_seed(seed)
+    mod = lora_module(gen, dtype)
+    x = random(gen, batch.num_tokens, 48).to(dtype)
+
+    def run(backend, dt: torch.dtype) -> torch.Tensor:
+        attn, lora = metadata(batch)
+        backend.prepare(attn, lora)
+        y = torch.zeros(batch.num_tokens, 64, dtype=dt)
+        backend.apply_lora(x.to(dt), y, cast(mod, dt), lora)
+        return y
+
+    out, ref, gold = each_backend(run, dtype, route)
+    check_rule("lora", out, ref, gold)
+    assert not out[np.repeat(batch.slots, batch.q_lens) < 0].any()  # base rows untouched
+
+
+@pytest.mark.parametrize("route", list(CPU_ROUTES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:
+    """RMSNorm of rows, with and without the fused residual add, and of heads (q/k norms); RoPE
+    of the q/k heads inside a fused qkv output (a strided view)."""
+    batch = random_batch(seed)
+    gen = torch.Generator().manual_seed(seed)
+    T, H, D, Hkv = batch.num_tokens, CFG.hidden_size, CFG.head_dim, CFG.num_kv_heads
+    x, residual, weight = random(gen, T, H, scale=3), random(gen, T, H), 1 + random(gen, H, scale=0.1)
+    heads = random(gen, T, CFG.num_heads, D, scale=3)
+    qkv = random(gen, T, (CFG.num_heads + 2 * Hkv) * D)
+    x, residual, weight, heads, qkv = (t.to(dtype) for t in (x, residual, weight, heads, qkv))
+    inv_freq = rope_inv_freq(D, CFG.rope_theta, None)
+    cos_sin = rope_cos_sin(torch.from_numpy(batch.positions), inv_freq, dtype)
+
+    cases = {
+        "rms_norm": lambda b, dt: b.rms_norm(x.to(dt), weight.to(dt), 1e-6),
+        "rms_norm_heads": lambda b, dt: b.rms_norm(heads.to(dt), weight[:D].to(dt), 1e-6),
+        "rms_norm_residual": lambda b, dt: torch.cat(
+            b.rms_norm(x.to(dt), weight.to(dt), 1e-6, residual.to(dt).clone())
+        ),
+        "rope": lambda b, dt: b.rope(
+            qkv.to(dt).clone()[:, : (CFG.num_heads + Hkv) * D].view(T, -1, D), *(t.to(dt) for t in cos_sin)
+        ),
+    }
+    for name, case in cases.items():
+        check_rule(name, *each_backend(case, dtype, route))
+
+
+@functools.cache
+def random_model(seed: int, dtypes: tuple[torch.dtype, ...] = ()) -> DecoderLM:
+    """Random float32 weights cast to each of ``dtypes`` in turn (forwards leave a model as it was)."""
+    if dtypes:
+        return cast(random_model(seed, dtypes[:-1]), dtypes[-1])
+    gen = torch.Generator().manual_seed(seed)
+    model = DecoderLM(CFG, 4, MAX_RANK, torch.float32, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        p.copy_(1 + random(gen, *p.shape, scale=0.1) if "norm" in name else random(gen, *p.shape, scale=0.15))
+    for i in range(CFG.num_layers):
+        for mod in model.lora_modules(i).values():
+            set_adapters(gen, mod, scale=0.2)
+    return model
+
+
+@each_batch
+def test_forward(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
+    """A whole forward (two decoder layers and the final norm) over the batch."""
+    batch = random_batch(seed, static)
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, CFG.vocab_size, (batch.num_tokens,), generator=gen)
+    positions = torch.from_numpy(batch.positions)
+    cache = random(gen, CFG.num_layers, 2, batch.num_blocks, BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim).to(dtype)
+
+    def run(backend, dt: torch.dtype) -> torch.Tensor:
+        attn, lora = metadata(batch)
+        kv = cache.to(dt).clone()
+        ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
+        backend.prepare(attn, lora)
+        with torch.inference_mode():
+            return random_model(seed, (dtype,) if dt == dtype else (dtype, dt))(input_ids, positions, ctx)
+
+    check_rule("forward", *each_backend(run, dtype, route))
+
+
+def test_registry() -> None:
+    """The names, the ``torch`` alias of the cpu backend, and a backend object passed through."""
+    assert make_backend("reference").name == "reference"
+    assert make_backend("cpu").name == make_backend("torch").name == "cpu"
+    backend = CPUBackend(layer_kernels=False)
+    assert make_backend(backend) is backend
+    with pytest.raises(ValueError, match="unknown backend 'tpu'.*cpu, reference, torch, triton"):
+        make_backend("tpu")
+    with pytest.raises(TypeError, match="backend must be a name or a Backend"):
+        make_backend(SimpleNamespace(name="x"))
