@@ -1,4 +1,4 @@
-"""Paged attention over the block KV cache (docs/internals.md, "Model layers and kernels").
+"""Paged attention over the block KV cache (docs/cpu_kernels.md, "Shared layouts").
 
 Cache: ``k_cache``, ``v_cache`` [num_blocks, block_size, Hkv, D]; token ``t`` of sequence ``b`` lives
 in block ``block_tables[b, t // block_size]`` at offset ``t % block_size``. ``context_lens[b]``

@@ -1,6 +1,6 @@
 """SGMV LoRA kernels (punica-style shrink/expand over contiguous adapter segments).
 
-Layouts (docs/internals.md, "Model layers and kernels"):
+Layouts (docs/cpu_kernels.md, "Shared layouts"):
   lora_a [S, n_slices * R, H_in]   slice j uses rows j*R:(j+1)*R
   lora_b [S, N_total, R]           slice j writes output columns off_j:off_j+N_j
   ranks [S, n_slices] int32        rank r of slot w for slice j (0: slice not targeted)

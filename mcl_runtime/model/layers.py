@@ -62,7 +62,7 @@ class LinearWithLoRA(nn.Module):
     """``y = x @ W.T + b`` plus, per token, the LoRA of that token's adapter slot.
 
     A fused projection has slices (q/k/v, or gate/up) of sizes ``out_sizes``; each slot holds
-    one adapter's weights in the layout of docs/internals.md::
+    one adapter's weights in the layout of docs/cpu_kernels.md ("Shared layouts")::
 
         lora_a  [S, n_slices * R, in]   slice j uses rows j*R : j*R + ranks[slot, j]
         lora_b  [S, sum(out_sizes), R]  slice j writes columns offsets[j] : offsets[j+1]
