@@ -2,7 +2,9 @@
 
 The scheduler hands over the batch in the forward's order (decodes, then prefill chunks, by adapter
 slot within each, so adapters form contiguous segments) with its input token ids; the runner reads
-the block manager's metadata for it and the table's sampling parameters, nothing of a request. All
+the block manager's metadata for it and the table's sampling parameters (a row's sequence only for
+its grammar matcher, its token history under penalties, and its completions' seeds at an n > 1
+first sample). All
 metadata is built once on the host (block tables and slot mapping in the C++ block manager), written
 into persistent buffers, moved to the device in one copy, and shared by every layer; the only
 device-to-host transfer of a step is the sampled token ids, which ``run`` does not wait for (so the
