@@ -20,6 +20,12 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 * ``SPLIT_GAIN``: on the padded path, decodes whose contexts are half short, half long, and prompts
   of two lengths, split by length vs one padded group; ``measured``: the largest ratio of padded
   work (split / one group, the cost ``CPUBackend._split`` computes) up to which the split is faster.
+* ``ONEDNN_MIN_ROWS`` / ``ONEDNN_MAX_ROWS``: one layer's qkv projection (with its bias) through
+  oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first count from which oneDNN
+  is faster, and the last up to which it stays faster.
+* ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
+  length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
+  ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
 * ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
   ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
 
@@ -53,14 +59,18 @@ SHAPES = {
 }
 SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)}
 # Step sizes: decodes and their contexts, small prompts, the prefill lengths swept, the longest
-# context / prompt of the split cases, the LoRA segments.
+# context / prompt of the split cases, the LoRA segments, the row counts of the linear layer.
 SIZES = dict(
     decodes=32, decode_ctx=(256, 1024), prompts=[64, 48], prefill=[8, 16, 32, 64, 128, 256], longest=(1024, 512)
 )
 SIZES["lora"] = [300, 200, 150, 350]
+SIZES["linear_rows"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64]
 SMOKE_SIZES = dict(
     decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
 )
+SMOKE_SIZES["linear_rows"] = [1, 8]
+SMOKE_SIZES["lora_tokens"] = [1, 4]
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,7 +132,9 @@ class Step:
 
 def cpu(**options) -> CPUBackend:
     """``CPUBackend(attention_kernel, layer_kernels)`` with the other options as its thresholds."""
-    backend = CPUBackend(options.pop("attention_kernel", None), options.pop("layer_kernels", True))
+    backend = CPUBackend(
+        options.pop("attention_kernel", None), options.pop("layer_kernels", True), options.pop("onednn_linear", True)
+    )
     for name, value in options.items():
         setattr(backend, name, value)
     return backend
@@ -146,7 +158,7 @@ def crossover(points: list[dict], first_wins: Callable[[dict], bool], key: str) 
 def report(name: str, measured: float, found: bool, points: list[dict], rule: str) -> dict:
     in_code = getattr(CPUBackend, name)
     print(f"{name}: measured {measured:g}{'' if found else ' (no crossover measured)'}, in code {in_code:g}")
-    return dict(in_code=in_code, measured=measured, crossover_found=found, rule=rule, points=points)
+    return {name: dict(in_code=in_code, measured=measured, crossover_found=found, rule=rule, points=points)}
 
 
 def kernel_max_threads(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
@@ -221,37 +233,81 @@ def split_gain(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     return report("SPLIT_GAIN", measured, found, points, "split faster at every work ratio up to this")
 
 
-def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
-    mod = LinearWithLoRA(shape["hidden"], shape["qkv"], True, 4, shape["rank"], torch.float32, torch.device("cpu"))
-    for slot in range(4):
-        slices = [
-            (torch.randn(shape["rank"], shape["hidden"], generator=gen), torch.randn(n, shape["rank"], generator=gen))
-            for n in shape["qkv"]
-        ]
-        mod.set_slot(slot, slices, 0.5)
-    q_lens = np.array(sizes["lora"])
-    slots = np.arange(4)
-    seg_starts, seg_slots, max_seg = lora_segments(slots, q_lens)
-    x = torch.randn(int(q_lens.sum()), shape["hidden"], generator=gen)
-    y = torch.zeros(len(x), sum(shape["qkv"]))
+    w = torch.randn(sum(shape["qkv"]), shape["hidden"], generator=gen)
+    b = torch.randn(len(w), generator=gen)
+    routes = {"onednn": cpu(ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=1 << 30), "mkl": cpu(onednn_linear=False)}
+    points = []
+    for rows in sizes["linear_rows"]:
+        x = torch.randn(rows, shape["hidden"], generator=gen)
+        us = interleaved({name: (lambda r=r: r.linear(x, w, b)) for name, r in routes.items()}, args.reps, block=5)
+        speedup = us["mkl"] / us["onednn"]
+        points.append({"rows": rows, "onednn_us": us["onednn"], "mkl_us": us["mkl"], "speedup": speedup})
+        print(f"  {rows} rows: oneDNN {us['onednn']:.0f} us, F.linear {us['mkl']:.0f} us ({speedup:.2f}x)")
+    first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
+    rule = "oneDNN faster from the first to the last of these row counts (0: at none)"
+    if first is None:
+        return {name: report(name, 0, False, points, rule)[name] for name in ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS")}
+    measured_max, found = crossover(points[first:], lambda p: p["speedup"] >= 1, "rows")
+    return {
+        **report("ONEDNN_MIN_ROWS", points[first]["rows"], True, points, rule),
+        **report("ONEDNN_MAX_ROWS", measured_max, found, points, rule),
+    }
 
-    def call(tile: int) -> Callable[[], None]:
-        backend = cpu(layer_kernels=False, LORA_TILE=tile)
+
+class LoRACase:
+    """The qkv projection of ``shape`` with four rank-``shape["rank"]`` adapters, and a step whose four
+    adapter segments have ``q_lens`` tokens."""
+
+    def __init__(self, shape: dict, q_lens: list[int]) -> None:
+        gen = torch.Generator().manual_seed(0)
+        hidden, rank, qkv = shape["hidden"], shape["rank"], shape["qkv"]
+        self.mod = LinearWithLoRA(hidden, qkv, True, 4, rank, torch.float32, torch.device("cpu"))
+        for slot in range(4):
+            slices = [(torch.randn(rank, hidden, generator=gen), torch.randn(n, rank, generator=gen)) for n in qkv]
+            self.mod.set_slot(slot, slices, 0.5)
+        self.seg_starts, self.seg_slots, self.max_seg = lora_segments(np.arange(4), np.array(q_lens))
+        self.x = torch.randn(sum(q_lens), hidden, generator=gen)
+        self.y = torch.zeros(len(self.x), sum(qkv))
+        self.shape = shape
+        self.work = sum(q_lens) * len(qkv) * rank * (hidden + sum(qkv) // len(qkv))  # as CPUBackend counts it
+
+    def call(self, backend: CPUBackend) -> Callable[[], None]:
+        """One ``apply_lora`` of the step on ``backend`` (prepared for it now)."""
+        s = self
         lora = LoRAMeta(
-            torch.from_numpy(seg_starts), torch.from_numpy(seg_slots), max_seg, shape["rank"], seg_starts, seg_slots
-        )
-        backend.prepare(Step([1], [1], 0, shape).meta(), lora)
-        return lambda: backend.apply_lora(x, y, mod, lora)
+            torch.from_numpy(s.seg_starts), torch.from_numpy(s.seg_slots), s.max_seg, s.shape["rank"], s.seg_starts,
+            s.seg_slots,
+        )  # fmt: skip
+        backend.prepare(Step([1], [1], 0, s.shape).meta(), lora)
+        return lambda: backend.apply_lora(s.x, s.y, s.mod, lora)
 
+
+def lora_kernel_max_work(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    kernel, tiles = cpu(LORA_KERNEL_MAX_WORK=float("inf")), cpu(layer_kernels=False)
+    points = []
+    for n in sizes["lora_tokens"]:
+        case = LoRACase(shape, [n] * 4)
+        us = interleaved({"kernel": case.call(kernel), "tiles": case.call(tiles)}, args.reps, block=5)
+        points.append({"tokens": 4 * n, "work": case.work, "kernel_us": us["kernel"], "tiles_us": us["tiles"]})
+        print(f"  {4 * n} tokens ({case.work} multiply-adds): kernel {us['kernel']:.0f} us, tiles {us['tiles']:.0f} us")
+    measured, found = crossover(points, lambda p: p["kernel_us"] <= p["tiles_us"], "work")
+    return report("LORA_KERNEL_MAX_WORK", measured, found, points, "the kernel faster at every work up to this")
+
+
+def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    case = LoRACase(shape, sizes["lora"])
     tiles = [32, 64, 128, 256, 512]
-    us = interleaved({str(t): call(t) for t in tiles}, args.reps, block=5)
+    us = interleaved({str(t): case.call(cpu(layer_kernels=False, LORA_TILE=t)) for t in tiles}, args.reps, block=5)
     points = [{"tile": t, "us": us[str(t)]} for t in tiles]
     best = min(points, key=lambda p: p["us"])
     for p in points:
         print(f"  tile {p['tile']}: {p['us']:.0f} us ({p['us'] / best['us']:.2f}x the fastest)")
     near = [p["tile"] for p in points if p["us"] <= 1.05 * best["us"]]
-    return {**report("LORA_TILE", best["tile"], True, points, "the fastest tile size"), "within_5_percent": near}
+    result = report("LORA_TILE", best["tile"], True, points, "the fastest tile size")
+    result["LORA_TILE"]["within_5_percent"] = near
+    return result
 
 
 def main() -> None:
@@ -264,8 +320,9 @@ def main() -> None:
     with torch.inference_mode():
         for shape_name, shape in shapes.items():
             print(f"\n{shape_name}: {shape}")
-            for measure in (kernel_max_threads, padded_small, split_gain, lora_tile):
-                results.setdefault(measure.__name__.upper(), {})[shape_name] = measure(shape, sizes, args)
+            for measure in (kernel_max_threads, padded_small, split_gain, onednn_rows, lora_kernel_max_work, lora_tile):
+                for name, entry in measure(shape, sizes, args).items():
+                    results.setdefault(name, {})[shape_name] = entry
     save_result(
         "cpu_routing",
         {

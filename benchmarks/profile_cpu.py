@@ -222,6 +222,7 @@ def main() -> None:
             wall = {k: v["wall_s"] for k, v in res["scenarios"].items()}
             payload["cases"][f"{engine}_{dtype}"] = engine_profile(engine, folder, wall, vocab, args.rank)
             out = args.out_dir / f"profile_cpu_{args.shape}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out_dir / f'profile_cpu_{args.shape}.json'}; raw tables in {keep}")
 

@@ -148,7 +148,7 @@ class ModelRunner:
         logits_in = (
             hidden[: len(picks)] if np.array_equal(picks, np.arange(len(picks))) else hidden[self._to_device(picks)]
         )
-        logits = self.model.compute_logits(logits_in)
+        logits = self.model.compute_logits(logits_in, self.backend)
         table = self.table
         constrained = np.flatnonzero(np.repeat(table.constrained[rows], counts))
         if len(constrained):

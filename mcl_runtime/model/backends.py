@@ -1,7 +1,7 @@
 """Per-step batch metadata, the backend protocol and the backend registry.
 
 A step's metadata is built once (by the model runner, then ``backend.prepare``) and shared by every
-layer. Layers call ``ctx.backend.store_kv / attention / apply_lora / rms_norm / rope``; backends see
+layer. Layers call ``ctx.backend.linear / store_kv / attention / apply_lora / rms_norm / rope``; backends see
 tensors and metadata, never requests. Three backends implement the protocol:
 
 * ``reference`` (``reference_backend.py``): plain torch, one obvious way per op; the semantics the
@@ -67,6 +67,10 @@ class Backend(Protocol):
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /
         ``lora.plan``."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [T, in] @ weight[out, in].T + bias [out]`` -> ``[T, out]`` (the base projections and the
+        LM head)."""
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMeta

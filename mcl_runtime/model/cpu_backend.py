@@ -16,11 +16,15 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   paged cache through ``index_select`` into reused buffers; prompts attend to their own new keys
   through SDPA's causal path. The query heads sharing a KV head are folded into the query axis
   (prompts: SDPA's ``enable_gqa``), so K/V are never repeated for GQA.
-* LoRA: eager steps make one ``lora_apply_cpu`` call per projection over every adapter segment.
-  Without it (``layer_kernels=False``) the tokens of each adapter segment are cut into tiles of at
-  most ``LORA_TILE`` tokens, and one gather + ``bmm`` per projection covers every tile of every
-  adapter (punica's "gather + bmm"); static steps make each token its own tile (base rows get gain
+* LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
+  multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (for tiny work the
+  kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``,
+  cut the tokens of each adapter segment into tiles of at most ``LORA_TILE`` tokens, and one
+  gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm");
+  static steps make each token its own tile (base rows get gain
   0), so nothing sized by a per-step host value enters the graph.
+* linear layers (base projections, LM head): float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows call
+  oneDNN's inner product on the plain weight; other steps ``F.linear`` (MKL).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
   ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
   The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
@@ -49,6 +53,8 @@ from mcl_runtime.kernels import (
 from mcl_runtime.kernels.cpu import paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, store_kv_torch
+
+HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 Rows = slice | torch.Tensor  # a group's token rows: contiguous, or gathered (int64 indices)
 
@@ -223,6 +229,7 @@ class LoRATiles:
     weight: torch.Tensor | None  # [tiles, width, 1] float32
     slots: torch.Tensor | slice
     shape: tuple[int, int]  # (tiles, width)
+    tokens: int  # tokens with an adapter
 
 
 class CPUBackend:
@@ -235,13 +242,24 @@ class CPUBackend:
     SPLIT_GAIN = 0.9  # cpu_routing.json: SPLIT_GAIN
     # Tokens per tile of the gather + bmm LoRA path.
     LORA_TILE = 128  # cpu_routing.json: LORA_TILE
+    # A projection's LoRA goes to the C++ kernel up to this many multiply-adds (adapter tokens x
+    # slices x rank x (in + out per slice)): past it, gather + bmm on BLAS is faster.
+    LORA_KERNEL_MAX_WORK = 1 << 16  # cpu_routing.json: LORA_KERNEL_MAX_WORK
+    # Float32 linear layers of ONEDNN_MIN_ROWS to ONEDNN_MAX_ROWS rows go to oneDNN's inner product
+    # (on AVX2 CPUs MKL's sgemm is several times slower for a few rows; one row takes MKL's gemv).
+    ONEDNN_MIN_ROWS = 2  # cpu_routing.json: ONEDNN_MIN_ROWS
+    ONEDNN_MAX_ROWS = 256  # cpu_routing.json: ONEDNN_MAX_ROWS
 
-    def __init__(self, attention_kernel: bool | None = None, layer_kernels: bool = True) -> None:
+    def __init__(
+        self, attention_kernel: bool | None = None, layer_kernels: bool = True, onednn_linear: bool = True
+    ) -> None:
         """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
         thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
-        RoPE on their torch paths. Both are off where the extension is not built."""
+        RoPE on their torch paths. Both are off where the extension is not built.
+        ``onednn_linear=False`` keeps every linear layer on ``F.linear``."""
         self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
+        self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
         self._workspace = Workspace()
         self._tiles: tuple[tuple[bytes, bytes], LoRATiles] | None = None  # the last step's, by segments
         self._lora_weights: dict[int, LoRAWeightsCPU] = {}  # per LinearWithLoRA (by id; it holds the tensors)
@@ -251,6 +269,20 @@ class CPUBackend:
         no autograd history), outside a compiled graph."""
         return self.layer_kernels and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """oneDNN's inner product on the plain weight (no packed copy) for float32 inference on
+        ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows, eager; ``F.linear`` otherwise."""
+        if (
+            self.onednn_linear
+            and self.ONEDNN_MIN_ROWS <= x.shape[0] <= self.ONEDNN_MAX_ROWS
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
     # ---- per step -----------------------------------------------------------------------------
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         kernel = (
@@ -259,7 +291,7 @@ class CPUBackend:
             and (attn.static or self.attention_kernel or torch.get_num_threads() <= self.KERNEL_MAX_THREADS)
         )
         attn.plan = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
-        if lora is not None and lora.token_slots is None and not self._layer_kernel(lora.seg_starts):
+        if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._tiles is None or self._tiles[0] != key:  # decode steps over the same sequences keep theirs
                 self._tiles = (key, self._lora_tiles(lora))
@@ -434,6 +466,7 @@ class CPUBackend:
             weight=None if valid.all() else torch.from_numpy(valid[:, :, None].astype(np.float32)).to(dev),
             slots=slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else torch.from_numpy(slots).to(dev),
             shape=(len(seg), len(offs)),
+            tokens=int((b - a).sum()),
         )
 
     def _kernel_weights(self, mod) -> LoRAWeightsCPU:
@@ -454,8 +487,10 @@ class CPUBackend:
             weight = (lora.token_slots >= 0).to(torch.float32)[:, None, None]
             y += self._lora_delta(x[:, None], slots, weight, mod.max_rank, mod).view(y.shape)
             return
-        tiles: LoRATiles | None = lora.plan
-        if tiles is None:
+        tiles: LoRATiles = lora.plan
+        n = mod.n_slices
+        work = tiles.tokens * n * lora.max_rank * (x.shape[1] + y.shape[1] // n)
+        if work <= self.LORA_KERNEL_MAX_WORK and self._layer_kernel(x):
             threads = torch.get_num_threads()
             lora_apply_cpu(x, y, self._kernel_weights(mod), lora.seg_starts_host, lora.seg_slots_host, threads)
             return

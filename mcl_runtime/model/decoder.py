@@ -153,5 +153,6 @@ class DecoderLM(nn.Module):
             x, residual = layer(x, residual, ctx)
         return self.norm(x, ctx, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor, backend) -> torch.Tensor:
+        """Float32 logits ``[T, vocab]`` of hidden states ``[T, hidden]`` (``backend.linear``)."""
+        return backend.linear(hidden, self.lm_head_weight).float()

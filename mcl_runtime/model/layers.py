@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.errors import ModelLoadError
@@ -99,7 +98,7 @@ class LinearWithLoRA(nn.Module):
         return len(self.out_sizes)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = ctx.backend.linear(x, self.weight, self.bias)
         if ctx.lora is not None:
             ctx.backend.apply_lora(x, y, self, ctx.lora)
         return y

@@ -72,6 +72,7 @@ class PaddedGroup:
 
 class ReferenceBackend:
     name = "reference"
+    linear = staticmethod(F.linear)
     store_kv = staticmethod(store_kv_torch)
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)

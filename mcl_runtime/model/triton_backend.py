@@ -12,6 +12,7 @@ While dynamo traces (``Engine(compile=True)``) the kernels are called as the cus
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mcl_runtime import kernels
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
@@ -24,6 +25,7 @@ def _kernels():
 
 class TritonBackend:
     name = "triton"
+    linear = staticmethod(F.linear)  # cuBLAS
 
     def __init__(self) -> None:
         if kernels.HAS_TRITON:
