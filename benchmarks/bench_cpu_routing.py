@@ -4,8 +4,9 @@
                                            [--max-threads N] [--threads N]
 
 Synthetic steps (random KV cache, shuffled blocks of 16, float32) in the attention and qkv shapes of
-two models: ``demo`` (mcl-demo-tiny: 4 query heads, 2 KV heads of 32, hidden 128) and ``qwen7b``
-(Qwen2.5-7B: 28 query heads, 4 KV heads of 128, hidden 3584), rank-32 adapters. Each figure is the
+three models: ``demo`` (mcl-demo-tiny: 4 query heads, 2 KV heads of 32, hidden 128), ``qwen0.5b``
+(Qwen2.5-0.5B: 14 query heads, 2 KV heads of 64, hidden 896; rank-16 adapters, as bench_vs_vllm.py)
+and ``qwen7b`` (Qwen2.5-7B: 28 query heads, 4 KV heads of 128, hidden 3584), rank-32 adapters. Each figure is the
 median per-call time of one layer's ``CPUBackend.attention`` or ``apply_lora`` (``prepare`` runs
 once per step, outside the timing), the routes timed in alternating blocks of calls. For each
 threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
@@ -20,9 +21,10 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 * ``SPLIT_GAIN``: on the padded path, decodes whose contexts are half short, half long, and prompts
   of two lengths, split by length vs one padded group; ``measured``: the largest ratio of padded
   work (split / one group, the cost ``CPUBackend._split`` computes) up to which the split is faster.
-* ``ONEDNN_MIN_ROWS`` / ``ONEDNN_MAX_ROWS``: one layer's qkv projection (with its bias) through
-  oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first count from which oneDNN
-  is faster, and the last up to which it stays faster.
+* ``ONEDNN_MIN_ROWS`` / ``ONEDNN_MAX_ROWS`` / ``ONEDNN_MIN_WEIGHT``: one layer's qkv projection
+  (with its bias) through oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first
+  count from which oneDNN is faster, the last up to which it stays faster, and the weight's elements
+  (0 where oneDNN is faster at no row count).
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
   ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
@@ -55,6 +57,7 @@ BLOCK_SIZE = 16
 # Attention heads, and the qkv projection with its adapters' rank, of the models measured.
 SHAPES = {
     "demo": dict(heads=4, kv_heads=2, head_dim=32, hidden=128, qkv=[128, 64, 64], rank=32),  # mcl-demo-tiny
+    "qwen0.5b": dict(heads=14, kv_heads=2, head_dim=64, hidden=896, qkv=[896, 128, 128], rank=16),
     "qwen7b": dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], rank=32),
 }
 SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)}
@@ -205,7 +208,9 @@ def padded_small(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     measured, found = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "pairs")
     multiply_adds = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "multiply_adds")[0]
     rule = "kernel faster for every group of at most this many pairs"
-    return {**report("PADDED_SMALL", measured, found, points, rule), "measured_multiply_adds": multiply_adds}
+    result = report("PADDED_SMALL", measured, found, points, rule)
+    result["PADDED_SMALL"]["measured_multiply_adds"] = multiply_adds
+    return result
 
 
 def split_gain(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
@@ -246,13 +251,15 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
         points.append({"rows": rows, "onednn_us": us["onednn"], "mkl_us": us["mkl"], "speedup": speedup})
         print(f"  {rows} rows: oneDNN {us['onednn']:.0f} us, F.linear {us['mkl']:.0f} us ({speedup:.2f}x)")
     first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
-    rule = "oneDNN faster from the first to the last of these row counts (0: at none)"
+    rule = "oneDNN faster from the first to the last of these row counts, for a weight this large (0: at none)"
     if first is None:
-        return {name: report(name, 0, False, points, rule)[name] for name in ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS")}
+        names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT")
+        return {name: report(name, 0, False, points, rule)[name] for name in names}
     measured_max, found = crossover(points[first:], lambda p: p["speedup"] >= 1, "rows")
     return {
         **report("ONEDNN_MIN_ROWS", points[first]["rows"], True, points, rule),
         **report("ONEDNN_MAX_ROWS", measured_max, found, points, rule),
+        **report("ONEDNN_MIN_WEIGHT", w.numel(), True, points, rule),
     }
 
 

@@ -1,16 +1,17 @@
 """Where each engine's CPU time goes on the ``bench_vs_vllm.py`` workload (the input of the optimisation work).
 
-    python benchmarks/profile_cpu.py [--shape qwen2.5-0.5b-instruct] [--dtype float32 bfloat16]
+    python benchmarks/profile_cpu.py [--shape qwen2.5-0.5b-instruct] [--dtype float32 bfloat16] [--scenario base]
         [--requests 16] [--max-tokens 16] [--threads 2] [--engines ours vllm] [--keep DIR]
 
 Per dtype and engine, one process (``engine_worker.py`` with a ``profile_dir``) runs the four-adapter
-mixed workload twice under a profiler: ``prefill`` (one new token per request: the prompt steps) and
-``full`` (``--max-tokens``; the same prompt lengths, other ids). Ours: the step profiler
-(``step_profile.py``: ms per decode step and per prefill step in scheduling, metadata, attention, base
-GEMMs, LoRA, the rest of the forward, sampling and engine bookkeeping) and torch.profiler (self time per
-op and input shapes); vLLM: its own torch profiler. The op tables are sorted into categories
-(``categorize``); decode = full - prefill. Profilers slow both engines down: read shares, not absolute
-times. Writes ``benchmarks/results/profile_cpu_<shape>.json``; ``--keep DIR`` keeps the raw tables.
+mixed workload (``--scenario base``: the base model, the engine started without LoRA) twice under a
+profiler: ``prefill`` (one new token per request: the prompt steps) and ``full`` (``--max-tokens``; the
+same prompt lengths, other ids). Ours: the step profiler (``step_profile.py``: ms per decode step and per
+prefill step in scheduling, metadata, attention, base GEMMs, LoRA, the rest of the forward, sampling and
+engine bookkeeping) and torch.profiler (self time per op and input shapes); vLLM: its own torch
+profiler. The op tables are sorted into categories (``categorize``); decode = full - prefill. Profilers
+slow both engines down: read shares, not absolute times. Writes
+``benchmarks/results/profile_cpu_<shape>[_base].json``; ``--keep DIR`` keeps the raw tables.
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--engines", nargs="+", default=["ours", "vllm"], choices=["ours", "vllm"])
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--scenario", default="mixed", choices=["mixed", "base"], help="four adapters, or the base model (no LoRA)"
+    )
     p.add_argument("--venv", type=Path, default=None)
     p.add_argument("--keep", type=Path, default=None, help="keep the raw op tables here")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -184,9 +188,9 @@ def main() -> None:
             raise SystemExit(f"vLLM does not import: {env.error}")
         pythons["vllm"] = env.python
     envs = engine_envs(args)
-    mixed = scenario_adapters("mixed")
+    per_request = scenario_adapters(args.scenario)
     # The same prompt lengths in both (decode = full - prefill), other ids (no prefix-cache hit in "full").
-    prefill = workload(args.requests, args.prompt_len, 1, mixed, 1, cfg["bos_token_id"])
+    prefill = workload(args.requests, args.prompt_len, 1, per_request, 1, cfg["bos_token_id"])
     full = {
         "prompts": [[(t + 1) % cfg["bos_token_id"] for t in p] for p in prefill["prompts"]],
         "max_tokens": [args.max_tokens] * args.requests,
@@ -203,14 +207,14 @@ def main() -> None:
                 "tag": f"profile_{dtype}",
                 "device": "cpu",
                 "model": str(model),
-                "adapters": adapters,
+                "adapters": adapters if args.scenario == "mixed" else {},
                 "lora_rank": args.rank,
                 "dtype": dtype,
                 "threads": args.threads,
                 "kv_cache_memory": parse_bytes(args.kv_cache_memory),
                 "ours_options": {},
                 "vllm_options": {},
-                "warmup": workload(4, args.prompt_len, 4, mixed, 3, cfg["bos_token_id"]),
+                "warmup": workload(4, args.prompt_len, 4, per_request, 3, cfg["bos_token_id"]),
                 "scenarios": wls,
                 "profile_dir": str(folder),
             }
@@ -221,10 +225,10 @@ def main() -> None:
                 continue
             wall = {k: v["wall_s"] for k, v in res["scenarios"].items()}
             payload["cases"][f"{engine}_{dtype}"] = engine_profile(engine, folder, wall, vocab, args.rank)
-            out = args.out_dir / f"profile_cpu_{args.shape}.json"
+            out = args.out_dir / f"profile_cpu_{args.shape}{'' if args.scenario == 'mixed' else '_base'}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out_dir / f'profile_cpu_{args.shape}.json'}; raw tables in {keep}")
+    print(f"wrote {out}; raw tables in {keep}")
 
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ def _cpu(**thresholds) -> CPUBackend:
     return backend
 
 
-# The cpu backend's routes: everything through the C++ kernels; decodes through the attention
-# kernel and every prefill group padded (prompts split by length); every torch path.
+# The cpu backend's routes: everything through the C++ kernels and every linear layer through
+# oneDNN; decodes through the attention kernel, every prefill group padded (prompts split by length)
+# and LoRA as gather + bmm; every torch path.
+INF = float("inf")
 CPU_ROUTES = {
-    "kernels": lambda: _cpu(),
-    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0),
-    "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False),
+    "kernels": lambda: _cpu(LORA_KERNEL_MAX_WORK=INF, ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=INF, ONEDNN_MIN_WEIGHT=0),
+    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0),
+    "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False, onednn_linear=False),
 }
 
 

@@ -151,6 +151,16 @@ def test_cpu_torch_layer_ops_keep_the_tokens(family):
     assert backend.tiles
 
 
+def test_cpu_lora_kernel_and_onednn_linear_keep_the_tokens(family):
+    """Every LoRA product through the C++ kernel and every linear layer (projections, LM head)
+    through oneDNN's inner product, whatever the sizes: the golden tokens."""
+    name, base, adapters, ref = family
+    backend = RecordingCPUBackend()
+    backend.LORA_KERNEL_MAX_WORK = backend.ONEDNN_MAX_ROWS = float("inf")
+    backend.ONEDNN_MIN_WEIGHT = 0
+    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+
+
 def test_golden_reference_backend(family):
     """The reference backend (plain torch, the semantics the others are tested against) gives the
     tokens of transformers + peft."""

@@ -21,10 +21,11 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``,
   cut the tokens of each adapter segment into tiles of at most ``LORA_TILE`` tokens, and one
   gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm");
-  static steps make each token its own tile (base rows get gain
-  0), so nothing sized by a per-step host value enters the graph.
-* linear layers (base projections, LM head): float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows call
-  oneDNN's inner product on the plain weight; other steps ``F.linear`` (MKL).
+  static steps make each token its own tile (base rows get gain 0), so nothing sized by a per-step
+  host value enters the graph.
+* linear layers (base projections, LM head): float32 eager steps of ``ONEDNN_MIN_ROWS`` to
+  ``ONEDNN_MAX_ROWS`` rows on weights of at least ``ONEDNN_MIN_WEIGHT`` elements call oneDNN's inner
+  product on the plain weight; the others ``F.linear`` (MKL).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
   ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
   The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
@@ -237,7 +238,7 @@ class CPUBackend:
     # Past this many torch threads the padded path replaces the attention kernel.
     KERNEL_MAX_THREADS = 2  # cpu_routing.json: KERNEL_MAX_THREADS
     # Prefill groups of at most this many padded (query, key) pairs go to the attention kernel.
-    PADDED_SMALL = 1 << 12  # cpu_routing.json: PADDED_SMALL, demo
+    PADDED_SMALL = 1 << 10  # cpu_routing.json: PADDED_SMALL, qwen0.5b
     # Decodes (prompts) are split by length when that leaves at most this share of the padded work.
     SPLIT_GAIN = 0.9  # cpu_routing.json: SPLIT_GAIN
     # Tokens per tile of the gather + bmm LoRA path.
@@ -245,10 +246,12 @@ class CPUBackend:
     # A projection's LoRA goes to the C++ kernel up to this many multiply-adds (adapter tokens x
     # slices x rank x (in + out per slice)): past it, gather + bmm on BLAS is faster.
     LORA_KERNEL_MAX_WORK = 1 << 16  # cpu_routing.json: LORA_KERNEL_MAX_WORK
-    # Float32 linear layers of ONEDNN_MIN_ROWS to ONEDNN_MAX_ROWS rows go to oneDNN's inner product
-    # (on AVX2 CPUs MKL's sgemm is several times slower for a few rows; one row takes MKL's gemv).
-    ONEDNN_MIN_ROWS = 2  # cpu_routing.json: ONEDNN_MIN_ROWS
-    ONEDNN_MAX_ROWS = 256  # cpu_routing.json: ONEDNN_MAX_ROWS
+    # Float32 linear layers of ONEDNN_MIN_ROWS to ONEDNN_MAX_ROWS rows, with a weight of at least
+    # ONEDNN_MIN_WEIGHT elements, go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is up to
+    # twice as slow for a few rows; on small weights oneDNN's fixed cost per call loses).
+    ONEDNN_MIN_ROWS = 1  # cpu_routing.json: ONEDNN_MIN_ROWS
+    ONEDNN_MAX_ROWS = 128  # cpu_routing.json: ONEDNN_MAX_ROWS
+    ONEDNN_MIN_WEIGHT = 1 << 18  # cpu_routing.json: ONEDNN_MIN_WEIGHT
 
     def __init__(
         self, attention_kernel: bool | None = None, layer_kernels: bool = True, onednn_linear: bool = True
@@ -271,10 +274,12 @@ class CPUBackend:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """oneDNN's inner product on the plain weight (no packed copy) for float32 inference on
-        ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows, eager; ``F.linear`` otherwise."""
+        ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows of a weight of ``ONEDNN_MIN_WEIGHT`` elements or
+        more, eager; ``F.linear`` otherwise."""
         if (
             self.onednn_linear
             and self.ONEDNN_MIN_ROWS <= x.shape[0] <= self.ONEDNN_MAX_ROWS
+            and weight.numel() >= self.ONEDNN_MIN_WEIGHT
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
