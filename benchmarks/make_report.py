@@ -487,14 +487,14 @@ RUN_HISTORY = """## Run history
   the 100 us target).
 - **Engine vs transformers+peft** (2026-12-03, Intel Xeon, 2 cores, commit 9e2e8f7 with local
   changes): the whole engine on the demo model with 64 requests over four adapters,
-  [engine_cpu.json](results/engine_cpu.json): 3.12x, median of 7 rounds (3.02x to 3.40x). A run just
+  engine_cpu.json (since replaced by the run below): 3.12x, median of 7 rounds (3.02x to 3.40x). A run just
   before the CPU kernel changes of that commit, same machine, not committed, gave 2.15x; the
   previous committed result was 2.31x. What changed: the CPU attention and LoRA kernels run on
   torch's OpenMP threads, and prompts attend through SDPA's causal path, split by length.
 - **Host cost of a decode step** (2026-12-03, Intel Xeon, one torch thread, commit 5e1ec85): a
   1-layer, hidden-64 model against the engine before the host-side rewrite of the step (commit
   5650348, built with its own C++ extension), side by side,
-  [host_overhead_cpu.json](results/host_overhead_cpu.json)
+  host_overhead_cpu.json (since replaced by the run below)
   (`bench_host_overhead.py --compare 5650348 --repeat 7`, medians): at 256 sequences 1.72 vs 7.30 ms
   per step (4.25x) when outputs are read as requests end (`step(finished_only=True)`), 2.00 vs 7.47 ms
   for a plain `step()` loop, 2.35 vs 7.28 ms when every output's text is read after every step, as a
@@ -509,6 +509,44 @@ RUN_HISTORY = """## Run history
   attention, LoRA 0.91-1.14x (torch's bmm is on par at those shapes). With torch on one thread,
   [cpu_kernels_threads1.json](results/cpu_kernels_threads1.json): attention 2.5-2.6x, LoRA
   0.89-1.12x at 7B.
+- **Against vLLM** (2026-12-06, AMD EPYC with AVX2 only, 2 threads; vLLM 0.32.0's CPU build in its
+  own virtualenv): Qwen2.5-0.5B's shapes with random weights, four rank-16 adapters, fp32, 32
+  requests of 64-256 prompt tokens and 64 new tokens, 4 GiB of KV cache each, two alternating rounds,
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu.json): four
+  adapters mixed 28.9 vs 9.7 tok/s (2.99x), one adapter 2.83x, base model 40.3 vs 43.4 tok/s (0.93x);
+  64 of 64 requests gave the same tokens in each scenario; peak RSS 4.5 vs 11.0 GiB. LoRA costs us 28%
+  of the base model's speed, vLLM 78%. Earlier preliminary runs (8 requests of 16 tokens, before the
+  oneDNN linear layers and the gather + bmm LoRA route) gave 0.42x mixed and 0.67x base. Where the
+  time goes, ours and vLLM's, base model:
+  [profile_cpu_qwen2.5-0.5b-instruct_base.json](results/profile_cpu_qwen2.5-0.5b-instruct_base.json)
+  (vLLM's decode GEMMs run on prepacked oneDNN weights: 1.87 s against our 2.88 s over 15 steps).
+- **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
+  [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
+  bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
+  (`LORA_KERNEL_MAX_WORK`); oneDNN's inner product beats MKL's sgemm by 1.1-1.2x at the 0.5B qkv
+  projection and 1.2-2.2x at the 7B one for up to 128 rows (`ONEDNN_*`); the attention kernel is
+  on par with the padded path for 0.5B and 7B decodes (0.92-1.07x) and ahead for the demo model
+  (2.3-2.8x).
+- **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
+  [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
+  engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just
+  before on the same machine, not committed: 1.44x (2002 vs 1332 tok/s); its prefill step spent
+  46.8 ms in LoRA, now 18.5 ms.
+- **Host cost of a decode step after the engine-core rewrite** (2026-12-06, AMD EPYC, 2 threads),
+  [host_overhead_cpu.json](results/host_overhead_cpu.json) (`--compare a10a195 --repeat 7`, the
+  engine before the sequence-table rewrite): within this machine's noise (two runs disagree by up to
+  30% on the same setting); at 256 sequences 3.58 vs 3.82 ms per step reading outputs at the end,
+  4.79 vs 5.15 ms streaming; at 32 sequences both runs have ours 10-20% slower, in the model's part
+  (the 1-layer hidden-64 model's LoRA now takes gather + bmm past `LORA_KERNEL_MAX_WORK`), while
+  the engine's own time is on par (0.51-0.52 vs 0.45-0.59 ms).
+- **Training on TRL vs the hand-written loop** (2026-12-06, AMD EPYC, 2 threads, nothing else
+  running), [train_cpu.json](results/train_cpu.json): 0.79x tokens/s (8101 vs 10207). TRL's SFT
+  loss computes log-probabilities, entropy and top-1 accuracy at every position through its fused
+  LM head, which the old loop did not; on the demo model that per-step work is what shows.
+- **Scale-out on Ray Serve** (2026-12-06, AMD EPYC, 2 cores, nothing else running),
+  [scale_out_cpu.json](results/scale_out_cpu.json): 2 replicas vs 1, 1.04x problems/h (the replicas
+  share the 2 cores with the client and its sandbox, so no gain is possible here); prefix-cache
+  hit rate 27.0% with session routing vs 22.8% with random routing.
 - **GPU**: `benchmarks/run_gpu.sh` is the one script a lent GPU runs (phases of under 4 minutes; the
   device-tool calls are above); no GPU result has been recorded yet.
 """

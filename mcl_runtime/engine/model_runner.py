@@ -4,11 +4,10 @@ The scheduler hands over the batch in the forward's order (decodes, then prefill
 slot within each, so adapters form contiguous segments) with its input token ids; the runner reads
 the block manager's metadata for it and the table's sampling parameters (a row's sequence only for
 its grammar matcher, its token history under penalties, and its completions' seeds at an n > 1
-first sample). All
-metadata is built once on the host (block tables and slot mapping in the C++ block manager), written
-into persistent buffers, moved to the device in one copy, and shared by every layer; the only
-device-to-host transfer of a step is the sampled token ids, which ``run`` does not wait for (so the
-engine can launch the next step first).
+first sample). All metadata is built once on the host (block tables and slot mapping in the C++
+block manager), written into persistent buffers, moved to the device in one copy, and shared by
+every layer; the only device-to-host transfer of a step is the sampled token ids, which ``run`` does
+not wait for (so the engine can launch the next step first).
 
 Decode-only steps can run *static*: padded to a batch-size bucket (1, 2, 4, 8, ..., max_num_seqs)
 with every shape fixed by the bucket, so that one compiled graph (``compile=True``) or one captured
