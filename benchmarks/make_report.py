@@ -520,6 +520,11 @@ RUN_HISTORY = """## Run history
   time goes, ours and vLLM's, base model:
   [profile_cpu_qwen2.5-0.5b-instruct_base.json](results/profile_cpu_qwen2.5-0.5b-instruct_base.json)
   (vLLM's decode GEMMs run on prepacked oneDNN weights: 1.87 s against our 2.88 s over 15 steps).
+  bf16, a small check (8 requests of 32 new tokens, one round; this CPU has no native bf16 GEMM),
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
+  mixed 4.36 vs 3.04 tok/s (1.43x), base 4.80 vs 4.82 (1.00x), peak RSS 2.7 vs 7.8 GiB; the engines
+  agreed on 3 of 8 requests (mixed) and 0 of 8 (base): bf16 rounding in different GEMM orders flips
+  near-ties of random weights. LoRA overhead in bf16: ours 9%, vLLM's 37%.
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
