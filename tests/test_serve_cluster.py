@@ -20,10 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mcl_runtime.serve.forward import ForwardedRequest, ForwardedResponse, answer
-from mcl_runtime.serve.metrics import ServerMetrics, merge_replicas
-
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai")  # the server stack; the GPU image has none of it
 pytestmark = pytest.mark.server_stack
 
 from fastapi import FastAPI, Request  # noqa: E402
@@ -42,6 +39,9 @@ from test_server import (  # noqa: E402
     stream_chat,
     stream_completion,
 )
+
+from mcl_runtime.serve.forward import ForwardedRequest, ForwardedResponse, answer  # noqa: E402
+from mcl_runtime.serve.metrics import ServerMetrics, merge_replicas  # noqa: E402
 
 # ---------------------------------------------------------------- without Ray
 
