@@ -282,13 +282,12 @@ class LoRACase:
 
     def call(self, backend: CPUBackend) -> Callable[[], None]:
         """One ``apply_lora`` of the step on ``backend`` (prepared for it now)."""
-        s = self
+        starts, slots = self.seg_starts, self.seg_slots
         lora = LoRAMeta(
-            torch.from_numpy(s.seg_starts), torch.from_numpy(s.seg_slots), s.max_seg, s.shape["rank"], s.seg_starts,
-            s.seg_slots,
-        )  # fmt: skip
-        backend.prepare(Step([1], [1], 0, s.shape).meta(), lora)
-        return lambda: backend.apply_lora(s.x, s.y, s.mod, lora)
+            torch.from_numpy(starts), torch.from_numpy(slots), self.max_seg, self.shape["rank"], starts, slots
+        )
+        backend.prepare(Step([1], [1], 0, self.shape).meta(), lora)
+        return lambda: backend.apply_lora(self.x, self.y, self.mod, lora)
 
 
 def lora_kernel_max_work(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
