@@ -25,9 +25,15 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   (with its bias) through oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first
   count from which oneDNN is faster, the last up to which it stays faster, and the weight's elements
   (0 where oneDNN is faster at no row count).
+* ``PACKED_MIN_ROWS``: the same projection through oneDNN on the weight packed by
+  ``prepare_weights`` vs on the plain weight; ``measured``: the first row count from which the
+  packed weight is faster at every count up to ``ONEDNN_MAX_ROWS``'s measured value.
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
   ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
+* ``LORA_RANGE_MAX_SLOTS``: LoRA of the qkv projection over the slot range vs gather + bmm tiles,
+  for steps of 1 to 16 adapters in consecutive slots (a prefill of a ``lora`` segment each, and 32
+  decodes spread over them); ``measured``: the most adapters up to which the range is faster in both.
 * ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
   ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
 
@@ -69,11 +75,13 @@ SIZES = dict(
 SIZES["lora"] = [300, 200, 150, 350]
 SIZES["linear_rows"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64]
+SIZES["lora_slots"] = [1, 2, 4, 8, 16]
 SMOKE_SIZES = dict(
     decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
 )
 SMOKE_SIZES["linear_rows"] = [1, 8]
 SMOKE_SIZES["lora_tokens"] = [1, 4]
+SMOKE_SIZES["lora_slots"] = [1, 2]
 
 
 def parse_args() -> argparse.Namespace:
@@ -242,24 +250,48 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(sum(shape["qkv"]), shape["hidden"], generator=gen)
     b = torch.randn(len(w), generator=gen)
-    routes = {"onednn": cpu(ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=1 << 30), "mkl": cpu(onednn_linear=False)}
+    every_size = dict(ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=1 << 30, ONEDNN_MIN_WEIGHT=0)
+    routes = {
+        "onednn": cpu(**every_size, PACKED_MIN_ROWS=1 << 30),
+        "packed": cpu(**every_size, PACKED_MIN_ROWS=1),
+        "mkl": cpu(onednn_linear=False),
+    }
+    routes["packed"].prepare_weights([w])
     points = []
     for rows in sizes["linear_rows"]:
         x = torch.randn(rows, shape["hidden"], generator=gen)
         us = interleaved({name: (lambda r=r: r.linear(x, w, b)) for name, r in routes.items()}, args.reps, block=5)
-        speedup = us["mkl"] / us["onednn"]
-        points.append({"rows": rows, "onednn_us": us["onednn"], "mkl_us": us["mkl"], "speedup": speedup})
-        print(f"  {rows} rows: oneDNN {us['onednn']:.0f} us, F.linear {us['mkl']:.0f} us ({speedup:.2f}x)")
+        speedup, packed = us["mkl"] / us["onednn"], us["onednn"] / us["packed"]
+        points.append(
+            {
+                "rows": rows,
+                "onednn_us": us["onednn"],
+                "packed_us": us["packed"],
+                "mkl_us": us["mkl"],
+                "speedup": speedup,
+                "packed_speedup": packed,
+            }
+        )
+        print(
+            f"  {rows} rows: oneDNN {us['onednn']:.0f} us, packed {us['packed']:.0f} us, F.linear {us['mkl']:.0f} us"
+            f" (oneDNN {speedup:.2f}x F.linear, packed {packed:.2f}x oneDNN)"
+        )
     first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
     rule = "oneDNN faster from the first to the last of these row counts, for a weight this large (0: at none)"
     if first is None:
-        names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT")
+        names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT", "PACKED_MIN_ROWS")
         return {name: report(name, 0, False, points, rule)[name] for name in names}
     measured_max, found = crossover(points[first:], lambda p: p["speedup"] >= 1, "rows")
+    in_range = [p for p in points if p["rows"] <= measured_max]
+    packed_from = next(
+        (p["rows"] for i, p in enumerate(in_range) if all(q["packed_speedup"] >= 1 for q in in_range[i:])), 0
+    )
+    packed_rule = "the packed weight faster at every row count from this one up to ONEDNN_MAX_ROWS (0: not at its end)"
     return {
         **report("ONEDNN_MIN_ROWS", points[first]["rows"], True, points, rule),
         **report("ONEDNN_MAX_ROWS", measured_max, found, points, rule),
         **report("ONEDNN_MIN_WEIGHT", w.numel(), True, points, rule),
+        **report("PACKED_MIN_ROWS", packed_from, packed_from > 0, points, packed_rule),
     }
 
 
@@ -267,14 +299,17 @@ class LoRACase:
     """The qkv projection of ``shape`` with four rank-``shape["rank"]`` adapters, and a step whose four
     adapter segments have ``q_lens`` tokens."""
 
-    def __init__(self, shape: dict, q_lens: list[int]) -> None:
+    def __init__(self, shape: dict, q_lens: list[int], slots: list[int] | None = None) -> None:
+        """``slots``: each segment's adapter (default: segment i takes adapter i)."""
         gen = torch.Generator().manual_seed(0)
         hidden, rank, qkv = shape["hidden"], shape["rank"], shape["qkv"]
-        self.mod = LinearWithLoRA(hidden, qkv, True, 4, rank, torch.float32, torch.device("cpu"))
-        for slot in range(4):
+        slots = list(range(len(q_lens))) if slots is None else slots
+        num_slots = max(slots) + 1
+        self.mod = LinearWithLoRA(hidden, qkv, True, num_slots, rank, torch.float32, torch.device("cpu"))
+        for slot in range(num_slots):
             slices = [(torch.randn(rank, hidden, generator=gen), torch.randn(n, rank, generator=gen)) for n in qkv]
             self.mod.set_slot(slot, slices, 0.5)
-        self.seg_starts, self.seg_slots, self.max_seg = lora_segments(np.arange(4), np.array(q_lens))
+        self.seg_starts, self.seg_slots, self.max_seg = lora_segments(np.array(slots), np.array(q_lens))
         self.x = torch.randn(sum(q_lens), hidden, generator=gen)
         self.y = torch.zeros(len(self.x), sum(qkv))
         self.shape = shape
@@ -291,7 +326,7 @@ class LoRACase:
 
 
 def lora_kernel_max_work(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
-    kernel, tiles = cpu(LORA_KERNEL_MAX_WORK=float("inf")), cpu(layer_kernels=False)
+    kernel, tiles = cpu(LORA_KERNEL_MAX_WORK=float("inf")), cpu(layer_kernels=False, LORA_RANGE_MAX_SLOTS=0)
     points = []
     for n in sizes["lora_tokens"]:
         case = LoRACase(shape, [n] * 4)
@@ -302,10 +337,30 @@ def lora_kernel_max_work(shape: dict, sizes: dict, args: argparse.Namespace) -> 
     return report("LORA_KERNEL_MAX_WORK", measured, found, points, "the kernel faster at every work up to this")
 
 
+def lora_range_max_slots(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    ranged = cpu(layer_kernels=False, LORA_RANGE_MAX_SLOTS=1 << 30)
+    tiles = cpu(layer_kernels=False, LORA_RANGE_MAX_SLOTS=0)
+    segment, decodes = sizes["lora"][0], sizes["decodes"]
+    points = []
+    for n in sizes["lora_slots"]:
+        point: dict = {"adapters": n}
+        prefill, decode = LoRACase(shape, [segment] * n), LoRACase(shape, [1] * decodes, np.arange(decodes) % n)
+        steps = {"prefill": prefill, "decode": decode}
+        for kind, case in steps.items():
+            us = interleaved({"range": case.call(ranged), "tiles": case.call(tiles)}, args.reps, block=5)
+            point |= {f"{kind}_range_us": us["range"], f"{kind}_tiles_us": us["tiles"]}
+            print(f"  {n} adapters, {kind}: slot range {us['range']:.0f} us, tiles {us['tiles']:.0f} us")
+        points.append(point)
+    faster = lambda p: all(p[f"{k}_range_us"] <= p[f"{k}_tiles_us"] for k in ("prefill", "decode"))  # noqa: E731
+    measured, found = crossover(points, faster, "adapters")
+    return report("LORA_RANGE_MAX_SLOTS", measured, found, points, "the slot range faster at every count up to this")
+
+
 def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     case = LoRACase(shape, sizes["lora"])
     tiles = [32, 64, 128, 256, 512]
-    us = interleaved({str(t): case.call(cpu(layer_kernels=False, LORA_TILE=t)) for t in tiles}, args.reps, block=5)
+    routes = {str(t): cpu(layer_kernels=False, LORA_TILE=t, LORA_RANGE_MAX_SLOTS=0) for t in tiles}
+    us = interleaved({name: case.call(backend) for name, backend in routes.items()}, args.reps, block=5)
     points = [{"tile": t, "us": us[str(t)]} for t in tiles]
     best = min(points, key=lambda p: p["us"])
     for p in points:
@@ -326,7 +381,8 @@ def main() -> None:
     with torch.inference_mode():
         for shape_name, shape in shapes.items():
             print(f"\n{shape_name}: {shape}")
-            for measure in (kernel_max_threads, padded_small, split_gain, onednn_rows, lora_kernel_max_work, lora_tile):
+            measures = (kernel_max_threads, padded_small, split_gain, onednn_rows, lora_kernel_max_work)
+            for measure in (*measures, lora_range_max_slots, lora_tile):
                 for name, entry in measure(shape, sizes, args).items():
                     results.setdefault(name, {})[shape_name] = entry
     save_result(

@@ -51,12 +51,14 @@ def _cpu(**thresholds) -> CPUBackend:
 
 
 # The cpu backend's routes: everything through the C++ kernels and every linear layer through
-# oneDNN; decodes through the attention kernel, every prefill group padded (prompts split by length)
-# and LoRA as gather + bmm; every torch path.
+# oneDNN (on its packed copies of the weights); decodes through the attention kernel, every prefill
+# group padded (prompts split by length) and LoRA as gather + bmm tiles; the same with LoRA over
+# the step's slot range; every torch path.
 INF = float("inf")
 CPU_ROUTES = {
     "kernels": lambda: _cpu(LORA_KERNEL_MAX_WORK=INF, ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=INF, ONEDNN_MIN_WEIGHT=0),
-    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0),
+    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=0),
+    "kernel+slot-range": lambda: _cpu(PADDED_SMALL=0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=INF),
     "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False, onednn_linear=False),
 }
 
@@ -296,9 +298,11 @@ def test_forward(seed: int, dtype: torch.dtype, route: str, static: bool) -> Non
         attn, lora = metadata(batch)
         kv = cache.to(dt).clone()
         ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
+        model = random_model(seed, (dtype,) if dt == dtype else (dtype, dt))
+        backend.prepare_weights(model.linear_weights())
         backend.prepare(attn, lora)
         with torch.inference_mode():
-            return random_model(seed, (dtype,) if dt == dtype else (dtype, dt))(input_ids, positions, ctx)
+            return model(input_ids, positions, ctx)
 
     check_rule("forward", *each_backend(run, dtype, route))
 

@@ -9,7 +9,7 @@ from tiny_models import hf_generate
 
 from mcl_runtime import Engine, SamplingParams
 from mcl_runtime.kernels import HAS_CPU_ATTENTION
-from mcl_runtime.model.cpu_backend import CPUBackend, KernelGroup
+from mcl_runtime.model.cpu_backend import HAS_ONEDNN_LINEAR, CPUBackend, KernelGroup
 
 MAX_NEW = 32
 LENGTHS = [5, 17, 33, 3, 40, 9, 16, 25, 12, 12, 12]
@@ -101,13 +101,13 @@ def test_tokens_do_not_depend_on_batching(family, knobs):
 
 class RecordingCPUBackend(CPUBackend):
     """The cpu backend, recording its choices: each step's set of attention group kinds (kernel or
-    not), every length split asked for (power, parts), and how often LoRA tiles were built."""
+    not), every length split asked for (power, parts), and how often LoRA plans of each kind were built."""
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.kinds: list[set[bool]] = []
         self.splits: list[tuple[int, list | None]] = []
-        self.tiles = 0
+        self.tiles = self.slot_ranges = 0
 
     def prepare(self, attn, lora) -> None:
         super().prepare(attn, lora)
@@ -121,6 +121,10 @@ class RecordingCPUBackend(CPUBackend):
     def _lora_tiles(self, lora):
         self.tiles += 1
         return super()._lora_tiles(lora)
+
+    def _lora_slots(self, lora):
+        self.slot_ranges += 1
+        return super()._lora_slots(lora)
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
@@ -141,24 +145,29 @@ def test_cpu_padded_attention_keeps_the_tokens(family):
     assert backend.splits and all(parts is None for _, parts in backend.splits)
 
 
+@pytest.mark.parametrize("lora_path", ["tiles", "slot-range"])
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"], indirect=True)
-def test_cpu_torch_layer_ops_keep_the_tokens(family):
+def test_cpu_torch_layer_ops_keep_the_tokens(family, lora_path):
     """Without the C++ layer ops (LoRA, RMSNorm, rotary embedding: the torch paths that a build
-    without the extension takes) the golden tokens; LoRA then goes through gather + bmm tiles."""
+    without the extension takes) the golden tokens, with LoRA through gather + bmm tiles and through
+    the GEMMs over the step's slot range."""
     name, base, adapters, ref = family
     backend = RecordingCPUBackend(layer_kernels=False)
+    backend.LORA_RANGE_MAX_SLOTS = 0 if lora_path == "tiles" else 1 << 10
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
-    assert backend.tiles
+    assert (backend.tiles, backend.slot_ranges)[lora_path == "slot-range"]
 
 
 def test_cpu_lora_kernel_and_onednn_linear_keep_the_tokens(family):
     """Every LoRA product through the C++ kernel and every linear layer (projections, LM head)
-    through oneDNN's inner product, whatever the sizes: the golden tokens."""
+    through oneDNN's inner product on the weights it packed at start, whatever the sizes: the
+    golden tokens."""
     name, base, adapters, ref = family
     backend = RecordingCPUBackend()
     backend.LORA_KERNEL_MAX_WORK = backend.ONEDNN_MAX_ROWS = float("inf")
     backend.ONEDNN_MIN_WEIGHT = 0
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    assert bool(backend._packed) == HAS_ONEDNN_LINEAR  # every projection and the LM head packed
 
 
 def test_golden_reference_backend(family):

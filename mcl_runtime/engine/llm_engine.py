@@ -100,6 +100,8 @@ class Engine:
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
         self.block_size = block_size
+        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
+        self.backend.prepare_weights(self.model.linear_weights())  # before sizing the KV cache
         self.kv_plan = self._kv_cache_plan(max_num_seqs, kv_cache_blocks, kv_cache_memory, kv_cache_memory_fraction)
         num_blocks = self.kv_plan.num_blocks
         # One block more than the block manager hands out: the scratch block of padded decode rows.
@@ -112,7 +114,6 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, self.adapter_manager, self.table, max_num_seqs, max_num_batched_tokens
         )
-        self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.backend.name == "triton"
         elif cuda_graphs and (self.device.type != "cuda" or self.backend.name != "triton"):

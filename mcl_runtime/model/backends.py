@@ -64,6 +64,11 @@ class Backend(Protocol):
 
     name: str
 
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        """Once, after the weights are loaded and before the KV cache is sized (so the memory it
+        takes is counted): the backend may keep copies of the ``linear`` weights ``weights`` in a
+        layout of its own. Base weights do not change afterwards."""
+
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /
         ``lora.plan``."""

@@ -18,14 +18,20 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   (prompts: SDPA's ``enable_gqa``), so K/V are never repeated for GQA.
 * LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
   multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (for tiny work the
-  kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``,
-  cut the tokens of each adapter segment into tiles of at most ``LORA_TILE`` tokens, and one
-  gather + ``bmm`` per projection covers every tile of every adapter (punica's "gather + bmm");
-  static steps make each token its own tile (base rows get gain 0), so nothing sized by a per-step
-  host value enters the graph.
+  kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``:
+  when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
+  goes through every slot of that range, masked to its own (two GEMMs per slice, the second
+  accumulating into ``y`` in place: a few percent more multiply-adds than needed, at the GEMMs'
+  speed, and no ``[T, out]`` temporary); otherwise the tokens of each adapter segment are cut into
+  tiles of at most ``LORA_TILE`` tokens, and one gather + ``bmm`` per projection covers every tile
+  of every adapter (punica's "gather + bmm"). Static steps make each token its own tile (base rows
+  get gain 0), so nothing sized by a per-step host value enters the graph.
 * linear layers (base projections, LM head): float32 eager steps of ``ONEDNN_MIN_ROWS`` to
   ``ONEDNN_MAX_ROWS`` rows on weights of at least ``ONEDNN_MIN_WEIGHT`` elements call oneDNN's inner
-  product on the plain weight; the others ``F.linear`` (MKL).
+  product; the others ``F.linear`` (MKL). From ``PACKED_MIN_ROWS`` rows it reads a copy of the
+  weight in oneDNN's blocked layout, made once by ``prepare_weights`` (vLLM's CPU path prepacks its
+  weights the same way); it costs as much memory again as those weights (``pack_weights=False``:
+  none, the plain weight throughout).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
   ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
   The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
@@ -233,6 +239,31 @@ class LoRATiles:
     tokens: int  # tokens with an adapter
 
 
+@dataclass
+class LoRASlots:
+    """The step's adapters as the slot range ``lo:hi`` and each token's share of each: ``mask[t, g]``
+    is 1 where token ``t`` takes slot ``lo + g``, else 0 (every entry of a base-model row)."""
+
+    lo: int
+    hi: int
+    mask: torch.Tensor  # [T, hi - lo] float32
+    tokens: int  # tokens with an adapter
+
+
+@dataclass
+class SliceMajorLoRA:
+    """A module's LoRA weights cut at rank ``r``, slice by slice, so that a slot range of each is one
+    matrix view: ``a[j, s]`` = slice ``j``'s ``A [r, in]`` of slot ``s``; ``bt[s] = B[s, :, :r].T``
+    ``[r, out]``. Made from ``source`` (the module's ``lora_a``, held so that the module's id is not
+    reused while it is cached) at the module's ``lora_version`` ``version``."""
+
+    source: torch.Tensor
+    r: int
+    version: int
+    a: torch.Tensor  # [n, S, r, in]
+    bt: torch.Tensor  # [S, r, out]
+
+
 class CPUBackend:
     name = "cpu"
     # Past this many torch threads the padded path replaces the attention kernel.
@@ -246,25 +277,41 @@ class CPUBackend:
     # A projection's LoRA goes to the C++ kernel up to this many multiply-adds (adapter tokens x
     # slices x rank x (in + out per slice)): past it, gather + bmm on BLAS is faster.
     LORA_KERNEL_MAX_WORK = 1 << 16  # cpu_routing.json: LORA_KERNEL_MAX_WORK
+    # Steps whose adapters span at most this many consecutive slots take the slot-range path.
+    LORA_RANGE_MAX_SLOTS = 4  # cpu_routing.json: LORA_RANGE_MAX_SLOTS
     # Float32 linear layers of ONEDNN_MIN_ROWS to ONEDNN_MAX_ROWS rows, with a weight of at least
     # ONEDNN_MIN_WEIGHT elements, go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is up to
     # twice as slow for a few rows; on small weights oneDNN's fixed cost per call loses).
     ONEDNN_MIN_ROWS = 1  # cpu_routing.json: ONEDNN_MIN_ROWS
     ONEDNN_MAX_ROWS = 128  # cpu_routing.json: ONEDNN_MAX_ROWS
     ONEDNN_MIN_WEIGHT = 1 << 18  # cpu_routing.json: ONEDNN_MIN_WEIGHT
+    # From this many rows oneDNN reads the prepacked weight (on one row the plain one is faster).
+    PACKED_MIN_ROWS = 2  # cpu_routing.json: PACKED_MIN_ROWS
+    # The row count oneDNN is told to pack the weights for (the decode batch sizes it serves).
+    PACK_ROWS = 32
 
     def __init__(
-        self, attention_kernel: bool | None = None, layer_kernels: bool = True, onednn_linear: bool = True
+        self,
+        attention_kernel: bool | None = None,
+        layer_kernels: bool = True,
+        onednn_linear: bool = True,
+        pack_weights: bool = True,
     ) -> None:
         """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
         thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
         RoPE on their torch paths. Both are off where the extension is not built.
-        ``onednn_linear=False`` keeps every linear layer on ``F.linear``."""
+        ``onednn_linear=False`` keeps every linear layer on ``F.linear``; ``pack_weights=False`` keeps
+        oneDNN on the plain weights (no packed copies)."""
         self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
         self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
+        self.pack_weights = pack_weights and self.onednn_linear
+        # id(weight) -> (weight, its packed copy); holding the weight keeps its id from being reused.
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._workspace = Workspace()
-        self._tiles: tuple[tuple[bytes, bytes], LoRATiles] | None = None  # the last step's, by segments
+        # The last step's LoRA plan, by its segments (decode steps over the same sequences keep it).
+        self._lora_plan: tuple[tuple[bytes, bytes], LoRATiles | LoRASlots] | None = None
+        self._slice_major: dict[int, SliceMajorLoRA] = {}  # per LinearWithLoRA (by id)
         self._lora_weights: dict[int, LoRAWeightsCPU] = {}  # per LinearWithLoRA (by id; it holds the tensors)
 
     def _layer_kernel(self, x: torch.Tensor) -> bool:
@@ -272,19 +319,31 @@ class CPUBackend:
         no autograd history), outside a compiled graph."""
         return self.layer_kernels and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        """oneDNN-blocked copies of the float32 CPU weights that ``linear`` sends to oneDNN."""
+        self._packed = {}
+        for w in weights if self.pack_weights else ():
+            if w.dtype == torch.float32 and w.is_cpu and w.dim() == 2 and w.numel() >= self.ONEDNN_MIN_WEIGHT:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.PACK_ROWS)
+                self._packed[id(w)] = (w, packed)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """oneDNN's inner product on the plain weight (no packed copy) for float32 inference on
-        ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows of a weight of ``ONEDNN_MIN_WEIGHT`` elements or
-        more, eager; ``F.linear`` otherwise."""
+        """oneDNN's inner product for float32 inference on ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS``
+        rows of a weight of ``ONEDNN_MIN_WEIGHT`` elements or more, eager (on the packed copy from
+        ``PACKED_MIN_ROWS`` rows); ``F.linear`` otherwise."""
+        rows = x.shape[0]
         if (
             self.onednn_linear
-            and self.ONEDNN_MIN_ROWS <= x.shape[0] <= self.ONEDNN_MAX_ROWS
+            and self.ONEDNN_MIN_ROWS <= rows <= self.ONEDNN_MAX_ROWS
             and weight.numel() >= self.ONEDNN_MIN_WEIGHT
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         ):
+            packed = self._packed.get(id(weight)) if rows >= self.PACKED_MIN_ROWS else None
+            if packed is not None:
+                weight = packed[1]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
@@ -298,9 +357,12 @@ class CPUBackend:
         attn.plan = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
         if lora is not None and lora.token_slots is None:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
-            if self._tiles is None or self._tiles[0] != key:  # decode steps over the same sequences keep theirs
-                self._tiles = (key, self._lora_tiles(lora))
-            lora.plan = self._tiles[1]
+            if self._lora_plan is None or self._lora_plan[0] != key:
+                used = lora.seg_slots_host[lora.seg_slots_host >= 0]
+                span = int(used.max()) - int(used.min()) + 1
+                plan = self._lora_slots(lora) if span <= self.LORA_RANGE_MAX_SLOTS else self._lora_tiles(lora)
+                self._lora_plan = (key, plan)
+            lora.plan = self._lora_plan[1]
 
     def _kernel_groups(self, attn: AttentionMeta) -> list[_Group]:
         """The decodes and each small prefill kind through the kernel (one group per run of
@@ -474,6 +536,42 @@ class CPUBackend:
             tokens=int((b - a).sum()),
         )
 
+    @staticmethod
+    def _lora_slots(lora: LoRAMeta) -> LoRASlots:
+        starts, slots = lora.seg_starts_host, lora.seg_slots_host
+        used = slots[slots >= 0]
+        lo, hi = int(used.min()), int(used.max()) + 1
+        token_slots = np.repeat(slots, np.diff(starts))
+        mask = (token_slots[:, None] == np.arange(lo, hi)[None, :]).astype(np.float32)
+        tokens = int(np.diff(starts)[slots >= 0].sum())
+        return LoRASlots(lo, hi, torch.from_numpy(mask).to(lora.seg_starts.device), tokens)
+
+    def _slice_major_weights(self, mod, r: int) -> SliceMajorLoRA:
+        """``mod``'s ``SliceMajorLoRA`` at rank ``r``, remade when its buffers change (adapter loads)."""
+        w = self._slice_major.get(id(mod))
+        if w is None or w.source is not mod.lora_a or w.r != r or w.version != mod.lora_version:
+            S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
+            a = mod.lora_a.view(S, n, R, -1)[:, :, :r].transpose(0, 1).contiguous()
+            bt = mod.lora_b[:, :, :r].transpose(1, 2).contiguous()
+            w = self._slice_major[id(mod)] = SliceMajorLoRA(mod.lora_a, r, mod.lora_version, a, bt)
+        return w
+
+    def _apply_lora_slots(self, x: torch.Tensor, y: torch.Tensor, mod, plan: LoRASlots, r: int) -> None:
+        """``y[:, slice j] += (mask * scaling[lo:hi] * x @ A_j[lo:hi].T) @ B_j[lo:hi].T``, each
+        ``A_j[lo:hi]`` stacked ``[G * r, in]`` and ``B_j[lo:hi].T`` stacked ``[G * r, out_j]``: per
+        slice one GEMM that shrinks for every slot of the range and one that accumulates into ``y`` in
+        place (MKL's ``beta = 1``), never a ``[T, out]`` temporary. A token's terms of the other slots
+        are multiplied by 0, so they add nothing."""
+        w = self._slice_major_weights(mod, r)
+        lo, hi, n = plan.lo, plan.hi, mod.n_slices
+        T, G = x.shape[0], hi - lo
+        bt = w.bt[lo:hi].view(G * r, -1)
+        gain = (plan.mask * mod.scaling[lo:hi]).to(x.dtype)[:, :, None]  # [T, G, 1]
+        for j in range(n):
+            cols = slice(mod.offsets[j], mod.offsets[j + 1])
+            u = F.linear(x, w.a[j, lo:hi].view(G * r, -1)).view(T, G, r).mul_(gain)
+            y[:, cols].addmm_(u.view(T, G * r), bt[:, cols])
+
     def _kernel_weights(self, mod) -> LoRAWeightsCPU:
         """``mod``'s LoRA buffers as the kernel reads them, converted once per buffer tensor."""
         weights = self._lora_weights.get(id(mod))
@@ -485,20 +583,24 @@ class CPUBackend:
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor, mod, lora: LoRAMeta) -> None:
         """``y[t] += scaling[s] * x[t] @ A[s].T @ B[s].T`` with ``s`` the slot of token ``t``: one
-        kernel call over the segments, or one gather + ``bmm`` over tiles:
-        ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
+        kernel call over the segments, the slot-range GEMMs (``_apply_lora_slots``), or one gather +
+        ``bmm`` over tiles: ``y[tile_index] += w * x[tile_index] @ A[slot].T @ B[slot].T``."""
         if lora.token_slots is not None:  # static step: one tile per token, base rows with gain 0
             slots = lora.token_slots.clamp(min=0).long()
             weight = (lora.token_slots >= 0).to(torch.float32)[:, None, None]
             y += self._lora_delta(x[:, None], slots, weight, mod.max_rank, mod).view(y.shape)
             return
-        tiles: LoRATiles = lora.plan
+        plan: LoRATiles | LoRASlots = lora.plan
         n = mod.n_slices
-        work = tiles.tokens * n * lora.max_rank * (x.shape[1] + y.shape[1] // n)
+        work = plan.tokens * n * lora.max_rank * (x.shape[1] + y.shape[1] // n)
         if work <= self.LORA_KERNEL_MAX_WORK and self._layer_kernel(x):
             threads = torch.get_num_threads()
             lora_apply_cpu(x, y, self._kernel_weights(mod), lora.seg_starts_host, lora.seg_slots_host, threads)
             return
+        if isinstance(plan, LoRASlots):
+            self._apply_lora_slots(x, y, mod, plan, min(lora.max_rank, mod.max_rank))
+            return
+        tiles = plan
         n_tiles, width = tiles.shape
         xt = x.index_select(0, tiles.index).view(n_tiles, width, -1)
         delta = self._lora_delta(xt, tiles.slots, tiles.weight, lora.max_rank, mod)

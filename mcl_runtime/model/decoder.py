@@ -71,7 +71,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, ctx).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, ctx)
+        return self.down_proj(F.silu(gate).mul_(up), ctx)  # in place: no second [T, intermediate] tensor
 
 
 class DecoderLayer(nn.Module):
@@ -124,6 +124,11 @@ class DecoderLM(nn.Module):
         """The fused modules of a layer by ``arch.FUSED`` name."""
         layer = self.layers[layer_idx]
         return {fused: getattr(getattr(layer, parts[0].parent), fused) for fused, parts in FUSED.items()}
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The weights the forward passes to ``backend.linear``: every projection's and the LM head's."""
+        projections = [m.weight for i in range(len(self.layers)) for m in self.lora_modules(i).values()]
+        return projections + [self.lm_head_weight]
 
     def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
         """Checkpoint tensor name -> the parameter it fills (and the rows of a fused one)."""

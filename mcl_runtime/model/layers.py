@@ -67,6 +67,9 @@ class LinearWithLoRA(nn.Module):
         lora_b  [S, sum(out_sizes), R]  slice j writes columns offsets[j] : offsets[j+1]
         scaling [S]                     lora_alpha / r (or / sqrt(r) with rsLoRA)
         ranks   [S, n_slices]           0 where the adapter does not target the slice
+
+    ``set_slot`` is their one writer; it counts its writes in ``lora_version``, which a backend's
+    copies of these buffers in another layout are checked against.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class LinearWithLoRA(nn.Module):
         self.register_buffer("lora_b", torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.zeros(num_slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(num_slots, n, dtype=torch.int32, device=device))
+        self.lora_version = 0
 
     @property
     def n_slices(self) -> int:
@@ -106,6 +110,7 @@ class LinearWithLoRA(nn.Module):
     def set_slot(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None], scaling: float) -> None:
         """Write one adapter's ``(A [r, in], B [out_j, r])`` per slice (None: not targeted)."""
         R = self.max_rank
+        self.lora_version += 1
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.ranks[slot].zero_()

@@ -73,6 +73,10 @@ class PaddedGroup:
 class ReferenceBackend:
     name = "reference"
     linear = staticmethod(F.linear)
+
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        pass  # linear() uses the weights as they are
+
     store_kv = staticmethod(store_kv_torch)
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)

@@ -27,6 +27,9 @@ class TritonBackend:
     name = "triton"
     linear = staticmethod(F.linear)  # cuBLAS
 
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        pass  # linear() uses the weights as they are
+
     def __init__(self) -> None:
         if kernels.HAS_TRITON:
             from mcl_runtime.kernels import ops  # noqa: F401  (registers torch.ops.mcl)
