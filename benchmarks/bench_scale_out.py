@@ -136,11 +136,12 @@ def main() -> None:
     from ray import serve
 
     from mcl_runtime.demo import demo_model_dir
+    from mcl_runtime.serve.ray_app import init_ray
 
     args = parse_args()
     demo_model_dir()
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=max(2, cores), include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(num_cpus=max(2, cores), include_dashboard=False, logging_level=logging.WARNING)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -363,6 +364,15 @@ def _absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
+def init_ray(**options: Any) -> None:
+    """``ray.init(**options)``, with Serve's HTTP proxy given 60 s to get ready (unless the environment
+    sets ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``): Serve kills a proxy not ready within 5 s three
+    times, and on a busy machine of few cores importing FastAPI and uvicorn can take that long. The
+    processes of a local cluster inherit the setting."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(**options)
+
+
 def _logging_config(args: argparse.Namespace) -> LoggingConfig:
     level = args.log_level.upper() if args.access_log or args.log_level == "debug" else "WARNING"
     return LoggingConfig(log_level=level, enable_access_log=args.access_log)
@@ -422,7 +432,7 @@ def main(args: argparse.Namespace) -> int:
         from mcl_runtime.demo import demo_model_dir
 
         demo_model_dir()  # built once here rather than by every replica at the same time
-    ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         if local:
             _check_resources(args)
