@@ -1,8 +1,9 @@
 """``train sft`` (TRL's SFTTrainer + peft) on the demo model: a tiny memorisation set is learnt (the loss
 drops clearly), the saved adapter loads in peft and in our Engine with the same greedy tokens, the engine
 gives the memorised answers with the adapter and not without it, and the server serves it as it is. The
-loss mask TRL trains on equals the hand-written loop's; resume, packing, eval splits, two processes under
-``accelerate launch`` and bad input are covered too."""
+loss mask TRL trains on equals the hand-written loop's, and our trainer's LM head (labelled positions only)
+gives TRL's loss, gradients and metrics; resume, packing, eval splits, two processes under ``accelerate
+launch`` and bad input are covered too."""
 
 from __future__ import annotations
 
@@ -179,6 +180,96 @@ def test_trl_trains_on_the_mask_of_the_hand_written_loop(base, tmp_path, tokeniz
         assert batch["labels"][i].tolist() == labels + [-100] * (batch["labels"].shape[1] - len(labels))
     if tokenizer_style == "bos":
         assert rows[0]["input_ids"][:2] == [509, tokenizer.token_to_id("<|im_start|>")]  # one BOS, the template's
+
+
+# ---------------------------------------------------------------- the LM head and the batches
+
+
+def _step(trainer, batch: dict, num_items_in_batch) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
+    """compute_loss and backward on ``batch``: the loss, the LoRA gradients and the metrics logged."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items_in_batch)
+    if trainer.model.training:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    mode = "train" if trainer.model.training else "eval"
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics[mode].items()}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_answer_head_gives_trls_loss_gradients_and_metrics(base, tmp_path, monkeypatch, packing) -> None:
+    """On the CPU our trainer's LM head projects the labelled positions only; TRL's own trainer, with the
+    same LoRA weights on the same batch (padded, or packed padding-free), gives the same loss (with and
+    without ``num_items_in_batch``), LoRA gradients, logged entropy and token accuracy, and FLOPs estimate."""
+    import trl
+
+    import mcl_runtime.train.trainer as ours
+
+    ours_class = ours.SFTTrainer
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in MASK_EXAMPLES + [_messages(*SECRETS[1])]))
+    config = SFTConfig(dropout=0.0, batch_size=8, packing=packing, progress=False)
+    trainer = sft_trainer(base, [data], tmp_path / "ours", config).trainer
+    monkeypatch.setattr(ours, "SFTTrainer", trl.SFTTrainer)
+    reference = sft_trainer(base, [data], tmp_path / "trl", config).trainer
+    assert type(trainer) is ours_class and type(reference) is trl.SFTTrainer
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA B is zero at first: give every LoRA weight a gradient
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    reference.model.load_state_dict(trainer.model.state_dict())
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():  # every other label the model's top-1 token, so that token accuracy is not 0
+        top1 = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
+    labels = batch["labels"]
+    flip = (labels[:, 1:] != -100) & (torch.arange(labels.shape[1] - 1) % 2 == 0)
+    labels[:, 1:][flip] = top1[:, :-1][flip]
+    answers = int((labels[:, 1:] != -100).sum())
+    assert trainer.floating_point_ops(batch) == trl.SFTTrainer.floating_point_ops(trainer, batch) > 0
+    for mode, num_items in (("train", torch.tensor(2 * answers)), ("train", None), ("eval", None)):
+        got, want = [], []
+        for t, out in ((trainer, got), (reference, want)):
+            t.model.train(mode == "train")
+            out.extend(_step(t, batch, num_items))
+        assert got[0] == pytest.approx(want[0], rel=1e-6), mode
+        if mode == "train":
+            assert got[1].keys() == want[1].keys() and len(got[1]) == 2 * 7 * 3  # A and B of 7 projections x 3
+            scale = max(g.abs().max().item() for g in want[1].values())
+            assert all(torch.allclose(got[1][k], want[1][k], rtol=0, atol=1e-5 * scale) for k in got[1])
+        assert got[2]["entropy"] == pytest.approx(want[2]["entropy"], rel=1e-5)
+        assert got[2]["mean_token_accuracy"] == want[2]["mean_token_accuracy"] > 0.4
+        assert got[2]["num_tokens"] == want[2]["num_tokens"]
+
+
+def test_length_buckets_group_the_steps_of_any_split_by_length() -> None:
+    """Each epoch every example once, in steps sorted by length within groups of 64 steps (with fewer
+    examples, the padding of a full sort), the steps shuffled and the short last step last; seeded,
+    reshuffled each epoch. (The trainer's step is the batch of every process and accumulation step, so
+    the steps do not depend on the split: the two-process test below checks it.)"""
+    from mcl_runtime.train.trainer import LengthBuckets
+
+    lengths = [(i * 37) % 101 + 1 for i in range(83)]
+    sampler = LengthBuckets(lengths, step_size=8, seed=0)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(83)) and len(sampler) == 83
+        steps = [order[i : i + 8] for i in range(0, 83, 8)]
+        assert len(steps[-1]) == 3
+        spans = [max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps]
+        assert sum(spans) < 101  # disjoint ranges of lengths: a full sort cut into steps
+        epochs.append(order)
+    assert epochs[0] != epochs[1]
+    sampler.set_epoch(0)
+    assert list(sampler) == epochs[0] == list(LengthBuckets(lengths, 8, seed=0))
+    assert list(LengthBuckets(lengths, 8, seed=1)) != epochs[0]
+    many = [(i * 7919) % 1000 for i in range(2000)]  # groups of 64 steps: each sorted on its own
+    order = list(LengthBuckets(many, 8, seed=0))
+    assert sorted(order) == list(range(2000))
+    steps = [order[i : i + 8] for i in range(0, 2000, 8)]
+    assert all(max(many[i] for i in s) - min(many[i] for i in s) < 40 for s in steps)
 
 
 # ---------------------------------------------------------------- data and config errors

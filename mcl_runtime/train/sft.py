@@ -6,9 +6,11 @@ on a Hugging Face base folder, on one device or several (launched with ``acceler
   pipeline send), prompt and completion each on its own as at inference; TRL gets them pre-tokenized
   with a ``completion_mask``, so its ``completion_only_loss`` takes the loss on the last assistant
   message and its end-of-turn token only. Examples longer than ``max_length`` tokens are skipped
-  (counted in the log), never truncated. Batches are grouped by length (transformers' ``group_by_length``
-  sampler), or packed padding-free with ``packing``. An eval split is ``eval_fraction`` of the data or
-  a file of its own.
+  (counted in the log), never truncated. Batches are grouped by length (``trainer.LengthBuckets``), or
+  packed padding-free with ``packing``. An eval split is ``eval_fraction`` of the data or a file of
+  its own.
+- The trainer is ``trainer.SFTTrainer``: TRL's, with its LM head run on the answer tokens only where
+  TRL's has no Triton kernel (the CPU), the same loss, gradients and metrics.
 - The loss of an optimizer step is the mean over all answer tokens of its ``grad_accum``
   micro-batches on every process (transformers' ``average_tokens_across_devices``), so N processes
   with batch B give the steps of one process with batch N*B.
@@ -213,7 +215,7 @@ def last_checkpoint(out: Path) -> Path:
 class Prepared:
     """A TRL trainer ready to train, and the data it was given."""
 
-    trainer: Any  # trl.SFTTrainer
+    trainer: Any  # trainer.SFTTrainer
     train: Split
     evaluation: Split | None
 
@@ -230,7 +232,8 @@ def sft_trainer(
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback
-    from trl import SFTTrainer
+
+    from mcl_runtime.train.trainer import SFTTrainer
 
     config = config or SFTConfig()
     base = resolve_path(base)
