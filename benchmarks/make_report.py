@@ -520,6 +520,12 @@ RUN_HISTORY = """## Run history
   time goes, ours and vLLM's, base model:
   [profile_cpu_qwen2.5-0.5b-instruct_base.json](results/profile_cpu_qwen2.5-0.5b-instruct_base.json)
   (vLLM's decode GEMMs run on prepacked oneDNN weights: 1.87 s against our 2.88 s over 15 steps).
+  Rerun the same day (commit 8e65ab6) after the cpu backend packed its weights for oneDNN and took
+  LoRA over the step's slot range: mixed 34.3 vs 8.5 tok/s (4.03x; rounds 4.14x, 3.93x), one
+  adapter 3.57x, base model 37.1 vs 36.9 tok/s (1.01x; rounds 1.03x, 0.98x: on par within the
+  rounds' spread); 64 of 64 requests the same tokens in each scenario; LoRA costs us 7.5% of the base
+  model's speed (vLLM 77%); peak RSS 6.5 vs 11.0 GiB (the packed copies of the weights take 2 GiB).
+  Both engines ran slower than in the morning's run (vLLM base 36.9 against 43.4 tok/s).
   bf16, a small check (8 requests of 32 new tokens, one round; this CPU has no native bf16 GEMM),
   [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
   mixed 4.36 vs 3.04 tok/s (1.43x), base 4.80 vs 4.82 (1.00x), peak RSS 2.7 vs 7.8 GiB; the engines
@@ -547,7 +553,11 @@ RUN_HISTORY = """## Run history
 - **Training on TRL vs the hand-written loop** (2026-12-06, AMD EPYC, 2 threads, nothing else
   running), [train_cpu.json](results/train_cpu.json): 0.79x tokens/s (8101 vs 10207). TRL's SFT
   loss computes log-probabilities, entropy and top-1 accuracy at every position through its fused
-  LM head, which the old loop did not; on the demo model that per-step work is what shows.
+  LM head, which the old loop did not; on the demo model that per-step work is what shows. Rerun
+  after `train/trainer.py`'s SFTTrainer (LM head on the labelled positions only, length buckets like
+  the old loop's, the FLOPs estimate's parameter count once; commit 8e65ab6): 0.92x in the training
+  loop, 0.89x end to end (7439 vs 8067 tokens/s, median of 3 rounds). What remains is transformers'
+  Trainer: a `gc.collect()` when `train()` starts and about 12 ms more bookkeeping per step.
 - **Scale-out on Ray Serve** (2026-12-06, AMD EPYC, 2 cores, nothing else running),
   [scale_out_cpu.json](results/scale_out_cpu.json): 2 replicas vs 1, 1.04x problems/h (the replicas
   share the 2 cores with the client and its sandbox, so no gain is possible here); prefix-cache
