@@ -537,7 +537,14 @@ RUN_HISTORY = """## Run history
   (`LORA_KERNEL_MAX_WORK`); oneDNN's inner product beats MKL's sgemm by 1.1-1.2x at the 0.5B qkv
   projection and 1.2-2.2x at the 7B one for up to 128 rows (`ONEDNN_*`); the attention kernel is
   on par with the padded path for 0.5B and 7B decodes (0.92-1.07x) and ahead for the demo model
-  (2.3-2.8x).
+  (2.3-2.8x). Rerun later the same day (commit 8e65ab6, nothing else running) with the two
+  new measures: oneDNN on weights packed at start vs the plain weight, 1.16-1.75x at 2-32 rows of
+  the 0.5B qkv projection, 1.01-1.07x at 64-1024 (`PACKED_MIN_ROWS`); LoRA over the slot range vs
+  the gather + bmm tiles on the qkv projection (`LORA_RANGE_MAX_SLOTS`): decodes of 2-4 adapters
+  3.0-7.0x faster (0.5B and 7B), prefills of 4 adapters (300 tokens each) 0.92x (0.5B) and 0.65x
+  (7B), of 1-2 adapters 1.1-2.3x; the in-code 4 rests on the engine run above (LoRA's cost 28% ->
+  7.5%). Other thresholds moved with this run's noise (e.g. `ONEDNN_MAX_ROWS` measured 256 at 0.5B
+  and 7B, `LORA_TILE` 64-512) and were left as they are.
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just

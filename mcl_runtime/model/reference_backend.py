@@ -73,13 +73,12 @@ class PaddedGroup:
 class ReferenceBackend:
     name = "reference"
     linear = staticmethod(F.linear)
-
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        pass  # linear() uses the weights as they are
-
     store_kv = staticmethod(store_kv_torch)
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)
+
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        pass  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         bounds = attn.group_bounds

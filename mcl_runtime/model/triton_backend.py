@@ -27,9 +27,6 @@ class TritonBackend:
     name = "triton"
     linear = staticmethod(F.linear)  # cuBLAS
 
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        pass  # linear() uses the weights as they are
-
     def __init__(self) -> None:
         if kernels.HAS_TRITON:
             from mcl_runtime.kernels import ops  # noqa: F401  (registers torch.ops.mcl)
@@ -49,6 +46,9 @@ class TritonBackend:
                 max(numel, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.float32, device=device
             )
         return buf[:numel].view(shape)
+
+    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
+        pass  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """The plan of a step of decodes and prefills: the prefills' query offsets from 0."""
