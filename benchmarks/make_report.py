@@ -525,7 +525,12 @@ RUN_HISTORY = """## Run history
   adapter 3.57x, base model 37.1 vs 36.9 tok/s (1.01x; rounds 1.03x, 0.98x: on par within the
   rounds' spread); 64 of 64 requests the same tokens in each scenario; LoRA costs us 7.5% of the base
   model's speed (vLLM 77%); peak RSS 6.5 vs 11.0 GiB (the packed copies of the weights take 2 GiB).
-  Both engines ran slower than in the morning's run (vLLM base 36.9 against 43.4 tok/s).
+  Both engines ran slower than in the morning's run (vLLM base 36.9 against 43.4 tok/s). Qwen2.5-1.5B's
+  shapes, a small check (8 requests of 16 new tokens, one round, 2 GiB KV each; commit 9fcf0d9),
+  [vs_vllm_qwen2.5-1.5b-instruct_cpu.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu.json): mixed
+  4.6 vs 1.9 tok/s (2.47x), base 5.1 vs 5.4 tok/s (0.94x), the same tokens on 8 of 8; peak RSS
+  15.7 vs 13.0 GiB: above vLLM's, from the packed copies of the weights (6 GiB) and LoRA buffers
+  sized for 8 adapters of rank 64.
   bf16, a small check (8 requests of 32 new tokens, one round; this CPU has no native bf16 GEMM),
   [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
   mixed 4.36 vs 3.04 tok/s (1.43x), base 4.80 vs 4.82 (1.00x), peak RSS 2.7 vs 7.8 GiB; the engines
