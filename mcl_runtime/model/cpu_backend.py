@@ -21,8 +21,8 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``:
   when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
   goes through every slot of that range, masked to its own (two GEMMs per slice, the second
-  accumulating into ``y`` in place: a few percent more multiply-adds than needed, at the GEMMs'
-  speed, and no ``[T, out]`` temporary); otherwise the tokens of each adapter segment are cut into
+  accumulating into ``y`` in place: G times the LoRA's multiply-adds, at the GEMMs' speed, and no
+  ``[T, out]`` temporary); otherwise the tokens of each adapter segment are cut into
   tiles of at most ``LORA_TILE`` tokens, and one gather + ``bmm`` per projection covers every tile
   of every adapter (punica's "gather + bmm"). Static steps make each token its own tile (base rows
   get gain 0), so nothing sized by a per-step host value enters the graph.
