@@ -39,6 +39,7 @@ from common import (
     resolve_device,
     run_workload,
     save_result,
+    weight_params,
     write_model_folder,
     write_peft_adapter,
 )
@@ -61,13 +62,11 @@ def parse_args() -> argparse.Namespace:
 
 def bytes_per_step(engine: Engine, cfg: dict, adapter_rank: int, context: float) -> dict:
     """What one batch-1 decode step has to read from memory."""
-    model = engine.model
     item = engine.kv_cache.element_size()
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.embed_tokens.weight
+    params = weight_params(cfg)
     if not cfg.get("tie_word_embeddings"):
-        params -= embed.numel() * embed.element_size()
-    weights = params + embed.shape[1] * embed.element_size()
+        params -= cfg["vocab_size"] * cfg["hidden_size"]  # the embedding: one row read per token
+    weights = (params + cfg["hidden_size"]) * engine.dtype.itemsize
     kv_per_token = 2 * cfg["num_hidden_layers"] * engine.kv_cache.shape[-2] * engine.kv_cache.shape[-1] * item
     lora = lora_bytes(cfg, adapter_rank, item) if adapter_rank else 0
     kv = kv_per_token * context

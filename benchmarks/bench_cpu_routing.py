@@ -25,9 +25,8 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   (with its bias) through oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first
   count from which oneDNN is faster, the last up to which it stays faster, and the weight's elements
   (0 where oneDNN is faster at no row count).
-* ``PACKED_MIN_ROWS``: the same projection through oneDNN on the weight packed by
-  ``prepare_weights`` vs on the plain weight; ``measured``: the first row count from which the
-  packed weight is faster at every count up to ``ONEDNN_MAX_ROWS``'s measured value.
+  Each point also times the weight packed by ``prepare_weights`` (the route of every eager call on
+  a packed weight): ``packed_speedup`` against the faster plain route at that row count.
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
   ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
@@ -252,8 +251,8 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     b = torch.randn(len(w), generator=gen)
     every_size = dict(ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=1 << 30, ONEDNN_MIN_WEIGHT=0)
     routes = {
-        "onednn": cpu(**every_size, PACKED_MIN_ROWS=1 << 30),
-        "packed": cpu(**every_size, PACKED_MIN_ROWS=1),
+        "onednn": cpu(**every_size, pack_weights=False),
+        "packed": cpu(**every_size),
         "mkl": cpu(onednn_linear=False),
     }
     routes["packed"].prepare_weights([w])
@@ -261,7 +260,7 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     for rows in sizes["linear_rows"]:
         x = torch.randn(rows, shape["hidden"], generator=gen)
         us = interleaved({name: (lambda r=r: r.linear(x, w, b)) for name, r in routes.items()}, args.reps, block=5)
-        speedup, packed = us["mkl"] / us["onednn"], us["onednn"] / us["packed"]
+        speedup, packed = us["mkl"] / us["onednn"], min(us["mkl"], us["onednn"]) / us["packed"]
         points.append(
             {
                 "rows": rows,
@@ -274,24 +273,18 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
         )
         print(
             f"  {rows} rows: oneDNN {us['onednn']:.0f} us, packed {us['packed']:.0f} us, F.linear {us['mkl']:.0f} us"
-            f" (oneDNN {speedup:.2f}x F.linear, packed {packed:.2f}x oneDNN)"
+            f" (oneDNN {speedup:.2f}x F.linear, packed {packed:.2f}x the faster)"
         )
     first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
     rule = "oneDNN faster from the first to the last of these row counts, for a weight this large (0: at none)"
     if first is None:
-        names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT", "PACKED_MIN_ROWS")
+        names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT")
         return {name: report(name, 0, False, points, rule)[name] for name in names}
     measured_max, found = crossover(points[first:], lambda p: p["speedup"] >= 1, "rows")
-    in_range = [p for p in points if p["rows"] <= measured_max]
-    packed_from = next(
-        (p["rows"] for i, p in enumerate(in_range) if all(q["packed_speedup"] >= 1 for q in in_range[i:])), 0
-    )
-    packed_rule = "the packed weight faster at every row count from this one up to ONEDNN_MAX_ROWS (0: not at its end)"
     return {
         **report("ONEDNN_MIN_ROWS", points[first]["rows"], True, points, rule),
         **report("ONEDNN_MAX_ROWS", measured_max, found, points, rule),
         **report("ONEDNN_MIN_WEIGHT", w.numel(), True, points, rule),
-        **report("PACKED_MIN_ROWS", packed_from, packed_from > 0, points, packed_rule),
     }
 
 

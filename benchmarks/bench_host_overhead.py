@@ -258,22 +258,22 @@ def consume(outs: list, consumer: str) -> None:
 
 
 def dense_ms(engine: Engine, n: int, reps: int = 30) -> float:
-    """Median ms of the model's dense projections and LM head on ``n`` rows, nothing else."""
-    import torch.nn.functional as F
-
-    weights = [
-        (m.weight, getattr(m, "bias", None)) for m in engine.model.modules() if type(m).__name__ == "LinearWithLoRA"
-    ]
-    weights.append((engine.model.lm_head_weight, None))
-    xs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in weights}
+    """Median ms of the model's dense projections and LM head on ``n`` rows through the engine's
+    backend, nothing else."""
+    model = engine.model
+    modules = [m for i in range(len(model.layers)) for m in model.lora_modules(i).values()]
+    weights = [(m.in_features, m.weight, m.bias) for m in modules]
+    weights.append((model.config.hidden_size, model.lm_head_weight, None))
+    xs = {k: torch.randn(n, k, dtype=engine.dtype, device=engine.device) for k, _, _ in weights}
     times = []
-    for _ in range(reps + 3):
-        synchronize(engine.device)
-        t0 = time.perf_counter()
-        for w, b in weights:
-            F.linear(xs[w.shape[1]], w, b)
-        synchronize(engine.device)
-        times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for _ in range(reps + 3):
+            synchronize(engine.device)
+            t0 = time.perf_counter()
+            for k, w, b in weights:
+                engine.backend.linear(xs[k], w, b)
+            synchronize(engine.device)
+            times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times[3:])
 
 

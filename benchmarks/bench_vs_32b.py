@@ -22,6 +22,7 @@ Writes benchmarks/results/vs_32b_<device>.json after every run (so a timeout kee
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -124,7 +125,7 @@ def measure(
         "batch": batch,
         "build_s": build_s,
         "backend": engine.backend.name,
-        **engine_memory(engine),
+        **engine_memory(engine, json.loads((model_dir / "config.json").read_text())),
         "kv_used_bytes": res.peak_kv_blocks * kv_block_bytes(engine),
         "peak_allocated_bytes": cuda_peak(device),
         **res.summary(),

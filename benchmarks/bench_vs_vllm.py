@@ -12,18 +12,19 @@ on a CPU, installed on first use); on a GPU the script runs ``vllm`` when this e
 says so when it does not.
 
 Scenarios: ``mixed`` (the four adapters round-robin), ``single`` (one adapter for all requests) and
-``base`` (no adapter; each engine started without LoRA, as a user serving the base model would). Each
-engine runs in its own process (``engine_worker.py``): load, one warm-up on other prompts, then the
-scenarios; ``mixed`` and ``single`` share a LoRA-enabled process, ``base`` gets one without LoRA. Rounds
-alternate which engine goes first and draw fresh prompts (no prefix-cache reuse across scenarios or
-rounds; both engines get the same prompts in a round). Only one engine process runs at a time.
+``base`` (no adapter; each engine started without LoRA, as a user serving the base model would:
+ours with ``max_loras=0``, vLLM without ``enable_lora``). Each engine runs in its own process
+(``engine_worker.py``): load, one warm-up on other prompts, then the scenarios; ``mixed`` and
+``single`` share a LoRA-enabled process, ``base`` gets one without LoRA. Rounds alternate which engine
+goes first and draw fresh prompts (no prefix-cache reuse across scenarios or rounds; both engines get
+the same prompts in a round). Only one engine process runs at a time.
 
 Both engines get the same KV budget (``--kv-cache-memory``: our ``kv_cache_memory``, vLLM's
 ``kv_cache_memory_bytes``) or, with ``default``, each its own default. The same threads: our
 ``torch.set_num_threads`` and vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` (its default, ``auto``, keeps one core
-of a small machine for its front end). vLLM gets ``max_loras`` = the number of adapters and
-``max_lora_rank`` = their rank (it cannot batch four adapters otherwise); every other setting is each
-engine's default.
+of a small machine for its front end). Both get ``max_loras`` = the number of adapters and
+``max_lora_rank`` = their rank, so the LoRA buffers are sized alike (vLLM cannot batch four adapters
+with its defaults); every other setting is each engine's default.
 
 Per scenario: output tokens/s, wall time, each round's ratio (ours / vLLM) and the median; peak memory of
 each engine's process tree (RSS summed over its processes, sampled every 0.5 s); the share of the machine's matmul peak
@@ -290,7 +291,9 @@ def run_case(args: argparse.Namespace, cfg: dict, dtype: str, vllm_py: str | Non
                 "dtype": dtype,
                 "threads": args.threads,
                 "kv_cache_memory": kv,
-                "ours_options": {},
+                "ours_options": {"max_loras": len(adapters), "max_lora_rank": args.rank}
+                if group == "lora"
+                else {"max_loras": 0},
                 "vllm_options": {},
                 "warmup": warm,
                 "scenarios": wls,

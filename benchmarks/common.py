@@ -524,12 +524,13 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def engine_memory(engine: Engine) -> dict:
-    """Bytes of the base weights, the LoRA slot buffers and the allocated KV cache (from the tensors)."""
+def engine_memory(engine: Engine, cfg: dict) -> dict:
+    """Bytes of the base weights (from the shapes of ``cfg``, the model's config.json: the backend may
+    hold them in a layout of its own), the LoRA slot buffers and the allocated KV cache."""
     model = engine.model
     lora = [b for n, b in model.named_buffers() if ".lora_" in n]
     return {
-        "weights_bytes": tensor_bytes(model.parameters()),
+        "weights_bytes": weight_params(cfg) * engine.dtype.itemsize,
         "lora_slots_bytes": tensor_bytes(lora),
         "kv_allocated_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size(),
     }

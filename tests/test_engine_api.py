@@ -228,3 +228,16 @@ def test_sequence_longer_than_the_cache_ends_with_length():
     out = small.generate([[5] * 10], SamplingParams(max_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) >= 1
     assert small.stats()["kv_blocks_used"] == 0
+
+
+def test_engine_without_lora(engine):
+    """``max_loras=0`` allocates no LoRA buffers and serves the base model with the same tokens; an
+    adapter cannot be loaded into it."""
+    base = demo_engine(device="cpu", kv_cache_blocks=64, adapters={}, max_loras=0)
+    assert not any(b.numel() for n, b in base.model.named_buffers() if ".lora_" in n)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert base.generate([PROMPT], params)[0].token_ids == engine.generate([PROMPT], params)[0].token_ids
+    with pytest.raises(AdapterLoadError, match="max_loras=0"):
+        base.load_adapter("coding", str(demo_adapter_dirs()["coding"]))
+    with pytest.raises(ValueError, match="max_loras"):
+        demo_engine(device="cpu", kv_cache_blocks=64, adapters={}, max_loras=-1)

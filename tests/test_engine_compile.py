@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from mcl_runtime import Engine, SamplingParams
 from mcl_runtime.engine.model_runner import batch_buckets
+from mcl_runtime.model.cpu_backend import CPUBackend
 
 MAX_NEW = 10
 LENGTHS = [5, 17, 9, 3, 12]  # 5 sequences: decode steps pad to the bucket of 8
@@ -75,6 +76,20 @@ def test_compiled_decode_matches_hf(family, aot_eager, knobs):
     assert graphs >= 1
     assert _generate(engine, prompts, NAMES[name]) == [list(r) for r in ref]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on the second run
+
+
+def test_compiled_decode_keeps_the_plain_weights(qwen_family, aot_eager):
+    """With every weight packed for oneDNN, eager prefills read the packed copies and the compiled
+    decode graphs the plain weights, which the engine therefore keeps: the tokens of transformers +
+    peft."""
+    base, adapters = qwen_family
+    prompts = _prompts()
+    ref = hf_generate(base, adapters, prompts, NAMES["qwen2"], MAX_NEW)
+    backend = CPUBackend()
+    backend.ONEDNN_MIN_WEIGHT = 0
+    engine = _engine(base, adapters, compile=True, max_num_seqs=8, backend=backend, **aot_eager)
+    assert _generate(engine, prompts, NAMES["qwen2"]) == [list(r) for r in ref]
+    assert all(w.numel() for w in engine.model.linear_weights())
 
 
 def test_bucket_padding_never_changes_a_token(qwen_family, aot_eager):

@@ -160,14 +160,19 @@ def test_cpu_torch_layer_ops_keep_the_tokens(family, lora_path):
 
 def test_cpu_lora_kernel_and_onednn_linear_keep_the_tokens(family):
     """Every LoRA product through the C++ kernel and every linear layer (projections, LM head)
-    through oneDNN's inner product on the weights it packed at start, whatever the sizes: the
-    golden tokens."""
+    through oneDNN's inner product on the weights it packed at start, whatever the sizes, with the
+    plain weights freed: the golden tokens."""
     name, base, adapters, ref = family
     backend = RecordingCPUBackend()
-    backend.LORA_KERNEL_MAX_WORK = backend.ONEDNN_MAX_ROWS = float("inf")
+    backend.LORA_KERNEL_MAX_WORK = float("inf")
     backend.ONEDNN_MIN_WEIGHT = 0
-    assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
+    tokens, engine = _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)
+    assert tokens == ref
     assert bool(backend._packed) == HAS_ONEDNN_LINEAR  # every projection and the LM head packed
+    *projections, lm_head = engine.model.linear_weights()
+    assert all(w.numel() == 0 for w in projections) == HAS_ONEDNN_LINEAR
+    tied = engine.model.config.tie_word_embeddings
+    assert lm_head.numel() == (0 if HAS_ONEDNN_LINEAR and not tied else engine.model.embed_tokens.weight.numel())
 
 
 def test_golden_reference_backend(family):

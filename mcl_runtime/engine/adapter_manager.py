@@ -62,6 +62,8 @@ class AdapterManager:
         (new requests get it, running ones finish on the old weights). A failed load changes nothing."""
         if not isinstance(name, str) or not name:
             raise AdapterLoadError("an adapter needs a non-empty name")
+        if self.num_slots == 0:
+            raise AdapterLoadError(f"cannot load adapter {name!r}: this engine was started with max_loras=0 (no LoRA)")
         if name in self._uids and not replace:
             raise AdapterLoadError(
                 f"an adapter named {name!r} is already loaded; unload it first or load it in place (replace)"

@@ -85,8 +85,9 @@ class Engine:
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if not isinstance(max_loras, int) or max_loras < 0:
+            raise ValueError(f"max_loras must be a non-negative integer (0: no adapters), got {max_loras!r}")
         for knob, value in (
-            ("max_loras", max_loras),
             ("max_lora_rank", max_lora_rank),
             ("block_size", block_size),
             ("max_num_seqs", max_num_seqs),
@@ -101,7 +102,11 @@ class Engine:
         cfg = self.model.config
         self.block_size = block_size
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
-        self.backend.prepare_weights(self.model.linear_weights())  # before sizing the KV cache
+        # Before sizing the KV cache. Compiled graphs read the plain weights; eager steps need only
+        # the backend's copies, so the plain tensors it copied are freed, one weight at a time (the
+        # two copies of every weight never coexist).
+        for weight in self.model.linear_weights():
+            self.model.release_weights(self.backend.prepare_weights([weight], keep_plain=compile))
         self.kv_plan = self._kv_cache_plan(max_num_seqs, kv_cache_blocks, kv_cache_memory, kv_cache_memory_fraction)
         num_blocks = self.kv_plan.num_blocks
         # One block more than the block manager hands out: the scratch block of padded decode rows.

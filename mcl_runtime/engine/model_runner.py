@@ -217,7 +217,7 @@ class ModelRunner:
             static=static,
         )
         lora = None
-        if static or (slots >= 0).any():
+        if (static and len(self.slot_ranks)) or (slots >= 0).any():
             lora = LoRAMeta(
                 buf.view("seg_starts", nseg + 1),
                 buf.view("seg_slots", nseg),

@@ -64,10 +64,12 @@ class Backend(Protocol):
 
     name: str
 
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        """Once, after the weights are loaded and before the KV cache is sized (so the memory it
-        takes is counted): the backend may keep copies of the ``linear`` weights ``weights`` in a
-        layout of its own. Base weights do not change afterwards."""
+    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+        """After the weights are loaded and before the KV cache is sized (so the memory it takes is
+        counted), once per ``linear`` weight or group of them: the backend may keep copies of
+        ``weights`` in a layout of its own. Base weights do not change afterwards. With
+        ``keep_plain=False`` it returns the weights whose plain tensors it no longer reads (their
+        owner may free them)."""
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /

@@ -26,12 +26,14 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   tiles of at most ``LORA_TILE`` tokens, and one gather + ``bmm`` per projection covers every tile
   of every adapter (punica's "gather + bmm"). Static steps make each token its own tile (base rows
   get gain 0), so nothing sized by a per-step host value enters the graph.
-* linear layers (base projections, LM head): float32 eager steps of ``ONEDNN_MIN_ROWS`` to
-  ``ONEDNN_MAX_ROWS`` rows on weights of at least ``ONEDNN_MIN_WEIGHT`` elements call oneDNN's inner
-  product; the others ``F.linear`` (MKL). From ``PACKED_MIN_ROWS`` rows it reads a copy of the
-  weight in oneDNN's blocked layout, made once by ``prepare_weights`` (vLLM's CPU path prepacks its
-  weights the same way); it costs as much memory again as those weights (``pack_weights=False``:
-  none, the plain weight throughout).
+* linear layers (base projections, LM head): ``prepare_weights`` copies every float32 weight of at
+  least ``ONEDNN_MIN_WEIGHT`` elements into oneDNN's blocked layout once, and eager inference calls
+  read that copy through oneDNN's inner product at every row count (cpu_routing.json, against the
+  faster of oneDNN and MKL on the plain weight: 1.0-1.6x from 2 to 512 rows, 0.75-0.9x on one
+  row, 0.89-1.04x at 1024). The engine then frees the plain weights (vLLM's CPU path prepacks and
+  drops its weights the same way), unless a compiled graph reads them. Without packed copies
+  (``pack_weights=False``), float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows
+  on weights that large call oneDNN on the plain weight; all others ``F.linear`` (MKL).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
   ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
   The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
@@ -284,14 +286,13 @@ class CPUBackend:
     # gains most, and at 4 adapters the whole engine's LoRA cost falls from 28% to 7.5% of the
     # base model's time (vs_vllm_qwen2.5-0.5b-instruct_cpu.json).
     LORA_RANGE_MAX_SLOTS = 4
-    # Float32 linear layers of ONEDNN_MIN_ROWS to ONEDNN_MAX_ROWS rows, with a weight of at least
-    # ONEDNN_MIN_WEIGHT elements, go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is up to
-    # twice as slow for a few rows; on small weights oneDNN's fixed cost per call loses).
+    # Float32 weights of at least ONEDNN_MIN_WEIGHT elements are packed for oneDNN (on small weights
+    # its fixed cost per call loses to MKL). Unpacked, linear layers of ONEDNN_MIN_ROWS to
+    # ONEDNN_MAX_ROWS rows on such weights go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is
+    # up to twice as slow for a few rows).
     ONEDNN_MIN_ROWS = 1  # cpu_routing.json: ONEDNN_MIN_ROWS
     ONEDNN_MAX_ROWS = 128  # cpu_routing.json: ONEDNN_MAX_ROWS
     ONEDNN_MIN_WEIGHT = 1 << 18  # cpu_routing.json: ONEDNN_MIN_WEIGHT
-    # From this many rows oneDNN reads the prepacked weight (on one row the plain one is faster).
-    PACKED_MIN_ROWS = 2  # cpu_routing.json: PACKED_MIN_ROWS
     # The row count oneDNN is told to pack the weights for (the decode batch sizes it serves).
     PACK_ROWS = 32
 
@@ -305,8 +306,8 @@ class CPUBackend:
         """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
         thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
         RoPE on their torch paths. Both are off where the extension is not built.
-        ``onednn_linear=False`` keeps every linear layer on ``F.linear``; ``pack_weights=False`` keeps
-        oneDNN on the plain weights (no packed copies)."""
+        ``onednn_linear=False`` keeps every linear layer on ``F.linear``; ``pack_weights=False`` makes
+        no packed copies (the plain weights throughout)."""
         self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
         self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
@@ -324,32 +325,35 @@ class CPUBackend:
         no autograd history), outside a compiled graph."""
         return self.layer_kernels and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        """oneDNN-blocked copies of the float32 CPU weights that ``linear`` sends to oneDNN."""
-        self._packed = {}
+    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+        """oneDNN-blocked copies of the float32 CPU weights of at least ``ONEDNN_MIN_WEIGHT`` elements,
+        which eager inference calls of ``linear`` read from now on. Returns the weights copied when
+        ``keep_plain`` is False (nothing reads their plain tensors any more), else none."""
+        copied = []
         for w in weights if self.pack_weights else ():
             if w.dtype == torch.float32 and w.is_cpu and w.dim() == 2 and w.numel() >= self.ONEDNN_MIN_WEIGHT:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.PACK_ROWS)
                 self._packed[id(w)] = (w, packed)
+                copied.append(w)
+        return [] if keep_plain else copied
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """oneDNN's inner product for float32 inference on ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS``
-        rows of a weight of ``ONEDNN_MIN_WEIGHT`` elements or more, eager (on the packed copy from
-        ``PACKED_MIN_ROWS`` rows); ``F.linear`` otherwise."""
-        rows = x.shape[0]
+        """Eager inference: oneDNN's inner product on the packed copy of ``weight`` when there is one;
+        else, for float32 rows ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` of a weight of
+        ``ONEDNN_MIN_WEIGHT`` elements or more, on the plain weight. ``F.linear`` otherwise (and
+        always under autograd or in a compiled graph)."""
         if (
             self.onednn_linear
-            and self.ONEDNN_MIN_ROWS <= rows <= self.ONEDNN_MAX_ROWS
-            and weight.numel() >= self.ONEDNN_MIN_WEIGHT
             and x.dtype == torch.float32
             and x.is_cpu
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         ):
-            packed = self._packed.get(id(weight)) if rows >= self.PACKED_MIN_ROWS else None
+            packed = self._packed.get(id(weight))
             if packed is not None:
-                weight = packed[1]
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise(x, packed[1], bias, "none", [], "")
+            if self.ONEDNN_MIN_ROWS <= x.shape[0] <= self.ONEDNN_MAX_ROWS and weight.numel() >= self.ONEDNN_MIN_WEIGHT:
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
     # ---- per step -----------------------------------------------------------------------------

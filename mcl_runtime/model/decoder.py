@@ -130,6 +130,14 @@ class DecoderLM(nn.Module):
         projections = [m.weight for i in range(len(self.layers)) for m in self.lora_modules(i).values()]
         return projections + [self.lm_head_weight]
 
+    def release_weights(self, weights: list[torch.Tensor]) -> None:
+        """Frees the storage of ``linear`` weights that the backend serves from copies of its own
+        (each becomes an empty tensor, so a stray read fails loudly). A tied LM head stays: the
+        embedding reads it."""
+        for w in weights:
+            if w is not self.embed_tokens.weight:
+                w.data = torch.empty(0, dtype=w.dtype, device=w.device)
+
     def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
         """Checkpoint tensor name -> the parameter it fills (and the rows of a fused one)."""
         table: dict[str, tuple[torch.Tensor, slice | None]] = {

@@ -77,8 +77,8 @@ class ReferenceBackend:
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)
 
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        pass  # linear() uses the weights as they are
+    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+        return []  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         bounds = attn.group_bounds

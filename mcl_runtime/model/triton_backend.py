@@ -47,8 +47,8 @@ class TritonBackend:
             )
         return buf[:numel].view(shape)
 
-    def prepare_weights(self, weights: list[torch.Tensor]) -> None:
-        pass  # linear() uses the weights as they are
+    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+        return []  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """The plan of a step of decodes and prefills: the prefills' query offsets from 0."""

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--backend", choices=sorted(BACKENDS), help="default: triton on cuda, cpu on cpu")
-    p.add_argument("--max-loras", type=int)
+    p.add_argument("--max-loras", type=int, help="adapter slots (0: no LoRA buffers, the base model only)")
     p.add_argument("--max-lora-rank", type=int)
     p.add_argument("--kv-cache-blocks", type=int)
     add_kv_cache_args(p)
