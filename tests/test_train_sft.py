@@ -7,9 +7,11 @@ launch`` and bad input are covered too."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
+import platform
 import queue
 import shutil
 import subprocess
@@ -29,6 +31,7 @@ from mcl_runtime.tokenizer import Tokenizer
 from mcl_runtime.train.__main__ import main
 from mcl_runtime.train.data import read_examples
 from mcl_runtime.train.sft import LOG_NAME, LORA_TARGETS, PLOT_NAME, SFTConfig, sft_trainer, train_adapter
+from mcl_runtime.train.trainer import keep_freed_heap
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "Answer with the secret."
@@ -459,6 +462,17 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_end(base, data, t
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), key
     one, two = _adapter(tmp_path / "whole"), _adapter(cut)
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+
+
+def test_train_unfreezes_the_objects_it_froze_and_sets_glibcs_heap(base, data, tmp_path) -> None:
+    """``SFTTrainer.train`` leaves the objects that exist before it out of garbage collection only while it
+    runs, and on glibc keeps the freed heap between steps (``keep_freed_heap``)."""
+    prepared = sft_trainer(base, [data], tmp_path / "out", SFTConfig(max_steps=2, batch_size=4, progress=False))
+    frozen = gc.get_freeze_count()
+    prepared.trainer.train()
+    assert gc.get_freeze_count() == frozen
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_heap()
 
 
 def test_packing_trains_on_the_same_tokens_as_padded_batches(base, data, tmp_path) -> None:

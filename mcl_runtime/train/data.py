@@ -22,6 +22,8 @@ from typing import Any
 
 from mcl_runtime.tokenizer import Tokenizer
 
+IGNORE_INDEX = -100  # the label of a token out of the loss
+
 ROLES = ("system", "user", "assistant")
 
 

@@ -4,11 +4,13 @@ on a Hugging Face base folder, on one device or several (launched with ``acceler
 - Data: ``data.py``'s JSONL, each example a prompt-completion pair rendered with the base folder's
   chat template and tokenized by ``mcl_runtime.tokenizer.Tokenizer`` (what the server and the
   pipeline send), prompt and completion each on its own as at inference; TRL gets them pre-tokenized
-  with a ``completion_mask``, so its ``completion_only_loss`` takes the loss on the last assistant
-  message and its end-of-turn token only. Examples longer than ``max_length`` tokens are skipped
-  (counted in the log), never truncated. Batches are grouped by length (``trainer.LengthBuckets``), or
-  packed padding-free with ``packing``. An eval split is ``eval_fraction`` of the data or a file of
-  its own.
+  with their ``labels`` (-100 on the prompt), so the loss is on the last assistant message and its
+  end-of-turn token only, and TRL's dataset preparation (labels from a mask, truncation, dropping
+  examples without labels: three passes over the data, each written to Arrow) is skipped, having
+  nothing to do; with ``packing`` it runs for the packing. Examples longer than ``max_length`` tokens
+  are skipped (counted in the log), never truncated. Batches are grouped by length
+  (``trainer.LengthBuckets``), or packed padding-free with ``packing``. An eval split is
+  ``eval_fraction`` of the data or a file of its own.
 - The trainer is ``trainer.SFTTrainer``: TRL's, with its LM head run on the answer tokens only where
   TRL's has no Triton kernel (the CPU), the same loss, gradients and metrics.
 - The loss of an optimizer step is the mean over all answer tokens of its ``grad_accum``
@@ -28,6 +30,7 @@ on a Hugging Face base folder, on one device or several (launched with ``acceler
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
 import random
@@ -45,7 +48,7 @@ from mcl_runtime.model.arch import PROJECTION_NAMES
 from mcl_runtime.model.config import load_config
 from mcl_runtime.model.loader import safetensors_files
 from mcl_runtime.tokenizer import Tokenizer
-from mcl_runtime.train.data import prompt_completion, read_examples
+from mcl_runtime.train.data import IGNORE_INDEX, prompt_completion, read_examples
 
 LORA_TARGETS = PROJECTION_NAMES
 LOG_NAME, PLOT_NAME = "train_log.json", "loss_curve.png"
@@ -108,8 +111,8 @@ class SFTConfig:
 
 @dataclass
 class Split:
-    """TRL's pre-tokenized prompt-completion rows (``input_ids``, ``completion_mask``) and how many
-    examples were left out for being longer than ``max_length``."""
+    """TRL's pre-tokenized rows (``input_ids``, ``labels``: -100 on the prompt) and how many examples were
+    left out for being longer than ``max_length``."""
 
     rows: list[dict[str, list[int]]]
     skipped_too_long: int
@@ -118,14 +121,14 @@ class Split:
 def prompt_completion_rows(tokenizer: Tokenizer, examples: list[dict], max_length: int) -> Split:
     """The examples that fit in ``max_length`` tokens as rows TRL trains on: the prompt and the
     completion tokenized on their own by the engine's tokenizer, exactly the tokens of inference (a
-    joint tokenization can merge tokens across the boundary)."""
+    joint tokenization can merge tokens across the boundary). The labels are those TRL builds from a
+    completion mask: the completion's tokens, -100 on the prompt; every row has some (an answer
+    renders to at least its end-of-turn token)."""
     rows = []
     for example in examples:
         prompt, completion = prompt_completion(tokenizer, example["messages"])
         if len(prompt) + len(completion) <= max_length:
-            rows.append(
-                {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
-            )
+            rows.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
     return Split(rows, len(examples) - len(rows))
 
 
@@ -185,6 +188,8 @@ def trl_arguments(config: SFTConfig, out: Path, has_eval: bool) -> Any:
         train_sampling_strategy="random" if config.packing else "group_by_length",
         completion_only_loss=True,
         max_length=config.max_length,
+        # the rows come with their labels and within max_length: only packing leaves TRL work to do
+        dataset_kwargs={"skip_prepare_dataset": not config.packing},
         packing=config.packing,
         packing_strategy="bfd",
         ddp_find_unused_parameters=False,
@@ -329,7 +334,7 @@ def train_adapter(
         "examples": len(train.rows),
         "eval_examples": len(evaluation.rows) if evaluation else 0,
         "skipped_too_long": train.skipped_too_long + (evaluation.skipped_too_long if evaluation else 0),
-        "answer_tokens": sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"]),
+        "answer_tokens": sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in train.rows),
         "total_steps": trainer.state.max_steps,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "seconds": time.monotonic() - start,
@@ -387,6 +392,8 @@ def train_agents(
         files = [Path(d) / f"{agent}.jsonl" for d in data_dirs]
         files = [f for f in files if f.is_file() and f.stat().st_size > 0]
         if files:
+            if logs:  # the previous adapter's trainer and model, held in reference cycles, before the next loads
+                gc.collect()
             logs[agent] = train_adapter(base, files, Path(out_root) / agent, config, resume=resume)
     if not logs:
         raise ValueError(f"no agent data (<agent>.jsonl for {', '.join(AGENTS)}) in {[str(d) for d in data_dirs]}")
