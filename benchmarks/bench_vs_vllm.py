@@ -364,11 +364,18 @@ def summarize(args: argparse.Namespace, cfg: dict, dtype: str, rounds: list[dict
             peaks = [rec["processes"].get(f"{e}_{group}", {}).get("peak_rss_bytes") for rec in rounds]
             if any(peaks):
                 memory[f"{e}_{group}"] = {"peak_rss_gib": max(filter(None, peaks)) / 2**30}
+    # Per round: mixed and base ran the same prompts (the same seed), so their speeds compare; the
+    # median over rounds, like the engines' ratio (a round's machine state affects both scenarios less
+    # than it affects medians taken across rounds apart).
     overhead = {}
     for e in ("ours", "vllm"):
-        mixed, base = scenarios.get("mixed", {}), scenarios.get("base", {})
-        if f"{e}_tok_s_median" in mixed and f"{e}_tok_s_median" in base:
-            overhead[e] = 1 - mixed[f"{e}_tok_s_median"] / base[f"{e}_tok_s_median"]
+        per_round = [
+            1 - m[e]["output_tok_s"] / b[e]["output_tok_s"]
+            for m, b in zip(scenarios.get("mixed", {}).get("rounds", []), scenarios.get("base", {}).get("rounds", []))
+            if e in m and e in b
+        ]
+        if per_round:
+            overhead[e] = {"median": statistics.median(per_round), "rounds": per_round}
     processes = [{k: v for k, v in rec["processes"].items()} for rec in rounds]
     return {
         "dtype": dtype,
@@ -391,6 +398,9 @@ def print_case(case: dict) -> None:
             a = out["agreement"]
             line += f"  identical {a['requests_identical']}/{a['requests']}"
         print(line)
+    for e, o in case["lora_overhead_mixed_vs_base"].items():
+        rounds = ", ".join(f"{100 * v:.0f}%" for v in o["rounds"])
+        print(f"  LoRA overhead {e} (mixed vs base, same prompts): median {100 * o['median']:.0f}% (rounds {rounds})")
     for k, m in case["memory"].items():
         print(f"  peak {k}: RSS {m['peak_rss_gib']:.2f} GiB (the process tree, sampled every 0.5 s)")
 

@@ -536,6 +536,22 @@ RUN_HISTORY = """## Run history
   mixed 4.36 vs 3.04 tok/s (1.43x), base 4.80 vs 4.82 (1.00x), peak RSS 2.7 vs 7.8 GiB; the engines
   agreed on 3 of 8 requests (mixed) and 0 of 8 (base): bf16 rounding in different GEMM orders flips
   near-ties of random weights. LoRA overhead in bf16: ours 9%, vLLM's 37%.
+  Rerun in the evening (commit 7fb537b) after the cpu backend read its packed weights at every row
+  count and the engine freed the plain ones, with both engines given the same LoRA capacity (four
+  slots of rank 16) and, for the base model, no LoRA (ours `max_loras=0`): 0.5B, same workload,
+  mixed 24.5 vs 10.7 tok/s (2.23x; rounds 1.63x, 2.84x: our first LoRA process ran at half the
+  speed of the second on the same work, 126 vs 63 s, unexplained), one adapter 2.46x, base model
+  40.4 vs 42.4 tok/s (0.95x; rounds 0.94x, 0.97x), 64 of 64 requests the same tokens in each scenario;
+  peak RSS 4.0 vs 11.0 GiB (LoRA), 3.4 vs 9.6 GiB (base). 1.5B, 16 requests of 32 new tokens, two
+  rounds, 2 GiB KV each: mixed 6.8 vs 2.5 tok/s (2.77x; rounds 2.40x, 3.15x), base 6.1 vs 5.5 tok/s
+  (1.11x; rounds 1.12x, 1.10x), 32 of 32 the same tokens; peak RSS 9.5 vs 13.9 GiB (LoRA), 9.2 vs
+  12.4 GiB (base). LoRA overhead per round (mixed vs base on the same prompts, from the rounds' wall
+  times): 0.5B ours 59% and 21% (vLLM 76% and 73%), 1.5B ours 12.5% in the first round (the second
+  round's base runs of both engines took 1.6x longer than the first's: not comparable). An A/B of
+  the engine before and after this change (16 requests of 64-256 prompt tokens and 32 new
+  tokens, 0.5B, four adapters, 2 threads, alternating, not committed): 21.8 and 21.5 vs 19.4 and 20.4 tok/s,
+  about 7% slower: on prefill-sized GEMMs (2048 rows) the packed weight runs at 0.84-0.94x MKL's
+  speed on the plain one, which the engine no longer keeps.
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
@@ -570,6 +586,12 @@ RUN_HISTORY = """## Run history
   the old loop's, the FLOPs estimate's parameter count once; commit 8e65ab6): 0.92x in the training
   loop, 0.89x end to end (7439 vs 8067 tokens/s, median of 3 rounds). What remains is transformers'
   Trainer: a `gc.collect()` when `train()` starts and about 12 ms more bookkeeping per step.
+  Rerun after SFTTrainer kept glibc's freed heap between steps on the CPU (`keep_freed_heap`: the
+  old loop, run in its own process, keeps glibc's defaults), froze pre-existing objects out of the
+  garbage collection at `train()` and skipped TRL's dataset preparation (commit 7fb537b): 1.15x in the
+  training loop, 1.14x end to end (11190 vs 9766 tokens/s, median of 3 rounds; rounds 1.15x, 1.09x,
+  1.00x). With one thread, in CPU time (not committed), TRL's loop was within 2% of the old one; the
+  rest is transformers' Trainer bookkeeping, ~7 ms a step.
 - **Scale-out on Ray Serve** (2026-12-06, AMD EPYC, 2 cores, nothing else running),
   [scale_out_cpu.json](results/scale_out_cpu.json): 2 replicas vs 1, 1.04x problems/h (the replicas
   share the 2 cores with the client and its sandbox, so no gain is possible here); prefix-cache
