@@ -565,7 +565,12 @@ RUN_HISTORY = """## Run history
   3.0-7.0x faster (0.5B and 7B), prefills of 4 adapters (300 tokens each) 0.92x (0.5B) and 0.65x
   (7B), of 1-2 adapters 1.1-2.3x; the in-code 4 rests on the engine run above (LoRA's cost 28% ->
   7.5%). Other thresholds moved with this run's noise (e.g. `ONEDNN_MAX_ROWS` measured 256 at 0.5B
-  and 7B, `LORA_TILE` 64-512) and were left as they are.
+  and 7B, `LORA_TILE` 64-512) and were left as they are. Rerun in the evening (commit 85fd4fb)
+  after packed weights came to serve every row count (`PACKED_MIN_ROWS` is gone; `packed_speedup` is
+  now against the faster plain route): packed 1.06-1.71x at 2-128 rows of the 0.5B qkv projection,
+  1.01-1.24x at 2-256 rows of the 7B one, 0.94x / 0.80x on one row, 0.86-0.94x at 512-1024 rows;
+  `ONEDNN_MAX_ROWS` measured 128 at both (as in code), `LORA_RANGE_MAX_SLOTS` 2 again, `LORA_TILE`
+  512, `PADDED_SMALL` 256 at 7B; left as they are.
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just

@@ -31,7 +31,6 @@ from mcl_runtime.tokenizer import Tokenizer
 from mcl_runtime.train.__main__ import main
 from mcl_runtime.train.data import read_examples
 from mcl_runtime.train.sft import LOG_NAME, LORA_TARGETS, PLOT_NAME, SFTConfig, sft_trainer, train_adapter
-from mcl_runtime.train.trainer import keep_freed_heap
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "Answer with the secret."
@@ -467,6 +466,8 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_end(base, data, t
 def test_train_unfreezes_the_objects_it_froze_and_sets_glibcs_heap(base, data, tmp_path) -> None:
     """``SFTTrainer.train`` leaves the objects that exist before it out of garbage collection only while it
     runs, and on glibc keeps the freed heap between steps (``keep_freed_heap``)."""
+    from mcl_runtime.train.trainer import keep_freed_heap  # imports TRL, which the GPU image lacks
+
     prepared = sft_trainer(base, [data], tmp_path / "out", SFTConfig(max_steps=2, batch_size=4, progress=False))
     frozen = gc.get_freeze_count()
     prepared.trainer.train()

@@ -29,9 +29,9 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
 * linear layers (base projections, LM head): ``prepare_weights`` copies every float32 weight of at
   least ``ONEDNN_MIN_WEIGHT`` elements into oneDNN's blocked layout once, and eager inference calls
   read that copy through oneDNN's inner product at every row count (cpu_routing.json, against the
-  faster of oneDNN and MKL on the plain weight: 1.0-1.6x from 2 to 512 rows, 0.75-0.9x on one
-  row, 0.89-1.04x at 1024). The engine then frees the plain weights (vLLM's CPU path prepacks and
-  drops its weights the same way), unless a compiled graph reads them. Without packed copies
+  faster of oneDNN and MKL on the plain weight: 1.06-1.7x from 2 to 128 rows, 0.80-0.94x on one
+  row, 0.86-0.94x at 512-1024 rows). The engine then frees the plain weights (vLLM's CPU path
+  prepacks and drops its weights the same way), unless a compiled graph reads them. Without packed copies
   (``pack_weights=False``), float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows
   on weights that large call oneDNN on the plain weight; all others ``F.linear`` (MKL).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
