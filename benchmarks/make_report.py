@@ -570,7 +570,10 @@ RUN_HISTORY = """## Run history
   now against the faster plain route): packed 1.06-1.71x at 2-128 rows of the 0.5B qkv projection,
   1.01-1.24x at 2-256 rows of the 7B one, 0.94x / 0.80x on one row, 0.86-0.94x at 512-1024 rows;
   `ONEDNN_MAX_ROWS` measured 128 at both (as in code), `LORA_RANGE_MAX_SLOTS` 2 again, `LORA_TILE`
-  512, `PADDED_SMALL` 256 at 7B; left as they are.
+  512, `PADDED_SMALL` 256 at 7B; left as they are. Whole engine, `LORA_RANGE_MAX_SLOTS` 4 vs 2
+  (0.5B shapes, four adapters, so 2 sends them to the tiles; 16 requests of 64-256 prompt tokens
+  and 32 new tokens, 2 threads, alternating, commit 94d5f5a, not committed as a file): 20.9 / 22.1
+  vs 17.8 / 19.4 tok/s (1.14-1.17x); the tiles' runs took 3.7x the page faults (2.6M vs 0.7M).
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just

@@ -122,9 +122,9 @@ class RecordingCPUBackend(CPUBackend):
         self.tiles += 1
         return super()._lora_tiles(lora)
 
-    def _lora_slots(self, lora):
+    def _lora_slots(self, lora, lo, hi):
         self.slot_ranges += 1
-        return super()._lora_slots(lora)
+        return super()._lora_slots(lora, lo, hi)
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)

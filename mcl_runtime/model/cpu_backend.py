@@ -282,9 +282,9 @@ class CPUBackend:
     # Steps whose adapters span at most this many consecutive slots take the slot-range path.
     # cpu_routing.json: LORA_RANGE_MAX_SLOTS times the qkv projection, the range's worst case (its
     # output is narrow, so the G-fold shrink dominates): there the range wins decodes of 2-8 adapters
-    # (1.0-7x) and loses prefills past 2 adapters (0.64-0.92x at 4). Gate/up's wide output
-    # gains most, and at 4 adapters the whole engine's LoRA cost falls from 28% to 7.5% of the
-    # base model's time (vs_vllm_qwen2.5-0.5b-instruct_cpu.json).
+    # (1.0-7x) and loses prefills past 2 adapters (0.64-0.92x at 4). Gate/up's wide output gains
+    # most: over a whole 0.5B engine run with four adapters, 4 here is 1.14-1.17x as fast as 2
+    # (benchmarks/README.md, run history, "cpu backend routing").
     LORA_RANGE_MAX_SLOTS = 4
     # Float32 weights of at least ONEDNN_MIN_WEIGHT elements are packed for oneDNN (on small weights
     # its fixed cost per call loses to MKL). Unpacked, linear layers of ONEDNN_MIN_ROWS to
@@ -368,8 +368,9 @@ class CPUBackend:
             key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
             if self._lora_plan is None or self._lora_plan[0] != key:
                 used = lora.seg_slots_host[lora.seg_slots_host >= 0]
-                span = int(used.max()) - int(used.min()) + 1
-                plan = self._lora_slots(lora) if span <= self.LORA_RANGE_MAX_SLOTS else self._lora_tiles(lora)
+                lo, hi = int(used.min()), int(used.max()) + 1
+                in_range = hi - lo <= self.LORA_RANGE_MAX_SLOTS
+                plan = self._lora_slots(lora, lo, hi) if in_range else self._lora_tiles(lora)
                 self._lora_plan = (key, plan)
             lora.plan = self._lora_plan[1]
 
@@ -546,10 +547,8 @@ class CPUBackend:
         )
 
     @staticmethod
-    def _lora_slots(lora: LoRAMeta) -> LoRASlots:
+    def _lora_slots(lora: LoRAMeta, lo: int, hi: int) -> LoRASlots:
         starts, slots = lora.seg_starts_host, lora.seg_slots_host
-        used = slots[slots >= 0]
-        lo, hi = int(used.min()), int(used.max()) + 1
         token_slots = np.repeat(slots, np.diff(starts))
         mask = (token_slots[:, None] == np.arange(lo, hi)[None, :]).astype(np.float32)
         tokens = int(np.diff(starts)[slots >= 0].sum())
