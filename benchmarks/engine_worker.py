@@ -77,6 +77,7 @@ def ours(spec: dict) -> tuple[Run, dict]:
         "kv_cache_tokens": engine.block_manager.num_blocks * engine.block_size,
         "kv_cache_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size(),
         "max_num_seqs": engine.scheduler.max_num_seqs,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
     }
     return run, info
 
@@ -132,6 +133,7 @@ def vllm(spec: dict) -> tuple[Run, dict]:
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "block_size": cache.block_size,
         "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         "compilation_mode": str(llm.llm_engine.vllm_config.compilation_config.mode),
     }
     return run, info

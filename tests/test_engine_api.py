@@ -15,6 +15,7 @@ from mcl_runtime import (
     SamplingParams,
 )
 from mcl_runtime.demo import demo_adapter_dirs, demo_engine, demo_model_dir
+from mcl_runtime.engine.scheduler import CPU_HEAP_BLOCK_MAX, CPU_MIN_STEP_TOKENS, GPU_STEP_TOKENS, default_step_tokens
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
@@ -38,6 +39,25 @@ def test_demo_defaults(engine):
     )
     assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in outs)
     assert len({tuple(o.token_ids) for o in outs}) > 1
+    assert engine.scheduler.max_num_batched_tokens == GPU_STEP_TOKENS  # the tiny model's rows are narrow
+
+
+@pytest.mark.parametrize(
+    "device, widest, max_num_seqs, tokens",
+    [
+        ("cpu", 9728 * 4, 256, 768),  # Qwen2.5-0.5B float32: gate/up's 9728 columns
+        ("cpu", 9728 * 2, 256, 1664),  # ... in bfloat16
+        ("cpu", 17920 * 4, 256, 384),  # Qwen2.5-1.5B float32
+        ("cpu", 37888 * 4, 256, CPU_MIN_STEP_TOKENS),  # Qwen2.5-7B float32: 221 rows fit, the floor holds
+        ("cpu", 64 * 4, 256, GPU_STEP_TOKENS),  # a tiny model: capped
+        ("cpu", 9728 * 4, 1024, 1024),  # never fewer than max_num_seqs
+        ("cuda", 9728 * 4, 256, GPU_STEP_TOKENS),
+    ],
+)
+def test_default_step_tokens(device, widest, max_num_seqs, tokens):
+    assert default_step_tokens(device, widest, max_num_seqs) == tokens
+    if device == "cpu" and tokens < GPU_STEP_TOKENS and tokens > max(CPU_MIN_STEP_TOKENS, max_num_seqs):
+        assert tokens * widest <= CPU_HEAP_BLOCK_MAX < (tokens + 128) * widest
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):

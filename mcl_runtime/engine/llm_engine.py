@@ -26,7 +26,7 @@ from mcl_runtime.engine.kv_cache import KVCachePlan, allocate_kv_cache, log_kv_c
 from mcl_runtime.engine.model_runner import ModelRunner, SampledTokens
 from mcl_runtime.engine.outputs import TextStream, request_outputs
 from mcl_runtime.engine.params import RequestOutput, SamplingParams
-from mcl_runtime.engine.scheduler import Scheduler
+from mcl_runtime.engine.scheduler import Scheduler, default_step_tokens
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.sequence import Request, Sequence
 from mcl_runtime.errors import ContextLengthError, InvalidRequestError
@@ -65,7 +65,7 @@ class Engine:
         kv_cache_memory_fraction: float | None = None,
         block_size: int = 16,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
@@ -77,8 +77,9 @@ class Engine:
         compile_backend: str = "inductor",
         cuda_graphs: bool | None = None,
     ) -> None:
-        """``compile_backend``: torch.compile's backend for ``compile=True`` ("aot_eager" traces the
-        same graph without generating code)."""
+        """``max_num_batched_tokens``: the tokens of one step (None: ``scheduler.default_step_tokens``,
+        2048 on a GPU, fewer on the CPU). ``compile_backend``: torch.compile's backend for
+        ``compile=True`` ("aot_eager" traces the same graph without generating code)."""
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -91,7 +92,7 @@ class Engine:
             ("max_lora_rank", max_lora_rank),
             ("block_size", block_size),
             ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_num_batched_tokens", 1 if max_num_batched_tokens is None else max_num_batched_tokens),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{knob} must be a positive integer, got {value!r}")
@@ -100,6 +101,10 @@ class Engine:
         self.model = load_model(model_dir, max_loras, max_lora_rank, self.dtype, self.device, load_format)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
+        if max_num_batched_tokens is None:
+            widest = max(2 * cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size) * self.dtype.itemsize
+            max_num_batched_tokens = default_step_tokens(self.device.type, widest, max_num_seqs)
+        logger.info("step token budget: max_num_batched_tokens=%d", max_num_batched_tokens)
         self.block_size = block_size
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
         # Before sizing the KV cache. Compiled graphs read the plain weights; eager steps need only
