@@ -552,6 +552,24 @@ RUN_HISTORY = """## Run history
   tokens, 0.5B, four adapters, 2 threads, alternating, not committed): 21.8 and 21.5 vs 19.4 and 20.4 tok/s,
   about 7% slower: on prefill-sized GEMMs (2048 rows) the packed weight runs at 0.84-0.94x MKL's
   speed on the plain one, which the engine no longer keeps.
+  Rerun at night (commit e38c461) with the CPU default step token budget (below, "Step token
+  budget": 768 tokens at 0.5B, 384 at 1.5B; vLLM's CPU default is 4096), same workloads: 0.5B mixed
+  38.2 vs 10.4 tok/s (3.67x; rounds 3.80x, 3.53x), one adapter 2.89x (2.95x, 2.83x), base model
+  42.1 vs 42.7 tok/s (0.98x; rounds 0.95x, 1.02x), 64 of 64 the same tokens in each scenario; LoRA
+  overhead ours 9% (rounds 5%, 13%), vLLM's 76%; peak RSS 4.1 vs 11.0 GiB (LoRA), 3.5 vs 9.5 GiB
+  (base). 1.5B: mixed 7.7 vs 2.7 tok/s (2.93x; rounds 2.58x, 3.27x), base 7.9 vs 8.1 tok/s (0.97x;
+  rounds 0.97x, 0.96x), 32 of 32 the same tokens; LoRA overhead ours 2% (2%, 3%), vLLM's 67%; peak
+  RSS 9.1 vs 13.9 GiB (LoRA), 9.1 vs 12.4 GiB (base). Both engines ran faster at 1.5B than in the
+  evening (base: ours 6.1 -> 7.9 tok/s, vLLM 5.5 -> 8.1), and the evening's 1.11x on the base model
+  did not hold.
+  With both engines' plain defaults (`--kv-cache-memory default`; 0.5B, 16 requests of 32 new
+  tokens, one round),
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults.json):
+  each sized its KV cache from the available memory (ours 17.7 GiB, 720k tokens; vLLM 781k tokens);
+  vLLM with LoRA enabled was killed by the kernel's OOM killer at 22.9 GiB resident on this 24 GiB
+  machine (it touches its whole cache), so the four-adapter scenario has no vLLM figure (ours 22.2
+  tok/s at 3.7 GiB); base model 25.7 vs 25.7 tok/s (1.00x), 16 of 16 the same tokens, peak RSS 3.3
+  vs 23.2 GiB (our cache is lazily zeroed pages).
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
@@ -574,6 +592,18 @@ RUN_HISTORY = """## Run history
   (0.5B shapes, four adapters, so 2 sends them to the tiles; 16 requests of 64-256 prompt tokens
   and 32 new tokens, 2 threads, alternating, commit 94d5f5a, not committed as a file): 20.9 / 22.1
   vs 17.8 / 19.4 tok/s (1.14-1.17x); the tiles' runs took 3.7x the page faults (2.6M vs 0.7M).
+- **Step token budget** (2026-12-06, AMD EPYC, 2 threads, commit d5560b5 with the budget passed
+  explicitly; alternating runs, not committed as a file): a profile of the base model at 0.5B
+  (`profile_cpu.py --scenario base`, at d5560b5) had our packed gate/up projection at 0.18 ms a row in
+  2048-row prefill chunks against 0.12 ms in 573-row ones (vLLM: 0.12 ms in its 2455-row chunks),
+  and 0.7M minor page faults per run: past 32 MiB (glibc's largest heap block) every activation is a
+  fresh mmap, zero-filled in every layer. 16 requests of 64-256 prompt tokens, 0.5B float32:
+  prefill only 15.1 / 15.3 s at 2048 tokens a step, 14.3 / 14.4 s at 512; with 32 new tokens, base
+  model 21.1 / 21.2 s at 2048, 19.7 / 20.0 s at 768, four adapters 25.1 / 24.8 s vs 23.9 / 23.6 s;
+  page faults 0.71-0.73M at 2048, 12k at 768 (base). 1.5B float32, prefill only: 56.1 / 48.7 s at
+  2048, 53.1 / 48.6 s at 768, 48.7 / 46.9 s at 384. Hence the CPU default of
+  `max_num_batched_tokens`: the most tokens whose gate/up output fits 32 MiB (768 at 0.5B, 384 at
+  1.5B, float32).
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just

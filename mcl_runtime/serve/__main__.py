@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_cache_args(p)
     p.add_argument("--block-size", type=int)
     p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, help="tokens per step (default: 2048 on a GPU, fewer on the CPU)"
+    )
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
     add_execution_mode_args(p)
