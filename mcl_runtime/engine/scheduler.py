@@ -67,8 +67,9 @@ class ScheduledBatch:
 # the CPU, the most rows (a multiple of STEP_TOKENS_ALIGN, from CPU_MIN_STEP_TOKENS to GPU_STEP_TOKENS)
 # whose widest activation, the fused gate/up projection's output, fits within CPU_HEAP_BLOCK_MAX:
 # glibc's malloc serves larger blocks as fresh mmaps, zero-filled page by page in every layer of
-# every prefill chunk. Qwen2.5-0.5B in float32 (768 rows): prefill 5-6% faster than at 2048 rows,
-# with 1/60 of the page faults (benchmarks/README.md, run history, "Step token budget").
+# every prefill chunk. Qwen2.5-0.5B in float32, 16 prompts of 64-256 tokens and 32 new tokens each:
+# 6-7% faster at 768 tokens a step than at 2048, with 1/60 of the page faults (benchmarks/README.md,
+# run history, "Step token budget").
 GPU_STEP_TOKENS = 2048
 CPU_MIN_STEP_TOKENS = 256
 CPU_HEAP_BLOCK_MAX = 32 << 20  # glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX) on 64-bit
