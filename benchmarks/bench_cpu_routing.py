@@ -25,8 +25,10 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   (with its bias) through oneDNN vs ``F.linear`` (MKL) at growing row counts; ``measured``: the first
   count from which oneDNN is faster, the last up to which it stays faster, and the weight's elements
   (0 where oneDNN is faster at no row count).
-  Each point also times the weight packed by ``prepare_weights`` (the route of every eager call on
-  a packed weight): ``packed_speedup`` against the faster plain route at that row count.
+  Each point also times the weight packed by ``prepare_weights`` (the route of eager calls on a
+  packed weight whose plain copy was freed): ``packed_speedup`` against the faster plain route at
+  that row count. ``MKL_MIN_ROWS``: the first row count from which ``F.linear`` on the plain weight
+  beats the packed copy at every larger count measured.
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
   ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
@@ -255,7 +257,7 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
         "packed": cpu(**every_size),
         "mkl": cpu(onednn_linear=False),
     }
-    routes["packed"].prepare_weights([w])
+    routes["packed"].prepare_weights([w], keep_plain=False)  # every call on the packed copy
     points = []
     for rows in sizes["linear_rows"]:
         x = torch.randn(rows, shape["hidden"], generator=gen)
@@ -275,13 +277,18 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
             f"  {rows} rows: oneDNN {us['onednn']:.0f} us, packed {us['packed']:.0f} us, F.linear {us['mkl']:.0f} us"
             f" (oneDNN {speedup:.2f}x F.linear, packed {packed:.2f}x the faster)"
         )
+    mkl_wins = [p["mkl_us"] < p["packed_us"] for p in points]
+    mkl_from = next((p["rows"] for i, p in enumerate(points) if all(mkl_wins[i:])), 0)
+    mkl_rule = "F.linear on the plain weight faster than the packed copy from this row count on (0: nowhere)"
+    mkl = report("MKL_MIN_ROWS", mkl_from, mkl_from > 0, points, mkl_rule)
     first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
     rule = "oneDNN faster from the first to the last of these row counts, for a weight this large (0: at none)"
     if first is None:
         names = ("ONEDNN_MIN_ROWS", "ONEDNN_MAX_ROWS", "ONEDNN_MIN_WEIGHT")
-        return {name: report(name, 0, False, points, rule)[name] for name in names}
+        return {**mkl, **{name: report(name, 0, False, points, rule)[name] for name in names}}
     measured_max, found = crossover(points[first:], lambda p: p["speedup"] >= 1, "rows")
     return {
+        **mkl,
         **report("ONEDNN_MIN_ROWS", points[first]["rows"], True, points, rule),
         **report("ONEDNN_MAX_ROWS", measured_max, found, points, rule),
         **report("ONEDNN_MIN_WEIGHT", w.numel(), True, points, rule),

@@ -158,21 +158,31 @@ def test_cpu_torch_layer_ops_keep_the_tokens(family, lora_path):
     assert (backend.tiles, backend.slot_ranges)[lora_path == "slot-range"]
 
 
-def test_cpu_lora_kernel_and_onednn_linear_keep_the_tokens(family):
+@pytest.mark.parametrize("mkl_rows", [float("inf"), 16], ids=["packed-only", "prefills-on-mkl"])
+def test_cpu_lora_kernel_and_onednn_linear_keep_the_tokens(family, mkl_rows, monkeypatch):
     """Every LoRA product through the C++ kernel and every linear layer (projections, LM head)
     through oneDNN's inner product on the weights it packed at start, whatever the sizes, with the
-    plain weights freed: the golden tokens."""
+    plain weights freed; or, with ``MKL_MIN_ROWS`` within the step budget, both copies kept and the
+    prefill steps' projections (184 rows) through MKL on the plain weights, the decodes' (11 rows)
+    on the packed ones: the golden tokens."""
     name, base, adapters, ref = family
     backend = RecordingCPUBackend()
     backend.LORA_KERNEL_MAX_WORK = float("inf")
     backend.ONEDNN_MIN_WEIGHT = 0
+    backend.MKL_MIN_ROWS = mkl_rows
+    plain_rows = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: plain_rows.append(len(x)) or linear(x, *a))
     tokens, engine = _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)
     assert tokens == ref
     assert bool(backend._packed) == HAS_ONEDNN_LINEAR  # every projection and the LM head packed
     *projections, lm_head = engine.model.linear_weights()
-    assert all(w.numel() == 0 for w in projections) == HAS_ONEDNN_LINEAR
+    freed = HAS_ONEDNN_LINEAR and mkl_rows == float("inf")
+    assert all(w.numel() == 0 for w in projections) == freed
     tied = engine.model.config.tie_word_embeddings
-    assert lm_head.numel() == (0 if HAS_ONEDNN_LINEAR and not tied else engine.model.embed_tokens.weight.numel())
+    assert lm_head.numel() == (0 if freed and not tied else engine.model.embed_tokens.weight.numel())
+    if HAS_ONEDNN_LINEAR:
+        assert set(plain_rows) == (set() if freed else {sum(LENGTHS)})
 
 
 def test_golden_reference_backend(family):

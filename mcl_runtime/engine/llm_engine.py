@@ -108,10 +108,12 @@ class Engine:
         self.block_size = block_size
         self.backend = make_backend(backend or ("triton" if self.device.type == "cuda" else "cpu"))
         # Before sizing the KV cache. Compiled graphs read the plain weights; eager steps need only
-        # the backend's copies, so the plain tensors it copied are freed, one weight at a time (the
-        # two copies of every weight never coexist).
+        # the backend's copies, unless it keeps the plain ones for steps of its budget's size. The
+        # plain tensors it no longer reads are freed one weight at a time (the two copies of such a
+        # weight never coexist).
         for weight in self.model.linear_weights():
-            self.model.release_weights(self.backend.prepare_weights([weight], keep_plain=compile))
+            released = self.backend.prepare_weights([weight], keep_plain=compile, max_rows=max_num_batched_tokens)
+            self.model.release_weights(released)
         self.kv_plan = self._kv_cache_plan(max_num_seqs, kv_cache_blocks, kv_cache_memory, kv_cache_memory_fraction)
         num_blocks = self.kv_plan.num_blocks
         # One block more than the block manager hands out: the scratch block of padded decode rows.

@@ -64,12 +64,15 @@ class Backend(Protocol):
 
     name: str
 
-    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+    def prepare_weights(
+        self, weights: list[torch.Tensor], keep_plain: bool = True, max_rows: int | None = None
+    ) -> list[torch.Tensor]:
         """After the weights are loaded and before the KV cache is sized (so the memory it takes is
         counted), once per ``linear`` weight or group of them: the backend may keep copies of
         ``weights`` in a layout of its own. Base weights do not change afterwards. With
         ``keep_plain=False`` it returns the weights whose plain tensors it no longer reads (their
-        owner may free them)."""
+        owner may free them). ``max_rows``: the most rows a ``linear`` call will have (the step
+        token budget), None if unknown."""
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /

@@ -31,7 +31,9 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   read that copy through oneDNN's inner product at every row count (cpu_routing.json, against the
   faster of oneDNN and MKL on the plain weight: 1.06-1.7x from 2 to 128 rows, 0.80-0.94x on one
   row, 0.86-0.94x at 512-1024 rows). The engine then frees the plain weights (vLLM's CPU path
-  prepacks and drops its weights the same way), unless a compiled graph reads them. Without packed copies
+  prepacks and drops its weights the same way), unless a compiled graph reads them or steps reach
+  ``MKL_MIN_ROWS`` rows: calls that large go to MKL's sgemm on the plain weight, so both copies are
+  kept (by default only for small models, whose CPU step budget reaches it). Without packed copies
   (``pack_weights=False``), float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows
   on weights that large call oneDNN on the plain weight; all others ``F.linear`` (MKL).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
@@ -295,6 +297,10 @@ class CPUBackend:
     ONEDNN_MIN_WEIGHT = 1 << 18  # cpu_routing.json: ONEDNN_MIN_WEIGHT
     # The row count oneDNN is told to pack the weights for (the decode batch sizes it serves).
     PACK_ROWS = 32
+    # From this many rows MKL's sgemm on the plain weight beats oneDNN on the packed copy
+    # (cpu_routing.json, ONEDNN_MAX_ROWS' points: packed 0.90x / 0.86x at 512 / 1024 rows at 0.5B's
+    # qkv, 0.94x / 0.90x at 7B's, level at 256). Backends told that steps reach it keep both copies.
+    MKL_MIN_ROWS = 512
 
     def __init__(
         self,
@@ -312,8 +318,9 @@ class CPUBackend:
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
         self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
         self.pack_weights = pack_weights and self.onednn_linear
-        # id(weight) -> (weight, its packed copy); holding the weight keeps its id from being reused.
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # id(weight) -> (weight, its packed copy, whether calls may still read the plain weight);
+        # holding the weight keeps its id from being reused.
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._workspace = Workspace()
         # The last step's LoRA plan, by its segments (decode steps over the same sequences keep it).
         self._lora_plan: tuple[tuple[bytes, bytes], LoRATiles | LoRASlots] | None = None
@@ -325,23 +332,29 @@ class CPUBackend:
         no autograd history), outside a compiled graph."""
         return self.layer_kernels and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+    def prepare_weights(
+        self, weights: list[torch.Tensor], keep_plain: bool = True, max_rows: int | None = None
+    ) -> list[torch.Tensor]:
         """oneDNN-blocked copies of the float32 CPU weights of at least ``ONEDNN_MIN_WEIGHT`` elements,
-        which eager inference calls of ``linear`` read from now on. Returns the weights copied when
-        ``keep_plain`` is False (nothing reads their plain tensors any more), else none."""
+        which eager inference calls of ``linear`` read from now on, except calls of ``MKL_MIN_ROWS``
+        rows or more while the plain weight is kept. The plain weights are kept when ``keep_plain``
+        or when ``max_rows`` (the most rows of a call, if known) reaches ``MKL_MIN_ROWS``; otherwise
+        the weights copied are returned (nothing reads their plain tensors any more)."""
+        plain = keep_plain or (max_rows is not None and max_rows >= self.MKL_MIN_ROWS)
         copied = []
         for w in weights if self.pack_weights else ():
             if w.dtype == torch.float32 and w.is_cpu and w.dim() == 2 and w.numel() >= self.ONEDNN_MIN_WEIGHT:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.PACK_ROWS)
-                self._packed[id(w)] = (w, packed)
+                self._packed[id(w)] = (w, packed, plain)
                 copied.append(w)
-        return [] if keep_plain else copied
+        return [] if plain else copied
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Eager inference: oneDNN's inner product on the packed copy of ``weight`` when there is one;
-        else, for float32 rows ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` of a weight of
-        ``ONEDNN_MIN_WEIGHT`` elements or more, on the plain weight. ``F.linear`` otherwise (and
-        always under autograd or in a compiled graph)."""
+        """Eager inference: oneDNN's inner product on the packed copy of ``weight`` when there is one
+        (below ``MKL_MIN_ROWS`` rows, or always if the plain weight was freed); else, for float32
+        rows ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` of a weight of ``ONEDNN_MIN_WEIGHT`` elements
+        or more, on the plain weight. ``F.linear`` otherwise (and always under autograd or in a
+        compiled graph)."""
         if (
             self.onednn_linear
             and x.dtype == torch.float32
@@ -351,8 +364,10 @@ class CPUBackend:
         ):
             packed = self._packed.get(id(weight))
             if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed[1], bias, "none", [], "")
-            if self.ONEDNN_MIN_ROWS <= x.shape[0] <= self.ONEDNN_MAX_ROWS and weight.numel() >= self.ONEDNN_MIN_WEIGHT:
+                _, blocked, plain = packed
+                if not plain or x.shape[0] < self.MKL_MIN_ROWS:
+                    return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+            elif self.ONEDNN_MIN_ROWS <= len(x) <= self.ONEDNN_MAX_ROWS and weight.numel() >= self.ONEDNN_MIN_WEIGHT:
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 

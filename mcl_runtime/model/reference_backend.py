@@ -77,7 +77,9 @@ class ReferenceBackend:
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)
 
-    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+    def prepare_weights(
+        self, weights: list[torch.Tensor], keep_plain: bool = True, max_rows: int | None = None
+    ) -> list[torch.Tensor]:
         return []  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:

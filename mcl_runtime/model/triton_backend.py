@@ -47,7 +47,9 @@ class TritonBackend:
             )
         return buf[:numel].view(shape)
 
-    def prepare_weights(self, weights: list[torch.Tensor], keep_plain: bool = True) -> list[torch.Tensor]:
+    def prepare_weights(
+        self, weights: list[torch.Tensor], keep_plain: bool = True, max_rows: int | None = None
+    ) -> list[torch.Tensor]:
         return []  # linear() uses the weights as they are
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
