@@ -30,7 +30,8 @@ Per scenario: output tokens/s, wall time, each round's ratio (ours / vLLM) and t
 each engine's process tree (RSS summed over its processes, sampled every 0.5 s); the share of the machine's matmul peak
 (FLOPs from the shapes over the best ``torch.mm`` FLOP/s measured here at the same dtype and threads);
 how many requests' tokens agree between the engines. ``--smoke`` runs a shrunk model, our side only (no
-vLLM), in seconds. Writes ``benchmarks/results/vs_vllm_<shape>_<device>[_defaults].json`` and a ``.png``.
+vLLM), in seconds. Writes ``benchmarks/results/vs_vllm_<shape>_<device>[_defaults][_<tag>].json`` and a
+``.png``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=None, help="vLLM's virtualenv (default: vllm_env.py's)")
     p.add_argument("--worker-timeout", type=float, default=3600, help="seconds one engine process may take")
     p.add_argument("--note", default="", help="recorded in the JSON (e.g. 'preliminary: shared machine')")
+    p.add_argument("--tag", default="", help="appended to the file name (e.g. '64x128' for another workload)")
     p.add_argument("--smoke", action="store_true", help="shrunk model, our side only, seconds (CI)")
     p.add_argument("--out-dir", type=Path, default=None, help=f"where the JSON goes (default {RESULTS_DIR})")
     args = p.parse_args()
@@ -464,7 +466,7 @@ def main() -> None:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="vs_vllm_smoke_")) if args.smoke else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "smoke" if args.smoke else machine["device_type"]
-    suffix = "_defaults" if args.kv_cache_memory == "default" else ""
+    suffix = ("_defaults" if args.kv_cache_memory == "default" else "") + (f"_{args.tag}" if args.tag else "")
     path = out_dir / f"vs_vllm_{args.shape}_{slug}{suffix}.json"
     with tempfile.TemporaryDirectory(prefix="vs_vllm_") as tmp:
         for dtype in args.dtype:
