@@ -570,6 +570,18 @@ RUN_HISTORY = """## Run history
   machine (it touches its whole cache), so the four-adapter scenario has no vLLM figure (ours 22.2
   tok/s at 3.7 GiB); base model 25.7 vs 25.7 tok/s (1.00x), 16 of 16 the same tokens, peak RSS 3.3
   vs 23.2 GiB (our cache is lazily zeroed pages).
+  Rerun the next evening (commit a36fe30) after steps of 512+ rows went to MKL on the plain weights
+  (below, "MKL on large steps"), 0.5B, same workload: mixed 37.5 vs 10.9 tok/s (3.45x; rounds 3.54x,
+  3.36x), one adapter 3.45x, base model 45.0 vs 42.0 tok/s (1.07x; rounds 1.08x, 1.07x), 64 of 64 the
+  same tokens in each scenario; LoRA overhead ours 17% (rounds 17%, 16%: the base model gained, the
+  LoRA work did not shrink), vLLM's 74%; peak RSS 5.8 vs 10.9 GiB (LoRA), 4.8 vs 9.6 GiB (base).
+  1.5B not rerun: its step budget (384) stays below 512, so its path is unchanged. The issue's full
+  workload, 64 requests of 128 new tokens (same shapes, 4 GiB KV each, one round, commit cf13881),
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json):
+  mixed 57.3 vs 19.8 tok/s (2.89x), base model 64.0 vs 66.5 tok/s (0.96x), 64 of 64 the same tokens
+  in each; LoRA overhead ours 10%, vLLM's 70%; peak RSS 5.5 vs 10.9 GiB (LoRA), 5.1 vs 9.6 GiB
+  (base). On the machine the issue was filed from (AVX-512), vLLM ran this workload at 47.6-49.3 tok/s
+  mixed and 79.1-89.2 base; here, without AVX-512, 19.8 and 66.5.
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
@@ -604,6 +616,18 @@ RUN_HISTORY = """## Run history
   2048, 53.1 / 48.6 s at 768, 48.7 / 46.9 s at 384. Hence the CPU default of
   `max_num_batched_tokens`: the most tokens whose gate/up output fits 32 MiB (768 at 0.5B, 384 at
   1.5B, float32).
+- **MKL on large steps** (2026-12-06, AMD EPYC, 2 threads; alternating runs, not committed as a
+  file): a profile of the base model at 0.5B (`profile_cpu.py --scenario base`, commit 223c59f) put
+  the prefill GEMMs at 14.4 s against vLLM's 12.4 s on the same prompts; in isolation, at 768 rows
+  MKL's sgemm on the plain weight beat oneDNN on the packed copy by 3-26% per projection (qkv, o,
+  gate/up, down; at 16 rows the packed copy is 1.4-2.6x faster, and at 1.5B's 384-row steps MKL
+  loses on gate/up), and packing for another row count changed nothing. Whole engine, 16 requests of
+  64-256 prompt tokens and 32 new tokens, 0.5B float32, default step budget (768): base model 19.29
+  / 18.88 / 18.84 s with steps of 512+ rows on MKL vs 19.92 / 20.36 / 20.16 s packed only; four
+  adapters 21.64 / 21.39 vs 22.65 / 22.99 s; peak RSS 4.6 vs 3.4 GiB (base). Hence `MKL_MIN_ROWS`
+  (512: cpu_routing.json's packed_speedup there is 0.90 at 0.5B, 0.94 at 7B, ~1 at 256) and the plain weights
+  kept when the step budget reaches it. A fused C++ SiLU-and-multiply was tried and dropped: with
+  its own exp it ran at half the speed of torch's two ops (Sleef's exp) on one thread.
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just
