@@ -280,7 +280,8 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     mkl_wins = [p["mkl_us"] < p["packed_us"] for p in points]
     mkl_from = next((p["rows"] for i, p in enumerate(points) if all(mkl_wins[i:])), 0)
     mkl_rule = "F.linear on the plain weight faster than the packed copy from this row count on (0: nowhere)"
-    mkl = report("MKL_MIN_ROWS", mkl_from, mkl_from > 0, points, mkl_rule)
+    # found: each route won somewhere (not MKL at none, nor at every count from the first)
+    mkl = report("MKL_MIN_ROWS", mkl_from, mkl_from not in (0, points[0]["rows"]), points, mkl_rule)
     first = next((i for i, p in enumerate(points) if p["speedup"] >= 1), None)
     rule = "oneDNN faster from the first to the last of these row counts, for a weight this large (0: at none)"
     if first is None:

@@ -365,7 +365,7 @@ class CPUBackend:
             packed = self._packed.get(id(weight))
             if packed is not None:
                 _, blocked, plain = packed
-                if not plain or x.shape[0] < self.MKL_MIN_ROWS:
+                if not plain or len(x) < self.MKL_MIN_ROWS:
                     return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
             elif self.ONEDNN_MIN_ROWS <= len(x) <= self.ONEDNN_MAX_ROWS and weight.numel() >= self.ONEDNN_MIN_WEIGHT:
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
