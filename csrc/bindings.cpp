@@ -120,6 +120,11 @@ void check_int(const Tensor& t, uint8_t bits, const char* kernel, const char* na
         throw py::type_error(std::string(kernel) + ": " + name + " must be int" + std::to_string(bits));
 }
 
+// The dot-product tile width a kernel is asked for: 0 (the machine's), 8 or 16.
+void check_lanes(int lanes, const char* kernel) {
+    check(lanes == 0 || lanes == 8 || lanes == 16, "lanes must be 0 (the machine's), 8 or 16", kernel);
+}
+
 // out [T, N], x [T, N], residual [T, N] or None, weight [N]: one dtype, unit stride along N.
 void rms_norm(const py::handle& out_, const py::handle& x_, const py::handle& residual_, const py::handle& weight_,
               double eps) {
@@ -160,7 +165,8 @@ void rope(const py::handle& x_, const py::handle& cos_, const py::handle& sin_) 
 // and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
 void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_b_,
                 const py::handle& scaling_, const py::handle& ranks_, const py::array_t<int64_t, 0>& offsets,
-                const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots, int num_threads) {
+                const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots, int num_threads,
+                int lanes) {
     const char* kernel = "lora_apply";
     const Tensor y = tensor(y_, kernel, "y"), x = tensor(x_, kernel, "x"), lora_a = tensor(lora_a_, kernel, "lora_a"),
                  lora_b = tensor(lora_b_, kernel, "lora_b"), scaling = tensor(scaling_, kernel, "scaling"),
@@ -186,6 +192,7 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
     const int64_t nseg = seg_slots.ndim() == 1 ? seg_slots.shape(0) : -1;
     check(nseg >= 0 && seg_starts.ndim() == 1 && seg_starts.shape(0) == nseg + 1, "seg_starts [nseg + 1], seg_slots [nseg]",
           kernel);
+    check_lanes(lanes, kernel);
     const int32_t *starts = seg_starts.data(), *slots = seg_slots.data();
     check(starts[0] >= 0 && starts[nseg] <= T, "segments out of the rows", kernel);
     for (int64_t i = 0; i < nseg; ++i) {
@@ -195,7 +202,7 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
     const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_b.data(),
                              scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out};
     py::gil_scoped_release release;
-    mcl::lora_apply(args, dt, num_threads);
+    mcl::lora_apply(args, dt, num_threads, lanes);
 }
 
 // One step's attention metadata, checked once (the block-table entries each sequence uses
@@ -226,7 +233,7 @@ class PagedAttentionPlan {
     }
 
     void run(const py::handle& out_, const py::handle& q_, const py::handle& k_cache_, const py::handle& v_cache_,
-             double scale, int num_threads) const {
+             double scale, int num_threads, int lanes) const {
         const Tensor out = tensor(out_, kernel, "out"), q = tensor(q_, kernel, "q"),
                      k_cache = tensor(k_cache_, kernel, "k_cache"), v_cache = tensor(v_cache_, kernel, "v_cache");
         const mcl::DType dt = one_dtype({&q, &k_cache, &v_cache, &out}, kernel, "q, the caches and out");
@@ -243,12 +250,13 @@ class PagedAttentionPlan {
         const int64_t B = ctx_.size(0);
         check(cu_.data<int32_t>()[B] <= T, "cu_seqlens_q out of the rows of q");
         check(max_block_ < N, "block_tables entry out of the cache");
+        check_lanes(lanes, kernel);
         const mcl::PagedAttentionArgs args{
             out.data(), out.stride(0), out.stride(1), q.data(), q.stride(0), q.stride(1),
             k_cache.data(), v_cache.data(), tables_.data<int32_t>(), tables_.size(1), ctx_.data<int32_t>(),
             cu_.data<int32_t>(), B, Hq, Hkv, D, block_size_, static_cast<float>(scale)};
         py::gil_scoped_release release;
-        mcl::paged_attention(args, dt, num_threads);
+        mcl::paged_attention(args, dt, num_threads, lanes);
     }
 
   private:
@@ -271,15 +279,15 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    // The kernels' calling convention (2: tensors as DLPack capsules); kernels/cpu.py uses them only
+    // The kernels' calling convention (3: tensors as DLPack capsules, a lanes argument); kernels/cpu.py uses them only
     // when it matches, so a stale build falls back to torch's ops instead of failing at a call.
-    m.attr("KERNEL_ABI") = 2;
+    m.attr("KERNEL_ABI") = 3;
 
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
         .def(py::init<const py::handle&, const py::handle&, const py::handle&, int64_t>(),
              py::arg("block_tables"), py::arg("context_lens"), py::arg("cu_seqlens_q"), py::arg("block_size"))
         .def("run", &PagedAttentionPlan::run, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-             py::arg("scale"), py::arg("num_threads") = 1);
+             py::arg("scale"), py::arg("num_threads") = 1, py::arg("lanes") = 0);
 
     m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
 
@@ -287,7 +295,7 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"),
           py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),
-          py::arg("num_threads") = 1);
+          py::arg("num_threads") = 1, py::arg("lanes") = 0);
 
     m.def("block_hash", [](uint64_t parent_hash, const py::sequence& token_ids, int64_t adapter_id) {
         const std::vector<int64_t> tokens = to_int64s(token_ids);

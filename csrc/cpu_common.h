@@ -73,72 +73,111 @@ MCL_INLINE void store(F16* p, float x) {  // round to nearest even; overflow to 
 
 constexpr int64_t kLanes = 16;  // one AVX-512 register of float32
 
-using f32x16 = float __attribute__((vector_size(64)));  // GCC/Clang vectors: lowered per clone's ISA
-using i32x16 = int32_t __attribute__((vector_size(64)));
+// GCC/Clang vectors of W floats (int32 lane indices): lowered per clone's ISA. (GCC drops the
+// attribute from an alias template, hence the struct.)
+template <int64_t W>
+struct Vectors {
+    typedef float f __attribute__((vector_size(W * sizeof(float))));
+    typedef int32_t i __attribute__((vector_size(W * sizeof(int32_t))));
+};
+template <int64_t W>
+using fvec = typename Vectors<W>::f;
+template <int64_t W>
+using ivec = typename Vectors<W>::i;
+using f32x16 = fvec<kLanes>;
 static_assert(sizeof(f32x16) == kLanes * sizeof(float));
 
-MCL_INLINE f32x16 load16(const float* p) {
-    f32x16 v;
+template <int64_t W = kLanes>
+MCL_INLINE fvec<W> load16(const float* p) {
+    fvec<W> v;
     std::memcpy(&v, p, sizeof v);
     return v;
 }
 
-MCL_INLINE f32x16 shuffle(f32x16 x, f32x16 y, i32x16 lanes) {  // lane l: lanes[l] of x's and then y's lanes
+template <int64_t W>
+MCL_INLINE fvec<W> shuffle(fvec<W> x, fvec<W> y, ivec<W> lanes) {  // lane l: lanes[l] of x's and then y's lanes
 #if defined(__clang__)
-    f32x16 r;
-    for (int l = 0; l < kLanes; ++l) r[l] = lanes[l] < kLanes ? x[lanes[l]] : y[lanes[l] - kLanes];
+    fvec<W> r;
+    for (int l = 0; l < W; ++l) r[l] = lanes[l] < W ? x[lanes[l]] : y[lanes[l] - W];
     return r;
 #else
     return __builtin_shuffle(x, y, lanes);
 #endif
 }
 
-// The 16 lane sums of v[0..15] into out[0..m): a butterfly of 15 shuffle-and-add steps on whole
+// Lanes (and rows) of the dot-product tiles below: 16 where the machine has AVX-512 (32 vector
+// registers hold the 16 vectors of partial sums), else 8 (AVX2's 16 registers would spill 16
+// vectors of 16 floats on every step). Picked once per call by the kernels' dispatchers.
+inline int64_t dot_lanes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512f") ? 16 : 8;
+#else
+    return 8;
+#endif
+}
+
+// Shuffle masks of lane_sums<W>: step s pairs the halves of every 2w-lane group (w = W >> (s + 1)).
+template <int64_t W>
+struct Butterfly;
+template <>
+struct Butterfly<16> {
+    static constexpr ivec<16> lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                       {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                       {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                       {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+    static constexpr ivec<16> hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                                       {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                       {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                       {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+    static constexpr ivec<16> bitreverse = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+};
+template <>
+struct Butterfly<8> {
+    static constexpr ivec<8> lo[3] = {{0, 1, 2, 3, 8, 9, 10, 11}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 8, 2, 10, 4, 12, 6, 14}};
+    static constexpr ivec<8> hi[3] = {{4, 5, 6, 7, 12, 13, 14, 15}, {2, 3, 10, 11, 6, 7, 14, 15}, {1, 9, 3, 11, 5, 13, 7, 15}};
+    static constexpr ivec<8> bitreverse = {0, 4, 2, 6, 1, 5, 3, 7};
+};
+
+// The W lane sums of v[0..W) into out[0..m): a butterfly of W - 1 shuffle-and-add steps on whole
 // vectors. Each step adds the two halves of every 2w-lane group of a pair (x, y), x's sums in the
-// group's first w lanes and y's in the last; after w = 8, 4, 2, 1 lane l holds the sum of
-// v[bitreverse4(l)].
-MCL_INLINE void lane_sums(f32x16 (&v)[kLanes], float* out, int64_t m) {
-    static constexpr i32x16 lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                                     {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                                     {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                                     {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-    static constexpr i32x16 hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                                     {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-                                     {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-                                     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
-    static constexpr i32x16 bitreverse = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+// group's first w lanes and y's in the last; after w = W/2, ..., 1 lane l holds the sum of
+// v[bitreverse(l)].
+template <int64_t W>
+MCL_INLINE void lane_sums(fvec<W> (&v)[W], float* out, int64_t m) {
+    using B = Butterfly<W>;
+    constexpr int kSteps = W == 16 ? 4 : 3;
 #pragma GCC unroll 4
-    for (int step = 0; step < 4; ++step)
+    for (int step = 0; step < kSteps; ++step)
 #pragma GCC unroll 8
-        for (int i = 0; i < (kLanes >> (step + 1)); ++i)
-            v[i] = shuffle(v[2 * i], v[2 * i + 1], lo[step]) + shuffle(v[2 * i], v[2 * i + 1], hi[step]);
-    const f32x16 sums = shuffle(v[0], v[0], bitreverse);
+        for (int i = 0; i < (W >> (step + 1)); ++i)
+            v[i] = shuffle<W>(v[2 * i], v[2 * i + 1], B::lo[step]) + shuffle<W>(v[2 * i], v[2 * i + 1], B::hi[step]);
+    const fvec<W> sums = shuffle<W>(v[0], v[0], B::bitreverse);
     std::memcpy(out, &sums, m * sizeof(float));
 }
 
-// s[j] = q . k_j for the m <= 16 rows k_j = k + j * stride (D a multiple of 16): one vector of
-// partial sums per row, summed across lanes all at once. kFull: m is 16, known when compiling, so
-// that the 16 sums stay in registers.
-template <bool kFull = false>
+// s[j] = q . k_j for the m <= W rows k_j = k + j * stride (D a multiple of W): one vector of
+// partial sums per row, summed across lanes all at once. kFull: m is W, known when compiling, so
+// that the W sums stay in registers.
+template <int64_t W, bool kFull = false>
 MCL_INLINE void dot_tile(float* s, const float* q, const float* k, int64_t stride, int64_t D, int64_t m) {
-    const int64_t rows = kFull ? kLanes : m;
-    f32x16 acc[kLanes] = {};
-    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-        const f32x16 qv = load16(q + d0);
+    const int64_t rows = kFull ? W : m;
+    fvec<W> acc[W] = {};
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const fvec<W> qv = load16<W>(q + d0);
 #pragma GCC unroll 16
-        for (int64_t j = 0; j < rows; ++j) acc[j] += qv * load16(k + j * stride + d0);
+        for (int64_t j = 0; j < rows; ++j) acc[j] += qv * load16<W>(k + j * stride + d0);
     }
-    lane_sums(acc, s, rows);
+    lane_sums<W>(acc, s, rows);
 }
 
 // s[g * n + j] = q[g] . k_j for the G rows q [G, D] (float32) and the m rows k_j = k + j * stride (in
-// attention: the query heads of one KV head and the keys of one cache block). 16-bit rows k_j are
-// converted once into kf [16, D] per 16 of them, for all G rows of q.
-template <typename T>
+// attention: the query heads of one KV head and the keys of one cache block), W rows k_j at a time.
+// 16-bit rows k_j are converted once into kf [W, D] per W of them, for all G rows of q.
+template <int64_t W, typename T>
 MCL_INLINE void dot_block(float* s, int64_t n, const float* q, const T* k, int64_t stride, int64_t D, int64_t G,
                           int64_t m, float* kf) {
-    for (int64_t j0 = 0; j0 < m; j0 += kLanes) {
-        const int64_t mt = std::min(kLanes, m - j0);
+    for (int64_t j0 = 0; j0 < m; j0 += W) {
+        const int64_t mt = std::min(W, m - j0);
         const float* keys = nullptr;
         int64_t key_stride = D;
         if constexpr (std::is_same_v<T, float>) {
@@ -150,12 +189,12 @@ MCL_INLINE void dot_block(float* s, int64_t n, const float* q, const T* k, int64
                 for (int64_t d = 0; d < D; ++d) kf[j * D + d] = to_float(k[(j0 + j) * stride + d]);
             keys = kf;
         }
-        if (D % kLanes == 0) {
+        if (D % W == 0) {
             for (int64_t g = 0; g < G; ++g)
-                if (mt == kLanes)
-                    dot_tile<true>(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
+                if (mt == W)
+                    dot_tile<W, true>(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
                 else
-                    dot_tile(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
+                    dot_tile<W>(s + g * n + j0, q + g * D, keys, key_stride, D, mt);
             continue;
         }
         for (int64_t j = 0; j < mt; ++j)  // other lengths: one dot product at a time

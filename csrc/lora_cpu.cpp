@@ -6,7 +6,7 @@
 namespace mcl {
 namespace {
 
-constexpr int64_t kTokens = kLanes;  // tokens per block of the shrink: one lane each
+constexpr int64_t kMaxTokens = kLanes;  // tokens per block of the shrink (W <= 16: one lane each)
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
 constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
 
@@ -30,34 +30,35 @@ MCL_INLINE void transpose_chunk(float* bt, const T* B, int64_t R, int64_t r, int
         for (int64_t o = w; o < kCols; ++o) bt[k * kCols + o] = 0.0f;
 }
 
-// y[0:w] += scale * u[0:r] @ bt[0:r, 0:w] for one chunk (bt: r rows of kCols floats).
-template <typename T>
+// y[0:w] += scale * u[0:r] @ bt[0:r, 0:w] for one chunk (bt: r rows of kCols floats), in kCols / W
+// vectors of sums.
+template <int64_t W, typename T>
 MCL_INLINE void expand_chunk(T* y, const float* u, const float* bt, int64_t r, int64_t w, float scale) {
-    f32x16 acc[kCols / kLanes] = {};
+    fvec<W> acc[kCols / W] = {};
     for (int64_t k = 0; k < r; ++k) {
         const float uk = u[k];
-#pragma GCC unroll 4
-        for (int64_t v = 0; v < kCols / kLanes; ++v) acc[v] += uk * load16(bt + k * kCols + v * kLanes);
+#pragma GCC unroll 8
+        for (int64_t v = 0; v < kCols / W; ++v) acc[v] += uk * load16<W>(bt + k * kCols + v * W);
     }
     float sums[kCols];
-    for (int64_t v = 0; v < kCols / kLanes; ++v) {
-        const f32x16 s = acc[v] * scale;
-        std::memcpy(sums + v * kLanes, &s, sizeof s);
+    for (int64_t v = 0; v < kCols / W; ++v) {
+        const fvec<W> s = acc[v] * scale;
+        std::memcpy(sums + v * W, &s, sizeof s);
     }
     add_row(y, sums, w);
 }
 
-// u[i * nR + q] = x_i . A[q] for the m rows x_i of xf [m, in] (the block's tokens) and the rows
+// u[i * nR + q] = x_i . A[q] for the m <= W rows x_i of xf [m, in] (the block's tokens) and the rows
 // q in lo..hi of A that are within their slice's rank (q = j*R + k, k < ranks[j]; slices R rows apart). ``in`` is taken
 // kChunk values at a time, so that the block's x chunk stays in L2 while the rows of A pass (a 7B
 // down projection's x rows are 74 KB each). A 16-bit chunk of a row of A is converted into af first.
-template <typename T>
+template <int64_t W, typename T>
 MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T* A, const int32_t* ranks, int64_t R,
                        int64_t lo, int64_t hi, int64_t in, float* af) {
     const auto used = [&](int64_t q) { return q % R < ranks[q / R]; };
-    if (in % kLanes != 0) {  // (no model has such a width) all rows by the first part, 16 at a time
+    if (in % W != 0) {  // (no model has such a width) all rows by the first part, W at a time
         for (int64_t j = 0; lo == 0 && j < nR / R; ++j)
-            if (ranks[j] > 0) dot_block(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
+            if (ranks[j] > 0) dot_block<W>(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
         return;
     }
     for (int64_t c0 = 0; c0 < in; c0 += kChunk) {
@@ -73,11 +74,11 @@ MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T
                 for (int64_t d = 0; d < len; ++d) af[d] = to_float(row[d]);
                 a = af;
             }
-            float dots[kLanes];
-            if (m == kTokens)
-                dot_tile<true>(dots, a, xf + c0, in, len, kLanes);
+            float dots[W];
+            if (m == W)
+                dot_tile<W, true>(dots, a, xf + c0, in, len, W);
             else
-                dot_tile(dots, a, xf + c0, in, len, m);
+                dot_tile<W>(dots, a, xf + c0, in, len, m);
             float* out = u + q;
             for (int64_t i = 0; i < m; ++i) out[i * nR] = c0 == 0 ? dots[i] : out[i * nR] + dots[i];
         }
@@ -87,7 +88,7 @@ MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T
 // One thread's float32 scratch: a block's rows of x, a row of A, one chunk of transposed B.
 struct Scratch {
     std::vector<float> xf, af, bt;
-    explicit Scratch(const LoRAArgs& a) : xf(kTokens * a.in_features), af(kLanes * a.in_features),
+    explicit Scratch(const LoRAArgs& a) : xf(kMaxTokens * a.in_features), af(kLanes * a.in_features),
                                           bt(a.max_rank * kCols) {}
 };
 
@@ -96,12 +97,12 @@ struct ColumnChunk {
     int64_t slice, col, cols;
 };
 
-// The shrink, u = x @ A.T for a segment's tokens (blocks of kTokens), in parts of rows of A; then
+// The shrink, u = x @ A.T for a segment's tokens (blocks of W), in parts of rows of A; then
 // per chunk of kCols output columns of a slice the chunk of B transposed once (it stays in L1) and
 // added to every token's y. B is read once per segment, whatever its size (a 7B gate_up B is
 // 4.8 MB a slot). Called by every thread of the team: each takes its parts and chunks ("omp for");
 // each thread's share of the arithmetic is the same whatever the team's size, so are the bits.
-template <typename T>
+template <int64_t W, typename T>
 MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int64_t slot, float* u,
                              const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {
     const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R;
@@ -112,14 +113,14 @@ MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int6
     const int64_t per = (nR + parts - 1) / parts;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < parts; ++p)
-        for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
-            const int64_t mt = std::min(kTokens, end - t0);
+        for (int64_t t0 = begin; t0 < end; t0 += W) {
+            const int64_t mt = std::min(W, end - t0);
             for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
                 const T* row = static_cast<const T*>(a.x) + (t0 + i) * a.x_stride;
 #pragma omp simd
                 for (int64_t d = 0; d < in; ++d) w.xf[i * in + d] = to_float(row[d]);
             }
-            shrink(u + (t0 - begin) * nR, nR, w.xf.data(), mt, A, ranks, R, p * per, std::min(nR, (p + 1) * per), in,
+            shrink<W>(u + (t0 - begin) * nR, nR, w.xf.data(), mt, A, ranks, R, p * per, std::min(nR, (p + 1) * per), in,
                    w.af.data());
         }
     T* y = static_cast<T*>(a.y) + begin * a.y_stride;
@@ -130,19 +131,22 @@ MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int6
         if (r == 0) continue;
         transpose_chunk(w.bt.data(), B + col * R, R, r, cols);
         for (int64_t i = 0; i < end - begin; ++i)
-            expand_chunk(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
+            expand_chunk<W>(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
     }
 }
 
 using SegmentFn = void (*)(const LoRAArgs&, int64_t, float*, const std::vector<ColumnChunk>&, int64_t, Scratch&);
-#define MCL_SEGMENT(NAME, T)                                                                                \
-    MCL_CLONES void NAME(const LoRAArgs& a, int64_t s, float* u, const std::vector<ColumnChunk>& chunks,   \
-                         int64_t parts, Scratch& w) {                                                     \
-        lora_segment<T>(a, a.seg_starts[s], a.seg_starts[s + 1], a.seg_slots[s], u, chunks, parts, w); \
+#define MCL_SEGMENT(NAME, T, W)                                                                              \
+    MCL_CLONES void NAME(const LoRAArgs& a, int64_t s, float* u, const std::vector<ColumnChunk>& chunks,     \
+                         int64_t parts, Scratch& w) {                                                       \
+        lora_segment<W, T>(a, a.seg_starts[s], a.seg_starts[s + 1], a.seg_slots[s], u, chunks, parts, w); \
     }
-MCL_SEGMENT(segment_f32, float)
-MCL_SEGMENT(segment_f16, F16)
-MCL_SEGMENT(segment_bf16, BF16)
+MCL_SEGMENT(segment_f32_8, float, 8)
+MCL_SEGMENT(segment_f16_8, F16, 8)
+MCL_SEGMENT(segment_bf16_8, BF16, 8)
+MCL_SEGMENT(segment_f32_16, float, 16)
+MCL_SEGMENT(segment_f16_16, F16, 16)
+MCL_SEGMENT(segment_bf16_16, BF16, 16)
 
 // Below this many multiply-adds per thread, starting one costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
@@ -151,8 +155,11 @@ constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 
 // The parallel region stays out of the cloned functions (its outlined body would be compiled for
 // the baseline only); each segment's work is one call of the clone picked for the machine.
-void lora_apply(const LoRAArgs& a, DType dtype, int num_threads) {
-    const SegmentFn segment = dtype == DType::f32 ? segment_f32 : dtype == DType::f16 ? segment_f16 : segment_bf16;
+void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
+    const bool wide = (lanes ? lanes : dot_lanes()) == 16;
+    const SegmentFn segment = dtype == DType::f32   ? (wide ? segment_f32_16 : segment_f32_8)
+                            : dtype == DType::f16 ? (wide ? segment_f16_16 : segment_f16_8)
+                                                  : (wide ? segment_bf16_16 : segment_bf16_8);
     const int64_t nR = a.num_slices * a.max_rank;
     int64_t longest = 0, tokens = 0;
     for (int64_t s = 0; s < a.num_segments; ++s)

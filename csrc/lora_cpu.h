@@ -32,6 +32,8 @@ struct LoRAArgs {
 
 // With num_threads > 1, where the work is worth it, the rows of A and the output columns are
 // shared out over OpenMP threads (torch's runtime); the bits do not depend on the thread count.
-void lora_apply(const LoRAArgs& args, DType dtype, int num_threads);
+// lanes: tokens per block of the shrink and width of its dot-product tiles, 8 or 16 (0: dot_lanes(),
+// the machine's); the results differ only in rounding.
+void lora_apply(const LoRAArgs& args, DType dtype, int num_threads, int lanes = 0);
 
 }  // namespace mcl

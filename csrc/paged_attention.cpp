@@ -12,67 +12,105 @@
 namespace mcl {
 namespace {
 
-// exp(x) for x <= 0 (a score minus the row's maximum) in plain arithmetic, so that its loop is
-// vectorised: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; about 1 ulp).
-MCL_INLINE float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = (x * 1.44269504089f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
-    const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
+// exp(x) for x <= 0 (a score minus the row's maximum), W lanes at a time in plain vector arithmetic:
+// Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; about 1 ulp).
+template <int64_t W>
+MCL_INLINE fvec<W> exp_nonpositive(fvec<W> x) {
+    const fvec<W> zero = {};
+    x = x < -87.f ? zero - 87.f : x;
+    const fvec<W> n = (x * 1.44269504089f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
+    const fvec<W> r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    fvec<W> p = zero + 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    return y * from_bits(bits);
+    const fvec<W> y = p * r * r + r + 1.f;
+    const ivec<W> bits = (__builtin_convertvector(n, ivec<W>) + 127) << 23;  // 2^n
+    fvec<W> two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
 }
 
-// max(s[0:n]), n >= 1, 16 lanes at a time (a scalar max chain waits out each compare's latency).
-MCL_INLINE float max_of(const float* s, int64_t n) {
+// s[t] = exp(s[t] - max(s[0:n])) for t < n (n >= 1); returns their sum. The last n % W scores
+// through one vector padded with -87 (whose exps are not added).
+template <int64_t W>
+MCL_INLINE float softmax_numerators(float* s, int64_t n) {
     float mx = s[0];
     int64_t t = 0;
-    if (n >= kLanes) {
-        f32x16 m = load16(s);
-        for (t = kLanes; t + kLanes <= n; t += kLanes) {
-            const f32x16 v = load16(s + t);
+    if (n >= W) {
+        fvec<W> m = load16<W>(s);
+        for (t = W; t + W <= n; t += W) {
+            const fvec<W> v = load16<W>(s + t);
             m = v > m ? v : m;
         }
-        for (int64_t l = 0; l < kLanes; ++l) mx = std::max(mx, m[l]);
+        for (int64_t l = 0; l < W; ++l) mx = std::max(mx, m[l]);
     }
     for (; t < n; ++t) mx = std::max(mx, s[t]);
-    return mx;
+    fvec<W> sum = {};
+    for (t = 0; t + W <= n; t += W) {
+        const fvec<W> e = exp_nonpositive<W>(load16<W>(s + t) - mx);
+        std::memcpy(s + t, &e, sizeof e);
+        sum += e;
+    }
+    float total = 0.f;
+    for (int64_t l = 0; l < W; ++l) total += sum[l];
+    if (t < n) {
+        fvec<W> tail = {};
+        tail -= 87.f;
+        std::memcpy(&tail, s + t, (n - t) * sizeof(float));
+        const fvec<W> e = exp_nonpositive<W>(tail - mx);
+        std::memcpy(s + t, &e, (n - t) * sizeof(float));
+        for (int64_t l = 0; l < n - t; ++l) total += e[l];
+    }
+    return total;
 }
 
-constexpr int64_t kChains = 4;  // independent partial sums of weighted_sum (FMA latency)
+// W floats from p (converted from 16 bits where T is).
+template <int64_t W, typename T>
+MCL_INLINE fvec<W> load_float(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return load16<W>(p);
+    } else {
+        fvec<W> v;
+        for (int64_t l = 0; l < W; ++l) v[l] = to_float(p[l]);
+        return v;
+    }
+}
 
-// acc[0:D] += sum_j p[j] * v_j for the m value rows v_j = v + j * stride of one block, kLanes
-// columns at a time with the partial sums in registers.
-template <typename T>
+// acc[0:kVecs * W] += sum_j p[j] * v_j[0:kVecs * W] for the m value rows v_j = v + j * stride: the
+// partial sums in registers, two rows at a time into two sets (FMA latency).
+template <int64_t W, int64_t kVecs, typename T>
+MCL_INLINE void weighted_columns(float* acc, const float* p, const T* v, int64_t stride, int64_t m) {
+    fvec<W> even[kVecs] = {}, odd[kVecs] = {};
+    int64_t j = 0;
+    for (; j + 2 <= m; j += 2) {
+        const T* row = v + j * stride;
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < kVecs; ++c) {
+            even[c] += p[j] * load_float<W>(row + c * W);
+            odd[c] += p[j + 1] * load_float<W>(row + stride + c * W);
+        }
+    }
+    if (j < m)
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < kVecs; ++c) even[c] += p[j] * load_float<W>(v + j * stride + c * W);
+#pragma GCC unroll 4
+    for (int64_t c = 0; c < kVecs; ++c) {
+        const fvec<W> sum = load16<W>(acc + c * W) + (even[c] + odd[c]);
+        std::memcpy(acc + c * W, &sum, sizeof sum);
+    }
+}
+
+// acc[0:D] += sum_j p[j] * v_j for the m value rows v_j = v + j * stride of one block: 4W columns
+// at a time, then W, then one.
+template <int64_t W, typename T>
 MCL_INLINE void weighted_sum(float* acc, const float* p, const T* v, int64_t stride, int64_t D, int64_t m) {
     int64_t d0 = 0;
-    for (; d0 + kLanes <= D; d0 += kLanes) {
-        float part[kChains][kLanes] = {};
-        int64_t j = 0;
-        for (; j + kChains <= m; j += kChains)
-            for (int64_t c = 0; c < kChains; ++c) {
-                const float pj = p[j + c];
-                const T* row = v + (j + c) * stride + d0;
-#pragma omp simd
-                for (int64_t l = 0; l < kLanes; ++l) part[c][l] += pj * to_float(row[l]);
-            }
-        for (; j < m; ++j) {
-            const float pj = p[j];
-            const T* row = v + j * stride + d0;
-#pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) part[0][l] += pj * to_float(row[l]);
-        }
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[d0 + l] += (part[0][l] + part[1][l]) + (part[2][l] + part[3][l]);
-        static_assert(kChains == 4);
-    }
-    for (int64_t j = 0; j < m && d0 < D; ++j)  // the last D % kLanes columns
+    for (; d0 + 4 * W <= D; d0 += 4 * W) weighted_columns<W, 4>(acc + d0, p, v + d0, stride, m);
+    for (; d0 + W <= D; d0 += W) weighted_columns<W, 1>(acc + d0, p, v + d0, stride, m);
+    for (int64_t j = 0; j < m && d0 < D; ++j)
         for (int64_t d = d0; d < D; ++d) acc[d] += p[j] * to_float(v[j * stride + d]);
 }
 
@@ -98,8 +136,8 @@ MCL_INLINE void prefetch_sequence(const T* k_cache, const T* v_cache, const int3
         }
 }
 
-// Work items begin..end of (query row, KV head) pairs, item = row * Hkv + kv_head.
-template <typename T, int64_t kDim>
+// Work items begin..end of (query row, KV head) pairs, item = row * Hkv + kv_head; scores W keys at a time.
+template <typename T, int64_t kDim, int64_t W>
 MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t end) {
     const int64_t Hkv = a.num_kv_heads, D = kDim ? kDim : a.head_dim, G = a.num_heads / Hkv, bs = a.block_size;
     const int64_t row_stride = Hkv * D;  // between consecutive tokens of one cache block
@@ -134,21 +172,14 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
             const int64_t m = std::min(bs, n - t0);
             if (t0 + bs < n) prefetch_rows(block(k_cache, t0 + bs), std::min(bs, n - t0 - bs), row_stride, D);
             prefetch_rows(block(v_cache, t0), m, row_stride, D);
-            dot_block(&scores[t0], n, qf.data(), block(k_cache, t0), row_stride, D, G, m, kf.data());
+            dot_block<W>(&scores[t0], n, qf.data(), block(k_cache, t0), row_stride, D, G, m, kf.data());
         }
-        for (int64_t g = 0; g < G; ++g) {
-            float* s = &scores[g * n];
-            const float mx = max_of(s, n);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; ++t) sum += (s[t] = exp_nonpositive(s[t] - mx));
-            inv_sum[g] = 1.f / sum;
-        }
+        for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators<W>(&scores[g * n], n);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
             const T* v = block(v_cache, t0);
             const int64_t m = std::min(bs, n - t0);
-            for (int64_t g = 0; g < G; ++g) weighted_sum(&acc[g * D], &scores[g * n + t0], v, row_stride, D, m);
+            for (int64_t g = 0; g < G; ++g) weighted_sum<W>(&acc[g * D], &scores[g * n + t0], v, row_stride, D, m);
         }
         for (int64_t g = 0; g < G; ++g)
             for (int64_t d = 0; d < D; ++d) store(o + g * a.out_stride_h + d, acc[g * D + d] * inv_sum[g]);
@@ -157,10 +188,13 @@ MCL_INLINE void attend_range(const PagedAttentionArgs& a, int64_t begin, int64_t
 
 using AttendFn = void (*)(const PagedAttentionArgs&, int64_t, int64_t);
 
-// One clone set per dtype and head dim compiled in (0: any head dim, read at run time).
-#define MCL_ATTEND(T, DIM) \
-    MCL_CLONES void attend_##T##_##DIM(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { \
-        attend_range<T, DIM>(a, lo, hi);                                                     \
+// One clone set per dtype, head dim compiled in (0: any head dim, read at run time) and dot lanes.
+#define MCL_ATTEND(T, DIM)                                                                       \
+    MCL_CLONES void attend_##T##_##DIM##_8(const PagedAttentionArgs& a, int64_t lo, int64_t hi) {  \
+        attend_range<T, DIM, 8>(a, lo, hi);                                                      \
+    }                                                                                            \
+    MCL_CLONES void attend_##T##_##DIM##_16(const PagedAttentionArgs& a, int64_t lo, int64_t hi) { \
+        attend_range<T, DIM, 16>(a, lo, hi);                                                     \
     }
 #define MCL_HEAD_DIMS(X, T) X(T, 0) X(T, 16) X(T, 32) X(T, 64) X(T, 128) X(T, 256)
 MCL_HEAD_DIMS(MCL_ATTEND, float)
@@ -168,14 +202,14 @@ MCL_HEAD_DIMS(MCL_ATTEND, F16)
 MCL_HEAD_DIMS(MCL_ATTEND, BF16)
 
 template <typename T>
-AttendFn attend_for(int64_t head_dim);
+AttendFn attend_for(int64_t head_dim, int64_t lanes);
 #define MCL_CASE(T, DIM) \
-    if (head_dim == DIM) return attend_##T##_##DIM;
-#define MCL_DISPATCH(T)                               \
-    template <>                                       \
-    AttendFn attend_for<T>(int64_t head_dim) {        \
-        MCL_HEAD_DIMS(MCL_CASE, T)                    \
-        return attend_##T##_0;                        \
+    if (head_dim == DIM) return lanes == 16 ? attend_##T##_##DIM##_16 : attend_##T##_##DIM##_8;
+#define MCL_DISPATCH(T)                                                     \
+    template <>                                                             \
+    AttendFn attend_for<T>(int64_t head_dim, int64_t lanes) {               \
+        MCL_HEAD_DIMS(MCL_CASE, T)                                          \
+        return lanes == 16 ? attend_##T##_0_16 : attend_##T##_0_8;          \
     }
 MCL_DISPATCH(float)
 MCL_DISPATCH(F16)
@@ -213,10 +247,12 @@ std::vector<int64_t> cut_rows(const PagedAttentionArgs& a, int num_threads) {
 
 }  // namespace
 
-void paged_attention(const PagedAttentionArgs& a, DType dtype, int num_threads) {
+void paged_attention(const PagedAttentionArgs& a, DType dtype, int num_threads, int lanes) {
     if (a.cu_seqlens_q[a.num_seqs] <= a.cu_seqlens_q[0] || a.num_heads == 0) return;
-    const AttendFn attend = dtype == DType::f32 ? attend_for<float>(a.head_dim)
-                          : dtype == DType::f16 ? attend_for<F16>(a.head_dim) : attend_for<BF16>(a.head_dim);
+    const int64_t w = lanes ? lanes : dot_lanes();
+    const AttendFn attend = dtype == DType::f32   ? attend_for<float>(a.head_dim, w)
+                          : dtype == DType::f16 ? attend_for<F16>(a.head_dim, w)
+                                                : attend_for<BF16>(a.head_dim, w);
     const std::vector<int64_t> cuts = cut_rows(a, num_threads);
     const int64_t parts = static_cast<int64_t>(cuts.size()) - 1;
     const auto part = [&](int64_t i) { attend(a, cuts[i] * a.num_kv_heads, cuts[i + 1] * a.num_kv_heads); };

@@ -35,6 +35,8 @@ struct PagedAttentionArgs {
 
 // The query rows are cut into at most num_threads ranges of about equal work (keys read), each
 // worth a thread, run on OpenMP threads (torch's runtime, the same libgomp) where built with it.
-void paged_attention(const PagedAttentionArgs& args, DType dtype, int num_threads);
+// lanes: the width of the dot-product tiles, 8 or 16 (0: dot_lanes(), the machine's); the results
+// differ only in rounding.
+void paged_attention(const PagedAttentionArgs& args, DType dtype, int num_threads, int lanes = 0);
 
 }  // namespace mcl

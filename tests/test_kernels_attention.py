@@ -292,16 +292,24 @@ def test_prefill_large_cuda(dtype: torch.dtype) -> None:
 
 
 @NO_CPU
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("head_dim", [40, 16, 128])
 @pytest.mark.parametrize("block_size", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_cpu_block_sizes_and_head_dims(dtype: torch.dtype, block_size: int, head_dim: int) -> None:
-    """Block sizes below, between and above the kernel's 16-key tiles; D = 40 (the kernel for any
-    head dim: 16-wide chunks and a tail of 8) and two of the head dims compiled in."""
+def test_cpu_block_sizes_and_head_dims(dtype: torch.dtype, block_size: int, head_dim: int, lanes: int) -> None:
+    """Block sizes below, between and above the kernel's 8- and 16-key tiles (both widths, whichever
+    the machine would pick); D = 40 (the kernel for any head dim: a tail of columns past the tiles)
+    and two of the head dims compiled in."""
+
+    def impl(q, k_cache, v_cache, table, cu, ctx, scale, max_q_len):
+        return paged_attention_cpu(
+            q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu(), cu.cpu(), ctx.cpu(), scale, lanes=lanes
+        ).to(q.device)
+
     out, ref32, ref_lp = prefill_case(
-        dtype, head_dim, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14, impl=cpu_prefill
+        dtype, head_dim, block_size, 6, 2, [1, 1, 9, 4], [23, 1, 9, 50], seed=14, impl=impl
     )
-    check_rule(out, ref32, ref_lp, f"cpu bs{block_size} D{head_dim}")
+    check_rule(out, ref32, ref_lp, f"cpu bs{block_size} D{head_dim} lanes{lanes}")
 
 
 @NO_CPU
@@ -350,6 +358,7 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
         (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 2, 1], dtype=torch.int32)), ValueError),
         (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError),
         (lambda a: a.update(v_cache=a["v_cache"][:, :2]), ValueError),
+        (lambda a: a.update(lanes=4), ValueError),
     ],
     ids=[
         "q-dtype",
@@ -365,6 +374,7 @@ def test_cpu_strided_q_into_out_rows_and_threads(dtype: torch.dtype) -> None:
         "cu-decreasing",
         "cu-past-q",
         "cache-shapes",
+        "lanes",
     ],
 )
 def test_cpu_bad_arguments_raise(change, exc) -> None:

@@ -419,7 +419,7 @@ def test_triton_backend_reuses_its_workspace() -> None:
 NO_CPU_KERNEL = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
 
 
-def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int, ...], seed: int):
+def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int, ...], seed: int, lanes: int = 0):
     gen = torch.Generator().manual_seed(seed)
     lora_a, lora_b, ranks, scaling, offsets = (
         t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(8, hidden, 64, slice_ns, dtype, gen)
@@ -434,7 +434,7 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
     y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
     weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
     y_k, y_k3 = (
-        lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads)
+        lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads, lanes=lanes)
         for threads in (1, 3)
     )
     assert torch.equal(y_k, y_k3)  # the same bits on three threads
@@ -442,17 +442,19 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
 
 
 @NO_CPU_KERNEL
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("hidden", [96, 100], ids=["in96", "in100"])
 @pytest.mark.parametrize(
     "pattern,dtype",
     [(p, torch.bfloat16) for p in POPULARITY] + [("uniform", torch.float32), ("uniform", torch.float16)],
     ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1],
 )
-def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int) -> None:
+def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int, lanes: int) -> None:
     """Mixed ranks (8-64, one untargeted slice), rows without adapter, an empty segment; input
-    widths a multiple of 16 and not; one thread and three give the same bits."""
+    widths a multiple of 16 and not; blocks of 8 and 16 tokens (whichever the machine would pick);
+    one thread and three give the same bits."""
     y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
-        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern)
+        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern), lanes=lanes
     )
     check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
     for i, w in enumerate(seg_slots.tolist()):
@@ -472,7 +474,7 @@ def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
 
 @NO_CPU_KERNEL
 def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
-    """Segments longer than the kernel's 16-token blocks, one slice, y a column slice of a wider tensor."""
+    """Segments longer than the kernel's 8- or 16-token blocks, one slice, y a column slice of a wider tensor."""
     gen = torch.Generator().manual_seed(5)
     lora_a, lora_b, ranks, scaling, offsets = (
         t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 64, 16, (40,), torch.float32, gen)
@@ -512,8 +514,9 @@ def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
         (lambda a: a.update(seg_starts=np.array([0, 99], np.int32)), ValueError),
         (lambda a: a.update(lora_a=a["lora_a"][:, :, :10]), ValueError),
         (lambda a: a.update(ranks=a["ranks"] + 40), ValueError),
+        (lambda a: a.update(lanes=12), ValueError),
     ],
-    ids=["dtype", "x-vs-weights", "offsets", "slot", "rows", "in-features", "rank"],
+    ids=["dtype", "x-vs-weights", "offsets", "slot", "rows", "in-features", "rank", "lanes"],
 )
 def test_cpu_kernel_bad_arguments(change, exc) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -539,4 +542,5 @@ def test_cpu_kernel_bad_arguments(change, exc) -> None:
             LoRAWeightsCPU(args["lora_a"], args["lora_b"], args["scaling"], args["ranks"], args["offsets"]),
             args["seg_starts"],
             args["seg_slots"],
+            lanes=args.get("lanes"),
         )

@@ -16,7 +16,7 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 2
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 3
 if EXT is not None and not _CURRENT:
     warnings.warn(
         "mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
@@ -42,7 +42,10 @@ class PagedAttentionCPU:
     D; new when None) and returns it; rows not covered by cu_seqlens_q are left as they were.
     ``num_threads`` > 1 cuts the work (keys read) into up to that many parts, where there is enough
     of it, run on torch's OpenMP threads (the extension links the same runtime; built without
-    OpenMP, on threads of its own). Bad arguments raise ValueError / TypeError.
+    OpenMP, on threads of its own). ``lanes``: the width of the scores' dot-product tiles, 8 or 16
+    (None: 16 on a CPU with AVX-512, whose 32 vector registers hold a 16 x 16 tile; else 8); the
+    results differ only in rounding (tests run both on any machine). Bad arguments raise
+    ValueError / TypeError.
     """
 
     def __init__(
@@ -66,10 +69,13 @@ class PagedAttentionCPU:
         *,
         out: torch.Tensor | None = None,
         num_threads: int = 1,
+        lanes: int | None = None,
     ) -> torch.Tensor:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype)
-        self._plan.run(to_dlpack(out), to_dlpack(q), to_dlpack(k_cache), to_dlpack(v_cache), float(scale), num_threads)
+        self._plan.run(
+            to_dlpack(out), to_dlpack(q), to_dlpack(k_cache), to_dlpack(v_cache), float(scale), num_threads, lanes or 0
+        )
         return out
 
 
@@ -84,10 +90,11 @@ def paged_attention_cpu(
     *,
     out: torch.Tensor | None = None,
     num_threads: int = 1,
+    lanes: int | None = None,
 ) -> torch.Tensor:
     """One call of ``PagedAttentionCPU`` (which see): the metadata checked and applied once."""
     plan = PagedAttentionCPU(block_tables, cu_seqlens_q, context_lens, k_cache.shape[1] if k_cache.dim() == 4 else 0)
-    return plan(q, k_cache, v_cache, scale, out=out, num_threads=num_threads)
+    return plan(q, k_cache, v_cache, scale, out=out, num_threads=num_threads, lanes=lanes)
 
 
 @torch.library.custom_op("mcl::paged_attention_cpu", mutates_args=())
@@ -169,6 +176,7 @@ def lora_apply_cpu(
     seg_starts: np.ndarray,
     seg_slots: np.ndarray,
     num_threads: int = 1,
+    lanes: int | None = None,
 ) -> torch.Tensor:
     """``lora_apply``'s semantics on CPU tensors, every segment in one call: for segment i (tokens
     ``s[i]:s[i+1]``, slot ``w = seg_slots[i]``, -1 = no adapter) and slice j (rank ``r = ranks[w, j]``)
@@ -176,6 +184,7 @@ def lora_apply_cpu(
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
     ``num_threads`` > 1 shares the work out over up to that many of torch's OpenMP threads where it
-    is worth it (the same bits). Returns y."""
-    EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots, num_threads)
+    is worth it (the same bits). ``lanes``: tokens per block of the shrink, 8 or 16 (None: the
+    machine's, as for ``PagedAttentionCPU``). Returns y."""
+    EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots, num_threads, lanes or 0)
     return y
