@@ -14,10 +14,11 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 * ``KERNEL_MAX_THREADS``: decodes, and a small prefill group, through the attention kernel vs the
   padded path at each torch thread count up to ``--max-threads`` (default: the machine's cores);
   ``measured``: the largest count up to which the kernel is faster in every case.
-* ``PADDED_SMALL``: prompts without cached context and chunks after cached context, four per
-  group, of growing padded size (sequences x longest query x longest context), kernel vs padded;
-  ``measured``: the largest size up to which the kernel is faster (for both kinds; also as the
-  multiply-adds of ``q @ k.T``, ``measured_multiply_adds``, a unit that carries across shapes).
+* ``PADDED_SMALL_PROMPTS`` / ``PADDED_SMALL``: prompts without cached context / chunks after
+  cached context, four per group, of growing padded size (sequences x longest query x longest
+  context), kernel vs padded; ``measured``: the largest size up to which the kernel is faster for
+  that kind (also as the multiply-adds of ``q @ k.T``, ``measured_multiply_adds``, a unit that
+  carries across shapes).
 * ``SPLIT_GAIN``: on the padded path, decodes whose contexts are half short, half long, and prompts
   of two lengths, split by length vs one padded group; ``measured``: the largest ratio of padded
   work (split / one group, the cost ``CPUBackend._split`` computes) up to which the split is faster.
@@ -30,8 +31,10 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   that row count. ``MKL_MIN_ROWS``: the first row count from which ``F.linear`` on the plain weight
   beats the packed copy at every larger count measured.
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
-  length, the C++ kernel vs gather + bmm; ``measured``: the largest work (multiply-adds, as
-  ``CPUBackend.apply_lora`` counts them) up to which the kernel is faster.
+  length, the C++ kernel vs the torch route the backend takes otherwise (the slot range, these
+  four adapters being within ``LORA_RANGE_MAX_SLOTS``; gather + bmm tiles past it); ``measured``:
+  the largest work (multiply-adds, as ``CPUBackend.apply_lora`` counts them) up to which the
+  kernel is faster.
 * ``LORA_RANGE_MAX_SLOTS``: LoRA of the qkv projection over the slot range vs gather + bmm tiles,
   for steps of 1 to 16 adapters in consecutive slots (a prefill of a ``lora`` segment each, and 32
   decodes spread over them); ``measured``: the most adapters up to which the range is faster in both.
@@ -71,11 +74,11 @@ SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[
 # Step sizes: decodes and their contexts, small prompts, the prefill lengths swept, the longest
 # context / prompt of the split cases, the LoRA segments, the row counts of the linear layer.
 SIZES = dict(
-    decodes=32, decode_ctx=(256, 1024), prompts=[64, 48], prefill=[8, 16, 32, 64, 128, 256], longest=(1024, 512)
+    decodes=32, decode_ctx=(256, 1024), prompts=[64, 48], prefill=[8, 16, 32, 64, 128, 256, 512], longest=(1024, 512)
 )
 SIZES["lora"] = [300, 200, 150, 350]
 SIZES["linear_rows"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64]
+SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SIZES["lora_slots"] = [1, 2, 4, 8, 16]
 SMOKE_SIZES = dict(
     decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
@@ -212,13 +215,16 @@ def padded_small(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
             }
             print(f"  {kind} of {q} after {ctx - q}: {4 * q * ctx} pairs, kernel {point[kind]['kernel_speedup']:.2f}x")
         points.append(point)
-    # Both kinds, ordered by size: the largest size below the first at which the padded path wins.
-    flat = sorted((p[kind] for p in points for kind in p), key=lambda p: p["pairs"])
-    measured, found = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "pairs")
-    multiply_adds = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "multiply_adds")[0]
-    rule = "kernel faster for every group of at most this many pairs"
-    result = report("PADDED_SMALL", measured, found, points, rule)
-    result["PADDED_SMALL"]["measured_multiply_adds"] = multiply_adds
+    # Per kind, ordered by size: the largest size below the first at which the padded path wins.
+    result = {}
+    for kind, name in (("prompts", "PADDED_SMALL_PROMPTS"), ("chunks", "PADDED_SMALL")):
+        flat = [p[kind] for p in points]
+        measured, found = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "pairs")
+        multiply_adds = crossover(flat, lambda p: p["kernel_speedup"] >= 1, "multiply_adds")[0]
+        result |= report(
+            name, measured, found, points, f"kernel faster for every group of {kind} of at most this many pairs"
+        )
+        result[name]["measured_multiply_adds"] = multiply_adds
     return result
 
 
@@ -327,14 +333,14 @@ class LoRACase:
 
 
 def lora_kernel_max_work(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
-    kernel, tiles = cpu(LORA_KERNEL_MAX_WORK=float("inf")), cpu(layer_kernels=False, LORA_RANGE_MAX_SLOTS=0)
+    kernel, torch_route = cpu(LORA_KERNEL_MAX_WORK=float("inf")), cpu(layer_kernels=False)
     points = []
     for n in sizes["lora_tokens"]:
         case = LoRACase(shape, [n] * 4)
-        us = interleaved({"kernel": case.call(kernel), "tiles": case.call(tiles)}, args.reps, block=5)
-        points.append({"tokens": 4 * n, "work": case.work, "kernel_us": us["kernel"], "tiles_us": us["tiles"]})
-        print(f"  {4 * n} tokens ({case.work} multiply-adds): kernel {us['kernel']:.0f} us, tiles {us['tiles']:.0f} us")
-    measured, found = crossover(points, lambda p: p["kernel_us"] <= p["tiles_us"], "work")
+        us = interleaved({"kernel": case.call(kernel), "torch": case.call(torch_route)}, args.reps, block=5)
+        points.append({"tokens": 4 * n, "work": case.work, "kernel_us": us["kernel"], "torch_us": us["torch"]})
+        print(f"  {4 * n} tokens ({case.work} multiply-adds): kernel {us['kernel']:.0f} us, torch {us['torch']:.0f} us")
+    measured, found = crossover(points, lambda p: p["kernel_us"] <= p["torch_us"], "work")
     return report("LORA_KERNEL_MAX_WORK", measured, found, points, "the kernel faster at every work up to this")
 
 

@@ -57,8 +57,12 @@ def _cpu(**thresholds) -> CPUBackend:
 INF = float("inf")
 CPU_ROUTES = {
     "kernels": lambda: _cpu(LORA_KERNEL_MAX_WORK=INF, ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=INF, ONEDNN_MIN_WEIGHT=0),
-    "kernel+padded": lambda: _cpu(PADDED_SMALL=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=0),
-    "kernel+slot-range": lambda: _cpu(PADDED_SMALL=0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=INF),
+    "kernel+padded": lambda: _cpu(
+        PADDED_SMALL=0, PADDED_SMALL_PROMPTS=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=0
+    ),
+    "kernel+slot-range": lambda: _cpu(
+        PADDED_SMALL=0, PADDED_SMALL_PROMPTS=0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=INF
+    ),
     "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False, onednn_linear=False),
 }
 

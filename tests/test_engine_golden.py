@@ -208,7 +208,7 @@ def one_thread():
 def test_golden_through_the_cpu_attention_kernel(family, one_thread):
     name, base, adapters, ref = family
     backend = RecordingCPUBackend()
-    backend.PADDED_SMALL = 1 << 16  # every prefill group of these prompts through the kernel too
+    backend.PADDED_SMALL = backend.PADDED_SMALL_PROMPTS = 1 << 16  # every prefill group through the kernel too
     assert _run(base, adapters, NAMES[name], kv_cache_blocks=512, backend=backend)[0] == ref
     assert backend.kinds and all(True in kinds for kinds in backend.kinds)
 
@@ -220,7 +220,7 @@ def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, 
     prefixes), the golden tokens."""
     name, base, adapters, ref = family
     backend = RecordingCPUBackend()
-    backend.PADDED_SMALL = 150
+    backend.PADDED_SMALL = backend.PADDED_SMALL_PROMPTS = 150
     knobs = dict(block_size=4, max_num_batched_tokens=23, kv_cache_blocks=256, backend=backend)
     assert _run(base, adapters, NAMES[name], **knobs)[0] == ref
     assert {True, False} in backend.kinds

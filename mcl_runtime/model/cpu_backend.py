@@ -5,7 +5,8 @@ Routing (each threshold is a class constant; ``benchmarks/bench_cpu_routing.py``
 crossover behind it into ``benchmarks/results/cpu_routing.json``, under the constant's name):
 
 * attention: with at most ``KERNEL_MAX_THREADS`` torch threads, the decodes and every prefill group
-  of at most ``PADDED_SMALL`` padded (query, key) pairs go to ``paged_attention_cpu`` (on torch's
+  of at most ``PADDED_SMALL_PROMPTS`` (prompts without cached context) or ``PADDED_SMALL`` (chunks
+  after cached context) padded (query, key) pairs go to ``paged_attention_cpu`` (on torch's
   threads), which reads the paged cache in place; the other groups, and all of them past
   ``KERNEL_MAX_THREADS`` threads, attend as padded groups of torch ops. Static steps (the compiled
   decode) use the kernel as the custom op ``torch.ops.mcl.paged_attention_cpu``, which reads each
@@ -17,8 +18,8 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   through SDPA's causal path. The query heads sharing a KV head are folded into the query axis
   (prompts: SDPA's ``enable_gqa``), so K/V are never repeated for GQA.
 * LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
-  multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (for tiny work the
-  kernel's single call beats several torch ops). Larger ones, and all with ``layer_kernels=False``:
+  multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (it does only the
+  needed multiply-adds, in one call). Larger ones, and all with ``layer_kernels=False``:
   when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
   goes through every slot of that range, masked to its own (two GEMMs per slice, the second
   accumulating into ``y`` in place: G times the LoRA's multiply-adds, at the GEMMs' speed, and no
@@ -272,15 +273,20 @@ class CPUBackend:
     name = "cpu"
     # Past this many torch threads the padded path replaces the attention kernel.
     KERNEL_MAX_THREADS = 2  # cpu_routing.json: KERNEL_MAX_THREADS
-    # Prefill groups of at most this many padded (query, key) pairs go to the attention kernel.
-    PADDED_SMALL = 1 << 10  # cpu_routing.json: PADDED_SMALL, qwen0.5b
+    # Prefill groups of at most this many padded (query, key) pairs go to the attention kernel:
+    # prompts without cached context, and chunks after it (which BLAS's GEMMs on the padded group
+    # win sooner: the kernel reads the keys once per query row).
+    PADDED_SMALL_PROMPTS = 1 << 20  # cpu_routing.json: PADDED_SMALL_PROMPTS, qwen0.5b
+    PADDED_SMALL = 1 << 16  # cpu_routing.json: PADDED_SMALL, qwen0.5b
     # Decodes (prompts) are split by length when that leaves at most this share of the padded work.
     SPLIT_GAIN = 0.9  # cpu_routing.json: SPLIT_GAIN
     # Tokens per tile of the gather + bmm LoRA path.
     LORA_TILE = 128  # cpu_routing.json: LORA_TILE
     # A projection's LoRA goes to the C++ kernel up to this many multiply-adds (adapter tokens x
-    # slices x rank x (in + out per slice)): past it, gather + bmm on BLAS is faster.
-    LORA_KERNEL_MAX_WORK = 1 << 16  # cpu_routing.json: LORA_KERNEL_MAX_WORK
+    # slices x rank x (in + out per slice)). cpu_routing.json: the kernel beat the torch route at
+    # every work measured, up to 1024 tokens of four adapters at each shape; this is the largest
+    # (qwen7b's; 0.5B's prefill steps of 768 tokens stay far below it).
+    LORA_KERNEL_MAX_WORK = 480 << 20  # cpu_routing.json: LORA_KERNEL_MAX_WORK, qwen7b
     # Steps whose adapters span at most this many consecutive slots take the slot-range path.
     # cpu_routing.json: LORA_RANGE_MAX_SLOTS times the qkv projection, the range's worst case (its
     # output is narrow, so the G-fold shrink dominates): there the range wins decodes of 2-8 adapters
@@ -410,7 +416,9 @@ class CPUBackend:
         q = np.diff(attn.cu_seqlens_q_host[b0 : b1 + 1])
         ctx = attn.context_lens_host[b0:b1]
         max_q = int(q.max())
-        return (b1 - b0) * max_q * (max_q if (q == ctx).all() else int(ctx.max())) <= self.PADDED_SMALL
+        if (q == ctx).all():
+            return (b1 - b0) * max_q * max_q <= self.PADDED_SMALL_PROMPTS
+        return (b1 - b0) * max_q * int(ctx.max()) <= self.PADDED_SMALL
 
     @staticmethod
     def _kernel_group(attn: AttentionMeta, b0: int, b1: int) -> KernelGroup:
