@@ -582,6 +582,12 @@ RUN_HISTORY = """## Run history
   in each; LoRA overhead ours 10%, vLLM's 70%; peak RSS 5.5 vs 10.9 GiB (LoRA), 5.1 vs 9.6 GiB
   (base). On the machine the issue was filed from (AVX-512), vLLM ran this workload at 47.6-49.3 tok/s
   mixed and 79.1-89.2 base; here, without AVX-512, 19.8 and 66.5.
+  The same 64 x 128 workload after the AVX2 fix of the C++ kernels and the routing it moved (below,
+  "AVX2 lowering of the C++ kernels"; commit 3743534, one round), the committed
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json):
+  mixed 67.1 vs 20.0 tok/s (3.35x), base model 69.8 vs 65.0 tok/s (1.07x), 64 of 64 the same tokens
+  in each; LoRA overhead ours 4%, vLLM's 69%; peak RSS 5.45 vs 10.95 GiB (LoRA), 5.18 vs 9.59 GiB
+  (base).
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
@@ -628,6 +634,22 @@ RUN_HISTORY = """## Run history
   (512: cpu_routing.json's packed_speedup there is 0.90 at 0.5B, 0.94 at 7B, ~1 at 256) and the plain weights
   kept when the step budget reaches it. A fused C++ SiLU-and-multiply was tried and dropped: with
   its own exp it ran at half the speed of torch's two ops (Sleef's exp) on one thread.
+- **AVX2 lowering of the C++ kernels** (2026-12-06, AMD EPYC with AVX2 only, 2 threads): the
+  attention and LoRA kernels computed on GCC vectors of 16 floats in 16 x 16 dot-product tiles,
+  which fit AVX-512's 32 registers; on AVX2 (16 registers of 8 floats) the tiles spilled and GCC
+  built broadcasts and shuffles of the 64-byte vectors through the stack (perf annotate: most cycles
+  in stack stores). Tiles and vectors are now 8 floats wide where the CPU lacks AVX-512, and the
+  softmax's exp and the weighted sum of values work on explicit vectors (the exp loop had stayed
+  scalar). Synthetic decode step, one 0.5B layer, 64 sequences of 128-320 tokens in a 4 GiB cache's
+  shuffled blocks, 2 threads (not committed as a file): attention 3.47 -> 0.79 ms a layer (83 -> 19 ms a
+  step of 24 layers). LoRA, four rank-16 adapters on all seven projections, 24 layers, the kernel
+  alone: 144 -> 28 ms at 64 decodes, 497 -> 143 ms at 256 tokens. Rerun of
+  [cpu_routing.json](results/cpu_routing.json) (commit e0c1ce9): the LoRA kernel now beats the
+  backend's torch route at every size measured (four adapters, 4-1024 tokens; 2.1-2.8x at 0.5B's
+  qkv), so `LORA_KERNEL_MAX_WORK` covers them all (it had served only tiny work); the attention
+  kernel beats the padded path for prompts up to the largest measured (four of 512 tokens;
+  `PADDED_SMALL_PROMPTS`, new) and for chunks after cached context up to 65536 pairs (`PADDED_SMALL`,
+  1024 before); decodes 2.8-3.2x the padded path at 0.5B and 7B (0.92-1.07x before).
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just
