@@ -279,8 +279,8 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    // The kernels' calling convention (3: tensors as DLPack capsules, a lanes argument); kernels/cpu.py uses them only
-    // when it matches, so a stale build falls back to torch's ops instead of failing at a call.
+    // The kernels' calling convention (3: tensors as DLPack capsules, a lanes argument); kernels/cpu.py
+    // uses them only when it matches, so a stale build falls back to torch's ops instead of failing at a call.
     m.attr("KERNEL_ABI") = 3;
 
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")

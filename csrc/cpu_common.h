@@ -1,6 +1,6 @@
 // Shared by the CPU kernels: 16-bit floats as their bits and their conversions to and from
 // float32 (torch's rounding: nearest even), the function multi-versioning of inner loops, and
-// blocks of dot products (16 at a time, summed across vector lanes by one butterfly).
+// blocks of dot products (8 or 16 at a time, summed across vector lanes by one butterfly).
 #pragma once
 
 #include <algorithm>
@@ -71,7 +71,7 @@ MCL_INLINE void store(F16* p, float x) {  // round to nearest even; overflow to 
     }
 }
 
-constexpr int64_t kLanes = 16;  // one AVX-512 register of float32
+constexpr int64_t kLanes = 16;  // the widest dot-product tile: one AVX-512 register of float32
 
 // GCC/Clang vectors of W floats (int32 lane indices): lowered per clone's ISA. (GCC drops the
 // attribute from an alias template, hence the struct.)
@@ -84,11 +84,9 @@ template <int64_t W>
 using fvec = typename Vectors<W>::f;
 template <int64_t W>
 using ivec = typename Vectors<W>::i;
-using f32x16 = fvec<kLanes>;
-static_assert(sizeof(f32x16) == kLanes * sizeof(float));
 
-template <int64_t W = kLanes>
-MCL_INLINE fvec<W> load16(const float* p) {
+template <int64_t W>
+MCL_INLINE fvec<W> load_vec(const float* p) {  // W floats from p, any alignment
     fvec<W> v;
     std::memcpy(&v, p, sizeof v);
     return v;
@@ -163,9 +161,9 @@ MCL_INLINE void dot_tile(float* s, const float* q, const float* k, int64_t strid
     const int64_t rows = kFull ? W : m;
     fvec<W> acc[W] = {};
     for (int64_t d0 = 0; d0 < D; d0 += W) {
-        const fvec<W> qv = load16<W>(q + d0);
+        const fvec<W> qv = load_vec<W>(q + d0);
 #pragma GCC unroll 16
-        for (int64_t j = 0; j < rows; ++j) acc[j] += qv * load16<W>(k + j * stride + d0);
+        for (int64_t j = 0; j < rows; ++j) acc[j] += qv * load_vec<W>(k + j * stride + d0);
     }
     lane_sums<W>(acc, s, rows);
 }

@@ -38,7 +38,7 @@ MCL_INLINE void expand_chunk(T* y, const float* u, const float* bt, int64_t r, i
     for (int64_t k = 0; k < r; ++k) {
         const float uk = u[k];
 #pragma GCC unroll 8
-        for (int64_t v = 0; v < kCols / W; ++v) acc[v] += uk * load16<W>(bt + k * kCols + v * W);
+        for (int64_t v = 0; v < kCols / W; ++v) acc[v] += uk * load_vec<W>(bt + k * kCols + v * W);
     }
     float sums[kCols];
     for (int64_t v = 0; v < kCols / W; ++v) {

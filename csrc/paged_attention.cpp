@@ -40,9 +40,9 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
     float mx = s[0];
     int64_t t = 0;
     if (n >= W) {
-        fvec<W> m = load16<W>(s);
+        fvec<W> m = load_vec<W>(s);
         for (t = W; t + W <= n; t += W) {
-            const fvec<W> v = load16<W>(s + t);
+            const fvec<W> v = load_vec<W>(s + t);
             m = v > m ? v : m;
         }
         for (int64_t l = 0; l < W; ++l) mx = std::max(mx, m[l]);
@@ -50,7 +50,7 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
     for (; t < n; ++t) mx = std::max(mx, s[t]);
     fvec<W> sum = {};
     for (t = 0; t + W <= n; t += W) {
-        const fvec<W> e = exp_nonpositive<W>(load16<W>(s + t) - mx);
+        const fvec<W> e = exp_nonpositive<W>(load_vec<W>(s + t) - mx);
         std::memcpy(s + t, &e, sizeof e);
         sum += e;
     }
@@ -71,7 +71,7 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
 template <int64_t W, typename T>
 MCL_INLINE fvec<W> load_float(const T* p) {
     if constexpr (std::is_same_v<T, float>) {
-        return load16<W>(p);
+        return load_vec<W>(p);
     } else {
         fvec<W> v;
         for (int64_t l = 0; l < W; ++l) v[l] = to_float(p[l]);
@@ -98,7 +98,7 @@ MCL_INLINE void weighted_columns(float* acc, const float* p, const T* v, int64_t
         for (int64_t c = 0; c < kVecs; ++c) even[c] += p[j] * load_float<W>(v + j * stride + c * W);
 #pragma GCC unroll 4
     for (int64_t c = 0; c < kVecs; ++c) {
-        const fvec<W> sum = load16<W>(acc + c * W) + (even[c] + odd[c]);
+        const fvec<W> sum = load_vec<W>(acc + c * W) + (even[c] + odd[c]);
         std::memcpy(acc + c * W, &sum, sizeof sum);
     }
 }
