@@ -588,6 +588,17 @@ RUN_HISTORY = """## Run history
   mixed 67.1 vs 20.0 tok/s (3.35x), base model 69.8 vs 65.0 tok/s (1.07x), 64 of 64 the same tokens
   in each; LoRA overhead ours 4%, vLLM's 69%; peak RSS 5.45 vs 10.95 GiB (LoRA), 5.18 vs 9.59 GiB
   (base).
+  1.5B after the same change (16 requests of 32 new tokens, two rounds, 2 GiB KV each, commit
+  1d418b9): mixed 8.0 vs 2.5 tok/s (3.24x; rounds 2.87x, 3.61x), base model 8.5 vs 8.1 tok/s (1.05x;
+  rounds 1.02x, 1.08x); 32 of 32 the same tokens with four adapters, 31 of 32 on the base model
+  (one request left vLLM's tokens after 27 of 32); LoRA overhead ours 6% (rounds 9%, 3%), vLLM's
+  69%; peak RSS 9.50 vs 13.90 GiB (LoRA), 9.03 vs 12.51 GiB (base).
+  0.5B, 32 requests of 64 new tokens, two rounds (commit 2e76cab),
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu.json): mixed
+  45.0 vs 11.2 tok/s (4.01x; rounds 3.95x, 4.06x), one adapter 3.59x (3.50x, 3.68x), base model 49.6
+  vs 44.0 tok/s (1.13x; rounds 1.15x, 1.11x), 64 of 64 the same tokens in each scenario; LoRA
+  overhead ours 9% (rounds 9%, 9%), vLLM's 74%; peak RSS 5.25 vs 10.95 GiB (LoRA), 4.84 vs 9.56
+  GiB (base).
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
