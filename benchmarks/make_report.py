@@ -599,6 +599,11 @@ RUN_HISTORY = """## Run history
   vs 44.0 tok/s (1.13x; rounds 1.15x, 1.11x), 64 of 64 the same tokens in each scenario; LoRA
   overhead ours 9% (rounds 9%, 9%), vLLM's 74%; peak RSS 5.25 vs 10.95 GiB (LoRA), 4.84 vs 9.56
   GiB (base).
+  bf16 small check rerun (8 requests of 32 new tokens, one round, commit 2f26578), the committed
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
+  mixed 5.16 vs 3.42 tok/s (1.51x; was 1.43x), base 5.23 vs 5.21 tok/s (1.00x), the same tokens on
+  3 of 8 (mixed) and 0 of 8 (base) as before; LoRA overhead ours 2% (was 9%), vLLM's 34%; peak RSS
+  1.95 vs 7.76 GiB (LoRA), 1.96 vs 7.24 GiB (base).
 - **cpu backend routing** (2026-12-06, AMD EPYC, 2 threads, 1-minute load under 1.5), three shapes,
   [cpu_routing.json](results/cpu_routing.json): on this machine the C++ LoRA kernel loses to gather +
   bmm at every measured size of the 0.5B and 7B shapes (2-7x), so it now serves only tiny work
