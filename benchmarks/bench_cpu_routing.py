@@ -30,6 +30,12 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   packed weight whose plain copy was freed): ``packed_speedup`` against the faster plain route at
   that row count. ``MKL_MIN_ROWS``: the first row count from which ``F.linear`` on the plain weight
   beats the packed copy at every larger count measured.
+* ``BF16_UPCAST_MIN_ROWS`` / ``BF16_UPCAST_MIN_WORK``: the qkv projection (with its bias) in
+  bfloat16, as float32 GEMMs on pieces of the weight (``CPUBackend._linear_upcast``) vs torch's
+  bfloat16 ``F.linear`` at growing row counts; ``measured``: the first count from which the float32
+  GEMMs are faster at every larger count, and its multiply-adds (rows x weight elements; the
+  calls' fixed cost decides it on small weights). ``native_bf16_gemm`` records whether torch's
+  bfloat16 GEMM is oneDNN's on this CPU (the backend upcasts only where it is not).
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs the torch route the backend takes otherwise (the slot range, these
   four adapters being within ``LORA_RANGE_MAX_SLOTS``; gather + bmm tiles past it); ``measured``:
@@ -60,7 +66,7 @@ import torch
 from common import base_parser, environment, interleaved, parse_with_smoke, save_result
 
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta, lora_segments
-from mcl_runtime.model.cpu_backend import CPUBackend
+from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
 from mcl_runtime.model.layers import LinearWithLoRA
 
 BLOCK_SIZE = 16
@@ -78,12 +84,14 @@ SIZES = dict(
 )
 SIZES["lora"] = [300, 200, 150, 350]
 SIZES["linear_rows"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+SIZES["bf16_rows"] = [1, 2, 4, 8, 16, 32, 64, 128]
 SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SIZES["lora_slots"] = [1, 2, 4, 8, 16]
 SMOKE_SIZES = dict(
     decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
 )
 SMOKE_SIZES["linear_rows"] = [1, 8]
+SMOKE_SIZES["bf16_rows"] = [1, 8]
 SMOKE_SIZES["lora_tokens"] = [1, 4]
 SMOKE_SIZES["lora_slots"] = [1, 2]
 
@@ -302,6 +310,40 @@ def onednn_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     }
 
 
+def bf16_upcast_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(sum(shape["qkv"]), shape["hidden"], generator=gen).bfloat16()
+    b = torch.randn(len(w), generator=gen).bfloat16()
+    routes = {
+        "upcast": cpu(bf16_upcast=True, BF16_UPCAST_MIN_ROWS=1, BF16_UPCAST_MIN_WORK=0),
+        "bf16": cpu(bf16_upcast=False),
+    }
+    points = []
+    for rows in sizes["bf16_rows"]:
+        x = torch.randn(rows, shape["hidden"], generator=gen).bfloat16()
+        us = interleaved({name: (lambda r=r: r.linear(x, w, b)) for name, r in routes.items()}, args.reps, block=5)
+        points.append(
+            {
+                "rows": rows,
+                "upcast_us": us["upcast"],
+                "bf16_us": us["bf16"],
+                "speedup": us["bf16"] / us["upcast"],
+                "native_bf16_gemm": NATIVE_BF16_GEMM,
+            }
+        )
+        print(f"  {rows} rows: float32 pieces {us['upcast']:.0f} us, bf16 F.linear {us['bf16']:.0f} us")
+    wins = [p["speedup"] >= 1 for p in points]
+    first = next((i for i in range(len(points)) if all(wins[i:])), None)
+    measured = 0 if first is None else points[first]["rows"]
+    found = first not in (None, 0)
+    rule = "float32 GEMMs on pieces faster than torch's bfloat16 GEMM from this row count on (0: nowhere)"
+    work_rule = "the same, as multiply-adds: that row count x the weight's elements (0: nowhere)"
+    return {
+        **report("BF16_UPCAST_MIN_ROWS", measured, found, points, rule),
+        **report("BF16_UPCAST_MIN_WORK", measured * w.numel(), found, points, work_rule),
+    }
+
+
 class LoRACase:
     """The qkv projection of ``shape`` with four rank-``shape["rank"]`` adapters, and a step whose four
     adapter segments have ``q_lens`` tokens."""
@@ -388,7 +430,8 @@ def main() -> None:
     with torch.inference_mode():
         for shape_name, shape in shapes.items():
             print(f"\n{shape_name}: {shape}")
-            measures = (kernel_max_threads, padded_small, split_gain, onednn_rows, lora_kernel_max_work)
+            measures = (kernel_max_threads, padded_small, split_gain, onednn_rows, bf16_upcast_rows)
+            measures += (lora_kernel_max_work,)
             for measure in (*measures, lora_range_max_slots, lora_tile):
                 for name, entry in measure(shape, sizes, args).items():
                     results.setdefault(name, {})[shape_name] = entry
@@ -399,7 +442,7 @@ def main() -> None:
             "env": environment("cpu"),
             "torch_threads": torch.get_num_threads(),
             "config": {
-                "dtype": "float32",
+                "dtype": "float32 (BF16_UPCAST_MIN_ROWS: bfloat16)",
                 "shapes": shapes,
                 "sizes": sizes,
                 "block_size": BLOCK_SIZE,

@@ -51,19 +51,23 @@ def _cpu(**thresholds) -> CPUBackend:
 
 
 # The cpu backend's routes: everything through the C++ kernels and every linear layer through
-# oneDNN (on its packed copies of the weights); decodes through the attention kernel, every prefill
-# group padded (prompts split by length) and LoRA as gather + bmm tiles; the same with LoRA over
-# the step's slot range; every torch path.
+# oneDNN (on its packed copies of the weights) or, in bfloat16, as float32 GEMMs on pieces of the
+# weight; decodes through the attention kernel, every prefill group padded (prompts split by
+# length) and LoRA as gather + bmm tiles; the same with LoRA over the step's slot range; every
+# torch path.
 INF = float("inf")
+EVERY_LINEAR = dict(ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=INF, ONEDNN_MIN_WEIGHT=0)
+# A weight of more than 1000 elements in several pieces.
+EVERY_UPCAST = dict(bf16_upcast=True, BF16_UPCAST_MIN_ROWS=1, BF16_UPCAST_MIN_WORK=0, BF16_UPCAST_CHUNK=1000)
 CPU_ROUTES = {
-    "kernels": lambda: _cpu(LORA_KERNEL_MAX_WORK=INF, ONEDNN_MIN_ROWS=1, ONEDNN_MAX_ROWS=INF, ONEDNN_MIN_WEIGHT=0),
+    "kernels": lambda: _cpu(LORA_KERNEL_MAX_WORK=INF, **EVERY_LINEAR, **EVERY_UPCAST),
     "kernel+padded": lambda: _cpu(
         PADDED_SMALL=0, PADDED_SMALL_PROMPTS=0, SPLIT_GAIN=1.0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=0
     ),
     "kernel+slot-range": lambda: _cpu(
         PADDED_SMALL=0, PADDED_SMALL_PROMPTS=0, LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=INF
     ),
-    "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False, onednn_linear=False),
+    "torch": lambda: CPUBackend(attention_kernel=False, layer_kernels=False, onednn_linear=False, bf16_upcast=False),
 }
 
 
@@ -272,6 +276,30 @@ def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:
     }
     for name, case in cases.items():
         check_rule(name, *each_backend(case, dtype, route))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("route", list(CPU_ROUTES))
+def test_linear_bf16(route: str, rows: int, bias: bool) -> None:
+    """A bfloat16 linear layer, with and without bias: as float32 GEMMs on several pieces of the
+    weight (``kernels``; the default routes past ``BF16_UPCAST_MIN_ROWS`` and ``BF16_UPCAST_MIN_WORK``
+    where oneDNN has no bfloat16 kernel), or torch's bfloat16 GEMM. (The float32 routes are held to the rule by
+    ``test_forward``.)"""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = random(gen, rows, 200), random(gen, 300, 200, scale=0.2), random(gen, 300) if bias else None
+    backend = CPU_ROUTES[route]()
+    weight = w.to(dtype)
+    backend.prepare_weights([weight])
+
+    def run(be, dt: torch.dtype) -> torch.Tensor:
+        with torch.inference_mode():
+            return be.linear(x.to(dt), weight if be is backend else w.to(dt), None if b is None else b.to(dt))
+
+    out = run(backend, dtype)
+    assert out.dtype == dtype and out.shape == (rows, 300)
+    check_rule("linear", out, run(ReferenceBackend(), dtype), run(ReferenceBackend(), torch.float64))
 
 
 @functools.cache

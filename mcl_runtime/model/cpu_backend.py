@@ -36,7 +36,12 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   ``MKL_MIN_ROWS`` rows: calls that large go to MKL's sgemm on the plain weight, so both copies are
   kept (by default only for small models, whose CPU step budget reaches it). Without packed copies
   (``pack_weights=False``), float32 eager steps of ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` rows
-  on weights that large call oneDNN on the plain weight; all others ``F.linear`` (MKL).
+  on weights that large call oneDNN on the plain weight; all others ``F.linear`` (MKL). Where
+  oneDNN has no bfloat16 kernel for the CPU (``NATIVE_BF16_GEMM`` false: no AVX-512), torch's
+  bfloat16 GEMM is a generic loop, several times slower than its float32 one: bfloat16 calls of at
+  least ``BF16_UPCAST_MIN_ROWS`` rows (and ``BF16_UPCAST_MIN_WORK`` multiply-adds) convert the
+  weight piece by piece into a float32 buffer and multiply in float32 (the same products and
+  float32 sums, rounded once to bfloat16).
 * RMSNorm (with the residual add fused) and RoPE: ``rms_norm_cpu`` (rows of a 2-D tensor) and
   ``rope_cpu`` (in place) on eager steps; compiled graphs keep torch's ops, which Inductor fuses.
   The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
@@ -47,6 +52,7 @@ Off the CPU, or where the extension is not built, every part takes its torch pat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +73,8 @@ from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, store_kv_torch
 
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Whether torch's bfloat16 GEMMs on this CPU are oneDNN's (AVX-512 or newer), not a generic loop.
+NATIVE_BF16_GEMM = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 Rows = slice | torch.Tensor  # a group's token rows: contiguous, or gathered (int64 indices)
 
@@ -82,12 +90,16 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = int(np.prod(shape))
+    def get(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Buffer ``name`` viewed as ``shape``, of ``like``'s dtype and device (or ``dtype``, on the CPU)."""
+        numel = math.prod(shape)
+        dtype, device = (like.dtype, like.device) if like is not None else (dtype, torch.device("cpu"))
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             grown = max(numel, int(buf.numel() * 1.5) if buf is not None else 0)  # contexts grow every step
-            buf = self._buffers[name] = torch.empty(grown, dtype=like.dtype, device=like.device)
+            buf = self._buffers[name] = torch.empty(grown, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
 
@@ -307,6 +319,14 @@ class CPUBackend:
     # (cpu_routing.json, ONEDNN_MAX_ROWS' points: packed 0.90x / 0.86x at 512 / 1024 rows at 0.5B's
     # qkv, 0.94x / 0.90x at 7B's, level at 256). Backends told that steps reach it keep both copies.
     MKL_MIN_ROWS = 512
+    # Where oneDNN has no bfloat16 kernel for the CPU (no AVX-512), torch's bfloat16 GEMM is a
+    # generic loop at a few GFLOP/s; bfloat16 linear layers of at least BF16_UPCAST_MIN_ROWS rows
+    # and BF16_UPCAST_MIN_WORK multiply-adds then run as float32 GEMMs on pieces of the weight of
+    # BF16_UPCAST_CHUNK elements, converted into a reused buffer (on fewer rows the conversion, on
+    # less work the calls' fixed cost, outweighs the faster GEMM).
+    BF16_UPCAST_MIN_ROWS = 8  # cpu_routing.json: BF16_UPCAST_MIN_ROWS
+    BF16_UPCAST_MIN_WORK = 1 << 20  # cpu_routing.json: BF16_UPCAST_MIN_WORK, demo
+    BF16_UPCAST_CHUNK = 1 << 20
 
     def __init__(
         self,
@@ -314,16 +334,20 @@ class CPUBackend:
         layer_kernels: bool = True,
         onednn_linear: bool = True,
         pack_weights: bool = True,
+        bf16_upcast: bool | None = None,
     ) -> None:
         """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
         thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
         RoPE on their torch paths. Both are off where the extension is not built.
         ``onednn_linear=False`` keeps every linear layer on ``F.linear``; ``pack_weights=False`` makes
-        no packed copies (the plain weights throughout)."""
+        no packed copies (the plain weights throughout). ``bf16_upcast``: whether bfloat16 linear
+        layers may run as float32 GEMMs (``BF16_UPCAST_MIN_ROWS``); None for where oneDNN has no
+        bfloat16 kernel for this CPU."""
         self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
         self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
         self.pack_weights = pack_weights and self.onednn_linear
+        self.bf16_upcast = not NATIVE_BF16_GEMM if bf16_upcast is None else bf16_upcast
         # id(weight) -> (weight, its packed copy, whether calls may still read the plain weight);
         # holding the weight keeps its id from being reused.
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
@@ -359,15 +383,13 @@ class CPUBackend:
         """Eager inference: oneDNN's inner product on the packed copy of ``weight`` when there is one
         (below ``MKL_MIN_ROWS`` rows, or always if the plain weight was freed); else, for float32
         rows ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` of a weight of ``ONEDNN_MIN_WEIGHT`` elements
-        or more, on the plain weight. ``F.linear`` otherwise (and always under autograd or in a
-        compiled graph)."""
-        if (
-            self.onednn_linear
-            and x.dtype == torch.float32
-            and x.is_cpu
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
+        or more, on the plain weight; bfloat16 rows as float32 GEMMs (``_linear_upcast``) where
+        ``bf16_upcast``, from ``BF16_UPCAST_MIN_ROWS`` rows and ``BF16_UPCAST_MIN_WORK`` multiply-adds.
+        ``F.linear`` otherwise (and always under
+        autograd or in a compiled graph)."""
+        if not x.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.linear(x, weight, bias)
+        if self.onednn_linear and x.dtype == torch.float32:
             packed = self._packed.get(id(weight))
             if packed is not None:
                 _, blocked, plain = packed
@@ -375,7 +397,42 @@ class CPUBackend:
                     return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
             elif self.ONEDNN_MIN_ROWS <= len(x) <= self.ONEDNN_MAX_ROWS and weight.numel() >= self.ONEDNN_MIN_WEIGHT:
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        elif (
+            self.bf16_upcast
+            and x.dtype == weight.dtype == torch.bfloat16
+            and x.dim() == 2
+            and len(x) >= self.BF16_UPCAST_MIN_ROWS
+            and len(x) * weight.numel() >= self.BF16_UPCAST_MIN_WORK
+        ):
+            return self._linear_upcast(x, weight, bias)
         return F.linear(x, weight, bias)
+
+    def _linear_upcast(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x [T, in] @ weight[out, in].T + bias`` of bfloat16 tensors as float32 GEMMs, one per
+        ``BF16_UPCAST_CHUNK`` elements of ``weight`` converted into a reused buffer. The products of
+        bfloat16 values are exact in float32 and the sums accumulate in float32, rounded once to
+        bfloat16: what a bfloat16 GEMM computes, in another order of summation. The GEMMs are
+        oneDNN's up to ``ONEDNN_MAX_ROWS`` rows (MKL's sgemm is slow on a few rows), MKL's beyond."""
+        ws, (T, K), N = self._workspace, x.shape, weight.shape[0]
+        onednn = self.onednn_linear and T <= self.ONEDNN_MAX_ROWS
+        x32 = ws.get("upcast_x", (T, K), dtype=torch.float32)
+        x32.copy_(x)
+        y = x.new_empty(T, N)
+        rows = min(N, max(1, self.BF16_UPCAST_CHUNK // K))
+        w_buf = ws.get("upcast_w", (rows * K,), dtype=torch.float32)
+        y_buf = None if onednn else ws.get("upcast_y", (T * rows,), dtype=torch.float32)
+        for n0 in range(0, N, rows):  # pieces of the weight: a fixed count per shape
+            n = min(rows, N - n0)
+            w32 = w_buf[: n * K].view(n, K)
+            w32.copy_(weight[n0 : n0 + n])
+            if onednn:
+                part = torch.ops.mkldnn._linear_pointwise(x32, w32, None, "none", [], "")
+            else:
+                part = torch.mm(x32, w32.t(), out=y_buf[: T * n].view(T, n))
+            if bias is not None:
+                part += bias[n0 : n0 + n]
+            y[:, n0 : n0 + n] = part
+        return y
 
     # ---- per step -----------------------------------------------------------------------------
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
