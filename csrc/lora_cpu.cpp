@@ -9,6 +9,11 @@ namespace {
 constexpr int64_t kMaxTokens = kLanes;  // tokens per block of the shrink (W <= 16: one lane each)
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
 constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
+// Tokens per pass of the expand of 16-bit y: each pass walks its tokens' rows of y chunk by chunk
+// rather than one chunk of every token's row (a page apart each). For bfloat16 at 512 tokens of a
+// 0.5B model, 1.2x the one pass over all tokens that float32 keeps (its transposes, repeated per
+// pass, cost more there than the order saves).
+constexpr int64_t kExpandTokens = 32;
 
 // y[0:w] += acc[0:w], the sum in float32 and y rounded once.
 template <typename T>
@@ -17,6 +22,7 @@ MCL_INLINE void add_row(T* y, const float* acc, int64_t w) {
 #pragma omp simd
         for (int64_t l = 0; l < w; ++l) y[l] += acc[l];
     } else {
+#pragma omp simd
         for (int64_t l = 0; l < w; ++l) store(y + l, to_float(y[l]) + acc[l]);
     }
 }
@@ -124,15 +130,21 @@ MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int6
                    w.af.data());
         }
     T* y = static_cast<T*>(a.y) + begin * a.y_stride;
-#pragma omp for schedule(static)
-    for (size_t c = 0; c < chunks.size(); ++c) {
-        const auto [j, col, cols] = chunks[c];
-        const int64_t r = ranks[j];
-        if (r == 0) continue;
-        transpose_chunk(w.bt.data(), B + col * R, R, r, cols);
-        for (int64_t i = 0; i < end - begin; ++i)
-            expand_chunk<W>(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
+    const int64_t pass = std::is_same_v<T, float> ? std::max<int64_t>(end - begin, 1) : kExpandTokens;
+    for (int64_t i0 = 0; i0 < end - begin; i0 += pass) {
+        const int64_t i1 = std::min(end - begin, i0 + pass);
+        // The same bounds and static schedule give each thread the same chunks in every pass.
+#pragma omp for schedule(static) nowait
+        for (size_t c = 0; c < chunks.size(); ++c) {
+            const auto [j, col, cols] = chunks[c];
+            const int64_t r = ranks[j];
+            if (r == 0) continue;
+            transpose_chunk(w.bt.data(), B + col * R, R, r, cols);
+            for (int64_t i = i0; i < i1; ++i)
+                expand_chunk<W>(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
+        }
     }
+#pragma omp barrier
 }
 
 using SegmentFn = void (*)(const LoRAArgs&, int64_t, float*, const std::vector<ColumnChunk>&, int64_t, Scratch&);

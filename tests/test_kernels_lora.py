@@ -473,29 +473,33 @@ def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
 
 
 @NO_CPU_KERNEL
-def test_cpu_kernel_long_segments_into_a_strided_view() -> None:
-    """Segments longer than the kernel's 8- or 16-token blocks, one slice, y a column slice of a wider tensor."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_kernel_long_segments_into_a_strided_view(dtype: torch.dtype) -> None:
+    """Segments longer than the kernel's 8- or 16-token blocks and than its passes over 16-bit y,
+    one slice, y a column slice of a wider tensor; one thread and three (work enough for three)
+    give the same bits."""
     gen = torch.Generator().manual_seed(5)
     lora_a, lora_b, ranks, scaling, offsets = (
-        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 64, 16, (40,), torch.float32, gen)
+        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 512, 32, (200,), dtype, gen)
     )
     seg_starts, seg_slots = np.array([0, 70, 75, 140], np.int32), np.array([2, -1, 0], np.int32)
-    x = torch.randn(140, 64, generator=gen)
-    wide = torch.randn(140, 50, generator=gen)
-    expected = wide.clone()
-    lora_apply_ref(
-        x,
-        expected[:, 5:45],
-        lora_a,
-        lora_b,
-        torch.from_numpy(seg_starts),
-        torch.from_numpy(seg_slots),
-        ranks,
-        scaling,
-        offsets,
+    x = torch.randn(140, 512, generator=gen).to(dtype)
+    wide = torch.randn(140, 210, generator=gen).to(dtype)
+    starts, slots = torch.from_numpy(seg_starts), torch.from_numpy(seg_slots)
+    y_ref32 = lora_apply_ref(
+        x.float(), wide[:, 5:205].float(), lora_a.float(), lora_b.float(), starts, slots, ranks, scaling, offsets
     )
-    lora_apply_cpu(x, wide[:, 5:45], LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets), seg_starts, seg_slots)
-    torch.testing.assert_close(wide, expected)
+    y_reflp = lora_apply_ref(x, wide[:, 5:205].clone(), lora_a, lora_b, starts, slots, ranks, scaling, offsets)
+    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
+    outs = []
+    for threads in (1, 3):
+        out = wide.clone()
+        lora_apply_cpu(x, out[:, 5:205], weights, seg_starts, seg_slots, num_threads=threads)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    check_rule(outs[0][:, 5:205], y_ref32, y_reflp, "long segments")
+    assert torch.equal(outs[0][:, :5], wide[:, :5]) and torch.equal(outs[0][:, 205:], wide[:, 205:])
+    assert torch.equal(outs[0][70:75], wide[70:75])  # the rows without adapter
 
 
 @NO_CPU_KERNEL
