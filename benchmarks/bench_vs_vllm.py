@@ -28,7 +28,8 @@ with its defaults); every other setting is each engine's default.
 
 Per scenario: output tokens/s, wall time, each round's ratio (ours / vLLM) and the median; peak memory of
 each engine's process tree (RSS summed over its processes, sampled every 0.5 s); the share of the machine's matmul peak
-(FLOPs from the shapes over the best ``torch.mm`` FLOP/s measured here at the same dtype and threads);
+(FLOPs from the shapes over the best ``torch.mm`` FLOP/s measured here at the same threads and dtype, or
+float32 for a 16-bit dtype where that is faster: it multiplies the same values exactly);
 how many requests' tokens agree between the engines. ``--smoke`` runs a shrunk model, our side only (no
 vLLM), in seconds. Writes ``benchmarks/results/vs_vllm_<shape>_<device>[_defaults][_<tag>].json`` and a
 ``.png``.
@@ -154,12 +155,19 @@ def workload_flops(cfg: dict, wl: dict, rank: int) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, threads: int, smoke: bool) -> dict:
-    """Best ``torch.mm`` FLOP/s over a few shapes (a decode-sized batch, a prefill chunk, a square)."""
+    """Best ``torch.mm`` FLOP/s over a few shapes (a decode-sized batch, a prefill chunk, a square).
+    Float32: the second operand row-major ``[k, n]`` and laid out as a linear layer's weight (``w.t()``
+    of a row-major ``[n, k]``). A 16-bit dtype: the weight layout (row-major takes a generic loop of
+    seconds per call on CPUs without 16-bit matmul units), in that dtype and in float32, which
+    multiplies the same values exactly (there, the faster way to the same products)."""
     torch.set_num_threads(threads)
     shapes = [(64, 896, 4864), (256, 896, 4864), (2048, 2048, 2048)] if not smoke else [(32, 64, 128)]
+    layouts = ("weight", "row_major") if dtype == torch.float32 else ("weight",)
+    cases = dict.fromkeys((dt, s, lay) for dt in (dtype, torch.float32) for s in shapes for lay in layouts)
     best, per_shape = 0.0, {}
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for dt, (m, k, n), layout in cases:
+        a = torch.randn(m, k).to(dt)
+        b = torch.randn(n, k).to(dt).t() if layout == "weight" else torch.randn(k, n).to(dt)
         t0 = time.perf_counter()
         torch.mm(a, b)
         # ten timed calls, fewer where one takes long (bf16 without native support: seconds each)
@@ -169,7 +177,7 @@ def matmul_peak(dtype: torch.dtype, threads: int, smoke: bool) -> dict:
             torch.mm(a, b)
             times.append(time.perf_counter() - t0)
         flops = 2 * m * k * n / statistics.median(times)
-        per_shape[f"{m}x{k}x{n}"] = flops / 1e9
+        per_shape[f"{str(dt).removeprefix('torch.')} {m}x{k}x{n} {layout}"] = flops / 1e9
         best = max(best, flops)
     return {"gflops": best / 1e9, "per_shape_gflops": per_shape, "threads": threads, "torch": torch.__version__}
 
