@@ -19,6 +19,7 @@ ours with ``max_loras=0``, vLLM without ``enable_lora``). Each engine runs in it
 goes first and draw fresh prompts (no prefix-cache reuse across scenarios or rounds; both engines get
 the same prompts in a round). Only one engine process runs at a time.
 
+vLLM's per-step watchdog (``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS``, 300 s) is raised to a day.
 Both engines get the same KV budget (``--kv-cache-memory``: our ``kv_cache_memory``, vLLM's
 ``kv_cache_memory_bytes``) or, with ``default``, each its own default. The same threads: our
 ``torch.set_num_threads`` and vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` (its default, ``auto``, keeps one core
@@ -247,6 +248,10 @@ def engine_envs(args: argparse.Namespace) -> dict[str, dict]:
     threads = str(args.threads)
     ours = {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
     vllm = {**base, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "TOKENIZERS_PARALLELISM": "false"}
+    # vLLM's watchdog kills the engine when one step runs past 300 s, as a bf16 prefill step of a
+    # 1.5B model does on a CPU without bf16 GEMM: a timing run waits for it (the callers' own
+    # timeouts still bound each process).
+    vllm.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "86400")
     return {"ours": ours, "vllm": vllm}
 
 

@@ -385,8 +385,7 @@ class CPUBackend:
         rows ``ONEDNN_MIN_ROWS`` to ``ONEDNN_MAX_ROWS`` of a weight of ``ONEDNN_MIN_WEIGHT`` elements
         or more, on the plain weight; bfloat16 rows as float32 GEMMs (``_linear_upcast``) where
         ``bf16_upcast``, from ``BF16_UPCAST_MIN_ROWS`` rows and ``BF16_UPCAST_MIN_WORK`` multiply-adds.
-        ``F.linear`` otherwise (and always under
-        autograd or in a compiled graph)."""
+        ``F.linear`` otherwise (and always under autograd or in a compiled graph)."""
         if not x.is_cpu or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(x, weight, bias)
         if self.onednn_linear and x.dtype == torch.float32:
