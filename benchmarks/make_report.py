@@ -666,6 +666,24 @@ RUN_HISTORY = """## Run history
   kernel beats the padded path for prompts up to the largest measured (four of 512 tokens;
   `PADDED_SMALL_PROMPTS`, new) and for chunks after cached context up to 65536 pairs (`PADDED_SMALL`,
   1024 before); decodes 2.8-3.2x the padded path at 0.5B and 7B (0.92-1.07x before).
+- **bfloat16 linear layers as float32 GEMMs** (2026-12-07, AMD EPYC with AVX2 only, 2 threads):
+  on this CPU oneDNN has no bfloat16 kernel, and torch's bfloat16 GEMM is a generic loop at about
+  20 GFLOP/s whatever the size (float32: 116-185). The cpu backend now multiplies bfloat16 linear
+  layers of 8 rows or more in float32, on pieces of the weight converted into a reused buffer (the
+  same products and float32 sums, rounded once to bfloat16), and the LoRA kernel's expand walks
+  16-bit outputs 32 tokens at a time and rounds them in vectors (bf16 LoRA of a 512-token prefill,
+  24 layers of 0.5B, 257 -> 190 ms; not committed as a file). [cpu_routing.json](results/cpu_routing.json),
+  `BF16_UPCAST_MIN_ROWS`: at the qkv projection 5.1x (0.5B) and 4.3x (7B) torch's bfloat16 GEMM at 64
+  rows, 1.1x and 1.2x at 8, slower below. Against vLLM (0.5B shapes, bf16, four adapters, 32
+  requests of 64 new tokens, 4 GiB KV each, one round, commit 5a33f17), replacing the small check in
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
+  mixed 35.2 vs 4.6 tok/s (7.70x), base model 35.6 vs 7.0 tok/s (5.08x); LoRA overhead ours 1%,
+  vLLM's 35%; peak RSS 2.14 vs 9.20 GiB (LoRA), 2.07 vs 7.39 GiB (base); ours at 56% of the
+  machine's float32 matmul peak (185 GFLOP/s), vLLM at 7% and 11%. The engines gave the same tokens
+  on 1 of 32 (mixed) and 5 of 32 (base) requests: in bf16 the random weights' near-ties flip with
+  the order of summation (the small check before this change: 3 of 8 and 0 of 8). The benchmark's
+  matmul peak for a 16-bit dtype is now measured in the weight layout and in float32 (row-major
+  bfloat16 had taken torch's slowest path, 1 GFLOP/s, and put both engines above 100% of it).
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just
