@@ -672,16 +672,26 @@ RUN_HISTORY = """## Run history
   layers of 8 rows or more in float32, on pieces of the weight converted into a reused buffer (the
   same products and float32 sums, rounded once to bfloat16), and the LoRA kernel's expand walks
   16-bit outputs 32 tokens at a time and rounds them in vectors (bf16 LoRA of a 512-token prefill,
-  24 layers of 0.5B, 257 -> 190 ms; not committed as a file). [cpu_routing.json](results/cpu_routing.json),
-  `BF16_UPCAST_MIN_ROWS`: at the qkv projection 5.1x (0.5B) and 4.3x (7B) torch's bfloat16 GEMM at 64
-  rows, 1.1x and 1.2x at 8, slower below. Against vLLM (0.5B shapes, bf16, four adapters, 32
+  24 layers of 0.5B, 257 -> 190 ms; not committed as a file). [cpu_routing.json](results/cpu_routing.json)
+  rerun (commit 780d3ea, with README and run-history text edits uncommitted), `BF16_UPCAST_MIN_ROWS`:
+  at the qkv projection 4.5x (0.5B) and 3.9x (7B) torch's bfloat16 GEMM at 64 rows, 1.7x and 1.5x
+  at 8, faster from 4 rows (0.5B) and 8 (7B); the other crossovers as in the run before, or within
+  its spread (`ONEDNN_MAX_ROWS` 16 -> 32 rows at 0.5B, 512 -> 256 at 7B), and the constants stay.
+  Against vLLM (0.5B shapes, bf16, four adapters, 32
   requests of 64 new tokens, 4 GiB KV each, one round, commit 5a33f17), replacing the small check in
   [vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_bf16.json):
   mixed 35.2 vs 4.6 tok/s (7.70x), base model 35.6 vs 7.0 tok/s (5.08x); LoRA overhead ours 1%,
   vLLM's 35%; peak RSS 2.14 vs 9.20 GiB (LoRA), 2.07 vs 7.39 GiB (base); ours at 56% of the
   machine's float32 matmul peak (185 GFLOP/s), vLLM at 7% and 11%. The engines gave the same tokens
   on 1 of 32 (mixed) and 5 of 32 (base) requests: in bf16 the random weights' near-ties flip with
-  the order of summation (the small check before this change: 3 of 8 and 0 of 8). The benchmark's
+  the order of summation (the small check before this change: 3 of 8 and 0 of 8). 1.5B shapes,
+  bf16, 16 requests of 32 new tokens, 2 GiB KV each, one round (commit 6a81db8),
+  [vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16.json):
+  mixed 5.9 vs 0.9 tok/s (6.54x), base model 6.7 vs 1.2 tok/s (5.44x); LoRA overhead ours 12% (the
+  workload is mostly prefill: 2560 prompt tokens for 512 new ones), vLLM's 27%; peak RSS 5.91 vs
+  9.60 GiB (LoRA), 6.21 vs 7.36 GiB (base); the same tokens on 1 and 0 of 16 requests. A first
+  attempt lost vLLM's LoRA run: its engine died when one prefill step ran past its 300 s watchdog
+  (`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`, now raised by the benchmark). The benchmark's
   matmul peak for a 16-bit dtype is now measured in the weight layout and in float32 (row-major
   bfloat16 had taken torch's slowest path, 1 GFLOP/s, and put both engines above 100% of it).
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
