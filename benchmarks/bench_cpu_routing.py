@@ -430,9 +430,17 @@ def main() -> None:
     with torch.inference_mode():
         for shape_name, shape in shapes.items():
             print(f"\n{shape_name}: {shape}")
-            measures = (kernel_max_threads, padded_small, split_gain, onednn_rows, bf16_upcast_rows)
-            measures += (lora_kernel_max_work,)
-            for measure in (*measures, lora_range_max_slots, lora_tile):
+            measures = (
+                kernel_max_threads,
+                padded_small,
+                split_gain,
+                onednn_rows,
+                bf16_upcast_rows,
+                lora_kernel_max_work,
+                lora_range_max_slots,
+                lora_tile,
+            )
+            for measure in measures:
                 for name, entry in measure(shape, sizes, args).items():
                     results.setdefault(name, {})[shape_name] = entry
     save_result(

@@ -694,6 +694,14 @@ RUN_HISTORY = """## Run history
   (`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`, now raised by the benchmark). The benchmark's
   matmul peak for a 16-bit dtype is now measured in the weight layout and in float32 (row-major
   bfloat16 had taken torch's slowest path, 1 GFLOP/s, and put both engines above 100% of it).
+- **MapCoder pipeline against vLLM's server** (2026-12-07, AMD EPYC, 2 threads, commit 8d35952
+  with uncommitted edits to tests, a comment and bench_cpu_routing.py), replacing the 2-problem
+  check in [pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu.json](results/pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu.json):
+  `python -m mcl_runtime.pipeline --endpoint` against our server and against `vllm serve
+  --enable-lora --lora-modules` (the four agents' adapters), 0.5B shapes, fp32, 4 HumanEval
+  problems 4 at once, k=1, t=0, 64 tokens per call, 4 GiB KV each, one round: 112.7 vs 36.2
+  problems/h (3.11x); both sides made the same 16 calls (4 retrieval, 8 planning, 4 coding) and
+  1024 completion tokens; server start 9 vs 44 s (not counted). The random weights solve nothing.
 - **Engine vs transformers+peft** (2026-12-06, AMD EPYC, 2 threads, commit 0c26e6f),
   [engine_cpu.json](results/engine_cpu.json): 2.46x, median of 3 rounds (3020 vs 1213 tok/s). The
   engine at 325a41e (before the oneDNN linear layers and the gather + bmm LoRA route), run just

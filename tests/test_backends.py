@@ -278,20 +278,22 @@ def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:
         check_rule(name, *each_backend(case, dtype, route))
 
 
+@pytest.mark.parametrize("mkl", [False, True], ids=["onednn", "mkl"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("route", list(CPU_ROUTES))
-def test_linear_bf16(route: str, rows: int, bias: bool) -> None:
-    """A bfloat16 linear layer, with and without bias: as float32 GEMMs on several pieces of the
-    weight (``kernels``; the default routes past ``BF16_UPCAST_MIN_ROWS`` and ``BF16_UPCAST_MIN_WORK``
-    where oneDNN has no bfloat16 kernel), or torch's bfloat16 GEMM. (The float32 routes are held to the rule by
-    ``test_forward``.)"""
+def test_linear_bf16(route: str, rows: int, bias: bool, mkl: bool) -> None:
+    """A bfloat16 linear layer, with and without bias: as float32 GEMMs (oneDNN's, or MKL's past
+    ``ONEDNN_MAX_ROWS``) on several pieces of the weight (``kernels``; the default routes past
+    ``BF16_UPCAST_MIN_ROWS`` and ``BF16_UPCAST_MIN_WORK`` where oneDNN has no bfloat16 kernel), or
+    torch's bfloat16 GEMM. (The float32 routes are held to the rule by ``test_forward``.)"""
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(rows)
     x, w, b = random(gen, rows, 200), random(gen, 300, 200, scale=0.2), random(gen, 300) if bias else None
     backend = CPU_ROUTES[route]()
+    if mkl:
+        backend.ONEDNN_MAX_ROWS = 0
     weight = w.to(dtype)
-    backend.prepare_weights([weight])
 
     def run(be, dt: torch.dtype) -> torch.Tensor:
         with torch.inference_mode():
