@@ -10,9 +10,8 @@ constexpr int64_t kMaxTokens = kLanes;  // tokens per block of the shrink (W <= 
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
 constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
 // Tokens per pass of the expand of 16-bit y: each pass walks its tokens' rows of y chunk by chunk
-// rather than one chunk of every token's row (a page apart each). For bfloat16 at 512 tokens of a
-// 0.5B model, 1.3x the one pass over all tokens that float32 keeps (its transposes, repeated per
-// pass, cost more there than the order saves).
+// rather than one chunk of every token's row (a page apart each). Float32 keeps one pass over all
+// tokens: there the transposes, repeated per pass, cost more than the order saves.
 constexpr int64_t kExpandTokens = 32;
 
 // y[0:w] += acc[0:w], the sum in float32 and y rounded once.

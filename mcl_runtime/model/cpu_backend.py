@@ -74,7 +74,11 @@ from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, stor
 
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Whether torch's bfloat16 GEMMs on this CPU are oneDNN's (AVX-512 or newer), not a generic loop.
-NATIVE_BF16_GEMM = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+NATIVE_BF16_GEMM = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 
 Rows = slice | torch.Tensor  # a group's token rows: contiguous, or gathered (int64 indices)
 
