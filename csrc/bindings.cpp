@@ -160,28 +160,28 @@ void rope(const py::handle& x_, const py::handle& cos_, const py::handle& sin_) 
     mcl::rope(args, dt);
 }
 
-// y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]: one dtype;
+// y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]: one dtype;
 // scaling [S] float32, ranks [S, n] int32 (tensors); offsets [n + 1] int64, seg_starts [nseg + 1]
 // and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
-void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_b_,
+void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_bt_,
                 const py::handle& scaling_, const py::handle& ranks_, const py::array_t<int64_t, 0>& offsets,
                 const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots, int num_threads,
                 int lanes) {
     const char* kernel = "lora_apply";
     const Tensor y = tensor(y_, kernel, "y"), x = tensor(x_, kernel, "x"), lora_a = tensor(lora_a_, kernel, "lora_a"),
-                 lora_b = tensor(lora_b_, kernel, "lora_b"), scaling = tensor(scaling_, kernel, "scaling"),
+                 lora_bt = tensor(lora_bt_, kernel, "lora_bt"), scaling = tensor(scaling_, kernel, "scaling"),
                  ranks = tensor(ranks_, kernel, "ranks");
-    const mcl::DType dt = one_dtype({&x, &y, &lora_a, &lora_b}, kernel, "x, y and the weights");
+    const mcl::DType dt = one_dtype({&x, &y, &lora_a, &lora_bt}, kernel, "x, y and the weights");
     if (!scaling.is(kDLFloat, 32)) throw py::type_error("lora_apply: scaling must be float32");
     check_int(ranks, 32, kernel, "ranks");
-    check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && lora_b.ndim() == 3,
-          "y [T, out], x [T, in], lora_a [S, n*R, in], lora_b [S, out, R]", kernel);
-    const int64_t T = x.size(0), in = x.size(1), out = y.size(1), S = lora_a.size(0), R = lora_b.size(2);
+    check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && lora_bt.ndim() == 3,
+          "y [T, out], x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]", kernel);
+    const int64_t T = x.size(0), in = x.size(1), out = y.size(1), S = lora_a.size(0), R = lora_bt.size(1);
     const int64_t n = offsets.ndim() == 1 ? offsets.shape(0) - 1 : -1;
-    check(n >= 1 && y.size(0) == T && lora_a.size(2) == in && lora_a.size(1) == n * R && lora_b.size(0) == S &&
-          lora_b.size(1) == out, "shapes do not match", kernel);
+    check(n >= 1 && y.size(0) == T && lora_a.size(2) == in && lora_a.size(1) == n * R && lora_bt.size(0) == S &&
+          lora_bt.size(2) == out, "shapes do not match", kernel);
     check(x.stride(1) == 1 && y.stride(1) == 1, "x and y need unit stride along features", kernel);
-    check(lora_a.contiguous() && lora_b.contiguous(), "lora_a and lora_b must be contiguous", kernel);
+    check(lora_a.contiguous() && lora_bt.contiguous(), "lora_a and lora_bt must be contiguous", kernel);
     check(scaling.ndim() == 1 && scaling.size(0) == S && ranks.ndim() == 2 && ranks.size(0) == S &&
           ranks.size(1) == n && scaling.contiguous() && ranks.contiguous(), "scaling [S], ranks [S, n]", kernel);
     const int64_t* off = offsets.data();
@@ -199,7 +199,7 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
         check(starts[i + 1] >= starts[i], "seg_starts must not decrease", kernel);
         check(slots[i] >= -1 && slots[i] < S, "seg_slots must be -1 (no adapter) or a slot", kernel);
     }
-    const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_b.data(),
+    const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_bt.data(),
                              scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out};
     py::gil_scoped_release release;
     mcl::lora_apply(args, dt, num_threads, lanes);
@@ -293,7 +293,7 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"));
 
-    m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"),
+    m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_bt"),
           py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),
           py::arg("num_threads") = 1, py::arg("lanes") = 0);
 

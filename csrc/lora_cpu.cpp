@@ -9,9 +9,8 @@ namespace {
 constexpr int64_t kMaxTokens = kLanes;  // tokens per block of the shrink (W <= 16: one lane each)
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
 constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
-// Tokens per pass of the expand of 16-bit y: each pass walks its tokens' rows of y chunk by chunk
-// rather than one chunk of every token's row (a page apart each). Float32 keeps one pass over all
-// tokens: there the transposes, repeated per pass, cost more than the order saves.
+// Tokens per pass of the expand: each pass walks its tokens' rows of y chunk by chunk rather than one
+// chunk of every token's row (a page apart each), and converts each chunk of B once.
 constexpr int64_t kExpandTokens = 32;
 
 // y[0:w] += acc[0:w], the sum in float32 and y rounded once.
@@ -26,13 +25,25 @@ MCL_INLINE void add_row(T* y, const float* acc, int64_t w) {
     }
 }
 
-// bt[k * kCols + o] = B[o, k] for the w <= kCols rows of B (R values apart) and k < r; zero past w.
+// Asks for the kCols values from p on (a row's next chunk of y or Bt) ahead of their use: the rows
+// are a page or more apart, more streams than the hardware prefetcher follows.
+template <bool kWrite, typename T>
+MCL_INLINE void prefetch_chunk(const T* p) {
+    for (size_t byte = 0; byte < kCols * sizeof(T); byte += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(p) + byte, kWrite);
+}
+
+// bt[k * kCols + o] = Bt[k * ld + o] in float32 for k < r and o < w <= kCols (rows of B transposed,
+// ld values apart); zero past w. A contiguous copy per row: no 4K-aliasing of rows a page apart.
+// The rows' next chunk is asked for meanwhile (a thread's chunks are consecutive).
 template <typename T>
-MCL_INLINE void transpose_chunk(float* bt, const T* B, int64_t R, int64_t r, int64_t w) {
-    for (int64_t o = 0; o < w; ++o)
-        for (int64_t k = 0; k < r; ++k) bt[k * kCols + o] = to_float(B[o * R + k]);
-    for (int64_t k = 0; k < r; ++k)
+MCL_INLINE void load_chunk(float* bt, const T* Bt, int64_t ld, int64_t r, int64_t w) {
+    for (int64_t k = 0; k < r; ++k) {
+        prefetch_chunk<false>(Bt + k * ld + kCols);
+#pragma omp simd
+        for (int64_t o = 0; o < w; ++o) bt[k * kCols + o] = to_float(Bt[k * ld + o]);
         for (int64_t o = w; o < kCols; ++o) bt[k * kCols + o] = 0.0f;
+    }
 }
 
 // y[0:w] += scale * u[0:r] @ bt[0:r, 0:w] for one chunk (bt: r rows of kCols floats), in kCols / W
@@ -90,7 +101,7 @@ MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T
     }
 }
 
-// One thread's float32 scratch: a block's rows of x, a row of A, one chunk of transposed B.
+// One thread's float32 scratch: a block's rows of x, a row of A, one chunk of B's columns.
 struct Scratch {
     std::vector<float> xf, af, bt;
     explicit Scratch(const LoRAArgs& a) : xf(kMaxTokens * a.in_features), af(kLanes * a.in_features),
@@ -102,62 +113,71 @@ struct ColumnChunk {
     int64_t slice, col, cols;
 };
 
-// The shrink, u = x @ A.T for a segment's tokens (blocks of W), in parts of rows of A; then
-// per chunk of kCols output columns of a slice the chunk of B transposed once (it stays in L1) and
-// added to every token's y. B is read once per segment, whatever its size (a 7B gate_up B is
-// 4.8 MB a slot). Called by every thread of the team: each takes its parts and chunks ("omp for");
-// each thread's share of the arithmetic is the same whatever the team's size, so are the bits.
+// Every adapter segment's LoRA (segs: their indices), called by every thread of the team; each takes
+// its share of the work ("omp for"). First the shrinks, u[t] = x[t] @ A[slot].T for the segments'
+// tokens t (blocks of W; row t - seg_starts[0] of u, nR floats apart), in parts of rows of A: thread
+// p computes part p of every segment. Then, after the one barrier, the expands: per segment, pass of
+// kExpandTokens tokens and chunk of kCols output columns of a slice, the chunk of Bt converted once
+// (it stays in L1) and added to each of the pass's rows of y; the segments' rows of y are disjoint,
+// so the threads go on to the next pass or segment without waiting. Each thread's share of the
+// arithmetic is the same whatever the team's size, so are the bits.
 template <int64_t W, typename T>
-MCL_INLINE void lora_segment(const LoRAArgs& a, int64_t begin, int64_t end, int64_t slot, float* u,
-                             const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {
-    const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R;
-    const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
-    const T* B = static_cast<const T*>(a.lora_b) + slot * a.out_features * R;
-    const int32_t* ranks = a.ranks + slot * n;
-    const float scale = a.scaling[slot];
-    const int64_t per = (nR + parts - 1) / parts;
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < parts; ++p)
-        for (int64_t t0 = begin; t0 < end; t0 += W) {
-            const int64_t mt = std::min(W, end - t0);
+MCL_INLINE void lora_segments(const LoRAArgs& a, const std::vector<int64_t>& segs, float* u,
+                              const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {
+    const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R, first = a.seg_starts[0];
+    const int64_t per = (nR + parts - 1) / parts, items = static_cast<int64_t>(segs.size()) * parts;
+#pragma omp for schedule(static, 1)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t s = segs[item / parts], p = item % parts, slot = a.seg_slots[s];
+        const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
+        for (int64_t t0 = a.seg_starts[s]; t0 < a.seg_starts[s + 1]; t0 += W) {
+            const int64_t mt = std::min(W, a.seg_starts[s + 1] - t0);
             for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
                 const T* row = static_cast<const T*>(a.x) + (t0 + i) * a.x_stride;
 #pragma omp simd
                 for (int64_t d = 0; d < in; ++d) w.xf[i * in + d] = to_float(row[d]);
             }
-            shrink<W>(u + (t0 - begin) * nR, nR, w.xf.data(), mt, A, ranks, R, p * per, std::min(nR, (p + 1) * per), in,
-                   w.af.data());
-        }
-    T* y = static_cast<T*>(a.y) + begin * a.y_stride;
-    const int64_t pass = std::is_same_v<T, float> ? std::max<int64_t>(end - begin, 1) : kExpandTokens;
-    for (int64_t i0 = 0; i0 < end - begin; i0 += pass) {
-        const int64_t i1 = std::min(end - begin, i0 + pass);
-        // The same bounds and static schedule give each thread the same chunks in every pass.
-#pragma omp for schedule(static) nowait
-        for (size_t c = 0; c < chunks.size(); ++c) {
-            const auto [j, col, cols] = chunks[c];
-            const int64_t r = ranks[j];
-            if (r == 0) continue;
-            transpose_chunk(w.bt.data(), B + col * R, R, r, cols);
-            for (int64_t i = i0; i < i1; ++i)
-                expand_chunk<W>(y + i * a.y_stride + col, u + i * nR + j * R, w.bt.data(), r, cols, scale);
+            shrink<W>(u + (t0 - first) * nR, nR, w.xf.data(), mt, A, a.ranks + slot * n, R, p * per,
+                      std::min(nR, (p + 1) * per), in, w.af.data());
         }
     }
-#pragma omp barrier
+    for (const int64_t s : segs) {
+        const int64_t slot = a.seg_slots[s];
+        const T* Bt = static_cast<const T*>(a.lora_bt) + slot * R * a.out_features;
+        const int32_t* ranks = a.ranks + slot * n;
+        const float scale = a.scaling[slot];
+        for (int64_t i0 = a.seg_starts[s]; i0 < a.seg_starts[s + 1]; i0 += kExpandTokens) {
+            const int64_t i1 = std::min<int64_t>(a.seg_starts[s + 1], i0 + kExpandTokens);
+            // The same bounds and static schedule give each thread the same chunks in every pass.
+#pragma omp for schedule(static) nowait
+            for (size_t c = 0; c < chunks.size(); ++c) {
+                const auto [j, col, cols] = chunks[c];
+                const int64_t r = ranks[j];
+                if (r == 0) continue;
+                load_chunk(w.bt.data(), Bt + col, a.out_features, r, cols);
+                for (int64_t i = i0; i < i1; ++i) {
+                    T* y = static_cast<T*>(a.y) + i * a.y_stride + col;
+                    prefetch_chunk<true>(y + kCols);
+                    expand_chunk<W>(y, u + (i - first) * nR + j * R, w.bt.data(), r, cols, scale);
+                }
+            }
+        }
+    }
 }
 
-using SegmentFn = void (*)(const LoRAArgs&, int64_t, float*, const std::vector<ColumnChunk>&, int64_t, Scratch&);
-#define MCL_SEGMENT(NAME, T, W)                                                                              \
-    MCL_CLONES void NAME(const LoRAArgs& a, int64_t s, float* u, const std::vector<ColumnChunk>& chunks,     \
-                         int64_t parts, Scratch& w) {                                                       \
-        lora_segment<W, T>(a, a.seg_starts[s], a.seg_starts[s + 1], a.seg_slots[s], u, chunks, parts, w); \
+using SegmentsFn = void (*)(const LoRAArgs&, const std::vector<int64_t>&, float*, const std::vector<ColumnChunk>&,
+                            int64_t, Scratch&);
+#define MCL_SEGMENTS(NAME, T, W)                                                                          \
+    MCL_CLONES void NAME(const LoRAArgs& a, const std::vector<int64_t>& segs, float* u,                   \
+                         const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {             \
+        lora_segments<W, T>(a, segs, u, chunks, parts, w);                                                \
     }
-MCL_SEGMENT(segment_f32_8, float, 8)
-MCL_SEGMENT(segment_f16_8, F16, 8)
-MCL_SEGMENT(segment_bf16_8, BF16, 8)
-MCL_SEGMENT(segment_f32_16, float, 16)
-MCL_SEGMENT(segment_f16_16, F16, 16)
-MCL_SEGMENT(segment_bf16_16, BF16, 16)
+MCL_SEGMENTS(segments_f32_8, float, 8)
+MCL_SEGMENTS(segments_f16_8, F16, 8)
+MCL_SEGMENTS(segments_bf16_8, BF16, 8)
+MCL_SEGMENTS(segments_f32_16, float, 16)
+MCL_SEGMENTS(segments_f16_16, F16, 16)
+MCL_SEGMENTS(segments_bf16_16, BF16, 16)
 
 // Below this many multiply-adds per thread, starting one costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
@@ -165,30 +185,31 @@ constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 }  // namespace
 
 // The parallel region stays out of the cloned functions (its outlined body would be compiled for
-// the baseline only); each segment's work is one call of the clone picked for the machine.
+// the baseline only); the work is one call of the clone picked for the machine.
 void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
     const bool wide = (lanes ? lanes : dot_lanes()) == 16;
-    const SegmentFn segment = dtype == DType::f32   ? (wide ? segment_f32_16 : segment_f32_8)
-                            : dtype == DType::f16 ? (wide ? segment_f16_16 : segment_f16_8)
-                                                  : (wide ? segment_bf16_16 : segment_bf16_8);
+    const SegmentsFn segments = dtype == DType::f32   ? (wide ? segments_f32_16 : segments_f32_8)
+                              : dtype == DType::f16 ? (wide ? segments_f16_16 : segments_f16_8)
+                                                    : (wide ? segments_bf16_16 : segments_bf16_8);
     const int64_t nR = a.num_slices * a.max_rank;
-    int64_t longest = 0, tokens = 0;
+    std::vector<int64_t> segs;
+    int64_t tokens = 0;
     for (int64_t s = 0; s < a.num_segments; ++s)
-        if (a.seg_slots[s] >= 0) {
-            longest = std::max<int64_t>(longest, a.seg_starts[s + 1] - a.seg_starts[s]);
+        if (a.seg_slots[s] >= 0 && a.seg_starts[s + 1] > a.seg_starts[s]) {
+            segs.push_back(s);
             tokens += a.seg_starts[s + 1] - a.seg_starts[s];
         }
+    if (segs.empty()) return;
     const int64_t work = tokens * nR * (a.in_features + a.out_features / a.num_slices);
     const int threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(num_threads, 1)));
     std::vector<ColumnChunk> chunks;
     for (int64_t j = 0; j < a.num_slices; ++j)
         for (int64_t c = a.offsets[j]; c < a.offsets[j + 1]; c += kCols)
             chunks.push_back({j, c, std::min(kCols, a.offsets[j + 1] - c)});
-    std::vector<float> u(longest * nR);
+    std::vector<float> u((a.seg_starts[segs.back() + 1] - a.seg_starts[0]) * nR);
     const auto run = [&] {
         Scratch w(a);
-        for (int64_t s = 0; s < a.num_segments; ++s)
-            if (a.seg_slots[s] >= 0) segment(a, s, u.data(), chunks, threads, w);
+        segments(a, segs, u.data(), chunks, threads, w);
     };
     if (threads == 1) return run();   // (the worksharing loops then run whole, with no team)
 #pragma omp parallel num_threads(threads)

@@ -11,9 +11,9 @@ namespace mcl {
 
 // For each segment s with slot = seg_slots[s] >= 0 (tokens seg_starts[s]:seg_starts[s+1]) and each
 // slice j of the fused projection (output columns offsets[j]:offsets[j+1], rank r = ranks[slot, j]):
-//   y[seg, offsets[j]:offsets[j+1]] += scaling[slot] * x[seg] @ A[slot, j*R : j*R + r].T @ B[slot, offsets[j]:offsets[j+1], :r].T
+//   y[seg, offsets[j]:offsets[j+1]] += scaling[slot] * x[seg] @ A[slot, j*R : j*R + r].T @ Bt[slot, :r, offsets[j]:offsets[j+1]]
 // with x [T, in] and y [T, out] (unit stride along features; y updated in place), A [S, n*R, in]
-// and B [S, out, R] contiguous, in one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32;
+// and Bt [S, R, out] (B transposed: row k holds column k of B over every output) contiguous, in one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32;
 // y is rounded once, after its delta is added.
 struct LoRAArgs {
     void* y;
@@ -21,7 +21,7 @@ struct LoRAArgs {
     const void* x;
     int64_t x_stride;
     const void* lora_a;
-    const void* lora_b;
+    const void* lora_bt;
     const float* scaling;
     const int32_t* ranks;
     const int64_t* offsets;  // n + 1 output column offsets of the slices

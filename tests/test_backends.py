@@ -249,6 +249,35 @@ def test_lora(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
 
 
 @pytest.mark.parametrize("route", list(CPU_ROUTES))
+def test_lora_follows_adapter_loads(route: str) -> None:
+    """Other adapters loaded into the slots between two steps: the second step uses them (the
+    backend's copies of the buffers in its own layouts are remade)."""
+    batch = random_batch(0)
+    gen = torch.Generator().manual_seed(0)
+    mod = lora_module(gen, torch.float32)
+    x = random(gen, batch.num_tokens, 48)
+    backend = CPU_ROUTES[route]()
+
+    def run(be, module: LinearWithLoRA, dt: torch.dtype) -> torch.Tensor:
+        attn, lora = metadata(batch)
+        be.prepare(attn, lora)
+        y = torch.zeros(batch.num_tokens, 64, dtype=dt)
+        be.apply_lora(x.to(dt), y, module, lora)
+        return y
+
+    before = run(backend, mod, torch.float32)
+    set_adapters(gen, mod, scale=0.3)
+    out = run(backend, mod, torch.float32)
+    check_rule(
+        "lora",
+        out,
+        run(ReferenceBackend(), mod, torch.float32),
+        run(ReferenceBackend(), cast(mod, torch.float64), torch.float64),
+    )
+    assert not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("route", list(CPU_ROUTES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:

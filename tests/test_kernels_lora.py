@@ -475,7 +475,7 @@ def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
 @NO_CPU_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_cpu_kernel_long_segments_into_a_strided_view(dtype: torch.dtype) -> None:
-    """Segments longer than the kernel's 8- or 16-token blocks and than its passes over 16-bit y,
+    """Segments longer than the kernel's 8- or 16-token blocks and than its passes over y,
     one slice, y a column slice of a wider tensor; one thread and three (work enough for three)
     give the same bits."""
     gen = torch.Generator().manual_seed(5)

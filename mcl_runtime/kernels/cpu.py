@@ -149,9 +149,11 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 class LoRAWeightsCPU:
     """One projection's LoRA buffers as the C++ kernel reads them, their DLPack capsules made once:
-    lora_a [S, n*R, in], lora_b [S, out, R] contiguous, one dtype; scaling [S] float32, ranks [S, n]
-    int32, the slices' output offsets. The capsules follow the tensors' contents (``set_slot``
-    writes in place); ``matches`` says whether they are still these tensors."""
+    lora_a [S, n*R, in] and lora_b [S, out, R] (the model's layout), one dtype; scaling [S] float32,
+    ranks [S, n] int32, the slices' output offsets. The kernel reads B transposed, ``[S, R, out]``
+    (each rank's row of a chunk of outputs is contiguous, so a chunk is converted with vector loads),
+    copied here once: these weights stand for ``version`` of the buffers, and ``matches`` says whether
+    they still do (the same tensors at the same version; the owner counts its writes)."""
 
     def __init__(
         self,
@@ -160,13 +162,21 @@ class LoRAWeightsCPU:
         scaling: torch.Tensor,
         ranks: torch.Tensor,
         slice_offsets: Sequence[int],
+        version: int = 0,
     ) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
-        self.args = tuple(to_dlpack(t) for t in self.tensors) + (np.asarray(slice_offsets, np.int64),)
+        self.version = version
+        lora_bt = lora_b.transpose(1, 2).contiguous()
+        self.args = tuple(to_dlpack(t) for t in (lora_a, lora_bt, scaling, ranks)) + (
+            np.asarray(slice_offsets, np.int64),
+        )
 
-    def matches(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> bool:
+    def matches(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor, version: int
+    ) -> bool:
         mine = self.tensors
-        return mine[0] is lora_a and mine[1] is lora_b and mine[2] is scaling and mine[3] is ranks
+        same = mine[0] is lora_a and mine[1] is lora_b and mine[2] is scaling and mine[3] is ranks
+        return same and self.version == version
 
 
 def lora_apply_cpu(

@@ -664,11 +664,11 @@ class CPUBackend:
             y[:, cols].addmm_(u.view(T, G * r), bt[:, cols])
 
     def _kernel_weights(self, mod) -> LoRAWeightsCPU:
-        """``mod``'s LoRA buffers as the kernel reads them, converted once per buffer tensor."""
+        """``mod``'s LoRA buffers as the kernel reads them, remade when its buffers change (adapter loads)."""
         weights = self._lora_weights.get(id(mod))
-        if weights is None or not weights.matches(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks):
+        if weights is None or not weights.matches(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.lora_version):
             weights = self._lora_weights[id(mod)] = LoRAWeightsCPU(
-                mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets
+                mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets, mod.lora_version
             )
         return weights
 
