@@ -36,6 +36,10 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
   GEMMs are faster at every larger count, and its multiply-adds (rows x weight elements; the
   calls' fixed cost decides it on small weights). ``native_bf16_gemm`` records whether torch's
   bfloat16 GEMM is oneDNN's on this CPU (the backend upcasts only where it is not).
+* ``BF16_UPCAST_CHUNK``: the gate/up projection (``2 x intermediate`` rows of the weight) in
+  bfloat16 as float32 GEMMs on pieces of the weight, per piece size, at a decode-sized and a
+  prefill-sized row count; ``measured``: the size whose worst slowdown against the fastest size
+  of each row count is least (``within_5_percent``: the sizes within 5% of the fastest at both).
 * ``LORA_KERNEL_MAX_WORK``: LoRA of the qkv projection over four adapter segments of growing
   length, the C++ kernel vs the torch route the backend takes otherwise (the slot range, these
   four adapters being within ``LORA_RANGE_MAX_SLOTS``; gather + bmm tiles past it); ``measured``:
@@ -72,11 +76,11 @@ from mcl_runtime.model.layers import LinearWithLoRA
 BLOCK_SIZE = 16
 # Attention heads, and the qkv projection with its adapters' rank, of the models measured.
 SHAPES = {
-    "demo": dict(heads=4, kv_heads=2, head_dim=32, hidden=128, qkv=[128, 64, 64], rank=32),  # mcl-demo-tiny
-    "qwen0.5b": dict(heads=14, kv_heads=2, head_dim=64, hidden=896, qkv=[896, 128, 128], rank=16),
-    "qwen7b": dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], rank=32),
+    "demo": dict(heads=4, kv_heads=2, head_dim=32, hidden=128, qkv=[128, 64, 64], intermediate=256, rank=32),
+    "qwen0.5b": dict(heads=14, kv_heads=2, head_dim=64, hidden=896, qkv=[896, 128, 128], intermediate=4864, rank=16),
+    "qwen7b": dict(heads=28, kv_heads=4, head_dim=128, hidden=3584, qkv=[3584, 512, 512], intermediate=18944, rank=32),
 }
-SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], rank=8)}
+SMOKE_SHAPES = {"smoke": dict(heads=4, kv_heads=2, head_dim=16, hidden=64, qkv=[64, 32, 32], intermediate=128, rank=8)}
 # Step sizes: decodes and their contexts, small prompts, the prefill lengths swept, the longest
 # context / prompt of the split cases, the LoRA segments, the row counts of the linear layer.
 SIZES = dict(
@@ -85,6 +89,8 @@ SIZES = dict(
 SIZES["lora"] = [300, 200, 150, 350]
 SIZES["linear_rows"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 SIZES["bf16_rows"] = [1, 2, 4, 8, 16, 32, 64, 128]
+SIZES["bf16_chunk_rows"] = [16, 256]
+SIZES["bf16_chunks"] = [1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23]
 SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SIZES["lora_slots"] = [1, 2, 4, 8, 16]
 SMOKE_SIZES = dict(
@@ -92,6 +98,8 @@ SMOKE_SIZES = dict(
 )
 SMOKE_SIZES["linear_rows"] = [1, 8]
 SMOKE_SIZES["bf16_rows"] = [1, 8]
+SMOKE_SIZES["bf16_chunk_rows"] = [8]
+SMOKE_SIZES["bf16_chunks"] = [1 << 12, 1 << 14]
 SMOKE_SIZES["lora_tokens"] = [1, 4]
 SMOKE_SIZES["lora_slots"] = [1, 2]
 
@@ -405,6 +413,31 @@ def lora_range_max_slots(shape: dict, sizes: dict, args: argparse.Namespace) -> 
     return report("LORA_RANGE_MAX_SLOTS", measured, found, points, "the slot range faster at every count up to this")
 
 
+def bf16_upcast_chunk(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2 * shape["intermediate"], shape["hidden"], generator=gen).bfloat16()
+    chunks = sizes["bf16_chunks"]
+    routes = {
+        c: cpu(bf16_upcast=True, BF16_UPCAST_MIN_ROWS=1, BF16_UPCAST_MIN_WORK=0, BF16_UPCAST_CHUNK=c) for c in chunks
+    }
+    points = [{"chunk": c} for c in chunks]
+    for rows in sizes["bf16_chunk_rows"]:
+        x = torch.randn(rows, shape["hidden"], generator=gen).bfloat16()
+        us = interleaved({str(c): (lambda r=r: r.linear(x, w, None)) for c, r in routes.items()}, args.reps, block=5)
+        for p in points:
+            p[f"{rows}_rows_us"] = us[str(p["chunk"])]
+    for p in points:  # the slowdown against each row count's fastest chunk, the worst of them
+        p["worst_ratio"] = max(
+            p[f"{r}_rows_us"] / min(q[f"{r}_rows_us"] for q in points) for r in sizes["bf16_chunk_rows"]
+        )
+        print(f"  chunk {p['chunk']}: {p['worst_ratio']:.2f}x the fastest at its slowest row count")
+    best = min(points, key=lambda p: p["worst_ratio"])
+    rule = "the piece size (weight elements) whose worst ratio to the fastest, over the row counts, is lowest"
+    result = report("BF16_UPCAST_CHUNK", best["chunk"], True, points, rule)
+    result["BF16_UPCAST_CHUNK"]["within_5_percent"] = [p["chunk"] for p in points if p["worst_ratio"] <= 1.05]
+    return result
+
+
 def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     case = LoRACase(shape, sizes["lora"])
     tiles = [32, 64, 128, 256, 512]
@@ -436,6 +469,7 @@ def main() -> None:
                 split_gain,
                 onednn_rows,
                 bf16_upcast_rows,
+                bf16_upcast_chunk,
                 lora_kernel_max_work,
                 lora_range_max_slots,
                 lora_tile,
