@@ -694,6 +694,40 @@ RUN_HISTORY = """## Run history
   (`VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`, now raised by the benchmark). The benchmark's
   matmul peak for a 16-bit dtype is now measured in the weight layout and in float32 (row-major
   bfloat16 had taken torch's slowest path, 1 GFLOP/s, and put both engines above 100% of it).
+- **LoRA kernel: B transposed once, next chunks prefetched** (2026-12-07, AMD EPYC with AVX2 only,
+  2 threads, commit 84d5857): a profile (perf) of the bf16 kernel on a 512-token prefill put half
+  its samples on one instruction, the load of a row of `y` in the expand (the 32 rows of a pass are
+  a page or more apart: more streams than the hardware prefetcher follows), and on decodes a fifth
+  on loading B. `LoRAWeightsCPU` now keeps B transposed
+  (`[S, R, out]`, remade per `lora_version`: a second copy of B, 39 MB for four rank-16 adapters
+  at 0.5B in bf16), each chunk of it is converted with vector loads, the next chunk of every row of
+  `y` and of B is prefetched in software, float32 walks its tokens in passes too, and a call has one
+  barrier (every segment's shrink, then every expand). Not committed as a file (an ad-hoc loop over
+  24 layers of 0.5B, four adapters, alternating the builds, best of 3-9, spread about 10%): bf16
+  512 tokens 190-250 -> 130-150 ms, 200 tokens 76-81 -> 57-68, decode (16 tokens, four segments)
+  14-16 -> 10-12.5; float32 unchanged at 512 and 200 tokens, decode 14.4-15 -> 12.2-13.1.
+  Ours only, 1.5B shapes, bf16, 16 requests of 32 new tokens, 2 GiB KV, three rounds
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16_lora_overhead.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16_lora_overhead.json)):
+  mixed 6.5 tok/s, base model 6.7, LoRA overhead 3% (rounds 3%, 4%, 3%; the single round of the
+  vLLM run before had 12%; one round of the kernel before, ours only, not committed: 6%).
+- **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
+  with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
+  rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
+  GEMMs, per piece size, on 16 and 256 rows): at 7B pieces of 2M elements 70.4 ms against 90.5 ms
+  for 1M on 16 rows (1.29x) and 562 against 581 ms on 256; at 0.5B level (4.64 vs 4.80 ms, 31.0 vs
+  30.1 ms); 4M and 8M lose at 0.5B's 256 rows (1.34x and 1.50x the time). The constant goes from 1M
+  to 2M. The other crossovers within the machine's spread of the run before, constants unchanged;
+  the figures the code and docs cite follow this run (the packed copy 0.98-1.85x the faster plain
+  route from 2 to 128 rows, 0.85-0.97x at 512-1024; the slot range's prefill of four adapters
+  0.57-0.75x the tiles'; the upcast 4.9x / 3.9x torch's bfloat16 GEMM at 64 rows of 0.5B / 7B).
+- **Both engines' plain defaults, rerun** (2026-12-07, AMD EPYC, 2 threads, commit 511dfd9),
+  replacing the 16 x 32 run in
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults.json):
+  0.5B shapes, fp32, 32 requests of 64 new tokens, one round, `--kv-cache-memory default` (ours
+  15.6-15.8 GiB, 682-692k tokens; vLLM 781k tokens). vLLM with LoRA was killed again by the
+  kernel's OOM killer (its worker at 22.8 GB anonymous RSS, in `dmesg`), so the four-adapter
+  scenario has only our figure, 42.2 tok/s at 5.7 GiB; base model 40.2 vs 36.0 tok/s (1.12x, was
+  1.00x), 32 of 32 the same tokens, peak RSS 4.8 vs 23.1 GiB.
 - **MapCoder pipeline against vLLM's server** (2026-12-07, AMD EPYC, 2 threads, commit 8d35952
   with uncommitted edits to tests, a comment and bench_cpu_routing.py), replacing the 2-problem
   check in [pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu.json](results/pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu.json):

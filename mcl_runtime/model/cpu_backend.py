@@ -30,8 +30,8 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
 * linear layers (base projections, LM head): ``prepare_weights`` copies every float32 weight of at
   least ``ONEDNN_MIN_WEIGHT`` elements into oneDNN's blocked layout once, and eager inference calls
   read that copy through oneDNN's inner product at every row count (cpu_routing.json, against the
-  faster of oneDNN and MKL on the plain weight: 1.06-1.7x from 2 to 128 rows, 0.80-0.94x on one
-  row, 0.86-0.94x at 512-1024 rows). The engine then frees the plain weights (vLLM's CPU path
+  faster of oneDNN and MKL on the plain weight: 0.98-1.85x from 2 to 128 rows, 0.97-1.08x on one
+  row, 0.85-0.97x at 512-1024 rows). The engine then frees the plain weights (vLLM's CPU path
   prepacks and drops its weights the same way), unless a compiled graph reads them or steps reach
   ``MKL_MIN_ROWS`` rows: calls that large go to MKL's sgemm on the plain weight, so both copies are
   kept (by default only for small models, whose CPU step budget reaches it). Without packed copies
@@ -306,7 +306,7 @@ class CPUBackend:
     # Steps whose adapters span at most this many consecutive slots take the slot-range path.
     # cpu_routing.json: LORA_RANGE_MAX_SLOTS times the qkv projection, the range's worst case (its
     # output is narrow, so the G-fold shrink dominates): there the range wins decodes of 2-8 adapters
-    # (1.0-7x) and loses prefills past 2 adapters (0.64-0.92x at 4). Gate/up's wide output gains
+    # (1.04-7.5x) and loses prefills past 2 adapters (0.57-0.75x at 4). Gate/up's wide output gains
     # most: over a whole 0.5B engine run with four adapters, 4 here is 1.14-1.17x as fast as 2
     # (benchmarks/README.md, run history, "cpu backend routing").
     LORA_RANGE_MAX_SLOTS = 4
@@ -320,8 +320,8 @@ class CPUBackend:
     # The row count oneDNN is told to pack the weights for (the decode batch sizes it serves).
     PACK_ROWS = 32
     # From this many rows MKL's sgemm on the plain weight beats oneDNN on the packed copy
-    # (cpu_routing.json, ONEDNN_MAX_ROWS' points: packed 0.90x / 0.86x at 512 / 1024 rows at 0.5B's
-    # qkv, 0.94x / 0.90x at 7B's, level at 256). Backends told that steps reach it keep both copies.
+    # (cpu_routing.json, ONEDNN_MAX_ROWS' points: packed 0.87x / 0.85x at 512 / 1024 rows at 0.5B's
+    # qkv, 0.97x / 0.93x at 7B's; 0.89x / 1.03x at 256). Backends told that steps reach it keep both copies.
     MKL_MIN_ROWS = 512
     # Where oneDNN has no bfloat16 kernel for the CPU (no AVX-512), torch's bfloat16 GEMM is a
     # generic loop at a few GFLOP/s; bfloat16 linear layers of at least BF16_UPCAST_MIN_ROWS rows
@@ -330,7 +330,7 @@ class CPUBackend:
     # less work the calls' fixed cost, outweighs the faster GEMM).
     BF16_UPCAST_MIN_ROWS = 8  # cpu_routing.json: BF16_UPCAST_MIN_ROWS
     BF16_UPCAST_MIN_WORK = 1 << 20  # cpu_routing.json: BF16_UPCAST_MIN_WORK, demo
-    BF16_UPCAST_CHUNK = 1 << 20
+    BF16_UPCAST_CHUNK = 1 << 21  # cpu_routing.json: BF16_UPCAST_CHUNK, qwen0.5b and qwen7b
 
     def __init__(
         self,
