@@ -13,8 +13,9 @@ namespace mcl {
 // slice j of the fused projection (output columns offsets[j]:offsets[j+1], rank r = ranks[slot, j]):
 //   y[seg, offsets[j]:offsets[j+1]] += scaling[slot] * x[seg] @ A[slot, j*R : j*R + r].T @ Bt[slot, :r, offsets[j]:offsets[j+1]]
 // with x [T, in] and y [T, out] (unit stride along features; y updated in place), A [S, n*R, in]
-// and Bt [S, R, out] (B transposed: row k holds column k of B over every output) contiguous, in one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32;
-// y is rounded once, after its delta is added.
+// and Bt [S, R, out] (B transposed: row k holds column k of B over every output) contiguous, in
+// one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32; y is rounded once, after its
+// delta is added.
 struct LoRAArgs {
     void* y;
     int64_t y_stride;
