@@ -709,7 +709,12 @@ RUN_HISTORY = """## Run history
   Ours only, 1.5B shapes, bf16, 16 requests of 32 new tokens, 2 GiB KV, three rounds
   ([vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16_lora_overhead.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16_lora_overhead.json)):
   mixed 6.5 tok/s, base model 6.7, LoRA overhead 3% (rounds 3%, 4%, 3%; the single round of the
-  vLLM run before had 12%; one round of the kernel before, ours only, not committed: 6%).
+  vLLM run before had 12%; one round of the kernel before, ours only, not committed: 6%). Then
+  against vLLM, the same workload, one round (commit 221ea5e, after the piece size below), replacing
+  [vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_bf16.json):
+  mixed 6.8 vs 0.9 tok/s (7.61x, was 6.54x), base model 6.8 vs 1.3 tok/s (5.37x, was 5.44x); LoRA
+  overhead ours 0%, vLLM's 30%; peak RSS 6.06 vs 9.40 GiB (LoRA), 6.16 vs 7.34 GiB (base); the same
+  tokens on 1 and 0 of 16 requests; ours at 61% of the machine's float32 matmul peak, vLLM 8% / 11%.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
