@@ -229,21 +229,22 @@ def lora_module(gen: torch.Generator, dtype: torch.dtype) -> LinearWithLoRA:
     return mod
 
 
+def lora_step(backend, batch, x: torch.Tensor, mod: LinearWithLoRA, dt: torch.dtype) -> torch.Tensor:
+    """``backend``'s LoRA delta of ``mod`` (in ``dt``) for ``x`` over the step ``batch``."""
+    attn, lora = metadata(batch)
+    backend.prepare(attn, lora)
+    y = torch.zeros(batch.num_tokens, 64, dtype=dt)
+    backend.apply_lora(x.to(dt), y, mod, lora)
+    return y
+
+
 @each_batch
 def test_lora(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
     batch = random_batch(seed, static)
     gen = torch.Generator().manual_seed(seed)
     mod = lora_module(gen, dtype)
     x = random(gen, batch.num_tokens, 48).to(dtype)
-
-    def run(backend, dt: torch.dtype) -> torch.Tensor:
-        attn, lora = metadata(batch)
-        backend.prepare(attn, lora)
-        y = torch.zeros(batch.num_tokens, 64, dtype=dt)
-        backend.apply_lora(x.to(dt), y, cast(mod, dt), lora)
-        return y
-
-    out, ref, gold = each_backend(run, dtype, route)
+    out, ref, gold = each_backend(lambda be, dt: lora_step(be, batch, x, cast(mod, dt), dt), dtype, route)
     check_rule("lora", out, ref, gold)
     assert not out[np.repeat(batch.slots, batch.q_lens) < 0].any()  # base rows untouched
 
@@ -257,23 +258,11 @@ def test_lora_follows_adapter_loads(route: str) -> None:
     mod = lora_module(gen, torch.float32)
     x = random(gen, batch.num_tokens, 48)
     backend = CPU_ROUTES[route]()
-
-    def run(be, module: LinearWithLoRA, dt: torch.dtype) -> torch.Tensor:
-        attn, lora = metadata(batch)
-        be.prepare(attn, lora)
-        y = torch.zeros(batch.num_tokens, 64, dtype=dt)
-        be.apply_lora(x.to(dt), y, module, lora)
-        return y
-
-    before = run(backend, mod, torch.float32)
+    before = lora_step(backend, batch, x, mod, torch.float32)
     set_adapters(gen, mod, scale=0.3)
-    out = run(backend, mod, torch.float32)
-    check_rule(
-        "lora",
-        out,
-        run(ReferenceBackend(), mod, torch.float32),
-        run(ReferenceBackend(), cast(mod, torch.float64), torch.float64),
-    )
+    out = lora_step(backend, batch, x, mod, torch.float32)
+    ref = lora_step(ReferenceBackend(), batch, x, mod, torch.float32)
+    check_rule("lora", out, ref, lora_step(ReferenceBackend(), batch, x, cast(mod, torch.float64), torch.float64))
     assert not torch.equal(out, before)
 
 

@@ -166,8 +166,8 @@ class LoRAWeightsCPU:
     ) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
         self.version = version
-        lora_bt = lora_b.transpose(1, 2).contiguous()
-        self.args = tuple(to_dlpack(t) for t in (lora_a, lora_bt, scaling, ranks)) + (
+        self.lora_bt = lora_b.transpose(1, 2).contiguous()
+        self.args = tuple(to_dlpack(t) for t in (lora_a, self.lora_bt, scaling, ranks)) + (
             np.asarray(slice_offsets, np.int64),
         )
 

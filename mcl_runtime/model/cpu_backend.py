@@ -643,7 +643,8 @@ class CPUBackend:
         if w is None or w.source is not mod.lora_a or w.r != r or w.version != mod.lora_version:
             S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
             a = mod.lora_a.view(S, n, R, -1)[:, :, :r].transpose(0, 1).contiguous()
-            bt = mod.lora_b[:, :, :r].transpose(1, 2).contiguous()
+            bt = self._kernel_weights(mod).lora_bt  # B transposed at full rank: the kernel's copy
+            bt = bt if r == R else bt[:, :r].contiguous()
             w = self._slice_major[id(mod)] = SliceMajorLoRA(mod.lora_a, r, mod.lora_version, a, bt)
         return w
 
