@@ -126,9 +126,9 @@ class StepProfiler:
         with self.span("run"):
             return self._run(batch, *args)
 
-    def _timed_step(self) -> list:
+    def _timed_step(self, *args: Any, **kwargs: Any) -> list:
         t0 = time.perf_counter()
-        outs = self._step()
+        outs = self._step(*args, **kwargs)
         total = time.perf_counter() - t0
         if self._spans:
             self._finish_step(total)

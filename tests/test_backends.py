@@ -18,7 +18,7 @@ import torch
 
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
 from mcl_runtime.model.config import parse_config
-from mcl_runtime.model.cpu_backend import CPUBackend
+from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
 from mcl_runtime.model.decoder import DecoderLM
 from mcl_runtime.model.layers import LinearWithLoRA, rope_cos_sin, rope_inv_freq
 from mcl_runtime.model.reference_backend import ReferenceBackend
@@ -320,6 +320,35 @@ def test_linear_bf16(route: str, rows: int, bias: bool, mkl: bool) -> None:
     out = run(backend, dtype)
     assert out.dtype == dtype and out.shape == (rows, 300)
     check_rule("linear", out, run(ReferenceBackend(), dtype), run(ReferenceBackend(), torch.float64))
+
+
+@pytest.mark.skipif(not NATIVE_BF16_GEMM, reason="oneDNN has no bfloat16 kernel for this CPU")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("rows", [1, 5, 40, 600])
+def test_linear_bf16_packed(rows: int, bias: bool) -> None:
+    """Where oneDNN computes bfloat16 natively, a bfloat16 weight gets a packed copy that every call
+    reads (from one row to past ``MKL_MIN_ROWS``), and its plain tensor is handed back for freeing."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = random(gen, rows, 200), random(gen, 300, 200, scale=0.2), random(gen, 300) if bias else None
+    weight = w.to(torch.bfloat16)
+    backend = _cpu(ONEDNN_MIN_WEIGHT=0)
+    assert backend.prepare_weights([weight], keep_plain=False) == [weight]
+    plain = weight.clone()
+    weight.data = torch.empty(0, dtype=weight.dtype)  # freed, as the engine does: only the copy is read
+
+    def run(be, dt: torch.dtype) -> torch.Tensor:
+        with torch.inference_mode():
+            return be.linear(x.to(dt), weight if be is backend else plain.to(dt), None if b is None else b.to(dt))
+
+    out = run(backend, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 300)
+    check_rule("linear", out, run(ReferenceBackend(), torch.bfloat16), run(ReferenceBackend(), torch.float64))
+
+
+def test_bf16_not_packed_when_upcast() -> None:
+    """bfloat16 weights run as float32 pieces (``bf16_upcast``) keep their plain tensors: no copy."""
+    weight = torch.randn(300, 200).to(torch.bfloat16)
+    assert _cpu(bf16_upcast=True, ONEDNN_MIN_WEIGHT=0).prepare_weights([weight], keep_plain=False) == []
 
 
 @functools.cache
