@@ -8,7 +8,7 @@ namespace {
 
 constexpr int64_t kMaxTokens = kLanes;  // tokens per block of the shrink (W <= 16: one lane each)
 constexpr int64_t kCols = 64;        // output columns per pass of the expand: four vectors of sums
-constexpr int64_t kChunk = 2048;     // input features per pass of the shrink (a block's x chunk: 128 KB)
+constexpr int64_t kChunk = 512;      // input features per pass of the shrink (a tile's rows of A and x: L1)
 // Tokens per pass of the expand: each pass walks its tokens' rows of y chunk by chunk rather than one
 // chunk of every token's row (a page apart each), and converts each chunk of B once.
 constexpr int64_t kExpandTokens = 32;
@@ -64,48 +64,87 @@ MCL_INLINE void expand_chunk(T* y, const float* u, const float* bt, int64_t r, i
     add_row(y, sums, w);
 }
 
-// u[i * nR + q] = x_i . A[q] for the m <= W rows x_i of xf [m, in] (the block's tokens) and the rows
-// q in lo..hi of A that are within their slice's rank (q = j*R + k, k < ranks[j]; slices R rows apart). ``in`` is taken
-// kChunk values at a time, so that the block's x chunk stays in L2 while the rows of A pass (a 7B
-// down projection's x rows are 74 KB each). A 16-bit chunk of a row of A is converted into af first.
-template <int64_t W, typename T>
-MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t m, const T* A, const int32_t* ranks, int64_t R,
-                       int64_t lo, int64_t hi, int64_t in, float* af) {
+// Rows of A and tokens per tile of the shrink: kRowsA rows of A against W / kRowsA tokens, one
+// vector of partial sums per pair (W of them). Each vector loaded serves several products: a tile
+// makes kRowsA + W / kRowsA loads for W multiply-adds (one row of A against W tokens: W + 1).
+constexpr int64_t kRowsA = 4;
+
+// s[i * M + t] = a_i . x_t for the kRowsA rows a_i and the M = W / kRowsA rows x_t (D a multiple
+// of W). Each pair's sum runs in the order of dot_tile's (lanes, then one butterfly), so the bits do
+// not depend on the tiling.
+template <int64_t W>
+MCL_INLINE void dot_grid(float* s, const float* const (&a)[kRowsA], const float* const (&x)[W / kRowsA], int64_t D) {
+    constexpr int64_t M = W / kRowsA;
+    fvec<W> acc[W] = {};
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+        fvec<W> xv[M];
+#pragma GCC unroll 4
+        for (int64_t t = 0; t < M; ++t) xv[t] = load_vec<W>(x[t] + d0);
+#pragma GCC unroll 4
+        for (int64_t i = 0; i < kRowsA; ++i) {
+            const fvec<W> av = load_vec<W>(a[i] + d0);
+#pragma GCC unroll 4
+            for (int64_t t = 0; t < M; ++t) acc[i * M + t] += av * xv[t];
+        }
+    }
+    lane_sums<W>(acc, s, W);
+}
+
+// u[i * nR + q] = x_i . A[q] for the m <= W rows x_i = xf + i * ld (the block's tokens) and the rows q
+// of A [nR, in] that are within their slice's rank (q = j*R + k, k < ranks[j]; slices R rows apart),
+// in tiles of kRowsA rows of A by W / kRowsA tokens, all in float32. ``in`` is taken kChunk values
+// at a time, so that a tile's rows of A and the block's x chunk stay in L1 while the tiles pass.
+template <int64_t W>
+MCL_INLINE void shrink(float* u, int64_t nR, const float* xf, int64_t ld, int64_t m, const float* A,
+                       const int32_t* ranks, int64_t R, int64_t in) {
+    constexpr int64_t M = W / kRowsA;
     const auto used = [&](int64_t q) { return q % R < ranks[q / R]; };
-    if (in % W != 0) {  // (no model has such a width) all rows by the first part, W at a time
-        for (int64_t j = 0; lo == 0 && j < nR / R; ++j)
-            if (ranks[j] > 0) dot_block<W>(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], af);
+    if (in % W != 0) {  // (no model has such a width) W rows of A at a time
+        for (int64_t j = 0; j < nR / R; ++j)
+            if (ranks[j] > 0) dot_block<W>(u + j * R, nR, xf, A + j * R * in, in, in, m, ranks[j], nullptr);
         return;
     }
     for (int64_t c0 = 0; c0 < in; c0 += kChunk) {
         const int64_t len = std::min(kChunk, in - c0);
-        for (int64_t q = lo; q < hi; ++q) {
-            if (!used(q)) continue;
-            const T* row = A + q * in + c0;
-            const float* a = nullptr;
-            if constexpr (std::is_same_v<T, float>) {
-                a = row;
-            } else {
-#pragma omp simd
-                for (int64_t d = 0; d < len; ++d) af[d] = to_float(row[d]);
-                a = af;
+        for (int64_t q = 0; q < nR;) {
+            int64_t rows[kRowsA], nq = 0;  // the tile's used rows of A
+            for (; q < nR && nq < kRowsA; ++q)
+                if (used(q)) rows[nq++] = q;
+            if (nq == 0) break;
+            const float* a[kRowsA];  // a short tile repeats its first row; those sums are dropped
+            for (int64_t i = 0; i < kRowsA; ++i) a[i] = A + rows[i < nq ? i : 0] * in + c0;
+            for (int64_t t0 = 0; t0 < m; t0 += M) {
+                const float* x[M];
+                for (int64_t t = 0; t < M; ++t) x[t] = xf + std::min(t0 + t, m - 1) * ld + c0;  // past m: dropped
+                float dots[W];
+                dot_grid<W>(dots, a, x, len);
+                for (int64_t i = 0; i < nq; ++i)
+                    for (int64_t t = 0; t < std::min(M, m - t0); ++t) {
+                        float* out = u + (t0 + t) * nR + rows[i];
+                        *out = c0 == 0 ? dots[i * M + t] : *out + dots[i * M + t];
+                    }
             }
-            float dots[W];
-            if (m == W)
-                dot_tile<W, true>(dots, a, xf + c0, in, len, W);
-            else
-                dot_tile<W>(dots, a, xf + c0, in, len, m);
-            float* out = u + q;
-            for (int64_t i = 0; i < m; ++i) out[i * nR] = c0 == 0 ? dots[i] : out[i * nR] + dots[i];
         }
     }
 }
 
-// One thread's float32 scratch: a block's rows of x, a row of A, one chunk of B's columns.
+// Grows v to at least n values (never shrinks, never clears: callers write before they read).
+MCL_INLINE float* at_least(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+
+// One thread's float32 scratch: a block's rows of x, one adapter's A (16-bit weights), one chunk of
+// B's columns. Each thread keeps its own between calls (a decode step makes one call per projection
+// and layer: allocating and clearing it every time cost more than small calls' arithmetic).
 struct Scratch {
-    std::vector<float> xf, af, bt;
-    explicit Scratch(const LoRAArgs& a) : xf(kMaxTokens * a.in_features), af(kLanes * a.in_features),
-                                          bt(a.max_rank * kCols) {}
+    float *xf, *af, *bt;
+    explicit Scratch(const LoRAArgs& a) {
+        thread_local std::vector<float> xf_, af_, bt_;
+        xf = at_least(xf_, kMaxTokens * a.in_features);
+        af = at_least(af_, a.num_slices * a.max_rank * a.in_features);
+        bt = at_least(bt_, a.max_rank * kCols);
+    }
 };
 
 // kCols output columns of one slice: the expand's unit of work.
@@ -113,33 +152,50 @@ struct ColumnChunk {
     int64_t slice, col, cols;
 };
 
+// A block of at most W tokens of one segment: the shrink's unit of work.
+struct TokenBlock {
+    int64_t segment, first;
+};
+
 // Every adapter segment's LoRA (segs: their indices), called by every thread of the team; each takes
 // its share of the work ("omp for"). First the shrinks, u[t] = x[t] @ A[slot].T for the segments'
-// tokens t (blocks of W; row t - seg_starts[0] of u, nR floats apart), in parts of rows of A: thread
-// p computes part p of every segment. Then, after the one barrier, the expands: per segment, pass of
-// kExpandTokens tokens and chunk of kCols output columns of a slice, the chunk of Bt converted once
-// (it stays in L1) and added to each of the pass's rows of y; the segments' rows of y are disjoint,
-// so the threads go on to the next pass or segment without waiting. Each thread's share of the
-// arithmetic is the same whatever the team's size, so are the bits.
+// tokens t (row t - seg_starts[0] of u, nR floats apart), block by block (each thread reads and
+// converts only its own blocks' rows of x; 16-bit A once per segment, its blocks being consecutive).
+// Then, after the one barrier, the expands: per segment, pass of kExpandTokens tokens and chunk of
+// kCols output columns of a slice, the chunk of Bt converted once (it stays in L1) and added to each
+// of the pass's rows of y; the segments' rows of y are disjoint, so the threads go on to the next
+// pass or segment without waiting. Each product's sum is computed the same way whatever thread
+// computes it and whatever the team's size, so are the bits.
 template <int64_t W, typename T>
-MCL_INLINE void lora_segments(const LoRAArgs& a, const std::vector<int64_t>& segs, float* u,
-                              const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {
+MCL_INLINE void lora_segments(const LoRAArgs& a, const std::vector<int64_t>& segs,
+                              const std::vector<TokenBlock>& blocks, float* u, const std::vector<ColumnChunk>& chunks,
+                              Scratch& w) {
     const int64_t in = a.in_features, n = a.num_slices, R = a.max_rank, nR = n * R, first = a.seg_starts[0];
-    const int64_t per = (nR + parts - 1) / parts, items = static_cast<int64_t>(segs.size()) * parts;
+    int64_t converted = -1;  // the segment whose A is in w.af
 #pragma omp for schedule(static, 1)
-    for (int64_t item = 0; item < items; ++item) {
-        const int64_t s = segs[item / parts], p = item % parts, slot = a.seg_slots[s];
-        const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
-        for (int64_t t0 = a.seg_starts[s]; t0 < a.seg_starts[s + 1]; t0 += W) {
-            const int64_t mt = std::min(W, a.seg_starts[s + 1] - t0);
-            for (int64_t i = 0; i < mt; ++i) {  // the block's rows of x in float32
-                const T* row = static_cast<const T*>(a.x) + (t0 + i) * a.x_stride;
-#pragma omp simd
-                for (int64_t d = 0; d < in; ++d) w.xf[i * in + d] = to_float(row[d]);
-            }
-            shrink<W>(u + (t0 - first) * nR, nR, w.xf.data(), mt, A, a.ranks + slot * n, R, p * per,
-                      std::min(nR, (p + 1) * per), in, w.af.data());
+    for (size_t b = 0; b < blocks.size(); ++b) {
+        const auto [s, t0] = blocks[b];
+        const int64_t slot = a.seg_slots[s], mt = std::min(W, a.seg_starts[s + 1] - t0);
+        const T* x = static_cast<const T*>(a.x) + t0 * a.x_stride;
+        const float* xf = w.xf;  // the block's rows of x in float32, ld apart
+        int64_t ld = in;
+        if constexpr (std::is_same_v<T, float>) {  // read in place (the odd-width path wants them packed)
+            if (in % W == 0) xf = x, ld = a.x_stride;
         }
+        if (xf == w.xf)
+            for (int64_t i = 0; i < mt; ++i)
+#pragma omp simd
+                for (int64_t d = 0; d < in; ++d) w.xf[i * in + d] = to_float(x[i * a.x_stride + d]);
+        const T* A = static_cast<const T*>(a.lora_a) + slot * nR * in;
+        const float* Af = w.af;
+        if constexpr (std::is_same_v<T, float>) {
+            Af = A;
+        } else if (converted != s) {
+#pragma omp simd
+            for (int64_t e = 0; e < nR * in; ++e) w.af[e] = to_float(A[e]);
+            converted = s;
+        }
+        shrink<W>(u + (t0 - first) * nR, nR, xf, ld, mt, Af, a.ranks + slot * n, R, in);
     }
     for (const int64_t s : segs) {
         const int64_t slot = a.seg_slots[s];
@@ -154,23 +210,23 @@ MCL_INLINE void lora_segments(const LoRAArgs& a, const std::vector<int64_t>& seg
                 const auto [j, col, cols] = chunks[c];
                 const int64_t r = ranks[j];
                 if (r == 0) continue;
-                load_chunk(w.bt.data(), Bt + col, a.out_features, r, cols);
+                load_chunk(w.bt, Bt + col, a.out_features, r, cols);
                 for (int64_t i = i0; i < i1; ++i) {
                     T* y = static_cast<T*>(a.y) + i * a.y_stride + col;
                     prefetch_chunk<true>(y + kCols);
-                    expand_chunk<W>(y, u + (i - first) * nR + j * R, w.bt.data(), r, cols, scale);
+                    expand_chunk<W>(y, u + (i - first) * nR + j * R, w.bt, r, cols, scale);
                 }
             }
         }
     }
 }
 
-using SegmentsFn = void (*)(const LoRAArgs&, const std::vector<int64_t>&, float*, const std::vector<ColumnChunk>&,
-                            int64_t, Scratch&);
-#define MCL_SEGMENTS(NAME, T, W)                                                                          \
-    MCL_CLONES void NAME(const LoRAArgs& a, const std::vector<int64_t>& segs, float* u,                   \
-                         const std::vector<ColumnChunk>& chunks, int64_t parts, Scratch& w) {             \
-        lora_segments<W, T>(a, segs, u, chunks, parts, w);                                                \
+using SegmentsFn = void (*)(const LoRAArgs&, const std::vector<int64_t>&, const std::vector<TokenBlock>&, float*,
+                            const std::vector<ColumnChunk>&, Scratch&);
+#define MCL_SEGMENTS(NAME, T, W)                                                                               \
+    MCL_CLONES void NAME(const LoRAArgs& a, const std::vector<int64_t>& segs, const std::vector<TokenBlock>& blocks, \
+                         float* u, const std::vector<ColumnChunk>& chunks, Scratch& w) {                      \
+        lora_segments<W, T>(a, segs, blocks, u, chunks, w);                                                    \
     }
 MCL_SEGMENTS(segments_f32_8, float, 8)
 MCL_SEGMENTS(segments_f16_8, F16, 8)
@@ -187,7 +243,8 @@ constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
 // The parallel region stays out of the cloned functions (its outlined body would be compiled for
 // the baseline only); the work is one call of the clone picked for the machine.
 void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
-    const bool wide = (lanes ? lanes : dot_lanes()) == 16;
+    const int64_t W = lanes ? lanes : dot_lanes();
+    const bool wide = W == 16;
     const SegmentsFn segments = dtype == DType::f32   ? (wide ? segments_f32_16 : segments_f32_8)
                               : dtype == DType::f16 ? (wide ? segments_f16_16 : segments_f16_8)
                                                     : (wide ? segments_bf16_16 : segments_bf16_8);
@@ -202,14 +259,20 @@ void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
     if (segs.empty()) return;
     const int64_t work = tokens * nR * (a.in_features + a.out_features / a.num_slices);
     const int threads = static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::max(num_threads, 1)));
+    std::vector<TokenBlock> blocks;
+    for (const int64_t s : segs)
+        for (int64_t t0 = a.seg_starts[s]; t0 < a.seg_starts[s + 1]; t0 += W) blocks.push_back({s, t0});
     std::vector<ColumnChunk> chunks;
     for (int64_t j = 0; j < a.num_slices; ++j)
         for (int64_t c = a.offsets[j]; c < a.offsets[j + 1]; c += kCols)
             chunks.push_back({j, c, std::min(kCols, a.offsets[j + 1] - c)});
-    std::vector<float> u((a.seg_starts[segs.back() + 1] - a.seg_starts[0]) * nR);
+    // The shrink's output, one row per token from the first segment's on (the calling thread's
+    // buffer, kept between calls; the shrink writes every value the expand reads).
+    thread_local std::vector<float> u_;
+    float* u = at_least(u_, (a.seg_starts[segs.back() + 1] - a.seg_starts[0]) * nR);
     const auto run = [&] {
         Scratch w(a);
-        segments(a, segs, u.data(), chunks, threads, w);
+        segments(a, segs, blocks, u, chunks, w);
     };
     if (threads == 1) return run();   // (the worksharing loops then run whole, with no team)
 #pragma omp parallel num_threads(threads)

@@ -31,8 +31,9 @@ struct LoRAArgs {
     int64_t num_segments, num_slices, max_rank, in_features, out_features;
 };
 
-// With num_threads > 1, where the work is worth it, the rows of A and the output columns are
-// shared out over OpenMP threads (torch's runtime); the bits do not depend on the thread count.
+// With num_threads > 1, where the work is worth it, the blocks of tokens (shrink) and the output
+// columns (expand) are shared out over OpenMP threads (torch's runtime); the bits do not depend on
+// the thread count.
 // lanes: tokens per block of the shrink and width of its dot-product tiles, 8 or 16 (0: dot_lanes(),
 // the machine's); the results differ only in rounding.
 void lora_apply(const LoRAArgs& args, DType dtype, int num_threads, int lanes = 0);
