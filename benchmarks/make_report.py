@@ -715,6 +715,36 @@ RUN_HISTORY = """## Run history
   mixed 6.8 vs 0.9 tok/s (7.61x, was 6.54x), base model 6.8 vs 1.3 tok/s (5.37x, was 5.44x); LoRA
   overhead ours 0%, vLLM's 30%; peak RSS 6.06 vs 9.40 GiB (LoRA), 6.16 vs 7.34 GiB (base); the same
   tokens on 1 and 0 of 16 requests; ours at 61% of the machine's float32 matmul peak, vLLM 8% / 11%.
+- **A CPU with native bf16: AVX-512 BF16 and AMX** (2026-12-07, an Intel Xeon under KVM, 2 cores,
+  2 threads; torch's bf16 GEMM 1.9-2.4 TFLOP/s, float32 0.31-0.42; about 20 GB/s read bandwidth; the
+  machine's speed moved by up to 20% between runs, both engines alike). First, at commit d9cc29d,
+  0.5B shapes, bf16, 32 requests of 64 tokens, one round (not committed): mixed 142.6 vs 22.0 tok/s
+  (6.49x), base model 172.1 vs 194.3 (0.89x), LoRA overhead ours 17%, vLLM's 89%. A profile:
+  oneDNN's bf16 GEMMs (AMX) on the plain weights, which the engine did not pack in bf16; packed
+  (commit 00e575d) they run 1.1-2.1x as fast from 1 to 256 rows (0.76-1.27x at 512-1024) and the
+  engine 1.12-1.16x. The issue's full workload then (64 requests of 128 tokens, one round, not
+  committed): bf16 mixed 259.6 vs 39.6 (6.55x), base 324.2 vs 357.9 (0.91x), overhead 20% vs 89%;
+  fp32 mixed 95.5 vs 32.1 (2.97x), base 126.9 vs 129.0 (0.98x), overhead 25% vs 75%. The LoRA
+  kernel's shrink read a block's rows of x from L2 for every row of A, each thread converting every
+  block (the threads split A's rows), and its scratch was allocated and cleared per call; now
+  (commit 43ec834) tiles of 4 rows of A by W/4 tokens share their loads over 512-feature passes held
+  in L1, the threads split the token blocks, a 16-bit A is converted once per segment, float32 x is
+  read in place and each thread keeps its scratch. Its 24 layers of 0.5B with four rank-16 adapters
+  (ad-hoc loop, not committed): 1291-token prefill 231 -> 158 ms (bf16), 218 -> 147 (fp32); 32-token
+  decode 7.7 -> 6.0, 7.2 -> 4.7; in the engine's step profile, prefill LoRA 269 -> 194 ms (bf16),
+  162 -> 102 (fp32) per step. Rerun at 43ec834 (committed):
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json):
+  bf16 mixed 339.1 vs 45.1 (7.52x), base 394.2 vs 439.3 (0.90x), overhead 14% vs 90%, peak RSS 2.57
+  vs 9.82 GiB (LoRA), 2.35 vs 7.95 (base);
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json):
+  fp32 mixed 128.6 vs 36.5 (3.53x), base 136.2 vs 130.6 (1.04x), overhead 6% vs 72%, the same
+  tokens on 64 of 64; [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json)
+  (32 requests of 64 tokens): mixed 78.2 vs 10.8 (7.23x), base 92.9 vs 94.4 (0.98x), overhead 16% vs
+  89%. Left: the bf16 base model below vLLM (decode: the LM head and a float32 copy of the logits,
+  paged attention at ~2.5x its bandwidth floor; prefill: attention and the unfused SiLU-and-multiply
+  next to AMX GEMMs near peak; `torch.compile` of the decode took minutes of recompiles on this
+  machine and was not pursued) and the bf16 LoRA overhead above 10% (the expand of gate/up is bound
+  by its second pass over `y`).
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
