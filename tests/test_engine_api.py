@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from mcl_runtime import (
     AdapterLoadError,
@@ -261,3 +262,24 @@ def test_engine_without_lora(engine):
         base.load_adapter("coding", str(demo_adapter_dirs()["coding"]))
     with pytest.raises(ValueError, match="max_loras"):
         demo_engine(device="cpu", kv_cache_blocks=64, adapters={}, max_loras=-1)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_bf16_logits_buffer_gives_the_same_outputs(monkeypatch, overlap):
+    """A 16-bit model's float32 logits on the CPU go into one reused buffer: the outputs (greedy,
+    sampled, several adapters, requests joining as others finish) equal those of fresh tensors."""
+    from mcl_runtime.engine.model_runner import ModelRunner
+
+    prompts = [PROMPT, "import os\n", "x = 1\n", "class A:\n"] * 2
+    params = [SamplingParams(max_tokens=12 + i, temperature=0.8 * (i % 2), seed=i, ignore_eos=True) for i in range(8)]
+    adapters = ["coding", None, "planning", "debugging"] * 2
+
+    def run() -> tuple[list[list[int]], ModelRunner]:
+        engine = demo_engine(device="cpu", dtype="bfloat16", kv_cache_blocks=128, max_num_seqs=4, overlap=overlap)
+        return [list(o.token_ids) for o in engine.generate(prompts, params, adapter=adapters)], engine.runner
+
+    reused, runner = run()
+    assert runner._logits is not None and runner._logits.dtype == torch.float32
+    monkeypatch.setattr(ModelRunner, "_logits_buffer", lambda self, rows: None)
+    fresh, runner = run()
+    assert runner._logits is None and reused == fresh

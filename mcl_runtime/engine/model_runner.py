@@ -74,6 +74,10 @@ class ModelRunner:
         # A step samples at most max_num_seqs tokens: the scheduler admits a request only when all
         # n of its completions fit in max_num_seqs.
         self.sampling_buffers = StepBuffers(sampling_fields(max_num_seqs), self.device)
+        # A 16-bit model's float32 logits on the CPU go into one buffer, grown to the most rows a step
+        # has sampled: a fresh [rows, vocab] tensor would be faulted in page by page at every step
+        # (at 62 rows of a 152k vocabulary, 17 ms against 2 ms for the copy into a used buffer).
+        self._logits: torch.Tensor | None = None
         self.buckets = batch_buckets(max_num_seqs) if compile or cuda_graphs else []
         self.scratch_block = kv_cache.shape[2] - 1
         self.forward = self.model
@@ -147,7 +151,7 @@ class ModelRunner:
         logits_in = (
             hidden[: len(picks)] if np.array_equal(picks, np.arange(len(picks))) else hidden[self._to_device(picks)]
         )
-        logits = self.model.compute_logits(logits_in, self.backend)
+        logits = self.model.compute_logits(logits_in, self.backend, self._logits_buffer(len(picks)))
         table = self.table
         constrained = np.flatnonzero(np.repeat(table.constrained[rows], counts))
         if len(constrained):
@@ -156,6 +160,14 @@ class ModelRunner:
         steps = batch.steps[which]
         tokens = sample(logits, self._sampling_batch(rows, counts, steps, last_tokens, input_ids))
         return SampledTokens(rows, seq_ids, counts, tokens, bool(len(constrained)))
+
+    def _logits_buffer(self, rows: int) -> torch.Tensor | None:
+        """``rows`` rows of the reused float32 logits buffer (CPU, 16-bit model), else None."""
+        if self.device.type != "cpu" or self.model.lm_head_weight.dtype == torch.float32:
+            return None
+        if self._logits is None or len(self._logits) < rows:
+            self._logits = torch.empty(rows, self.vocab_size, dtype=torch.float32)
+        return self._logits[:rows]
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         self.backend.prepare(ctx.attn, ctx.lora)

@@ -166,6 +166,10 @@ class DecoderLM(nn.Module):
             x, residual = layer(x, residual, ctx)
         return self.norm(x, ctx, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor, backend) -> torch.Tensor:
-        """Float32 logits ``[T, vocab]`` of hidden states ``[T, hidden]`` (``backend.linear``)."""
-        return backend.linear(hidden, self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor, backend, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``[T, vocab]`` of hidden states ``[T, hidden]`` (``backend.linear``); a 16-bit
+        head's written into ``out`` (``[T, vocab]`` float32) when given, else into a new tensor."""
+        logits = backend.linear(hidden, self.lm_head_weight)
+        if out is None or logits.dtype == torch.float32:
+            return logits.float()
+        return out.copy_(logits)
