@@ -716,7 +716,7 @@ RUN_HISTORY = """## Run history
   overhead ours 0%, vLLM's 30%; peak RSS 6.06 vs 9.40 GiB (LoRA), 6.16 vs 7.34 GiB (base); the same
   tokens on 1 and 0 of 16 requests; ours at 61% of the machine's float32 matmul peak, vLLM 8% / 11%.
 - **A CPU with native bf16: AVX-512 BF16 and AMX** (2026-12-07, an Intel Xeon under KVM, 2 cores,
-  2 threads; torch's bf16 GEMM 1.9-2.4 TFLOP/s, float32 0.31-0.42; about 20 GB/s read bandwidth; the
+  2 threads; torch's bf16 GEMM 1.9-2.6 TFLOP/s, float32 0.31-0.42; about 20 GB/s read bandwidth; the
   machine's speed moved by up to 20% between runs, both engines alike). First, at commit d9cc29d,
   0.5B shapes, bf16, 32 requests of 64 tokens, one round (not committed): mixed 142.6 vs 22.0 tok/s
   (6.49x), base model 172.1 vs 194.3 (0.89x), LoRA overhead ours 17%, vLLM's 89%. A profile:
@@ -732,19 +732,28 @@ RUN_HISTORY = """## Run history
   read in place and each thread keeps its scratch. Its 24 layers of 0.5B with four rank-16 adapters
   (ad-hoc loop, not committed): 1291-token prefill 231 -> 158 ms (bf16), 218 -> 147 (fp32); 32-token
   decode 7.7 -> 6.0, 7.2 -> 4.7; in the engine's step profile, prefill LoRA 269 -> 194 ms (bf16),
-  162 -> 102 (fp32) per step. Rerun at 43ec834 (committed):
+  162 -> 102 (fp32) per step. Rerun at 43ec834: bf16 mixed 339.1 vs 45.1 (7.52x), base 394.2 vs
+  439.3 (0.90x), overhead 14% vs 90% (not committed: replaced below); fp32 (committed,
+  [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json)):
+  mixed 128.6 vs 36.5 (3.53x), base 136.2 vs 130.6 (1.04x), overhead 6% vs 72%, peak RSS 5.45 vs
+  10.92 GiB (LoRA), 5.15 vs 9.61 (base), the same tokens on 64 of 64; 1.5B shapes, bf16, 32
+  requests of 64 tokens: mixed 78.2 vs 10.8 (7.23x), base 92.9 vs 94.4 (0.98x), overhead 16% vs 89%
+  (not committed: replaced below). A decode step's sampling then spent ~8 ms of its ~32 turning the
+  bf16 logits into a fresh float32 tensor (faulted in page by page: 17 ms against 2 ms for a copy
+  into a used buffer, in a microbenchmark at 62 rows); the runner now keeps one buffer for them
+  (commit 2de251d: 32-33 -> 25 ms a step in the step profile). Rerun at 2de251d (committed):
   [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json):
-  bf16 mixed 339.1 vs 45.1 (7.52x), base 394.2 vs 439.3 (0.90x), overhead 14% vs 90%, peak RSS 2.57
-  vs 9.82 GiB (LoRA), 2.35 vs 7.95 (base);
-  [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_64x128.json):
-  fp32 mixed 128.6 vs 36.5 (3.53x), base 136.2 vs 130.6 (1.04x), overhead 6% vs 72%, the same
-  tokens on 64 of 64; [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json)
-  (32 requests of 64 tokens): mixed 78.2 vs 10.8 (7.23x), base 92.9 vs 94.4 (0.98x), overhead 16% vs
-  89%. Left: the bf16 base model below vLLM (decode: the LM head and a float32 copy of the logits,
-  paged attention at ~2.5x its bandwidth floor; prefill: attention and the unfused SiLU-and-multiply
-  next to AMX GEMMs near peak; `torch.compile` of the decode took minutes of recompiles on this
-  machine and was not pursued) and the bf16 LoRA overhead above 10% (the expand of gate/up is bound
-  by its second pass over `y`).
+  bf16 mixed 355.6 vs 44.9 (7.92x), base 388.7 vs 391.4 (0.99x), LoRA overhead 9% vs 89%, peak RSS
+  2.59 vs 9.75 GiB (LoRA), 2.36 vs 7.98 (base);
+  [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json):
+  mixed 74.0 vs 10.6 (7.00x), base 86.3 vs 93.5 (0.92x), overhead 14% vs 89% (single rounds: the
+  base ratio moved 0.98x -> 0.92x between the two runs, within this machine's spread). Tried and
+  dropped (not committed): `torch._grouped_mm` per adapter segment for prefill LoRA (477 against
+  290 ms a step), two rows at a time in the LoRA expand (slower), `torch.compile` of the decode (a
+  timed run spent ~110 s recompiling). Left: the bf16 base model at or below vLLM (decode: paged
+  attention at ~2.5x its bandwidth floor, the LM head; prefill: attention and the unfused
+  SiLU-and-multiply next to AMX GEMMs near peak) and the bf16 LoRA overhead at 1.5B above 10% (the
+  expand of gate/up is bound by its second pass over `y`).
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
