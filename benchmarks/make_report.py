@@ -745,9 +745,12 @@ RUN_HISTORY = """## Run history
   [vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json):
   bf16 mixed 355.6 vs 44.9 (7.92x), base 388.7 vs 391.4 (0.99x), LoRA overhead 9% vs 89%, peak RSS
   2.59 vs 9.75 GiB (LoRA), 2.36 vs 7.98 (base);
-  [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json):
-  mixed 74.0 vs 10.6 (7.00x), base 86.3 vs 93.5 (0.92x), overhead 14% vs 89% (single rounds: the
-  base ratio moved 0.98x -> 0.92x between the two runs, within this machine's spread). Tried and
+  1.5B, one round (not committed): mixed 74.0 vs 10.6 (7.00x), base 86.3 vs 93.5 (0.92x),
+  overhead 14% vs 89%; the same, two alternating rounds (commit 15944d6, committed,
+  [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json)):
+  mixed 78.8 vs 10.9 (7.22x; rounds 7.36x, 7.08x), base 93.7 vs 93.2 (1.01x; rounds 0.97x, 1.04x),
+  overhead 16% (13%, 19%) vs 88%, peak RSS 5.65 vs 13.99 GiB (LoRA), 4.46 vs 10.59 (base): the
+  base ratio of single rounds moves by about 6% on this machine. Tried and
   dropped (not committed): `torch._grouped_mm` per adapter segment for prefill LoRA (477 against
   290 ms a step), two rows at a time in the LoRA expand (slower), `torch.compile` of the decode (a
   timed run spent ~110 s recompiling). Left: the bf16 base model at or below vLLM (decode: paged
