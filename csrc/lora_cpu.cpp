@@ -134,15 +134,15 @@ MCL_INLINE float* at_least(std::vector<float>& v, int64_t n) {
     return v.data();
 }
 
-// One thread's float32 scratch: a block's rows of x, one adapter's A (16-bit weights), one chunk of
-// B's columns. Each thread keeps its own between calls (a decode step makes one call per projection
+// One thread's float32 scratch: a block's rows of x, one adapter's A (16-bit weights only), one chunk
+// of B's columns. Each thread keeps its own between calls (a decode step makes one call per projection
 // and layer: allocating and clearing it every time cost more than small calls' arithmetic).
 struct Scratch {
     float *xf, *af, *bt;
-    explicit Scratch(const LoRAArgs& a) {
+    Scratch(const LoRAArgs& a, bool sixteen_bit) {
         thread_local std::vector<float> xf_, af_, bt_;
         xf = at_least(xf_, kMaxTokens * a.in_features);
-        af = at_least(af_, a.num_slices * a.max_rank * a.in_features);
+        af = at_least(af_, sixteen_bit ? a.num_slices * a.max_rank * a.in_features : 0);
         bt = at_least(bt_, a.max_rank * kCols);
     }
 };
@@ -271,7 +271,7 @@ void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
     thread_local std::vector<float> u_;
     float* u = at_least(u_, (a.seg_starts[segs.back() + 1] - a.seg_starts[0]) * nR);
     const auto run = [&] {
-        Scratch w(a);
+        Scratch w(a, dtype != DType::f32);
         segments(a, segs, blocks, u, chunks, w);
     };
     if (threads == 1) return run();   // (the worksharing loops then run whole, with no team)
