@@ -1,7 +1,7 @@
 """The crossovers behind the cpu backend's routing thresholds, each route timed side by side.
 
     python benchmarks/bench_cpu_routing.py [--smoke] [--out-dir DIR] [--shapes demo qwen7b] [--reps N]
-                                           [--max-threads N] [--threads N]
+                                           [--max-threads N] [--threads N] [--measures NAME ...] [--tag TAG]
 
 Synthetic steps (random KV cache, shuffled blocks of 16, float32) in the attention and qkv shapes of
 three models: ``demo`` (mcl-demo-tiny: 4 query heads, 2 KV heads of 32, hidden 128), ``qwen0.5b``
@@ -48,6 +48,10 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 * ``LORA_RANGE_MAX_SLOTS``: LoRA of the qkv projection over the slot range vs gather + bmm tiles,
   for steps of 1 to 16 adapters in consecutive slots (a prefill of a ``lora`` segment each, and 32
   decodes spread over them); ``measured``: the most adapters up to which the range is faster in both.
+* ``LORA_RANGE_MIN_WORK_BF16`` (only where oneDNN computes bfloat16 natively): each of the four
+  projections' LoRA in bfloat16 over four adapter segments of growing length, the C++ kernel vs the
+  slot range's bfloat16 GEMMs; ``measured``: the smallest work per slice from which the range was
+  faster at every point of at least that work.
 * ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
   ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
 
@@ -56,7 +60,9 @@ last point; 0 where it lost at the first). ``in_code`` is the constant's value i
 next to ``measured``. These measurements run ``--threads`` torch threads (default torch's); on a
 machine shared with other processes, OpenMP regions wait for a core and penalise the route with
 more torch ops, so ``load_average`` is recorded with the figures.
-Writes benchmarks/results/cpu_routing.json (--smoke: only with --out-dir).
+``--measures`` runs only the named measurements (the functions below, e.g. ``lora_range_min_work_bf16``).
+Writes benchmarks/results/cpu_routing.json, or cpu_routing_<tag>.json with ``--tag`` (another
+machine's figures; --smoke: only with --out-dir).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ SIZES["bf16_rows"] = [1, 2, 4, 8, 16, 32, 64, 128]
 SIZES["bf16_chunk_rows"] = [16, 256]
 SIZES["bf16_chunks"] = [1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23]
 SIZES["lora_tokens"] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SIZES["lora_bf16_tokens"] = [64, 128, 256, 512, 1024]
 SIZES["lora_slots"] = [1, 2, 4, 8, 16]
 SMOKE_SIZES = dict(
     decodes=8, decode_ctx=(32, 40), prompts=[8, 6], prefill=[4, 8], longest=(32, 16), lora=[30, 20, 15, 35]
@@ -101,6 +108,7 @@ SMOKE_SIZES["bf16_rows"] = [1, 8]
 SMOKE_SIZES["bf16_chunk_rows"] = [8]
 SMOKE_SIZES["bf16_chunks"] = [1 << 12, 1 << 14]
 SMOKE_SIZES["lora_tokens"] = [1, 4]
+SMOKE_SIZES["lora_bf16_tokens"] = [8, 16]
 SMOKE_SIZES["lora_slots"] = [1, 2]
 
 
@@ -112,6 +120,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads of the other measurements (default torch's)"
     )
+    p.add_argument(
+        "--measures", nargs="+", default=None, choices=[m.__name__ for m in MEASURES], help="only these (default all)"
+    )
+    p.add_argument("--tag", default=None, help="write cpu_routing_<tag>.json (another machine's figures)")
     return parse_with_smoke(p, dict(reps=5, max_threads=1))
 
 
@@ -352,25 +364,44 @@ def bf16_upcast_rows(shape: dict, sizes: dict, args: argparse.Namespace) -> dict
     }
 
 
-class LoRACase:
-    """The qkv projection of ``shape`` with four rank-``shape["rank"]`` adapters, and a step whose four
-    adapter segments have ``q_lens`` tokens."""
+def projections(shape: dict) -> dict[str, tuple[int, list[int]]]:
+    """The four fused projections of ``shape``: (input features, each slice's output features)."""
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    return {
+        "qkv": (hidden, shape["qkv"]),
+        "o": (hidden, [hidden]),
+        "gate_up": (hidden, [inter, inter]),
+        "down": (inter, [hidden]),
+    }
 
-    def __init__(self, shape: dict, q_lens: list[int], slots: list[int] | None = None) -> None:
+
+class LoRACase:
+    """Projection ``proj`` of ``shape`` (default qkv) with rank-``shape["rank"]`` adapters, in
+    ``dtype``, and a step whose adapter segments have ``q_lens`` tokens."""
+
+    def __init__(
+        self,
+        shape: dict,
+        q_lens: list[int],
+        slots: list[int] | None = None,
+        proj: str = "qkv",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         """``slots``: each segment's adapter (default: segment i takes adapter i)."""
         gen = torch.Generator().manual_seed(0)
-        hidden, rank, qkv = shape["hidden"], shape["rank"], shape["qkv"]
+        (fan_in, outs), rank = projections(shape)[proj], shape["rank"]
         slots = list(range(len(q_lens))) if slots is None else slots
         num_slots = max(slots) + 1
-        self.mod = LinearWithLoRA(hidden, qkv, True, num_slots, rank, torch.float32, torch.device("cpu"))
+        self.mod = LinearWithLoRA(fan_in, outs, True, num_slots, rank, dtype, torch.device("cpu"))
         for slot in range(num_slots):
-            slices = [(torch.randn(rank, hidden, generator=gen), torch.randn(n, rank, generator=gen)) for n in qkv]
+            slices = [(torch.randn(rank, fan_in, generator=gen), torch.randn(n, rank, generator=gen)) for n in outs]
             self.mod.set_slot(slot, slices, 0.5)
         self.seg_starts, self.seg_slots, self.max_seg = lora_segments(np.array(slots), np.array(q_lens))
-        self.x = torch.randn(sum(q_lens), hidden, generator=gen)
-        self.y = torch.zeros(len(self.x), sum(qkv))
+        self.x = torch.randn(sum(q_lens), fan_in, generator=gen).to(dtype)
+        self.y = torch.zeros(len(self.x), sum(outs), dtype=dtype)
         self.shape = shape
-        self.work = sum(q_lens) * len(qkv) * rank * (hidden + sum(qkv) // len(qkv))  # as CPUBackend counts it
+        self.work = sum(q_lens) * len(outs) * rank * (fan_in + sum(outs) // len(outs))  # as CPUBackend counts it
+        self.slice_work = self.work // len(outs)
 
     def call(self, backend: CPUBackend) -> Callable[[], None]:
         """One ``apply_lora`` of the step on ``backend`` (prepared for it now)."""
@@ -413,6 +444,29 @@ def lora_range_max_slots(shape: dict, sizes: dict, args: argparse.Namespace) -> 
     return report("LORA_RANGE_MAX_SLOTS", measured, found, points, "the slot range faster at every count up to this")
 
 
+def lora_range_min_work_bf16(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    if not NATIVE_BF16_GEMM:
+        print("  LORA_RANGE_MIN_WORK_BF16: not measured (oneDNN has no bfloat16 kernel for this CPU)")
+        return {}
+    kernel = cpu(LORA_KERNEL_MAX_WORK=float("inf"), LORA_RANGE_MIN_WORK_BF16=float("inf"))
+    ranged = cpu(LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=1 << 30)
+    points = []
+    for proj in projections(shape):
+        for tokens in sizes["lora_bf16_tokens"]:
+            case = LoRACase(shape, [tokens // 4] * 4, proj=proj, dtype=torch.bfloat16)
+            us = interleaved({"kernel": case.call(kernel), "range": case.call(ranged)}, args.reps, block=5)
+            points.append(
+                {"proj": proj, "tokens": tokens, "slice_work": case.slice_work, **{f"{r}_us": t for r, t in us.items()}}
+            )
+            print(f"  {proj}, {tokens} tokens in bfloat16: slot range {us['kernel'] / us['range']:.2f}x the kernel")
+    # The smallest slice work from which the range is faster at every point of at least that work.
+    losing = [p["slice_work"] for p in points if p["range_us"] > p["kernel_us"]]
+    winning = [p["slice_work"] for p in points if p["slice_work"] > max(losing, default=-1)]
+    measured, found = (min(winning), bool(losing)) if winning else (max(losing), False)
+    rule = "the smallest slice work from which the slot range beat the kernel at every larger point, every projection"
+    return report("LORA_RANGE_MIN_WORK_BF16", measured, found, points, rule)
+
+
 def bf16_upcast_chunk(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(2 * shape["intermediate"], shape["hidden"], generator=gen).bfloat16()
@@ -453,38 +507,43 @@ def lora_tile(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
     return result
 
 
+MEASURES = (
+    kernel_max_threads,
+    padded_small,
+    split_gain,
+    onednn_rows,
+    bf16_upcast_rows,
+    bf16_upcast_chunk,
+    lora_kernel_max_work,
+    lora_range_max_slots,
+    lora_range_min_work_bf16,
+    lora_tile,
+)
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     sizes = SMOKE_SIZES if args.smoke else SIZES
+    measures = [m for m in MEASURES if args.measures is None or m.__name__ in args.measures]
     results, load_before = {}, os.getloadavg()
     with torch.inference_mode():
         for shape_name, shape in shapes.items():
             print(f"\n{shape_name}: {shape}")
-            measures = (
-                kernel_max_threads,
-                padded_small,
-                split_gain,
-                onednn_rows,
-                bf16_upcast_rows,
-                bf16_upcast_chunk,
-                lora_kernel_max_work,
-                lora_range_max_slots,
-                lora_tile,
-            )
             for measure in measures:
                 for name, entry in measure(shape, sizes, args).items():
                     results.setdefault(name, {})[shape_name] = entry
     save_result(
-        "cpu_routing",
+        f"cpu_routing_{args.tag}" if args.tag else "cpu_routing",
         {
             "benchmark": "cpu_routing",
             "env": environment("cpu"),
             "torch_threads": torch.get_num_threads(),
             "config": {
-                "dtype": "float32 (BF16_UPCAST_MIN_ROWS: bfloat16)",
+                "dtype": "float32 (BF16_UPCAST_*, LORA_RANGE_MIN_WORK_BF16: bfloat16)",
+                "native_bf16_gemm": NATIVE_BF16_GEMM,
                 "shapes": shapes,
                 "sizes": sizes,
                 "block_size": BLOCK_SIZE,

@@ -19,7 +19,9 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   (prompts: SDPA's ``enable_gqa``), so K/V are never repeated for GQA.
 * LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
   multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (it does only the
-  needed multiply-adds, in one call). Larger ones, and all with ``layer_kernels=False``:
+  needed multiply-adds, in one call, in float32). In bfloat16 where oneDNN computes it natively,
+  slices of at least ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds whose adapters lie in a slot range
+  go to that range's bfloat16 GEMMs instead. Larger ones, and all with ``layer_kernels=False``:
   when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
   goes through every slot of that range, masked to its own (two GEMMs per slice, the second
   accumulating into ``y`` in place: G times the LoRA's multiply-adds, at the GEMMs' speed, and no
@@ -314,6 +316,12 @@ class CPUBackend:
     # most: over a whole 0.5B engine run with four adapters, 4 here is 1.14-1.17x as fast as 2
     # (benchmarks/README.md, run history, "cpu backend routing").
     LORA_RANGE_MAX_SLOTS = 4
+    # bfloat16 where oneDNN computes it natively (AMX / AVX-512 BF16): from this many multiply-adds
+    # per slice (work / slices) the slot range's bfloat16 GEMMs, though G times the work, beat the
+    # kernel's float32 multiply-adds (cpu_routing_xeon-amx.json, an AMX Xeon: the smallest slice
+    # work from which the range was faster at every larger point of 0.5B's and 7B's four
+    # projections). Prefill steps of a few hundred tokens reach it; decodes stay on the kernel.
+    LORA_RANGE_MIN_WORK_BF16 = 24 << 20  # cpu_routing_xeon-amx.json: LORA_RANGE_MIN_WORK_BF16
     # Float32 weights of at least ONEDNN_MIN_WEIGHT elements are packed for oneDNN (on small weights
     # its fixed cost per call loses to MKL). Unpacked, linear layers of ONEDNN_MIN_ROWS to
     # ONEDNN_MAX_ROWS rows on such weights go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is
@@ -700,7 +708,13 @@ class CPUBackend:
         plan: LoRATiles | LoRASlots = lora.plan
         n = mod.n_slices
         work = plan.tokens * n * lora.max_rank * (x.shape[1] + y.shape[1] // n)
-        if work <= self.LORA_KERNEL_MAX_WORK and self._layer_kernel(x):
+        bf16_range = (
+            isinstance(plan, LoRASlots)
+            and x.dtype == torch.bfloat16
+            and self._packs(x.dtype)
+            and work >= n * self.LORA_RANGE_MIN_WORK_BF16
+        )
+        if work <= self.LORA_KERNEL_MAX_WORK and not bf16_range and self._layer_kernel(x):
             threads = torch.get_num_threads()
             lora_apply_cpu(x, y, self._kernel_weights(mod), lora.seg_starts_host, lora.seg_slots_host, threads)
             return
