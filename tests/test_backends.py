@@ -351,6 +351,33 @@ def test_bf16_not_packed_when_upcast() -> None:
     assert _cpu(bf16_upcast=True, ONEDNN_MIN_WEIGHT=0).prepare_weights([weight], keep_plain=False) == []
 
 
+@pytest.mark.skipif(not NATIVE_BF16_GEMM, reason="oneDNN has no bfloat16 kernel for this CPU")
+@pytest.mark.parametrize(
+    "dtype,min_work,kernel",
+    [(torch.bfloat16, INF, True), (torch.bfloat16, 0, False), (torch.float32, 0, True)],
+    ids=["bf16-small", "bf16-large", "fp32"],
+)
+def test_bf16_lora_of_large_slices_takes_the_slot_range(monkeypatch, dtype, min_work, kernel) -> None:
+    """Where oneDNN computes bfloat16 natively, a bfloat16 projection's LoRA of at least
+    ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds per slice goes to the slot range's GEMMs instead of
+    the kernel; smaller ones, and float32 at any size, to the kernel. Either way within the rule."""
+    from mcl_runtime.model import cpu_backend
+
+    calls = []
+    kernel_fn = cpu_backend.lora_apply_cpu
+    monkeypatch.setattr(cpu_backend, "lora_apply_cpu", lambda *a, **k: calls.append(1) or kernel_fn(*a, **k))
+    batch = random_batch(0)
+    gen = torch.Generator().manual_seed(0)
+    mod = lora_module(gen, dtype)
+    x = random(gen, batch.num_tokens, 48).to(dtype)
+    backend = _cpu(LORA_RANGE_MIN_WORK_BF16=min_work)
+    with torch.inference_mode():
+        out = lora_step(backend, batch, x, mod, dtype)
+    assert bool(calls) == (kernel and backend.layer_kernels)
+    ref = lora_step(ReferenceBackend(), batch, x, mod, dtype)
+    check_rule("lora", out, ref, lora_step(ReferenceBackend(), batch, x, cast(mod, torch.float64), torch.float64))
+
+
 @functools.cache
 def random_model(seed: int, dtypes: tuple[torch.dtype, ...] = ()) -> DecoderLM:
     """Random float32 weights cast to each of ``dtypes`` in turn (forwards leave a model as it was)."""

@@ -318,10 +318,11 @@ class CPUBackend:
     LORA_RANGE_MAX_SLOTS = 4
     # bfloat16 where oneDNN computes it natively (AMX / AVX-512 BF16): from this many multiply-adds
     # per slice (work / slices) the slot range's bfloat16 GEMMs, though G times the work, beat the
-    # kernel's float32 multiply-adds (cpu_routing_xeon-amx.json, an AMX Xeon: the smallest slice
-    # work from which the range was faster at every larger point of 0.5B's and 7B's four
-    # projections). Prefill steps of a few hundred tokens reach it; decodes stay on the kernel.
-    LORA_RANGE_MIN_WORK_BF16 = 24 << 20  # cpu_routing_xeon-amx.json: LORA_RANGE_MIN_WORK_BF16
+    # kernel's float32 multiply-adds. cpu_routing_xeon-amx.json (an AMX Xeon, four adapters): at
+    # 0.5B's projections the range won every point from 28 Mi (1.16-1.97x); at 7B's every point from
+    # 128 tokens (1.17-3.12x), and at 64 tokens only down's (gate/up's 44 Mi: 0.91x). Prefill steps
+    # reach it; decodes stay on the kernel.
+    LORA_RANGE_MIN_WORK_BF16 = 28 << 20  # cpu_routing_xeon-amx.json: LORA_RANGE_MIN_WORK_BF16, qwen0.5b
     # Float32 weights of at least ONEDNN_MIN_WEIGHT elements are packed for oneDNN (on small weights
     # its fixed cost per call loses to MKL). Unpacked, linear layers of ONEDNN_MIN_ROWS to
     # ONEDNN_MAX_ROWS rows on such weights go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is
