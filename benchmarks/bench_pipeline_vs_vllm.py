@@ -4,7 +4,7 @@ random-weight Qwen2.5 folder and four agent adapters of ``bench_vs_vllm.py``), s
 
     python benchmarks/bench_pipeline_vs_vllm.py [--shape qwen2.5-0.5b-instruct] [--dtype float32]
         [--dataset humaneval] [--problems 8] [--workers 8] [--k 1] [--t 1] [--max-tokens 256]
-        [--threads 2] [--kv-cache-memory 4GiB|default] [--rounds 1] [--smoke] [--out-dir DIR]
+        [--threads 2] [--kv-cache-memory 4GiB|default] [--rounds 1] [--tag TAG] [--smoke] [--out-dir DIR]
 
 Each server runs alone (one at a time), in its own process, started with the adapters named after the
 four agents, the same dtype, threads and KV budget; the pipeline runs against it as a user runs it and
@@ -13,7 +13,7 @@ answers are garbage: each call generates up to ``--max-tokens`` (EOS is rare) an
 what is measured is how fast each server carries the pipeline's calls. Where the engines' tokens differ
 the pipelines may take different paths, so the calls and tokens per problem of each side are reported
 next to the rate. Rounds alternate which server goes first. ``--smoke``: shrunk model, our server
-only (no vLLM), one problem. Writes ``benchmarks/results/pipeline_vs_vllm_<shape>_<device>.json``.
+only (no vLLM), one problem. Writes ``benchmarks/results/pipeline_vs_vllm_<shape>_<device>[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=None)
     p.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to start")
     p.add_argument("--note", default="")
+    p.add_argument("--tag", default=None, help="suffix of the result's name (another machine or setting)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args()
@@ -202,7 +203,8 @@ def main() -> None:
     }
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="pipeline_vs_vllm_smoke_")) if args.smoke else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"pipeline_vs_vllm_{args.shape}_{'smoke' if args.smoke else 'cpu'}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = out_dir / f"pipeline_vs_vllm_{args.shape}_{'smoke' if args.smoke else 'cpu'}{tag}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}" + (" (smoke run: our server only, not a result)" if args.smoke else ""))
