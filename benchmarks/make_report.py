@@ -757,6 +757,50 @@ RUN_HISTORY = """## Run history
   attention at ~2.5x its bandwidth floor, the LM head; prefill: attention and the unfused
   SiLU-and-multiply next to AMX GEMMs near peak) and the bf16 LoRA overhead at 1.5B above 10% (the
   expand of gate/up is bound by its second pass over `y`).
+- **bf16 LoRA on the slot range's AMX GEMMs; the Xeon's missing runs** (2026-12-07, the AMX Xeon
+  above, 2 threads). A step profile of 1.5B, bf16, 32 requests of 32 tokens: prefill LoRA 294 ms of
+  a 1849 ms step (865 tokens) on the kernel's float32 multiply-adds, while the slot range's bf16
+  GEMMs (AMX, G times the work) took 166 against 267 ms for the same step's 28 layers in a
+  microbenchmark. [cpu_routing_xeon-amx.json](results/cpu_routing_xeon-amx.json) (commit cb4f699,
+  `bench_cpu_routing.py --measures lora_range_min_work_bf16 --tag xeon-amx`, new): each projection
+  over four adapter segments of 64-1024 tokens; the range won every point from 28 Mi multiply-adds
+  per slice at 0.5B (1.16-1.97x; the kernel up to 3.4x as fast at 64 tokens) and from 128 tokens at
+  7B (1.17-3.12x). The backend now routes bf16 LoRA of at least `LORA_RANGE_MIN_WORK_BF16` (28 Mi)
+  per slice to the range where oneDNN computes bf16 natively (commit 46a42dc); float32 and decodes
+  stay on the kernel. Step profile after it: prefill LoRA 294 -> 242 ms (1.5B), 210 -> 141-148 (0.5B,
+  64 requests; A/B of the constant in one session). Against vLLM at 46a42dc: 0.5B, bf16, the full
+  workload, one round ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json),
+  replacing 2de251d's): mixed 346.5 vs 46.0 (7.53x), base 419.7 vs 421.2 (1.00x), LoRA overhead
+  17% vs 89% (9% the run before: decodes, which this does not change, are most of the run; the
+  machine ran both engines' base model 8% faster than then), peak RSS 2.93 vs 9.76 GiB (LoRA), 2.38
+  vs 7.96 (base); 1.5B, bf16, 32 requests of 64 tokens, two rounds
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json),
+  replacing 15944d6's): mixed 83.3 vs 10.9 (7.61x; rounds 7.74x, 7.48x; was 78.8, 7.22x), base
+  92.4 vs 99.1 (0.93x; rounds 0.91x, 0.96x; ours 87.4 and 97.5, vLLM 96.5 and 101.6), overhead 10%
+  (3%, 16%; was 16%) vs 89%. Not run on this CPU before: 1.5B, fp32, the same workload, one round
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx.json)):
+  mixed 26.7 vs 7.6 (3.50x), base 27.7 vs 26.8 (1.03x), overhead 4% vs 72%, 32 of 32 the same
+  tokens, peak RSS 9.24 vs 16.21 GiB (LoRA), 9.20 vs 14.62 (base); both engines' plain defaults,
+  0.5B, bf16, 32 requests of 64 tokens, one round
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_xeon-amx_bf16.json);
+  ours 1.54M tokens of KV, 18.9 GB reserved, 1664-token steps): vLLM with LoRA was killed by the
+  kernel's OOM killer (its worker at 22.9 GB resident), ours ran the four adapters at 209.2 tok/s in
+  2.40 GiB; base 249.8 vs 264.5 (0.94x), 2.15 vs 23.16 GiB; the MapCoder pipeline against each
+  server (commit 7d68898, `bench_pipeline_vs_vllm.py --dtype bfloat16 --problems 8 --workers 8 --k 1
+  --t 1 --max-tokens 128 --tag xeon-amx_bf16`,
+  [pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16.json](results/pipeline_vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16.json)):
+  187.7 vs 39.3 problems/h (4.78x), both sides the same 40 calls (8 retrieval, 16 planning, 8
+  coding, 8 debugging) and 5120 completion tokens, server start 5 vs 20 s (not counted). Tried and dropped (not committed, each
+  measured in this session): a fused C++ SiLU-and-multiply (no faster than torch's two ops in bf16:
+  3.3 vs 3.3 ms at 1511 rows, 118 vs 105 us at 57; whole runs 306.7 / 307.8 vs 301.4 / 307.5 tok/s:
+  both are bound by the exp and the division, not by memory), converting the attention kernel's
+  16-bit values once per block for all query heads (552 -> 549 us a layer), prefetching the next
+  work item's keys and values block by block instead of the next sequence's at once (engine
+  attention 18-19 -> 19.5-19.8 ms a step). A single-thread microbenchmark of one layer's decode
+  attention (57 sequences of ~224 keys, bf16): scores ~280 us, weighted values ~300, softmax ~70,
+  and ~320 us of fetching keys and values not hidden behind them. First-touch page faults of the
+  lazily allocated KV cache cost a 1511-token prefill step ~47 ms in `index_copy_` (~1 ms a layer;
+  0.06 ms once the pages exist), once per block over an engine's life.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

@@ -1,6 +1,6 @@
 // mcl_runtime._C: Python bindings of the C++ block manager (same interface, return types and
 // exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager) and of the CPU kernels (paged
-// attention, multi-LoRA, RMSNorm, rotary embedding; wrapped for torch tensors by mcl_runtime.kernels.cpu).
+// attention, multi-LoRA, RMSNorm, rotary embedding, the greedy argmax; wrapped for torch tensors by mcl_runtime.kernels.cpu).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,6 +11,7 @@
 #include "paged_attention.h"
 #include "layer_ops.h"
 #include "lora_cpu.h"
+#include "sampling_ops.h"
 
 namespace py = pybind11;
 
@@ -160,6 +161,20 @@ void rope(const py::handle& x_, const py::handle& cos_, const py::handle& sin_) 
     mcl::rope(args, dt);
 }
 
+// out [T] int64 (contiguous), x [T, V] (V >= 1, unit stride along V): a float dtype.
+void argmax_rows(const py::handle& out_, const py::handle& x_, int num_threads) {
+    const char* k = "argmax_rows";
+    const Tensor out = tensor(out_, k, "out"), x = tensor(x_, k, "x");
+    const std::optional<mcl::DType> dt = x.float_dtype();
+    if (!dt) throw py::type_error("argmax_rows: x must be float32, float16 or bfloat16");
+    check_int(out, 64, k, "out");
+    check(x.ndim() == 2 && x.size(1) >= 1 && x.stride(1) == 1, "x [T, V]: V >= 1, unit stride along V", k);
+    check(out.ndim() == 1 && out.size(0) == x.size(0) && out.contiguous(), "out [T], contiguous", k);
+    const mcl::ArgmaxArgs args{out.data<int64_t>(), x.data(), x.stride(0), x.size(0), x.size(1)};
+    py::gil_scoped_release release;
+    mcl::argmax_rows(args, *dt, num_threads);
+}
+
 // y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]: one dtype;
 // scaling [S] float32, ranks [S, n] int32 (tensors); offsets [n + 1] int64, seg_starts [nseg + 1]
 // and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
@@ -292,6 +307,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
 
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"));
+
+    m.def("argmax_rows", &argmax_rows, py::arg("out"), py::arg("x"), py::arg("num_threads") = 1);
 
     m.def("lora_apply", &lora_apply, py::arg("y"), py::arg("x"), py::arg("lora_a"), py::arg("lora_bt"),
           py::arg("scaling"), py::arg("ranks"), py::arg("offsets"), py::arg("seg_starts"), py::arg("seg_slots"),

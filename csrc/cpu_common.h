@@ -1,6 +1,7 @@
 // Shared by the CPU kernels: 16-bit floats as their bits and their conversions to and from
 // float32 (torch's rounding: nearest even), the function multi-versioning of inner loops, and
-// blocks of dot products (8 or 16 at a time, summed across vector lanes by one butterfly).
+// blocks of dot products (8 or 16 at a time, summed across vector lanes by one butterfly) and
+// vector loads of any of the three float dtypes.
 #pragma once
 
 #include <algorithm>
@@ -90,6 +91,18 @@ MCL_INLINE fvec<W> load_vec(const float* p) {  // W floats from p, any alignment
     fvec<W> v;
     std::memcpy(&v, p, sizeof v);
     return v;
+}
+
+// W floats from p (converted from 16 bits where T is).
+template <int64_t W, typename T>
+MCL_INLINE fvec<W> load_float(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return load_vec<W>(p);
+    } else {
+        fvec<W> v;
+        for (int64_t l = 0; l < W; ++l) v[l] = to_float(p[l]);
+        return v;
+    }
 }
 
 template <int64_t W>

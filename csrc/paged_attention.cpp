@@ -67,18 +67,6 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
     return total;
 }
 
-// W floats from p (converted from 16 bits where T is).
-template <int64_t W, typename T>
-MCL_INLINE fvec<W> load_float(const T* p) {
-    if constexpr (std::is_same_v<T, float>) {
-        return load_vec<W>(p);
-    } else {
-        fvec<W> v;
-        for (int64_t l = 0; l < W; ++l) v[l] = to_float(p[l]);
-        return v;
-    }
-}
-
 // acc[0:kVecs * W] += sum_j p[j] * v_j[0:kVecs * W] for the m value rows v_j = v + j * stride: the
 // partial sums in registers, two rows at a time into two sets (FMA latency).
 template <int64_t W, int64_t kVecs, typename T>

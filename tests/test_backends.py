@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from mcl_runtime.kernels import lora_apply_cpu
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
 from mcl_runtime.model.config import parse_config
 from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
@@ -361,11 +362,9 @@ def test_bf16_lora_of_large_slices_takes_the_slot_range(monkeypatch, dtype, min_
     """Where oneDNN computes bfloat16 natively, a bfloat16 projection's LoRA of at least
     ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds per slice goes to the slot range's GEMMs instead of
     the kernel; smaller ones, and float32 at any size, to the kernel. Either way within the rule."""
-    from mcl_runtime.model import cpu_backend
-
     calls = []
-    kernel_fn = cpu_backend.lora_apply_cpu
-    monkeypatch.setattr(cpu_backend, "lora_apply_cpu", lambda *a, **k: calls.append(1) or kernel_fn(*a, **k))
+    kernel_calls = lambda *a, **k: calls.append(1) or lora_apply_cpu(*a, **k)  # noqa: E731
+    monkeypatch.setattr("mcl_runtime.model.cpu_backend.lora_apply_cpu", kernel_calls)
     batch = random_batch(0)
     gen = torch.Generator().manual_seed(0)
     mod = lora_module(gen, dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mcl_runtime.engine.sampler import SamplingBatch, sample
+from mcl_runtime.kernels import HAS_CPU_ARGMAX, argmax_cpu
 
 LOGITS = np.array([2.0, 1.6, 1.1, 0.7, 0.2, 0.0, -0.6, -1.5, -2.5, -4.0])
 V = len(LOGITS)
@@ -87,3 +88,40 @@ def test_the_test_rejects_a_biased_sampler():
     counts = np.random.default_rng(0).multinomial(N, biased)
     want = N * p
     assert float(((counts - want) ** 2 / want).sum()) > chi_square_critical(V - 1)
+
+
+@pytest.mark.skipif(not HAS_CPU_ARGMAX, reason="needs the C++ extension mcl_runtime._C")
+@pytest.mark.parametrize("vocab", [1, 7, 16, 33, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_argmax_cpu_is_numpys_argmax(dtype: torch.dtype, vocab: int) -> None:
+    """The first maximum of each row (ties, a maximum in the tail past the last full vector), NaN
+    counting as the maximum (its first), rows of -inf, +inf; rows of a wider tensor read in place."""
+    gen = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(8, vocab + 5, generator=gen).to(dtype)
+    x = wide[:, 2 : 2 + vocab]
+    if vocab > 5:
+        x[1, 1] = x[1, vocab - 2] = x[1].max() + 1  # a tie: the first
+        x[2] = float("-inf")
+        x[3, 4] = x[3, 2] = float("nan")
+        x[4, vocab - 1] = float("inf")
+        x[5, vocab - 1] = x[5].max() + 1  # in the tail
+    want = torch.from_numpy(x.float().numpy().argmax(axis=-1))
+    for threads in (1, 2):
+        assert torch.equal(argmax_cpu(x, threads), want)
+    assert argmax_cpu(torch.empty(0, vocab, dtype=dtype)).shape == (0,)
+
+
+@pytest.mark.skipif(not HAS_CPU_ARGMAX, reason="needs the C++ extension mcl_runtime._C")
+@pytest.mark.parametrize(
+    "x,exc",
+    [
+        (lambda: torch.zeros(2, 3, dtype=torch.int32), TypeError),
+        (lambda: torch.zeros(3, 2).t(), ValueError),
+        (lambda: torch.zeros(2, 0), ValueError),
+        (lambda: torch.zeros(4), ValueError),
+    ],
+    ids=["int", "column-stride", "empty-rows", "1d"],
+)
+def test_argmax_cpu_bad_arguments(x, exc) -> None:
+    with pytest.raises(exc):
+        argmax_cpu(x())

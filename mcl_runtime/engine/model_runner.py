@@ -151,14 +151,18 @@ class ModelRunner:
         logits_in = (
             hidden[: len(picks)] if np.array_equal(picks, np.arange(len(picks))) else hidden[self._to_device(picks)]
         )
-        logits = self.model.compute_logits(logits_in, self.backend, self._logits_buffer(len(picks)))
         table = self.table
         constrained = np.flatnonzero(np.repeat(table.constrained[rows], counts))
+        sampling = self._sampling_batch(rows, counts, batch.steps[which], last_tokens, input_ids)
+        # A step that only takes each row's argmax (greedy, no penalties, banned ids or grammar) reads
+        # the head's output in its own dtype: a 16-bit value's maximum is its float32 value's.
+        argmax_only = sampling.argmax_only and not len(constrained)
+        out = None if argmax_only else self._logits_buffer(len(picks))
+        logits = self.model.compute_logits(logits_in, self.backend, out, float32=not argmax_only)
         if len(constrained):
             owners = np.repeat(rows, counts)[constrained]
             self.grammar(logits, constrained.tolist(), [table.seqs[r].matcher for r in owners.tolist()])
-        steps = batch.steps[which]
-        tokens = sample(logits, self._sampling_batch(rows, counts, steps, last_tokens, input_ids))
+        tokens = sample(logits, sampling)
         return SampledTokens(rows, seq_ids, counts, tokens, bool(len(constrained)))
 
     def _logits_buffer(self, rows: int) -> torch.Tensor | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mcl_runtime.kernels import HAS_CPU_ARGMAX, argmax_cpu
+
 _M32 = 0xFFFFFFFF
 
 
@@ -64,10 +66,14 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(dim=-1)`` (first maximum, NaN counts as the maximum), through NumPy for
-    float32 CPU tensors (same result, without torch's CPU reduction kernel)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    """``logits.argmax(dim=-1)`` (first maximum, NaN counts as the maximum). On the CPU through the
+    C++ kernel (any float dtype, on torch's threads) or, without it, NumPy for float32 (same
+    result; torch's CPU reduction is several times slower)."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] and logits.stride(1) == 1:
+        if HAS_CPU_ARGMAX:
+            return argmax_cpu(logits, torch.get_num_threads())
+        if logits.dtype == torch.float32:
+            return torch.from_numpy(logits.numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)
 
 
@@ -87,9 +93,15 @@ class SamplingBatch:
     penalties: Penalties | None = None  # when some row is penalized
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) set to -inf: min_tokens
 
+    @property
+    def argmax_only(self) -> bool:
+        """Whether ``sample`` is each row's argmax of the logits as given (any dtype)."""
+        return self.all_greedy and self.penalties is None and self.banned is None
+
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Next token per row of ``logits [N, V]`` (float32; may be modified in place)."""
+    """Next token per row of ``logits [N, V]`` (float32, or any float dtype where
+    ``batch.argmax_only``; may be modified in place)."""
     if batch.banned is not None:
         logits[batch.banned] = float("-inf")
     if batch.penalties is not None:

@@ -1,8 +1,9 @@
 """Triton kernels (importable as ``mcl_runtime.kernels``): SGMV LoRA shrink/expand and paged attention,
 with plain torch references of each in ``reference``; and ``paged_attention_cpu``, the C++ CPU
-paged attention, multi-LoRA (``lora_apply_cpu``), and the fused residual add + RMSNorm and rotary
-embedding of a decoder layer (``rms_norm_cpu``, ``rope_cpu``), of the ``mcl_runtime._C`` extension
-(``HAS_CPU_ATTENTION`` / ``HAS_CPU_LAYER_OPS`` say whether they are built).
+paged attention, multi-LoRA (``lora_apply_cpu``), the fused residual add + RMSNorm and rotary
+embedding of a decoder layer (``rms_norm_cpu``, ``rope_cpu``) and the sampler's greedy argmax
+(``argmax_cpu``), of the ``mcl_runtime._C`` extension (``HAS_CPU_ATTENTION`` / ``HAS_CPU_LAYER_OPS``
+/ ``HAS_CPU_ARGMAX`` say whether they are built).
 
 Without Triton the package still imports; ``HAS_TRITON`` is then False and calling a Triton kernel
 raises a RuntimeError (the torch references keep working).
@@ -14,10 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .cpu import (
+    HAS_CPU_ARGMAX,
     HAS_CPU_ATTENTION,
     HAS_CPU_LAYER_OPS,
     LoRAWeightsCPU,
     PagedAttentionCPU,
+    argmax_cpu,
     lora_apply_cpu,
     paged_attention_cpu,
     rms_norm_cpu,
@@ -36,12 +39,14 @@ __all__ = [
     "HAS_TRITON",
     "HAS_CPU_ATTENTION",
     "HAS_CPU_LAYER_OPS",
+    "HAS_CPU_ARGMAX",
     "PagedAttentionCPU",
     "paged_attention_cpu",
     "LoRAWeightsCPU",
     "lora_apply_cpu",
     "rms_norm_cpu",
     "rope_cpu",
+    "argmax_cpu",
     "lora_shrink",
     "lora_expand",
     "lora_apply",

@@ -1,9 +1,10 @@
 """C++ CPU kernels of ``mcl_runtime._C`` for torch tensors: paged attention (``csrc/paged_attention.cpp``),
 which reads the paged cache in place through the block tables (no gather, no padding to the longest
-context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cpp``); and the
+context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cpp``); the
 elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm and
-the rotary embedding in place. Each tensor reaches C++ as its DLPack capsule (``to_dlpack``, about
-0.5 us), which checks devices, dtypes, shapes and strides itself."""
+the rotary embedding in place; and the sampler's greedy argmax (``csrc/sampling_ops.cpp``). Each
+tensor reaches C++ as its DLPack capsule (``to_dlpack``, about 0.5 us), which checks devices,
+dtypes, shapes and strides itself."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ if EXT is not None and not _CURRENT:
     )
 HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
 HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")  # lora_apply_cpu, rms_norm_cpu, rope_cpu
+HAS_CPU_ARGMAX = _CURRENT and hasattr(EXT, "argmax_rows")
 
 
 class PagedAttentionCPU:
@@ -145,6 +147,17 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     if x.numel():
         EXT.rope(to_dlpack(x), to_dlpack(cos), to_dlpack(sin))
     return x
+
+
+def argmax_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of ``x [T, V]`` (float32, float16 or bfloat16, V >= 1, unit stride along
+    V): the first maximum of each row, NaN counting as the maximum (the first NaN), 16-bit values
+    compared as their float32 values. ``num_threads`` > 1 splits the rows over torch's OpenMP
+    threads where there are enough. Returns a new int64 ``[T]``."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        EXT.argmax_rows(to_dlpack(out), to_dlpack(x), num_threads)
+    return out
 
 
 class LoRAWeightsCPU:

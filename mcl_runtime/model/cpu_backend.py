@@ -20,8 +20,9 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
 * LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
   multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (it does only the
   needed multiply-adds, in one call, in float32). In bfloat16 where oneDNN computes it natively,
-  slices of at least ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds whose adapters lie in a slot range
-  go to that range's bfloat16 GEMMs instead. Larger ones, and all with ``layer_kernels=False``:
+  slices of at least ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds go to the slot range below instead
+  (its bfloat16 GEMMs), where the step's adapters fit one. Larger ones, and all with
+  ``layer_kernels=False``:
   when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
   goes through every slot of that range, masked to its own (two GEMMs per slice, the second
   accumulating into ``y`` in place: G times the LoRA's multiply-adds, at the GEMMs' speed, and no

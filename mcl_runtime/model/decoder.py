@@ -166,10 +166,15 @@ class DecoderLM(nn.Module):
             x, residual = layer(x, residual, ctx)
         return self.norm(x, ctx, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor, backend, out: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_logits(
+        self, hidden: torch.Tensor, backend, out: torch.Tensor | None = None, float32: bool = True
+    ) -> torch.Tensor:
         """Float32 logits ``[T, vocab]`` of hidden states ``[T, hidden]`` (``backend.linear``); a 16-bit
-        head's written into ``out`` (``[T, vocab]`` float32) when given, else into a new tensor."""
+        head's written into ``out`` (``[T, vocab]`` float32) when given, else into a new tensor.
+        ``float32=False``: the head's output in the model's dtype, as it is."""
         logits = backend.linear(hidden, self.lm_head_weight)
+        if not float32:
+            return logits
         if out is None or logits.dtype == torch.float32:
             return logits.float()
         return out.copy_(logits)
