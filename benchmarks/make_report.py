@@ -798,9 +798,27 @@ RUN_HISTORY = """## Run history
   work item's keys and values block by block instead of the next sequence's at once (engine
   attention 18-19 -> 19.5-19.8 ms a step). A single-thread microbenchmark of one layer's decode
   attention (57 sequences of ~224 keys, bf16): scores ~280 us, weighted values ~300, softmax ~70,
-  and ~320 us of fetching keys and values not hidden behind them. First-touch page faults of the
-  lazily allocated KV cache cost a 1511-token prefill step ~47 ms in `index_copy_` (~1 ms a layer;
-  0.06 ms once the pages exist), once per block over an engine's life.
+  and ~320 us of fetching keys and values not hidden behind them.
+- **The greedy argmax without a float32 copy** (2026-12-07, the AMX Xeon, 2 threads). A 0.5B bf16
+  decode step (57 rows) spent ~2.6 ms copying the head's bf16 logits into float32 and ~2.2 ms in
+  NumPy's single-threaded argmax. Now (commit dac5848) the sampler's argmax is a C++ kernel
+  (`csrc/sampling_ops.cpp`: any float dtype, the first maximum, NaN as the maximum, rows on torch's
+  threads), and a step that only takes argmaxes (greedy, no penalties, banned ids or grammar)
+  reads the bf16 head's output as it is: 0.40 ms against 3.8 ms at 57 rows in a microbenchmark
+  (float32: 0.88 against NumPy's 1.3); step profile sampling 22-26 -> 17 ms; whole runs (base, 64
+  requests of 64 tokens, three alternating pairs, not committed) 341.3 / 351.6 / 333.0 against
+  322.9 / 334.0 / 338.9 tok/s. Against vLLM at dac5848, the full workload, one round
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json),
+  replacing 46a42dc's): mixed 363.2 vs 45.3 (8.02x), base 400.5 vs 421.4 (0.95x), LoRA overhead 9%
+  vs 89%, peak RSS 2.55 vs 9.84 GiB (LoRA), 2.30 vs 7.96 (base); the base model alone over three
+  alternating rounds
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json)):
+  409.1 vs 415.7 (0.97x; rounds 0.97x, 0.97x, 1.02x: ours 401-426, vLLM 413-420). A larger step
+  budget does not help ours: `max_num_batched_tokens` 4096 (vLLM's) 377-381 tok/s against 403-406
+  at our default, 1024 and 2048 within the noise. First writes of fresh memory cost this VM about
+  6.5 us a 4 KiB page (0.7 GB/s, the same with transparent huge pages): a 1511-token prefill step
+  spends ~47 ms storing keys and values into new blocks of our lazily reserved KV cache, which
+  vLLM zeroes at start-up.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
