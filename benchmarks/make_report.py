@@ -818,7 +818,12 @@ RUN_HISTORY = """## Run history
   at our default, 1024 and 2048 within the noise. First writes of fresh memory cost this VM about
   6.5 us a 4 KiB page (0.7 GB/s, the same with transparent huge pages): a 1511-token prefill step
   spends ~47 ms storing keys and values into new blocks of our lazily reserved KV cache, which
-  vLLM zeroes at start-up.
+  vLLM zeroes at start-up. 1.5B, bf16, 32 requests of 64 tokens, two rounds at 0bdbd84 (dac5848's
+  code; [vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json),
+  replacing 46a42dc's): mixed 80.2 vs 10.8 (7.41x; rounds 7.65x, 7.18x), base 86.5 vs 93.1 (0.93x;
+  rounds 1.01x, 0.86x: ours 91.9 then 81.1, vLLM 91.4 then 94.8), overhead 7% (10%, 4%) vs 88%, peak
+  RSS 6.30 vs 13.99 GiB (LoRA), 5.63 vs 10.59 (base). A 23 s test run shared the CPU with vLLM's
+  second four-adapter round (its figure, 10.9 tok/s, matches its first, 10.8).
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

@@ -15,7 +15,8 @@ CUDA graph per bucket serves every such step. Padded rows are base-model rows of
 write their KV into a scratch block (the cache's last block, which the block manager never hands
 out); their outputs are dropped.
 Between ``compute_logits`` and sampling, the rows of constrained sequences are masked by their
-grammar matchers in one batched call.
+grammar matchers in one batched call. A step that only takes argmaxes reads the head's output in the
+model's dtype (no float32 copy).
 """
 
 from __future__ import annotations

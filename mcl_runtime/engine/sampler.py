@@ -70,7 +70,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     C++ kernel (any float dtype, on torch's threads) or, without it, NumPy for float32 (same
     result; torch's CPU reduction is several times slower)."""
     if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] and logits.stride(1) == 1:
-        if HAS_CPU_ARGMAX:
+        if HAS_CPU_ARGMAX and logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
             return argmax_cpu(logits, torch.get_num_threads())
         if logits.dtype == torch.float32:
             return torch.from_numpy(logits.numpy().argmax(axis=-1))
