@@ -264,25 +264,26 @@ def test_engine_without_lora(engine):
         demo_engine(device="cpu", kv_cache_blocks=64, adapters={}, max_loras=-1)
 
 
+def bf16_outputs(params: list[SamplingParams], overlap: bool):
+    """A bfloat16 demo engine's tokens for eight requests over several adapters (four at a time, so
+    requests join as others finish), and its model runner."""
+    engine = demo_engine(device="cpu", dtype="bfloat16", kv_cache_blocks=128, max_num_seqs=4, overlap=overlap)
+    prompts = [PROMPT, "import os\n", "x = 1\n", "class A:\n"] * 2
+    adapters = ["coding", None, "planning", "debugging"] * 2
+    return [list(o.token_ids) for o in engine.generate(prompts, params, adapter=adapters)], engine.runner
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_bf16_greedy_steps_take_the_argmax_of_the_heads_own_output(monkeypatch, overlap):
     """A step that only takes argmaxes (greedy, no penalties or grammar) reads a 16-bit head's
     output as it is, with no float32 copy: the same tokens as through the float32 logits."""
-    from mcl_runtime.engine.model_runner import ModelRunner
     from mcl_runtime.engine.sampler import SamplingBatch
 
-    prompts = [PROMPT, "import os\n", "x = 1\n", "class A:\n"] * 2
     params = [SamplingParams(max_tokens=10 + i, temperature=0, ignore_eos=True) for i in range(8)]
-    adapters = ["coding", None, "planning", "debugging"] * 2
-
-    def run() -> tuple[list[list[int]], ModelRunner]:
-        engine = demo_engine(device="cpu", dtype="bfloat16", kv_cache_blocks=128, max_num_seqs=4, overlap=overlap)
-        return [list(o.token_ids) for o in engine.generate(prompts, params, adapter=adapters)], engine.runner
-
-    direct, runner = run()
+    direct, runner = bf16_outputs(params, overlap)
     assert runner._logits is None  # no step needed the float32 copy
     monkeypatch.setattr(SamplingBatch, "argmax_only", property(lambda self: False))
-    through_float32, runner = run()
+    through_float32, runner = bf16_outputs(params, overlap)
     assert runner._logits is not None and direct == through_float32
 
 
@@ -292,16 +293,9 @@ def test_bf16_logits_buffer_gives_the_same_outputs(monkeypatch, overlap):
     sampled, several adapters, requests joining as others finish) equal those of fresh tensors."""
     from mcl_runtime.engine.model_runner import ModelRunner
 
-    prompts = [PROMPT, "import os\n", "x = 1\n", "class A:\n"] * 2
     params = [SamplingParams(max_tokens=12 + i, temperature=0.8 * (i % 2), seed=i, ignore_eos=True) for i in range(8)]
-    adapters = ["coding", None, "planning", "debugging"] * 2
-
-    def run() -> tuple[list[list[int]], ModelRunner]:
-        engine = demo_engine(device="cpu", dtype="bfloat16", kv_cache_blocks=128, max_num_seqs=4, overlap=overlap)
-        return [list(o.token_ids) for o in engine.generate(prompts, params, adapter=adapters)], engine.runner
-
-    reused, runner = run()
+    reused, runner = bf16_outputs(params, overlap)
     assert runner._logits is not None and runner._logits.dtype == torch.float32
     monkeypatch.setattr(ModelRunner, "_logits_buffer", lambda self, rows: None)
-    fresh, runner = run()
+    fresh, runner = bf16_outputs(params, overlap)
     assert runner._logits is None and reused == fresh
