@@ -1,6 +1,7 @@
 // mcl_runtime._C: Python bindings of the C++ block manager (same interface, return types and
 // exceptions as mcl_runtime.engine.block_manager_ref.PyBlockManager) and of the CPU kernels (paged
-// attention, multi-LoRA, RMSNorm, rotary embedding, the greedy argmax; wrapped for torch tensors by mcl_runtime.kernels.cpu).
+// attention, multi-LoRA, RMSNorm, rotary embedding, SiLU-and-multiply, the greedy argmax; wrapped for torch
+// tensors by mcl_runtime.kernels.cpu).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -175,6 +176,20 @@ void argmax_rows(const py::handle& out_, const py::handle& x_, int num_threads) 
     mcl::argmax_rows(args, *dt, num_threads);
 }
 
+// out [T, I], x [T, 2I] (gate | up): one dtype, unit stride along the columns.
+void silu_and_mul(const py::handle& out_, const py::handle& x_, int num_threads) {
+    const char* k = "silu_and_mul";
+    const Tensor out = tensor(out_, k, "out"), x = tensor(x_, k, "x");
+    const mcl::DType dt = one_dtype({&x, &out}, k, "x and out");
+    check(x.ndim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1,
+          "x [T, 2I]: an even number of columns, unit stride along them", k);
+    check(out.ndim() == 2 && out.size(0) == x.size(0) && 2 * out.size(1) == x.size(1) && out.stride(1) == 1,
+          "out [T, I] (half of x's columns), unit stride along them", k);
+    const mcl::SiluAndMulArgs args{out.data(), out.stride(0), x.data(), x.stride(0), x.size(0), out.size(1)};
+    py::gil_scoped_release release;
+    mcl::silu_and_mul(args, dt, num_threads);
+}
+
 // y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]: one dtype;
 // scaling [S] float32, ranks [S, n] int32 (tensors); offsets [n + 1] int64, seg_starts [nseg + 1]
 // and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
@@ -294,9 +309,10 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    // The kernels' calling convention (3: tensors as DLPack capsules, a lanes argument); kernels/cpu.py
-    // uses them only when it matches, so a stale build falls back to torch's ops instead of failing at a call.
-    m.attr("KERNEL_ABI") = 3;
+    // The kernels' calling convention and set (4: tensors as DLPack capsules, a lanes argument,
+    // silu_and_mul); kernels/cpu.py uses them only when it matches, so a stale build falls back to
+    // torch's ops instead of failing at a call.
+    m.attr("KERNEL_ABI") = 4;
 
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
         .def(py::init<const py::handle&, const py::handle&, const py::handle&, int64_t>(),
@@ -307,6 +323,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
 
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"));
+
+    m.def("silu_and_mul", &silu_and_mul, py::arg("out"), py::arg("x"), py::arg("num_threads") = 1);
 
     m.def("argmax_rows", &argmax_rows, py::arg("out"), py::arg("x"), py::arg("num_threads") = 1);
 

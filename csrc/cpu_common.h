@@ -1,7 +1,7 @@
 // Shared by the CPU kernels: 16-bit floats as their bits and their conversions to and from
 // float32 (torch's rounding: nearest even), the function multi-versioning of inner loops, and
-// blocks of dot products (8 or 16 at a time, summed across vector lanes by one butterfly) and
-// vector loads of any of the three float dtypes.
+// blocks of dot products (8 or 16 at a time, summed across vector lanes by one butterfly), vector
+// loads and stores of any of the three float dtypes and a vector exp.
 #pragma once
 
 #include <algorithm>
@@ -74,12 +74,14 @@ MCL_INLINE void store(F16* p, float x) {  // round to nearest even; overflow to 
 
 constexpr int64_t kLanes = 16;  // the widest dot-product tile: one AVX-512 register of float32
 
-// GCC/Clang vectors of W floats (int32 lane indices): lowered per clone's ISA. (GCC drops the
-// attribute from an alias template, hence the struct.)
+// GCC/Clang vectors of W floats (int32 lane indices, float and 16-bit float bits): lowered per
+// clone's ISA. (GCC drops the attribute from an alias template, hence the struct.)
 template <int64_t W>
 struct Vectors {
     typedef float f __attribute__((vector_size(W * sizeof(float))));
     typedef int32_t i __attribute__((vector_size(W * sizeof(int32_t))));
+    typedef uint32_t u __attribute__((vector_size(W * sizeof(uint32_t))));
+    typedef uint16_t h __attribute__((vector_size(W * sizeof(uint16_t))));  // 16-bit floats' bits
 };
 template <int64_t W>
 using fvec = typename Vectors<W>::f;
@@ -103,6 +105,68 @@ MCL_INLINE fvec<W> load_float(const T* p) {
         for (int64_t l = 0; l < W; ++l) v[l] = to_float(p[l]);
         return v;
     }
+}
+
+// The W floats of v rounded to T and back (store's rounding; bfloat16 as whole vectors).
+template <int64_t W, typename T>
+MCL_INLINE fvec<W> round_to(fvec<W> v) {
+    if constexpr (std::is_same_v<T, float>) {
+        return v;
+    } else if constexpr (std::is_same_v<T, BF16>) {
+        typename Vectors<W>::u u;
+        std::memcpy(&u, &v, sizeof u);
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        u = v != v ? typename Vectors<W>::u{} + 0x7fc00000u : u;  // NaN
+        std::memcpy(&v, &u, sizeof v);
+        return v;
+    } else {
+        for (int64_t l = 0; l < W; ++l) {
+            T r;
+            store(&r, v[l]);
+            v[l] = to_float(r);
+        }
+        return v;
+    }
+}
+
+// The first m <= W lanes of v into p, rounded to T (bfloat16 as whole vectors: v rounded with round_to).
+template <int64_t W, typename T>
+MCL_INLINE void store_float(T* p, fvec<W> v, int64_t m) {
+    if constexpr (std::is_same_v<T, BF16>) {
+        typename Vectors<W>::u u;
+        const fvec<W> r = round_to<W, T>(v);
+        std::memcpy(&u, &r, sizeof u);
+        const typename Vectors<W>::h bits = __builtin_convertvector(u >> 16, typename Vectors<W>::h);
+        std::memcpy(p, &bits, m * sizeof(T));
+    } else if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(p, &v, m * sizeof(float));
+    } else {
+        for (int64_t l = 0; l < m; ++l) store(p + l, v[l]);
+    }
+}
+
+// exp(x), W lanes at a time in plain vector arithmetic: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2,
+// degree-5 polynomial; about 1 ulp). x is clamped to [-87, 88], where 2^n stays a normal float:
+// below, the result is exp(-87) ~ 1.6e-38 instead of a smaller or zero one; above, exp(88) ~ 1.7e38
+// instead of a larger or infinite one.
+template <int64_t W>
+MCL_INLINE fvec<W> vexp(fvec<W> x) {
+    const fvec<W> zero = {};
+    x = x < -87.f ? zero - 87.f : x;
+    x = x > 88.f ? zero + 88.f : x;
+    const fvec<W> n = (x * 1.44269504089f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
+    const fvec<W> r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    fvec<W> p = zero + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const fvec<W> y = p * r * r + r + 1.f;
+    const ivec<W> bits = (__builtin_convertvector(n, ivec<W>) + 127) << 23;  // 2^n
+    fvec<W> two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
 }
 
 template <int64_t W>

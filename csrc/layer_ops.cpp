@@ -1,6 +1,8 @@
 #include "layer_ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace mcl {
 namespace {
@@ -60,12 +62,49 @@ MCL_INLINE void rope_rows(const RopeArgs& a) {
     }
 }
 
+// Elements of a SiLU-and-multiply per work item: a piece of one row (a multiple of kSiluLanes), so
+// that a few long rows still split over threads.
+constexpr int64_t kSiluLanes = 16, kSiluPiece = 2048;
+// Below this many elements per thread, starting one costs more than it saves.
+constexpr int64_t kSiluMinPerThread = int64_t{1} << 14;
+
+// out[i] = silu(g[i]) * u[i] for i < m <= kSiluLanes (the lanes past m are computed on zeros and
+// not stored).
+template <typename T>
+MCL_INLINE void silu_mul_lanes(T* out, const T* g, const T* u, int64_t m) {
+    constexpr int64_t W = kSiluLanes;
+    fvec<W> gv = {}, uv = {};
+    if (m == W) {
+        gv = load_float<W>(g);
+        uv = load_float<W>(u);
+    } else {
+        for (int64_t l = 0; l < m; ++l) gv[l] = to_float(g[l]), uv[l] = to_float(u[l]);
+    }
+    const fvec<W> s = round_to<W, T>(gv / (1.f + vexp<W>(-gv)));
+    store_float<W>(out, s * uv, m);
+}
+
+template <typename T>
+MCL_INLINE void silu_mul_items(const SiluAndMulArgs& a, int64_t begin, int64_t end) {
+    const int64_t I = a.cols, pieces = (I + kSiluPiece - 1) / kSiluPiece;
+    for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / pieces, i0 = item % pieces * kSiluPiece, i1 = std::min(I, i0 + kSiluPiece);
+        const T* g = static_cast<const T*>(a.x) + t * a.x_stride;
+        T* out = static_cast<T*>(a.out) + t * a.out_stride;
+        for (int64_t i = i0; i < i1; i += kSiluLanes)
+            silu_mul_lanes(out + i, g + i, g + I + i, std::min(kSiluLanes, i1 - i));
+    }
+}
+
 MCL_CLONES void norm_f32(const RMSNormArgs& a) { norm_rows<float>(a); }
 MCL_CLONES void norm_f16(const RMSNormArgs& a) { norm_rows<F16>(a); }
 MCL_CLONES void norm_bf16(const RMSNormArgs& a) { norm_rows<BF16>(a); }
 MCL_CLONES void rope_f32(const RopeArgs& a) { rope_rows<float>(a); }
 MCL_CLONES void rope_f16(const RopeArgs& a) { rope_rows<F16>(a); }
 MCL_CLONES void rope_bf16(const RopeArgs& a) { rope_rows<BF16>(a); }
+MCL_CLONES void silu_f32(const SiluAndMulArgs& a, int64_t lo, int64_t hi) { silu_mul_items<float>(a, lo, hi); }
+MCL_CLONES void silu_f16(const SiluAndMulArgs& a, int64_t lo, int64_t hi) { silu_mul_items<F16>(a, lo, hi); }
+MCL_CLONES void silu_bf16(const SiluAndMulArgs& a, int64_t lo, int64_t hi) { silu_mul_items<BF16>(a, lo, hi); }
 
 }  // namespace
 
@@ -75,6 +114,20 @@ void rms_norm(const RMSNormArgs& a, DType dtype) {
 
 void rope(const RopeArgs& a, DType dtype) {
     (dtype == DType::f32 ? rope_f32 : dtype == DType::f16 ? rope_f16 : rope_bf16)(a);
+}
+
+void silu_and_mul(const SiluAndMulArgs& a, DType dtype, int num_threads) {
+    const auto run = dtype == DType::f32 ? silu_f32 : dtype == DType::f16 ? silu_f16 : silu_bf16;
+    const int64_t items = a.rows * ((a.cols + kSiluPiece - 1) / kSiluPiece);
+    const int64_t parts = std::clamp<int64_t>(a.rows * a.cols / kSiluMinPerThread, 1, std::max(num_threads, 1));
+    if (items == 0) return;
+#ifdef _OPENMP
+    // torch's OpenMP runtime (the extension links the same libgomp): its idle workers take the parts.
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    for (int64_t p = 0; p < parts; ++p) run(a, items * p / parts, items * (p + 1) / parts);
+#else
+    run(a, 0, items);
+#endif
 }
 
 }  // namespace mcl

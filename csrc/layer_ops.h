@@ -1,7 +1,7 @@
 // The elementwise steps of a decoder layer on the CPU, each one pass over its rows: RMSNorm
-// (optionally after adding the residual: the fused "add + norm") and the rotary embedding (in
-// place). csrc/bindings.cpp exposes them as mcl_runtime._C.rms_norm / rope; mcl_runtime/kernels/cpu.py
-// wraps them for torch tensors.
+// (optionally after adding the residual: the fused "add + norm"), the rotary embedding (in place)
+// and the MLP's SiLU-and-multiply. csrc/bindings.cpp exposes them as mcl_runtime._C.rms_norm / rope /
+// silu_and_mul; mcl_runtime/kernels/cpu.py wraps them for torch tensors.
 #pragma once
 
 #include <cstdint>
@@ -43,5 +43,21 @@ struct RopeArgs {
 };
 
 void rope(const RopeArgs& args, DType dtype);
+
+// For each row t of x [T, 2I] (gate | up, as the fused gate_up projection writes them) and i < I:
+//   out[t, i] = silu(x[t, i]) * x[t, I + i],   silu(g) = g / (1 + exp(-g))
+// in float32 (exp to about 1 ulp: vexp in cpu_common.h); in a 16-bit dtype silu(g) is rounded to it
+// before the product (transformers' act_fn(gate) * up), the product rounded again. Rows are
+// `*_stride` elements apart with unit stride along the columns. Up to num_threads OpenMP threads
+// split the rows (and long rows' columns) where the work is worth them.
+struct SiluAndMulArgs {
+    void* out;
+    int64_t out_stride;
+    const void* x;
+    int64_t x_stride;
+    int64_t rows, cols;  // cols = I
+};
+
+void silu_and_mul(const SiluAndMulArgs& args, DType dtype, int num_threads);
 
 }  // namespace mcl

@@ -12,27 +12,6 @@
 namespace mcl {
 namespace {
 
-// exp(x) for x <= 0 (a score minus the row's maximum), W lanes at a time in plain vector arithmetic:
-// Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; about 1 ulp).
-template <int64_t W>
-MCL_INLINE fvec<W> exp_nonpositive(fvec<W> x) {
-    const fvec<W> zero = {};
-    x = x < -87.f ? zero - 87.f : x;
-    const fvec<W> n = (x * 1.44269504089f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
-    const fvec<W> r = x - n * 0.693359375f - n * -2.12194440e-4f;
-    fvec<W> p = zero + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const fvec<W> y = p * r * r + r + 1.f;
-    const ivec<W> bits = (__builtin_convertvector(n, ivec<W>) + 127) << 23;  // 2^n
-    fvec<W> two_n;
-    std::memcpy(&two_n, &bits, sizeof two_n);
-    return y * two_n;
-}
-
 // s[t] = exp(s[t] - max(s[0:n])) for t < n (n >= 1); returns their sum. The last n % W scores
 // through one vector padded with -87 (whose exps are not added).
 template <int64_t W>
@@ -50,7 +29,7 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
     for (; t < n; ++t) mx = std::max(mx, s[t]);
     fvec<W> sum = {};
     for (t = 0; t + W <= n; t += W) {
-        const fvec<W> e = exp_nonpositive<W>(load_vec<W>(s + t) - mx);
+        const fvec<W> e = vexp<W>(load_vec<W>(s + t) - mx);
         std::memcpy(s + t, &e, sizeof e);
         sum += e;
     }
@@ -60,7 +39,7 @@ MCL_INLINE float softmax_numerators(float* s, int64_t n) {
         fvec<W> tail = {};
         tail -= 87.f;
         std::memcpy(&tail, s + t, (n - t) * sizeof(float));
-        const fvec<W> e = exp_nonpositive<W>(tail - mx);
+        const fvec<W> e = vexp<W>(tail - mx);
         std::memcpy(s + t, &e, (n - t) * sizeof(float));
         for (int64_t l = 0; l < n - t; ++l) total += e[l];
     }

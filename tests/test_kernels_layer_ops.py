@@ -1,14 +1,15 @@
 """The C++ CPU layer ops against transformers' formulas: ``rms_norm_cpu`` (with and without the
 fused residual add: the residual sum bit for bit, the normalised rows by the kernel rule, error
-against a float64 reference within 2x that of the same-dtype torch formula) and ``rope_cpu`` (bit for
-bit: it rounds where torch's ops round)."""
+against a float64 reference within 2x that of the same-dtype torch formula), ``rope_cpu`` (bit for
+bit: it rounds where torch's ops round) and ``silu_and_mul_cpu`` (the kernel rule; its exp is not
+torch's)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu
+from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, rms_norm_cpu, rope_cpu, silu_and_mul_cpu
 
 pytestmark = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
 EPS = 1e-6
@@ -146,3 +147,47 @@ def test_rope_table_rows_equal_the_per_step_tables(dtype: torch.dtype) -> None:
         positions = torch.randint(0, 8192, (count,), generator=gen)
         step_cos, step_sin = rope_cos_sin(positions, inv_freq, dtype)
         assert torch.equal(cos[positions], step_cos) and torch.equal(sin[positions], step_sin)
+
+
+def silu_mul_formula(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``act_fn(gate) * up`` in x's dtype (float64: the reference)."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("cols", [100, 2048 + 16, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_silu_and_mul_cpu_matches_the_formula(dtype: torch.dtype, cols: int) -> None:
+    """Columns past the 16-lane vectors (7, 100) and rows cut into several pieces (2064); rows of a
+    wider tensor read in place; gates far into both tails of the exp (|g| up to 100): error against
+    float64 within 2x that of torch's ops in the same dtype; 1 and 2 threads give the same bits."""
+    gen = torch.Generator().manual_seed(cols)
+    wide = (4 * torch.randn(37, 2 * cols + 5, generator=gen)).to(dtype)
+    wide[0, :cols] = torch.linspace(-100, 100, cols).to(dtype)
+    x = wide[:, : 2 * cols]
+    out = silu_and_mul_cpu(x)
+    assert out.shape == (37, cols) and out.dtype == dtype
+    ref64 = silu_mul_formula(x.double())
+    err = (out.double() - ref64).abs().max().item()
+    base = (silu_mul_formula(x).double() - ref64).abs().max().item()
+    assert err <= 2 * base + 1e-6 * ref64.abs().max().item(), f"error {err:.3g} > 2 x torch error {base:.3g}"
+    assert torch.equal(silu_and_mul_cpu(x, num_threads=2), out)
+
+
+def test_silu_and_mul_cpu_empty() -> None:
+    assert silu_and_mul_cpu(torch.empty(0, 16)).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "x,exc",
+    [
+        (lambda: torch.randn(3, 8, dtype=torch.float64), TypeError),
+        (lambda: torch.randn(3, 7), ValueError),
+        (lambda: torch.randn(8, 3).t(), ValueError),
+        (lambda: torch.randn(2, 3, 8), ValueError),
+    ],
+    ids=["float64", "odd-cols", "column-stride", "3d"],
+)
+def test_silu_and_mul_cpu_bad_arguments(x, exc) -> None:
+    with pytest.raises(exc):
+        silu_and_mul_cpu(x())

@@ -1,7 +1,8 @@
 """Triton kernels (importable as ``mcl_runtime.kernels``): SGMV LoRA shrink/expand and paged attention,
 with plain torch references of each in ``reference``; and ``paged_attention_cpu``, the C++ CPU
-paged attention, multi-LoRA (``lora_apply_cpu``), the fused residual add + RMSNorm and rotary
-embedding of a decoder layer (``rms_norm_cpu``, ``rope_cpu``) and the sampler's greedy argmax
+paged attention, multi-LoRA (``lora_apply_cpu``), the fused residual add + RMSNorm, rotary
+embedding and SiLU-and-multiply of a decoder layer (``rms_norm_cpu``, ``rope_cpu``,
+``silu_and_mul_cpu``) and the sampler's greedy argmax
 (``argmax_cpu``), of the ``mcl_runtime._C`` extension (``HAS_CPU_ATTENTION`` / ``HAS_CPU_LAYER_OPS``
 / ``HAS_CPU_ARGMAX`` say whether they are built).
 
@@ -25,6 +26,7 @@ from .cpu import (
     paged_attention_cpu,
     rms_norm_cpu,
     rope_cpu,
+    silu_and_mul_cpu,
 )
 from .reference import (
     lora_apply_ref,
@@ -46,6 +48,7 @@ __all__ = [
     "lora_apply_cpu",
     "rms_norm_cpu",
     "rope_cpu",
+    "silu_and_mul_cpu",
     "argmax_cpu",
     "lora_shrink",
     "lora_expand",

@@ -1,10 +1,10 @@
 """C++ CPU kernels of ``mcl_runtime._C`` for torch tensors: paged attention (``csrc/paged_attention.cpp``),
 which reads the paged cache in place through the block tables (no gather, no padding to the longest
 context, no mask); multi-LoRA over a step's adapter segments (``csrc/lora_cpu.cpp``); the
-elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm and
-the rotary embedding in place; and the sampler's greedy argmax (``csrc/sampling_ops.cpp``). Each
-tensor reaches C++ as its DLPack capsule (``to_dlpack``, about 0.5 us), which checks devices,
-dtypes, shapes and strides itself."""
+elementwise steps of a decoder layer (``csrc/layer_ops.cpp``): the fused residual add + RMSNorm,
+the rotary embedding in place and the MLP's SiLU-and-multiply; and the sampler's greedy argmax
+(``csrc/sampling_ops.cpp``). Each tensor reaches C++ as its DLPack capsule (``to_dlpack``, about
+0.5 us), which checks devices, dtypes, shapes and strides itself."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 3
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 4
 if EXT is not None and not _CURRENT:
     warnings.warn(
         "mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
@@ -26,7 +26,8 @@ if EXT is not None and not _CURRENT:
         stacklevel=2,
     )
 HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
-HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")  # lora_apply_cpu, rms_norm_cpu, rope_cpu
+# lora_apply_cpu, rms_norm_cpu, rope_cpu, silu_and_mul_cpu
+HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")
 HAS_CPU_ARGMAX = _CURRENT and hasattr(EXT, "argmax_rows")
 
 
@@ -147,6 +148,18 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     if x.numel():
         EXT.rope(to_dlpack(x), to_dlpack(cos), to_dlpack(sin))
     return x
+
+
+def silu_and_mul_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x [T, 2I]`` = ``gate | up`` (the fused gate_up projection's output)
+    in one pass: a new ``[T, I]``. ``silu(g) = g / (1 + exp(-g))`` in float32 (exp to about 1 ulp,
+    not torch's own, so not bit for bit); in float16/bfloat16 rounded to the dtype before the
+    product, as ``F.silu(gate) * up`` rounds. ``x`` needs unit stride along its columns (rows may be
+    strided). ``num_threads`` > 1 splits the rows (and long rows' columns) over torch's OpenMP
+    threads where the work is worth it."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    EXT.silu_and_mul(to_dlpack(out), to_dlpack(x), num_threads)
+    return out
 
 
 def argmax_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Per-step batch metadata, the backend protocol and the backend registry.
 
 A step's metadata is built once (by the model runner, then ``backend.prepare``) and shared by every
-layer. Layers call ``ctx.backend.linear / store_kv / attention / apply_lora / rms_norm / rope``; backends see
-tensors and metadata, never requests. Three backends implement the protocol:
+layer. Layers call ``ctx.backend.linear / store_kv / attention / apply_lora / rms_norm / rope /
+silu_and_mul``; backends see tensors and metadata, never requests. Three backends implement the protocol:
 
 * ``reference`` (``reference_backend.py``): plain torch, one obvious way per op; the semantics the
   other backends are tested against.
@@ -117,6 +117,11 @@ class Backend(Protocol):
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x [T, heads, D]`` rotated with transformers' half-split convention by ``cos``/``sin``
         ``[T, D]``: ``x * cos + rotate_half(x) * sin``. May rotate ``x`` in place; returns the result."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's activation: ``x [T, 2I]`` is ``gate | up`` (the fused gate_up projection's
+        output); returns ``silu(gate) * up`` ``[T, I]``, ``silu`` rounded to the dtype before the
+        product (transformers' ``act_fn(gate) * up``)."""
 
 
 @dataclass

@@ -2,13 +2,12 @@
 
 ``forward(input_ids [T], positions [T], ctx)`` runs every token of a step (prefill chunks and decodes
 of all adapters together); ``ctx`` carries the step's metadata and the backend that computes
-attention, LoRA, RMSNorm and the rotary embedding (``backends.py``).
+attention, LoRA, RMSNorm, the rotary embedding and the MLP's SiLU-and-multiply (``backends.py``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcl_runtime.model.arch import FUSED
@@ -70,8 +69,7 @@ class MLP(nn.Module):
         self.down_proj = fused_linear(cfg, "down_proj", num_slots, max_rank, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, ctx).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up), ctx)  # in place: no second [T, intermediate] tensor
+        return self.down_proj(ctx.backend.silu_and_mul(self.gate_up_proj(x, ctx)), ctx)
 
 
 class DecoderLayer(nn.Module):

@@ -55,6 +55,12 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """``Backend.silu_and_mul`` in torch's ops: transformers' ``act_fn(gate) * up``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # in place: no second [T, I] tensor
+
+
 @dataclass
 class PaddedGroup:
     """Sequences ``b`` of one kind, as one padded batch: their tokens are rows ``t0:t1``; token ``t``
@@ -76,6 +82,7 @@ class ReferenceBackend:
     store_kv = staticmethod(store_kv_torch)
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)
+    silu_and_mul = staticmethod(silu_and_mul_torch)
 
     def prepare_weights(
         self, weights: list[torch.Tensor], keep_plain: bool = True, max_rows: int | None = None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mcl_runtime import kernels
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
-from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch
+from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, silu_and_mul_torch
 
 
 def _kernels():
@@ -123,3 +123,4 @@ class TritonBackend:
 
     rms_norm = staticmethod(rms_norm_torch)
     rope = staticmethod(rope_torch)
+    silu_and_mul = staticmethod(silu_and_mul_torch)
