@@ -824,6 +824,38 @@ RUN_HISTORY = """## Run history
   rounds 1.01x, 0.86x: ours 91.9 then 81.1, vLLM 91.4 then 94.8), overhead 7% (10%, 4%) vs 88%, peak
   RSS 6.30 vs 13.99 GiB (LoRA), 5.63 vs 10.59 (base). A 23 s test run shared the CPU with vLLM's
   second four-adapter round (its figure, 10.9 tok/s, matches its first, 10.8).
+- **SiLU-and-multiply in one pass; AVX-512 BF16 dot products in attention, tried** (2026-12-07,
+  the AMX Xeon, 2 threads). The fused C++ SiLU-and-multiply dropped earlier (level with torch's two
+  ops in isolation) was measured again inside the engine: a step profile (0.5B, bf16, base model,
+  64 requests of 64 tokens, two alternating pairs in one session, not committed as a file) put a
+  1511-token prefill step's other layer ops at 195-208 ms with it against 246-250 ms without, a
+  decode step's at 14.9-15.8 against 16.0-17.0 ms: a prefill step's gate_up output (29 MB in bf16)
+  leaves the cache between torch's SiLU and the product, which the kernel's one pass avoids. Now
+  (commit d3ef7bc) 16-bit models take it (`silu_and_mul_cpu`, `Backend.silu_and_mul`); float32 keeps
+  torch's ops (the same bits as transformers). Against vLLM at d3ef7bc, 0.5B, bf16, the full workload:
+  the base model alone over three alternating rounds
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json),
+  replacing dac5848's 0.97x): 403.9 vs 394.3 tok/s (1.01x; rounds 1.03x, 1.01x, 0.98x: ours
+  383.5-404.8, vLLM 379.1-410.2), peak RSS 2.36 vs 7.97 GiB; one round of both scenarios
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json),
+  replacing dac5848's): mixed 348.1 vs 42.6 (8.18x), base 382.4 vs 376.4 (1.02x), LoRA overhead 9%
+  vs 89%, peak RSS 2.67 vs 9.73 GiB (LoRA), 2.32 vs 7.96 (base); the machine ran both engines
+  ~10% slower than in dac5848's run. 1.5B, bf16, 32 requests of 64 tokens, two rounds
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json),
+  replacing 0bdbd84's): mixed 70.5 vs 9.8 (7.25x; rounds 7.92x, 6.58x), base 79.9 vs 79.9 (1.00x;
+  rounds 0.98x, 1.02x: ours 81.5 then 78.4, vLLM 83.1 then 76.6), overhead 12% (8%, 15%) vs 88%, peak
+  RSS 6.39 vs 13.41 GiB (LoRA), 4.43 vs 10.59 (base); both engines ran ~10-15% slower than in
+  0bdbd84's run. A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
+  6.5 us before): the VM's cost depends on whether the host has backed that memory yet.
+  Tried and dropped (not committed): AVX-512 BF16 pair dot products (`vdpbf16ps`) for the attention
+  kernel's scores and weighted values in bfloat16 (keys and values read as they are, the
+  probabilities rounded to bfloat16 as torch's CPU flash attention rounds them; a separately
+  flattened clone taken where the CPU has the instructions). One layer's decode attention (57
+  sequences of ~224 keys, one thread): 750 -> 716 us with the keys and values in cache, 986 -> 945
+  us in shuffled blocks; in the engine the kernel's time per decode step did not move (1512 calls,
+  1.07 s both ways): there it waits on its keys and values. perf put ~15% of the in-cache kernel in
+  the lane sums of the score tiles, which a 16-key transpose shared by a KV head's query heads (or
+  AMX tiles) would remove; not worth it while the kernel is bound by its reads.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

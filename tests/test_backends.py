@@ -270,16 +270,18 @@ def test_lora_follows_adapter_loads(route: str) -> None:
 @pytest.mark.parametrize("route", list(CPU_ROUTES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:
+def test_layer_ops(seed: int, dtype: torch.dtype, route: str) -> None:
     """RMSNorm of rows, with and without the fused residual add, and of heads (q/k norms); RoPE
-    of the q/k heads inside a fused qkv output (a strided view)."""
+    of the q/k heads inside a fused qkv output (a strided view); the MLP's SiLU-and-multiply of a
+    fused gate_up output."""
     batch = random_batch(seed)
     gen = torch.Generator().manual_seed(seed)
     T, H, D, Hkv = batch.num_tokens, CFG.hidden_size, CFG.head_dim, CFG.num_kv_heads
     x, residual, weight = random(gen, T, H, scale=3), random(gen, T, H), 1 + random(gen, H, scale=0.1)
     heads = random(gen, T, CFG.num_heads, D, scale=3)
     qkv = random(gen, T, (CFG.num_heads + 2 * Hkv) * D)
-    x, residual, weight, heads, qkv = (t.to(dtype) for t in (x, residual, weight, heads, qkv))
+    gate_up = random(gen, T, 2 * CFG.intermediate_size, scale=3)
+    x, residual, weight, heads, qkv, gate_up = (t.to(dtype) for t in (x, residual, weight, heads, qkv, gate_up))
     inv_freq = rope_inv_freq(D, CFG.rope_theta, None)
     cos_sin = rope_cos_sin(torch.from_numpy(batch.positions), inv_freq, dtype)
 
@@ -292,6 +294,7 @@ def test_rms_norm_and_rope(seed: int, dtype: torch.dtype, route: str) -> None:
         "rope": lambda b, dt: b.rope(
             qkv.to(dt).clone()[:, : (CFG.num_heads + Hkv) * D].view(T, -1, D), *(t.to(dt) for t in cos_sin)
         ),
+        "silu_and_mul": lambda b, dt: b.silu_and_mul(gate_up.to(dt)),
     }
     for name, case in cases.items():
         check_rule(name, *each_backend(case, dtype, route))
