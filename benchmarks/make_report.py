@@ -832,7 +832,11 @@ RUN_HISTORY = """## Run history
   decode step's at 14.9-15.8 against 16.0-17.0 ms: a prefill step's gate_up output (29 MB in bf16)
   leaves the cache between torch's SiLU and the product, which the kernel's one pass avoids. Now
   (commit d3ef7bc) 16-bit models take it (`silu_and_mul_cpu`, `Backend.silu_and_mul`); float32 keeps
-  torch's ops (the same bits as transformers). Against vLLM at d3ef7bc, 0.5B, bf16, the full workload:
+  torch's ops (the same bits as transformers), and so does a CPU without AVX-512: the kernel's AVX2
+  clone against torch's AVX2 ops on this Xeon (a build without the AVX-512 clone,
+  `ATEN_CPU_CAPABILITY=avx2`) took 17.9 against 8.9 ms at 1511 rows and 637 against 166 us at 57
+  in bf16, as slow as the AMD EPYC had shown it (its AVX-512 clone: 4.2-4.5 against 5.9-6.3 ms and
+  132-300 against 112-442 us, in and out of cache). Against vLLM at d3ef7bc, 0.5B, bf16, the full workload:
   the base model alone over three alternating rounds
   ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128_base.json),
   replacing dac5848's 0.97x): 403.9 vs 394.3 tok/s (1.01x; rounds 1.03x, 1.01x, 0.98x: ours
@@ -845,7 +849,11 @@ RUN_HISTORY = """## Run history
   replacing 0bdbd84's): mixed 70.5 vs 9.8 (7.25x; rounds 7.92x, 6.58x), base 79.9 vs 79.9 (1.00x;
   rounds 0.98x, 1.02x: ours 81.5 then 78.4, vLLM 83.1 then 76.6), overhead 12% (8%, 15%) vs 88%, peak
   RSS 6.39 vs 13.41 GiB (LoRA), 4.43 vs 10.59 (base); both engines ran ~10-15% slower than in
-  0bdbd84's run. A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
+  0bdbd84's run. Both engines' plain defaults, 0.5B, bf16, 32 requests of 64 tokens (not
+  committed: 7d68898's file stays): a first round put our base model at 165.6 against
+  vLLM's 210.3 tok/s (0.79x; ours 34% below its run before the change, vLLM 20%; four adapters 174.0,
+  vLLM's LoRA worker killed for memory again), a second, base model only, at 200.2 against 212.5
+  (0.94x, as before the change). A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
   6.5 us before): the VM's cost depends on whether the host has backed that memory yet.
   Tried and dropped (not committed): AVX-512 BF16 pair dot products (`vdpbf16ps`) for the attention
   kernel's scores and weighted values in bfloat16 (keys and values read as they are, the

@@ -313,6 +313,8 @@ PYBIND11_MODULE(_C, m) {
     // silu_and_mul); kernels/cpu.py uses them only when it matches, so a stale build falls back to
     // torch's ops instead of failing at a call.
     m.attr("KERNEL_ABI") = 4;
+    // The width (floats) of the vectors the kernels' loops run on this CPU: 16 on AVX-512, else 8.
+    m.attr("VECTOR_LANES") = mcl::dot_lanes();
 
     py::class_<PagedAttentionPlan>(m, "PagedAttentionPlan")
         .def(py::init<const py::handle&, const py::handle&, const py::handle&, int64_t>(),

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from mcl_runtime.kernels import lora_apply_cpu
+from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, lora_apply_cpu
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
 from mcl_runtime.model.config import parse_config
 from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
 from mcl_runtime.model.decoder import DecoderLM
 from mcl_runtime.model.layers import LinearWithLoRA, rope_cos_sin, rope_inv_freq
-from mcl_runtime.model.reference_backend import ReferenceBackend
+from mcl_runtime.model.reference_backend import ReferenceBackend, silu_and_mul_torch
 
 SEEDS = [0, 1, 2]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -298,6 +298,28 @@ def test_layer_ops(seed: int, dtype: torch.dtype, route: str) -> None:
     }
     for name, case in cases.items():
         check_rule(name, *each_backend(case, dtype, route))
+
+
+@pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
+def test_silu_and_mul_takes_the_kernel_only_in_16_bit_on_avx512(monkeypatch) -> None:
+    """The kernel where it is faster (16-bit, AVX-512); float32 and narrower vectors keep torch's ops."""
+    import mcl_runtime.model.cpu_backend as cpu_backend
+
+    calls = []
+
+    def kernel(x: torch.Tensor, num_threads: int) -> torch.Tensor:
+        calls.append((x.dtype, cpu_backend.CPU_VECTOR_LANES))
+        return silu_and_mul_torch(x)
+
+    monkeypatch.setattr(cpu_backend, "silu_and_mul_cpu", kernel)
+    x = torch.randn(5, 64)
+    for lanes in (8, 16):
+        monkeypatch.setattr(cpu_backend, "CPU_VECTOR_LANES", lanes)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            with torch.inference_mode():
+                out = CPUBackend().silu_and_mul(x.to(dtype))
+            torch.testing.assert_close(out, silu_and_mul_torch(x.to(dtype)))
+    assert calls == [(torch.bfloat16, 16), (torch.float16, 16)]
 
 
 @pytest.mark.parametrize("mkl", [False, True], ids=["onednn", "mkl"])

@@ -29,6 +29,8 @@ HAS_CPU_ATTENTION = _CURRENT and hasattr(EXT, "PagedAttentionPlan")
 # lora_apply_cpu, rms_norm_cpu, rope_cpu, silu_and_mul_cpu
 HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")
 HAS_CPU_ARGMAX = _CURRENT and hasattr(EXT, "argmax_rows")
+# Floats per vector in the kernels' loops on this CPU: 16 with AVX-512, 8 without (0: not built).
+CPU_VECTOR_LANES = int(EXT.VECTOR_LANES) if _CURRENT else 0
 
 
 class PagedAttentionCPU:
