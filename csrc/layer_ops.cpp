@@ -119,8 +119,8 @@ void rope(const RopeArgs& a, DType dtype) {
 void silu_and_mul(const SiluAndMulArgs& a, DType dtype, int num_threads) {
     const auto run = dtype == DType::f32 ? silu_f32 : dtype == DType::f16 ? silu_f16 : silu_bf16;
     const int64_t items = a.rows * ((a.cols + kSiluPiece - 1) / kSiluPiece);
-    const int64_t parts = std::clamp<int64_t>(a.rows * a.cols / kSiluMinPerThread, 1, std::max(num_threads, 1));
     if (items == 0) return;
+    const int64_t parts = std::clamp<int64_t>(a.rows * a.cols / kSiluMinPerThread, 1, std::max(num_threads, 1));
 #ifdef _OPENMP
     // torch's OpenMP runtime (the extension links the same libgomp): its idle workers take the parts.
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
