@@ -853,7 +853,12 @@ RUN_HISTORY = """## Run history
   committed: 7d68898's file stays): a first round put our base model at 165.6 against
   vLLM's 210.3 tok/s (0.79x; ours 34% below its run before the change, vLLM 20%; four adapters 174.0,
   vLLM's LoRA worker killed for memory again), a second, base model only, at 200.2 against 212.5
-  (0.94x, as before the change). A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
+  (0.94x, as before the change); the same workload with 4 GiB of KV each, two rounds, base model
+  (commit de7d9d1, not committed): 183.5 against 179.3 (1.02x; ours 174.6 and 192.4, vLLM 172.6 and
+  186.0): vLLM runs this workload 13-18% faster at its own defaults than with `kv_cache_memory_bytes`
+  set, ours about the same. In the engine, oneDNN's first call at a new row count costs ~1.4 ms more
+  than the next (2.2 against 0.8 ms for 0.5B's gate/up at 1-79 rows), but a full-workload run meets
+  only 22 new (weight, rows) pairs: under 1%. A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
   6.5 us before): the VM's cost depends on whether the host has backed that memory yet.
   Tried and dropped (not committed): AVX-512 BF16 pair dot products (`vdpbf16ps`) for the attention
   kernel's scores and weighted values in bfloat16 (keys and values read as they are, the
