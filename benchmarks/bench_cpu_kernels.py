@@ -12,7 +12,11 @@ per call of one layer, on random inputs of that step's shapes:
   padded path (its own ``prepare`` on the same metadata), over the engine's KV cache;
 * ``lora_<proj>``: ``apply_lora`` through ``lora_apply_cpu`` vs ``layer_kernels=False``'s gather + bmm;
 * ``rms_norm_residual``: ``rms_norm_cpu`` with the residual vs ``F.rms_norm(x + residual)``;
-* ``rope``: ``rope_cpu`` (in place on the q/k heads of a fused qkv) vs ``rope_torch``.
+* ``rope``: ``rope_cpu`` (in place on the q/k heads of a fused qkv) vs ``rope_torch``;
+* ``silu_and_mul`` / ``silu_and_mul_bf16``: ``silu_and_mul_cpu`` on a fused gate_up output (float32,
+  bfloat16) vs ``silu_and_mul_torch`` (torch's SiLU, then the product);
+* ``argmax`` / ``argmax_bf16``: ``argmax_cpu`` on the step's rows of Qwen2.5's 151,936 logits
+  (float32, bfloat16) vs the sampler's path without it (a float32 copy, NumPy's argmax).
 
 Both paths are timed in alternating blocks of calls (so both see the same machine); the figure is
 the median per-call time over blocks, and ``speedup`` = torch / kernel. ``max_abs_diff`` compares
@@ -20,9 +24,10 @@ one output of each path. Shapes: ``micro`` is bench_host_overhead's model at its
 (hidden 64, 4/2 heads of 16); ``qwen7b`` is one Qwen2.5-7B-Instruct layer (hidden 3584, 28/4 heads of
 128, rank-32 adapters) at 32 decodes. Per-step costs (``prepare``) are not included.
 The attention and LoRA kernels run on torch's threads where the work is worth it (as the engine
-calls them), RMSNorm and rope on one; torch's ops on all of torch's threads (``--threads N`` sets them).
-Writes benchmarks/results/cpu_kernels.json, or cpu_kernels_threads<N>.json with ``--threads``
-(--smoke: only with --out-dir).
+calls them, SiLU-and-multiply and argmax too), RMSNorm and rope on one; torch's ops on all of
+torch's threads (``--threads N`` sets them). Writes benchmarks/results/cpu_kernels.json, or
+cpu_kernels_threads<N>.json with ``--threads``, with ``_<tag>`` for ``--tag`` (another machine's
+file; --smoke: only with --out-dir).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
@@ -48,6 +54,7 @@ from common import (
 )
 
 NUM_ADAPTERS = 4
+QWEN25_VOCAB = 151_936  # the argmax cases' row width, whatever the shape's (test-sized) vocabulary
 SHAPES = {
     "micro": dict(
         cfg={
@@ -94,6 +101,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="torch threads (default torch's; the kernels run on one): writes cpu_kernels_threads<N>.json",
     )
+    p.add_argument("--tag", default=None, help="suffix of the result file's name (e.g. another machine's)")
     return parse_with_smoke(p, dict(reps=20, decode_steps=1))
 
 
@@ -138,9 +146,9 @@ def step_context(shape: dict, decode_steps: int, tmp: Path):
 
 def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
     """Case name -> (kernel path, torch path), each returning its output."""
-    from mcl_runtime.kernels import rms_norm_cpu, rope_cpu
+    from mcl_runtime.kernels import argmax_cpu, rms_norm_cpu, rope_cpu, silu_and_mul_cpu
     from mcl_runtime.model.cpu_backend import CPUBackend
-    from mcl_runtime.model.reference_backend import rope_torch
+    from mcl_runtime.model.reference_backend import rope_torch, silu_and_mul_torch
 
     cfg, layer = engine.model.config, engine.model.layers[0]
     kernel = engine.backend
@@ -177,6 +185,16 @@ def cases(engine, ctx) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[
     qk_kernel = qk.clone()
     cos, sin = ctx.cos, ctx.sin
     out["rope"] = (lambda: rope_cpu(qk_kernel.copy_(qk), cos, sin), lambda: rope_torch(qk, cos, sin))
+    threads = torch.get_num_threads()
+    gate_up = 4 * torch.randn(T, 2 * cfg.intermediate_size, generator=gen)
+    logits = torch.randn(T, QWEN25_VOCAB, generator=gen)
+    for suffix, dtype in (("", torch.float32), ("_bf16", torch.bfloat16)):
+        g, z = gate_up.to(dtype), logits.to(dtype)
+        out[f"silu_and_mul{suffix}"] = (lambda g=g: silu_and_mul_cpu(g, threads), lambda g=g: silu_and_mul_torch(g))
+        out[f"argmax{suffix}"] = (
+            lambda z=z: argmax_cpu(z, threads),
+            lambda z=z: torch.from_numpy(np.argmax(z.float().numpy(), axis=-1)),
+        )
     return out
 
 
@@ -227,6 +245,7 @@ def main() -> None:
         "results": results,
     }
     name = f"cpu_kernels_threads{args.threads}" if args.threads else "cpu_kernels"
+    name += f"_{args.tag}" if args.tag else ""
     save_result(name, payload, args.out_dir, args.smoke)
 
 

@@ -856,7 +856,12 @@ RUN_HISTORY = """## Run history
   (0.94x, as before the change); the same workload with 4 GiB of KV each, two rounds, base model
   (commit de7d9d1, not committed): 183.5 against 179.3 (1.02x; ours 174.6 and 192.4, vLLM 172.6 and
   186.0): vLLM runs this workload 13-18% faster at its own defaults than with `kv_cache_memory_bytes`
-  set, ours about the same. In the engine, oneDNN's first call at a new row count costs ~1.4 ms more
+  set, ours about the same. `bench_cpu_kernels.py` gained SiLU-and-multiply and argmax cases (float32
+  and bfloat16) and `--tag`; run here on 91e1868's kernels
+  ([cpu_kernels_xeon-amx.json](results/cpu_kernels_xeon-amx.json), one decode step, inputs in
+  cache): SiLU-and-multiply 0.93x (7B, 32 rows) and 1.15x (micro, 256) in bfloat16, 1.35x and 1.60x
+  in float32; argmax against the float32 copy and NumPy 6.7x and 9.9x in bfloat16, 2.0x and 1.9x in
+  float32. In the engine, oneDNN's first call at a new row count costs ~1.4 ms more
   than the next (2.2 against 0.8 ms for 0.5B's gate/up at 1-79 rows), but a full-workload run meets
   only 22 new (weight, rows) pairs: under 1%. A first write of fresh memory measured 1.5 us a 4 KiB page this session (2.6 GB/s;
   6.5 us before): the VM's cost depends on whether the host has backed that memory yet.
