@@ -62,17 +62,17 @@ MCL_INLINE void rope_rows(const RopeArgs& a) {
     }
 }
 
-// Elements of a SiLU-and-multiply per work item: a piece of one row (a multiple of kSiluLanes), so
+// Elements of a SiLU-and-multiply per work item: a piece of one row (a multiple of kLanes), so
 // that a few long rows still split over threads.
-constexpr int64_t kSiluLanes = 16, kSiluPiece = 2048;
+constexpr int64_t kSiluPiece = 2048;
 // Below this many elements per thread, starting one costs more than it saves.
 constexpr int64_t kSiluMinPerThread = int64_t{1} << 14;
 
-// out[i] = silu(g[i]) * u[i] for i < m <= kSiluLanes (the lanes past m are computed on zeros and
+// out[i] = silu(g[i]) * u[i] for i < m <= kLanes (the lanes past m are computed on zeros and
 // not stored).
 template <typename T>
 MCL_INLINE void silu_mul_lanes(T* out, const T* g, const T* u, int64_t m) {
-    constexpr int64_t W = kSiluLanes;
+    constexpr int64_t W = kLanes;
     fvec<W> gv = {}, uv = {};
     if (m == W) {
         gv = load_float<W>(g);
@@ -91,8 +91,8 @@ MCL_INLINE void silu_mul_items(const SiluAndMulArgs& a, int64_t begin, int64_t e
         const int64_t t = item / pieces, i0 = item % pieces * kSiluPiece, i1 = std::min(I, i0 + kSiluPiece);
         const T* g = static_cast<const T*>(a.x) + t * a.x_stride;
         T* out = static_cast<T*>(a.out) + t * a.out_stride;
-        for (int64_t i = i0; i < i1; i += kSiluLanes)
-            silu_mul_lanes(out + i, g + i, g + I + i, std::min(kSiluLanes, i1 - i));
+        for (int64_t i = i0; i < i1; i += kLanes)
+            silu_mul_lanes(out + i, g + i, g + I + i, std::min(kLanes, i1 - i));
     }
 }
 

@@ -6,7 +6,6 @@
 namespace mcl {
 namespace {
 
-constexpr int64_t kLanes16 = 16;
 // Below this many elements per thread, starting one costs more than it saves.
 constexpr int64_t kMinPerThread = int64_t{1} << 16;
 
@@ -15,7 +14,7 @@ constexpr int64_t kMinPerThread = int64_t{1} << 16;
 // largest. NaN never compares larger, so a row with one is scanned again for its first.
 template <typename T>
 MCL_INLINE int64_t argmax_row(const T* x, int64_t V) {
-    constexpr int64_t W = kLanes16;
+    constexpr int64_t W = kLanes;
     using iv = ivec<W>;
     fvec<W> best = {};
     best -= std::numeric_limits<float>::infinity();

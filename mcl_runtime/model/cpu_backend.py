@@ -53,8 +53,8 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
   SiLU-and-multiply: ``rms_norm_cpu`` (rows of a 2-D tensor), ``rope_cpu`` (in place) and
   ``silu_and_mul_cpu`` (one pass over ``gate | up``, on torch's threads) on eager steps; compiled
   graphs keep torch's ops, which Inductor fuses.
-  The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm and RoPE take
-  their torch paths.
+  The layer kernels record no autograd history: with gradients on, LoRA, RMSNorm, RoPE and the
+  SiLU-and-multiply take their torch paths.
 
 Off the CPU, or where the extension is not built, every part takes its torch path.
 """
