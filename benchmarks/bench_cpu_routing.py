@@ -51,7 +51,8 @@ threshold of ``CPUBackend`` (``mcl_runtime/model/cpu_backend.py``), per shape:
 * ``LORA_RANGE_MIN_WORK_BF16`` (only where oneDNN computes bfloat16 natively): each of the four
   projections' LoRA in bfloat16 over four adapter segments of growing length, the C++ kernel vs the
   slot range's bfloat16 GEMMs; ``measured``: the smallest work per slice from which the range was
-  faster at every point of at least that work.
+  faster at every point of at least that work. With the kernel's float32 multiply-adds, and as
+  ``LORA_RANGE_MIN_WORK_BF16_PAIRS`` with its AVX512-BF16 pair dot products where the CPU has them.
 * ``LORA_TILE``: the gather + bmm LoRA path over a prefill of four adapter segments, per tile size;
   ``measured``: the fastest (``within_5_percent``: the sizes within 5% of it).
 
@@ -75,6 +76,7 @@ import numpy as np
 import torch
 from common import base_parser, environment, interleaved, parse_with_smoke, save_result
 
+from mcl_runtime.kernels.cpu import HAS_CPU_BF16_DOT
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta, lora_segments
 from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
 from mcl_runtime.model.layers import LinearWithLoRA
@@ -445,26 +447,33 @@ def lora_range_max_slots(shape: dict, sizes: dict, args: argparse.Namespace) -> 
 
 
 def lora_range_min_work_bf16(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
+    """``LORA_RANGE_MIN_WORK_BF16`` with the kernel's float32 multiply-adds and, where the CPU has
+    AVX512-BF16, ``LORA_RANGE_MIN_WORK_BF16_PAIRS`` with its pair dot products."""
     if not NATIVE_BF16_GEMM:
         print("  LORA_RANGE_MIN_WORK_BF16: not measured (oneDNN has no bfloat16 kernel for this CPU)")
         return {}
-    kernel = cpu(LORA_KERNEL_MAX_WORK=float("inf"), LORA_RANGE_MIN_WORK_BF16=float("inf"))
     ranged = cpu(LORA_KERNEL_MAX_WORK=0, LORA_RANGE_MAX_SLOTS=1 << 30)
-    points = []
-    for proj in projections(shape):
-        for tokens in sizes["lora_bf16_tokens"]:
-            case = LoRACase(shape, [tokens // 4] * 4, proj=proj, dtype=torch.bfloat16)
-            us = interleaved({"kernel": case.call(kernel), "range": case.call(ranged)}, args.reps, block=5)
-            points.append(
-                {"proj": proj, "tokens": tokens, "slice_work": case.slice_work, **{f"{r}_us": t for r, t in us.items()}}
-            )
-            print(f"  {proj}, {tokens} tokens in bfloat16: slot range {us['kernel'] / us['range']:.2f}x the kernel")
-    # The smallest slice work from which the range is faster at every point of at least that work.
-    losing = [p["slice_work"] for p in points if p["range_us"] > p["kernel_us"]]
-    winning = [p["slice_work"] for p in points if p["slice_work"] > max(losing, default=-1)]
-    measured, found = (min(winning), bool(losing)) if winning else (max(losing), False)
-    rule = "the smallest slice work from which the slot range beat the kernel at every larger point, every projection"
-    return report("LORA_RANGE_MIN_WORK_BF16", measured, found, points, rule)
+    arithmetics = {"LORA_RANGE_MIN_WORK_BF16": False}
+    if HAS_CPU_BF16_DOT:
+        arithmetics["LORA_RANGE_MIN_WORK_BF16_PAIRS"] = True
+    out = {}
+    for name, pairs in arithmetics.items():
+        kernel = cpu(LORA_KERNEL_MAX_WORK=float("inf"), **{name: float("inf")}, lora_bf16_dot=pairs)
+        points = []
+        for proj in projections(shape):
+            for tokens in sizes["lora_bf16_tokens"]:
+                case = LoRACase(shape, [tokens // 4] * 4, proj=proj, dtype=torch.bfloat16)
+                us = interleaved({"kernel": case.call(kernel), "range": case.call(ranged)}, args.reps, block=5)
+                timings = {f"{r}_us": t for r, t in us.items()}
+                points.append({"proj": proj, "tokens": tokens, "slice_work": case.slice_work, **timings})
+                print(f"  {name}: {proj}, {tokens} tokens: slot range {us['kernel'] / us['range']:.2f}x the kernel")
+        # The smallest slice work from which the range is faster at every point of at least that work.
+        losing = [p["slice_work"] for p in points if p["range_us"] > p["kernel_us"]]
+        winning = [p["slice_work"] for p in points if p["slice_work"] > max(losing, default=-1)]
+        measured, found = (min(winning), bool(losing)) if winning else (max(losing), False)
+        rule = "the least slice work from which the slot range beat the kernel at every larger point (all projections)"
+        out.update(report(name, measured, found, points, rule))
+    return out
 
 
 def bf16_upcast_chunk(shape: dict, sizes: dict, args: argparse.Namespace) -> dict:
@@ -542,7 +551,7 @@ def main() -> None:
             "env": environment("cpu"),
             "torch_threads": torch.get_num_threads(),
             "config": {
-                "dtype": "float32 (BF16_UPCAST_*, LORA_RANGE_MIN_WORK_BF16: bfloat16)",
+                "dtype": "float32 (BF16_UPCAST_*, LORA_RANGE_MIN_WORK_BF16*: bfloat16)",
                 "native_bf16_gemm": NATIVE_BF16_GEMM,
                 "shapes": shapes,
                 "sizes": sizes,

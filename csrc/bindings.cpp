@@ -190,9 +190,10 @@ void silu_and_mul(const py::handle& out_, const py::handle& x_, int num_threads)
     mcl::silu_and_mul(args, dt, num_threads);
 }
 
-// y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]: one dtype;
-// scaling [S] float32, ranks [S, n] int32 (tensors); offsets [n + 1] int64, seg_starts [nseg + 1]
-// and seg_slots [nseg] int32 (host arrays). Semantics in lora_cpu.h.
+// y [T, out] (updated in place), x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out] or, for the
+// pair arithmetic, [S, R/2, out, 2]: one dtype; scaling [S] float32, ranks [S, n] int32 (tensors);
+// offsets [n + 1] int64, seg_starts [nseg + 1] and seg_slots [nseg] int32 (host arrays). Semantics
+// in lora_cpu.h.
 void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lora_a_, const py::handle& lora_bt_,
                 const py::handle& scaling_, const py::handle& ranks_, const py::array_t<int64_t, 0>& offsets,
                 const py::array_t<int32_t, 0>& seg_starts, const py::array_t<int32_t, 0>& seg_slots, int num_threads,
@@ -204,12 +205,16 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
     const mcl::DType dt = one_dtype({&x, &y, &lora_a, &lora_bt}, kernel, "x, y and the weights");
     if (!scaling.is(kDLFloat, 32)) throw py::type_error("lora_apply: scaling must be float32");
     check_int(ranks, 32, kernel, "ranks");
-    check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && lora_bt.ndim() == 3,
-          "y [T, out], x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out]", kernel);
-    const int64_t T = x.size(0), in = x.size(1), out = y.size(1), S = lora_a.size(0), R = lora_bt.size(1);
+    const bool pairs = lora_bt.ndim() == 4;
+    check(y.ndim() == 2 && x.ndim() == 2 && lora_a.ndim() == 3 && (lora_bt.ndim() == 3 || (pairs && lora_bt.size(3) == 2)),
+          "y [T, out], x [T, in], lora_a [S, n*R, in], lora_bt [S, R, out] or [S, R/2, out, 2]", kernel);
+    const int64_t T = x.size(0), in = x.size(1), out = y.size(1), S = lora_a.size(0);
+    const int64_t R = pairs ? 2 * lora_bt.size(1) : lora_bt.size(1);
     const int64_t n = offsets.ndim() == 1 ? offsets.shape(0) - 1 : -1;
     check(n >= 1 && y.size(0) == T && lora_a.size(2) == in && lora_a.size(1) == n * R && lora_bt.size(0) == S &&
           lora_bt.size(2) == out, "shapes do not match", kernel);
+    check(!pairs || mcl::can_lora_pairs(dt, R, in),
+          "lora_bt in pairs needs bfloat16, an input width that is a multiple of 32 and a CPU with AVX512-BF16", kernel);
     check(x.stride(1) == 1 && y.stride(1) == 1, "x and y need unit stride along features", kernel);
     check(lora_a.contiguous() && lora_bt.contiguous(), "lora_a and lora_bt must be contiguous", kernel);
     check(scaling.ndim() == 1 && scaling.size(0) == S && ranks.ndim() == 2 && ranks.size(0) == S &&
@@ -230,7 +235,7 @@ void lora_apply(const py::handle& y_, const py::handle& x_, const py::handle& lo
         check(slots[i] >= -1 && slots[i] < S, "seg_slots must be -1 (no adapter) or a slot", kernel);
     }
     const mcl::LoRAArgs args{y.data(), y.stride(0), x.data(), x.stride(0), lora_a.data(), lora_bt.data(),
-                             scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out};
+                             scaling.data<float>(), rank, off, starts, slots, nseg, n, R, in, out, pairs};
     py::gil_scoped_release release;
     mcl::lora_apply(args, dt, num_threads, lanes);
 }
@@ -309,10 +314,11 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    // The kernels' calling convention and set (4: tensors as DLPack capsules, a lanes argument,
-    // silu_and_mul); kernels/cpu.py uses them only when it matches, so a stale build falls back to
-    // torch's ops instead of failing at a call.
-    m.attr("KERNEL_ABI") = 4;
+    // The kernels' calling convention and set (5: tensors as DLPack capsules, a lanes argument,
+    // silu_and_mul, lora_apply's pair layout); kernels/cpu.py uses them only when it matches, so a
+    // stale build falls back to torch's ops instead of failing at a call.
+    m.attr("KERNEL_ABI") = 5;
+    m.attr("HAS_BF16_DOT") = mcl::has_bf16_dot();
     // The width (floats) of the vectors the kernels' loops run on this CPU: 16 on AVX-512, else 8.
     m.attr("VECTOR_LANES") = mcl::dot_lanes();
 

@@ -19,6 +19,16 @@
 #endif
 #define MCL_INLINE inline __attribute__((always_inline))
 
+// Functions that use AVX512-BF16's pair dot products (vdpbf16ps) are compiled for those instructions
+// and called only where the CPU has them (has_bf16_dot; GCC >= 11 on x86-64, elsewhere never).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MCL_BF16_DOT 1
+#define MCL_BF16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#include <immintrin.h>
+#else
+#define MCL_BF16_DOT 0
+#endif
+
 namespace mcl {
 
 enum class DType { f32, f16, bf16 };
@@ -188,6 +198,16 @@ inline int64_t dot_lanes() {
     return __builtin_cpu_supports("avx512f") ? 16 : 8;
 #else
     return 8;
+#endif
+}
+
+// Whether this build and CPU have the AVX512-BF16 arithmetic (MCL_BF16_DOT_TARGET functions).
+inline bool has_bf16_dot() {
+#if MCL_BF16_DOT
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
 #endif
 }
 

@@ -16,6 +16,12 @@ namespace mcl {
 // and Bt [S, R, out] (B transposed: row k holds column k of B over every output) contiguous, in
 // one dtype; scaling [S] float32, ranks [S, n] int32. Sums in float32; y is rounded once, after its
 // delta is added.
+// Two arithmetics. Float32 multiply-adds, 16-bit inputs converted (Bt as above). Or, with
+// bt_pairs, AVX512-BF16's pair dot products (bfloat16 only, R even, `in` a multiple of 32, a CPU
+// with has_bf16_dot()): Bt's rows come in pairs, [S, R/2, out, 2] with element (i, o, p) =
+// B[o, 2i + p]; x and A are multiplied as they are, the shrink's result u is rounded to bfloat16
+// (as a bfloat16 x @ A.T rounds it) and its pairs multiplied with Bt's, all products summed in
+// float32.
 struct LoRAArgs {
     void* y;
     int64_t y_stride;
@@ -29,13 +35,18 @@ struct LoRAArgs {
     const int32_t* seg_starts;
     const int32_t* seg_slots;
     int64_t num_segments, num_slices, max_rank, in_features, out_features;
+    bool bt_pairs;
 };
 
 // With num_threads > 1, where the work is worth it, the blocks of tokens (shrink) and the output
 // columns (expand) are shared out over OpenMP threads (torch's runtime); the bits do not depend on
 // the thread count.
-// lanes: tokens per block of the shrink and width of its dot-product tiles, 8 or 16 (0: dot_lanes(),
-// the machine's); the results differ only in rounding.
+// lanes: tokens per block of the shrink and width of its dot-product tiles in the float32
+// arithmetic, 8 or 16 (0: dot_lanes(), the machine's; the pair arithmetic's are 16); the results
+// differ only in rounding.
 void lora_apply(const LoRAArgs& args, DType dtype, int num_threads, int lanes = 0);
+
+// Whether lora_apply can take the pair arithmetic for weights of this dtype, rank and input width.
+bool can_lora_pairs(DType dtype, int64_t max_rank, int64_t in_features);
 
 }  // namespace mcl

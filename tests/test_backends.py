@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, lora_apply_cpu
+from mcl_runtime.kernels.cpu import lora_pairs_possible
 from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
 from mcl_runtime.model.config import parse_config
 from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
@@ -222,10 +223,13 @@ def set_adapters(gen: torch.Generator, mod: LinearWithLoRA, scale: float, untarg
         mod.set_slot(slot, slices, 2.0 / r)
 
 
+LORA_IN = 64  # a multiple of 32: in bfloat16 the LoRA kernel takes its pair arithmetic where it can
+
+
 def lora_module(gen: torch.Generator, dtype: torch.dtype) -> LinearWithLoRA:
     """A fused projection of three slices; slot s holds an adapter of rank RANKS[s] that leaves one
     slice untargeted (a different one per slot)."""
-    mod = LinearWithLoRA(48, [32, 16, 16], False, 4, MAX_RANK, dtype, torch.device("cpu"))
+    mod = LinearWithLoRA(LORA_IN, [32, 16, 16], False, 4, MAX_RANK, dtype, torch.device("cpu"))
     set_adapters(gen, mod, scale=0.3, untargeted=True)
     return mod
 
@@ -244,7 +248,7 @@ def test_lora(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
     batch = random_batch(seed, static)
     gen = torch.Generator().manual_seed(seed)
     mod = lora_module(gen, dtype)
-    x = random(gen, batch.num_tokens, 48).to(dtype)
+    x = random(gen, batch.num_tokens, LORA_IN).to(dtype)
     out, ref, gold = each_backend(lambda be, dt: lora_step(be, batch, x, cast(mod, dt), dt), dtype, route)
     check_rule("lora", out, ref, gold)
     assert not out[np.repeat(batch.slots, batch.q_lens) < 0].any()  # base rows untouched
@@ -257,7 +261,7 @@ def test_lora_follows_adapter_loads(route: str) -> None:
     batch = random_batch(0)
     gen = torch.Generator().manual_seed(0)
     mod = lora_module(gen, torch.float32)
-    x = random(gen, batch.num_tokens, 48)
+    x = random(gen, batch.num_tokens, LORA_IN)
     backend = CPU_ROUTES[route]()
     before = lora_step(backend, batch, x, mod, torch.float32)
     set_adapters(gen, mod, scale=0.3)
@@ -378,23 +382,29 @@ def test_bf16_not_packed_when_upcast() -> None:
 
 
 @pytest.mark.skipif(not NATIVE_BF16_GEMM, reason="oneDNN has no bfloat16 kernel for this CPU")
+@pytest.mark.parametrize("pairs", [False, None], ids=["float32-arithmetic", "default-arithmetic"])
 @pytest.mark.parametrize(
     "dtype,min_work,kernel",
     [(torch.bfloat16, INF, True), (torch.bfloat16, 0, False), (torch.float32, 0, True)],
     ids=["bf16-small", "bf16-large", "fp32"],
 )
-def test_bf16_lora_of_large_slices_takes_the_slot_range(monkeypatch, dtype, min_work, kernel) -> None:
+def test_bf16_lora_of_large_slices_takes_the_slot_range(monkeypatch, dtype, min_work, kernel, pairs) -> None:
     """Where oneDNN computes bfloat16 natively, a bfloat16 projection's LoRA of at least
-    ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds per slice goes to the slot range's GEMMs instead of
-    the kernel; smaller ones, and float32 at any size, to the kernel. Either way within the rule."""
+    ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds per slice (``LORA_RANGE_MIN_WORK_BF16_PAIRS`` where
+    the kernel takes its pair arithmetic: the other constant is set the other way) goes to the slot
+    range's GEMMs instead of the kernel; smaller ones, and float32 at any size, to the kernel.
+    Either way within the rule."""
     calls = []
     kernel_calls = lambda *a, **k: calls.append(1) or lora_apply_cpu(*a, **k)  # noqa: E731
     monkeypatch.setattr("mcl_runtime.model.cpu_backend.lora_apply_cpu", kernel_calls)
     batch = random_batch(0)
     gen = torch.Generator().manual_seed(0)
     mod = lora_module(gen, dtype)
-    x = random(gen, batch.num_tokens, 48).to(dtype)
-    backend = _cpu(LORA_RANGE_MIN_WORK_BF16=min_work)
+    x = random(gen, batch.num_tokens, LORA_IN).to(dtype)
+    names = ["LORA_RANGE_MIN_WORK_BF16", "LORA_RANGE_MIN_WORK_BF16_PAIRS"]
+    if pairs is False or not lora_pairs_possible(torch.bfloat16, MAX_RANK, LORA_IN):
+        names.reverse()
+    backend = _cpu(**{names[1]: min_work, names[0]: 0 if min_work else INF}, lora_bf16_dot=pairs)
     with torch.inference_mode():
         out = lora_step(backend, batch, x, mod, dtype)
     assert bool(calls) == (kernel and backend.layer_kernels)

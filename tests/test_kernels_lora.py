@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mcl_runtime.kernels import (
+    HAS_CPU_BF16_DOT,
     HAS_CPU_LAYER_OPS,
     LoRAWeightsCPU,
     lora_apply,
@@ -45,6 +46,7 @@ def make_lora(
     dtype: torch.dtype,
     gen: torch.Generator,
     zero_slices: bool = True,
+    rank_choices: tuple[int, ...] = RANK_CHOICES,
 ):
     """Adapter slots with ranks mixed from RANK_CHOICES (and one untargeted slice), padded to max_rank
     with zeros as the engine lays them out."""
@@ -54,7 +56,7 @@ def make_lora(
         offsets.append(offsets[-1] + n)
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
     ranks = torch.tensor(
-        [[rng.choice([r for r in RANK_CHOICES if r <= max_rank]) for _ in range(n_slices)] for _ in range(num_slots)],
+        [[rng.choice([r for r in rank_choices if r <= max_rank]) for _ in range(n_slices)] for _ in range(num_slots)],
         dtype=torch.int32,
     )
     if zero_slices and n_slices > 1:
@@ -417,12 +419,23 @@ def test_triton_backend_reuses_its_workspace() -> None:
 
 # ---- the C++ CPU kernel (lora_apply_cpu): the same semantics, every segment in one call ----------
 NO_CPU_KERNEL = pytest.mark.skipif(not HAS_CPU_LAYER_OPS, reason="needs the C++ extension mcl_runtime._C")
+NO_BF16_DOT = pytest.mark.skipif(not HAS_CPU_BF16_DOT, reason="needs a CPU with AVX512-BF16 (and the extension)")
 
 
-def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int, ...], seed: int, lanes: int = 0):
+def cpu_case(
+    pattern: str,
+    dtype: torch.dtype,
+    hidden: int,
+    slice_ns: tuple[int, ...],
+    seed: int,
+    lanes: int = 0,
+    bf16_dot: bool | None = None,
+    rank_choices: tuple[int, ...] = RANK_CHOICES,
+):
     gen = torch.Generator().manual_seed(seed)
     lora_a, lora_b, ranks, scaling, offsets = (
-        t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(8, hidden, 64, slice_ns, dtype, gen)
+        t.cpu() if isinstance(t, torch.Tensor) else t
+        for t in make_lora(8, hidden, 64, slice_ns, dtype, gen, rank_choices=rank_choices)
     )
     T, seg_starts, seg_slots, _ = engine_batch(pattern, 8, seed=seed)
     seg_starts, seg_slots = seg_starts.cpu(), seg_slots.cpu()
@@ -432,7 +445,7 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
         x.float(), y.float().clone(), lora_a.float(), lora_b.float(), seg_starts, seg_slots, ranks, scaling, offsets
     )
     y_reflp = lora_apply_ref(x, y.clone(), lora_a, lora_b, seg_starts, seg_slots, ranks, scaling, offsets)
-    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
+    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets, bf16_dot=bf16_dot)
     y_k, y_k3 = (
         lora_apply_cpu(x, y.clone(), weights, seg_starts.numpy(), seg_slots.numpy(), num_threads=threads, lanes=lanes)
         for threads in (1, 3)
@@ -450,17 +463,61 @@ def cpu_case(pattern: str, dtype: torch.dtype, hidden: int, slice_ns: tuple[int,
     ids=lambda v: v if isinstance(v, str) else str(v).split(".")[-1],
 )
 def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidden: int, lanes: int) -> None:
-    """Mixed ranks (8-64, one untargeted slice), rows without adapter, an empty segment; input
-    widths a multiple of 16 and not; blocks of 8 and 16 tokens (whichever the machine would pick);
-    one thread and three give the same bits."""
+    """The float32 arithmetic: mixed ranks (8-64, one untargeted slice), rows without adapter, an
+    empty segment; input widths a multiple of 16 and not; blocks of 8 and 16 tokens (whichever the
+    machine would pick); one thread and three give the same bits."""
     y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
-        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern), lanes=lanes
+        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern), lanes=lanes, bf16_dot=False
     )
     check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
     for i, w in enumerate(seg_slots.tolist()):
         if w < 0:
             a, b = seg_starts[i].item(), seg_starts[i + 1].item()
             assert torch.equal(y_k[a:b], y[a:b])
+
+
+@NO_BF16_DOT
+@pytest.mark.parametrize("hidden", [96, 1056], ids=["in96", "in1056"])
+@pytest.mark.parametrize("pattern", POPULARITY)
+def test_cpu_kernel_pair_arithmetic(pattern: str, hidden: int) -> None:
+    """The bfloat16 pair dot products: ranks even and odd (a slice's last pair half zero), one
+    slice untargeted, rows without adapter, an empty segment; output slices of whole 64-column
+    chunks and of a partial one; input widths of an even and an odd number of 32-element vectors
+    (1056: work enough for three threads); the rule, and one thread and three give the same bits."""
+    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
+        pattern,
+        torch.bfloat16,
+        hidden,
+        (200, 64, 20),
+        seed=POPULARITY.index(pattern),
+        bf16_dot=True,
+        rank_choices=(3, 5, 8, 16, 33, 64),
+    )
+    check_rule(y_k, y_ref32, y_reflp, f"cpu pairs {pattern}")
+    for i, w in enumerate(seg_slots.tolist()):
+        if w < 0:
+            a, b = seg_starts[i].item(), seg_starts[i + 1].item()
+            assert torch.equal(y_k[a:b], y[a:b])
+
+
+@NO_CPU_KERNEL
+@pytest.mark.parametrize(
+    "dtype,in_features,max_rank",
+    [(torch.float32, 64, 16), (torch.float16, 64, 16), (torch.bfloat16, 48, 16), (torch.bfloat16, 64, 15)],
+    ids=["float32", "float16", "in48", "odd-max-rank"],
+)
+def test_cpu_kernel_pairs_only_where_possible(dtype: torch.dtype, in_features: int, max_rank: int) -> None:
+    """The pair arithmetic needs bfloat16, an input width that is a multiple of 32 and an even
+    buffer rank (and AVX512-BF16): insisting elsewhere is a ValueError, the default takes the
+    float32 arithmetic there, and the pairs for bfloat16 of such shapes where the CPU has them."""
+    lora_a, lora_b = torch.zeros(2, max_rank, in_features, dtype=dtype), torch.zeros(2, 40, max_rank, dtype=dtype)
+    args = (lora_a, lora_b, torch.ones(2), torch.ones(2, 1, dtype=torch.int32), (0, 40))
+    with pytest.raises(ValueError):
+        LoRAWeightsCPU(*args, bf16_dot=True)
+    assert not LoRAWeightsCPU(*args).pairs
+    even = (torch.zeros(2, 16, 64, dtype=torch.bfloat16), torch.zeros(2, 40, 16, dtype=torch.bfloat16))
+    assert LoRAWeightsCPU(*even, *args[2:]).pairs == HAS_CPU_BF16_DOT
+    assert not LoRAWeightsCPU(*even, *args[2:], bf16_dot=False).pairs
 
 
 @NO_CPU_KERNEL
@@ -474,11 +531,16 @@ def test_cpu_kernel_on_threads(dtype: torch.dtype) -> None:
 
 
 @NO_CPU_KERNEL
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cpu_kernel_long_segments_into_a_strided_view(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype,bf16_dot",
+    [(torch.float32, None), (torch.bfloat16, False), (torch.bfloat16, None)],
+    ids=["float32", "bfloat16", "bfloat16-default"],
+)
+def test_cpu_kernel_long_segments_into_a_strided_view(dtype: torch.dtype, bf16_dot: bool | None) -> None:
     """Segments longer than the kernel's 8- or 16-token blocks and than its passes over y,
     one slice, y a column slice of a wider tensor; one thread and three (work enough for three)
-    give the same bits."""
+    give the same bits. bfloat16 in the float32 arithmetic and in the default (pairs where the CPU
+    has AVX512-BF16)."""
     gen = torch.Generator().manual_seed(5)
     lora_a, lora_b, ranks, scaling, offsets = (
         t.cpu() if isinstance(t, torch.Tensor) else t for t in make_lora(3, 512, 32, (200,), dtype, gen)
@@ -491,7 +553,7 @@ def test_cpu_kernel_long_segments_into_a_strided_view(dtype: torch.dtype) -> Non
         x.float(), wide[:, 5:205].float(), lora_a.float(), lora_b.float(), starts, slots, ranks, scaling, offsets
     )
     y_reflp = lora_apply_ref(x, wide[:, 5:205].clone(), lora_a, lora_b, starts, slots, ranks, scaling, offsets)
-    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets)
+    weights = LoRAWeightsCPU(lora_a, lora_b, scaling, ranks, offsets, bf16_dot=bf16_dot)
     outs = []
     for threads in (1, 3):
         out = wide.clone()

@@ -4,7 +4,8 @@ paged attention, multi-LoRA (``lora_apply_cpu``), the fused residual add + RMSNo
 embedding and SiLU-and-multiply of a decoder layer (``rms_norm_cpu``, ``rope_cpu``,
 ``silu_and_mul_cpu``) and the sampler's greedy argmax
 (``argmax_cpu``), of the ``mcl_runtime._C`` extension (``HAS_CPU_ATTENTION`` / ``HAS_CPU_LAYER_OPS``
-/ ``HAS_CPU_ARGMAX`` say whether they are built).
+/ ``HAS_CPU_ARGMAX`` say whether they are built; ``HAS_CPU_BF16_DOT`` whether the LoRA kernel has
+its AVX512-BF16 arithmetic on this CPU).
 
 Without Triton the package still imports; ``HAS_TRITON`` is then False and calling a Triton kernel
 raises a RuntimeError (the torch references keep working).
@@ -18,6 +19,7 @@ from typing import Any
 from .cpu import (
     HAS_CPU_ARGMAX,
     HAS_CPU_ATTENTION,
+    HAS_CPU_BF16_DOT,
     HAS_CPU_LAYER_OPS,
     LoRAWeightsCPU,
     PagedAttentionCPU,
@@ -42,6 +44,7 @@ __all__ = [
     "HAS_CPU_ATTENTION",
     "HAS_CPU_LAYER_OPS",
     "HAS_CPU_ARGMAX",
+    "HAS_CPU_BF16_DOT",
     "PagedAttentionCPU",
     "paged_attention_cpu",
     "LoRAWeightsCPU",

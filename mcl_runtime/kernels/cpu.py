@@ -17,7 +17,7 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 4
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 5
 if EXT is not None and not _CURRENT:
     warnings.warn(
         "mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
@@ -31,6 +31,8 @@ HAS_CPU_LAYER_OPS = _CURRENT and hasattr(EXT, "lora_apply")
 HAS_CPU_ARGMAX = _CURRENT and hasattr(EXT, "argmax_rows")
 # Floats per vector in the kernels' loops on this CPU: 16 with AVX-512, 8 without (0: not built).
 CPU_VECTOR_LANES = int(EXT.VECTOR_LANES) if _CURRENT else 0
+# The LoRA kernel's bfloat16 pair arithmetic (AVX512-BF16's vdpbf16ps): built and on this CPU.
+HAS_CPU_BF16_DOT = HAS_CPU_LAYER_OPS and bool(EXT.HAS_BF16_DOT)
 
 
 class PagedAttentionCPU:
@@ -175,13 +177,26 @@ def argmax_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
     return out
 
 
+def lora_pairs_possible(dtype: torch.dtype, max_rank: int, in_features: int) -> bool:
+    """Whether ``lora_apply_cpu`` can take its pair arithmetic (see ``LoRAWeightsCPU``) for LoRA
+    buffers of this dtype, rank and input width on this machine."""
+    return HAS_CPU_BF16_DOT and dtype == torch.bfloat16 and max_rank % 2 == 0 and in_features % 32 == 0
+
+
 class LoRAWeightsCPU:
     """One projection's LoRA buffers as the C++ kernel reads them, their DLPack capsules made once:
     lora_a [S, n*R, in] and lora_b [S, out, R] (the model's layout), one dtype; scaling [S] float32,
     ranks [S, n] int32, the slices' output offsets. The kernel reads B transposed, ``[S, R, out]``
     (each rank's row of a chunk of outputs is contiguous, so a chunk is converted with vector loads),
     copied here once: these weights stand for ``version`` of the buffers, and ``matches`` says whether
-    they still do (the same tensors at the same version; the owner counts its writes)."""
+    they still do (the same tensors at the same version; the owner counts its writes).
+
+    ``bf16_dot`` picks the kernel's arithmetic: float32 multiply-adds with 16-bit inputs converted,
+    or, for bfloat16 with an even R and ``in`` a multiple of 32 on a CPU with AVX512-BF16
+    (``HAS_CPU_BF16_DOT``), bfloat16 pair dot products into float32 sums, x and A as they are and the
+    shrink's result rounded to bfloat16 (as a bfloat16 ``x @ A.T`` rounds it), for which B is copied
+    in pairs of ranks, ``[S, R/2, out, 2]``. None takes the pairs where they can be, False never,
+    True insists (ValueError where it cannot)."""
 
     def __init__(
         self,
@@ -191,10 +206,22 @@ class LoRAWeightsCPU:
         ranks: torch.Tensor,
         slice_offsets: Sequence[int],
         version: int = 0,
+        bf16_dot: bool | None = None,
     ) -> None:
         self.tensors = (lora_a, lora_b, scaling, ranks)
         self.version = version
-        self.lora_bt = lora_b.transpose(1, 2).contiguous()
+        S, out, R = lora_b.shape
+        possible = lora_pairs_possible(lora_b.dtype, R, lora_a.shape[2])
+        if bf16_dot and not possible:
+            raise ValueError(
+                "bf16_dot=True needs bfloat16 weights, an even rank, an input width that is a multiple of 32 "
+                "and a CPU with AVX512-BF16"
+            )
+        self.pairs = possible if bf16_dot is None else bf16_dot
+        if self.pairs:  # [S, R/2, out, 2]: element (i, o, p) = B[o, 2i + p]
+            self.lora_bt = lora_b.view(S, out, R // 2, 2).permute(0, 2, 1, 3).contiguous()
+        else:
+            self.lora_bt = lora_b.transpose(1, 2).contiguous()
         self.args = tuple(to_dlpack(t) for t in (lora_a, self.lora_bt, scaling, ranks)) + (
             np.asarray(slice_offsets, np.int64),
         )
@@ -222,7 +249,8 @@ def lora_apply_cpu(
     with the buffers of ``weights``. x [T, in], y [T, out] (in place; unit stride along features),
     in the weights' dtype; the segments as host int32 arrays. Sums in float32, y rounded once.
     ``num_threads`` > 1 shares the work out over up to that many of torch's OpenMP threads where it
-    is worth it (the same bits). ``lanes``: tokens per block of the shrink, 8 or 16 (None: the
-    machine's, as for ``PagedAttentionCPU``). Returns y."""
+    is worth it (the same bits). The arithmetic is the weights' (``LoRAWeightsCPU.pairs``);
+    ``lanes``: tokens per block of the float32 arithmetic's shrink, 8 or 16 (None: the machine's,
+    as for ``PagedAttentionCPU``). Returns y."""
     EXT.lora_apply(to_dlpack(y), to_dlpack(x), *weights.args, seg_starts, seg_slots, num_threads, lanes or 0)
     return y

@@ -20,8 +20,9 @@ crossover behind it into ``benchmarks/results/cpu_routing.json``, under the cons
 * LoRA: on eager steps, a projection whose LoRA work is at most ``LORA_KERNEL_MAX_WORK``
   multiply-adds makes one ``lora_apply_cpu`` call over every adapter segment (it does only the
   needed multiply-adds, in one call, in float32). In bfloat16 where oneDNN computes it natively,
-  slices of at least ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds go to the slot range below instead
-  (its bfloat16 GEMMs), where the step's adapters fit one. Larger ones, and all with
+  slices of at least ``LORA_RANGE_MIN_WORK_BF16`` multiply-adds (``LORA_RANGE_MIN_WORK_BF16_PAIRS``
+  where the kernel takes its AVX512-BF16 pair arithmetic) go to the slot range below instead (its
+  bfloat16 GEMMs), where the step's adapters fit one. Larger ones, and all with
   ``layer_kernels=False``:
   when the step's adapters lie in at most ``LORA_RANGE_MAX_SLOTS`` consecutive slots, every token
   goes through every slot of that range, masked to its own (two GEMMs per slice, the second
@@ -78,7 +79,7 @@ from mcl_runtime.kernels import (
     rope_cpu,
     silu_and_mul_cpu,
 )
-from mcl_runtime.kernels.cpu import CPU_VECTOR_LANES, paged_attention_cpu_op
+from mcl_runtime.kernels.cpu import CPU_VECTOR_LANES, lora_pairs_possible, paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, silu_and_mul_torch, store_kv_torch
 
@@ -323,10 +324,16 @@ class CPUBackend:
     # bfloat16 where oneDNN computes it natively (AMX / AVX-512 BF16): from this many multiply-adds
     # per slice (work / slices) the slot range's bfloat16 GEMMs, though G times the work, beat the
     # kernel's float32 multiply-adds. cpu_routing_xeon-amx.json (an AMX Xeon, four adapters): at
-    # 0.5B's projections the range won every point from 28 Mi (1.16-1.97x); at 7B's every point from
-    # 128 tokens (1.17-3.12x), and at 64 tokens only down's (gate/up's 44 Mi: 0.91x). Prefill steps
-    # reach it; decodes stay on the kernel.
+    # 0.5B's projections the range won every point from 28 Mi (1.07-1.61x); at 7B's every point from
+    # 56 Mi (1.17-2.86x), and some below (qkv's 40 Mi, down's 44 Mi), not others (gate/up's 44 Mi:
+    # 0.78x). Prefill steps reach it; decodes stay on the kernel.
     LORA_RANGE_MIN_WORK_BF16 = 28 << 20  # cpu_routing_xeon-amx.json: LORA_RANGE_MIN_WORK_BF16, qwen0.5b
+    # The same where the kernel takes its bfloat16 pair dot products (AVX512-BF16), which it does
+    # 1.03-1.82x as fast as its float32 multiply-adds at these sizes: cpu_routing_xeon-amx.json,
+    # LORA_RANGE_MIN_WORK_BF16_PAIRS. At 0.5B the kernel won or tied every point up to 45 Mi and the
+    # range every point from 90 Mi (1.17-1.21x); at 7B the kernel every point up to 44 Mi, the range
+    # every point from 80 Mi (1.09-1.17x) and o's at 56 Mi by 3%. 64 Mi lies between.
+    LORA_RANGE_MIN_WORK_BF16_PAIRS = 64 << 20
     # Float32 weights of at least ONEDNN_MIN_WEIGHT elements are packed for oneDNN (on small weights
     # its fixed cost per call loses to MKL). Unpacked, linear layers of ONEDNN_MIN_ROWS to
     # ONEDNN_MAX_ROWS rows on such weights go to oneDNN's inner product (on AVX2 CPUs MKL's sgemm is
@@ -356,6 +363,7 @@ class CPUBackend:
         onednn_linear: bool = True,
         pack_weights: bool = True,
         bf16_upcast: bool | None = None,
+        lora_bf16_dot: bool | None = None,
     ) -> None:
         """``attention_kernel``: None for the ``KERNEL_MAX_THREADS`` rule, True for the kernel at any
         thread count, False for the padded path only. ``layer_kernels=False`` keeps LoRA, RMSNorm and
@@ -363,12 +371,15 @@ class CPUBackend:
         ``onednn_linear=False`` keeps every linear layer on ``F.linear``; ``pack_weights=False`` makes
         no packed copies (the plain weights throughout). ``bf16_upcast``: whether bfloat16 linear
         layers may run as float32 GEMMs (``BF16_UPCAST_MIN_ROWS``); None for where oneDNN has no
-        bfloat16 kernel for this CPU."""
+        bfloat16 kernel for this CPU. ``lora_bf16_dot``: the LoRA kernel's arithmetic in bfloat16
+        (``LoRAWeightsCPU``'s ``bf16_dot``: None for its pair dot products where it can, False for
+        float32 multiply-adds)."""
         self.attention_kernel = attention_kernel if HAS_CPU_ATTENTION else False
         self.layer_kernels = layer_kernels and HAS_CPU_LAYER_OPS
         self.onednn_linear = onednn_linear and HAS_ONEDNN_LINEAR
         self.pack_weights = pack_weights and self.onednn_linear
         self.bf16_upcast = not NATIVE_BF16_GEMM if bf16_upcast is None else bf16_upcast
+        self.lora_bf16_dot = lora_bf16_dot
         # id(weight) -> (weight, its packed copy, whether calls may still read the plain weight);
         # holding the weight keeps its id from being reused.
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
@@ -681,8 +692,7 @@ class CPUBackend:
         if w is None or w.source is not mod.lora_a or w.r != r or w.version != mod.lora_version:
             S, n, R = mod.lora_a.shape[0], mod.n_slices, mod.max_rank
             a = mod.lora_a.view(S, n, R, -1)[:, :, :r].transpose(0, 1).contiguous()
-            bt = self._kernel_weights(mod).lora_bt  # B transposed at full rank: the kernel's copy
-            bt = bt if r == R else bt[:, :r].contiguous()
+            bt = mod.lora_b[:, :, :r].transpose(1, 2).contiguous()
             w = self._slice_major[id(mod)] = SliceMajorLoRA(mod.lora_a, r, mod.lora_version, a, bt)
         return w
 
@@ -702,12 +712,17 @@ class CPUBackend:
             u = F.linear(x, w.a[j, lo:hi].view(G * r, -1)).view(T, G, r).mul_(gain)
             y[:, cols].addmm_(u.view(T, G * r), bt[:, cols])
 
+    def _lora_range_min_work_bf16(self, mod) -> float:
+        """``LORA_RANGE_MIN_WORK_BF16`` for the arithmetic the kernel takes on ``mod``'s buffers."""
+        pairs = self.lora_bf16_dot is not False and lora_pairs_possible(mod.lora_b.dtype, mod.max_rank, mod.in_features)
+        return self.LORA_RANGE_MIN_WORK_BF16_PAIRS if pairs else self.LORA_RANGE_MIN_WORK_BF16
+
     def _kernel_weights(self, mod) -> LoRAWeightsCPU:
         """``mod``'s LoRA buffers as the kernel reads them, remade when its buffers change (adapter loads)."""
         weights = self._lora_weights.get(id(mod))
         if weights is None or not weights.matches(mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.lora_version):
             weights = self._lora_weights[id(mod)] = LoRAWeightsCPU(
-                mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets, mod.lora_version
+                mod.lora_a, mod.lora_b, mod.scaling, mod.ranks, mod.offsets, mod.lora_version, self.lora_bf16_dot
             )
         return weights
 
@@ -727,7 +742,7 @@ class CPUBackend:
             isinstance(plan, LoRASlots)
             and x.dtype == torch.bfloat16
             and self._packs(x.dtype)
-            and work >= n * self.LORA_RANGE_MIN_WORK_BF16
+            and work >= n * self._lora_range_min_work_bf16(mod)
         )
         if work <= self.LORA_KERNEL_MAX_WORK and not bf16_range and self._layer_kernel(x):
             threads = torch.get_num_threads()
