@@ -874,6 +874,50 @@ RUN_HISTORY = """## Run history
   1.07 s both ways): there it waits on its keys and values. perf put ~15% of the in-cache kernel in
   the lane sums of the score tiles, which a 16-key transpose shared by a KV head's query heads (or
   AMX tiles) would remove; not worth it while the kernel is bound by its reads.
+- **bfloat16 pair dot products in the LoRA kernel** (2026-12-07, the AMX Xeon, 2 threads). The
+  kernel's bfloat16 arithmetic converted every input to float32 (16-bit A once per segment and
+  thread, each chunk of B once per pass) and multiplied in float32; now, for bfloat16 on a CPU with
+  AVX512-BF16, `vdpbf16ps` multiplies x and A as they are and the shrink's `u`, rounded to bfloat16
+  in pairs of ranks, with B copied in pairs of ranks (commit 83f1dbd; `LoRAWeightsCPU(bf16_dot=...)`,
+  `CPUBackend(lora_bf16_dot=...)`; float32, float16 and other CPUs keep the float32 arithmetic).
+  One layer's four calls at 1.5B's projections, four rank-16 adapters, 31 decode tokens, inputs in
+  cache: 333 against 558 us (o 1.6x, qkv 1.7x, gate/up 1.4x, down 2.4x; microbenchmark, not
+  committed). A second thread now starts from 2^18 multiply-adds a thread instead of 2^20: with
+  24 layers' buffers cycled (out of cache, as in the engine) at 0.5B's projections and 8-60 decode
+  tokens it was as fast or faster at every point, up to 2.8x (float32 gate/up, 8 tokens: 234-260
+  against 90-92 us). [cpu_routing_xeon-amx.json](results/cpu_routing_xeon-amx.json) (rerun, both
+  arithmetics): the pairs are 1.03-1.82x the float32 arithmetic at 64-1024 tokens; the slot range's
+  AMX GEMMs overtake them from 90 Mi multiply-adds per slice at 0.5B (1.17-1.21x) and 80 Mi at 7B,
+  so `LORA_RANGE_MIN_WORK_BF16_PAIRS` is 64 Mi (the float32 arithmetic's crossover stays 28 Mi).
+  Step profile, 1.5B, bf16, 32 requests of 64 tokens, the float32 arithmetic against the pairs, two
+  alternating pairs in one session (not committed): decode LoRA 32.7 and 29.6 -> 28.6 and 25.5 ms a
+  step, prefill LoRA 366.6 and 336.5 -> 336.6 and 296.0 ms (865-token steps). The slot range had
+  been reading the kernel's copy of B; it keeps its own now (the bfloat16 slot-range route of
+  `tests/test_backends.py::test_forward` caught the pair layout). Against vLLM at 83f1dbd, 1.5B,
+  bf16, 32 requests of 64 tokens, two rounds
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16.json),
+  replacing d3ef7bc's): mixed 70.3 vs 9.4 (7.51x; rounds 6.96x, 8.06x), base 78.1 vs 78.3 (1.00x;
+  rounds 0.98x, 1.02x), LoRA overhead 10.1% (rounds 13%, 7%; was 12%: 15%, 8%) vs 88%, peak RSS 6.40
+  vs 13.92 GiB (LoRA), 5.25 vs 10.59 (base). 0.5B, bf16, the full workload, one round (not committed;
+  d3ef7bc's file stays): mixed 275.7 vs 40.9 (6.75x), base 349.9 vs 377.4 (0.93x), overhead 21% vs
+  89%; c0463c7's code (the float32 arithmetic) rerun right after on the same machine: mixed 305.9 vs
+  41.6 (7.35x), base 395.2 vs 342.2 (1.15x), overhead 23%. Single rounds moved by 10-15% this
+  session (vLLM's base 342-377 tok/s); the LoRA overhead at 0.5B, 9% in d3ef7bc's run, was 21-23%
+  with either code. Step profiles of both codes (0.5B, 64 requests of 64 tokens, two alternating
+  pairs): a decode step's LoRA 17.2-17.3 ms of 131 with the pairs against 20.5-21.6 of 140-147
+  with c0463c7's code, a prefill step's 200-209 against 215-223 ms; the base model's steps the same
+  within the noise. Tried and dropped (not committed): four tokens sharing
+  each vector of B in the pair expand (no faster: 205-220 against 209-213 us, gate/up at 31
+  tokens); `torch.compile` of the bf16 0.5B engine on the CPU (33.7 and 51.1 against 268.5 and
+  287.0 tok/s, 64 requests of 64 tokens); `MADV_HUGEPAGE` on, or zeroing at start-up of, the KV
+  cache (the cache is a NumPy allocation, which NumPy already advises to huge pages; zeroing 4 GiB
+  took 6.4 s and step times moved within the noise); glibc's `mmap_threshold` / `trim_threshold`
+  at 1.5B (no page faults left in a prefill step, step times within the noise: the step budget
+  already keeps the largest activation under glibc's mmap threshold). Measured and left: in bf16 the
+  attention kernel still beats the padded SDPA group on prompts without cached context (1.26-2.82x,
+  `bench_cpu_routing.py --dtype bfloat16 --measures padded_small`, not committed); SDPA per prompt
+  on views of the new keys (no padding, no gather) would be 1.29x the kernel on 8 prompts of
+  64-256 tokens, about 1.5% of a 0.5B run.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

@@ -217,11 +217,10 @@ struct PairArith {
     const LoRAArgs& a;
     explicit PairArith(const LoRAArgs& args) : a(args) {}
 
-    // The pairs of the rounded u: row t of the block holds n * R / 2 of them after its nR floats.
-    MCL_INLINE uint32_t* pairs(float* u_row) const { return reinterpret_cast<uint32_t*>(u_row + a.num_slices * a.max_rank); }
-    MCL_INLINE const uint32_t* pairs(const float* u_row) const {
-        return reinterpret_cast<const uint32_t*>(u_row + a.num_slices * a.max_rank);
-    }
+    // The pairs of the rounded u: a token's row holds n * R / 2 of them after its nR floats, each
+    // a float whose bits are the pair's two bfloat16 (the lower rank in the low half).
+    template <typename F>
+    MCL_INLINE F* pairs(F* u_row) const { return u_row + a.num_slices * a.max_rank; }
     static constexpr int64_t row_floats(int64_t nR) { return nR + nR / 2; }
 
     // u[i * ld + q] = x[t0 + i] . A[slot, q] for the block's m tokens and the used rows q of A (each
@@ -265,13 +264,13 @@ struct PairArith {
         }
         for (int64_t t = 0; t < m; ++t) {  // each slice's ranks rounded in pairs, zero past its rank
             const float* row = u + t * ld;
-            uint32_t* out = pairs(u + t * ld);
+            float* out = pairs(u + t * ld);
             for (int64_t j = 0; j < n; ++j)
                 for (int64_t k = 0; k < R; k += 2) {
                     BF16 lo{0}, hi{0};
                     if (k < ranks[j]) store(&lo, row[j * R + k]);
                     if (k + 1 < ranks[j]) store(&hi, row[j * R + k + 1]);
-                    out[(j * R + k) / 2] = lo.bits | static_cast<uint32_t>(hi.bits) << 16;
+                    out[(j * R + k) / 2] = from_bits(lo.bits | static_cast<uint32_t>(hi.bits) << 16);
                 }
         }
     }
@@ -291,10 +290,10 @@ struct PairArith {
         for (int64_t i = i0; i < i1; ++i) {
             BF16* y = static_cast<BF16*>(a.y) + i * a.y_stride + col;
             prefetch_chunk<true>(y + kCols);
-            const uint32_t* up = pairs(u + (i - first) * row_floats(nR)) + j * R / 2;
+            const float* up = pairs(u + (i - first) * row_floats(nR)) + j * R / 2;
             fvec<16> acc[V] = {};
             for (int64_t p = 0; p < P; ++p) {
-                const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(up[p]));
+                const __m512bh w = (__m512bh)_mm512_set1_ps(up[p]);
 #pragma GCC unroll 4
                 for (int64_t v = 0; v < V; ++v)
                     acc[v] = _mm512_dpbf16_ps(acc[v], w, (__m512bh)_mm512_maskz_loadu_epi32(masks[v], Bp + p * ld + v * 32));
