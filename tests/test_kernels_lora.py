@@ -454,6 +454,15 @@ def cpu_case(
     return y, y_k, y_ref32, y_reflp, seg_starts, seg_slots
 
 
+def check_cpu_case(y, y_k, y_ref32, y_reflp, seg_starts, seg_slots, what: str) -> None:
+    """``cpu_case``'s kernel output within the rule, and its rows without adapter untouched."""
+    check_rule(y_k, y_ref32, y_reflp, what)
+    for i, w in enumerate(seg_slots.tolist()):
+        if w < 0:
+            a, b = seg_starts[i].item(), seg_starts[i + 1].item()
+            assert torch.equal(y_k[a:b], y[a:b])
+
+
 @NO_CPU_KERNEL
 @pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("hidden", [96, 100], ids=["in96", "in100"])
@@ -466,14 +475,8 @@ def test_cpu_kernel_popularity_multislice(pattern: str, dtype: torch.dtype, hidd
     """The float32 arithmetic: mixed ranks (8-64, one untargeted slice), rows without adapter, an
     empty segment; input widths a multiple of 16 and not; blocks of 8 and 16 tokens (whichever the
     machine would pick); one thread and three give the same bits."""
-    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
-        pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern), lanes=lanes, bf16_dot=False
-    )
-    check_rule(y_k, y_ref32, y_reflp, f"cpu {pattern}")
-    for i, w in enumerate(seg_slots.tolist()):
-        if w < 0:
-            a, b = seg_starts[i].item(), seg_starts[i + 1].item()
-            assert torch.equal(y_k[a:b], y[a:b])
+    case = cpu_case(pattern, dtype, hidden, (48, 20, 20), seed=POPULARITY.index(pattern), lanes=lanes, bf16_dot=False)
+    check_cpu_case(*case, f"cpu {pattern}")
 
 
 @NO_BF16_DOT
@@ -484,20 +487,11 @@ def test_cpu_kernel_pair_arithmetic(pattern: str, hidden: int) -> None:
     slice untargeted, rows without adapter, an empty segment; output slices of whole 64-column
     chunks and of a partial one; input widths of an even and an odd number of 32-element vectors
     (1056: work enough for three threads); the rule, and one thread and three give the same bits."""
-    y, y_k, y_ref32, y_reflp, seg_starts, seg_slots = cpu_case(
-        pattern,
-        torch.bfloat16,
-        hidden,
-        (200, 64, 20),
-        seed=POPULARITY.index(pattern),
-        bf16_dot=True,
-        rank_choices=(3, 5, 8, 16, 33, 64),
+    ranks = (3, 5, 8, 16, 33, 64)
+    case = cpu_case(
+        pattern, torch.bfloat16, hidden, (200, 64, 20), POPULARITY.index(pattern), bf16_dot=True, rank_choices=ranks
     )
-    check_rule(y_k, y_ref32, y_reflp, f"cpu pairs {pattern}")
-    for i, w in enumerate(seg_slots.tolist()):
-        if w < 0:
-            a, b = seg_starts[i].item(), seg_starts[i + 1].item()
-            assert torch.equal(y_k[a:b], y[a:b])
+    check_cpu_case(*case, f"cpu pairs {pattern}")
 
 
 @NO_CPU_KERNEL
