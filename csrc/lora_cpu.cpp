@@ -391,19 +391,19 @@ bool can_lora_pairs(DType dtype, int64_t max_rank, int64_t in_features) {
 // The parallel region stays out of the cloned functions (its outlined body would be compiled for
 // the baseline only); the work is one call of the function picked for the machine and arithmetic.
 void lora_apply(const LoRAArgs& a, DType dtype, int num_threads, int lanes) {
-    const int64_t W = a.bt_pairs ? 16 : lanes ? lanes : dot_lanes();
+    const int64_t nR = a.num_slices * a.max_rank;
+    int64_t W = lanes ? lanes : dot_lanes(), row_floats = nR;  // tokens per shrink block; floats of u per token
     const bool wide = W == 16;
     SegmentsFn segments = dtype == DType::f32   ? (wide ? segments_f32_16 : segments_f32_8)
                         : dtype == DType::f16 ? (wide ? segments_f16_16 : segments_f16_8)
                                               : (wide ? segments_bf16_16 : segments_bf16_8);
-    int64_t row_floats = a.num_slices * a.max_rank;  // of u per token
 #if MCL_BF16_DOT
     if (a.bt_pairs) {
         segments = segments_bf16_pairs;
-        row_floats = PairArith::row_floats(row_floats);
+        W = PairArith::kBlock;
+        row_floats = PairArith::row_floats(nR);
     }
 #endif
-    const int64_t nR = a.num_slices * a.max_rank;
     std::vector<int64_t> segs;
     int64_t tokens = 0;
     for (int64_t s = 0; s < a.num_segments; ++s)
