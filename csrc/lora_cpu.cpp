@@ -214,6 +214,7 @@ struct FloatArith {
 struct PairArith {
     static constexpr int64_t kBlock = 16;                    // tokens per block of the shrink
     static constexpr int64_t kTileTokens = kLanes / kRowsA;  // tokens per tile: kRowsA x 4 sums
+    static constexpr int64_t kPrefetchAhead = 256;            // elements of a row of A (8 cache lines)
     const LoRAArgs& a;
     explicit PairArith(const LoRAArgs& args) : a(args) {}
 
@@ -244,6 +245,8 @@ struct PairArith {
                 for (int64_t t = 0; t < kTileTokens; ++t) xrow[t] = x + std::min(tt + t, m - 1) * a.x_stride;
                 fvec<kLanes> acc[kLanes] = {};
                 for (int64_t d0 = 0; d0 < in; d0 += 32) {
+                    if (tt == 0)  // the tile's rows of A come from memory once, ahead of their use
+                        for (int64_t i = 0; i < kRowsA; ++i) __builtin_prefetch(arow[i] + d0 + kPrefetchAhead);
                     __m512bh xv[kTileTokens];
 #pragma GCC unroll 4
                     for (int64_t t = 0; t < kTileTokens; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(xrow[t] + d0);
@@ -284,6 +287,8 @@ struct PairArith {
         const int64_t R = a.max_rank, nR = a.num_slices * R, ld = 2 * a.out_features, P = (r + 1) / 2;
         const BF16* Bp = static_cast<const BF16*>(a.lora_bt) + slot * (R / 2) * ld + 2 * col;  // pair 0, column col
         const float scale = a.scaling[slot];
+        for (int64_t p = 0; p < P; ++p)  // the pairs' next chunk (a thread's chunks are consecutive)
+            prefetch_chunk<false>(Bp + p * ld + 2 * kCols), prefetch_chunk<false>(Bp + p * ld + 3 * kCols);
         __mmask16 masks[V];  // the columns of each vector within the chunk
         for (int64_t v = 0; v < V; ++v)
             masks[v] = static_cast<__mmask16>((1u << std::clamp<int64_t>(cols - v * 16, 0, 16)) - 1);

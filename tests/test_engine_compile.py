@@ -78,6 +78,18 @@ def test_compiled_decode_matches_hf(family, aot_eager, knobs):
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on the second run
 
 
+def test_compile_on_the_cpu_warns(qwen_family, caplog):
+    """On the CPU the compiled decode replaces the C++ kernels and is slower: the engine says so."""
+    base, adapters = qwen_family
+    with caplog.at_level("WARNING", logger="mcl_runtime.engine.llm_engine"):
+        _engine(base, adapters, compile=True, max_num_seqs=2)
+    assert "compile=True on the CPU" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mcl_runtime.engine.llm_engine"):
+        _engine(base, adapters, max_num_seqs=2)
+    assert "compile=True" not in caplog.text
+
+
 def test_compiled_decode_keeps_the_plain_weights(qwen_family, aot_eager):
     """With every weight packed for oneDNN, eager prefills read the packed copies and the compiled
     decode graphs the plain weights, which the engine therefore keeps: the tokens of transformers +

@@ -11,7 +11,9 @@ from mcl_runtime.engine.kv_cache import DEFAULT_MEMORY_FRACTION, parse_bytes
 def add_execution_mode_args(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (one graph per batch-size bucket)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (one graph per batch-size bucket; on the CPU slower than eager)",
     )
     mode.add_argument(
         "--enforce-eager",

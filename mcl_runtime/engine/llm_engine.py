@@ -83,6 +83,13 @@ class Engine:
         model_dir = resolve_path(model, revision=revision)
         self.model_name = served_model_name or display_name(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if compile and self.device.type == "cpu":
+            # The compiled decode runs Inductor's code in place of the cpu backend's C++ kernels
+            # (benchmarks/README.md, run history: several times slower than eager on the CPU).
+            logger.warning(
+                "compile=True on the CPU: the compiled decode step replaces the C++ kernels of the eager "
+                "path and is several times slower than eager decoding; leave it off on the CPU for speed"
+            )
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
