@@ -2,7 +2,7 @@
 fused residual add: the residual sum bit for bit, the normalised rows by the kernel rule, error
 against a float64 reference within 2x that of the same-dtype torch formula), ``rope_cpu`` (bit for
 bit: it rounds where torch's ops round) and ``silu_and_mul_cpu`` (the kernel rule; its exp is not
-torch's)."""
+torch's; in 16-bit dtypes silu correctly rounded for every value)."""
 
 from types import SimpleNamespace
 
@@ -172,6 +172,18 @@ def test_silu_and_mul_cpu_matches_the_formula(dtype: torch.dtype, cols: int) -> 
     base = (silu_mul_formula(x).double() - ref64).abs().max().item()
     assert err <= 2 * base + 1e-6 * ref64.abs().max().item(), f"error {err:.3g} > 2 x torch error {base:.3g}"
     assert torch.equal(silu_and_mul_cpu(x, num_threads=2), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_silu_and_mul_cpu_16_bit_silu_is_correctly_rounded(dtype: torch.dtype) -> None:
+    """In 16-bit dtypes silu(g) is the float64 formula rounded to the dtype for every finite g (its
+    table), and the product with up = 1 leaves it as it is; -inf gives NaN, as torch's formula."""
+    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    g = torch.cat([g[torch.isfinite(g)], torch.tensor([float("-inf")] * 16, dtype=dtype)])
+    g = g[: len(g) // 16 * 16].view(-1, 16)
+    out = silu_and_mul_cpu(torch.cat([g, torch.ones_like(g)], dim=1))
+    exact = (g.double() / (1 + torch.exp(-g.double()))).to(dtype)
+    torch.testing.assert_close(out, exact, rtol=0, atol=0, equal_nan=True)
 
 
 def test_silu_and_mul_cpu_empty() -> None:

@@ -156,11 +156,12 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 def silu_and_mul_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
     """``silu(gate) * up`` of ``x [T, 2I]`` = ``gate | up`` (the fused gate_up projection's output)
-    in one pass: a new ``[T, I]``. ``silu(g) = g / (1 + exp(-g))`` in float32 (exp to about 1 ulp,
-    not torch's own, so not bit for bit); in float16/bfloat16 rounded to the dtype before the
-    product, as ``F.silu(gate) * up`` rounds. ``x`` needs unit stride along its columns (rows may be
-    strided). ``num_threads`` > 1 splits the rows (and long rows' columns) over torch's OpenMP
-    threads where the work is worth it."""
+    in one pass: a new ``[T, I]``. ``silu(g) = g / (1 + exp(-g))``: in float16/bfloat16 looked up in
+    a table of every 16-bit value's silu, correctly rounded to the dtype (computed once, in double),
+    which is rounded as ``F.silu(gate) * up`` rounds it, before the product; in float32 computed in
+    float32 (exp to about 1 ulp, not torch's own, so not bit for bit). ``x`` needs unit stride along
+    its columns (rows may be strided). ``num_threads`` > 1 splits the rows (and long rows' columns)
+    over torch's OpenMP threads where the work is worth it."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
     EXT.silu_and_mul(to_dlpack(out), to_dlpack(x), num_threads)
     return out
