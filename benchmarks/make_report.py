@@ -921,6 +921,38 @@ RUN_HISTORY = """## Run history
   `bench_cpu_routing.py --dtype bfloat16 --measures padded_small`, not committed); SDPA per prompt
   on views of the new keys (no padding, no gather) would be 1.29x the kernel on 8 prompts of
   64-256 tokens, about 1.5% of a 0.5B run.
+- **LoRA prefetches, the SiLU table, `compile=True` on the CPU** (2026-12-07, the AMX Xeon, 2
+  threads). The LoRA kernel's pair arithmetic now prefetches the next chunk of B's pair rows (as the
+  float32 arithmetic did) and the rows of A a tile streams from memory (commit 4ffe2e7); per-call
+  times of the engine's decode steps (0.5B, bf16, 64 requests of 64 tokens, four adapters; two
+  alternating runs per build, not committed): 1154 and 1210 ms of decode LoRA with neither, 1063 and
+  1034 with B's, 974 and 1086 with both (the machine drifting slower across the runs). 1.5B, bf16,
+  32 requests of 64 tokens, our side only, four alternating rounds with the prefetches (not
+  committed): mixed 76.2, base 82.4 tok/s, overhead 9% (11%, 5%, 7%, 13%). The SiLU-and-multiply in
+  16-bit dtypes takes `silu` from a table of every 16-bit value's correctly rounded `silu` (commit
+  4e715ef): per call, on two cores, bf16, 0.5B's gate/up, 150 -> 72 us at 60 rows and 4.2 -> 2.4 ms
+  at 1511; in the engine (0.5B, bf16, base model) 247-251 -> 132 us a decode call, 5.1-5.2 -> 3.0 ms
+  a prefill call, a decode step's other layer ops 15.2-16.0 -> 13.4-14.1 ms (two alternating step
+  profiles). [cpu_kernels_xeon-amx.json](results/cpu_kernels_xeon-amx.json) rerun (replacing
+  91e1868's): bf16 SiLU-and-multiply 1.66x (7B, 32 rows) and 1.88x (micro, 256) torch's ops, was
+  0.93x and 1.15x. 1.5B, bf16, the same workload with both changes, four alternating rounds
+  ([vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16_lora_overhead.json](results/vs_vllm_qwen2.5-1.5b-instruct_cpu_xeon-amx_bf16_lora_overhead.json),
+  replacing 65e4a88's): mixed 84.5, base 94.7 tok/s (the machine faster than in the run above),
+  overhead 11% (11%, 10%, 6%, 12%): the base model's gain makes the same LoRA time a larger share.
+  Against vLLM, 0.5B, bf16, the full workload, two rounds
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_xeon-amx_bf16_64x128.json),
+  replacing d3ef7bc's): mixed 354.5 vs 43.0 (8.25x; 8.40x, 8.10x), base 383.0 vs 402.6 (0.95x;
+  0.96x, 0.94x; vLLM's base ran faster than in any run before, 394-412 tok/s), LoRA overhead 7%
+  (5%, 9%) vs 89%, peak RSS 2.56 vs 9.79 GiB (LoRA), 2.36 vs 8.03 (base). `torch.compile` on the
+  CPU (0.5B, 32 requests of 32 tokens after a warm-up batch, base model): bf16 24.0 against 145.7
+  tok/s eager, fp32 13.8 against 47.0 (compile warm-ups 60 and 115 s); the engine now warns when
+  `compile=True` on the CPU. Tried and dropped (not committed): the RMSNorm and RoPE kernels in
+  explicit whole vectors (GCC had vectorized both already: 765 -> 786 us and 27 -> 28 us for
+  RMSNorm with the residual at 1511 and 60 rows of 0.5B); a vectorized bfloat16 load for
+  `load_float` (the same: GCC already widens whole vectors). Measured and left: in the engine the KV
+  cache's `index_copy_` takes 70-137 us a decode call against 10-12 us in a microbenchmark (the new
+  tokens' cache lines are written cold: about 1-2% of a step); a decode step's Python frames are a
+  few percent of its samples (py-spy: oneDNN's GEMMs 60%, the attention kernel 14%).
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

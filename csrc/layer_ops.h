@@ -47,7 +47,8 @@ void rope(const RopeArgs& args, DType dtype);
 // For each row t of x [T, 2I] (gate | up, as the fused gate_up projection writes them) and i < I:
 //   out[t, i] = silu(x[t, i]) * x[t, I + i],   silu(g) = g / (1 + exp(-g))
 // in float32 (exp to about 1 ulp: vexp in cpu_common.h); in a 16-bit dtype silu(g) is rounded to it
-// before the product (transformers' act_fn(gate) * up), the product rounded again. Rows are
+// before the product (transformers' act_fn(gate) * up), the product rounded again, and comes from
+// a table of every 16-bit value's silu computed in double (correctly rounded). Rows are
 // `*_stride` elements apart with unit stride along the columns. Up to num_threads OpenMP threads
 // split the rows (and long rows' columns) where the work is worth them.
 struct SiluAndMulArgs {
