@@ -952,7 +952,21 @@ RUN_HISTORY = """## Run history
   `load_float` (the same: GCC already widens whole vectors). Measured and left: in the engine the KV
   cache's `index_copy_` takes 70-137 us a decode call against 10-12 us in a microbenchmark (the new
   tokens' cache lines are written cold: about 1-2% of a step); a decode step's Python frames are a
-  few percent of its samples (py-spy: oneDNN's GEMMs 60%, the attention kernel 14%).
+  few percent of its samples (py-spy: oneDNN's GEMMs 60%, the attention kernel 14%). Both
+  engines' plain defaults, 0.5B, bf16, 32 requests of 64 tokens, base model only, three alternating
+  rounds ([vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_xeon-amx_bf16_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_xeon-amx_bf16_base.json)):
+  233.6 vs 254.9 tok/s, 0.92x (0.91x, 0.92x, 0.98x), peak RSS 2.31 vs 23.13 GiB (our default KV
+  19.2 GB, 1.56M tokens, touched only as used; vLLM's 1.69M tokens); a first attempt, whose first
+  vLLM round overlapped a microbenchmark of ours, gave 0.99x (0.99x, 1.03x, 0.82x), not committed.
+  Our step budget at 4096 or 2560 tokens instead of the default 1664 moved this workload's speed
+  within the noise (141.6-163.0 tok/s across six runs, not committed). Tried and dropped (not
+  committed): the pair arithmetic's expand from a shrink computed as one bfloat16 GEMM over the
+  step's range of slots (every token through every slot; the kernel then only expands): at 0.5B's
+  projections, four adapters, it won only qkv and down from 512 tokens (1.16-1.31x) and lost
+  everywhere else (0.49-0.99x), under 10% of a prefill step's LoRA time at best. Measured and left:
+  SDPA per prompt on views of the new keys in bfloat16 (9 prompts of 64-256 tokens, one layer) 2.66-4.51
+  against the attention kernel's 3.67-6.18 ms, 1.37-1.46x in the quieter repeats: about 3% of a
+  prefill step, for a Python loop over the prompts the backend does not make.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
