@@ -966,7 +966,13 @@ RUN_HISTORY = """## Run history
   everywhere else (0.49-0.99x), under 10% of a prefill step's LoRA time at best. Measured and left:
   SDPA per prompt on views of the new keys in bfloat16 (9 prompts of 64-256 tokens, one layer) 2.66-4.51
   against the attention kernel's 3.67-6.18 ms, 1.37-1.46x in the quieter repeats: about 3% of a
-  prefill step, for a Python loop over the prompts the backend does not make.
+  prefill step, for a Python loop over the prompts the backend does not make. The engine's default
+  dtype was float32 on every CPU, where vLLM's (and transformers') `auto` keeps a bfloat16
+  checkpoint in bfloat16: with truly plain defaults a Qwen2.5 checkpoint ran here at about a third
+  of its bfloat16 speed (0.5B base model, 47.0 against 145.7 tok/s above); `dtype=None` / `"auto"`
+  now keeps a bfloat16 checkpoint in bfloat16 where torch's bfloat16 GEMMs are oneDNN's
+  (`NATIVE_BF16_GEMM`), float32 elsewhere (the benchmarks pass `--dtype`, so their figures do not
+  change).
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32

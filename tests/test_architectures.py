@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mcl_runtime import Engine, ModelLoadError
+from mcl_runtime.engine import llm_engine
 from mcl_runtime.model.config import parse_config
 
 BASE = dict(
@@ -33,6 +34,9 @@ BASE = dict(
         (dict(model_type="mistral", sliding_window=4096), dict(sliding_window=4096)),
         (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=False), dict(sliding_window=None)),
         (dict(model_type="qwen3", sliding_window=64, use_sliding_window=True), dict(sliding_window=64)),
+        (dict(model_type="qwen2", torch_dtype="bfloat16"), dict(checkpoint_dtype="bfloat16")),
+        (dict(model_type="qwen2", dtype="float16"), dict(checkpoint_dtype="float16")),  # transformers 5's key
+        (dict(model_type="qwen2", torch_dtype="auto"), dict(checkpoint_dtype=None)),
     ],
 )
 def test_config_flags(raw, expected):
@@ -53,6 +57,34 @@ def test_sliding_window_shorter_than_the_context_is_refused(tmp_path, model_fami
     with pytest.raises(ModelLoadError, match="sliding-window attention over 64 tokens.*max_model_len=64"):
         Engine(str(folder), device="cpu")
     assert Engine(str(folder), device="cpu", max_model_len=64, kv_cache_blocks=16).max_model_len == 64
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_dtype_keeps_a_bfloat16_checkpoint_where_the_cpu_computes_it(monkeypatch, native_bf16):
+    monkeypatch.setattr(llm_engine, "NATIVE_BF16_GEMM", native_bf16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert llm_engine.default_dtype(cpu, "bfloat16") == ("bfloat16" if native_bf16 else "float32")
+    assert [llm_engine.default_dtype(cpu, d) for d in ("float32", "float16", None)] == ["float32"] * 3
+    assert {llm_engine.default_dtype(cuda, d) for d in ("bfloat16", "float32", None)} == {"bfloat16"}
+
+
+def test_engine_dtype_auto_follows_the_checkpoint(tmp_path, model_family, monkeypatch):
+    """None and "auto" take ``default_dtype``; an explicit dtype wins; an unknown one is a ValueError."""
+    base, _ = model_family("qwen2")
+    folder = shutil.copytree(base, tmp_path / "bf16")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    monkeypatch.setattr(llm_engine, "NATIVE_BF16_GEMM", True)
+
+    def make(**dtype) -> Engine:
+        return Engine(str(folder), device="cpu", kv_cache_blocks=16, max_loras=0, **dtype)
+
+    assert make().dtype == make(dtype="auto").dtype == torch.bfloat16
+    assert make(dtype="float32").dtype == torch.float32
+    monkeypatch.setattr(llm_engine, "NATIVE_BF16_GEMM", False)
+    assert make().dtype == torch.float32
+    with pytest.raises(ValueError, match="auto"):
+        make(dtype="float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -33,6 +33,7 @@ from mcl_runtime.errors import ContextLengthError, InvalidRequestError
 from mcl_runtime.hub import display_name, resolve_path
 from mcl_runtime.model.backends import Backend, make_backend
 from mcl_runtime.model.config import load_config
+from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM
 from mcl_runtime.model.loader import load_model
 from mcl_runtime.tokenizer import Tokenizer
 
@@ -42,6 +43,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_dtype(device: torch.device, checkpoint_dtype: str | None) -> str:
+    """The dtype an engine runs in when none is given (``"auto"``): bfloat16 on CUDA; on the CPU a
+    bfloat16 checkpoint's own dtype where torch's bfloat16 GEMMs are oneDNN's (AVX-512 / AMX; as
+    vLLM's and transformers' ``auto`` keep it), else float32 (a float32 or float16 checkpoint, or a
+    CPU where torch's bfloat16 GEMM is a generic loop)."""
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if checkpoint_dtype == "bfloat16" and NATIVE_BF16_GEMM else "float32"
+
+
 # A text prompt longer than this many characters per context token is first measured by a prefix
 # of that length, so that a huge prompt is refused without tokenizing all of it.
 _PREFIX_CHARS_PER_TOKEN = 8
@@ -77,7 +90,9 @@ class Engine:
         compile_backend: str = "inductor",
         cuda_graphs: bool | None = None,
     ) -> None:
-        """``max_num_batched_tokens``: the tokens of one step (None: ``scheduler.default_step_tokens``,
+        """``dtype``: float32, float16 or bfloat16; None or "auto" for ``default_dtype`` (the
+        checkpoint's bfloat16 on a CPU with native bfloat16 GEMMs, else float32 on the CPU; bfloat16 on
+        CUDA). ``max_num_batched_tokens``: the tokens of one step (None: ``scheduler.default_step_tokens``,
         2048 on a GPU, fewer on the CPU). ``compile_backend``: torch.compile's backend for
         ``compile=True`` ("aot_eager" traces the same graph without generating code)."""
         model_dir = resolve_path(model, revision=revision)
@@ -90,9 +105,12 @@ class Engine:
                 "compile=True on the CPU: the compiled decode step replaces the C++ kernels of the eager "
                 "path and is several times slower than eager decoding; leave it off on the CPU for speed"
             )
-        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        config = load_config(model_dir)
+        if dtype in (None, "auto"):
+            dtype = default_dtype(self.device, config.checkpoint_dtype)
+            logger.info("dtype: %s (checkpoint: %s)", dtype, config.checkpoint_dtype or "not given")
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
         if not isinstance(max_loras, int) or max_loras < 0:
             raise ValueError(f"max_loras must be a non-negative integer (0: no adapters), got {max_loras!r}")
         for knob, value in (
@@ -104,7 +122,7 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{knob} must be a positive integer, got {value!r}")
         self.dtype = _DTYPES[dtype]
-        self.max_model_len = load_config(model_dir).context_len(max_model_len)
+        self.max_model_len = config.context_len(max_model_len)
         self.model = load_model(model_dir, max_loras, max_lora_rank, self.dtype, self.device, load_format)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config

@@ -33,6 +33,7 @@ class ModelConfig:
     hidden_act: str
     qk_norm: bool = False
     sliding_window: int | None = None
+    checkpoint_dtype: str | None = None  # config.json's torch_dtype (transformers 5: dtype), if a float dtype
 
     @property
     def arch(self) -> Architecture:
@@ -86,6 +87,11 @@ def _sliding_window(arch: Architecture, raw: dict) -> int | None:
     return int(window)
 
 
+def _checkpoint_dtype(raw: dict) -> str | None:
+    dtype = raw.get("torch_dtype", raw.get("dtype"))
+    return dtype if dtype in ("float32", "float16", "bfloat16") else None
+
+
 def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
     """A ``ModelConfig`` from the contents of a ``config.json`` (``where`` names it in errors)."""
     model_type = raw.get("model_type")
@@ -121,6 +127,7 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
             hidden_act=hidden_act,
             qk_norm=arch.qk_norm,
             sliding_window=_sliding_window(arch, raw),
+            checkpoint_dtype=_checkpoint_dtype(raw),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{where}: missing or invalid field: {exc}") from exc

@@ -102,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
     p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="default auto: the checkpoint's bfloat16 where the CPU computes it natively (else float32), "
+        "bfloat16 on CUDA",
+    )
     p.add_argument("--backend", choices=sorted(BACKENDS), help="default: triton on cuda, cpu on cpu")
     p.add_argument("--max-loras", type=int, help="adapter slots (0: no LoRA buffers, the base model only)")
     p.add_argument("--max-lora-rank", type=int)
