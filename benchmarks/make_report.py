@@ -972,7 +972,11 @@ RUN_HISTORY = """## Run history
   of its bfloat16 speed (0.5B base model, 47.0 against 145.7 tok/s above); `dtype=None` / `"auto"`
   now keeps a bfloat16 checkpoint in bfloat16 where torch's bfloat16 GEMMs are oneDNN's
   (`NATIVE_BF16_GEMM`), float32 elsewhere (the benchmarks pass `--dtype`, so their figures do not
-  change).
+  change). Tried and dropped (not committed): a C++ store of the new keys and values into the paged
+  cache. With non-temporal stores it was 4x slower than `index_copy_` on this VM; with every
+  destination line prefetched first and then copied, 3x faster on lines already touched (64 tokens
+  into a 400 MB cache: 13.5 against 42.9 us), but in the engine a decode call stayed at 87-105 us
+  (70-137 with `index_copy_`): there the first writes to fresh KV pages dominate.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
