@@ -79,7 +79,7 @@ from mcl_runtime.kernels import (
     rope_cpu,
     silu_and_mul_cpu,
 )
-from mcl_runtime.kernels.cpu import CPU_VECTOR_LANES, lora_pairs_possible, paged_attention_cpu_op
+from mcl_runtime.kernels.cpu import CPU_VECTOR_LANES, paged_attention_cpu_op
 from mcl_runtime.model.backends import AttentionMeta, LoRAMeta
 from mcl_runtime.model.reference_backend import rms_norm_torch, rope_torch, silu_and_mul_torch, store_kv_torch
 
@@ -712,11 +712,6 @@ class CPUBackend:
             u = F.linear(x, w.a[j, lo:hi].view(G * r, -1)).view(T, G, r).mul_(gain)
             y[:, cols].addmm_(u.view(T, G * r), bt[:, cols])
 
-    def _lora_range_min_work_bf16(self, mod) -> float:
-        """``LORA_RANGE_MIN_WORK_BF16`` for the arithmetic the kernel takes on ``mod``'s buffers."""
-        pairs = self.lora_bf16_dot is not False and lora_pairs_possible(mod.lora_b.dtype, mod.max_rank, mod.in_features)
-        return self.LORA_RANGE_MIN_WORK_BF16_PAIRS if pairs else self.LORA_RANGE_MIN_WORK_BF16
-
     def _kernel_weights(self, mod) -> LoRAWeightsCPU:
         """``mod``'s LoRA buffers as the kernel reads them, remade when its buffers change (adapter loads)."""
         weights = self._lora_weights.get(id(mod))
@@ -738,16 +733,19 @@ class CPUBackend:
         plan: LoRATiles | LoRASlots = lora.plan
         n = mod.n_slices
         work = plan.tokens * n * lora.max_rank * (x.shape[1] + y.shape[1] // n)
-        bf16_range = (
-            isinstance(plan, LoRASlots)
-            and x.dtype == torch.bfloat16
-            and self._packs(x.dtype)
-            and work >= n * self._lora_range_min_work_bf16(mod)
-        )
-        if work <= self.LORA_KERNEL_MAX_WORK and not bf16_range and self._layer_kernel(x):
-            threads = torch.get_num_threads()
-            lora_apply_cpu(x, y, self._kernel_weights(mod), lora.seg_starts_host, lora.seg_slots_host, threads)
-            return
+        if work <= self.LORA_KERNEL_MAX_WORK and self._layer_kernel(x):
+            weights = self._kernel_weights(mod)
+            range_min_work = self.LORA_RANGE_MIN_WORK_BF16_PAIRS if weights.pairs else self.LORA_RANGE_MIN_WORK_BF16
+            bf16_range = (
+                isinstance(plan, LoRASlots)
+                and x.dtype == torch.bfloat16
+                and self._packs(x.dtype)
+                and work >= n * range_min_work
+            )
+            if not bf16_range:
+                threads = torch.get_num_threads()
+                lora_apply_cpu(x, y, weights, lora.seg_starts_host, lora.seg_slots_host, threads)
+                return
         if isinstance(plan, LoRASlots):
             self._apply_lora_slots(x, y, mod, plan, min(lora.max_rank, mod.max_rank))
             return
