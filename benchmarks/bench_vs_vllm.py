@@ -1,7 +1,7 @@
 """Ours against vLLM on the same machine: random weights in Qwen2.5-0.5B/1.5B-Instruct's shapes, four
 rank-16 PEFT adapters on all seven projections, greedy, every request submitted at once.
 
-    python benchmarks/bench_vs_vllm.py [--shape qwen2.5-0.5b-instruct] [--dtype float32 bfloat16]
+    python benchmarks/bench_vs_vllm.py [--shape qwen2.5-0.5b-instruct] [--dtype float32 bfloat16 auto]
         [--requests 64] [--prompt-len 64 256] [--max-tokens 128] [--rounds 3] [--threads 2]
         [--kv-cache-memory 4GiB|default] [--scenarios mixed single base] [--smoke] [--out-dir DIR]
 
@@ -25,7 +25,8 @@ Both engines get the same KV budget (``--kv-cache-memory``: our ``kv_cache_memor
 ``torch.set_num_threads`` and vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` (its default, ``auto``, keeps one core
 of a small machine for its front end). Both get ``max_loras`` = the number of adapters and
 ``max_lora_rank`` = their rank, so the LoRA buffers are sized alike (vLLM cannot batch four adapters
-with its defaults); every other setting is each engine's default.
+with its defaults); every other setting is each engine's default. ``--dtype auto`` leaves the dtype to each
+engine too (the checkpoint is bfloat16): what each chose is in its process record (``info.dtype``).
 
 Per scenario: output tokens/s, wall time, each round's ratio (ours / vLLM) and the median; peak memory of
 each engine's process tree (RSS summed over its processes, sampled every 0.5 s); the share of the machine's matmul peak
@@ -75,7 +76,13 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default=SHAPES[0], choices=SHAPES)
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "auto"],
+        help="'auto': each engine's own choice for the checkpoint's bfloat16 (recorded per engine)",
+    )
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=(64, 256), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
@@ -281,7 +288,8 @@ def run_case(args: argparse.Namespace, cfg: dict, dtype: str, vllm_py: str | Non
 
         kv = parse_bytes(kv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    peak = matmul_peak(getattr(torch, dtype), args.threads, args.smoke) if device == "cpu" else None
+    peak_dtype = getattr(torch, cfg.get("torch_dtype", "float32") if dtype == "auto" else dtype)
+    peak = matmul_peak(peak_dtype, args.threads, args.smoke) if device == "cpu" else None
     engines = ["ours"] + (["vllm"] if vllm_py else [])
     pythons, envs = {"ours": sys.executable, "vllm": vllm_py}, engine_envs(args)
     groups = {"lora": [s for s in args.scenarios if s != "base"], "base": [s for s in args.scenarios if s == "base"]}

@@ -2,14 +2,14 @@
 
     python benchmarks/engine_worker.py SPEC.json OUT.json
 
-Runs under our environment (``"engine": "ours"``) or under vLLM's virtualenv (``"engine": "vllm"``), so
-it imports nothing but the standard library at module level. SPEC names the model folder, the adapters,
-the dtype, the torch threads, the KV budget (bytes, or null for the engine's default), the warm-up
-workload and the scenarios (each: prompts as token ids, max_tokens, adapter per request or null). Every
-request is submitted at once, greedy, EOS ignored. OUT gets, per scenario, the wall time, the output
-tokens and each request's token ids, plus what the engine says of its KV cache. With ``"profile_dir"`` in
-SPEC each scenario runs under a profiler (ours: the step profiler and torch.profiler; vLLM: its own
-torch profiler), whose tables go to that folder (``profile_cpu.py``).
+Runs under our environment (``"engine": "ours"``) or under vLLM's virtualenv (``"engine": "vllm"``), so it
+imports nothing but the standard library at module level. SPEC names the model folder, the adapters, the
+dtype (``auto``: the engine's own choice, reported), the torch threads, the KV budget (bytes, or null for
+the engine's default), the warm-up workload and the scenarios (each: prompts as token ids, max_tokens,
+adapter per request or null). Every request is submitted at once, greedy, EOS ignored. OUT gets, per
+scenario, the wall time, the output tokens and each request's token ids, plus what the engine says of its KV
+cache. With ``"profile_dir"`` in SPEC each scenario runs under a profiler (ours: the step profiler and
+torch.profiler; vLLM: its own torch profiler), whose tables go to that folder (``profile_cpu.py``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def ours(spec: dict) -> tuple[Run, dict]:
     info = {
         "version": _version("mcl_runtime"),
         "torch": torch.__version__,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "kv_cache_tokens": engine.block_manager.num_blocks * engine.block_size,
         "kv_cache_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size(),
@@ -130,6 +131,7 @@ def vllm(spec: dict) -> tuple[Run, dict]:
     info = {
         "version": vllm_package.__version__,
         "torch": torch.__version__,
+        "dtype": str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch."),
         "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "block_size": cache.block_size,
         "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
