@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
 
 #include "block_manager.h"
 #include "paged_attention.h"
@@ -314,11 +315,24 @@ PYBIND11_MODULE(_C, m) {
         }
     });
 
-    // The kernels' calling convention and set (5: tensors as DLPack capsules, a lanes argument,
-    // silu_and_mul, lora_apply's pair layout); kernels/cpu.py uses them only when it matches, so a
-    // stale build falls back to torch's ops instead of failing at a call.
-    m.attr("KERNEL_ABI") = 5;
+    // The kernels' calling convention and set (6: tensors as DLPack capsules, a lanes argument,
+    // silu_and_mul, lora_apply's pair layout and can_lora_pairs); kernels/cpu.py uses them only when
+    // it matches, so a stale build falls back to torch's ops instead of failing at a call.
+    m.attr("KERNEL_ABI") = 6;
     m.attr("HAS_BF16_DOT") = mcl::has_bf16_dot();
+    // Whether lora_apply takes its pair arithmetic for LoRA buffers of this dtype ("float32",
+    // "float16" or "bfloat16"), rank and input width here: the rule its own check applies.
+    m.def(
+        "can_lora_pairs",
+        [](const std::string& dtype, int64_t max_rank, int64_t in_features) {
+            if (dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
+                throw py::value_error("can_lora_pairs: dtype must be float32, float16 or bfloat16, got " + dtype);
+            const mcl::DType dt = dtype == "bfloat16"  ? mcl::DType::bf16
+                                : dtype == "float16" ? mcl::DType::f16
+                                                     : mcl::DType::f32;
+            return mcl::can_lora_pairs(dt, max_rank, in_features);
+        },
+        py::arg("dtype"), py::arg("max_rank"), py::arg("in_features"));
     // The width (floats) of the vectors the kernels' loops run on this CPU: 16 on AVX-512, else 8.
     m.attr("VECTOR_LANES") = mcl::dot_lanes();
 

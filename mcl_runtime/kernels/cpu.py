@@ -17,7 +17,7 @@ from torch.utils.dlpack import to_dlpack
 
 from mcl_runtime.extension import EXT
 
-_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 5
+_CURRENT = getattr(EXT, "KERNEL_ABI", 0) == 6
 if EXT is not None and not _CURRENT:
     warnings.warn(
         "mcl_runtime._C is a stale build (its CPU kernels take another calling convention); "
@@ -180,8 +180,8 @@ def argmax_cpu(x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
 
 def lora_pairs_possible(dtype: torch.dtype, max_rank: int, in_features: int) -> bool:
     """Whether ``lora_apply_cpu`` can take its pair arithmetic (see ``LoRAWeightsCPU``) for LoRA
-    buffers of this dtype, rank and input width on this machine."""
-    return HAS_CPU_BF16_DOT and dtype == torch.bfloat16 and max_rank % 2 == 0 and in_features % 32 == 0
+    buffers of this dtype, rank and input width on this machine (the kernel's own rule)."""
+    return HAS_CPU_LAYER_OPS and EXT.can_lora_pairs(str(dtype).removeprefix("torch."), max_rank, in_features)
 
 
 class LoRAWeightsCPU:
