@@ -977,6 +977,37 @@ RUN_HISTORY = """## Run history
   destination line prefetched first and then copied, 3x faster on lines already touched (64 tokens
   into a 400 MB cache: 13.5 against 42.9 us), but in the engine a decode call stayed at 87-105 us
   (70-137 with `index_copy_`): there the first writes to fresh KV pages dominate.
+- **The full workload on AVX2 again; plain defaults with the dtype left to each engine**
+  (2026-12-07, evening, AMD EPYC with AVX2 only, 2 threads, commit 8248e83; a slower host of that
+  kind: the benchmark's fp32 matmul peak 95 GFLOP/s, 173-187 in the runs before). 0.5B shapes, fp32,
+  64 requests of 128 new tokens, 4 GiB KV each, two alternating rounds
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128.json),
+  replacing 3743534's single round): mixed 41.8 vs 12.4 tok/s (3.37x; rounds 3.33x, 3.41x), base
+  model 43.2 vs 46.0 (0.94x; rounds 1.00x, 0.89x: vLLM's base 42.6 then 49.4 tok/s, ours 42.4 then
+  44.0), 128 of 128 the same tokens in each scenario; LoRA overhead ours 3% (4%, 2%), vLLM's 73%;
+  both base models at 87-93% of the measured matmul peak; peak RSS 5.98 vs 10.99 GiB (LoRA), 5.38
+  vs 9.64 (base). `bench_vs_vllm.py --dtype auto` (new) leaves the dtype to each engine and records
+  what each chose. Both engines' plain defaults, the dtype included (the checkpoint is bfloat16),
+  0.5B, 32 requests of 64 tokens, one round
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_auto.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_defaults_auto.json)):
+  ours ran float32 (no native bfloat16 GEMM here), vLLM bfloat16. vLLM sized its KV cache at 20.0 of the
+  host's 23.5 GiB and both its processes, with LoRA and without, were killed by the kernel's OOM
+  killer in their warm-up (its worker at 22.6 GB anonymous RSS, in `dmesg`), so no ratio; ours ran
+  the four adapters at 24.8 and the base model at 26.9 tok/s (684-689k tokens of KV; peak RSS 5.63
+  and 4.81 GiB), LoRA overhead 8%. Measured and left
+  (not committed; the host's speed moved by up to 10% between runs of the same build, so each of
+  these rests on two to four alternating runs): glibc's allocator returns the step's larger
+  activations to the kernel and faults them back in (0.3-0.8M minor faults per run of 64 requests of
+  32 tokens at 0.5B, fp32); with `MALLOC_MMAP_MAX_=0` and a high `MALLOC_TRIM_THRESHOLD_` 6-75k,
+  and the run 0-5% faster (116.3 -> 110.8 s, 117.0 -> 116.1 s). A step budget of 2048 tokens
+  instead of 768 gained nothing with those settings either (46.5 against 46.0 s, 32 requests of 16
+  tokens), so the budget stays. (These ran with torch's ops in place of the C++ kernels: the
+  extension in the checkout was a stale build then.) torch's `THP_MEM_ALLOC_ENABLE=1` (2 MB pages for its allocations of
+  2 MB or more: 3.8 of 4.9 GB resident in huge pages) ran 105.8 -> 93.5 s and 110.9 -> 110.8 s
+  (with the C++ kernels; 109.3 -> 104.5 and 108.3 -> 100.6 s with torch's ops): a gain of 0-12%
+  that this host's noise does not settle. The variable must be set before torch's first allocation
+  (a process-wide setting the engine, a library, does not make); oneDNN's packed weights are opaque
+  tensors, so the engine cannot advise their pages itself. Left for a quieter machine.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
