@@ -18,7 +18,7 @@ import torch
 
 from mcl_runtime.kernels import HAS_CPU_LAYER_OPS, lora_apply_cpu
 from mcl_runtime.kernels.cpu import lora_pairs_possible
-from mcl_runtime.model.backends import AttentionMeta, ForwardContext, LoRAMeta, lora_segments, make_backend
+from mcl_runtime.model.backends import AttentionMeta, ForwardContext, KeptRows, LoRAMeta, lora_segments, make_backend
 from mcl_runtime.model.config import parse_config
 from mcl_runtime.model.cpu_backend import NATIVE_BF16_GEMM, CPUBackend
 from mcl_runtime.model.decoder import DecoderLM
@@ -447,6 +447,67 @@ def test_forward(seed: int, dtype: torch.dtype, route: str, static: bool) -> Non
             return model(input_ids, positions, ctx)
 
     check_rule("forward", *each_backend(run, dtype, route))
+
+
+def kept_rows(batch: Batch, seqs: np.ndarray) -> KeptRows:
+    """What the model runner keeps for sampling sequences ``seqs``: each one's last token."""
+    last = np.cumsum(batch.q_lens)[seqs] - 1
+    starts, slots, max_len = lora_segments(batch.slots[seqs], np.ones(len(seqs), np.int64))
+    lora = None
+    if (slots >= 0).any():
+        rank = max(RANKS[s] for s in slots if s >= 0)
+        lora = LoRAMeta(torch.from_numpy(starts), torch.from_numpy(slots), max_len, rank, starts, slots)
+    return KeptRows(torch.from_numpy(last.astype(np.int64)), lora)
+
+
+KEPT = {  # which sequences sample: all of them, the base rows only, one with an adapter, every other one
+    "all": lambda slots: np.arange(len(slots)),
+    "base": lambda slots: np.flatnonzero(slots < 0),
+    "one-adapter": lambda slots: np.flatnonzero(slots >= 0)[-1:],
+    "every-other": lambda slots: np.arange(1, len(slots), 2),
+}
+
+
+@pytest.mark.parametrize("kept", list(KEPT))
+@pytest.mark.parametrize("route", list(CPU_ROUTES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_forward_keeps_rows(seed: int, dtype: torch.dtype, route: str, kept: str) -> None:
+    """A forward that keeps only the sampling sequences' last tokens past the last layer's attention:
+    those rows of the whole forward (within the rule against the reference's whole forward in
+    float64), and the same KV cache as the whole forward, bit for bit."""
+    batch = random_batch(seed)
+    seqs = KEPT[kept](batch.slots)
+    if not len(seqs):
+        pytest.skip("no such sequence in this batch")
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, CFG.vocab_size, (batch.num_tokens,), generator=gen)
+    positions = torch.from_numpy(batch.positions)
+    cache = random(gen, CFG.num_layers, 2, batch.num_blocks, BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim).to(dtype)
+    rows = kept_rows(batch, seqs)
+
+    def run(backend, dt: torch.dtype, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, lora = metadata(batch)
+        kv = cache.to(dt).clone()
+        ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
+        model = random_model(seed, (dtype,) if dt == dtype else (dtype, dt))
+        backend.prepare_weights(model.linear_weights())
+        backend.prepare(attn, lora)
+        if keep:
+            ctx.keep = KeptRows(rows.index, copy.copy(rows.lora))
+            if rows.lora is not None:
+                backend.prepare_lora(ctx.keep.lora)
+        with torch.inference_mode():
+            return model(input_ids, positions, ctx), kv
+
+    out, out_kv = run(CPU_ROUTES[route](), dtype, keep=True)
+    whole, whole_kv = run(CPU_ROUTES[route](), dtype, keep=False)
+    ref = run(ReferenceBackend(), dtype, keep=True)[0]
+    gold = run(ReferenceBackend(), torch.float64, keep=False)[0][rows.index]
+    assert out.shape == (len(seqs), CFG.hidden_size)
+    check_rule("kept rows", out, ref, gold)
+    check_rule("whole forward's rows", whole[rows.index], ref, gold)
+    assert torch.equal(out_kv, whole_kv)
 
 
 def test_registry() -> None:

@@ -214,6 +214,36 @@ def test_golden_through_the_cpu_attention_kernel(family, one_thread):
 
 
 @pytest.mark.parametrize("family", ["qwen2"], indirect=True)
+@pytest.mark.parametrize("n", [1, 2])
+def test_last_layer_finishes_only_the_sampling_rows(family, n):
+    """Past the last layer's attention only the rows that sample are computed: with chunked prefill
+    over mixed adapters each eager forward returns one row per sampling sequence (one row when none
+    samples), fewer than its tokens in the prefill steps; the golden tokens (n = 1), and with n = 2
+    the same completions as forwards that finish every row."""
+    name, base, adapters, ref = family
+    knobs = dict(block_size=4, max_num_batched_tokens=7, kv_cache_blocks=256, seed=0)
+    params = SamplingParams(max_tokens=8, n=n, temperature=0 if n == 1 else 1.0, seed=3, ignore_eos=True)
+
+    def run(keep: bool) -> tuple[list, list[tuple[int, int]]]:
+        engine = Engine(
+            str(base), adapters={k: str(v) for k, v in adapters.items()}, device="cpu", dtype="float32", **knobs
+        )
+        shapes = []  # (tokens in, rows out) of each forward
+        engine.model.register_forward_hook(lambda m, args, out: shapes.append((len(args[0]), len(out))))
+        if not keep:
+            engine.runner._kept_seqs = lambda batch, cu: None
+        outs = engine.generate(PROMPTS, params, adapter=NAMES[name])
+        return [[c.token_ids for c in o.outputs] for o in outs], shapes
+
+    tokens, shapes = run(keep=True)
+    if n == 1:
+        assert tokens == [[r[:8]] for r in ref]
+    else:
+        assert tokens == run(keep=False)[0]
+    assert any(rows < t for t, rows in shapes) and all(rows >= 1 for _, rows in shapes)
+
+
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
 def test_kernel_and_padded_attention_groups_in_one_step_keep_the_tokens(family, one_thread):
     """The decodes go to the C++ kernel and each prefill group to it or to the padded path by size;
     with the threshold moved so that both kinds meet in steps (chunked prefill over cached

@@ -29,7 +29,7 @@ from mcl_runtime.engine.sampler import Penalties, SamplingBatch, sample
 from mcl_runtime.engine.scheduler import ScheduledBatch
 from mcl_runtime.engine.seq_table import SequenceTable
 from mcl_runtime.engine.step_buffers import StepBuffers, metadata_fields, sampling_fields
-from mcl_runtime.model.backends import AttentionMeta, Backend, ForwardContext, LoRAMeta, lora_segments
+from mcl_runtime.model.backends import AttentionMeta, Backend, ForwardContext, KeptRows, LoRAMeta, lora_segments
 from mcl_runtime.model.decoder import DecoderLM
 
 
@@ -129,26 +129,28 @@ class ModelRunner:
             input_ids.index_copy_(0, buf.view("pending_dst", n), prev.index_select(0, buf.view("pending_src", n)))
         if bucket is None:
             self.backend.prepare(ctx.attn, ctx.lora)
+            if ctx.keep is not None and ctx.keep.lora is not None:
+                self.backend.prepare_lora(ctx.keep.lora)
             hidden = self.model(input_ids, positions, ctx)
         elif self.graphs is not None:
             hidden = self.graphs.run(bucket, input_ids, positions, ctx)
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
-        return self._sample(hidden, batch, cu, input_ids)
+        return self._sample(hidden, batch, cu, input_ids, kept=ctx.keep is not None)
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(
-        self, hidden: torch.Tensor, batch: ScheduledBatch, cu: np.ndarray, input_ids: torch.Tensor
+        self, hidden: torch.Tensor, batch: ScheduledBatch, cu: np.ndarray, input_ids: torch.Tensor, kept: bool
     ) -> SampledTokens:
         """Logits of each sampling sequence's last token, grammar masks, then one sample each
-        (``n`` at an n > 1 request's first sample)."""
+        (``n`` at an n > 1 request's first sample). ``kept``: ``hidden`` has only those tokens' rows."""
         which = np.flatnonzero(batch.samples)
         counts = batch.samples[which]
         rows, seq_ids = batch.rows[which], batch.seq_ids[which]
         if not len(which):
             return SampledTokens(rows, seq_ids, counts, None)
         last_tokens = cu[which + 1] - 1
-        picks = np.repeat(last_tokens, counts)
+        picks = np.repeat(np.arange(len(which)) if kept else last_tokens, counts)
         logits_in = (
             hidden[: len(picks)] if np.array_equal(picks, np.arange(len(picks))) else hidden[self._to_device(picks)]
         )
@@ -215,6 +217,12 @@ class ModelRunner:
         }
         if len(batch.pending_dst):
             columns.update(pending_dst=batch.pending_dst, pending_src=batch.pending_src)
+        keep_seqs = None if bucket is not None else self._kept_seqs(batch, cu)
+        if keep_seqs is not None:
+            keep_segments = lora_segments(slots[keep_seqs], np.ones(len(keep_seqs), np.int64))
+            columns.update(
+                keep_rows=cu[keep_seqs + 1] - 1, keep_seg_starts=keep_segments[0], keep_seg_slots=keep_segments[1]
+            )
         for name, values in columns.items():
             buf.write(name, values)
         buf.commit()
@@ -233,19 +241,48 @@ class ModelRunner:
             cu_seqlens_q_host=cu,
             static=static,
         )
-        lora = None
-        if (static and len(self.slot_ranks)) or (slots >= 0).any():
+        if not static:
+            lora = self._lora_meta("", (seg_starts, seg_slots, max_seg_len))
+        elif len(self.slot_ranks):  # every shape the bucket's, every slot up to the largest rank
             lora = LoRAMeta(
                 buf.view("seg_starts", nseg + 1),
                 buf.view("seg_slots", nseg),
-                bucket if static else max_seg_len,
-                self.max_rank if static else int(self.slot_ranks[slots[slots >= 0]].max()),
+                bucket,
+                self.max_rank,
                 seg_starts,
                 seg_slots,
-                token_slots=buf.view("token_slots", T) if static else None,
+                token_slots=buf.view("token_slots", T),
             )
+        else:
+            lora = None
         ctx = ForwardContext(self.backend, self.kv_caches, attn, lora)
+        if keep_seqs is not None:
+            ctx.keep = KeptRows(buf.view("keep_rows", len(keep_seqs)), self._lora_meta("keep_", keep_segments))
         return cu[: B + 1], ctx, buf.view("input_ids", T), buf.view("positions", T)
+
+    def _lora_meta(self, prefix: str, segments: tuple[np.ndarray, np.ndarray, int]) -> LoRAMeta | None:
+        """An eager step's LoRA metadata over ``segments`` (``lora_segments``), written to the fields
+        ``{prefix}seg_starts`` / ``{prefix}seg_slots``; None when no segment has an adapter."""
+        starts, slots, max_len = segments
+        used = slots[slots >= 0]
+        if not len(used):
+            return None
+        n = len(slots)
+        buf = self.buffers
+        rank = int(self.slot_ranks[used].max())
+        return LoRAMeta(
+            buf.view(prefix + "seg_starts", n + 1), buf.view(prefix + "seg_slots", n), max_len, rank, starts, slots
+        )
+
+    @staticmethod
+    def _kept_seqs(batch: ScheduledBatch, cu: np.ndarray) -> np.ndarray | None:
+        """The sequences whose last token's hidden state the step reads: those that sample (a step
+        that samples nothing keeps its first, so that no layer gets zero rows). None when every row
+        samples: the forward then keeps them all."""
+        which = np.flatnonzero(batch.samples)
+        if len(which) == cu[batch.num_seqs]:
+            return None
+        return which if len(which) else np.zeros(1, np.int64)
 
     def _sampling_batch(
         self, rows: np.ndarray, counts: np.ndarray, steps: np.ndarray, last_tokens: np.ndarray, input_ids: torch.Tensor

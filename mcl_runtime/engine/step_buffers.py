@@ -8,7 +8,7 @@ a region never move, which is what a captured CUDA graph needs.
 
 The model runner keeps two: the step's metadata (``metadata_fields``: token ids, positions, KV
 slots, per-token adapter slots, where PENDING input ids come from, context lengths, query offsets,
-LoRA segments, block tables) and
+LoRA segments, block tables, the rows the last layer keeps and their LoRA segments) and
 the sampling parameters of its samples (``sampling_fields``), copied once each per step.
 """
 
@@ -34,6 +34,9 @@ def metadata_fields(max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str
         "seg_starts": ((max_seqs + 1,), torch.int32),
         "seg_slots": ((max_seqs,), torch.int32),
         "block_tables": ((max_seqs, max_blocks), torch.int32),
+        "keep_rows": ((max_seqs,), torch.int64),
+        "keep_seg_starts": ((max_seqs + 1,), torch.int32),
+        "keep_seg_slots": ((max_seqs,), torch.int32),
     }
 
 

@@ -76,7 +76,11 @@ class Backend(Protocol):
 
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         """Once per step, before the forward: the backend's own metadata into ``attn.plan`` /
-        ``lora.plan``."""
+        ``lora.plan`` (the latter as ``prepare_lora``)."""
+
+    def prepare_lora(self, lora: LoRAMeta) -> None:
+        """The backend's own metadata of ``lora`` into ``lora.plan``: ``prepare``'s for the step's
+        LoRA, and once per step for the rows the last layer keeps (``ForwardContext.keep``)."""
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [T, in] @ weight[out, in].T + bias [out]`` -> ``[T, out]`` (the base projections and the
@@ -125,11 +129,22 @@ class Backend(Protocol):
 
 
 @dataclass
+class KeptRows:
+    """The rows whose hidden states a step reads: each sampling sequence's last token. The last
+    layer computes its keys and values (and attention) for every row, then its output projection,
+    MLP and the final norm for these rows only, and the forward returns ``[K, hidden]``, in order."""
+
+    index: torch.Tensor  # [K] int64 token rows, K >= 1
+    lora: LoRAMeta | None  # their adapter segments (over the K rows); None when none has an adapter
+
+
+@dataclass
 class ForwardContext:
     backend: Backend
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache) [num_blocks, block_size, Hkv, D]
     attn: AttentionMeta
     lora: LoRAMeta | None  # None when no token of the step has an adapter
+    keep: KeptRows | None = None  # None: the forward returns every row
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 

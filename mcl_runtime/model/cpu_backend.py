@@ -484,15 +484,22 @@ class CPUBackend:
             and (attn.static or self.attention_kernel or torch.get_num_threads() <= self.KERNEL_MAX_THREADS)
         )
         attn.plan = self._kernel_groups(attn) if kernel else self._padded_groups(attn)
-        if lora is not None and lora.token_slots is None:
-            key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
-            if self._lora_plan is None or self._lora_plan[0] != key:
-                used = lora.seg_slots_host[lora.seg_slots_host >= 0]
-                lo, hi = int(used.min()), int(used.max()) + 1
-                in_range = hi - lo <= self.LORA_RANGE_MAX_SLOTS
-                plan = self._lora_slots(lora, lo, hi) if in_range else self._lora_tiles(lora)
-                self._lora_plan = (key, plan)
-            lora.plan = self._lora_plan[1]
+        if lora is not None:
+            self.prepare_lora(lora)
+
+    def prepare_lora(self, lora: LoRAMeta) -> None:
+        """The slot-range plan when the adapters span at most ``LORA_RANGE_MAX_SLOTS`` slots, else the
+        tiles (the last plan is kept while the segments repeat); static steps need none."""
+        if lora.token_slots is not None:
+            return
+        key = (lora.seg_starts_host.tobytes(), lora.seg_slots_host.tobytes())
+        if self._lora_plan is None or self._lora_plan[0] != key:
+            used = lora.seg_slots_host[lora.seg_slots_host >= 0]
+            lo, hi = int(used.min()), int(used.max()) + 1
+            in_range = hi - lo <= self.LORA_RANGE_MAX_SLOTS
+            plan = self._lora_slots(lora, lo, hi) if in_range else self._lora_tiles(lora)
+            self._lora_plan = (key, plan)
+        lora.plan = self._lora_plan[1]
 
     def _kernel_groups(self, attn: AttentionMeta) -> list[_Group]:
         """The decodes and each small prefill kind through the kernel (one group per run of

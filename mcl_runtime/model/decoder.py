@@ -3,14 +3,19 @@
 ``forward(input_ids [T], positions [T], ctx)`` runs every token of a step (prefill chunks and decodes
 of all adapters together); ``ctx`` carries the step's metadata and the backend that computes
 attention, LoRA, RMSNorm, the rotary embedding and the MLP's SiLU-and-multiply (``backends.py``).
+With ``ctx.keep`` the last layer finishes only the rows the step reads past its attention (a prompt
+chunk's other rows need only their keys and values there), and the forward returns those rows.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from mcl_runtime.model.arch import FUSED
+from mcl_runtime.model.backends import KeptRows
 from mcl_runtime.model.config import ModelConfig
 from mcl_runtime.model.layers import LinearWithLoRA, RMSNorm, rope_cos_sin, rope_inv_freq
 
@@ -47,6 +52,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        return self.o_proj(self.attend(x, ctx), ctx)
+
+    def attend(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """The projections, rotation, cache write and attention: ``[T, Hq * D]``, before ``o_proj``."""
         T, Hq, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x, ctx)
         qk = qkv[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D)  # q and k heads side by side: one rotation
@@ -56,8 +65,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         ctx.backend.store_kv(k, v, k_cache, v_cache, ctx.attn)
-        o = ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v)
-        return self.o_proj(o.reshape(T, -1), ctx)
+        return ctx.backend.attention(q, k_cache, v_cache, self.scale, ctx.attn, k, v).reshape(T, -1)
 
 
 class MLP(nn.Module):
@@ -82,13 +90,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, num_slots, max_rank, dtype, device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mlp output, residual)``: the residual stream is added in the next norm (fused there)."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ctx, keep: KeptRows | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual)``: the residual stream is added in the next norm (fused there).
+        With ``keep``, everything past the attention is computed for the rows ``keep.index`` only
+        (with their LoRA segments), and both outputs have those rows."""
         if residual is None:
             h, residual = self.input_layernorm(x, ctx), x
         else:
             h, residual = self.input_layernorm(x, ctx, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, ctx), ctx, residual)
+        if keep is None:
+            h = self.self_attn(h, ctx)
+        else:
+            o = self.self_attn.attend(h, ctx).index_select(0, keep.index)
+            ctx = dataclasses.replace(ctx, lora=keep.lora)
+            h, residual = self.self_attn.o_proj(o, ctx), residual.index_select(0, keep.index)
+        h, residual = self.post_attention_layernorm(h, ctx, residual)
         return self.mlp(h, ctx), residual
 
 
@@ -156,12 +174,14 @@ class DecoderLM(nn.Module):
         return table
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm."""
+        """Hidden states after the final norm: ``[T, hidden]``, or ``[K, hidden]`` of the rows
+        ``ctx.keep`` names."""
         x = self.embed_tokens(input_ids)
         ctx.cos, ctx.sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, ctx, ctx.keep if i == last else None)
         return self.norm(x, ctx, residual)[0]
 
     def compute_logits(

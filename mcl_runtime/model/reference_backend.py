@@ -92,11 +92,15 @@ class ReferenceBackend:
     def prepare(self, attn: AttentionMeta, lora: LoRAMeta | None) -> None:
         bounds = attn.group_bounds
         attn.plan = [self._group(attn, b0, b1) for b0, b1 in zip(bounds, bounds[1:]) if b0 < b1]
-        if lora is not None:  # the adapter slot of each token
-            lora.plan = lora.token_slots
-            if lora.plan is None:
-                T = int(lora.seg_starts_host[-1])
-                lora.plan = torch.repeat_interleave(lora.seg_slots, lora.seg_starts.diff(), output_size=T)
+        if lora is not None:
+            self.prepare_lora(lora)
+
+    def prepare_lora(self, lora: LoRAMeta) -> None:
+        """The adapter slot of each token."""
+        lora.plan = lora.token_slots
+        if lora.plan is None:
+            T = int(lora.seg_starts_host[-1])
+            lora.plan = torch.repeat_interleave(lora.seg_slots, lora.seg_starts.diff(), output_size=T)
 
     @staticmethod
     def _group(attn: AttentionMeta, b0: int, b1: int) -> PaddedGroup:

@@ -58,6 +58,9 @@ class TritonBackend:
         if 0 < nd < attn.context_lens.shape[0]:
             attn.plan = attn.cu_seqlens_q[nd:] - nd
 
+    def prepare_lora(self, lora: LoRAMeta) -> None:
+        pass  # the kernels read the segments as they are
+
     def store_kv(self, k, v, k_cache, v_cache, attn: AttentionMeta) -> None:
         _kernels().store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
 
