@@ -1008,6 +1008,27 @@ RUN_HISTORY = """## Run history
   that this host's noise does not settle. The variable must be set before torch's first allocation
   (a process-wide setting the engine, a library, does not make); oneDNN's packed weights are opaque
   tensors, so the engine cannot advise their pages itself. Left for a quieter machine.
+- **The last layer finishes only the rows that sample** (2026-12-07, late evening, the same AMD EPYC
+  with AVX2 only, 2 threads, commit 3a0833f). Past the last layer's attention only the rows whose
+  hidden states the step reads (each sampling sequence's last token) need the output projection,
+  the MLP and the final norm; a prompt chunk's other rows need only their keys and values there.
+  That saves o_proj + MLP of one layer in 24 on every prompt token but the last: 3.9% of the prompts'
+  projection work at 0.5B. On our side (not committed as a file; 16 requests of 64-256 prompt
+  tokens, one new token each, prefix caching off, five alternating pairs after a discarded first
+  run) 16.96-21.44 s against 17.47-22.00 s with every row finished, faster in each pair (median
+  1.08x; this host's noise is larger than the saving predicted), 16 of 16 the same tokens. The
+  base model on the issue's full workload (0.5B, fp32, 64 requests of 128 new tokens, 4 GiB KV
+  each), three alternating rounds
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_base.json)):
+  49.0 vs 48.4 tok/s, 1.01x (rounds 0.94x, 1.14x, 1.01x; ours 45.5-51.4, vLLM 45.2-48.5 tok/s), 192
+  of 192 the same tokens, both at 90-91% of the measured matmul peak (98.5 GFLOP/s); peak RSS 5.28
+  vs 9.57 GiB. Measured and left: on this host oneDNN's packed weights beat MKL's sgemm on prefill
+  steps, the opposite of the faster AVX2 host that set `MKL_MIN_ROWS` (2026-12-06, "MKL on large
+  steps"): whole engine, the same 16 prompts, five alternating pairs, packed at every row count
+  0.98-1.17x as fast (median 1.05x); isolated, at 256-1024 rows, 0.92-1.34x by projection (gate/up
+  gains most). A rule that depends on the host within one CPU class cannot be set from the ISA, and
+  timing both at start-up would make the route (and the float32 sums) differ from run to run, so the
+  routing stays.
 - **bfloat16 upcast piece size** (2026-12-07, AMD EPYC with AVX2 only, 2 threads, commit 4046c74
   with README and run-history edits uncommitted): [cpu_routing.json](results/cpu_routing.json)
   rerun with a new measure, `BF16_UPCAST_CHUNK` (the gate/up projection in bfloat16 as float32
