@@ -1022,7 +1022,12 @@ RUN_HISTORY = """## Run history
   ([vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_base.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_base.json)):
   49.0 vs 48.4 tok/s, 1.01x (rounds 0.94x, 1.14x, 1.01x; ours 45.5-51.4, vLLM 45.2-48.5 tok/s), 192
   of 192 the same tokens, both at 90-91% of the measured matmul peak (98.5 GFLOP/s); peak RSS 5.28
-  vs 9.57 GiB. Measured and left: on this host oneDNN's packed weights beat MKL's sgemm on prefill
+  vs 9.57 GiB. One more round of both scenarios, same commit
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_r3a0833f.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_r3a0833f.json)):
+  mixed 45.0 vs 11.4 tok/s (3.94x), base 42.3 vs 44.6 (0.95x), 64 of 64 the same tokens in each;
+  our four adapters ran 6% faster than our base model there (LoRA overhead -6%, vLLM's 74%), which
+  is the host's noise, not LoRA; peak RSS 5.85 vs 10.94 GiB (LoRA), 5.20 vs 9.56 (base). Over the
+  four base-model rounds with this change: 0.94x, 1.14x, 1.01x, 0.95x, median 0.98x. Measured and left: on this host oneDNN's packed weights beat MKL's sgemm on prefill
   steps, the opposite of the faster AVX2 host that set `MKL_MIN_ROWS` (2026-12-06, "MKL on large
   steps"): whole engine, the same 16 prompts, five alternating pairs, packed at every row count
   0.98-1.17x as fast (median 1.05x); isolated, at 256-1024 rows, 0.92-1.34x by projection (gate/up
