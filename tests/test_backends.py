@@ -427,25 +427,39 @@ def random_model(seed: int, dtypes: tuple[torch.dtype, ...] = ()) -> DecoderLM:
     return model
 
 
+def forward_inputs(batch: Batch, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random token ids, the batch's positions and a random KV cache (its cached context) in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, CFG.vocab_size, (batch.num_tokens,), generator=gen)
+    cache = random(gen, CFG.num_layers, 2, batch.num_blocks, BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim).to(dtype)
+    return input_ids, torch.from_numpy(batch.positions), cache
+
+
+def run_forward(
+    backend, batch: Batch, seed: int, dtype: torch.dtype, dt: torch.dtype, keep: KeptRows | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``random_model(seed)`` (cast through ``dtype`` to ``dt``) over the batch in ``backend``, keeping
+    the rows ``keep`` when given: (hidden states, the KV cache after the forward)."""
+    input_ids, positions, cache = forward_inputs(batch, seed, dtype)
+    attn, lora = metadata(batch)
+    kv = cache.to(dt).clone()
+    ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
+    model = random_model(seed, (dtype,) if dt == dtype else (dtype, dt))
+    backend.prepare_weights(model.linear_weights())
+    backend.prepare(attn, lora)
+    if keep is not None:
+        ctx.keep = KeptRows(keep.index, copy.copy(keep.lora))  # a fresh plan per forward
+        if keep.lora is not None:
+            backend.prepare_lora(ctx.keep.lora)
+    with torch.inference_mode():
+        return model(input_ids, positions, ctx), kv
+
+
 @each_batch
 def test_forward(seed: int, dtype: torch.dtype, route: str, static: bool) -> None:
     """A whole forward (two decoder layers and the final norm) over the batch."""
     batch = random_batch(seed, static)
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, CFG.vocab_size, (batch.num_tokens,), generator=gen)
-    positions = torch.from_numpy(batch.positions)
-    cache = random(gen, CFG.num_layers, 2, batch.num_blocks, BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim).to(dtype)
-
-    def run(backend, dt: torch.dtype) -> torch.Tensor:
-        attn, lora = metadata(batch)
-        kv = cache.to(dt).clone()
-        ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
-        model = random_model(seed, (dtype,) if dt == dtype else (dtype, dt))
-        backend.prepare_weights(model.linear_weights())
-        backend.prepare(attn, lora)
-        with torch.inference_mode():
-            return model(input_ids, positions, ctx)
-
+    run = lambda backend, dt: run_forward(backend, batch, seed, dtype, dt)[0]  # noqa: E731
     check_rule("forward", *each_backend(run, dtype, route))
 
 
@@ -480,30 +494,11 @@ def test_forward_keeps_rows(seed: int, dtype: torch.dtype, route: str, kept: str
     seqs = KEPT[kept](batch.slots)
     if not len(seqs):
         pytest.skip("no such sequence in this batch")
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, CFG.vocab_size, (batch.num_tokens,), generator=gen)
-    positions = torch.from_numpy(batch.positions)
-    cache = random(gen, CFG.num_layers, 2, batch.num_blocks, BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim).to(dtype)
     rows = kept_rows(batch, seqs)
-
-    def run(backend, dt: torch.dtype, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, lora = metadata(batch)
-        kv = cache.to(dt).clone()
-        ctx = ForwardContext(backend, [(layer[0], layer[1]) for layer in kv], attn, lora)
-        model = random_model(seed, (dtype,) if dt == dtype else (dtype, dt))
-        backend.prepare_weights(model.linear_weights())
-        backend.prepare(attn, lora)
-        if keep:
-            ctx.keep = KeptRows(rows.index, copy.copy(rows.lora))
-            if rows.lora is not None:
-                backend.prepare_lora(ctx.keep.lora)
-        with torch.inference_mode():
-            return model(input_ids, positions, ctx), kv
-
-    out, out_kv = run(CPU_ROUTES[route](), dtype, keep=True)
-    whole, whole_kv = run(CPU_ROUTES[route](), dtype, keep=False)
-    ref = run(ReferenceBackend(), dtype, keep=True)[0]
-    gold = run(ReferenceBackend(), torch.float64, keep=False)[0][rows.index]
+    out, out_kv = run_forward(CPU_ROUTES[route](), batch, seed, dtype, dtype, rows)
+    whole, whole_kv = run_forward(CPU_ROUTES[route](), batch, seed, dtype, dtype)
+    ref = run_forward(ReferenceBackend(), batch, seed, dtype, dtype, rows)[0]
+    gold = run_forward(ReferenceBackend(), batch, seed, dtype, torch.float64)[0][rows.index]
     assert out.shape == (len(seqs), CFG.hidden_size)
     check_rule("kept rows", out, ref, gold)
     check_rule("whole forward's rows", whole[rows.index], ref, gold)
