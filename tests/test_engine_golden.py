@@ -231,7 +231,7 @@ def test_last_layer_finishes_only_the_sampling_rows(family, n):
         shapes = []  # (tokens in, rows out) of each forward
         engine.model.register_forward_hook(lambda m, args, out: shapes.append((len(args[0]), len(out))))
         if not keep:
-            engine.runner._kept_seqs = lambda batch, cu: None
+            engine.runner._kept_seqs = lambda which, num_tokens: None
         outs = engine.generate(PROMPTS, params, adapter=NAMES[name])
         return [[c.token_ids for c in o.outputs] for o in outs], shapes
 

@@ -122,7 +122,8 @@ class ModelRunner:
         Nothing waits for the device."""
         self._copy_blocks()
         bucket = self._bucket(batch.num_new)
-        cu, ctx, input_ids, positions = self._prepare(batch, bucket)
+        which = np.flatnonzero(batch.samples)  # the sequences that sample
+        cu, ctx, input_ids, positions = self._prepare(batch, bucket, which)
         if len(batch.pending_dst):
             buf = self.buffers
             n = len(batch.pending_dst)
@@ -136,15 +137,20 @@ class ModelRunner:
             hidden = self.graphs.run(bucket, input_ids, positions, ctx)
         else:
             hidden = self._static_forward(input_ids, positions, ctx)
-        return self._sample(hidden, batch, cu, input_ids, kept=ctx.keep is not None)
+        return self._sample(hidden, batch, cu, input_ids, which, kept=ctx.keep is not None)
 
     # ---- after the forward pass --------------------------------------------------------------
     def _sample(
-        self, hidden: torch.Tensor, batch: ScheduledBatch, cu: np.ndarray, input_ids: torch.Tensor, kept: bool
+        self,
+        hidden: torch.Tensor,
+        batch: ScheduledBatch,
+        cu: np.ndarray,
+        input_ids: torch.Tensor,
+        which: np.ndarray,
+        kept: bool,
     ) -> SampledTokens:
-        """Logits of each sampling sequence's last token, grammar masks, then one sample each
-        (``n`` at an n > 1 request's first sample). ``kept``: ``hidden`` has only those tokens' rows."""
-        which = np.flatnonzero(batch.samples)
+        """Logits of each sampling sequence's (``which``) last token, grammar masks, then one sample
+        each (``n`` at an n > 1 request's first sample). ``kept``: ``hidden`` has only those tokens' rows."""
         counts = batch.samples[which]
         rows, seq_ids = batch.rows[which], batch.seq_ids[which]
         if not len(which):
@@ -180,7 +186,7 @@ class ModelRunner:
         self.backend.prepare(ctx.attn, ctx.lora)
         return self.forward(input_ids, positions, ctx)
 
-    def _prepare(self, batch: ScheduledBatch, bucket: int | None):
+    def _prepare(self, batch: ScheduledBatch, bucket: int | None, which: np.ndarray):
         """The step's inputs and metadata into the persistent buffers, one copy to the device;
         returns (host cu_seqlens_q, ForwardContext, input ids, positions)."""
         seq_ids, num_new, slots = batch.seq_ids, batch.num_new, batch.slots
@@ -217,7 +223,7 @@ class ModelRunner:
         }
         if len(batch.pending_dst):
             columns.update(pending_dst=batch.pending_dst, pending_src=batch.pending_src)
-        keep_seqs = None if bucket is not None else self._kept_seqs(batch, cu)
+        keep_seqs = None if bucket is not None else self._kept_seqs(which, len(input_ids))
         if keep_seqs is not None:
             keep_segments = lora_segments(slots[keep_seqs], np.ones(len(keep_seqs), np.int64))
             columns.update(
@@ -275,12 +281,11 @@ class ModelRunner:
         )
 
     @staticmethod
-    def _kept_seqs(batch: ScheduledBatch, cu: np.ndarray) -> np.ndarray | None:
-        """The sequences whose last token's hidden state the step reads: those that sample (a step
-        that samples nothing keeps its first, so that no layer gets zero rows). None when every row
-        samples: the forward then keeps them all."""
-        which = np.flatnonzero(batch.samples)
-        if len(which) == cu[batch.num_seqs]:
+    def _kept_seqs(which: np.ndarray, num_tokens: int) -> np.ndarray | None:
+        """The sequences whose last token's hidden state the step reads: those that sample,
+        ``which`` (a step that samples nothing keeps its first, so that no layer gets zero rows).
+        None when every one of the ``num_tokens`` rows samples: the forward then keeps them all."""
+        if len(which) == num_tokens:
             return None
         return which if len(which) else np.zeros(1, np.int64)
 
