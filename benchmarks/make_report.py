@@ -1008,6 +1008,22 @@ RUN_HISTORY = """## Run history
   that this host's noise does not settle. The variable must be set before torch's first allocation
   (a process-wide setting the engine, a library, does not make); oneDNN's packed weights are opaque
   tensors, so the engine cannot advise their pages itself. Left for a quieter machine.
+- **Weights on 2 MiB huge pages: measured and not kept** (2026-12-08, an AMD EPYC with AVX2 only,
+  2 threads, torch 2.14.1; a change on top of 58f1b60). The host's THP setting is `madvise`, where
+  the kernel gives huge pages only to memory that asks for them; NumPy asks for our KV cache, but
+  nothing asks for either engine's weights. With the cpu backend advising every weight it keeps and
+  every packed copy it makes (`MADV_HUGEPAGE`, then `MADV_COLLAPSE`: 3.3 of the 3.7 GiB at 0.5B's
+  fp32 shapes on huge pages, 5-8 s more start-up), the issue's full workload (base model, 64
+  requests of 128 new tokens, 4 GiB KV each, three alternating rounds; not committed as a file, its
+  commit not kept): ours 44.1 vs vLLM 44.3 tok/s, median 0.99x (1.00x, 0.99x, 0.98x), 192 of 192 the
+  same tokens, both at 75% of the measured matmul peak (111.8 GFLOP/s), peak RSS 5.18 vs 9.55 GiB:
+  the ratio of the rounds without it (median 0.98x, next entry). On our side alone (32 requests of 64 new
+  tokens, prefix caching off) six runs in the order on, off, off, on, on, off took 79.5, 74.9, 66.2,
+  59.7, 70.2 and 68.0 s: medians 70.2 (on) against 68.0 s (off), the host's spread (±15%) larger
+  than any difference. A first series that always ran off before on had shown on 1.17x as fast
+  (63.5-67.6 against 71.1-76.2 s; torch's `THP_MEM_ALLOC_ENABLE=1`, which puts every torch
+  allocation of 2 MB or more on huge pages, 65.4-69.5 s): the order, not the pages. No gain shown
+  and a start-up cost, so the change was not kept.
 - **The last layer finishes only the rows that sample** (2026-12-07, late evening, the same AMD EPYC
   with AVX2 only, 2 threads, commit 3a0833f). Past the last layer's attention only the rows whose
   hidden states the step reads (each sampling sequence's last token) need the output projection,
