@@ -1008,6 +1008,18 @@ RUN_HISTORY = """## Run history
   that this host's noise does not settle. The variable must be set before torch's first allocation
   (a process-wide setting the engine, a library, does not make); oneDNN's packed weights are opaque
   tensors, so the engine cannot advise their pages itself. Left for a quieter machine.
+- **The full workload on torch 2.14.1** (2026-12-08, an AMD EPYC with AVX2 only, 2 threads, commit
+  3e32ce3, the code of 58f1b60; our side on torch 2.14.1 and transformers 5.25, which the README's
+  install now pulls, vLLM's venv on its own torch): one round of both scenarios
+  ([vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_torch2.14.json](results/vs_vllm_qwen2.5-0.5b-instruct_cpu_64x128_torch2.14.json)):
+  mixed 44.3 vs 12.9 tok/s (3.43x), base 46.6 vs 47.5 (0.98x), 64 of 64 the same tokens in each; LoRA
+  overhead ours 5%, vLLM's 73%; base models at 83% (ours) and 84% (vLLM) of the measured matmul peak
+  (108.2 GFLOP/s); peak RSS 5.90 vs 10.94 GiB (LoRA), 5.19 vs 9.54 (base). The same standing as on
+  torch 2.11. On this host, at the same time, oneDNN's packed GEMMs over 24 distinct weights (cold
+  cache, like the layers) ran at 106-136 GFLOP/s at 64-256 rows of 0.5B's projections, splitting
+  gate/up into 4 or 8 output blocks gained nothing (107.6 and 83.9 against 106.5 at 64 rows), and
+  MKL on an [in, out] copy of each weight lost to the packed copy at every shape and row count
+  measured (0.36-0.91x): no GEMM-side headroom found.
 - **Weights on 2 MiB huge pages: measured and not kept** (2026-12-08, an AMD EPYC with AVX2 only,
   2 threads, torch 2.14.1; a change on top of 58f1b60). The host's THP setting is `madvise`, where
   the kernel gives huge pages only to memory that asks for them; NumPy asks for our KV cache, but
